@@ -1,0 +1,66 @@
+"""Protocol A of the benchmark protocols: ResNet-20 on CIFAR-10, 15 epochs, one run per method.
+
+    python benchmarks/protocol_a.py --data ../shared/data/cifar10-jpeg.tar --runs dense static-random
+
+Resumable twice over: a run with a record in benchmarks/results/protocol_a.jsonl is
+skipped, and an unfinished run continues from its checkpoint in benchmarks/runs/.
+Each finished run appends one record and writes its accuracy curve as a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, append_record, command_line, commit, environment, read_records  # noqa: E402
+
+from sparsetrain.config import load_config
+from sparsetrain.report import plot_curves
+from sparsetrain.train import Trainer
+
+RESULTS_FILE = "protocol_a.jsonl"
+
+# name -> (method label in the record, config overrides)
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "dense": ("dense", ["sparsity.method=dense"]),
+    "static-random": ("static-random", ["sparsity.method=static-random", "sparsity.sparsity=0.9"]),
+}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="CIFAR-10 source (e.g. ../shared/data/cifar10-jpeg.tar)")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=sorted(RUNS))
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="resnet20")
+    args = ap.parse_args(argv)
+    done = {(r["method"], r.get("recipe"), r["seed"], r["epochs"], r["model"]) for r in read_records(RESULTS_FILE)}
+    for name in args.runs:
+        method, overrides = RUNS[name]
+        if (method, None, args.seed, args.epochs, args.model) in done:
+            print(f"{name}: already recorded, skipped")
+            continue
+        out = ROOT / "benchmarks" / "runs" / f"{name}-{args.model}-e{args.epochs}-s{args.seed}"
+        cfg = load_config(overrides=[
+            f"data.data_dir={args.data}", f"model.name={args.model}", f"optim.epochs={args.epochs}",
+            f"run.seed={args.seed}", f"run.out_dir={out}", "run.checkpoint_every_steps=100", *overrides,
+        ])
+        summary = Trainer(cfg).fit()
+        record = {
+            "protocol": "A", "model": args.model, "dataset": "cifar10", "method": method,
+            "sparsity": round(summary["sparsity"], 4), "epochs": args.epochs, "seed": args.seed,
+            "test_acc": summary["test_acc"], "train_flops_rel": round(summary["train_flops_rel"], 4),
+            "infer_flops_rel": round(summary["infer_flops_rel"], 4), "wall_s": summary["wall_s"],
+            "command": command_line(), "commit": commit(), **environment(),
+        }
+        append_record(RESULTS_FILE, record)
+        plot_curves([out], RESULTS / f"protocol_a-{name}-{args.model}-s{args.seed}.png")
+        print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

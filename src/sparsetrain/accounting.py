@@ -1,0 +1,199 @@
+"""FLOP and memory accounting: what a model costs dense, and what sparse training really spends.
+
+Convention: one multiply-accumulate (MAC) = 2 FLOPs, the convention of
+``torch.utils.flop_counter``, which supplies every dense per-op count here (no
+hand-written table). Counted ops are the ones that counter knows (convolutions and
+matrix products); BatchNorm, activations and pooling are not counted, as in the papers.
+
+Training FLOPs of a layer split into three parts, each scaled by the density that
+really applies to it:
+
+* forward            x weight density
+* input gradient     x weight density     (zero for a layer whose input needs no gradient)
+* weight gradient    x gradient density   (the weight density for masked training, where
+                                           only kept weights need a gradient; the activation
+                                           density for SWAT; 1 when a dense gradient is taken)
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "LayerCost",
+    "CostModel",
+    "FlopMeter",
+    "measure_layer_costs",
+    "saved_tensor_bytes",
+    "peak_memory_bytes",
+]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Dense per-sample FLOPs of one Conv/Linear layer."""
+
+    name: str  # the parameter name of the layer's weight, e.g. "layer1.0.conv1.weight"
+    kind: str
+    params: int
+    forward: int
+    input_grad: int
+    weight_grad: int
+
+
+@dataclass
+class CostModel:
+    """Dense per-sample costs of every Conv/Linear layer of a model, and the total of all counted ops."""
+
+    layers: list[LayerCost]
+    total_forward: int  # everything the counter saw in the forward pass, per sample
+    total_backward: int
+
+    def by_name(self) -> dict[str, LayerCost]:
+        return {lc.name: lc for lc in self.layers}
+
+    def forward_flops(self, weight_density: dict[str, float] | None = None) -> float:
+        """Per-sample inference FLOPs with the given weight densities (absent layers are dense)."""
+        wd = weight_density or {}
+        return self.total_forward - sum(lc.forward * (1 - wd.get(lc.name, 1.0)) for lc in self.layers)
+
+    def training_flops(
+        self, weight_density: dict[str, float] | None = None, grad_density: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """Per-sample training FLOPs split into forward, input_grad and weight_grad, plus their total."""
+        wd, gd = weight_density or {}, grad_density or {}
+        other_fwd = self.total_forward - sum(lc.forward for lc in self.layers)
+        other_bwd = self.total_backward - sum(lc.input_grad + lc.weight_grad for lc in self.layers)
+        out = {"forward": float(other_fwd), "input_grad": float(other_bwd), "weight_grad": 0.0}
+        for lc in self.layers:
+            d = wd.get(lc.name, 1.0)
+            out["forward"] += lc.forward * d
+            out["input_grad"] += lc.input_grad * d
+            out["weight_grad"] += lc.weight_grad * gd.get(lc.name, d)
+        out["total"] = out["forward"] + out["input_grad"] + out["weight_grad"]
+        return out
+
+
+def measure_layer_costs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> CostModel:
+    """Count a model's dense per-sample FLOPs with torch's flop counter, per Conv/Linear layer.
+
+    The counter gives each layer's forward FLOPs and the whole backward pass; a layer's
+    input gradient costs its forward FLOPs when its input needs a gradient (not for the
+    first layer), and its weight gradient costs its forward FLOPs. (Per-module backward
+    attribution of the counter is not used: it misplaces work inside residual blocks.)
+    Runs forward+backward on a batch of 2 and leaves parameters, buffers and gradients as they were.
+    """
+    batch = 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    was_training = model.training
+    x = torch.randn(batch, *input_shape, device=device)
+    layer_modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
+    input_needs_grad: dict[str, bool] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: input_needs_grad.__setitem__(name, args[0].requires_grad))
+        for name, m in layer_modules.items()
+    ]
+    try:
+        model.train()
+        with FlopCounterMode(display=False) as fwd_counter:
+            out = model(x)
+        with FlopCounterMode(display=False) as bwd_counter:
+            out.float().sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.load_state_dict(state)
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        model.train(was_training)
+    fwd = {k: sum(v.values()) for k, v in fwd_counter.get_flop_counts().items()}
+    bwd_total = sum(bwd_counter.get_flop_counts().get("Global", {}).values())
+    root = type(model).__name__
+    layers = []
+    for name, m in layer_modules.items():
+        f = fwd.get(f"{root}.{name}" if name else root, 0) // batch
+        layers.append(LayerCost(
+            f"{name}.weight" if name else "weight", type(m).__name__, m.weight.numel(), f,
+            f if input_needs_grad.get(name, False) else 0, f if m.weight.requires_grad else 0,
+        ))
+    return CostModel(layers, fwd.get("Global", 0) // batch, bwd_total // batch)
+
+
+@dataclass
+class FlopMeter:
+    """Accumulates the training FLOPs actually spent, as densities change over training.
+
+    Call :meth:`set_densities` whenever masks change and :meth:`step` once per
+    training step with the number of samples it processed.
+    """
+
+    costs: CostModel
+    spent: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "input_grad": 0.0, "weight_grad": 0.0, "total": 0.0})
+    samples: int = 0
+    _per_sample: dict[str, float] | None = None
+
+    def set_densities(self, weight_density: dict[str, float] | None, grad_density: dict[str, float] | None = None) -> None:
+        self._per_sample = self.costs.training_flops(weight_density, grad_density)
+
+    def step(self, samples: int, extra_flops: float = 0.0) -> None:
+        """Add one step of ``samples`` examples; ``extra_flops`` is method work outside the layers (e.g. a dense gradient)."""
+        if self._per_sample is None:
+            self.set_densities(None)
+        for k, v in self._per_sample.items():
+            self.spent[k] += v * samples
+        self.spent["total"] += extra_flops
+        self.samples += samples
+
+    def dense_equivalent(self) -> float:
+        return self.costs.training_flops()["total"] * self.samples
+
+    def relative(self) -> float:
+        """FLOPs spent relative to dense training on the same samples."""
+        dense = self.dense_equivalent()
+        return self.spent["total"] / dense if dense else 1.0
+
+    def state_dict(self) -> dict:
+        return {"spent": dict(self.spent), "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.spent = {k: float(v) for k, v in state["spent"].items()}
+        self.samples = int(state["samples"])
+
+
+def saved_tensor_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs (each storage counted once).
+
+    Uses ``torch.autograd.graph.saved_tensors_hooks``; a tensor that is a view of another
+    shares its storage and is counted once, as the memory is.
+    """
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            s = t.untyped_storage()
+            key = (s.data_ptr(), t.device.type)
+            seen.setdefault(key, s.nbytes())
+        except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+            if t.is_sparse:
+                seen[(id(t), "sparse")] = t._values().nbytes + t._indices().nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def peak_memory_bytes(device: str | torch.device = "cpu") -> int:
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

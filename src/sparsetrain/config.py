@@ -1,0 +1,175 @@
+"""One typed configuration for a training run: YAML file + ``key=value`` overrides, validated up front.
+
+Every run directory gets the resolved config (``config.yaml``), so a run can be
+repeated from its directory alone. Validation happens before any data is read or
+model built; errors name the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .data import DATASETS
+from .models import MODELS
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "METHODS"]
+
+# Methods the engine knows; later modules add theirs to this registry.
+METHODS: dict[str, str] = {
+    "dense": "no sparsity: every weight trains",
+    "static-random": "a fixed random mask drawn once at initialisation",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value was refused; the message names key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it is fed."""
+
+    dataset: str = "cifar10"
+    data_dir: str | None = Field(None, description="file or folder holding the dataset; default: the cache directory")
+    download: bool = True
+    cache_dir: str | None = None
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation")
+    augment: bool = True
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset; allowed: {sorted(DATASETS)}")
+        return v
+
+
+class ModelConfig(_Section):
+    name: str = "resnet20"
+    width: float = Field(1.0, gt=0)
+    channels_last: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model; allowed: {sorted(MODELS)}")
+        return v
+
+
+class OptimConfig(_Section):
+    """SGD with momentum and a per-step learning-rate schedule."""
+
+    epochs: int = Field(15, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    no_decay_bn_bias: bool = False
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0)
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule: fractions of training")
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class SparsityConfig(_Section):
+    method: str = "dense"
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    dense_layers: list[str] = Field(
+        default_factory=lambda: ["first", "last"],
+        description="parameters left dense: 'first', 'last' (the first conv, the classifier) or fnmatch patterns of names",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method; allowed: {sorted(METHODS)}")
+        return v
+
+
+class RunConfig(_Section):
+    out_dir: str = "runs/run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(0, ge=0, description="torch threads; 0 keeps torch's default")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps; 0: end of epoch only")
+    progress: bool = True
+    eval_batch_size: int = Field(500, gt=0)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][:-1]
+            model = Config
+            for p in section:
+                model = model.model_fields[p].annotation
+            msg = f"unknown key; allowed here: {sorted(model.model_fields)}"
+        lines.append(f"{key}: {msg} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=0.05", "model.name=vgg16"]`` into a nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config (safe loader), apply overrides, validate; raise ConfigError naming every bad key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        raw = _merge(raw, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None

@@ -1,0 +1,468 @@
+"""Datasets as uint8 tensors in memory, with batched augmentation.
+
+Small image datasets (CIFAR, MNIST) fit in memory, so they are decoded once, cached
+as uint8 tensors and augmented a whole batch at a time: no per-image PIL work and no
+worker processes in the training loop.
+
+Sources:
+- CIFAR-10/100 from the official python archives (downloaded with checksum
+  verification when absent), or from an image-folder tree
+  ``ROOT/{train,test}/<class>/*.{png,jpg}`` or a .tar of one;
+- MNIST and Fashion-MNIST from the official IDX files (.gz or raw).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASETS",
+    "ArrayDataset",
+    "DatasetError",
+    "BatchLoader",
+    "load_dataset",
+    "download",
+    "augment_batch",
+    "split_validation",
+]
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be found, fetched or decoded."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the library knows about a named dataset."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int  # random-crop padding of the standard augmentation; 0 = none
+    flip: bool
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True),
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 0, False),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), 0, False),
+}
+
+# Official archives and their published MD5 checksums.
+CIFAR_ARCHIVES = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+IDX_FILES = {
+    "mnist": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    ),
+    "fashion-mnist": (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    ),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CACHE_VERSION = 1
+
+
+@dataclass
+class ArrayDataset:
+    """Images as a uint8 tensor ``[N, C, H, W]`` and labels as int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DatasetError(f"images must be a uint8 [N, C, H, W] tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise DatasetError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ArrayDataset":
+        return ArrayDataset(self.images[index], self.labels[index], self.classes)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, md5: str | None, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` atomically and verify its MD5; a file already there and valid is kept.
+
+    A failed or corrupt download leaves nothing at ``dest``.
+    """
+    dest = Path(dest)
+    if dest.exists() and (md5 is None or _md5(dest) == md5):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, out)
+        if md5 is not None and (got := _md5(Path(tmp))) != md5:
+            raise DatasetError(f"checksum mismatch for {url}: expected md5 {md5}, got {got}")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        raise DatasetError(
+            f"could not download {url} ({e}). If this machine is offline, put the file in the data "
+            f"directory yourself and pass it with --data-dir (expected at {dest})"
+        ) from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+def _decode_image(data: bytes, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _from_files(files: list[tuple[str, str, bytes | Path]], channels: int) -> dict[str, ArrayDataset]:
+    """Build train/test datasets from (split, class, content) triples; classes sort alphabetically."""
+    classes = sorted({c for _, c, _ in files})
+    if not classes:
+        raise DatasetError("no images found (expected ROOT/{train,test}/<class>/*.png|jpg)")
+    out = {}
+    for split in ("train", "test"):
+        items = sorted((c, str(i), content) for i, (s, c, content) in enumerate(files) if s == split)
+        if not items:
+            raise DatasetError(f"no images in the '{split}' split (expected ROOT/{split}/<class>/*.png|jpg)")
+        imgs = [
+            _decode_image(content if isinstance(content, bytes) else Path(content).read_bytes(), channels)
+            for _, _, content in items
+        ]
+        shapes = {a.shape for a in imgs}
+        if len(shapes) != 1:
+            raise DatasetError(f"images in '{split}' differ in shape: {sorted(shapes)[:3]}")
+        out[split] = ArrayDataset(
+            torch.from_numpy(np.stack(imgs)), torch.tensor([classes.index(c) for c, _, _ in items]), classes
+        )
+    return out
+
+
+def _split_and_class(parts: list[str]) -> tuple[str, str] | None:
+    """For a path's parts ``.../{train,test}/<class>/<file>`` return (split, class)."""
+    if len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+        return parts[-3], parts[-2]
+    return None
+
+
+def read_image_folder(root: Path, channels: int = 3) -> dict[str, ArrayDataset]:
+    """Read ``ROOT/{train,test}/<class>/*`` (a directory, or a .tar of one)."""
+    root = Path(root)
+    files: list[tuple[str, str, bytes | Path]] = []
+    if root.is_file() and tarfile.is_tarfile(root):
+        with tarfile.open(root) as tar:
+            for m in tar:
+                if m.isfile() and (sc := _split_and_class(m.name.split("/"))):
+                    files.append((*sc, tar.extractfile(m).read()))
+    elif root.is_dir():
+        for p in root.rglob("*"):
+            if p.is_file() and (sc := _split_and_class(list(p.parts))):
+                files.append((*sc, p))
+    else:
+        raise DatasetError(f"{root} is neither a directory nor a .tar archive")
+    return _from_files(files, channels)
+
+
+def read_cifar_archive(archive: Path, name: str) -> dict[str, ArrayDataset]:
+    """Read the official CIFAR python archive (cifar-10-python.tar.gz / cifar-100-python.tar.gz)."""
+    label_key = b"labels" if name == "cifar10" else b"fine_labels"
+    batches = {"train": [], "test": []}
+    classes: list[str] = []
+    with tarfile.open(archive) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = m.name.split("/")[-1]
+            split = "train" if base.startswith("data_batch") or base == "train" else "test" if base in ("test_batch", "test") else None
+            if base in ("batches.meta", "meta"):
+                meta = pickle.load(tar.extractfile(m), encoding="bytes")
+                key = b"label_names" if b"label_names" in meta else b"fine_label_names"
+                classes = [c.decode() for c in meta[key]]
+            elif split:
+                batches[split].append((base, pickle.load(tar.extractfile(m), encoding="bytes")))
+    out = {}
+    for split, items in batches.items():
+        if not items:
+            raise DatasetError(f"{archive}: no {split} batches found; is this the official {name} python archive?")
+        items.sort(key=lambda t: t[0])
+        x = np.concatenate([d[b"data"] for _, d in items]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(d[label_key]) for _, d in items])
+        out[split] = ArrayDataset(torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y).long(), classes)
+    return out
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (the MNIST format), gzip-compressed or raw."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DatasetError(f"{path}: not a uint8 IDX file (magic {raw[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DatasetError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(dims))} values)")
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / (stem + ".gz")):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def read_idx_dataset(directory: Path) -> dict[str, ArrayDataset]:
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        paths = [_find(directory, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
+        if None in paths:
+            raise DatasetError(f"{directory}: {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] are needed")
+        images, labels = (read_idx(p) for p in paths)
+        out[split] = ArrayDataset(images[:, None].contiguous(), labels.long(), [str(i) for i in range(10)])
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _cache_key(source: Path) -> str:
+    st = source.stat()
+    ident = f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
+    return hashlib.sha1(ident.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPARSETRAIN_CACHE", Path.home() / ".cache" / "sparsetrain"))
+
+
+def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: str | None) -> Path:
+    """Find (or fetch) the file or folder holding ``name`` under ``data_dir``."""
+    if data_dir.is_file():
+        return data_dir
+    if name in CIFAR_ARCHIVES:
+        url, md5 = CIFAR_ARCHIVES[name]
+        archive = data_dir / url.rsplit("/", 1)[1]
+        if archive.exists() or not (data_dir / "train").is_dir():
+            if url_base:
+                url = url_base.rstrip("/") + "/" + archive.name
+            if not archive.exists() and not allow_download:
+                raise DatasetError(f"{archive} not found and downloading is off; pass the folder that holds it with --data-dir")
+            return download(url, archive, md5)
+        return data_dir
+    base, files = IDX_FILES[name]
+    if _find(data_dir, "train-images-idx3-ubyte") is None:
+        if not allow_download:
+            raise DatasetError(f"no IDX files in {data_dir} and downloading is off; pass the folder that holds them with --data-dir")
+        for fname, md5 in files.items():
+            download((url_base.rstrip("/") + "/" if url_base else base) + fname, data_dir / fname, md5)
+    return data_dir
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    url_base: str | None = None,
+) -> dict[str, ArrayDataset]:
+    """Load ``name`` as ``{"train": ArrayDataset, "test": ArrayDataset}``.
+
+    ``data_dir`` may be a folder (holding the official archive/IDX files, or an
+    image-folder tree), or a file (the archive, or a .tar of an image-folder tree).
+    Decoded tensors are cached in ``cache_dir`` (default ``~/.cache/sparsetrain``)
+    keyed by the source's path, size and mtime, so decoding happens once.
+    ``url_base`` replaces the official download address (mirrors, tests).
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    data_dir = Path(data_dir) if data_dir is not None else default_cache_dir() / "data" / name
+    if not data_dir.exists():
+        if data_dir.suffix:  # looks like a file path that is absent
+            raise DatasetError(f"data path {data_dir} does not exist; pass an existing file or folder with --data-dir")
+        data_dir.mkdir(parents=True, exist_ok=True)
+    source = _locate_source(name, data_dir, download, url_base)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"{name}-{_cache_key(source)}.pt"
+    if cache_file.exists():
+        try:
+            blob = torch.load(cache_file, weights_only=True)
+            return {s: ArrayDataset(blob[s + "_x"], blob[s + "_y"], list(blob["classes"])) for s in ("train", "test")}
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            cache_file.unlink(missing_ok=True)
+    channels = DATASETS[name].image_shape[0]
+    if source.is_file() and name in CIFAR_ARCHIVES and source.name.endswith(".tar.gz") and "python" in source.name:
+        splits = read_cifar_archive(source, name)
+    elif name in IDX_FILES and source.is_dir() and _find(source, "train-images-idx3-ubyte"):
+        splits = read_idx_dataset(source)
+    else:
+        splits = read_image_folder(source, channels)
+    got = tuple(splits["train"].images.shape[1:])
+    if got != DATASETS[name].image_shape:
+        raise DatasetError(f"{source}: images are {got}, {name} expects {DATASETS[name].image_shape}")
+    blob = {f"{s}_{k}": getattr(d, a) for s, d in splits.items() for k, a in (("x", "images"), ("y", "labels"))}
+    blob["classes"] = splits["train"].classes
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
+        os.close(fd)
+        torch.save(blob, tmp)
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # an unwritable cache only costs decoding time
+    return splits
+
+
+def split_validation(train: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Hold ``fraction`` of ``train`` out as a validation set, the same for a given seed."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(train), generator=g)
+    n_val = max(1, round(fraction * len(train)))
+    return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip of a uint8 batch ``[N, C, H, W]``, all at once."""
+    n, _, h, w = x.shape
+    if padding:
+        xp = torch.nn.functional.pad(x, (padding,) * 4)
+        i = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        j = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        rows = (i[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (j[:, None] + torch.arange(w))[:, None, None, :]
+        x = xp[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class BatchLoader:
+    """Deterministic, resumable batches of a dataset held in memory.
+
+    Every rank of a data-parallel job builds the same global batch (same permutation,
+    same augmentation) and takes its own slice, so a job on R ranks sees exactly the
+    data that one process with the global batch would. The state (epoch, position,
+    generator) goes in checkpoints, so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        info: DatasetInfo,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        drop_last: bool = False,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the world size {world_size}")
+        self.dataset, self.info, self.batch_size = dataset, info, batch_size
+        self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
+        self.channels_last, self.drop_last = channels_last, drop_last
+        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(info.std).view(1, -1, 1, 1) * 255
+        self.epoch, self.position = 0, 0
+        self.generator = torch.Generator()
+        self._perm: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Fix the order and augmentation stream of ``epoch`` (a function of the seed and epoch only)."""
+        self.epoch, self.position = epoch, 0
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.dataset)
+        self._perm = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        out = (x.float() - self.mean) / self.std
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def __iter__(self):
+        """Yield ``(inputs, labels, indices)`` for this rank, from the current position to the epoch's end."""
+        if self._perm is None:
+            self.start_epoch(self.epoch)
+        while self.position < len(self):
+            idx = self._perm[self.position * self.batch_size : (self.position + 1) * self.batch_size]
+            x = self.dataset.images[idx]
+            if self.train:
+                x = augment_batch(x, self.info.crop_padding, self.info.flip, self.generator)
+            self.position += 1
+            if self.world_size > 1:
+                idx, x = idx.tensor_split(self.world_size)[self.rank], x.tensor_split(self.world_size)[self.rank]
+            yield self.normalize(x), self.dataset.labels[idx], idx
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state(),
+                "perm": self._perm if self._perm is not None else torch.empty(0, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(state["generator"])
+        self._perm = state["perm"] if state["perm"].numel() else None

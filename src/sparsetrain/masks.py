@@ -1,0 +1,164 @@
+"""The sparse core: masks over selected parameters, kept exact through every optimizer step.
+
+A :class:`MaskSet` owns one boolean mask per selected weight (Conv/Linear weights by
+default). Attached to an optimizer, it zeroes the masked gradient entries before each
+step and the masked weights (and their optimizer state) after it, so momentum, weight
+decay and adaptive moments can never move a masked weight off zero, whatever the
+optimizer. Masks are plain tensors: they save and load with the checkpoint, and methods
+that change them (dynamic sparse training) call :meth:`MaskSet.set_mask`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MaskSet", "LayerSparsity", "select_parameters", "random_masks"]
+
+SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    nonzeros: int
+
+    @property
+    def density(self) -> float:
+        return self.nonzeros / self.numel if self.numel else 1.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+
+def select_parameters(model: nn.Module, dense_layers: Iterable[str] = ("first", "last")) -> dict[str, nn.Parameter]:
+    """Weights of Conv/Linear layers, in module order, less those named by ``dense_layers``.
+
+    ``dense_layers`` holds fnmatch patterns of parameter names (``"fc.weight"``,
+    ``"*.shortcut.*"``) and the words ``first`` and ``last`` for the first and the last
+    such layer (usually the stem conv and the classifier).
+    """
+    found = [(f"{name}.weight" if name else "weight", m.weight) for name, m in model.named_modules() if isinstance(m, SPARSIFIABLE)]
+    if not found:
+        raise ValueError("the model has no Conv/Linear layers to sparsify")
+    patterns = list(dense_layers)
+    skip = set()
+    if "first" in patterns:
+        skip.add(found[0][0])
+    if "last" in patterns:
+        skip.add(found[-1][0])
+    globs = [p for p in patterns if p not in ("first", "last")]
+    return {n: p for n, p in found if n not in skip and not any(fnmatch.fnmatchcase(n, g) for g in globs)}
+
+
+class MaskSet:
+    """Boolean masks for a set of parameters, applied after every optimizer step."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        self.params = dict(params)
+        self.masks: dict[str, torch.Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self._hooks: list = []
+        self.version = 0  # bumped on every mask change; lets caches (FLOP densities) know when to refresh
+
+    @classmethod
+    def for_model(cls, model: nn.Module, dense_layers: Iterable[str] = ("first", "last")) -> "MaskSet":
+        return cls(select_parameters(model, dense_layers))
+
+    # ----------------------------------------------------------------- masks
+    def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install ``mask`` for ``name``, zero the newly masked weights and, given the optimizer,
+        reset their optimizer state (so regrown weights start with no stale momentum)."""
+        p = self.params[name]
+        if mask.shape != p.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
+        old = self.masks[name]
+        new = mask.to(device=p.device, dtype=torch.bool)
+        self.masks[name] = new
+        with torch.no_grad():
+            p.mul_(new)
+        if optimizer is not None:
+            changed = old ^ new
+            for v in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    v.masked_fill_(changed, 0)
+        self.version += 1
+
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero every masked weight (and the optimizer state that belongs to it)."""
+        for n, p in self.params.items():
+            m = self.masks[n]
+            p.mul_(m)
+            if optimizer is not None:
+                for v in optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v.mul_(m)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        for n, p in self.params.items():
+            if p.grad is not None:
+                p.grad.mul_(self.masks[n])
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep masked weights at zero through ``optimizer.step()`` (any torch optimizer)."""
+        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.mask_gradients()))
+        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply(opt)))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ----------------------------------------------------------------- reporting
+    def layers(self) -> list[LayerSparsity]:
+        return [LayerSparsity(n, tuple(m.shape), m.numel(), int(m.sum())) for n, m in self.masks.items()]
+
+    def densities(self) -> dict[str, float]:
+        return {ls.name: ls.density for ls in self.layers()}
+
+    def global_sparsity(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
+
+    # ----------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        return {"masks": {n: m.clone() for n, m in self.masks.items()}, "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.masks) ^ set(state["masks"])
+        if missing:
+            raise ValueError(f"checkpoint masks do not match the model's sparse parameters: {sorted(missing)[:5]}")
+        for n, m in state["masks"].items():
+            self.masks[n] = m.to(device=self.params[n].device, dtype=torch.bool)
+        self.version = int(state["version"])
+        self.apply()
+
+    def broadcast(self, src: int = 0) -> None:
+        """Make every data-parallel rank hold rank ``src``'s masks."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for n in self.masks:
+                buf = self.masks[n].to(torch.uint8)
+                dist.broadcast(buf, src)
+                self.masks[n] = buf.bool()
+            self.apply()
+
+
+def random_masks(maskset: MaskSet, sparsity: float, generator: torch.Generator) -> None:
+    """Give every selected layer a uniformly random mask with exactly round((1 - s) * numel) kept weights."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    for n, p in maskset.params.items():
+        keep = round((1.0 - sparsity) * p.numel())
+        flat = torch.zeros(p.numel(), dtype=torch.bool)
+        flat[torch.randperm(p.numel(), generator=generator)[:keep]] = True
+        maskset.set_mask(n, flat.view_as(p))

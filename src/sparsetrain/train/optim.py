@@ -1,0 +1,54 @@
+"""SGD with momentum and the per-step learning-rate schedules (warm-up, cosine, step, one-cycle)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import OptimConfig
+
+__all__ = ["build_optimizer", "lr_factor", "build_scheduler"]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    """SGD (Nesterov by default); with ``no_decay_bn_bias`` the 1-D parameters (BN, biases) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.no_decay_bn_bias:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total`` steps.
+
+    Warm-up is linear over ``warmup_epochs``. After it: ``cosine`` decays to 0;
+    ``step`` multiplies by ``gamma`` at each milestone (fractions of training);
+    ``onecycle`` rises from lr/25 over the warm-up (30% of training if none is set)
+    and anneals with a cosine to lr/1e4; ``constant`` holds.
+    """
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        warm = warm or int(0.3 * total)
+        if step < warm:
+            return 1 / 25 + (1 - 1 / 25) * step / max(warm, 1)
+        t = (step - warm) / max(total - warm, 1)
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * t))
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total, steps_per_epoch))

@@ -1,0 +1,280 @@
+"""The training engine: one loop for dense and sparse training, resumable at any step.
+
+Everything that decides what happens next is in the checkpoint: model, optimizer,
+scheduler, method state (masks), RNG state, data position and accounting. A run
+killed at any point and restarted in the same directory continues exactly as if it
+had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..accounting import FlopMeter, measure_layer_costs
+from ..config import Config
+from ..data import DATASETS, ArrayDataset, BatchLoader, load_dataset, split_validation
+from ..methods import Method, build_method
+from ..models import build_model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistInfo, barrier, init_distributed, pick_device
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["Trainer", "evaluate", "CHECKPOINT", "FINAL_MODEL"]
+
+CHECKPOINT = "checkpoint.pt"
+FINAL_MODEL = "model.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device) -> dict[str, float]:
+    """Mean loss and accuracy (percent) of ``model`` over every batch of ``loader``."""
+    was_training = model.training
+    model.eval()
+    loader.start_epoch(0)
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y, _ in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / max(n, 1), "acc": 100.0 * correct / max(n, 1)}
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    step: int = 0  # global optimizer steps taken
+    elapsed: float = 0.0  # wall seconds of training so far, across resumes
+
+
+class Trainer:
+    """Train ``cfg``'s model (or a given ``model``) on its dataset, writing to ``cfg.run.out_dir``.
+
+    ``datasets`` ({"train", "test"} ArrayDatasets) and ``model`` let Python users
+    bring their own; otherwise both come from the config.
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module | None = None, datasets: dict[str, ArrayDataset] | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.run.out_dir)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = pick_device(cfg.run.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = pick_device("cuda", self.dist.local_rank)
+        torch.manual_seed(cfg.run.seed)
+        info = DATASETS[cfg.data.dataset]
+        splits = datasets or load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+        train = splits["train"]
+        self.val_loader = None
+        if cfg.data.val_fraction > 0:
+            train, val = split_validation(train, cfg.data.val_fraction, cfg.run.seed)
+            self.val_loader = BatchLoader(val, info, cfg.run.eval_batch_size, train=False, channels_last=cfg.model.channels_last)
+        self.train_loader = BatchLoader(
+            train, info if cfg.data.augment else _no_augment(info), cfg.optim.batch_size, train=True, seed=cfg.run.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size, channels_last=cfg.model.channels_last,
+        )
+        self.test_loader = BatchLoader(splits["test"], info, cfg.run.eval_batch_size, train=False, channels_last=cfg.model.channels_last)
+        self.input_shape = tuple(train.images.shape[1:])
+
+        self.model = model if model is not None else build_model(cfg.model.name, info.num_classes, cfg.model.width)
+        self.model.to(self.device)
+        if cfg.model.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
+        self.method: Method = build_method(cfg)
+        mask_gen = torch.Generator().manual_seed(cfg.run.seed + 7919)
+        self.method.setup(self.model, self.optimizer, mask_gen)
+        self.flops = FlopMeter(measure_layer_costs(self.model, self.input_shape, self.device))
+        self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+        self.net = self.model
+        if self.dist.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.progress = _Progress()
+        self.is_main = self.dist.rank == 0
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "flops": self.flops.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "progress": {"epoch": self.progress.epoch, "step": self.progress.step, "elapsed": self.progress.elapsed},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.flops.load_state_dict(state["flops"])
+        self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        p = state["progress"]
+        self.progress = _Progress(int(p["epoch"]), int(p["step"]), float(p["elapsed"]))
+
+    def save(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
+        barrier()
+
+    def _log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict:
+        """Train to the configured number of epochs (resuming from the run directory if a checkpoint is there)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if (self.out / CHECKPOINT).exists():
+            self.load_state_dict(load_checkpoint(self.out / CHECKPOINT, self.device))
+            if self.is_main:  # drop records logged after the checkpoint was taken
+                kept = [ln for ln in _records(self.out / "metrics.jsonl") if json.loads(ln)["epoch"] <= self.progress.epoch]
+                (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+        elif self.is_main:
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        while self.progress.epoch < cfg.optim.epochs:
+            train_stats = self.train_epoch()
+            self.end_epoch(train_stats)
+        return self.finish()
+
+    def train_epoch(self) -> dict[str, float]:
+        """Run the rest of the current epoch (all of it, or what is left after a resume)."""
+        cfg, every = self.cfg, self.cfg.run.checkpoint_every_steps
+        epoch = self.progress.epoch
+        if self.train_loader.epoch != epoch or self.train_loader.position == 0:
+            self.train_loader.start_epoch(epoch)
+        self.net.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=self.train_loader.position, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            disable=not (cfg.run.progress and self.is_main), leave=False, mininterval=1.0, dynamic_ncols=True,
+        )
+        for x, y, _ in self.train_loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            out = self.net(x)
+            loss = self.criterion(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.progress.step += 1
+            if self.method.after_step(self.progress.step, self.optimizer):
+                self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+            self.flops.step(len(y) * self.dist.world_size)
+            with torch.no_grad():
+                loss_sum += loss.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            bar.update(1)
+            if every and self.progress.step % every == 0 and self.train_loader.position < self.steps_per_epoch:
+                self.progress.elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save()
+        bar.close()
+        self.progress.elapsed += time.perf_counter() - t0
+        return {
+            "train_loss": (loss_sum.item() / seen) if seen else math.nan,
+            "train_acc": (100.0 * correct.item() / seen) if seen else math.nan,
+        }
+
+    def end_epoch(self, train_stats: dict[str, float]) -> dict:
+        """Close an epoch: evaluate, log one metrics record, checkpoint."""
+        self.progress.epoch += 1
+        record = {"epoch": self.progress.epoch, "step": self.progress.step, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
+        test = evaluate(self.model, self.test_loader, self.device)
+        record.update(test_loss=test["loss"], test_acc=test["acc"])
+        if self.val_loader is not None:
+            val = evaluate(self.model, self.val_loader, self.device)
+            record.update(val_loss=val["loss"], val_acc=val["acc"])
+        record.update(
+            sparsity=self.method.maskset.global_sparsity() if self.method.maskset else 0.0,
+            train_flops_rel=self.flops.relative(), wall_s=round(self.progress.elapsed, 2),
+        )
+        self._log(record)
+        if self.is_main and self.cfg.run.progress:
+            tqdm.write(
+                f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  test acc {record['test_acc']:.2f}%  "
+                f"({record['wall_s']:.0f}s)"
+            )
+        self.save()
+        return record
+
+    def finish(self) -> dict:
+        """Write the final model and a summary (``final.json``) with per-layer sparsity and FLOPs."""
+        costs = self.flops.costs
+        dense_infer = costs.forward_flops()
+        wd = self.method.weight_density()
+        summary = {
+            "method": self.method.name,
+            "model": self.cfg.model.name,
+            "dataset": self.cfg.data.dataset,
+            "epochs": self.cfg.optim.epochs,
+            "seed": self.cfg.run.seed,
+            "sparsity": self.method.maskset.global_sparsity() if self.method.maskset else 0.0,
+            "train_flops_rel": self.flops.relative(),
+            "infer_flops_rel": costs.forward_flops(wd) / dense_infer if dense_infer else 1.0,
+            "train_flops": self.flops.spent["total"],
+            "infer_flops_per_sample": costs.forward_flops(wd),
+            "wall_s": round(self.progress.elapsed, 2),
+            "layers": [
+                {"name": ls.name, "shape": list(ls.shape), "numel": ls.numel, "nonzeros": ls.nonzeros, "density": ls.density}
+                for ls in (self.method.maskset.layers() if self.method.maskset else [])
+            ],
+        }
+        last = _last_record(self.out / "metrics.jsonl")
+        summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "train_loss") if k in last})
+        if self.is_main:
+            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict()}, self.out / FINAL_MODEL)
+            (self.out / "final.json").write_text(json.dumps(summary, indent=2))
+        barrier()
+        return summary
+
+
+def _records(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def _last_record(path: Path) -> dict:
+    lines = _records(path)
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _no_augment(info):
+    from dataclasses import replace
+
+    return replace(info, crop_padding=0, flip=False)
