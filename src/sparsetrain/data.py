@@ -165,14 +165,14 @@ def _decode_image(data: bytes, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _from_files(files: list[tuple[str, str, bytes | Path]], channels: int) -> dict[str, ArrayDataset]:
-    """Build train/test datasets from (split, class, content) triples; classes sort alphabetically."""
-    classes = sorted({c for _, c, _ in files})
+def _from_files(files: list[tuple[str, str, str, bytes | Path]], channels: int) -> dict[str, ArrayDataset]:
+    """Build train/test datasets from (split, class, file name, content); classes and files sort by name."""
+    classes = sorted({c for _, c, _, _ in files})
     if not classes:
         raise DatasetError("no images found (expected ROOT/{train,test}/<class>/*.png|jpg)")
     out = {}
     for split in ("train", "test"):
-        items = sorted((c, str(i), content) for i, (s, c, content) in enumerate(files) if s == split)
+        items = sorted(((c, name, content) for s, c, name, content in files if s == split), key=lambda t: t[:2])
         if not items:
             raise DatasetError(f"no images in the '{split}' split (expected ROOT/{split}/<class>/*.png|jpg)")
         imgs = [
@@ -188,17 +188,17 @@ def _from_files(files: list[tuple[str, str, bytes | Path]], channels: int) -> di
     return out
 
 
-def _split_and_class(parts: list[str]) -> tuple[str, str] | None:
-    """For a path's parts ``.../{train,test}/<class>/<file>`` return (split, class)."""
+def _split_and_class(parts: list[str]) -> tuple[str, str, str] | None:
+    """For a path's parts ``.../{train,test}/<class>/<file>`` return (split, class, file)."""
     if len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-1].lower().endswith(IMAGE_SUFFIXES):
-        return parts[-3], parts[-2]
+        return parts[-3], parts[-2], parts[-1]
     return None
 
 
 def read_image_folder(root: Path, channels: int = 3) -> dict[str, ArrayDataset]:
     """Read ``ROOT/{train,test}/<class>/*`` (a directory, or a .tar of one)."""
     root = Path(root)
-    files: list[tuple[str, str, bytes | Path]] = []
+    files: list[tuple[str, str, str, bytes | Path]] = []
     if root.is_file() and tarfile.is_tarfile(root):
         with tarfile.open(root) as tar:
             for m in tar:
@@ -302,7 +302,7 @@ def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: st
             return download(url, archive, md5)
         return data_dir
     base, files = IDX_FILES[name]
-    if _find(data_dir, "train-images-idx3-ubyte") is None:
+    if _find(data_dir, "train-images-idx3-ubyte") is None and not (data_dir / "train").is_dir():
         if not allow_download:
             raise DatasetError(f"no IDX files in {data_dir} and downloading is off; pass the folder that holds them with --data-dir")
         for fname, md5 in files.items():

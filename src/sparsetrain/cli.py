@@ -1,0 +1,169 @@
+"""Command-line interface: ``sparsetrain train | eval | report | flops``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .train import Trainer
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if args.out:
+        overrides.append(f"run.out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    summary = Trainer(cfg).fit()
+    print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from .config import load_config
+    from .data import DATASETS, BatchLoader, load_dataset
+    from .models import build_model
+    from .train import evaluate, load_checkpoint
+    from .train.distributed import pick_device
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").exists():
+        raise SystemExit(f"error: {run} is not a run directory (no config.yaml)")
+    overrides = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    cfg = load_config(run / "config.yaml", overrides)
+    weights = run / ("model.pt" if (run / "model.pt").exists() else "checkpoint.pt")
+    state = load_checkpoint(weights)
+    info = DATASETS[cfg.data.dataset]
+    model = build_model(cfg.model.name, info.num_classes, cfg.model.width)
+    model.load_state_dict(state["model"])
+    device = pick_device(cfg.run.device)
+    model.to(device)
+    test = load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)["test"]
+    loader = BatchLoader(test, info, cfg.run.eval_batch_size, train=False)
+    result = evaluate(model, loader, device)
+    print(json.dumps({"run": str(run), "weights": weights.name, "test_loss": result["loss"], "test_acc": result["acc"]}))
+    return 0
+
+
+def _report(args) -> int:
+    from .report import format_layers, format_table, plot_curves, read_run
+
+    runs = [read_run(d) for d in args.run_dirs]
+    print(format_table(runs))
+    if args.layers:
+        for r in runs:
+            print()
+            print(format_layers(r))
+    png = Path(args.png) if args.png else Path(args.run_dirs[0]) / "curves.png"
+    plot_curves(args.run_dirs, png)
+    print(f"\ncurves: {png}")
+    return 0
+
+
+def _flops(args) -> int:
+    from .accounting import measure_layer_costs
+    from .data import DATASETS
+    from .masks import select_parameters
+    from .models import build_model, model_input_shape
+
+    if not 0 <= args.sparsity < 1:
+        raise SystemExit(f"error: --sparsity must be in [0, 1), got {args.sparsity}")
+    if args.input_size:
+        shape = tuple(args.input_size)
+    elif args.dataset:
+        shape = DATASETS[args.dataset].image_shape
+    else:
+        shape = model_input_shape(args.model)
+    classes = DATASETS[args.dataset].num_classes if args.dataset else None
+    model = build_model(args.model, classes)
+    costs = measure_layer_costs(model, shape)
+    density = {}
+    if args.method != "dense":
+        density = {n: 1.0 - args.sparsity for n in select_parameters(model, args.dense_layers)}
+    train = costs.training_flops(density, density)
+    dense_train = costs.training_flops()
+    infer, dense_infer = costs.forward_flops(density), costs.forward_flops()
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "input": list(shape), "method": args.method, "sparsity": args.sparsity,
+            "forward_macs_dense": dense_infer / 2, "forward_flops": infer, "forward_flops_dense": dense_infer,
+            "train_flops": train, "train_flops_dense": dense_train,
+            "layers": [{"name": lc.name, "params": lc.params, "density": density.get(lc.name, 1.0), "forward_flops": lc.forward}
+                       for lc in costs.layers],
+        }, indent=2))
+        return 0
+    print(f"{args.model}, input {shape}, method {args.method}, sparsity {args.sparsity} (1 MAC = 2 FLOPs; per image)")
+    print(f"{'layer':<36} {'params':>10} {'density':>8} {'fwd MFLOPs':>11} {'train MFLOPs':>13}")
+    for lc in costs.layers:
+        d = density.get(lc.name, 1.0)
+        print(f"{lc.name:<36} {lc.params:>10} {d:>8.3f} {lc.forward * d / 1e6:>11.2f} "
+              f"{(lc.forward + lc.input_grad + lc.weight_grad) * d / 1e6:>13.2f}")
+    print(f"\nforward (inference): {infer / 1e9:.4f} GFLOPs = {infer / 2e9:.4f} GMACs  "
+          f"(dense {dense_infer / 2e9:.4f} GMACs; {infer / dense_infer:.3f} of dense)")
+    print(f"training step: {train['total'] / 1e9:.4f} GFLOPs  (forward {train['forward'] / 1e9:.4f}, input grad "
+          f"{train['input_grad'] / 1e9:.4f}, weight grad {train['weight_grad'] / 1e9:.4f}; "
+          f"{train['total'] / dense_train['total']:.3f} of dense)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .models import MODELS
+
+    p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse neural-network training in PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (resumes if the run directory holds a checkpoint)",
+                       description="Train from a YAML config plus section.key=value overrides, e.g. "
+                                   "`sparsetrain train --config configs/resnet20_cifar10.yaml sparsity.method=static-random "
+                                   "sparsity.sparsity=0.9`. Launch with torchrun for data-parallel training.")
+    t.add_argument("--config", help="YAML config file (see configs/)")
+    t.add_argument("--data-dir", help="dataset file or folder (overrides data.data_dir)")
+    t.add_argument("--out", help="run directory (overrides run.out_dir)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.05")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's final (or latest) weights on the test set")
+    e.add_argument("run_dir")
+    e.add_argument("--data-dir", help="dataset file or folder, if it moved since training")
+    e.set_defaults(func=_eval)
+
+    r = sub.add_parser("report", help="table of final metrics (and per-layer sparsity) and curves as PNG")
+    r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--layers", action="store_true", help="also print per-layer sparsity")
+    r.add_argument("--png", help="where to write the curves (default RUN_DIR/curves.png of the first run)")
+    r.set_defaults(func=_report)
+
+    f = sub.add_parser("flops", help="FLOPs of a model for a method and sparsity, without training")
+    f.add_argument("--model", required=True, choices=sorted(MODELS))
+    f.add_argument("--dataset", choices=sorted(DATASETS), help="sets input size and classes")
+    f.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    f.add_argument("--method", default="dense", choices=["dense", "static-random"])
+    f.add_argument("--sparsity", type=float, default=0.0)
+    f.add_argument("--dense-layers", nargs="*", default=["first", "last"])
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=_flops)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data import DatasetError
+    from .train import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

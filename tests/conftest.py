@@ -1,0 +1,68 @@
+"""Shared fixtures: small datasets the tests build themselves, and the shared CIFAR-10 copy where present."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test decodes into its own cache directory."""
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def make_image_tar(path: Path, n_train: int, n_test: int, size: int = 28, channels: int = 1, classes: int = 10, seed: int = 0) -> Path:
+    """A .tar of ROOT/{train,test}/<class>/NNNN.png with images whose mean depends on the class (learnable)."""
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i in range(n):
+                c = i % classes
+                base = rng.integers(0, 60, (size, size, channels)) + 18 * c
+                arr = np.clip(base, 0, 255).astype(np.uint8)
+                img = Image.fromarray(arr[..., 0] if channels == 1 else arr)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                info = tarfile.TarInfo(f"tiny/{split}/class{c:02d}/{i:04d}.png")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_tar(tmp_path_factory) -> Path:
+    """512 train and 128 test 28x28 grey images in 10 classes, as an image-folder tar."""
+    return make_image_tar(tmp_path_factory.mktemp("data") / "tiny.tar", 512, 128)
+
+
+@pytest.fixture(scope="session")
+def shared_cifar() -> Path:
+    """The real CIFAR-10 JPEG copy: $SPARSETRAIN_TEST_CIFAR, or ../shared/data beside the repository."""
+    path = Path(os.environ.get("SPARSETRAIN_TEST_CIFAR", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar"))
+    if not path.exists():
+        pytest.skip(f"real CIFAR-10 copy not found at {path} (set SPARSETRAIN_TEST_CIFAR)")
+    return path
+
+
+def tiny_datasets(n_train=256, n_test=64, shape=(1, 28, 28), classes=10, seed=0):
+    """In-memory datasets for engine tests (no files)."""
+    from sparsetrain.data import ArrayDataset
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = torch.arange(n) % classes
+        x = (torch.randint(0, 60, (n, *shape), generator=g) + 18 * y.view(-1, 1, 1, 1)).clamp(0, 255).to(torch.uint8)
+        out[split] = ArrayDataset(x, y, [str(c) for c in range(classes)])
+    return out
