@@ -22,14 +22,16 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 def make_image_tar(path: Path, n_train: int, n_test: int, size: int = 28, channels: int = 1, classes: int = 10, seed: int = 0) -> Path:
-    """A .tar of ROOT/{train,test}/<class>/NNNN.png with images whose mean depends on the class (learnable)."""
+    """A .tar of ROOT/{train,test}/<class>/NNNN.png; each class has a bright square in its own place (learnable)."""
     rng = np.random.default_rng(seed)
     with tarfile.open(path, "w") as tar:
         for split, n in (("train", n_train), ("test", n_test)):
             for i in range(n):
                 c = i % classes
-                base = rng.integers(0, 60, (size, size, channels)) + 18 * c
-                arr = np.clip(base, 0, 255).astype(np.uint8)
+                arr = rng.integers(0, 60, (size, size, channels))
+                r, q = 7 * (c % 4), 7 * (c // 4)
+                arr[r:r + 7, q:q + 7] += 180  # a bright square whose place names the class
+                arr = np.clip(arr, 0, 255).astype(np.uint8)
                 img = Image.fromarray(arr[..., 0] if channels == 1 else arr)
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
@@ -63,6 +65,9 @@ def tiny_datasets(n_train=256, n_test=64, shape=(1, 28, 28), classes=10, seed=0)
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         y = torch.arange(n) % classes
-        x = (torch.randint(0, 60, (n, *shape), generator=g) + 18 * y.view(-1, 1, 1, 1)).clamp(0, 255).to(torch.uint8)
+        x = torch.randint(0, 60, (n, *shape), generator=g)
+        for i, c in enumerate(y.tolist()):
+            x[i, :, 7 * (c % 4):7 * (c % 4) + 7, 7 * (c // 4):7 * (c // 4) + 7] += 180
+        x = x.clamp(0, 255).to(torch.uint8)
         out[split] = ArrayDataset(x, y, [str(c) for c in range(classes)])
     return out

@@ -1,0 +1,95 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from sparsetrain.masks import MaskSet, random_masks, select_parameters
+from sparsetrain.models import build_model
+
+
+def test_selection_policy_first_last_and_patterns():
+    model = build_model("resnet20")
+    names = list(select_parameters(model, ["first", "last"]))
+    assert "conv1.weight" not in names and "fc.weight" not in names and "layer1.0.conv1.weight" in names
+    assert len(names) == 19 - 1 + 2  # 18 block convs + 2 shortcut convs
+    no_short = select_parameters(model, ["first", "last", "*.shortcut.*"])
+    assert not any("shortcut" in n for n in no_short) and len(no_short) == 18
+    assert "fc.weight" in select_parameters(model, [])
+
+
+@pytest.mark.parametrize("model_name", ["resnet20", "vgg16", "mlp"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_random_masks_hit_the_target_exactly(model_name, sparsity):
+    model = build_model(model_name)
+    ms = MaskSet.for_model(model)
+    random_masks(ms, sparsity, torch.Generator().manual_seed(0))
+    for ls in ms.layers():
+        assert ls.nonzeros == round((1 - sparsity) * ls.numel)
+        assert int((ms.params[ls.name] != 0).sum()) <= ls.nonzeros
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["sgd-nesterov-wd", "adam", "adamw"],
+)
+def test_masked_weights_stay_exactly_zero_through_optimizer_steps(make_opt):
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.8, torch.Generator().manual_seed(1))
+    opt = make_opt(model.parameters())
+    ms.attach(opt)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    before = {n: p.detach().clone() for n, p in ms.params.items()}
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for n, p in ms.params.items():
+        m = ms.masks[n]
+        assert torch.count_nonzero(p[~m]) == 0
+        assert not torch.equal(p[m], before[n][m])  # kept weights do train
+        for v in opt.state[p].values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                assert torch.count_nonzero(v[~m]) == 0
+
+
+def test_set_mask_resets_optimizer_state_of_changed_weights():
+    model = nn.Linear(8, 4)
+    ms = MaskSet({"weight": model.weight})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ms.attach(opt)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    buf = opt.state[model.weight]["momentum_buffer"]
+    assert torch.count_nonzero(buf) == buf.numel()
+    new = torch.ones(4, 8, dtype=torch.bool)
+    new[0] = False
+    ms.set_mask("weight", new, opt)
+    assert torch.count_nonzero(model.weight[0]) == 0 and torch.count_nonzero(buf[0]) == 0
+    assert torch.count_nonzero(buf[1:]) == buf[1:].numel()
+    with pytest.raises(ValueError, match="shape"):
+        ms.set_mask("weight", torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_state_dict_round_trip_and_mismatch():
+    model = build_model("mlp")
+    ms = MaskSet.for_model(model)
+    random_masks(ms, 0.7, torch.Generator().manual_seed(2))
+    state = ms.state_dict()
+    other = MaskSet.for_model(build_model("mlp"))
+    other.load_state_dict(state)
+    assert all(torch.equal(other.masks[n], ms.masks[n]) for n in ms.masks)
+    assert all(torch.count_nonzero(other.params[n][~other.masks[n]]) == 0 for n in other.masks)
+    with pytest.raises(ValueError, match="do not match"):
+        MaskSet.for_model(build_model("small_cnn")).load_state_dict(state)
+
+
+def test_bad_sparsity_is_refused():
+    ms = MaskSet.for_model(build_model("mlp"))
+    with pytest.raises(ValueError, match=r"\[0, 1\), got 1.0"):
+        random_masks(ms, 1.0, torch.Generator())

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from sparsetrain.models import MODELS, build_model, model_input_shape
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"resnet50"}))
+def test_every_zoo_model_runs_forward_and_backward(name):
+    model = build_model(name, num_classes=7)
+    out = model(torch.randn(2, *model_input_shape(name)))
+    assert out.shape == (2, 7)
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("name, params", [("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet56", 0.85e6),
+                                          ("resnet18", 11.2e6), ("vgg16", 14.7e6), ("wrn16_8", 11.0e6), ("resnet50", 25.6e6)])
+def test_parameter_counts_match_the_literature(name, params):
+    n = sum(p.numel() for p in build_model(name).parameters())
+    assert n == pytest.approx(params, rel=0.03)
+
+
+def test_width_multiplier_doubles_resnet32_channels():
+    wide = build_model("resnet32", width=2.0)
+    assert wide.conv1.out_channels == 32 and wide.fc.in_features == 128
+
+
+def test_unknown_model_and_bad_width():
+    with pytest.raises(ValueError, match="unknown model 'resnet7'.*resnet20"):
+        build_model("resnet7")
+    with pytest.raises(ValueError, match="width must be > 0"):
+        build_model("resnet20", width=0)
