@@ -26,7 +26,7 @@ RESULTS_FILE = "protocol_a.jsonl"
 # name -> (method label in the record, config overrides)
 RUNS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", ["sparsity.method=dense"]),
-    "static-random": ("static-random", ["sparsity.method=static-random", "sparsity.sparsity=0.9"]),
+    "static-random": ("static-random", ["sparsity.method=static", "sparsity.sparsity=0.9"]),
 }
 
 
@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="resnet20")
     args = ap.parse_args(argv)
+    started_at = commit()  # the code that runs is the code at start, whatever lands meanwhile
     done = {(r["method"], r.get("recipe"), r["seed"], r["epochs"], r["model"]) for r in read_records(RESULTS_FILE)}
     for name in args.runs:
         method, overrides = RUNS[name]
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
             "sparsity": round(summary["sparsity"], 4), "epochs": args.epochs, "seed": args.seed,
             "test_acc": summary["test_acc"], "train_flops_rel": round(summary["train_flops_rel"], 4),
             "infer_flops_rel": round(summary["infer_flops_rel"], 4), "wall_s": summary["wall_s"],
-            "command": command_line(), "commit": commit(), **environment(),
+            "command": command_line(), "commit": started_at, **environment(),
         }
         append_record(RESULTS_FILE, record)
         plot_curves([out], RESULTS / f"protocol_a-{name}-{args.model}-s{args.seed}.png")

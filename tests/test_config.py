@@ -13,7 +13,7 @@ from sparsetrain.config import Config, ConfigError, load_config, parse_overrides
         ("optim.batch_size=-4", "optim.batch_size", "-4", "greater than 0"),
         ("model.name=resnet999", "model.name", "'resnet999'", "resnet20"),
         ("data.dataset=svhn", "data.dataset", "'svhn'", "cifar10"),
-        ("sparsity.method=magic", "sparsity.method", "'magic'", "static-random"),
+        ("sparsity.method=magic", "sparsity.method", "'magic'", "mest"),
         ("optim.schedule=linear", "optim.schedule", "'linear'", "cosine"),
     ],
 )
@@ -60,6 +60,6 @@ def test_overrides_merge_over_the_file_and_parse_as_yaml(tmp_path):
 
 
 def test_resolved_config_round_trips():
-    cfg = load_config(overrides=["optim.lr=0.3", "sparsity.method=static-random", "sparsity.sparsity=0.8"])
+    cfg = load_config(overrides=["optim.lr=0.3", "sparsity.method=static", "sparsity.sparsity=0.8"])
     again = Config.model_validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg

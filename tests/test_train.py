@@ -25,7 +25,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_learns_keeps_masks_and_logs(tmp_path):
-    cfg = load_config(overrides=[*BASE, "optim.epochs=6", "optim.lr=0.1", f"run.out_dir={tmp_path}", "sparsity.method=static-random",
+    cfg = load_config(overrides=[*BASE, "optim.epochs=6", "optim.lr=0.1", f"run.out_dir={tmp_path}", "sparsity.method=static",
                                  "sparsity.sparsity=0.7", "optim.label_smoothing=0.1", "data.val_fraction=0.25",
                                  "sparsity.dense_layers=[]"])
     trainer = Trainer(cfg, datasets=tiny_datasets())
@@ -67,7 +67,7 @@ def _train_cli(args, env_extra=None, driver=None):
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_mnist_tar):
     args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=3", "run.checkpoint_every_steps=5",
-            "sparsity.method=static-random", "sparsity.sparsity=0.8"]
+            "sparsity.method=static", "sparsity.sparsity=0.8"]
     full = _train_cli([*args, f"run.out_dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr
     driver = tmp_path / "driver.py"
@@ -110,7 +110,7 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, tiny_mnist_tar):
-    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=2", "sparsity.method=static-random",
+    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=2", "sparsity.method=static",
             "sparsity.sparsity=0.5"]
     driver = tmp_path / "ddp.py"
     driver.write_text(DDP_DRIVER)
@@ -147,7 +147,7 @@ def test_cli_help_eval_report_and_flops(tmp_path, tiny_mnist_tar):
                          capture_output=True, text=True)
     assert rep.returncode == 0 and "run" in rep.stdout and (tmp_path / "c.png").stat().st_size > 1000
     fl = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
-                         "--method", "static-random", "--sparsity", "0.9", "--json"], capture_output=True, text=True)
+                         "--method", "static", "--sparsity", "0.9", "--json"], capture_output=True, text=True)
     data = json.loads(fl.stdout)
     assert data["forward_macs_dense"] == pytest.approx(40.8e6, rel=0.01)
     assert 0.1 < data["forward_flops"] / data["forward_flops_dense"] < 0.12

@@ -69,6 +69,7 @@ def _report(args) -> int:
 def _flops(args) -> int:
     from .accounting import measure_layer_costs
     from .data import DATASETS
+    from .distributions import layer_densities
     from .masks import select_parameters
     from .models import build_model, model_input_shape
 
@@ -85,7 +86,8 @@ def _flops(args) -> int:
     costs = measure_layer_costs(model, shape)
     density = {}
     if args.method != "dense":
-        density = {n: 1.0 - args.sparsity for n in select_parameters(model, args.dense_layers)}
+        shapes = {n: tuple(p.shape) for n, p in select_parameters(model, args.dense_layers).items()}
+        density = layer_densities(args.distribution, shapes, args.sparsity)
     train = costs.training_flops(density, density)
     dense_train = costs.training_flops()
     infer, dense_infer = costs.forward_flops(density), costs.forward_flops()
@@ -113,6 +115,7 @@ def _flops(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import METHODS
     from .data import DATASETS
     from .models import MODELS
 
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (resumes if the run directory holds a checkpoint)",
                        description="Train from a YAML config plus section.key=value overrides, e.g. "
-                                   "`sparsetrain train --config configs/resnet20_cifar10.yaml sparsity.method=static-random "
+                                   "`sparsetrain train --config configs/resnet20_cifar10.yaml sparsity.method=static "
                                    "sparsity.sparsity=0.9`. Launch with torchrun for data-parallel training.")
     t.add_argument("--config", help="YAML config file (see configs/)")
     t.add_argument("--data-dir", help="dataset file or folder (overrides data.data_dir)")
@@ -144,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", required=True, choices=sorted(MODELS))
     f.add_argument("--dataset", choices=sorted(DATASETS), help="sets input size and classes")
     f.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    f.add_argument("--method", default="dense", choices=["dense", "static-random"])
+    f.add_argument("--method", default="dense", choices=sorted(METHODS),
+                   help="any masked method: forward, input and weight gradient scale with each layer's density")
     f.add_argument("--sparsity", type=float, default=0.0)
+    f.add_argument("--distribution", default="uniform", choices=["uniform", "er", "erk"])
     f.add_argument("--dense-layers", nargs="*", default=["first", "last"])
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_flops)

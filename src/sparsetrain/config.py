@@ -11,18 +11,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DATASETS
 from .models import MODELS
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "METHODS"]
 
-# Methods the engine knows; later modules add theirs to this registry.
+# Methods the engine knows, with a line each (shown in errors and --help).
 METHODS: dict[str, str] = {
     "dense": "no sparsity: every weight trains",
-    "static-random": "a fixed random mask drawn once at initialisation",
+    "static": "a mask fixed at initialisation (sparsity.init: random, magnitude, snip, grasp, synflow)",
+    "lottery": "lottery ticket: iterative magnitude pruning with rewinding (sparsity.lottery)",
+    "set": "SET: magnitude prune, random grow every update_every_steps",
+    "rigl": "RigL: magnitude prune, grow by dense-gradient magnitude at update steps",
+    "mest": "MEST: |w| + lambda|g| prune, random grow every mest.every_epochs; elastic mutation; optional soft memory bound",
 }
+INITS = ("random", "magnitude", "snip", "grasp", "synflow")
 
 
 class ConfigError(ValueError):
@@ -81,6 +86,49 @@ class OptimConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+def _phases(v: list[list[float]]) -> list[list[float]]:
+    """A piecewise-constant schedule: [[fraction of training, value], ...], fractions rising from 0."""
+    if not v or any(len(p) != 2 for p in v):
+        raise ValueError("must be a list of [fraction_of_training, value] pairs")
+    fr = [p[0] for p in v]
+    if fr[0] != 0 or fr != sorted(fr) or not all(0 <= f <= 1 for f in fr):
+        raise ValueError("fractions must start at 0, rise, and stay within [0, 1]")
+    if any(not 0 <= p[1] < 1 for p in v):
+        raise ValueError("values must be in [0, 1)")
+    return v
+
+
+class MestConfig(_Section):
+    """MEST (Yuan et al., 2021): mutation every ``every_epochs``; elastic ratio and soft bound as phases."""
+
+    every_epochs: int = Field(5, gt=0, description="epochs between mutations (the paper's delta T)")
+    mutation_ratio: list[list[float]] = Field(
+        default_factory=lambda: [[0.0, 0.2], [0.56, 0.1], [0.75, 0.0]],
+        description="[fraction of training, share of active weights mutated]; a single [[0, r]] disables elastic mutation",
+    )
+    soft_bound: bool = False
+    excess: list[list[float]] = Field(
+        default_factory=lambda: [[0.0, 0.05], [0.56, 0.025], [0.75, 0.0]],
+        description="soft memory bound: extra density grown before the prune, by phase",
+    )
+    prune_lambda: float = Field(1.0, ge=0, description="prune score |w| + lambda * |g|")
+
+    _check_ratio = field_validator("mutation_ratio", "excess")(classmethod(lambda cls, v: _phases(v)))
+
+
+class LotteryConfig(_Section):
+    rounds: int = Field(3, gt=0, description="prune-retrain rounds to reach the target sparsity")
+    rewind_step: int = Field(0, ge=0, description="rewind to the weights at this step (0: initialisation)")
+
+
+class DataEfficiencyConfig(_Section):
+    """MEST data efficiency: drop the least-forgotten training examples at one epoch."""
+
+    enabled: bool = False
+    remove_epoch: int = Field(3, gt=0, description="after this many epochs of forgetting statistics")
+    remove_fraction: float = Field(0.2, gt=0, lt=1, description="share of the training set removed")
+
+
 class SparsityConfig(_Section):
     method: str = "dense"
     sparsity: float = Field(0.0, ge=0.0, lt=1.0)
@@ -88,6 +136,20 @@ class SparsityConfig(_Section):
         default_factory=lambda: ["first", "last"],
         description="parameters left dense: 'first', 'last' (the first conv, the classifier) or fnmatch patterns of names",
     )
+    distribution: Literal["uniform", "er", "erk", "custom"] = "uniform"
+    custom_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer sparsity for distribution custom")
+    scheme: str = "unstructured"
+    init: str = "random"
+    global_ranking: bool = False
+    init_batches: int = Field(1, gt=0, description="training batches scored by SNIP/GraSP")
+    synflow_rounds: int = Field(100, gt=0)
+    update_every_steps: int = Field(100, gt=0, description="SET/RigL: steps between mask updates")
+    update_fraction: float = Field(0.3, ge=0, lt=1, description="SET/RigL: share of active weights replaced at the first update")
+    update_decay: Literal["cosine", "constant"] = "cosine"
+    update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
+    mest: MestConfig = Field(default_factory=MestConfig)
+    lottery: LotteryConfig = Field(default_factory=LotteryConfig)
+    data_efficiency: DataEfficiencyConfig = Field(default_factory=DataEfficiencyConfig)
 
     @field_validator("method")
     @classmethod
@@ -95,6 +157,29 @@ class SparsityConfig(_Section):
         if v not in METHODS:
             raise ValueError(f"unknown method; allowed: {sorted(METHODS)}")
         return v
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, v: str) -> str:
+        if v not in INITS:
+            raise ValueError(f"unknown init; allowed: {list(INITS)}")
+        return v
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        from .schemes import parse_scheme
+
+        parse_scheme(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method != "dense" and self.sparsity == 0 and self.distribution != "custom":
+            raise ValueError(f"method {self.method!r} needs sparsity.sparsity > 0")
+        if self.method in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):
+            raise ValueError(f"method {self.method!r} prunes and grows; N:M scheme {self.scheme!r} supports static masks only")
+        return self
 
 
 class RunConfig(_Section):
@@ -121,13 +206,13 @@ class Config(_Section):
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = e["loc"][:-1]
             model = Config
             for p in section:
-                model = model.model_fields[p].annotation
+                model = model.model_fields[str(p)].annotation
             msg = f"unknown key; allowed here: {sorted(model.model_fields)}"
         lines.append(f"{key}: {msg} (got {e.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

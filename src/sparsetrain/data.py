@@ -428,17 +428,22 @@ class BatchLoader:
         self.epoch, self.position = 0, 0
         self.generator = torch.Generator()
         self._perm: torch.Tensor | None = None
+        self.active: torch.Tensor | None = None  # indices still trained on (None: all)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = len(self.dataset) if self.active is None else len(self.active)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_active(self, indices: torch.Tensor | None) -> None:
+        """Train on these example indices only, from the next epoch on (None: all of them)."""
+        self.active = None if indices is None else indices.to(torch.long)
 
     def start_epoch(self, epoch: int) -> None:
         """Fix the order and augmentation stream of ``epoch`` (a function of the seed and epoch only)."""
         self.epoch, self.position = epoch, 0
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        n = len(self.dataset)
-        self._perm = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        pool = torch.arange(len(self.dataset)) if self.active is None else self.active
+        self._perm = pool[torch.randperm(len(pool), generator=self.generator)] if self.train else pool
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         out = (x.float() - self.mean) / self.std
@@ -459,10 +464,13 @@ class BatchLoader:
             yield self.normalize(x), self.dataset.labels[idx], idx
 
     def state_dict(self) -> dict:
+        empty = torch.empty(0, dtype=torch.long)
         return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state(),
-                "perm": self._perm if self._perm is not None else torch.empty(0, dtype=torch.long)}
+                "perm": self._perm if self._perm is not None else empty,
+                "active": self.active if self.active is not None else empty}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.generator.set_state(state["generator"])
         self._perm = state["perm"] if state["perm"].numel() else None
+        self.active = state["active"] if state["active"].numel() else None

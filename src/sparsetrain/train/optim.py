@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..config import OptimConfig
 
-__all__ = ["build_optimizer", "lr_factor", "build_scheduler"]
+__all__ = ["build_optimizer", "lr_factor", "set_lr"]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
@@ -49,6 +49,8 @@ def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> 
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total, steps_per_epoch))
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
+    """Set every group's learning rate to ``base_lr * factor`` (the schedule is a function of progress,
+    so it needs no state of its own in checkpoints)."""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor

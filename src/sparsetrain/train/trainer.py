@@ -1,7 +1,7 @@
 """The training engine: one loop for dense and sparse training, resumable at any step.
 
 Everything that decides what happens next is in the checkpoint: model, optimizer,
-scheduler, method state (masks), RNG state, data position and accounting. A run
+method state (masks), data-efficiency statistics, RNG state, data position and accounting (the learning rate is a function of progress). A run
 killed at any point and restarted in the same directory continues exactly as if it
 had not stopped.
 """
@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from ..accounting import FlopMeter, measure_layer_costs
 from ..config import Config
 from ..data import DATASETS, ArrayDataset, BatchLoader, load_dataset, split_validation
-from ..methods import Method, build_method
+from ..forgetting import ForgettingTracker
+from ..methods import Method, SetupContext, build_method
 from ..models import build_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, pick_device
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, lr_factor, set_lr
 
 __all__ = ["Trainer", "evaluate", "CHECKPOINT", "FINAL_MODEL"]
 
@@ -63,10 +64,17 @@ class Trainer:
     """Train ``cfg``'s model (or a given ``model``) on its dataset, writing to ``cfg.run.out_dir``.
 
     ``datasets`` ({"train", "test"} ArrayDatasets) and ``model`` let Python users
-    bring their own; otherwise both come from the config.
+    bring their own; otherwise both come from the config. ``masks`` gives a static
+    method its mask instead of computing one (lottery tickets).
     """
 
-    def __init__(self, cfg: Config, model: nn.Module | None = None, datasets: dict[str, ArrayDataset] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module | None = None,
+        datasets: dict[str, ArrayDataset] | None = None,
+        masks: dict[str, torch.Tensor] | None = None,
+    ):
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
         if cfg.run.threads:
@@ -95,12 +103,16 @@ class Trainer:
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.train_loader)  # on the full training set; the LR schedule counts in these
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
         self.method: Method = build_method(cfg)
-        mask_gen = torch.Generator().manual_seed(cfg.run.seed + 7919)
-        self.method.setup(self.model, self.optimizer, mask_gen)
+        self.method.setup(SetupContext(
+            model=self.model, optimizer=self.optimizer, generator=torch.Generator().manual_seed(cfg.run.seed + 7919),
+            input_shape=tuple(train.images.shape[1:]), steps_per_epoch=self.steps_per_epoch, epochs=cfg.optim.epochs,
+            batches=lambda: self._scoring_batches(train, info), given_masks=masks,
+        ))
+        de = cfg.sparsity.data_efficiency
+        self.forgetting = ForgettingTracker(len(train), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
         self.flops = FlopMeter(measure_layer_costs(self.model, self.input_shape, self.device))
         self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
         self.net = self.model
@@ -118,7 +130,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "forgetting": self.forgetting.state_dict() if self.forgetting else {},
             "method": self.method.state_dict(),
             "loader": self.train_loader.state_dict(),
             "flops": self.flops.state_dict(),
@@ -130,7 +142,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.forgetting:
+            self.forgetting.load_state_dict(state["forgetting"])
         self.method.load_state_dict(state["method"])
         self.train_loader.load_state_dict(state["loader"])
         self.flops.load_state_dict(state["flops"])
@@ -184,21 +197,30 @@ class Trainer:
             total=self.steps_per_epoch, initial=self.train_loader.position, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
             disable=not (cfg.run.progress and self.is_main), leave=False, mininterval=1.0, dynamic_ncols=True,
         )
-        for x, y, _ in self.train_loader:
+        steps_now = len(self.train_loader)
+        for x, y, idx in self.train_loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # the schedule runs on epochs: with fewer examples (data efficiency) each step covers more of it
+            virtual = epoch * self.steps_per_epoch + (self.train_loader.position - 1) * self.steps_per_epoch // steps_now
+            set_lr(self.optimizer, cfg.optim.lr, lr_factor(cfg.optim, virtual, self.total_steps, self.steps_per_epoch))
             out = self.net(x)
             loss = self.criterion(out, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            changed = self.method.before_step(self.progress.step, self.optimizer)
             self.optimizer.step()
-            self.scheduler.step()
             self.progress.step += 1
-            if self.method.after_step(self.progress.step, self.optimizer):
+            changed = self.method.after_step(self.progress.step, self.optimizer) or changed
+            if changed:
                 self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
-            self.flops.step(len(y) * self.dist.world_size)
+            samples = len(y) * self.dist.world_size
+            self.flops.step(samples, self._dense_gradient_flops(samples) if self.method.took_dense_gradient else 0.0)
             with torch.no_grad():
+                hits = out.argmax(1) == y
                 loss_sum += loss.detach() * len(y)
-                correct += (out.argmax(1) == y).sum()
+                correct += hits.sum()
+            if self.forgetting:
+                self.forgetting.record(idx, hits)
             seen += len(y)
             bar.update(1)
             if every and self.progress.step % every == 0 and self.train_loader.position < self.steps_per_epoch:
@@ -212,9 +234,31 @@ class Trainer:
             "train_acc": (100.0 * correct.item() / seen) if seen else math.nan,
         }
 
+    def _dense_gradient_flops(self, samples: int) -> float:
+        """Extra cost of a step that took the dense weight gradient instead of the masked one."""
+        gd = self.method.grad_density() or {}
+        return samples * sum(lc.weight_grad * (1 - gd.get(lc.name, 1.0)) for lc in self.flops.costs.layers)
+
+    def _scoring_batches(self, train: ArrayDataset, info) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches for data-driven mask scores (SNIP, GraSP), drawn apart from the training order."""
+        loader = BatchLoader(train, info, self.cfg.optim.batch_size, train=True, seed=self.cfg.run.seed + 1,
+                             channels_last=self.cfg.model.channels_last)
+        out = []
+        for x, y, _ in loader:
+            out.append((x.to(self.device), y.to(self.device)))
+            if len(out) == self.cfg.sparsity.init_batches:
+                break
+        return out
+
     def end_epoch(self, train_stats: dict[str, float]) -> dict:
-        """Close an epoch: evaluate, log one metrics record, checkpoint."""
+        """Close an epoch: method and data-efficiency updates, evaluation, one metrics record, checkpoint."""
         self.progress.epoch += 1
+        if self.method.end_epoch(self.progress.epoch, self.optimizer):
+            self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+        if self.forgetting and (keep := self.forgetting.end_epoch(self.progress.epoch)) is not None:
+            self.train_loader.set_active(keep)
+            if self.is_main:
+                (self.out / "removed_examples.json").write_text(json.dumps(self.forgetting.removed.tolist()))
         record = {"epoch": self.progress.epoch, "step": self.progress.step, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
         test = evaluate(self.model, self.test_loader, self.device)
         record.update(test_loss=test["loss"], test_acc=test["acc"])
@@ -249,6 +293,10 @@ class Trainer:
             "train_flops_rel": self.flops.relative(),
             "infer_flops_rel": costs.forward_flops(wd) / dense_infer if dense_infer else 1.0,
             "train_flops": self.flops.spent["total"],
+            "steps": self.progress.step,
+            "steps_full_data": self.total_steps,
+            "examples_removed": int(self.forgetting.removed.numel()) if self.forgetting else 0,
+            **self.method.summary(),
             "infer_flops_per_sample": costs.forward_flops(wd),
             "wall_s": round(self.progress.elapsed, 2),
             "layers": [

@@ -1,0 +1,263 @@
+"""The shape of what is removed: unstructured, channels, kernels, blocks, kernel patterns, N:M.
+
+A scheme groups a weight tensor into *units* (a weight, a filter, a kernel, an r x c
+block, a group of M weights) and says which elements of a unit are kept when the unit
+is on (all of them; for kernel patterns the best 4-of-9 pattern; for N:M the top N).
+From a score tensor (higher = keep) and a density, :meth:`Scheme.mask` keeps the
+best units: exactly round(density * numel / kept_per_unit) of them. Dynamic methods
+prune and grow whole units with :meth:`Scheme.update`.
+
+Names, as used in configs: ``unstructured``, ``channel_out``, ``channel_in``,
+``kernel``, ``pattern``, ``block_RxC`` (e.g. ``block_4x1``, MEST's blocks of 4 output
+rows in one input column), ``nm_N:M`` (e.g. ``nm_2:4``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["Scheme", "parse_scheme", "KERNEL_PATTERNS", "SCHEME_NAMES"]
+
+SCHEME_NAMES = "unstructured, channel_out, channel_in, kernel, pattern, block_RxC (e.g. block_4x1), nm_N:M (e.g. nm_2:4)"
+
+
+def _patterns() -> torch.Tensor:
+    """Eight 4-of-9 patterns of a 3x3 kernel, all keeping the centre (as in PatDNN/MEST):
+    the centre with three of its four neighbours, and the centre with two neighbours and the corner between them."""
+    up, down, left, right, centre = (0, 1), (2, 1), (1, 0), (1, 2), (1, 1)
+    cells = [
+        [centre, down, left, right], [centre, up, left, right], [centre, up, down, right], [centre, up, down, left],
+        [centre, up, left, (0, 0)], [centre, up, right, (0, 2)], [centre, down, left, (2, 0)], [centre, down, right, (2, 2)],
+    ]
+    out = torch.zeros(len(cells), 9, dtype=torch.bool)
+    for i, pattern in enumerate(cells):
+        for r, c in pattern:
+            out[i, 3 * r + c] = True
+    return out
+
+
+KERNEL_PATTERNS = _patterns()
+
+
+class Scheme:
+    """Unstructured: every weight is its own unit."""
+
+    name = "unstructured"
+    kept_per_unit = 1
+    supports_update = True
+
+    def check(self, shape: tuple[int, ...], layer: str = "") -> None:
+        """Raise ValueError if this scheme cannot shape a tensor of ``shape``."""
+
+    def group(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, 1)
+
+    def ungroup(self, u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return u.reshape(shape)
+
+    def template(self, unit_scores: torch.Tensor) -> torch.Tensor:
+        """Which elements of each unit are kept when the unit is on."""
+        return torch.ones_like(unit_scores, dtype=torch.bool)
+
+    def units_for(self, numel: int, density: float, n_units: int) -> int:
+        return max(0, min(n_units, round(density * numel / self.kept_per_unit)))
+
+    def mask(self, score: torch.Tensor, density: float, layer: str = "") -> torch.Tensor:
+        """Keep the best units of ``score`` at ``density``; exact to one unit."""
+        self.check(tuple(score.shape), layer)
+        u = self.group(score.detach().float())
+        tmpl = self.template(u)
+        k = self.units_for(score.numel(), density, u.shape[0])
+        keep = torch.zeros(u.shape[0], dtype=torch.bool, device=score.device)
+        if k:
+            keep[torch.topk((u * tmpl).sum(1), k, sorted=False).indices] = True
+        return self.ungroup(tmpl & keep[:, None], tuple(score.shape))
+
+    def update(
+        self,
+        mask: torch.Tensor,
+        prune_score: torch.Tensor,
+        n_prune: int,
+        n_grow: int,
+        grow_score: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Drop the ``n_prune`` weakest active units, then turn on ``n_grow`` inactive ones.
+
+        Growth takes the highest ``grow_score`` (RigL) or, with None, units uniformly at
+        random (SET, MEST). Units pruned in this update are not grown again at once.
+        Counts are in units and are clipped to what is available.
+        """
+        if not self.supports_update:
+            raise ValueError(f"scheme {self.name} does not support prune-and-grow; use it with a static mask")
+        shape = tuple(mask.shape)
+        um = self.group(mask)
+        active = um.any(1)
+        n_prune = min(n_prune, int(active.sum()))
+        new_active = active.clone()
+        if n_prune:
+            s = (self.group(prune_score.detach().float()) * um).sum(1)
+            s = torch.where(active, s, torch.full_like(s, float("inf")))
+            dropped = torch.topk(s, n_prune, largest=False, sorted=False).indices
+            new_active[dropped] = False
+        candidates = ~active  # never the units just dropped
+        n_grow = min(n_grow, int(candidates.sum()))
+        if n_grow:
+            if grow_score is None:
+                g = torch.rand(um.shape[0], generator=generator).to(mask.device)
+                gu = torch.rand(um.shape, generator=generator).to(mask.device)
+            else:
+                gu = self.group(grow_score.detach().float().abs())
+                g = gu.sum(1)
+            g = torch.where(candidates, g, torch.full_like(g, -float("inf")))
+            grown = torch.topk(g, n_grow, sorted=False).indices
+            new_active[grown] = True
+            tmpl_new = self.template(gu)
+        else:
+            tmpl_new = torch.zeros_like(um)
+        # kept units keep their elements; grown units take a fresh template
+        elems = torch.where(active[:, None], um, tmpl_new) & new_active[:, None]
+        return self.ungroup(elems, shape)
+
+
+class ChannelOut(Scheme):
+    """Whole output channels (filters, or rows of a Linear weight)."""
+
+    name = "channel_out"
+
+    def group(self, t):
+        return t.reshape(t.shape[0], -1)
+
+    def units_for(self, numel, density, n_units):
+        return max(0, min(n_units, round(density * n_units)))
+
+
+class ChannelIn(Scheme):
+    """Whole input channels (columns of a Linear weight)."""
+
+    name = "channel_in"
+
+    def check(self, shape, layer=""):
+        if len(shape) < 2:
+            raise ValueError(f"{layer}: channel_in needs a weight with an input dimension, got shape {shape}")
+
+    def group(self, t):
+        return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+    def ungroup(self, u, shape):
+        return u.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous()
+
+    def units_for(self, numel, density, n_units):
+        return max(0, min(n_units, round(density * n_units)))
+
+
+class Kernel(Scheme):
+    """Whole kh x kw kernels of a convolution."""
+
+    name = "kernel"
+
+    def check(self, shape, layer=""):
+        if len(shape) != 4:
+            raise ValueError(f"{layer}: scheme {self.name} applies to Conv2d weights only, got shape {shape}")
+
+    def group(self, t):
+        return t.reshape(t.shape[0] * t.shape[1], -1)
+
+    def units_for(self, numel, density, n_units):
+        return max(0, min(n_units, round(density * n_units)))
+
+
+class Pattern(Kernel):
+    """Each 3x3 kernel keeps one of :data:`KERNEL_PATTERNS` (the best by score); kernels may be removed whole."""
+
+    name = "pattern"
+    kept_per_unit = 4
+
+    def check(self, shape, layer=""):
+        super().check(shape, layer)
+        if tuple(shape[2:]) != (3, 3):
+            raise ValueError(f"{layer}: scheme pattern needs 3x3 kernels, got {tuple(shape[2:])}")
+
+    def template(self, unit_scores):
+        pats = KERNEL_PATTERNS.to(unit_scores.device)
+        best = (unit_scores @ pats.T.float()).argmax(1)
+        return pats[best]
+
+    def units_for(self, numel, density, n_units):
+        if density > 4 / 9 + 1e-9:
+            raise ValueError(f"scheme pattern keeps at most 4 of 9 weights (density 0.444); density {density:.3f} asked")
+        return max(0, min(n_units, round(density * numel / 4)))
+
+
+class Block(Scheme):
+    """r x c blocks of the weight seen as a matrix [out, in * kh * kw]."""
+
+    def __init__(self, r: int, c: int):
+        if r < 1 or c < 1:
+            raise ValueError(f"block size must be positive, got {r}x{c}")
+        self.r, self.c = r, c
+        self.name = f"block_{r}x{c}"
+
+    def check(self, shape, layer=""):
+        rows, cols = shape[0], (int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1)
+        if rows % self.r or cols % self.c:
+            raise ValueError(f"{layer}: a {rows}x{cols} weight matrix does not divide into {self.r}x{self.c} blocks")
+
+    def group(self, t):
+        m = t.reshape(t.shape[0], -1)
+        rows, cols = m.shape
+        return m.reshape(rows // self.r, self.r, cols // self.c, self.c).permute(0, 2, 1, 3).reshape(-1, self.r * self.c)
+
+    def ungroup(self, u, shape):
+        rows = shape[0]
+        cols = u.numel() // rows
+        m = u.reshape(rows // self.r, cols // self.c, self.r, self.c).permute(0, 2, 1, 3).reshape(rows, cols)
+        return m.reshape(shape)
+
+    def units_for(self, numel, density, n_units):
+        return max(0, min(n_units, round(density * n_units)))
+
+
+class NM(Scheme):
+    """N of every M consecutive weights along the input dimension are kept (e.g. 2:4); density is N/M."""
+
+    supports_update = False
+
+    def __init__(self, n: int, m: int):
+        if not 0 < n < m:
+            raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+        self.n, self.m = n, m
+        self.name = f"nm_{n}:{m}"
+        self.kept_per_unit = n
+
+    def check(self, shape, layer=""):
+        cols = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+        if cols % self.m:
+            raise ValueError(f"{layer}: input dimension {cols} does not divide into groups of {self.m} for {self.n}:{self.m}")
+
+    def group(self, t):
+        return t.reshape(-1, self.m)
+
+    def template(self, unit_scores):
+        idx = torch.topk(unit_scores, self.n, dim=1).indices
+        return torch.zeros_like(unit_scores, dtype=torch.bool).scatter_(1, idx, True)
+
+    def units_for(self, numel, density, n_units):
+        if abs(density - self.n / self.m) > 1e-6:
+            raise ValueError(f"scheme {self.name} has density {self.n / self.m:g}; density {density:.4f} asked "
+                             f"(set sparsity to {1 - self.n / self.m:g} with a uniform distribution)")
+        return n_units
+
+
+def parse_scheme(name: str) -> Scheme:
+    """A scheme from its config name; see the module docstring for the names."""
+    simple = {"unstructured": Scheme, "channel_out": ChannelOut, "channel_in": ChannelIn, "kernel": Kernel, "pattern": Pattern}
+    if name in simple:
+        return simple[name]()
+    if m := re.fullmatch(r"block_(\d+)x(\d+)", name):
+        return Block(int(m[1]), int(m[2]))
+    if m := re.fullmatch(r"nm_(\d+):(\d+)", name):
+        return NM(int(m[1]), int(m[2]))
+    raise ValueError(f"unknown scheme {name!r}; choose one of: {SCHEME_NAMES}")
