@@ -153,3 +153,39 @@ def test_cli_help_eval_report_and_flops(tmp_path, tiny_mnist_tar):
     assert 0.1 < data["forward_flops"] / data["forward_flops_dense"] < 0.12
     bad = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "train", "optim.epochs=0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.epochs" in bad.stderr and "(got 0)" in bad.stderr
+
+
+DDP_DYNAMIC_DRIVER = textwrap.dedent("""
+    # MEST with soft bound and data efficiency under torchrun; saves each rank's masks and removed examples.
+    import sys, torch, torch.distributed as dist
+    from sparsetrain.config import load_config
+    from sparsetrain.train import Trainer
+    cfg = load_config(overrides=sys.argv[1:])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    torch.save({"model": trainer.model.state_dict(), "masks": trainer.method.maskset.masks,
+                "removed": trainer.forgetting.removed, "forgets": trainer.forgetting.forgets},
+               f"{cfg.run.out_dir}/rank{dist.get_rank()}.pt")
+""")
+
+
+def test_ddp_ranks_agree_on_dynamic_masks_and_forgetting_statistics(tmp_path, tiny_mnist_tar):
+    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=3", "sparsity.method=mest", "sparsity.sparsity=0.8",
+            "sparsity.mest.every_epochs=1", "sparsity.mest.soft_bound=true", "sparsity.data_efficiency.enabled=true",
+            "sparsity.data_efficiency.remove_epoch=2", "sparsity.dense_layers=[]"]
+    driver = tmp_path / "ddp_dyn.py"
+    driver.write_text(DDP_DYNAMIC_DRIVER)
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         str(driver), *args, f"run.out_dir={out}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["removed"].numel() == round(0.2 * 512) and torch.equal(r0["removed"], r1["removed"])
+    assert torch.equal(r0["forgets"], r1["forgets"])
+    for k in r0["masks"]:
+        assert torch.equal(r0["masks"][k], r1["masks"][k]), k
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k

@@ -20,7 +20,12 @@ def _train(args) -> int:
     if args.out:
         overrides.append(f"run.out_dir={args.out}")
     cfg = load_config(args.config, overrides)
-    summary = Trainer(cfg).fit()
+    if cfg.sparsity.method == "lottery":
+        from .lottery import lottery_ticket
+
+        summary = lottery_ticket(cfg)
+    else:
+        summary = Trainer(cfg).fit()
     print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
     return 0
 

@@ -122,6 +122,7 @@ class Trainer:
             )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.progress = _Progress()
+        self.snapshot: tuple[int, Path] | None = None  # (step, file): save the weights once at that step (lottery rewinding)
         self.is_main = self.dist.rank == 0
 
     # ------------------------------------------------------------------ persistence
@@ -210,6 +211,8 @@ class Trainer:
             changed = self.method.before_step(self.progress.step, self.optimizer)
             self.optimizer.step()
             self.progress.step += 1
+            if self.snapshot and self.progress.step == self.snapshot[0] and self.is_main:
+                save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict()}, self.snapshot[1])
             changed = self.method.after_step(self.progress.step, self.optimizer) or changed
             if changed:
                 self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
