@@ -62,7 +62,7 @@ def test_set_and_rigl_keep_the_budget_and_start_grown_weights_fresh(name, check_
                 assert torch.count_nonzero(p[grown]) == 0
                 assert torch.count_nonzero(opt.state[p]["momentum_buffer"][grown]) == 0
     assert updates >= 3
-    assert method.updates == 4  # steps 3, 6, 9, 12
+    assert method.updates == 3  # steps 3, 6, 9 (12 is the end of training: no update there)
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest():

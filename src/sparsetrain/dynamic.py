@@ -55,9 +55,16 @@ class _Dynamic(Method):
     def _active_units(self, name: str) -> int:
         return int(self.scheme.group(self.maskset.masks[name]).any(1).sum())
 
+    def _swappable(self, name: str, share: float) -> int:
+        """Units to prune and regrow for ``share`` of the active ones: no more than can be regrown
+        elsewhere (a dense layer swaps nothing), so the count stays constant."""
+        units = self.scheme.group(self.maskset.masks[name])
+        active = int(units.any(1).sum())
+        return min(round(share * active), units.shape[0] - active)
+
     def _replace(self, optimizer, fraction: float, grow_from_grad: bool) -> None:
         for n, p in self.maskset.params.items():
-            k = round(fraction * self._active_units(n))
+            k = self._swappable(n, fraction)
             if not k:
                 continue
             grow = p.grad if grow_from_grad else None
@@ -144,7 +151,7 @@ class MEST(_Dynamic):
             mask, target = self.maskset.masks[n], self.target_units[n]
             n_units = self.scheme.group(mask).shape[0]
             active = self._active_units(n)
-            mutate = round(ratio * target)
+            mutate = min(round(ratio * target), n_units - target)
             extra = self.scheme.units_for(p.numel(), excess, n_units) if excess else 0
             if self.cfg.mest.soft_bound:  # prune back to the target (what the last growth added), then grow anew
                 n_prune, n_grow = active - target, mutate + extra
