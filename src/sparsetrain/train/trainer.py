@@ -8,6 +8,7 @@ had not stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..accounting import FlopMeter, measure_layer_costs
+from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, saved_tensor_bytes
 from ..config import Config
 from ..data import DATASETS, ArrayDataset, BatchLoader, load_dataset, split_validation
 from ..forgetting import ForgettingTracker
@@ -242,14 +243,20 @@ class Trainer:
         gd = self.method.grad_density() or {}
         return samples * sum(lc.weight_grad * (1 - gd.get(lc.name, 1.0)) for lc in self.flops.costs.layers)
 
-    def _scoring_batches(self, train: ArrayDataset, info) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _saved_bytes_per_step(self) -> int:
+        """Bytes autograd keeps for backward in one training step (on a copy, so BN statistics stay put)."""
+        x, y = self._scoring_batches(self.train_loader.dataset, self.train_loader.info, count=1)[0]
+        net = copy.deepcopy(self.model).train()
+        return saved_tensor_bytes(lambda: self.criterion(net(x), y).backward())
+
+    def _scoring_batches(self, train: ArrayDataset, info, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for data-driven mask scores (SNIP, GraSP), drawn apart from the training order."""
         loader = BatchLoader(train, info, self.cfg.optim.batch_size, train=True, seed=self.cfg.run.seed + 1,
                              channels_last=self.cfg.model.channels_last)
         out = []
         for x, y, _ in loader:
             out.append((x.to(self.device), y.to(self.device)))
-            if len(out) == self.cfg.sparsity.init_batches:
+            if len(out) == (count or self.cfg.sparsity.init_batches):
                 break
         return out
 
@@ -285,6 +292,7 @@ class Trainer:
         """Write the final model and a summary (``final.json``) with per-layer sparsity and FLOPs."""
         costs = self.flops.costs
         dense_infer = costs.forward_flops()
+        saved = self._saved_bytes_per_step()
         wd = self.method.weight_density()
         summary = {
             "method": self.method.name,
@@ -302,6 +310,8 @@ class Trainer:
             **self.method.summary(),
             "infer_flops_per_sample": costs.forward_flops(wd),
             "wall_s": round(self.progress.elapsed, 2),
+            "saved_bytes_per_step": saved,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
             "layers": [
                 {"name": ls.name, "shape": list(ls.shape), "numel": ls.numel, "nonzeros": ls.nonzeros, "density": ls.density}
                 for ls in (self.method.maskset.layers() if self.method.maskset else [])
