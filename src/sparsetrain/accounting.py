@@ -31,6 +31,7 @@ __all__ = [
     "FlopMeter",
     "measure_layer_costs",
     "saved_tensor_bytes",
+    "saved_tensor_bytes_by_module",
     "peak_memory_bytes",
 ]
 
@@ -166,27 +167,55 @@ class FlopMeter:
         self.samples = int(state["samples"])
 
 
-def saved_tensor_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while ``fn()`` runs (each storage counted once).
+def _storage_bytes(t: torch.Tensor) -> tuple[tuple, int]:
+    try:
+        s = t.untyped_storage()
+        return (s.data_ptr(), t.device.type), s.nbytes()
+    except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+        return (id(t), "other"), (t._values().nbytes + t._indices().nbytes) if t.is_sparse else 0
 
-    Uses ``torch.autograd.graph.saved_tensors_hooks``; a tensor that is a view of another
-    shares its storage and is counted once, as the memory is.
+
+def saved_tensor_bytes(fn, model: nn.Module | None = None) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs, each storage once.
+
+    Uses ``torch.autograd.graph.saved_tensors_hooks``. Given ``model``, its parameters are
+    left out: they are resident anyway, so what remains is activation memory.
     """
+    return saved_tensor_bytes_by_module(fn, model)["total"]
+
+
+def saved_tensor_bytes_by_module(fn, model: nn.Module | None = None) -> dict[str, int]:
+    """Saved-for-backward bytes, in total (each storage once, parameters left out) and per kind of
+    module whose forward saved them (``"Conv2d"``, ``"BatchNorm2d"``, ...; ``"other"`` outside any leaf
+    module). The per-kind figures count what each op holds, shared storages included, so that a
+    layer's own input is charged to it even when the activation before it saved the same tensor."""
+    params = {(p.untyped_storage().data_ptr(), p.device.type) for p in model.parameters()} if model is not None else set()
     seen: dict[tuple, int] = {}
+    by_kind: dict[str, int] = {}
+    current: list[str] = []
 
     def pack(t: torch.Tensor):
-        try:
-            s = t.untyped_storage()
-            key = (s.data_ptr(), t.device.type)
-            seen.setdefault(key, s.nbytes())
-        except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
-            if t.is_sparse:
-                seen[(id(t), "sparse")] = t._values().nbytes + t._indices().nbytes
+        key, nbytes = _storage_bytes(t)
+        if key not in params:
+            seen.setdefault(key, nbytes)
+            kind = current[-1] if current else "other"
+            by_kind[kind] = by_kind.get(kind, 0) + nbytes
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    hooks = []
+    if model is not None:
+        for m in model.modules():
+            if not any(True for _ in m.children()):
+                kind = "Conv2d" if isinstance(m, nn.Conv2d) else "Linear" if isinstance(m, nn.Linear) else type(m).__name__
+                hooks.append(m.register_forward_pre_hook(lambda mod, args, k=kind: current.append(k)))
+                hooks.append(m.register_forward_hook(lambda mod, args, out: current.pop() and None))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"total": sum(seen.values()), **by_kind}
 
 
 def peak_memory_bytes(device: str | torch.device = "cpu") -> int:

@@ -78,8 +78,9 @@ def _flops(args) -> int:
     from .masks import select_parameters
     from .models import build_model, model_input_shape
 
-    if not 0 <= args.sparsity < 1:
-        raise SystemExit(f"error: --sparsity must be in [0, 1), got {args.sparsity}")
+    for flag, value in (("--sparsity", args.sparsity), ("--activation-sparsity", args.activation_sparsity)):
+        if value is not None and not 0 <= value < 1:
+            raise SystemExit(f"error: {flag} must be in [0, 1), got {value}")
     if args.input_size:
         shape = tuple(args.input_size)
     elif args.dataset:
@@ -89,11 +90,17 @@ def _flops(args) -> int:
     classes = DATASETS[args.dataset].num_classes if args.dataset else None
     model = build_model(args.model, classes)
     costs = measure_layer_costs(model, shape)
-    density = {}
+    density: dict[str, float] = {}
+    grad_density: dict[str, float] = {}
     if args.method != "dense":
-        shapes = {n: tuple(p.shape) for n, p in select_parameters(model, args.dense_layers).items()}
+        dense_layers = args.dense_layers if args.dense_layers is not None else (["first"] if args.method == "swat" else ["first", "last"])
+        shapes = {n: tuple(p.shape) for n, p in select_parameters(model, dense_layers).items()}
         density = layer_densities(args.distribution, shapes, args.sparsity)
-    train = costs.training_flops(density, density)
+        grad_density = dict(density)
+        if args.method == "swat":  # the weight gradient comes from the top-K activations
+            act = args.sparsity if args.activation_sparsity is None else args.activation_sparsity
+            grad_density = {n: 1.0 - act for n in density}
+    train = costs.training_flops(density, grad_density)
     dense_train = costs.training_flops()
     infer, dense_infer = costs.forward_flops(density), costs.forward_flops()
     if args.json:
@@ -101,6 +108,7 @@ def _flops(args) -> int:
             "model": args.model, "input": list(shape), "method": args.method, "sparsity": args.sparsity,
             "forward_macs_dense": dense_infer / 2, "forward_flops": infer, "forward_flops_dense": dense_infer,
             "train_flops": train, "train_flops_dense": dense_train,
+            "train_flops_rel": train["total"] / dense_train["total"], "infer_flops_rel": infer / dense_infer,
             "layers": [{"name": lc.name, "params": lc.params, "density": density.get(lc.name, 1.0), "forward_flops": lc.forward}
                        for lc in costs.layers],
         }, indent=2))
@@ -156,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any masked method: forward, input and weight gradient scale with each layer's density")
     f.add_argument("--sparsity", type=float, default=0.0)
     f.add_argument("--distribution", default="uniform", choices=["uniform", "er", "erk"])
-    f.add_argument("--dense-layers", nargs="*", default=["first", "last"])
+    f.add_argument("--activation-sparsity", type=float, help="swat: share of layer inputs dropped for the weight gradient "
+                                                                 "(default: the weight sparsity)")
+    f.add_argument("--dense-layers", nargs="*", help="layers left dense (default: first last; swat: first)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_flops)
     return p

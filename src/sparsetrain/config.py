@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "set": "SET: magnitude prune, random grow every update_every_steps",
     "rigl": "RigL: magnitude prune, grow by dense-gradient magnitude at update steps",
     "mest": "MEST: |w| + lambda|g| prune, random grow every mest.every_epochs; elastic mutation; optional soft memory bound",
+    "swat": "SWAT: top-K weights in forward and backward, top-K activations saved for backward, dense update (sparsity.swat)",
 }
 INITS = ("random", "magnitude", "snip", "grasp", "synflow")
 
@@ -129,12 +130,24 @@ class DataEfficiencyConfig(_Section):
     remove_fraction: float = Field(0.2, gt=0, lt=1, description="share of the training set removed")
 
 
+class SwatConfig(_Section):
+    """SWAT (Raihan & Aamodt, 2020) options; the weight sparsity is sparsity.sparsity."""
+
+    variant: Literal["u", "erk", "m", "structured"] = "u"
+    activation_sparsity: float | None = Field(None, ge=0, lt=1, description="kept share of layer inputs is 1 - this; default: the weight sparsity")
+    topk_period: int = Field(20, gt=0, description="iterations between exact top-K threshold updates")
+    structure: Literal["kernel", "channel_out"] = Field("channel_out", description="unit kept by structured SWAT (by L1 norm)")
+    m_max_density: float = Field(0.95, gt=0, le=1, description="SWAT-M guard: no layer's budget passes this density")
+    compact_relu: bool = Field(True, description="ReLUs save a 1-bit mask for backward instead of their float output")
+
+
 class SparsityConfig(_Section):
     method: str = "dense"
     sparsity: float = Field(0.0, ge=0.0, lt=1.0)
-    dense_layers: list[str] = Field(
-        default_factory=lambda: ["first", "last"],
-        description="parameters left dense: 'first', 'last' (the first conv, the classifier) or fnmatch patterns of names",
+    dense_layers: list[str] | None = Field(
+        None,
+        description="parameters left dense: 'first', 'last' (the first conv, the classifier) or fnmatch patterns of names; "
+                    "default ['first', 'last'], and ['first'] for swat (its classifier is sparse)",
     )
     distribution: Literal["uniform", "er", "erk", "custom"] = "uniform"
     custom_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer sparsity for distribution custom")
@@ -148,6 +161,7 @@ class SparsityConfig(_Section):
     update_decay: Literal["cosine", "constant"] = "cosine"
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
     mest: MestConfig = Field(default_factory=MestConfig)
+    swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
     data_efficiency: DataEfficiencyConfig = Field(default_factory=DataEfficiencyConfig)
 
@@ -175,6 +189,8 @@ class SparsityConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.dense_layers is None:
+            self.dense_layers = ["first"] if self.method == "swat" else ["first", "last"]
         if self.method != "dense" and self.sparsity == 0 and self.distribution != "custom":
             raise ValueError(f"method {self.method!r} needs sparsity.sparsity > 0")
         if self.method in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .config import Config, SparsityConfig
 from .distributions import layer_densities
-from .masks import MaskSet
+from .masks import LayerSparsity, MaskSet
 from .schemes import Scheme, parse_scheme
 from .scores import SCORERS, masks_from_scores, synflow_masks
 
@@ -73,6 +73,19 @@ class Method:
         """Density of each layer's weight gradient (only kept weights need one under masked training)."""
         return self.weight_density()
 
+    def layer_sparsity(self) -> list[LayerSparsity]:
+        """Per-layer weight sparsity of the model as it would be exported."""
+        return self.maskset.layers() if self.maskset else []
+
+    def global_sparsity(self) -> float:
+        layers = self.layer_sparsity()
+        total = sum(ls.numel for ls in layers)
+        return 1.0 - sum(ls.nonzeros for ls in layers) / total if total else 0.0
+
+    def export_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights to publish as the run's final model (a plain state dict of the architecture)."""
+        return model.state_dict()
+
     def summary(self) -> dict:
         return {}
 
@@ -119,6 +132,12 @@ class StaticMask(Method):
         self.maskset, self.scheme = initial_masks(self.cfg, ctx)
 
 
+def _swat(cfg: Config) -> Method:
+    from .swat import SWATMethod
+
+    return SWATMethod(cfg.sparsity)
+
+
 def _dynamic(kind: str) -> Callable[[Config], Method]:
     def build(cfg: Config) -> Method:
         from . import dynamic
@@ -135,6 +154,7 @@ METHOD_BUILDERS: dict[str, Callable[[Config], Method]] = {
     "set": _dynamic("set"),
     "rigl": _dynamic("rigl"),
     "mest": _dynamic("mest"),
+    "swat": _swat,
 }
 
 

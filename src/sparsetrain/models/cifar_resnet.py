@@ -20,10 +20,11 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()  # modules, so activations can be swapped generically
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -44,9 +45,10 @@ class CifarResNet(nn.Module):
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.fc = nn.Linear(cin, num_classes)
+        self.act = nn.ReLU()
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.act(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
@@ -65,11 +67,12 @@ class WideBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.shortcut = None if (stride == 1 and cin == cout) else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x):
-        o = F.relu(self.bn1(x))
+        o = self.act1(self.bn1(x))
         y = self.conv1(o)
-        y = self.conv2(F.relu(self.bn2(y)))
+        y = self.conv2(self.act2(self.bn2(y)))
         return y + (x if self.shortcut is None else self.shortcut(o))
 
 
@@ -89,9 +92,10 @@ class WideResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)
         self.fc = nn.Linear(cin, num_classes)
+        self.act = nn.ReLU()
 
     def forward(self, x):
-        x = F.relu(self.bn(self.blocks(self.conv1(x))))
+        x = self.act(self.bn(self.blocks(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 

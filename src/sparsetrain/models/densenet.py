@@ -12,10 +12,11 @@ class DenseLayer(nn.Module):
         self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(4 * growth)
         self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv1(self.act1(self.bn1(x)))
+        out = self.conv2(self.act2(self.bn2(out)))
         return torch.cat([out, x], 1)
 
 
@@ -24,9 +25,10 @@ class Transition(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(cin)
         self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.act = nn.ReLU()
 
     def forward(self, x):
-        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+        return F.avg_pool2d(self.conv(self.act(self.bn(x))), 2)
 
 
 class DenseNet(nn.Module):
@@ -48,9 +50,10 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(c)
         self.fc = nn.Linear(c, num_classes)
+        self.act = nn.ReLU()
 
     def forward(self, x):
-        x = F.relu(self.bn(self.features(self.conv1(x))))
+        x = self.act(self.bn(self.features(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 

@@ -18,10 +18,11 @@ class InvertedResidual(nn.Module):
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
+        self.act1, self.act2 = nn.ReLU6(), nn.ReLU6()
 
     def forward(self, x):
-        out = F.relu6(self.bn1(self.conv1(x)))
-        out = F.relu6(self.bn2(self.conv2(out)))
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return out + x if self.use_residual else out
 
@@ -43,10 +44,11 @@ class MobileNetV2(nn.Module):
         self.conv2 = nn.Conv2d(c, last, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(last)
         self.fc = nn.Linear(last, num_classes)
+        self.act1, self.act2 = nn.ReLU6(), nn.ReLU6()
 
     def forward(self, x):
-        x = self.layers(F.relu6(self.bn1(self.conv1(x))))
-        x = F.relu6(self.bn2(self.conv2(x)))
+        x = self.layers(self.act1(self.bn1(self.conv1(x))))
+        x = self.act2(self.bn2(self.conv2(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 

@@ -276,7 +276,7 @@ class Trainer:
             val = evaluate(self.model, self.val_loader, self.device)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
         record.update(
-            sparsity=self.method.maskset.global_sparsity() if self.method.maskset else 0.0,
+            sparsity=self.method.global_sparsity(),
             train_flops_rel=self.flops.relative(), wall_s=round(self.progress.elapsed, 2),
         )
         self._log(record)
@@ -300,7 +300,7 @@ class Trainer:
             "dataset": self.cfg.data.dataset,
             "epochs": self.cfg.optim.epochs,
             "seed": self.cfg.run.seed,
-            "sparsity": self.method.maskset.global_sparsity() if self.method.maskset else 0.0,
+            "sparsity": self.method.global_sparsity(),
             "train_flops_rel": self.flops.relative(),
             "infer_flops_rel": costs.forward_flops(wd) / dense_infer if dense_infer else 1.0,
             "train_flops": self.flops.spent["total"],
@@ -314,13 +314,13 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "layers": [
                 {"name": ls.name, "shape": list(ls.shape), "numel": ls.numel, "nonzeros": ls.nonzeros, "density": ls.density}
-                for ls in (self.method.maskset.layers() if self.method.maskset else [])
+                for ls in self.method.layer_sparsity()
             ],
         }
         last = _last_record(self.out / "metrics.jsonl")
         summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "train_loss") if k in last})
         if self.is_main:
-            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict()}, self.out / FINAL_MODEL)
+            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.method.export_state(self.model)}, self.out / FINAL_MODEL)
             (self.out / "final.json").write_text(json.dumps(summary, indent=2))
         barrier()
         return summary

@@ -1,0 +1,53 @@
+"""Activation modules and swapping them in a model.
+
+:class:`BitReLU` is an exact ReLU whose backward keeps one bit per element (where the
+input was positive) instead of the float output PyTorch's ReLU saves: a lossless cut
+of activation memory. :func:`replace_activations` swaps activation modules of any
+model in place (the zoo's models hold their activations as modules for this).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BitReLU", "replace_activations"]
+
+
+class _BitReLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        from .swat import pack_bits
+
+        positive = x > 0
+        ctx.save_for_backward(pack_bits(positive))
+        ctx.shape = x.shape
+        return x * positive if x.is_floating_point() else x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .swat import unpack_bits
+
+        (packed,) = ctx.saved_tensors
+        positive = unpack_bits(packed, grad.numel()).view(ctx.shape)
+        return grad * positive
+
+
+class BitReLU(nn.Module):
+    """ReLU that saves a packed bitmask for backward (1/32 of the float output it replaces)."""
+
+    def forward(self, x):
+        return _BitReLUFn.apply(x)
+
+
+def replace_activations(model: nn.Module, kind: type[nn.Module], factory: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every submodule of exactly type ``kind`` by ``factory(old)``, in place; return how many."""
+    count = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is kind:
+                setattr(parent, name, factory(child))
+                count += 1
+    return count

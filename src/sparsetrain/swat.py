@@ -1,0 +1,376 @@
+"""SWAT (Raihan & Aamodt, NeurIPS 2020): sparse weights in both passes, sparse activations in backward.
+
+For each converted Conv2d/Linear:
+
+* forward uses W_s, the top-K magnitude weights of the whole tensor (or, structured, the
+  top kernels/channels by L1 norm);
+* the layer input x is cut to its top-K magnitudes and saved for backward *compressed*
+  (a bitmask of the kept positions plus their values), so the memory saving is real;
+* backward computes dx from W_s and the dense output gradient, and dW from the sparse
+  saved input and the dense output gradient (one ``aten.convolution_backward`` call,
+  or two matrix products for Linear). dW is dense: the update reaches every weight, so
+  pruned weights can return.
+
+Thresholds are exact top-K values recomputed every ``topk_period`` training forward
+passes and reused in between, held in module buffers (so they are checkpointed).
+Bias, BatchNorm and whatever BN/ReLU save stay as they are.
+
+``convert(model, ...)`` swaps layers in place (same parameter objects, so an existing
+optimizer keeps working); ``revert`` swaps them back; ``harden`` writes W_s into the
+weights for export as a plain sparse model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .schemes import parse_scheme
+
+__all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers", "pack_bits", "unpack_bits",
+           "swat_conv2d", "swat_linear", "topk_threshold"]
+
+_BITS = None
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, eight positions per byte (like numpy.packbits, little-endian)."""
+    global _BITS
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if _BITS is None or _BITS.device != mask.device:
+        _BITS = (2 ** torch.arange(8, dtype=torch.uint8)).to(mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
+    """The magnitude of the k-th largest entry, k = ceil(density * numel): |t| >= it keeps the top K."""
+    flat = t.detach().abs().reshape(-1)
+    k = max(1, min(flat.numel(), math.ceil(density * flat.numel())))
+    if k == flat.numel():
+        return flat.new_zeros(())
+    return torch.kthvalue(flat.float(), flat.numel() - k + 1).values.to(t.dtype)
+
+
+def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = x.abs() >= a_thresh
+    return pack_bits(keep), x.masked_select(keep)
+
+
+def _decompress(packed: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    keep = unpack_bits(packed, math.prod(shape)).view(shape)
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).masked_scatter_(keep, values)
+
+
+def _weights(weight, w_mask, w_thresh):
+    """W_s: the kept units (structured) or the weights at or above the period's threshold."""
+    return weight * (w_mask if w_mask is not None else weight.abs() >= w_thresh)
+
+
+class _SWATConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh, stride, padding, dilation, groups):
+        out = F.conv2d(x, _weights(weight, w_mask, w_thresh), bias, stride, padding, dilation, groups)
+        packed, values = _compress(x, a_thresh)
+        # the weight is resident anyway; W_s is rebuilt in backward (the step has not changed the weight yet)
+        ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
+        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
+        shape, stride, padding, dilation, groups, has_bias = ctx.conf
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out, _decompress(packed, values, shape), _weights(weight, w_mask, w_thresh),
+            [weight.shape[0]] if has_bias else None, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0],
+            groups, [need[0], need[1], has_bias and need[2]],
+        )
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+class _SWATLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh):
+        out = F.linear(x, _weights(weight, w_mask, w_thresh), bias)
+        packed, values = _compress(x, a_thresh)
+        ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
+        ctx.conf = (tuple(x.shape), bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
+        shape, has_bias = ctx.conf
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ _weights(weight, w_mask, w_thresh)).view(shape)
+        if ctx.needs_input_grad[1]:
+            gw = g2.t() @ _decompress(packed, values, shape).reshape(-1, shape[-1])
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb, None, None, None
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def swat_conv2d(x, weight, bias, w_mask, w_thresh, a_thresh, stride=1, padding=0, dilation=1, groups=1):
+    """Conv2d with W_s (``weight * w_mask``, or the weights with |w| >= ``w_thresh`` when ``w_mask`` is None),
+    saving for backward only the input entries with |x| >= ``a_thresh``, compressed."""
+    return _SWATConv2dFn.apply(x, weight, bias, w_mask, w_thresh, a_thresh, stride, padding, dilation, groups)
+
+
+def swat_linear(x, weight, bias, w_mask, w_thresh, a_thresh):
+    """Linear counterpart of :func:`swat_conv2d`."""
+    return _SWATLinearFn.apply(x, weight, bias, w_mask, w_thresh, a_thresh)
+
+
+class _SWATMixin:
+    """Buffers and the periodic top-K refresh shared by the SWAT layers."""
+
+    def _init_swat(self, density: float, act_density: float, period: int, structure: str | None):
+        self.density, self.act_density, self.period, self.structure = density, act_density, period, structure
+        self.register_buffer("w_mask", torch.ones_like(self.weight, dtype=torch.bool))  # structured: the kept units
+        self.register_buffer("w_thresh", torch.zeros((), dtype=self.weight.dtype, device=self.weight.device))
+        self.register_buffer("a_thresh", torch.zeros((), dtype=self.weight.dtype, device=self.weight.device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=self.weight.device))
+        self.register_buffer("act_kept", torch.zeros((), dtype=torch.float64, device=self.weight.device))
+        self.refresh_weights()
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        if self.structure:
+            self.w_mask.copy_(parse_scheme(self.structure).mask(self.weight.abs(), self.density))
+        else:
+            self.w_thresh.copy_(topk_threshold(self.weight, self.density))
+
+    def current_mask(self) -> torch.Tensor:
+        """Weights used now: |w| >= the period's threshold (the threshold is reused, the set may move), or the kept units."""
+        return self.w_mask if self.structure else self.weight.detach().abs() >= self.w_thresh
+
+    @torch.no_grad()
+    def _maybe_refresh(self, x: torch.Tensor) -> None:
+        if self.training and int(self.steps) % self.period == 0:
+            self.refresh_weights()
+            self.a_thresh.copy_(topk_threshold(x, self.act_density))
+            self.act_kept.copy_((x.abs() >= self.a_thresh).double().mean())
+        if self.training:
+            self.steps += 1
+
+    def weight_density(self) -> float:
+        return float(self.current_mask().float().mean())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", swat(density={self.density:.3f}, act_density={self.act_density:.3f}, period={self.period})"
+
+
+class SWATConv2d(_SWATMixin, nn.Conv2d):
+    def forward(self, x):
+        self._maybe_refresh(x)
+        if self.padding_mode != "zeros":
+            raise ValueError("SWAT supports zero padding only")
+        return swat_conv2d(x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh,
+                           self.stride, self.padding,
+                           self.dilation, self.groups)
+
+
+class SWATLinear(_SWATMixin, nn.Linear):
+    def forward(self, x):
+        self._maybe_refresh(x)
+        return swat_linear(x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh)
+
+
+def _swap(module: nn.Module, new_cls) -> None:
+    module.__class__ = new_cls
+
+
+def convert(
+    model: nn.Module,
+    densities: Mapping[str, float],
+    act_densities: Mapping[str, float] | float | None = None,
+    period: int = 20,
+    structure: str | None = None,
+) -> nn.Module:
+    """Turn the Conv2d/Linear layers whose weights are named in ``densities`` into SWAT layers, in place.
+
+    ``densities`` maps weight names (``"layer1.0.conv1.weight"``) to the kept share of
+    weights; ``act_densities`` the kept share of their inputs (default: the same);
+    ``structure`` keeps whole ``kernel`` or ``channel_out`` units by L1 norm instead of single weights.
+    """
+    if period < 1:
+        raise ValueError(f"topk_period must be >= 1, got {period}")
+    if structure not in (None, "kernel", "channel_out"):
+        raise ValueError(f"structured SWAT keeps 'kernel' or 'channel_out' units, got {structure!r}")
+    modules = dict(model.named_modules())
+    for wname, d in densities.items():
+        mname = wname.rsplit(".", 1)[0] if "." in wname else ""
+        m = modules.get(mname)
+        if type(m) not in (nn.Conv2d, nn.Linear):
+            raise ValueError(f"{wname} is not the weight of a plain Conv2d or Linear layer")
+        if not 0 < d <= 1:
+            raise ValueError(f"{wname}: density must be in (0, 1], got {d}")
+        a = act_densities.get(wname, d) if isinstance(act_densities, Mapping) else (d if act_densities is None else act_densities)
+        struct = structure if isinstance(m, nn.Conv2d) else ("channel_out" if structure else None)
+        _swap(m, SWATConv2d if isinstance(m, nn.Conv2d) else SWATLinear)
+        m._init_swat(d, a, period, struct)
+    return model
+
+
+def swat_layers(model: nn.Module) -> dict[str, _SWATMixin]:
+    """The SWAT layers of a model, keyed by the names of their weights."""
+    return {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, _SWATMixin)}
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Turn SWAT layers back into plain Conv2d/Linear (weights untouched), in place."""
+    for m in swat_layers(model).values():
+        for b in ("w_mask", "w_thresh", "a_thresh", "steps", "act_kept"):
+            delattr(m, b)
+        _swap(m, nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear)
+    return model
+
+
+@torch.no_grad()
+def harden(model: nn.Module) -> nn.Module:
+    """Prune every SWAT layer's weights to its top-K budget and return a plain model with sparse weights."""
+    for m in swat_layers(model).values():
+        m.refresh_weights()
+        m.weight.mul_(m.current_mask())
+    return revert(model)
+
+
+# --------------------------------------------------------------------------- the training method
+
+
+class SWATMethod:
+    """SWAT as a training method: SWAT-U, SWAT-ERK, SWAT-M or structured SWAT (``sparsity.swat.variant``).
+
+    SWAT-U gives every selected layer the same budget; SWAT-ERK takes ERK budgets once;
+    SWAT-M re-distributes the budgets at every epoch end in proportion to the mean
+    momentum magnitude of each layer's kept weights (capped at ``m_max_density``, so no
+    layer silently turns dense); structured SWAT keeps whole channels (or kernels) by
+    L1 norm, with unstructured top-K activations.
+    """
+
+    name = "swat"
+    maskset = None
+    took_dense_gradient = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.name = {"u": "swat-u", "erk": "swat-erk", "m": "swat-m", "structured": "swat-structured"}[cfg.swat.variant]
+
+    def setup(self, ctx) -> None:
+        from .activations import BitReLU, replace_activations
+        from .distributions import layer_densities
+        from .masks import select_parameters
+
+        sc = self.cfg.swat
+        params = select_parameters(ctx.model, self.cfg.dense_layers)
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self.numel = {n: p.numel() for n, p in params.items()}
+        dens = layer_densities("erk" if sc.variant == "erk" else "uniform", shapes, self.cfg.sparsity)
+        act = None if sc.activation_sparsity is None else 1.0 - sc.activation_sparsity
+        convert(ctx.model, dens, act, sc.topk_period, sc.structure if sc.variant == "structured" else None)
+        if sc.compact_relu:
+            replace_activations(ctx.model, nn.ReLU, lambda old: BitReLU())
+        self.model, self.optimizer = ctx.model, ctx.optimizer
+        self.layers = swat_layers(ctx.model)
+
+    def before_step(self, step, optimizer):
+        return False
+
+    def after_step(self, step, optimizer):
+        # densities move with each threshold refresh (every topk_period steps)
+        return step % self.cfg.swat.topk_period == 1 or self.cfg.swat.topk_period == 1
+
+    def end_epoch(self, epochs_done, optimizer):
+        if self.cfg.swat.variant != "m":
+            return False
+        self.rebalance(optimizer)
+        return True
+
+    @torch.no_grad()
+    def rebalance(self, optimizer) -> dict[str, float]:
+        """SWAT-M: budgets proportional to each layer's mean momentum magnitude over its kept weights."""
+        score = {}
+        for n, m in self.layers.items():
+            buf = optimizer.state.get(m.weight, {}).get("momentum_buffer")
+            kept = m.current_mask()
+            score[n] = float(buf[kept].abs().mean()) if buf is not None and kept.any() else 0.0
+        budget = (1.0 - self.cfg.sparsity) * sum(self.numel.values())
+        cap = self.cfg.swat.m_max_density
+        if cap * sum(self.numel.values()) < budget:
+            raise ValueError(f"swat.m_max_density {cap} cannot hold the budget of sparsity {self.cfg.sparsity}")
+        fixed: dict[str, float] = {}
+        while True:
+            rest = [n for n in self.layers if n not in fixed]
+            left = budget - sum(fixed[n] * self.numel[n] for n in fixed)
+            total = sum(score[n] * self.numel[n] for n in rest)
+            if total <= 0:  # no signal: keep the remaining budget uniform
+                dens = {n: left / sum(self.numel[r] for r in rest) for n in rest}
+            else:
+                dens = {n: left * score[n] / total for n in rest}
+            over = [n for n in rest if dens[n] > cap]
+            if not over:
+                break
+            fixed.update({n: cap for n in over})
+        dens.update(fixed)
+        for n, m in self.layers.items():
+            m.density = max(dens[n], 1.0 / self.numel[n])
+            m.refresh_weights()
+        return dens
+
+    def weight_density(self) -> dict[str, float]:
+        return {n: m.weight_density() for n, m in self.layers.items()}
+
+    def grad_density(self) -> dict[str, float]:
+        """The weight gradient is computed from the top-K inputs: its cost scales with the activation density."""
+        return {n: float(m.act_kept) if float(m.act_kept) > 0 else m.act_density for n, m in self.layers.items()}
+
+    def activation_sparsity(self) -> float:
+        """Share of layer-input entries dropped for backward at the last refresh, weighted by layer size."""
+        kept = self.grad_density()
+        total = sum(self.numel.values())
+        return 1.0 - sum(kept[n] * self.numel[n] for n in kept) / total
+
+    def layer_sparsity(self):
+        from .masks import LayerSparsity
+
+        return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), int(m.current_mask().sum())) for n, m in self.layers.items()]
+
+    def global_sparsity(self) -> float:
+        layers = self.layer_sparsity()
+        return 1.0 - sum(ls.nonzeros for ls in layers) / sum(ls.numel for ls in layers)
+
+    def export_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The plain architecture's state dict with W_s as the weights (the hard-pruned model)."""
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith(("w_mask", "w_thresh", "a_thresh", "steps", "act_kept"))}
+        for n, m in self.layers.items():
+            state[n] = (m.weight * m.current_mask()).detach().clone()
+        return state
+
+    def summary(self) -> dict:
+        return {"activation_sparsity": self.activation_sparsity(), "variant": self.cfg.swat.variant}
+
+    def state_dict(self) -> dict:
+        return {"densities": {n: m.density for n, m in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, d in state["densities"].items():
+            self.layers[n].density = float(d)

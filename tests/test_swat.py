@@ -1,0 +1,214 @@
+"""SWAT: gradients against explicitly masked dense autograd, compressed saved activations, variants, conversion."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import tiny_datasets
+from sparsetrain.accounting import saved_tensor_bytes_by_module
+from sparsetrain.activations import BitReLU, replace_activations
+from sparsetrain.config import load_config
+from sparsetrain.models import build_model
+from sparsetrain.swat import (SWATConv2d, convert, harden, pack_bits, revert, swat_conv2d, swat_layers, swat_linear,
+                              topk_threshold, unpack_bits)
+from sparsetrain.train import Trainer, load_checkpoint
+
+CONV_CASES = [  # (cin, cout, k, stride, padding, dilation, groups)
+    (4, 6, 3, 1, 1, 1, 1),
+    (4, 6, 3, 2, 0, 1, 1),
+    (4, 8, 3, 1, 2, 2, 2),
+    (6, 6, 3, 1, 1, 1, 6),
+    (3, 5, 1, 2, 0, 1, 1),
+]
+
+
+def _thresholds(w, x, density):
+    return topk_threshold(w, density), topk_threshold(x, density)
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, padding, dilation, groups", CONV_CASES)
+def test_conv_gradients_equal_masked_dense_autograd(cin, cout, k, stride, padding, dilation, groups):
+    torch.manual_seed(0)
+    x = torch.randn(3, cin, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cout, cin // groups, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, requires_grad=True)
+    wt, at = _thresholds(w, x, 0.4)
+    # dx: the forward really is conv(x, W_s), so gradcheck (numerical vs analytical) in float64
+    assert torch.autograd.gradcheck(
+        lambda xx: swat_conv2d(xx, w.detach(), b.detach(), None, wt, at, stride, padding, dilation, groups), (x,))
+    out = swat_conv2d(x, w, b, None, wt, at, stride, padding, dilation, groups)
+    g = torch.randn_like(out)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
+    # reference: autograd on explicitly masked dense tensors; dW from the top-K input, dense (every weight)
+    w_s = (w * (w.abs() >= wt)).detach().requires_grad_()
+    x_s = (x * (x.abs() >= at)).detach().requires_grad_()
+    x_full = x.detach().requires_grad_()
+    ref_gx = torch.autograd.grad(F.conv2d(x_full, w_s.detach(), b, stride, padding, dilation, groups), x_full, g)[0]
+    ref_gw = torch.autograd.grad(F.conv2d(x_s, w_s, b, stride, padding, dilation, groups), w_s, g)[0]
+    torch.testing.assert_close(gx, ref_gx)
+    torch.testing.assert_close(gw, ref_gw)
+    torch.testing.assert_close(gb, g.sum((0, 2, 3)))
+    assert torch.count_nonzero(gw[w.abs() < wt]) > 0  # the update is dense: pruned weights get gradients
+
+
+def test_linear_gradients_equal_masked_dense_autograd():
+    torch.manual_seed(1)
+    x = torch.randn(5, 7, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    wt, at = _thresholds(w, x, 0.3)
+    assert torch.autograd.gradcheck(lambda xx: swat_linear(xx, w.detach(), b.detach(), None, wt, at), (x,))
+    out = swat_linear(x, w, b, None, wt, at)
+    g = torch.randn_like(out)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
+    w_s = (w * (w.abs() >= wt)).detach()
+    x_s = (x * (x.abs() >= at)).detach()
+    torch.testing.assert_close(gx, g @ w_s)
+    torch.testing.assert_close(gw, g.reshape(-1, 9).t() @ x_s.reshape(-1, 12))
+    torch.testing.assert_close(gb, g.reshape(-1, 9).sum(0))
+
+
+def test_saved_activation_is_compressed_with_the_stated_nonzeros():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    convert(conv_holder := nn.Sequential(conv), {"0.weight": 0.1})
+    x = torch.randn(8, 16, 16, 16)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        conv_holder(x).sum().backward()
+    packed, values = saved[0], saved[1]
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(x.numel() / 8)
+    assert values.numel() == math.ceil(0.1 * x.numel())  # exact top-K of a continuous input
+    stored = packed.nbytes + values.nbytes
+    assert stored < 0.2 * x.nbytes
+    assert int(conv.current_mask().sum()) == math.ceil(0.1 * conv.weight.numel())
+
+
+def test_bit_packing_round_trips():
+    m = torch.rand(1001) > 0.7
+    assert torch.equal(unpack_bits(pack_bits(m), m.numel()), m)
+
+
+def test_bit_relu_is_an_exact_relu():
+    x = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(BitReLU(), (x,))
+    torch.testing.assert_close(BitReLU()(x), F.relu(x))
+
+
+def test_thresholds_refresh_every_period_and_are_checkpointed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10))
+    convert(model, {"0.weight": 0.5}, period=3)
+    layer = model[0]
+    thresholds = []
+    for step in range(7):
+        model(torch.randn(4, 10)).sum().backward()
+        with torch.no_grad():
+            model[0].weight.add_(torch.randn(10, 10) * 0.1)
+        thresholds.append(float(layer.a_thresh))
+    assert thresholds[0] == thresholds[1] == thresholds[2] != thresholds[3] == thresholds[4] == thresholds[5] != thresholds[6]
+    assert {"0.w_thresh", "0.a_thresh", "0.steps", "0.w_mask"} <= set(model.state_dict())
+
+
+def test_convert_revert_and_harden_any_module():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    before = {n: p for n, p in model.named_parameters()}
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][1:]
+    convert(model, {f"{n}.weight": 0.2 for n in names})
+    assert len(swat_layers(model)) == len(names) and isinstance(model.layer1[0].conv1, SWATConv2d)
+    assert all(p is before[n] for n, p in model.named_parameters())  # same parameters: optimizers keep working
+    model(torch.randn(2, 3, 32, 32))
+    revert(model)
+    assert type(model.layer1[0].conv1) is nn.Conv2d and not swat_layers(model)
+    convert(model, {f"{n}.weight": 0.2 for n in names})
+    plain = harden(model)
+    w = plain.layer2[0].conv2.weight
+    assert type(plain.layer2[0].conv2) is nn.Conv2d and int((w != 0).sum()) == math.ceil(0.2 * w.numel())
+    with pytest.raises(ValueError, match="not the weight of a plain Conv2d or Linear"):
+        convert(build_model("resnet20"), {"bn1.weight": 0.5})
+
+
+@pytest.mark.parametrize("structure", ["channel_out", "kernel"])
+def test_structured_swat_keeps_whole_units_by_l1(structure):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3))
+    convert(model, {"0.weight": 0.5}, structure=structure)
+    mask = model[0].current_mask()
+    units = mask.reshape(16, -1) if structure == "channel_out" else mask.reshape(16 * 8, -1)
+    assert bool((units.all(1) | ~units.any(1)).all())  # whole units on or off
+    norms = model[0].weight.detach().abs().reshape(units.shape[0], -1).sum(1)
+    on = units.any(1)
+    assert norms[on].min() >= norms[~on].max()
+
+
+def test_swat_m_follows_momentum_and_respects_its_cap(tmp_path):
+    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
+                                 "run.progress=false", "model.channels_last=false", "optim.epochs=1", f"run.out_dir={tmp_path}",
+                                 "sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.variant=m",
+                                 "sparsity.swat.m_max_density=0.6"])
+    trainer = Trainer(cfg, datasets=tiny_datasets())
+    trainer.fit()
+    method = trainer.method
+    dens = method.rebalance(trainer.optimizer)
+    assert max(dens.values()) <= 0.6 + 1e-9
+    total = sum(method.numel.values())
+    assert sum(dens[n] * method.numel[n] for n in dens) == pytest.approx(0.2 * total, rel=1e-6)
+
+
+def test_swat_training_reports_sparsities_flops_and_exports_a_plain_sparse_model(tmp_path):
+    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
+                                 "run.progress=false", "model.channels_last=false", "optim.epochs=2", f"run.out_dir={tmp_path}",
+                                 "sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.activation_sparsity=0.5",
+                                 "sparsity.swat.topk_period=4"])
+    summary = Trainer(cfg, datasets=tiny_datasets()).fit()
+    assert summary["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert summary["activation_sparsity"] == pytest.approx(0.5, abs=0.02)
+    # forward and input gradient at 20% of the sparse layers, weight gradient at 50% (first conv dense)
+    assert 0.2 < summary["train_flops_rel"] < 0.5
+    state = load_checkpoint(tmp_path / "model.pt")["model"]
+    plain = build_model("small_cnn")
+    plain.load_state_dict(state)  # the plain architecture's keys
+    w = plain[3].weight
+    assert (w != 0).float().mean().item() == pytest.approx(0.2, abs=0.01)
+
+
+def test_swat_cuts_what_conv_layers_save_for_backward():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    step = lambda: F.cross_entropy(model(x), y).backward()  # noqa: E731
+    dense = saved_tensor_bytes_by_module(step, model)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][1:]
+    convert(model, {f"{n}.weight": 0.1 for n in names})
+    replace_activations(model, nn.ReLU, lambda old: BitReLU())
+    sparse = saved_tensor_bytes_by_module(step, model)
+    assert sparse["Conv2d"] < 0.5 * dense["Conv2d"]
+    assert sparse["total"] < 0.77 * dense["total"]
+
+
+def test_flops_cli_gives_swat_reductions_by_the_formulas():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
+                          "--method", "swat", "--sparsity", "0.9", "--activation-sparsity", "0.5", "--json"],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    dense, sparse = r["train_flops_dense"], r["train_flops"]
+    first = next(ly for ly in r["layers"] if ly["name"] == "conv1.weight")
+    assert first["density"] == 1.0 and next(ly for ly in r["layers"] if ly["name"] == "fc.weight")["density"] == pytest.approx(0.1)
+    rest_fwd = dense["forward"] - first["forward_flops"]
+    assert sparse["forward"] == pytest.approx(first["forward_flops"] + 0.1 * rest_fwd)
+    assert sparse["input_grad"] == pytest.approx(0.1 * dense["input_grad"])  # the first layer has none
+    assert sparse["weight_grad"] == pytest.approx(first["forward_flops"] + 0.5 * rest_fwd)
+    assert r["infer_flops_rel"] == pytest.approx(sparse["forward"] / dense["forward"])
