@@ -212,3 +212,21 @@ def test_flops_cli_gives_swat_reductions_by_the_formulas():
     assert sparse["input_grad"] == pytest.approx(0.1 * dense["input_grad"])  # the first layer has none
     assert sparse["weight_grad"] == pytest.approx(first["forward_flops"] + 0.5 * rest_fwd)
     assert r["infer_flops_rel"] == pytest.approx(sparse["forward"] / dense["forward"])
+
+
+def test_channels_last_inputs_give_the_same_gradients():
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, 10, 10)
+    w = torch.randn(6, 8, 3, 3, requires_grad=True)
+    wt, at = topk_threshold(w, 0.3), topk_threshold(x, 0.3)
+    grads = []
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        inp = inp.detach().requires_grad_()
+        out = swat_conv2d(inp, w, None, None, wt, at, 1, 1)
+        gx, gw = torch.autograd.grad(out, (inp, w), torch.ones_like(out))
+        grads.append((gx.contiguous(), gw))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    y = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = BitReLU()(y)
+    torch.testing.assert_close(torch.autograd.grad(out, y, torch.ones_like(out))[0], (y > 0).float())

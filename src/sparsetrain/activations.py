@@ -8,6 +8,7 @@ model in place (the zoo's models hold their activations as modules for this).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -19,19 +20,20 @@ __all__ = ["BitReLU", "replace_activations"]
 class _BitReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        from .swat import pack_bits
+        from .swat import flat_view, pack_bits
 
-        positive = x > 0
-        ctx.save_for_backward(pack_bits(positive))
-        ctx.shape = x.shape
-        return x * positive if x.is_floating_point() else x.clamp_min(0)
+        flat, cl = flat_view(x.detach())
+        ctx.save_for_backward(pack_bits(flat > 0))
+        ctx.conf = (tuple(x.shape), cl)
+        return torch.relu(x)
 
     @staticmethod
     def backward(ctx, grad):
-        from .swat import unpack_bits
+        from .swat import unflat, unpack_bits
 
         (packed,) = ctx.saved_tensors
-        positive = unpack_bits(packed, grad.numel()).view(ctx.shape)
+        shape, cl = ctx.conf
+        positive = unflat(unpack_bits(packed, math.prod(shape)), shape, cl).to(grad.device)
         return grad * positive
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,24 +35,45 @@ from .schemes import parse_scheme
 __all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers", "pack_bits", "unpack_bits",
            "swat_conv2d", "swat_linear", "topk_threshold"]
 
-_BITS = None
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.uint8, torch.bool, torch.int32, torch.int64)
+
+
+def _numpy_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as uint8 bytes, eight positions per byte (like numpy.packbits, little-endian)."""
-    global _BITS
+    """A boolean tensor (in memory order) as uint8 bytes, eight positions per byte, little-endian bit order."""
     flat = mask.reshape(-1)
+    if _numpy_ok(flat):  # numpy's packbits is vectorised; torch has no equivalent
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    if _BITS is None or _BITS.device != mask.device:
-        _BITS = (2 ** torch.arange(8, dtype=torch.uint8)).to(mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(1, dtype=torch.uint8)
+    weights = (2 ** torch.arange(8, device=flat.device)).to(torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(bool))
     bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.reshape(-1)[:numel].bool()
+
+
+def flat_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` as a 1-D tensor in memory order (no copy for contiguous and channels-last tensors)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1), True
+    return x.reshape(-1), False
+
+
+def unflat(flat: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+    """Inverse of :func:`flat_view`: the logical ``shape`` over ``flat``'s memory."""
+    if channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
 
 
 def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -63,14 +85,27 @@ def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
     return torch.kthvalue(flat.float(), flat.numel() - k + 1).values.to(t.dtype)
 
 
-def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = x.abs() >= a_thresh
-    return pack_bits(keep), x.masked_select(keep)
+def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The entries with |x| >= a_thresh: a bitmask of their positions and their values (memory order)."""
+    flat, cl = flat_view(x.detach())
+    keep = flat.abs() >= a_thresh
+    if _numpy_ok(flat):
+        values = torch.from_numpy(flat.numpy()[keep.numpy()])
+    else:
+        values = flat.masked_select(keep)
+    return pack_bits(keep), values, cl
 
 
-def _decompress(packed: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    keep = unpack_bits(packed, math.prod(shape)).view(shape)
-    return torch.zeros(shape, dtype=values.dtype, device=values.device).masked_scatter_(keep, values)
+def _decompress(packed: torch.Tensor, values: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
+    numel = math.prod(shape)
+    keep = unpack_bits(packed, numel)
+    if _numpy_ok(values):
+        out = np.zeros(numel, dtype=values.numpy().dtype)
+        out[keep.numpy()] = values.numpy()
+        flat = torch.from_numpy(out)
+    else:
+        flat = torch.zeros(numel, dtype=values.dtype, device=values.device).masked_scatter_(keep.to(values.device), values)
+    return unflat(flat, shape, channels_last)
 
 
 def _weights(weight, w_mask, w_thresh):
@@ -82,19 +117,19 @@ class _SWATConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh, stride, padding, dilation, groups):
         out = F.conv2d(x, _weights(weight, w_mask, w_thresh), bias, stride, padding, dilation, groups)
-        packed, values = _compress(x, a_thresh)
+        packed, values, cl = _compress(x, a_thresh)
         # the weight is resident anyway; W_s is rebuilt in backward (the step has not changed the weight yet)
         ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
-        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, bias is not None)
+        ctx.conf = (tuple(x.shape), cl, stride, padding, dilation, groups, bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
-        shape, stride, padding, dilation, groups, has_bias = ctx.conf
+        shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
         need = ctx.needs_input_grad
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad_out, _decompress(packed, values, shape), _weights(weight, w_mask, w_thresh),
+            grad_out, _decompress(packed, values, shape, cl), _weights(weight, w_mask, w_thresh),
             [weight.shape[0]] if has_bias else None, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0],
             groups, [need[0], need[1], has_bias and need[2]],
         )
@@ -105,21 +140,21 @@ class _SWATLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh):
         out = F.linear(x, _weights(weight, w_mask, w_thresh), bias)
-        packed, values = _compress(x, a_thresh)
+        packed, values, cl = _compress(x, a_thresh)
         ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
-        ctx.conf = (tuple(x.shape), bias is not None)
+        ctx.conf = (tuple(x.shape), cl, bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
-        shape, has_bias = ctx.conf
+        shape, cl, has_bias = ctx.conf
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = (g2 @ _weights(weight, w_mask, w_thresh)).view(shape)
         if ctx.needs_input_grad[1]:
-            gw = g2.t() @ _decompress(packed, values, shape).reshape(-1, shape[-1])
+            gw = g2.t() @ _decompress(packed, values, shape, cl).reshape(-1, shape[-1])
         if has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None, None, None
