@@ -109,19 +109,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_matches_single_process(tmp_path, tiny_mnist_tar):
-    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=2", "sparsity.method=static",
-            "sparsity.sparsity=0.5"]
-    driver = tmp_path / "ddp.py"
-    driver.write_text(DDP_DRIVER)
-    ddp_dir = tmp_path / "ddp"
+def _torchrun(tmp_path, driver_text: str, args: list[str], out: Path) -> list[dict]:
+    """Run ``driver_text`` on 2 CPU processes under torchrun; return what each rank saved as rank<R>.pt."""
+    driver = tmp_path / "driver_ddp.py"
+    driver.write_text(driver_text)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         str(driver), *args, f"run.out_dir={ddp_dir}"],
+         str(driver), *args, f"run.out_dir={out}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(ddp_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_two_process_ddp_matches_single_process(tmp_path, tiny_mnist_tar):
+    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=2", "sparsity.method=static",
+            "sparsity.sparsity=0.5"]
+    r0, r1 = _torchrun(tmp_path, DDP_DRIVER, args, tmp_path / "ddp")
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
     for k in r0["masks"]:
@@ -173,16 +177,7 @@ def test_ddp_ranks_agree_on_dynamic_masks_and_forgetting_statistics(tmp_path, ti
     args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=3", "sparsity.method=mest", "sparsity.sparsity=0.8",
             "sparsity.mest.every_epochs=1", "sparsity.mest.soft_bound=true", "sparsity.data_efficiency.enabled=true",
             "sparsity.data_efficiency.remove_epoch=2", "sparsity.dense_layers=[]"]
-    driver = tmp_path / "ddp_dyn.py"
-    driver.write_text(DDP_DYNAMIC_DRIVER)
-    out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         str(driver), *args, f"run.out_dir={out}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = _torchrun(tmp_path, DDP_DYNAMIC_DRIVER, args, tmp_path / "ddp")
     assert r0["removed"].numel() == round(0.2 * 512) and torch.equal(r0["removed"], r1["removed"])
     assert torch.equal(r0["forgets"], r1["forgets"])
     for k in r0["masks"]:

@@ -35,6 +35,13 @@ class ConfigError(ValueError):
     """A configuration value was refused; the message names key, value and what is allowed."""
 
 
+def _one_of(value: str, allowed, what: str) -> str:
+    """Validator body: ``value`` must name one of ``allowed`` (a registry or a tuple)."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what}; allowed: {sorted(allowed)}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -49,12 +56,7 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation")
     augment: bool = True
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset; allowed: {sorted(DATASETS)}")
-        return v
+    _known_dataset = field_validator("dataset")(classmethod(lambda cls, v: _one_of(v, DATASETS, "dataset")))
 
 
 class ModelConfig(_Section):
@@ -62,12 +64,7 @@ class ModelConfig(_Section):
     width: float = Field(1.0, gt=0)
     channels_last: bool = True
 
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model; allowed: {sorted(MODELS)}")
-        return v
+    _known_model = field_validator("name")(classmethod(lambda cls, v: _one_of(v, MODELS, "model")))
 
 
 class OptimConfig(_Section):
@@ -165,19 +162,8 @@ class SparsityConfig(_Section):
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
     data_efficiency: DataEfficiencyConfig = Field(default_factory=DataEfficiencyConfig)
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method; allowed: {sorted(METHODS)}")
-        return v
-
-    @field_validator("init")
-    @classmethod
-    def _known_init(cls, v: str) -> str:
-        if v not in INITS:
-            raise ValueError(f"unknown init; allowed: {list(INITS)}")
-        return v
+    _known_method = field_validator("method")(classmethod(lambda cls, v: _one_of(v, METHODS, "method")))
+    _known_init = field_validator("init")(classmethod(lambda cls, v: _one_of(v, INITS, "init")))
 
     @field_validator("scheme")
     @classmethod
