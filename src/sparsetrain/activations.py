@@ -46,10 +46,7 @@ class BitReLU(nn.Module):
 
 def replace_activations(model: nn.Module, kind: type[nn.Module], factory: Callable[[nn.Module], nn.Module]) -> int:
     """Replace every submodule of exactly type ``kind`` by ``factory(old)``, in place; return how many."""
-    count = 0
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            if type(child) is kind:
-                setattr(parent, name, factory(child))
-                count += 1
-    return count
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if type(child) is kind]
+    for parent, name, child in targets:  # found first: a replacement may hold the old module inside it
+        setattr(parent, name, factory(child))
+    return len(targets)

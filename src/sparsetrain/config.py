@@ -184,6 +184,46 @@ class SparsityConfig(_Section):
         return self
 
 
+class RecipeConfig(_Section):
+    """ToST (Jaiswal et al., 2022): a training recipe for any sparse mask. ``name: tost`` turns on every
+    component whose switch is left unset (null); each switch also works on its own."""
+
+    name: Literal["none", "tost"] = "none"
+    ghost_soft: bool | None = Field(None, description="soft activations blended back to ReLU early in training")
+    soft_activation: Literal["silu", "mish", "gelu", "elu", "softplus"] = "silu"
+    soft_hold: float = Field(0.1, ge=0, le=1, description="fraction of training with the pure soft activation")
+    soft_blend_end: float = Field(0.2, ge=0, le=1, description="fraction of training by which the activation is ReLU again")
+    ghost_skip: bool | None = Field(None, description="extra dense 1x1 conv + BN shortcuts around conv pairs, decayed away")
+    skip_end: float = Field(0.2, gt=0, le=1, description="fraction of training by which ghost skips have decayed to 0 and are removed")
+    rescale_init: Literal["none", "fan_in", "gradinit"] | None = Field(None, description="tost default: gradinit")
+    gradinit_steps: int = Field(50, gt=0)
+    label_smoothing: float | None = Field(None, ge=0, lt=1, description="tost default 0.1 (overrides optim.label_smoothing)")
+    teacher: str | None = Field(None, description="run directory of a trained teacher for soft labels")
+    teacher_weight: float = Field(0.5, ge=0, le=1)
+    teacher_temperature: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        on = self.name == "tost"
+        if self.ghost_soft is None:
+            self.ghost_soft = on
+        if self.ghost_skip is None:
+            self.ghost_skip = on
+        if self.rescale_init is None:
+            self.rescale_init = "gradinit" if on else "none"
+        if self.label_smoothing is None and on:
+            self.label_smoothing = 0.1
+        if self.soft_blend_end < self.soft_hold:
+            raise ValueError(f"soft_blend_end ({self.soft_blend_end}) must not come before soft_hold ({self.soft_hold})")
+        return self
+
+    def components(self) -> list[str]:
+        """Names of the components switched on (for records)."""
+        return [n for n, on in (("ghost-soft", self.ghost_soft), ("ghost-skip", self.ghost_skip),
+                                ("rescale-init", self.rescale_init != "none"),
+                                ("label-smoothing", bool(self.label_smoothing)), ("teacher", bool(self.teacher))) if on]
+
+
 class RunConfig(_Section):
     out_dir: str = "runs/run"
     seed: int = 0
@@ -199,6 +239,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     def to_yaml(self) -> str:

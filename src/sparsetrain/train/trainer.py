@@ -26,6 +26,7 @@ from ..data import DATASETS, ArrayDataset, BatchLoader, load_dataset, split_vali
 from ..forgetting import ForgettingTracker
 from ..methods import Method, SetupContext, build_method
 from ..models import build_model
+from ..tost import ToST
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, pick_device
 from .optim import build_optimizer, lr_factor, set_lr
@@ -109,19 +110,26 @@ class Trainer:
         self.method: Method = build_method(cfg)
         self.method.setup(SetupContext(
             model=self.model, optimizer=self.optimizer, generator=torch.Generator().manual_seed(cfg.run.seed + 7919),
-            input_shape=tuple(train.images.shape[1:]), steps_per_epoch=self.steps_per_epoch, epochs=cfg.optim.epochs,
+            input_shape=self.input_shape, steps_per_epoch=self.steps_per_epoch, epochs=cfg.optim.epochs,
             batches=lambda: self._scoring_batches(train, info), given_masks=masks,
         ))
         de = cfg.sparsity.data_efficiency
         self.forgetting = ForgettingTracker(len(train), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
         self.flops = FlopMeter(measure_layer_costs(self.model, self.input_shape, self.device))
         self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+        # after the FLOP count: ghost skips are accounted apart, as extra work while they live
+        self.recipe = ToST(cfg.recipe)
+        self.recipe.setup(
+            self.model, self.method.weight_density(), lambda: self._scoring_batches(train, info, count=1),
+            self.input_shape, self.device, cfg.model.channels_last, cfg.optim.momentum, cfg.optim.weight_decay,
+        )
         self.net = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
         self.progress = _Progress()
         self.snapshot: tuple[int, Path] | None = None  # (step, file): save the weights once at that step (lottery rewinding)
         self.is_main = self.dist.rank == 0
@@ -133,6 +141,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "forgetting": self.forgetting.state_dict() if self.forgetting else {},
+            "recipe": self.recipe.state_dict(),
             "method": self.method.state_dict(),
             "loader": self.train_loader.state_dict(),
             "flops": self.flops.state_dict(),
@@ -146,6 +155,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.forgetting:
             self.forgetting.load_state_dict(state["forgetting"])
+        self.recipe.load_state_dict(state["recipe"])
         self.method.load_state_dict(state["method"])
         self.train_loader.load_state_dict(state["loader"])
         self.flops.load_state_dict(state["flops"])
@@ -205,12 +215,14 @@ class Trainer:
             # the schedule runs on epochs: with fewer examples (data efficiency) each step covers more of it
             virtual = epoch * self.steps_per_epoch + (self.train_loader.position - 1) * self.steps_per_epoch // steps_now
             set_lr(self.optimizer, cfg.optim.lr, lr_factor(cfg.optim, virtual, self.total_steps, self.steps_per_epoch))
+            self.recipe.on_progress(virtual / self.total_steps)
             out = self.net(x)
-            loss = self.criterion(out, y)
+            loss = self.recipe.loss(out, y, x, self.criterion)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             changed = self.method.before_step(self.progress.step, self.optimizer)
             self.optimizer.step()
+            self.recipe.after_backward(self.optimizer.param_groups[0]["lr"])
             self.progress.step += 1
             if self.snapshot and self.progress.step == self.snapshot[0] and self.is_main:
                 save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict()}, self.snapshot[1])
@@ -218,7 +230,10 @@ class Trainer:
             if changed:
                 self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
             samples = len(y) * self.dist.world_size
-            self.flops.step(samples, self._dense_gradient_flops(samples) if self.method.took_dense_gradient else 0.0)
+            extra = self.recipe.extra_flops(samples)
+            if self.method.took_dense_gradient:
+                extra += self._dense_gradient_flops(samples)
+            self.flops.step(samples, extra)
             with torch.no_grad():
                 hits = out.argmax(1) == y
                 loss_sum += loss.detach() * len(y)
@@ -307,6 +322,7 @@ class Trainer:
             "steps": self.progress.step,
             "steps_full_data": self.total_steps,
             "examples_removed": int(self.forgetting.removed.numel()) if self.forgetting else 0,
+            "recipe": "+".join(self.cfg.recipe.components()) or None,
             **self.method.summary(),
             "infer_flops_per_sample": costs.forward_flops(wd),
             "wall_s": round(self.progress.elapsed, 2),

@@ -1,0 +1,164 @@
+"""ToST: ghost soft activations and skips come and go cleanly, rescaled init is a per-tensor scalar."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import tiny_datasets
+from sparsetrain.config import RecipeConfig, load_config
+from sparsetrain.masks import MaskSet, random_masks
+from sparsetrain.models import build_model
+from sparsetrain.tost import GhostSkips, GhostSoftActivation, ToST, find_conv_pairs, gradinit_scales, rescale_fan_in
+from sparsetrain.train import Trainer
+
+BASE = ["model.name=resnet20", "data.dataset=cifar10", "optim.batch_size=32", "optim.lr=0.05", "run.threads=1",
+        "run.progress=false", "model.channels_last=false", "sparsity.method=static", "sparsity.sparsity=0.9"]
+
+
+def _data():
+    return tiny_datasets(n_train=96, n_test=32, shape=(3, 32, 32))
+
+
+def test_after_the_ghost_phase_the_model_is_the_plain_relu_network(tmp_path):
+    cfg = load_config(overrides=[*BASE, "optim.epochs=2", f"run.out_dir={tmp_path}", "recipe.name=tost",
+                                 "recipe.gradinit_steps=2", "recipe.soft_hold=0.2", "recipe.soft_blend_end=0.5",
+                                 "recipe.skip_end=0.5"])
+    trainer = Trainer(cfg, datasets=_data())
+    assert trainer.recipe.ghost_acts and trainer.recipe.skips is not None
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    trainer.fit()
+    model = trainer.model
+    assert not any(isinstance(m, GhostSoftActivation) for m in model.modules())
+    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 19
+    assert trainer.recipe.skips is None and sum(p.numel() for p in model.parameters()) == n_params
+    plain = build_model("resnet20")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x), plain(x))
+
+
+def test_blend_is_exactly_the_stated_mix():
+    relu = nn.ReLU()
+    g = GhostSoftActivation(relu, nn.SiLU())
+    x = torch.randn(100)
+    recipe = ToST(RecipeConfig(ghost_soft=True, soft_hold=0.1, soft_blend_end=0.3))
+    recipe.ghost_acts, recipe._model = [g], nn.Sequential(g)
+    for t, a in ((0.0, 0.0), (0.1, 0.0), (0.15, 0.25), (0.2, 0.5), (0.25, 0.75)):
+        recipe.on_progress(t)
+        assert g.a == pytest.approx(a)
+        torch.testing.assert_close(g(x), (1 - a) * F.silu(x) + a * F.relu(x))
+    recipe.on_progress(0.3)
+    assert isinstance(recipe._model[0], nn.ReLU) and recipe._model[0] is relu
+
+
+def test_ghost_skips_bridge_conv_pairs_outside_the_model():
+    model = build_model("resnet20")
+    pairs = find_conv_pairs(model)
+    assert len(pairs) == 9  # one per basic block
+    assert len(find_conv_pairs(build_model("vgg16"))) == 5  # conv pairs inside each VGG stage
+    before = {n for n, _ in model.named_parameters()}
+    skips = GhostSkips(model, (3, 32, 32), "cpu", channels_last=False)
+    assert {n for n, _ in model.named_parameters()} == before  # nothing added to the model
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    skips.alpha = 0.0
+    base = model(x)
+    skips.alpha = 0.5
+    assert not torch.allclose(model(x), base)
+    # FLOPs: 3 x (2 x cin x cout x H x W) per skip; first stage 16->16 at 32x32
+    assert skips.flops_per_sample >= 3 * 2 * 16 * 16 * 32 * 32 * 3
+    skips.remove()
+    torch.testing.assert_close(model(x), base)
+
+
+def test_ghost_skips_count_in_training_flops_not_in_parameters(tmp_path):
+    def run(extra, name):
+        cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path / name}", *extra])
+        return Trainer(cfg, datasets=_data()).fit()
+
+    plain, ghost = run([], "plain"), run(["recipe.ghost_skip=true", "recipe.skip_end=1.0"], "ghost")
+    assert ghost["train_flops_rel"] > plain["train_flops_rel"] * 1.05
+    assert ghost["sparsity"] == plain["sparsity"] and ghost["layers"] == plain["layers"]
+
+
+def _masked_model():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    ms = MaskSet.for_model(model)
+    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
+    return model, ms
+
+
+def test_fan_in_rescaling_is_a_scalar_per_tensor_and_keeps_zeros():
+    model, ms = _masked_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scales = rescale_fan_in(model, ms.densities())
+    for n, p in model.named_parameters():
+        if n in scales:
+            assert scales[n] == pytest.approx(1 / ms.densities()[n] ** 0.5)
+            torch.testing.assert_close(p, before[n] * scales[n])
+            assert torch.count_nonzero(p[~ms.masks[n]]) == 0
+        else:
+            assert torch.equal(p, before[n])
+
+
+def test_gradinit_scales_each_tensor_by_a_scalar_and_keeps_zeros(tmp_path):
+    cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path}", "recipe.rescale_init=gradinit",
+                                 "recipe.gradinit_steps=5"])
+    torch.manual_seed(cfg.run.seed)
+    reference = build_model("resnet20")
+    trainer = Trainer(cfg, datasets=_data())
+    scales = trainer.recipe.init_scales
+    assert scales and any(abs(s - 1) > 1e-4 for s in scales.values())
+    ms = trainer.method.maskset
+    ref = dict(reference.named_parameters())
+    for n, p in trainer.model.named_parameters():
+        expected = ref[n] * ms.masks[n] if n in ms.masks else ref[n]
+        torch.testing.assert_close(p, expected * scales.get(n, 1.0))
+        if n in ms.masks:
+            assert torch.count_nonzero(p[~ms.masks[n]]) == 0
+
+
+def test_gradinit_leaves_its_model_untouched():
+    model, _ = _masked_model()
+    state = copy.deepcopy(model.state_dict())
+    gradinit_scales(model, [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))], steps=2)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_teacher_soft_labels_mix_kl_and_cross_entropy():
+    recipe = ToST(RecipeConfig(teacher=None, teacher_weight=0.3, teacher_temperature=2.0))
+    teacher = nn.Linear(5, 3)
+    recipe.teacher = teacher
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    out = torch.randn(4, 3)
+    ce = nn.CrossEntropyLoss()
+    expected = 0.7 * ce(out, y) + 0.3 * 4 * F.kl_div(F.log_softmax(out / 2, 1), F.softmax(teacher(x) / 2, 1), reduction="batchmean")
+    torch.testing.assert_close(recipe.loss(out, y, x, ce), expected)
+
+
+def test_resume_inside_the_ghost_phase_matches_an_uninterrupted_run(tmp_path):
+    def config(out):
+        return load_config(overrides=[*BASE, "optim.epochs=2", f"run.out_dir={out}", "recipe.ghost_skip=true",
+                                      "recipe.ghost_soft=true", "recipe.skip_end=0.9", "recipe.soft_blend_end=0.9",
+                                      "run.checkpoint_every_steps=2"])
+
+    full = Trainer(config(tmp_path / "full"), datasets=_data())
+    full.fit()
+
+    class Stop(Exception):
+        pass
+
+    cut = Trainer(config(tmp_path / "cut"), datasets=_data())
+    real = cut.method.after_step
+    cut.method.after_step = lambda step, opt: (_ for _ in ()).throw(Stop()) if step == 3 else real(step, opt)
+    with pytest.raises(Stop):
+        cut.fit()
+    resumed = Trainer(config(tmp_path / "cut"), datasets=_data())
+    resumed.fit()
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(v, resumed.model.state_dict()[k], rtol=0, atol=0)
