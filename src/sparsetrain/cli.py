@@ -128,6 +128,7 @@ def _flops(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sparsetrain`` argument parser with its four commands."""
     from .config import METHODS
     from .data import DATASETS
     from .models import MODELS
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a command; configuration, data and checkpoint errors exit 2 with their message."""
     from .config import ConfigError
     from .data import DatasetError
     from .train import CheckpointError

@@ -60,6 +60,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """Which zoo model, how wide, and in which memory layout."""
     name: str = "resnet20"
     width: float = Field(1.0, gt=0)
     channels_last: bool = True
@@ -115,6 +116,7 @@ class MestConfig(_Section):
 
 
 class LotteryConfig(_Section):
+    """Lottery-ticket search: rounds to the target sparsity and the rewind point."""
     rounds: int = Field(3, gt=0, description="prune-retrain rounds to reach the target sparsity")
     rewind_step: int = Field(0, ge=0, description="rewind to the weights at this step (0: initialisation)")
 
@@ -139,6 +141,7 @@ class SwatConfig(_Section):
 
 
 class SparsityConfig(_Section):
+    """Which method, how sparse, and the axes it composes: selection, distribution, scheme, score, schedule."""
     method: str = "dense"
     sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     dense_layers: list[str] | None = Field(
@@ -225,6 +228,7 @@ class RecipeConfig(_Section):
 
 
 class RunConfig(_Section):
+    """Where the run writes, its seed, device, threads, checkpoint cadence and progress bar."""
     out_dir: str = "runs/run"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -235,6 +239,7 @@ class RunConfig(_Section):
 
 
 class Config(_Section):
+    """The whole configuration of a run, one section per concern."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -243,6 +248,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     def to_yaml(self) -> str:
+        """The resolved configuration as YAML (what run directories keep)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 

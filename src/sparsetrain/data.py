@@ -264,6 +264,7 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def read_idx_dataset(directory: Path) -> dict[str, ArrayDataset]:
+    """MNIST-layout IDX files (train-*/t10k-*, .gz or raw) in ``directory``."""
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         paths = [_find(directory, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
@@ -284,6 +285,7 @@ def _cache_key(source: Path) -> str:
 
 
 def default_cache_dir() -> Path:
+    """$SPARSETRAIN_CACHE, or ~/.cache/sparsetrain."""
     return Path(os.environ.get("SPARSETRAIN_CACHE", Path.home() / ".cache" / "sparsetrain"))
 
 

@@ -95,6 +95,7 @@ class _Dynamic(Method):
 
 
 class SET(_Dynamic):
+    """SET: magnitude prune and random grow every ``update_every_steps`` (see the module docstring)."""
     name = "set"
 
     def after_step(self, step, optimizer):
@@ -105,6 +106,7 @@ class SET(_Dynamic):
 
 
 class RigL(_Dynamic):
+    """RigL: magnitude prune, grow by dense-gradient magnitude at update steps (see the module docstring)."""
     name = "rigl"
 
     def before_step(self, step, optimizer):
@@ -117,6 +119,7 @@ class RigL(_Dynamic):
 
 
 class MEST(_Dynamic):
+    """MEST with elastic mutation and, optionally, the soft memory bound (see the module docstring)."""
     name = "mest"
 
     def __init__(self, cfg: SparsityConfig):

@@ -20,6 +20,7 @@ __all__ = ["ForgettingTracker"]
 
 
 class ForgettingTracker:
+    """Per-example forgetting statistics over the training set, and the one-time removal."""
     def __init__(self, num_examples: int, remove_epoch: int, remove_fraction: float, seed: int = 0):
         self.n = num_examples
         self.remove_epoch, self.remove_fraction, self.seed = remove_epoch, remove_fraction, seed

@@ -24,6 +24,7 @@ SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 @dataclass(frozen=True)
 class LayerSparsity:
+    """Kept and total weights of one layer."""
     name: str
     shape: tuple[int, ...]
     numel: int

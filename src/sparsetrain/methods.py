@@ -159,4 +159,5 @@ METHOD_BUILDERS: dict[str, Callable[[Config], Method]] = {
 
 
 def build_method(cfg: Config) -> Method:
+    """The method object named by ``cfg.sparsity.method``."""
     return METHOD_BUILDERS[cfg.sparsity.method](cfg)

@@ -37,6 +37,7 @@ def format_table(runs: list[dict]) -> str:
 
 
 def format_layers(run: dict) -> str:
+    """Per-layer shape, kept weights and sparsity of a run's final model."""
     layers = run["final"].get("layers", [])
     if not layers:
         return f"{run['dir']}: all layers dense"

@@ -23,10 +23,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def random_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
+    """Uniform random scores: a random mask."""
     return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
 
 
 def magnitude_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
+    """|w|: keep the largest weights."""
     return {n: p.detach().abs() for n, p in params.items()}
 
 

@@ -55,6 +55,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``numel`` positions as booleans."""
     if packed.device.type == "cpu":
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(bool))
     bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
@@ -215,6 +216,7 @@ class _SWATMixin:
 
 
 class SWATConv2d(_SWATMixin, nn.Conv2d):
+    """A Conv2d trained the SWAT way (made by :func:`convert`; same parameters as the layer it replaces)."""
     def forward(self, x):
         self._maybe_refresh(x)
         if self.padding_mode != "zeros":
@@ -225,6 +227,7 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
 
 
 class SWATLinear(_SWATMixin, nn.Linear):
+    """A Linear trained the SWAT way (made by :func:`convert`)."""
     def forward(self, x):
         self._maybe_refresh(x)
         return swat_linear(x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh)

@@ -28,6 +28,7 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 input: three stages of 16/32/64 channels times ``width``."""
     def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0):
         super().__init__()
         if (depth - 2) % 6:
@@ -54,6 +55,7 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, width: float = 1.0) -> CifarResNet:
+    """ResNet-20/32/56/... for CIFAR; ``width=2`` gives MEST's 2x-wide ResNet-32."""
     return CifarResNet(depth, num_classes, width)
 
 
@@ -77,6 +79,7 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
+    """WRN-depth-k: pre-activation blocks, widths 16k/32k/64k."""
     def __init__(self, depth: int, k: float, num_classes: int = 10):
         super().__init__()
         if (depth - 4) % 6:
@@ -100,4 +103,5 @@ class WideResNet(nn.Module):
 
 
 def wide_resnet(depth: int, k: float, num_classes: int = 10) -> WideResNet:
+    """A Wide ResNet, e.g. ``wide_resnet(16, 8)`` for WRN-16-8."""
     return WideResNet(depth, k, num_classes)
