@@ -41,6 +41,17 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                                         "sparsity.data_efficiency.remove_epoch=3", "sparsity.data_efficiency.remove_fraction=0.2"]),
 }
 
+# SWAT: the classifier is sparse and the first conv dense (the paper's default); activations at the weight sparsity.
+SWAT = ["sparsity.method=swat", "sparsity.swat.topk_period=20"]
+RUNS.update({
+    "swat-u80": ("swat-u", [*SWAT, "sparsity.sparsity=0.8"]),
+    "swat-u90": ("swat-u", [*SWAT, "sparsity.sparsity=0.9"]),
+    "swat-erk90": ("swat-erk", [*SWAT, "sparsity.sparsity=0.9", "sparsity.swat.variant=erk"]),
+    "swat-m90": ("swat-m", [*SWAT, "sparsity.sparsity=0.9", "sparsity.swat.variant=m"]),
+    "swat-structured50": ("swat-structured", [*SWAT, "sparsity.sparsity=0.5", "sparsity.swat.variant=structured"]),
+    "swat-structured70": ("swat-structured", [*SWAT, "sparsity.sparsity=0.7", "sparsity.swat.variant=structured"]),
+})
+
 # ToST ablation (issue: any mask trains better): 98% static masks with the default protocol and with ToST,
 # and each ToST component alone on the random mask. Record: method = the mask, recipe = "tost" or the component.
 S98 = ["sparsity.method=static", "sparsity.sparsity=0.98"]
@@ -85,7 +96,8 @@ def main(argv=None) -> None:
             "test_acc": summary["test_acc"], "train_flops_rel": round(summary["train_flops_rel"], 4),
             "infer_flops_rel": round(summary["infer_flops_rel"], 4), "wall_s": summary["wall_s"],
             "command": command_line(), "commit": started_at, **environment(),
-            **{k: summary[k] for k in ("steps", "steps_full_data", "examples_removed", "peak_density", "mask_updates") if k in summary},
+            **{k: summary[k] for k in ("steps", "steps_full_data", "examples_removed", "peak_density", "mask_updates",
+                                       "activation_sparsity") if k in summary},
         }
         append_record(RESULTS_FILE, record)
         plot_curves([out], RESULTS / f"protocol_a-{name}-{args.model}-s{args.seed}.png")
