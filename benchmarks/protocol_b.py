@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_record, command_line, commit, environment  # noqa: E402
 
 from sparsetrain.accounting import peak_memory_bytes, saved_tensor_bytes_by_module
+from sparsetrain.backends import apply_backend
 from sparsetrain.config import load_config
 from sparsetrain.methods import SetupContext, build_method
 from sparsetrain.models import build_model
@@ -40,10 +41,14 @@ def make(model_name: str, config: str, sparsity: float, extra: list[str], steps_
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     method = None
     if config != "dense":
-        overrides = {"swat": ["sparsity.method=swat"]}[config]
+        overrides = {"swat": ["sparsity.method=swat"], "masked": ["sparsity.method=static"],
+                     "csr": ["sparsity.method=static", "sparsity.backend=csr"],
+                     "auto": ["sparsity.method=static", "sparsity.backend=auto"]}[config]
         cfg = load_config(overrides=[*overrides, f"sparsity.sparsity={sparsity}", *extra])
         method = build_method(cfg)
         method.setup(SetupContext(model, opt, torch.Generator().manual_seed(0), (3, 32, 32), steps_per_epoch, 1))
+        if cfg.sparsity.backend != "masked":
+            apply_backend(model, method.maskset, cfg.sparsity.backend)
     return model, opt, method
 
 
@@ -80,7 +85,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vgg16")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--config", default="swat", choices=["swat"])
+    ap.add_argument("--config", default="swat", choices=["swat", "masked", "csr", "auto"])
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

@@ -160,6 +160,8 @@ class SparsityConfig(_Section):
     update_fraction: float = Field(0.3, ge=0, lt=1, description="SET/RigL: share of active weights replaced at the first update")
     update_decay: Literal["cosine", "constant"] = "cosine"
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
+    backend: Literal["masked", "csr", "auto"] = Field(
+        "masked", description="execution of masked layers: masked dense, CSR sparse products, or the faster per layer")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
@@ -182,6 +184,9 @@ class SparsityConfig(_Section):
             self.dense_layers = ["first"] if self.method == "swat" else ["first", "last"]
         if self.method != "dense" and self.sparsity == 0 and self.distribution != "custom":
             raise ValueError(f"method {self.method!r} needs sparsity.sparsity > 0")
+        if self.backend != "masked" and self.method in ("dense", "swat"):
+            raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {self.method!r} has no masks "
+                             "(use static, lottery, set, rigl or mest)")
         if self.method in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):
             raise ValueError(f"method {self.method!r} prunes and grows; N:M scheme {self.scheme!r} supports static masks only")
         return self

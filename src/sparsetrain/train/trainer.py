@@ -26,6 +26,7 @@ from ..data import DATASETS, ArrayDataset, BatchLoader, load_dataset, split_vali
 from ..forgetting import ForgettingTracker
 from ..methods import Method, SetupContext, build_method
 from ..models import build_model
+from ..backends import apply_backend
 from ..tost import ToST
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, pick_device
@@ -117,6 +118,8 @@ class Trainer:
         self.forgetting = ForgettingTracker(len(train), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
         self.flops = FlopMeter(measure_layer_costs(self.model, self.input_shape, self.device))
         self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+        # after the FLOP count (it runs the model on a batch of 2): the backend times layers on real batches
+        self.backend_layers = apply_backend(self.model, self.method.maskset, cfg.sparsity.backend) if cfg.sparsity.backend != "masked" else {}
         # after the FLOP count: ghost skips are accounted apart, as extra work while they live
         self.recipe = ToST(cfg.recipe)
         self.recipe.setup(
@@ -323,6 +326,7 @@ class Trainer:
             "steps_full_data": self.total_steps,
             "examples_removed": int(self.forgetting.removed.numel()) if self.forgetting else 0,
             "recipe": "+".join(self.cfg.recipe.components()) or None,
+            "backends": {n: m.backend for n, m in self.backend_layers.items()} or None,
             **self.method.summary(),
             "infer_flops_per_sample": costs.forward_flops(wd),
             "wall_s": round(self.progress.elapsed, 2),

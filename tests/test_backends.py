@@ -1,0 +1,109 @@
+"""Execution backends: CSR products equal masked dense, structures follow mask changes, training agrees."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import tiny_datasets
+from sparsetrain.backends import CSRStructure, SparseConv2d, apply_backend, csr_conv2d, csr_linear
+from sparsetrain.config import ConfigError, load_config
+from sparsetrain.masks import MaskSet, random_masks
+from sparsetrain.train import Trainer
+
+CONVS = [  # (cin, cout, k, stride, padding, dilation)
+    (4, 6, 3, 1, 1, 1), (4, 6, 3, 2, 1, 1), (3, 5, 1, 1, 0, 1), (3, 5, 1, 2, 0, 1), (4, 4, 3, 1, 2, 2), (2, 3, 5, 1, 2, 1),
+]
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, padding, dilation", CONVS)
+def test_csr_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation):
+    torch.manual_seed(0)
+    mask = torch.rand(cout, cin, k, k) > 0.7
+    w = (torch.randn(cout, cin, k, k, dtype=torch.float64) * mask).requires_grad_()
+    b = torch.randn(cout, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, cin, 9, 9, dtype=torch.float64, requires_grad=True)
+    s = CSRStructure.from_mask(mask.reshape(cout, -1))
+    out = csr_conv2d(x, w, b, s, (stride, stride), (padding, padding), (dilation, dilation))
+    ref = F.conv2d(x, w, b, stride, padding, dilation)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
+    rx, rw, rb = torch.autograd.grad(ref, (x, w, b), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw * mask)  # kept-weight gradients; nothing computed elsewhere
+    torch.testing.assert_close(gb, rb)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (16, 3), (1, 10)])
+def test_csr_linear_equals_masked_dense(shape):
+    torch.manual_seed(1)
+    mask = torch.rand(shape) > 0.5
+    w = (torch.randn(shape, dtype=torch.float64) * mask).requires_grad_()
+    b = torch.randn(shape[0], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 2, shape[1], dtype=torch.float64, requires_grad=True)
+    out = csr_linear(x, w, b, CSRStructure.from_mask(mask))
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, r, m in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g), (1, mask, 1)):
+        torch.testing.assert_close(a, r * m)
+
+
+def test_structure_is_rebuilt_when_the_mask_changes_and_only_then():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.6, torch.Generator().manual_seed(0))
+    layers = apply_backend(model, ms, "csr")
+    assert isinstance(model[0], SparseConv2d) and set(layers) == {"0.weight", "3.weight"}
+    x = torch.randn(2, 4, 6, 6)
+    model(x)
+    model(x)
+    assert model[0].rebuilds == 1
+    new = torch.rand(8, 4, 3, 3) > 0.3
+    ms.set_mask("0.weight", new)
+    out = model(x)
+    assert model[0].rebuilds == 2
+    ref_conv = F.conv2d(x, model[0].weight * new, model[0].bias, padding=1)
+    torch.testing.assert_close(out, F.linear(F.relu(ref_conv).flatten(1), model[3].weight, model[3].bias))
+
+
+def test_auto_times_both_paths_and_keeps_the_faster():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
+    layer = apply_backend(model, ms, "auto")["0.weight"]
+    model.eval()
+    model(torch.randn(4, 64))
+    assert layer.backend == "auto"  # evaluation never decides
+    model.train()
+    model(torch.randn(32, 64))
+    assert layer.backend in ("masked", "csr") and set(layer.timings) == {"masked", "csr"}
+    assert layer.backend == min(layer.timings, key=layer.timings.get)
+    assert layer.weight.grad is None  # the timing runs leave no gradient behind
+
+
+def test_training_with_csr_matches_masked_dense(tmp_path):
+    def run(backend):
+        cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
+                                     "run.progress=false", "model.channels_last=false", "optim.epochs=1",
+                                     f"run.out_dir={tmp_path / backend}", "sparsity.method=set", "sparsity.sparsity=0.8",
+                                     "sparsity.update_every_steps=2", "sparsity.dense_layers=[]",
+                                     f"sparsity.backend={backend}"])
+        trainer = Trainer(cfg, datasets=tiny_datasets(n_train=128))
+        summary = trainer.fit()
+        return trainer, summary
+
+    dense, _ = run("masked")
+    sparse, summary = run("csr")
+    assert set(summary["backends"].values()) == {"csr"}
+    assert sparse.backend_layers["0.weight"].rebuilds > 1  # SET changed the masks during training
+    for k, v in dense.model.state_dict().items():
+        torch.testing.assert_close(sparse.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_needs_masks():
+    with pytest.raises(ConfigError, match="backend 'csr' runs masked layers sparse; method 'dense' has no masks"):
+        load_config(overrides=["sparsity.backend=csr"])
