@@ -174,8 +174,11 @@ def test_data_efficiency_trains_fewer_steps_with_the_same_schedule(tmp_path):
     cfg = load_config(overrides=[*BASE, "optim.epochs=3", f"run.out_dir={tmp_path}", "sparsity.method=mest",
                                  "sparsity.sparsity=0.5", "sparsity.data_efficiency.enabled=true",
                                  "sparsity.data_efficiency.remove_epoch=1", "sparsity.data_efficiency.remove_fraction=0.25"])
-    summary = Trainer(cfg, datasets=tiny_datasets()).fit()
+    trainer = Trainer(cfg, datasets=tiny_datasets())
+    summary = trainer.fit()
     assert summary["steps_full_data"] == 24 and summary["steps"] == 8 + 6 + 6
+    # FLOPs are relative to dense training on the full schedule: the skipped examples show as a saving
+    assert summary["train_flops_rel"] == pytest.approx(trainer.flops.relative() * (256 + 192 + 192) / (3 * 256))
     assert summary["examples_removed"] == 64
     removed = json.loads((tmp_path / "removed_examples.json").read_text())
     assert len(removed) == 64 and len(set(removed)) == 64

@@ -151,12 +151,15 @@ class FlopMeter:
         self.spent["total"] += extra_flops
         self.samples += samples
 
-    def dense_equivalent(self) -> float:
-        return self.costs.training_flops()["total"] * self.samples
+    def dense_equivalent(self, samples: int | None = None) -> float:
+        """FLOPs of dense training on ``samples`` examples (default: the samples seen so far)."""
+        return self.costs.training_flops()["total"] * (self.samples if samples is None else samples)
 
-    def relative(self) -> float:
-        """FLOPs spent relative to dense training on the same samples."""
-        dense = self.dense_equivalent()
+    def relative(self, reference_samples: int | None = None) -> float:
+        """FLOPs spent relative to dense training on ``reference_samples`` examples — the full
+        schedule's, so that training on fewer examples (data efficiency) shows as a saving —
+        or, by default, on the same samples."""
+        dense = self.dense_equivalent(reference_samples)
         return self.spent["total"] / dense if dense else 1.0
 
     def state_dict(self) -> dict:

@@ -256,6 +256,10 @@ class Trainer:
             "train_acc": (100.0 * correct.item() / seen) if seen else math.nan,
         }
 
+    def _full_schedule_samples(self, epochs: int | None = None) -> int:
+        """Examples a dense run on the whole training set sees in ``epochs`` (default: all) epochs."""
+        return len(self.train_loader.dataset) * (self.cfg.optim.epochs if epochs is None else epochs)
+
     def _dense_gradient_flops(self, samples: int) -> float:
         """Extra cost of a step that took the dense weight gradient instead of the masked one."""
         gd = self.method.grad_density() or {}
@@ -295,7 +299,7 @@ class Trainer:
             record.update(val_loss=val["loss"], val_acc=val["acc"])
         record.update(
             sparsity=self.method.global_sparsity(),
-            train_flops_rel=self.flops.relative(), wall_s=round(self.progress.elapsed, 2),
+            train_flops_rel=self.flops.relative(self._full_schedule_samples(self.progress.epoch)), wall_s=round(self.progress.elapsed, 2),
         )
         self._log(record)
         if self.is_main and self.cfg.run.progress:
@@ -319,7 +323,7 @@ class Trainer:
             "epochs": self.cfg.optim.epochs,
             "seed": self.cfg.run.seed,
             "sparsity": self.method.global_sparsity(),
-            "train_flops_rel": self.flops.relative(),
+            "train_flops_rel": self.flops.relative(self._full_schedule_samples()),
             "infer_flops_rel": costs.forward_flops(wd) / dense_infer if dense_infer else 1.0,
             "train_flops": self.flops.spent["total"],
             "steps": self.progress.step,
