@@ -71,3 +71,30 @@ def tiny_datasets(n_train=256, n_test=64, shape=(1, 28, 28), classes=10, seed=0)
         x = x.clamp(0, 255).to(torch.uint8)
         out[split] = ArrayDataset(x, y, [str(c) for c in range(classes)])
     return out
+
+
+def full_and_resumed(make_trainer, out_dir, stop_at_step: int):
+    """Train once straight through, and once stopped by an exception after optimizer step
+    ``stop_at_step`` and resumed from its last checkpoint; return both finished trainers."""
+    from pathlib import Path
+
+    full = make_trainer(Path(out_dir) / "full")
+    full.fit()
+
+    class Stop(Exception):
+        pass
+
+    cut = make_trainer(Path(out_dir) / "cut")
+    real_after = cut.method.after_step
+
+    def after(step, opt):
+        if step == stop_at_step:
+            raise Stop
+        return real_after(step, opt)
+
+    cut.method.after_step = after
+    with pytest.raises(Stop):
+        cut.fit()
+    resumed = make_trainer(Path(out_dir) / "cut")
+    resumed.fit()
+    return full, resumed

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_datasets
+from conftest import full_and_resumed, tiny_datasets
 from sparsetrain.config import load_config
 from sparsetrain.dynamic import MEST, phase_value
 from sparsetrain.forgetting import ForgettingTracker
@@ -196,25 +196,8 @@ def test_resume_mid_training_reproduces_masks_and_weights(tmp_path, method, extr
         return load_config(overrides=[*BASE, "optim.epochs=3", f"run.out_dir={out}", f"sparsity.method={method}",
                                       "sparsity.sparsity=0.8", "sparsity.mest.every_epochs=1", "run.checkpoint_every_steps=5", *extra])
 
-    full = Trainer(config(tmp_path / "full"), datasets=tiny_datasets())
-    full.fit()
-
-    class Stop(Exception):
-        pass
-
-    broken = Trainer(config(tmp_path / "cut"), datasets=tiny_datasets())
-    real_after = broken.method.after_step
-
-    def after(step, opt):
-        if step == 13:  # mid-epoch 2, after the checkpoint at step 10
-            raise Stop
-        return real_after(step, opt)
-
-    broken.method.after_step = after
-    with pytest.raises(Stop):
-        broken.fit()
-    resumed = Trainer(config(tmp_path / "cut"), datasets=tiny_datasets())
-    resumed.fit()
+    # stopped mid-epoch 2 (step 13), after the checkpoint at step 10
+    full, resumed = full_and_resumed(lambda out: Trainer(config(out), datasets=tiny_datasets()), tmp_path, 13)
     for n, m in full.method.maskset.masks.items():
         assert torch.equal(m, resumed.method.maskset.masks[n]), n
     for k, v in full.model.state_dict().items():

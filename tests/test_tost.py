@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny_datasets
+from conftest import full_and_resumed, tiny_datasets
 from sparsetrain.config import RecipeConfig, load_config
 from sparsetrain.masks import MaskSet, random_masks
 from sparsetrain.models import build_model
@@ -147,18 +147,6 @@ def test_resume_inside_the_ghost_phase_matches_an_uninterrupted_run(tmp_path):
                                       "recipe.ghost_soft=true", "recipe.skip_end=0.9", "recipe.soft_blend_end=0.9",
                                       "run.checkpoint_every_steps=2"])
 
-    full = Trainer(config(tmp_path / "full"), datasets=_data())
-    full.fit()
-
-    class Stop(Exception):
-        pass
-
-    cut = Trainer(config(tmp_path / "cut"), datasets=_data())
-    real = cut.method.after_step
-    cut.method.after_step = lambda step, opt: (_ for _ in ()).throw(Stop()) if step == 3 else real(step, opt)
-    with pytest.raises(Stop):
-        cut.fit()
-    resumed = Trainer(config(tmp_path / "cut"), datasets=_data())
-    resumed.fit()
+    full, resumed = full_and_resumed(lambda out: Trainer(config(out), datasets=_data()), tmp_path, 3)
     for k, v in full.model.state_dict().items():
         torch.testing.assert_close(v, resumed.model.state_dict()[k], rtol=0, atol=0)
