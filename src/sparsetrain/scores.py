@@ -32,11 +32,6 @@ def magnitude_scores(model, params, batches, generator) -> dict[str, torch.Tenso
     return {n: p.detach().abs() for n, p in params.items()}
 
 
-def _param_names(model: nn.Module, params: Mapping[str, nn.Parameter]) -> list[str]:
-    by_id = {id(p): n for n, p in params.items()}
-    return [by_id[id(p)] for p in model.parameters() if id(p) in by_id]
-
-
 def snip_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
     """SNIP (Lee et al., 2019): |w * dL/dw| summed over the given batches."""
     names = list(params)

@@ -202,11 +202,6 @@ class ToST:
         self.teacher: nn.Module | None = None
         self.init_scales: dict[str, float] = {}
 
-    @property
-    def active(self) -> bool:
-        c = self.cfg
-        return bool(c.ghost_soft or c.ghost_skip or c.rescale_init != "none" or c.label_smoothing or c.teacher)
-
     def setup(self, model: nn.Module, densities: dict[str, float] | None, batches, input_shape, device, channels_last: bool,
               momentum: float, weight_decay: float) -> None:
         c = self.cfg
