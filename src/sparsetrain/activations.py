@@ -14,25 +14,34 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from . import native
+
 __all__ = ["BitReLU", "replace_activations"]
 
 
 class _BitReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        from .swat import flat_view, pack_bits
+        from .swat import flat_view, pack_bits, unflat
 
         flat, cl = flat_view(x.detach())
-        ctx.save_for_backward(pack_bits(flat > 0))
         ctx.conf = (tuple(x.shape), cl)
+        if native.available(flat):
+            out, packed = native.relu_bits(flat)
+            ctx.save_for_backward(packed)
+            return unflat(out, tuple(x.shape), cl)
+        ctx.save_for_backward(pack_bits(flat > 0))
         return torch.relu(x)
 
     @staticmethod
     def backward(ctx, grad):
-        from .swat import unflat, unpack_bits
+        from .swat import flat_view, unflat, unpack_bits
 
         (packed,) = ctx.saved_tensors
         shape, cl = ctx.conf
+        gflat, gcl = flat_view(grad)
+        if gcl == cl and native.available(gflat):
+            return unflat(native.relu_grad(gflat, packed), shape, cl)
         positive = unflat(unpack_bits(packed, math.prod(shape)), shape, cl).to(grad.device)
         return grad * positive
 

@@ -23,13 +23,16 @@ weights for export as a plain sparse model.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from . import native
 from .schemes import parse_scheme
 
 __all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers", "pack_bits", "unpack_bits",
@@ -89,6 +92,9 @@ def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
 def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The entries with |x| >= a_thresh: a bitmask of their positions and their values (memory order)."""
     flat, cl = flat_view(x.detach())
+    if native.available(flat):
+        packed, values = native.compress(flat, float(a_thresh))
+        return packed, values, cl
     keep = flat.abs() >= a_thresh
     if _numpy_ok(flat):
         values = torch.from_numpy(flat.numpy()[keep.numpy()])
@@ -99,6 +105,8 @@ def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _decompress(packed: torch.Tensor, values: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
     numel = math.prod(shape)
+    if native.available(values):
+        return unflat(native.decompress(packed, values, numel, _scratch(numel)), shape, channels_last)
     keep = unpack_bits(packed, numel)
     if _numpy_ok(values):
         out = np.zeros(numel, dtype=values.numpy().dtype)
@@ -109,22 +117,43 @@ def _decompress(packed: torch.Tensor, values: torch.Tensor, shape, channels_last
     return unflat(flat, shape, channels_last)
 
 
+_local = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A reused float32 buffer for the input rebuilt in backward (used only until the layer's backward returns).
+
+    Backward visits layers one at a time per thread, so one buffer per thread suffices; reusing
+    it spares the page faults of a fresh allocation, which cost as much as the rebuild itself.
+    """
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _local.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
 def _weights(weight, w_mask, w_thresh):
     """W_s: the kept units (structured) or the weights at or above the period's threshold."""
-    return weight * (w_mask if w_mask is not None else weight.abs() >= w_thresh)
+    if w_mask is not None:
+        return weight * w_mask
+    flat, cl = flat_view(weight.detach())
+    if native.available(flat):
+        return unflat(native.select(flat, float(w_thresh)), tuple(weight.shape), cl)
+    return weight * (weight.abs() >= w_thresh)
 
 
 class _SWATConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh, stride, padding, dilation, groups):
+        packed, values, cl = _compress(x, a_thresh)  # first, while x is still in cache from the layer before
         out = F.conv2d(x, _weights(weight, w_mask, w_thresh), bias, stride, padding, dilation, groups)
-        packed, values, cl = _compress(x, a_thresh)
         # the weight is resident anyway; W_s is rebuilt in backward (the step has not changed the weight yet)
         ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
         ctx.conf = (tuple(x.shape), cl, stride, padding, dilation, groups, bias is not None)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
         shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
@@ -140,13 +169,14 @@ class _SWATConv2dFn(torch.autograd.Function):
 class _SWATLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh):
-        out = F.linear(x, _weights(weight, w_mask, w_thresh), bias)
         packed, values, cl = _compress(x, a_thresh)
+        out = F.linear(x, _weights(weight, w_mask, w_thresh), bias)
         ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
         ctx.conf = (tuple(x.shape), cl, bias is not None)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
         shape, cl, has_bias = ctx.conf

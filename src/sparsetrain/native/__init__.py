@@ -1,0 +1,155 @@
+"""Fused C kernels for compressed activations, built on first use; numpy is the fallback.
+
+SWAT saves each layer input as a bitmask plus the kept values, and the bit-packed ReLU
+saves one bit per element. In numpy that is several single-threaded passes (abs, compare,
+boolean gather, zero fill, boolean scatter); the kernels in ``kernels.c`` do each side in
+one multi-threaded pass, which is what keeps SWAT's step time near the dense one.
+
+The library is compiled with the system C compiler (``$CC``, else ``cc``) into the cache
+directory ($SPARSETRAIN_CACHE, else ~/.cache/sparsetrain) the first time it is needed,
+keyed by the source's hash. Without a compiler, or with ``SPARSETRAIN_NATIVE=0``, every
+caller falls back to the numpy path, which gives identical results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "library_path"]
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-std=c99"]
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _f32, _int, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "chunk_count": ([_i64], _i64),
+    "keep_bits_f32": ([_p, _i64, _f32, _int, _p, _p, _int], None),
+    "gather_f32": ([_p, _i64, _p, _p, _p, _int], None),
+    "count_bits": ([_p, _i64, _p, _int], None),
+    "scatter_f32": ([_p, _p, _p, _i64, _p, _int], None),
+    "relu_bits_f32": ([_p, _i64, _p, _p, _int], None),
+    "relu_grad_f32": ([_p, _p, _i64, _p, _int], None),
+    "select_f32": ([_p, _i64, _f32, _p, _int], None),
+}
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source and compiler lives."""
+    from ..data import default_cache_dir
+
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha1(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    return default_cache_dir() / "native" / f"sparsetrain_kernels-{key}.so"
+
+
+def _build(target: Path) -> None:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r}) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("SPARSETRAIN_NATIVE", "1") == "0":
+        return None
+    try:
+        path = library_path()
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        _lib = lib
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"sparsetrain: native kernels unavailable ({e}); using the slower numpy path", RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def available(t: torch.Tensor | None = None) -> bool:
+    """True when the kernels are loaded (and, given ``t``, apply to it: float32, contiguous, on the CPU)."""
+    if t is not None and not (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()):
+        return False
+    return _load() is not None
+
+
+def _offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
+    offsets = np.zeros_like(counts)
+    np.cumsum(counts[:-1], out=offsets[1:])
+    return offsets, int(counts.sum())
+
+
+def compress(flat: torch.Tensor, threshold: float, absolute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed bits of ``|flat| >= threshold`` (``flat >= threshold`` if not absolute), the kept values in order)."""
+    lib, n, threads = _load(), flat.numel(), torch.get_num_threads()
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    counts = np.empty(lib.chunk_count(n), dtype=np.int64)
+    lib.keep_bits_f32(flat.data_ptr(), n, float(threshold), int(absolute), packed.data_ptr(), counts.ctypes.data, threads)
+    offsets, total = _offsets(counts)
+    values = torch.empty(total, dtype=flat.dtype)
+    lib.gather_f32(flat.data_ptr(), n, packed.data_ptr(), offsets.ctypes.data, values.data_ptr(), threads)
+    return packed, values
+
+
+def decompress(packed: torch.Tensor, values: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense 1-D tensor of ``numel`` entries: ``values`` where the bit is set, zero elsewhere (into ``out`` if given)."""
+    lib, threads = _load(), torch.get_num_threads()
+    counts = np.empty(lib.chunk_count(numel), dtype=np.int64)
+    lib.count_bits(packed.data_ptr(), numel, counts.ctypes.data, threads)
+    offsets, total = _offsets(counts)
+    if total != values.numel():
+        raise ValueError(f"bitmask holds {total} set bits but {values.numel()} values were given")
+    if out is None:
+        out = torch.empty(numel, dtype=values.dtype)
+    elif not (out.numel() == numel and out.dtype == values.dtype and out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {values.dtype} tensor of {numel} entries")
+    lib.scatter_f32(packed.data_ptr(), values.data_ptr(), offsets.ctypes.data, numel, out.data_ptr(), threads)
+    return out
+
+
+def relu_bits(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu(flat), packed bits of flat > 0) in one pass."""
+    n = flat.numel()
+    out, packed = torch.empty_like(flat), torch.empty((n + 7) // 8, dtype=torch.uint8)
+    _load().relu_bits_f32(flat.data_ptr(), n, out.data_ptr(), packed.data_ptr(), torch.get_num_threads())
+    return out, packed
+
+
+def relu_grad(grad: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the packed bit is set, zero elsewhere (ReLU's backward from its bitmask)."""
+    out = torch.empty_like(grad)
+    _load().relu_grad_f32(grad.data_ptr(), packed.data_ptr(), grad.numel(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def select(flat: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``flat`` where ``|flat| >= threshold``, zero elsewhere, in one pass."""
+    out = torch.empty_like(flat)
+    _load().select_f32(flat.data_ptr(), flat.numel(), float(threshold), out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,95 @@
+"""The fused C kernels agree bit for bit with the numpy/torch reference, and their absence is survivable."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from sparsetrain import native, swat
+from sparsetrain.activations import BitReLU
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the numpy path is used and tested elsewhere")
+
+# sizes around byte and chunk (65536) boundaries
+SIZES = [1, 7, 8, 9, 65535, 65536, 65537, 3 * 65536 + 13]
+
+
+def _packed(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_compress_decompress_match_reference(n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    threshold = float(x.abs().median())
+    packed, values = native.compress(x, threshold)
+    keep = x.abs() >= threshold
+    assert torch.equal(packed, _packed(keep))
+    assert torch.equal(values, x[keep])
+    assert torch.equal(native.decompress(packed, values, n), torch.where(keep, x, torch.zeros(())))
+    # signed comparison and an all-kept threshold
+    packed, values = native.compress(x, 0.0, absolute=False)
+    assert torch.equal(values, x[x >= 0])
+    assert native.compress(x, 0.0)[1].numel() == n
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_relu_bits_and_grad_match_torch(n):
+    g = torch.Generator().manual_seed(n)
+    x, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    out, packed = native.relu_bits(x)
+    assert torch.equal(out, torch.relu(x))
+    assert torch.equal(packed, _packed(x > 0))
+    assert torch.equal(native.relu_grad(grad, packed), torch.where(x > 0, grad, torch.zeros(())))
+
+
+def test_relu_passes_nan_like_torch():
+    x = torch.tensor([float("nan"), -1.0, 2.0, 0.0] * 4)
+    out, packed = native.relu_bits(x)
+    assert torch.equal(out.isnan(), torch.relu(x).isnan())
+    assert torch.equal(packed, _packed(x > 0))
+
+
+@pytest.mark.parametrize("n", [5, 64, 65541])
+def test_select_keeps_entries_at_or_above_threshold(n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    t = float(x.abs().quantile(0.7))
+    assert torch.equal(native.select(x, t), torch.where(x.abs() >= t, x, torch.zeros(())))
+
+
+def test_decompress_refuses_mismatched_values():
+    packed, values = native.compress(torch.arange(16.0), 8.0)
+    with pytest.raises(ValueError, match="8 set bits but 7 values"):
+        native.decompress(packed, values[:7], 16)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        native.decompress(packed, values, 16, out=torch.empty(15))
+
+
+def _swat_step(use_native: bool, monkeypatch):
+    monkeypatch.setattr(native, "_lib", native._lib if use_native else None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BitReLU(), nn.Conv2d(8, 8, 3, stride=2), BitReLU(),
+                          nn.Flatten(), nn.Linear(8 * 15 * 15, 10)).to(memory_format=torch.channels_last)
+    swat.convert(model, {"0.weight": 0.5, "2.weight": 0.3, "5.weight": 0.2}, period=1)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_swat_layers_give_the_same_results_with_and_without_kernels(monkeypatch):
+    out_native, grads_native = _swat_step(True, monkeypatch)
+    out_ref, grads_ref = _swat_step(False, monkeypatch)
+    assert torch.equal(out_native, out_ref)
+    for a, b in zip(grads_native, grads_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    with pytest.warns(RuntimeWarning, match="no-such-compiler-xyz"):
+        assert not native.available()
+    assert not list(tmp_path.rglob("*.so"))
