@@ -70,3 +70,19 @@ def test_saved_tensor_bytes_counts_what_autograd_keeps():
     y = torch.randn(32, 100, requires_grad=True)
     both = saved_tensor_bytes(lambda: lin(y).sum().backward())
     assert both == 32 * 100 * 4 + 50 * 100 * 4  # input and weight
+
+
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """A child's peak must not start from the parent's (ru_maxrss does after fork + exec)."""
+    import subprocess
+    import sys
+
+    from sparsetrain.accounting import peak_memory_bytes
+
+    big = torch.ones(100_000_000)  # 400 MB, touched
+    parent = peak_memory_bytes()
+    child = int(subprocess.run([sys.executable, "-c", "from sparsetrain.accounting import peak_memory_bytes; print(peak_memory_bytes())"],
+                               capture_output=True, text=True, check=True).stdout)
+    del big
+    assert parent >= 400e6
+    assert child < parent - 300e6

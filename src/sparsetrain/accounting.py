@@ -226,5 +226,20 @@ def peak_memory_bytes(device: str | torch.device = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:  # this address space's own peak; ru_maxrss starts from the parent's peak after fork + exec
+        return hwm * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (Linux), or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
