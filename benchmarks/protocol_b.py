@@ -45,12 +45,13 @@ PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def make(model_name: str, config: str, sparsity: float, extra: list[str], steps_per_epoch: int = 391):
     """A model, its optimizer and method for ``config`` ("dense" or a sparse configuration)."""
     torch.manual_seed(0)
-    model = build_model(model_name, 10).to(memory_format=torch.channels_last)
+    model = build_model(model_name, 10).to(memory_format=memory_format(config))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     method = None
     if config != "dense":
         overrides = {"swat": ["sparsity.method=swat"], "masked": ["sparsity.method=static"],
                      "csr": ["sparsity.method=static", "sparsity.backend=csr"],
+                     "direct": ["sparsity.method=static", "sparsity.backend=direct"],
                      "auto": ["sparsity.method=static", "sparsity.backend=auto"]}[config]
         cfg = load_config(overrides=[*overrides, f"sparsity.sparsity={sparsity}", *extra])
         method = build_method(cfg)
@@ -58,6 +59,12 @@ def make(model_name: str, config: str, sparsity: float, extra: list[str], steps_
         if cfg.sparsity.backend != "masked":
             apply_backend(model, method.maskset, cfg.sparsity.backend)
     return model, opt, method
+
+
+def memory_format(config: str):
+    """Each configuration in its faster layout: the direct kernels work on NCHW, oneDNN's dense convolutions
+    (dense, masked, SWAT, and the CSR path's unfolding) are faster channels-last here."""
+    return torch.contiguous_format if config in ("direct", "auto") else torch.channels_last
 
 
 def step_fn(model, opt, method, x, y):
@@ -82,7 +89,7 @@ def measure_peak(args) -> None:
     """Child-process mode: a few steps of one configuration, then print the peak RSS (and the RSS before the model)."""
     base = peak_memory_bytes()
     model, opt, method = make(args.model, args.peak, args.sparsity, args.extra)
-    x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=memory_format(args.peak))
     y = torch.randint(0, 10, (args.batch,))
     step = step_fn(model, opt, method, x, y)
     for _ in range(3):
@@ -94,7 +101,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vgg16")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--config", default="swat", choices=["swat", "masked", "csr", "auto"])
+    ap.add_argument("--config", default="swat", choices=["swat", "masked", "csr", "direct", "auto"])
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -109,7 +116,8 @@ def main(argv=None):
     y = torch.randint(0, 10, (args.batch,))
     dense, dopt, _ = make(args.model, "dense", 0.0, [])
     sparse, sopt, method = make(args.model, args.config, args.sparsity, args.extra)
-    steps = {"dense": step_fn(dense, dopt, None, x, y), "sparse": step_fn(sparse, sopt, method, x, y)}
+    steps = {"dense": step_fn(dense, dopt, None, x, y),
+             "sparse": step_fn(sparse, sopt, method, x.contiguous(memory_format=memory_format(args.config)), y)}
     saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)
     saved_sparse = saved_tensor_bytes_by_module(steps["sparse"], sparse)
     for _ in range(args.warmup):

@@ -6,7 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import tiny_datasets
-from sparsetrain.backends import CSRStructure, SparseConv2d, apply_backend, csr_conv2d, csr_linear
+import sparsetrain.backends as backends
+from sparsetrain import native
+from sparsetrain.backends import CSRStructure, DirectStructure, SparseConv2d, apply_backend, csr_conv2d, csr_linear, direct_conv2d
 from sparsetrain.config import ConfigError, load_config
 from sparsetrain.masks import MaskSet, random_masks
 from sparsetrain.train import Trainer
@@ -35,6 +37,31 @@ def test_csr_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation):
     torch.testing.assert_close(gb, rb)
 
 
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler for the direct kernels")
+
+
+@needs_native
+@pytest.mark.parametrize("batch_inner", [False, True])
+@pytest.mark.parametrize("cin, cout, k, stride, padding, dilation", CONVS)
+def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation, batch_inner, monkeypatch):
+    monkeypatch.setattr(backends, "_BATCH_INNER_BELOW", 10**9 if batch_inner else 0)
+    torch.manual_seed(0)
+    mask = torch.rand(cout, cin, k, k) > 0.7
+    w = (torch.randn(cout, cin, k, k) * mask).requires_grad_()
+    b = torch.randn(cout, requires_grad=True)
+    x = torch.randn(3, cin, 9, 9, requires_grad=True)
+    out = direct_conv2d(x, w, b, DirectStructure.from_mask(mask), (stride, stride), (padding, padding), (dilation, dilation))
+    # reference in float64: the kernels sum in another order than any dense float32 path
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x64, w64, b64, stride, padding, dilation)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x, w, b), g.float())
+    want = torch.autograd.grad(ref, (x64, w64, b64), g)
+    for a, r, m in zip(got, want, (1, mask, 1)):
+        torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(5, 8), (16, 3), (1, 10)])
 def test_csr_linear_equals_masked_dense(shape):
     torch.manual_seed(1)
@@ -50,12 +77,13 @@ def test_csr_linear_equals_masked_dense(shape):
         torch.testing.assert_close(a, r * m)
 
 
-def test_structure_is_rebuilt_when_the_mask_changes_and_only_then():
+@pytest.mark.parametrize("backend", ["csr", pytest.param("direct", marks=needs_native)])
+def test_structure_is_rebuilt_when_the_mask_changes_and_only_then(backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
     ms = MaskSet.for_model(model, [])
     random_masks(ms, 0.6, torch.Generator().manual_seed(0))
-    layers = apply_backend(model, ms, "csr")
+    layers = apply_backend(model, ms, backend)
     assert isinstance(model[0], SparseConv2d) and set(layers) == {"0.weight", "3.weight"}
     x = torch.randn(2, 4, 6, 6)
     model(x)
@@ -85,7 +113,18 @@ def test_auto_times_both_paths_and_keeps_the_faster():
     assert layer.weight.grad is None  # the timing runs leave no gradient behind
 
 
-def test_training_with_csr_matches_masked_dense(tmp_path):
+@needs_native
+def test_auto_considers_the_direct_kernels_for_convolutions():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.95, torch.Generator().manual_seed(0))
+    layer = apply_backend(model, ms, "auto")["0.weight"]
+    model(torch.randn(4, 8, 12, 12))
+    assert set(layer.timings) == {"masked", "csr", "direct"} and layer.backend == min(layer.timings, key=layer.timings.get)
+
+
+@pytest.mark.parametrize("backend", ["csr", pytest.param("direct", marks=needs_native)])
+def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend):
     def run(backend):
         cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
                                      "run.progress=false", "model.channels_last=false", "optim.epochs=1",
@@ -97,8 +136,8 @@ def test_training_with_csr_matches_masked_dense(tmp_path):
         return trainer, summary
 
     dense, _ = run("masked")
-    sparse, summary = run("csr")
-    assert set(summary["backends"].values()) == {"csr"}
+    sparse, summary = run(backend)
+    assert set(summary["backends"].values()) == {backend}
     assert sparse.backend_layers["0.weight"].rebuilds > 1  # SET changed the masks during training
     for k, v in dense.model.state_dict().items():
         torch.testing.assert_close(sparse.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)

@@ -8,9 +8,14 @@
   indices, the transpose's permutation) is rebuilt only when the mask changes; each
   step gathers the kept values from the weight, so any optimizer keeps working on the
   ordinary dense parameter.
-* ``auto`` — per layer, whichever of the two is faster, timed once on the layer's real
-  input shape when training starts (a layer never runs slower than masked dense because
-  of us).
+* ``direct`` — our C kernels (:mod:`sparsetrain.native`) for convolutions: every kept
+  weight is one shifted multiply-add over an output plane (or, for feature maps of 16 x 16
+  and smaller, over the batch laid innermost), in forward, input gradient and kept-weight
+  gradient alike. Work is in proportion to the kept weights and there is no unfolded copy
+  of the input. Float32 on the CPU; Linear layers, and whatever the kernels do not cover,
+  take the CSR path.
+* ``auto`` — per layer, whichever is fastest, timed once on the layer's real input shape
+  when training starts (a layer never runs slower than masked dense because of us).
 
 :func:`apply_backend` swaps the layers of a model (same parameters, so optimizers and
 state dicts are untouched); the masks come from a :class:`~sparsetrain.masks.MaskSet`.
@@ -22,13 +27,23 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-__all__ = ["CSRStructure", "csr_linear", "csr_conv2d", "SparseLinear", "SparseConv2d", "apply_backend", "BACKENDS"]
+from . import native
 
-BACKENDS = ("masked", "csr", "auto")
+__all__ = ["CSRStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "SparseLinear", "SparseConv2d",
+           "apply_backend", "BACKENDS"]
+
+BACKENDS = ("masked", "csr", "direct", "auto")
+
+
+def _direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The direct kernels cover float32 on the CPU (and need the compiled library)."""
+    return x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and native.available()
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
@@ -146,6 +161,88 @@ class _CSRConv2dFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+@dataclass
+class DirectStructure:
+    """The kept entries of a conv weight [Cout, Cin, KH, KW], listed by output and by input channel.
+
+    ``flat_index`` gives each entry's position in the weight (row-major, so grouped by output
+    channel); the by-input-channel lists carry each entry's index into that order.
+    """
+
+    flat_index: torch.Tensor
+    by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
+    by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int64 (numpy)
+
+    @classmethod
+    def from_mask(cls, mask4d: torch.Tensor) -> "DirectStructure":
+        cout, cin, kh, kw = mask4d.shape
+        idx = mask4d.reshape(-1).nonzero().squeeze(1).cpu()
+        co, rest = idx // (cin * kh * kw), idx % (cin * kh * kw)
+        ci, r = rest // (kh * kw), rest % (kh * kw)
+        h, w = r // kw, r % kw
+        co_ptr = torch.zeros(cout + 1, dtype=torch.int64)
+        co_ptr[1:] = torch.bincount(co, minlength=cout).cumsum(0)
+        order = torch.argsort(ci * cout + co, stable=True)
+        ci_ptr = torch.zeros(cin + 1, dtype=torch.int64)
+        ci_ptr[1:] = torch.bincount(ci, minlength=cin).cumsum(0)
+        np_ = lambda t, dt: np.ascontiguousarray(t.numpy().astype(dt))  # noqa: E731
+        by_out = (np_(co_ptr, np.int64), np_(ci, np.int32), np_(h, np.int16), np_(w, np.int16))
+        by_in = (np_(ci_ptr, np.int64), np_(co[order], np.int32), np_(h[order], np.int16), np_(w[order], np.int16),
+                 np_(order, np.int64))
+        return cls(idx, by_out, by_in)
+
+    def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(like.numel(), dtype=values.dtype)
+        out[self.flat_index] = values
+        return out.view(like.shape)
+
+
+_BATCH_INNER_BELOW = 512  # output planes of 16 x 16 and smaller run with the batch innermost
+
+
+class _DirectConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, structure: DirectStructure, stride, padding, dilation):
+        n, cin, h, w = x.shape
+        cout, _, kh, kw = weight.shape
+        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        geom = np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
+        bi = ho * wo < _BATCH_INNER_BELOW
+        x = x.detach().permute(1, 2, 3, 0).contiguous() if bi else x.detach().contiguous()
+        values = weight.detach().reshape(-1)[structure.flat_index].contiguous()
+        out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
+        native.sparse_conv_forward(geom, x, values, None if bias is None else bias.detach().contiguous(),
+                                   structure.by_out, out, batch_inner=bi)
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (structure, geom, bias is not None, bi)
+        return out.permute(3, 0, 1, 2) if bi else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        s, geom, has_bias, bi = ctx.conf
+        g = grad_out.permute(1, 2, 3, 0).contiguous() if bi else grad_out.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            values = weight.detach().reshape(-1)[s.flat_index].contiguous()
+            gx = native.sparse_conv_backward_input(geom, g, values, s.by_in, torch.empty_like(x), batch_inner=bi)
+            gx = gx.permute(3, 0, 1, 2) if bi else gx
+        if ctx.needs_input_grad[1]:
+            gw = s.dense_grad(native.sparse_conv_backward_weight(geom, x, g, s.by_out, s.flat_index.numel(), batch_inner=bi),
+                              weight)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = grad_out.sum((0, 2, 3))
+        return gx, gw, gb, None, None, None, None
+
+
+def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """Conv2d (groups=1, float32, CPU) computing only the kept weights in ``structure``: no unfolded copy,
+    work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`)."""
+    return _DirectConv2dFn.apply(x, weight, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
+
+
 def _unfold(x, kernel, dilation, padding, stride) -> torch.Tensor:
     """Input columns [Cin*kh*kw, N*L] for a convolution as one matrix product (a 1x1 stride-1 conv needs no copy of patches)."""
     n, cin = x.shape[:2]
@@ -166,23 +263,31 @@ class _SparseExec:
     def _init_exec(self, maskset, name: str, backend: str):
         self.maskset, self.mask_name = maskset, name
         self.backend = backend  # "masked", "csr", or "auto" until the first forward decides
-        self._structure: CSRStructure | None = None
+        self._structures: dict[str, object] = {}
         self._version_seen = -1
         self.rebuilds = 0
 
-    def structure(self) -> CSRStructure:
-        """The CSR structure of the current mask, rebuilt only when the MaskSet's masks changed."""
-        if self._version_seen != self.maskset.version or self._structure is None:
-            mask = self.maskset.masks[self.mask_name]
-            self._structure = CSRStructure.from_mask(mask.reshape(mask.shape[0], -1))
+    def structure(self, kind: str = "csr"):
+        """The CSR (``"csr"``) or direct-kernel (``"direct"``) structure of the current mask, rebuilt
+        only when the MaskSet's masks changed."""
+        if self._version_seen != self.maskset.version:
+            self._structures.clear()
             self._version_seen = self.maskset.version
+        if kind not in self._structures:
+            mask = self.maskset.masks[self.mask_name]
+            self._structures[kind] = (DirectStructure.from_mask(mask) if kind == "direct"
+                                      else CSRStructure.from_mask(mask.reshape(mask.shape[0], -1)))
             self.rebuilds += 1
-        return self._structure
+        return self._structures[kind]
+
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        """The backends that can run this layer on ``x``."""
+        return ("masked", "csr")
 
     def _choose(self, x: torch.Tensor) -> None:
-        """Time masked dense against CSR (forward + backward) on this input; keep the faster."""
+        """Time every candidate backend (forward + backward) on this input; keep the fastest."""
         timings = {}
-        for name in ("masked", "csr"):
+        for name in self.candidates(x):
             self.backend = name
             best = float("inf")
             for _ in range(3):
@@ -208,7 +313,8 @@ class SparseLinear(_SparseExec, nn.Linear):
     """A Linear that computes with the backend chosen for it (made by :func:`apply_backend`)."""
 
     def _run(self, x):
-        if self.backend == "csr":  # ("auto" not decided yet, e.g. in evaluation, runs masked dense)
+        if self.backend in ("csr", "direct"):  # a Linear is a matrix product: CSR is its direct path
+            # ("auto" not decided yet, e.g. in evaluation, runs masked dense)
             return csr_linear(x, self.weight, self.bias, self.structure())
         return F.linear(x, self.weight, self.bias)  # masked dense: the MaskSet keeps masked weights at zero
 
@@ -216,8 +322,13 @@ class SparseLinear(_SparseExec, nn.Linear):
 class SparseConv2d(_SparseExec, nn.Conv2d):
     """A Conv2d that computes with the backend chosen for it (made by :func:`apply_backend`)."""
 
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        return ("masked", "csr", "direct") if _direct_ok(x, self.weight) else ("masked", "csr")
+
     def _run(self, x):
-        if self.backend == "csr":
+        if self.backend == "direct" and _direct_ok(x, self.weight):
+            return direct_conv2d(x, self.weight, self.bias, self.structure("direct"), self.stride, self.padding, self.dilation)
+        if self.backend in ("csr", "direct"):  # direct on what its kernels do not cover: CSR
             return csr_conv2d(x, self.weight, self.bias, self.structure(), self.stride, self.padding, self.dilation)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 

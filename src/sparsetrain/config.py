@@ -160,8 +160,8 @@ class SparsityConfig(_Section):
     update_fraction: float = Field(0.3, ge=0, lt=1, description="SET/RigL: share of active weights replaced at the first update")
     update_decay: Literal["cosine", "constant"] = "cosine"
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
-    backend: Literal["masked", "csr", "auto"] = Field(
-        "masked", description="execution of masked layers: masked dense, CSR sparse products, or the faster per layer")
+    backend: Literal["masked", "csr", "direct", "auto"] = Field(
+        "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, or the fastest per layer")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)

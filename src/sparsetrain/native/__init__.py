@@ -3,11 +3,13 @@
 SWAT saves each layer input as a bitmask plus the kept values, and the bit-packed ReLU
 saves one bit per element. In numpy that is several single-threaded passes (abs, compare,
 boolean gather, zero fill, boolean scatter); the kernels in ``kernels.c`` do each side in
-one multi-threaded pass, which is what keeps SWAT's step time near the dense one.
+one multi-threaded pass, which is what keeps SWAT's step time near the dense one. The
+same file holds the direct sparse convolution of the ``direct`` execution backend.
 
-The library is compiled with the system C compiler (``$CC``, else ``cc``) into the cache
-directory ($SPARSETRAIN_CACHE, else ~/.cache/sparsetrain) the first time it is needed,
-keyed by the source's hash. Without a compiler, or with ``SPARSETRAIN_NATIVE=0``, every
+The library is compiled with the system C compiler (``$CC``, else ``cc``), tuned for the
+CPU at hand (-march=native), into the cache directory ($SPARSETRAIN_CACHE, else
+~/.cache/sparsetrain) the first time it is needed, keyed by the source, the compiler and
+the CPU. Without a compiler, or with ``SPARSETRAIN_NATIVE=0``, every
 caller falls back to the numpy path, which gives identical results.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "library_path"]
+__all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "sparse_conv_forward",
+           "sparse_conv_backward_input", "sparse_conv_backward_weight", "library_path"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-std=c99"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -42,15 +46,32 @@ _SIGNATURES = {
     "relu_bits_f32": ([_p, _i64, _p, _p, _int], None),
     "relu_grad_f32": ([_p, _p, _i64, _p, _int], None),
     "select_f32": ([_p, _i64, _f32, _p, _int], None),
+    "sparse_conv_forward": ([_p] * 9 + [_int], None),
+    "sparse_conv_backward_input": ([_p] * 9 + [_int], None),
+    "sparse_conv_backward_weight": ([_p] * 8 + [_int, _int], None),
+    "sparse_conv_forward_bi": ([_p] * 9 + [_int], None),
+    "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
+    "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
 }
 
 
+def _cpu_identity() -> str:
+    """What -march=native depends on: the machine and its CPU's model and feature flags."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += "".join(line for line in f if line.startswith(("model name", "flags", "Features", "CPU part")))[:4096]
+    except OSError:
+        pass
+    return ident
+
+
 def library_path() -> Path:
-    """Where the compiled library for this source and compiler lives."""
+    """Where the compiled library for this source, compiler and CPU lives (a shared cache may serve several CPUs)."""
     from ..data import default_cache_dir
 
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha1(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
     return default_cache_dir() / "native" / f"sparsetrain_kernels-{key}.so"
 
 
@@ -62,8 +83,12 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if done.returncode != 0:
+        # tuned for this CPU where the compiler can; portable otherwise
+        for flags in (_FLAGS, [f for f in _FLAGS if not f.startswith("-march")]):
+            done = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) never load a half-written file
     finally:
@@ -153,3 +178,47 @@ def select(flat: torch.Tensor, threshold: float) -> torch.Tensor:
     out = torch.empty_like(flat)
     _load().select_f32(flat.data_ptr(), flat.numel(), float(threshold), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def _ptr(t) -> int:
+    return t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr()
+
+
+def sparse_conv_forward(geom: np.ndarray, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                        by_out: tuple, out: torch.Tensor, batch_inner: bool = False) -> torch.Tensor:
+    """Direct sparse convolution into ``out``. ``geom`` = N, Cin, H, W, Cout, Ho, Wo, strides, paddings,
+    dilations (int64); ``by_out`` = (co_ptr, ci, kh, kw) lists the kept entries by output channel.
+    Tensors are NCHW, or [C, H, W, N] with ``batch_inner`` (faster for small feature maps)."""
+    co_ptr, ci, kh, kw = by_out
+    fn = _load().sparse_conv_forward_bi if batch_inner else _load().sparse_conv_forward
+    fn(_ptr(geom), _ptr(x), _ptr(values), _ptr(bias) if bias is not None else None,
+       _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(out), torch.get_num_threads())
+    return out
+
+
+def sparse_conv_backward_input(geom: np.ndarray, grad: torch.Tensor, values: torch.Tensor, by_in: tuple,
+                               gx: torch.Tensor, batch_inner: bool = False) -> torch.Tensor:
+    """The input gradient of :func:`sparse_conv_forward` into ``gx``; ``by_in`` = (ci_ptr, co, kh, kw, value index)
+    lists the kept entries by input channel."""
+    ci_ptr, co, kh, kw, vidx = by_in
+    fn = _load().sparse_conv_backward_input_bi if batch_inner else _load().sparse_conv_backward_input
+    fn(_ptr(geom), _ptr(grad), _ptr(values), _ptr(ci_ptr), _ptr(co), _ptr(kh), _ptr(kw), _ptr(vidx), _ptr(gx),
+       torch.get_num_threads())
+    return gx
+
+
+def sparse_conv_backward_weight(geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple,
+                                nnz: int, batch_inner: bool = False) -> torch.Tensor:
+    """The weight gradient of :func:`sparse_conv_forward` at the kept entries only (in ``by_out`` order)."""
+    co_ptr, ci, kh, kw = by_out
+    lib, threads = _load(), torch.get_num_threads()
+    if batch_inner:
+        gw = torch.empty(nnz, dtype=torch.float32)
+        lib.sparse_conv_backward_weight_bi(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw),
+                                           _ptr(gw), threads)
+        return gw
+    parts = max(1, min(threads, int(geom[0])))
+    partial = torch.empty(parts, nnz, dtype=torch.float32)
+    lib.sparse_conv_backward_weight(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw),
+                                    _ptr(partial), parts, threads)
+    return partial.sum(0)
