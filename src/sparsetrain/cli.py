@@ -127,8 +127,30 @@ def _flops(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import plot_bench, results_json, run_bench
+
+    try:
+        results = run_bench(args.model, args.configs, args.sparsity, args.batch, args.pairs, args.warmup, args.extra,
+                            memory=not args.no_memory)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = results_json(results)
+    print(f"{'config':<8} {'sparsity':>8} {'step ratio':>10} {'dense s':>8} {'sparse s':>9} {'mem ratio':>9}")
+    for r in results:
+        mem = "" if r.mem_ratio is None else f"{r.mem_ratio:.3f}"
+        print(f"{r.config:<8} {r.sparsity:>8.3f} {r.step_ratio:>10.3f} {r.step_s_dense:>8.3f} {r.step_s_sparse:>9.3f} {mem:>9}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.png:
+        print(f"plot: {plot_bench(results, args.png)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sparsetrain`` argument parser with its four commands."""
+    """The ``sparsetrain`` argument parser with its commands."""
     from .config import METHODS
     from .data import DATASETS
     from .models import MODELS
@@ -170,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dense-layers", nargs="*", help="layers left dense (default: first last; swat: first)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_flops)
+
+    b = sub.add_parser("bench", help="training-step time and peak memory of sparse configurations against dense",
+                       description="Alternates dense and sparse training steps (A B A B) in one process and reports "
+                                   "the median ratio; peak memory of each configuration in a fresh process. "
+                                   "Example: sparsetrain bench --model vgg16 --configs direct auto --sparsity 0.9 0.95 0.98")
+    b.add_argument("--model", default="vgg16", choices=sorted(MODELS))
+    b.add_argument("--configs", nargs="+", default=["auto"], help="of: masked csr direct auto swat")
+    b.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    b.add_argument("--batch", type=int, default=128)
+    b.add_argument("--pairs", type=int, default=10, help="timed dense/sparse step pairs")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. sparsity.distribution=erk")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    b.add_argument("--json", help="write the results here")
+    b.add_argument("--png", help="write the ratio-against-sparsity plot here")
+    b.set_defaults(func=_bench)
     return p
 
 

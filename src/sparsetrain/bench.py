@@ -1,0 +1,218 @@
+"""Does sparsity buy time and memory here? Training-step time and peak memory of sparse configurations
+against dense, measured the way the benchmark protocol asks (``sparsetrain bench``).
+
+Time: one process holds the dense model and the sparse one; after a warm-up it alternates one
+dense and one sparse training step (forward, backward, SGD step with momentum, plus the
+method's own per-step work at its real frequency), A B A B, and reports the median of the
+per-pair ratios sparse/dense, so slow drifts of the machine hit both alike.
+
+Memory: each configuration trains a few steps in a fresh process of its own, whose peak
+resident set is read from the kernel (the process's own high-water mark). glibc's mmap
+threshold is fixed there (:data:`PEAK_ENV`), so freed tensors leave the resident set and
+the peak follows the tensors alive at once rather than the allocator's high-water mark.
+
+Inputs are random tensors of the dataset's shape: data loading is the same for every
+configuration and is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .accounting import peak_memory_bytes
+from .backends import apply_backend
+from .config import load_config
+from .methods import SetupContext, build_method
+from .models import build_model, model_input_shape
+
+__all__ = ["CONFIGS", "PEAK_ENV", "BenchResult", "build", "make_step", "memory_format", "time_pairs", "peak_memory",
+           "run_bench", "plot_bench", "results_json"]
+
+# configuration -> config overrides (besides the sparsity); "dense" is the baseline
+CONFIGS: dict[str, list[str]] = {
+    "masked": ["sparsity.method=static"],
+    "csr": ["sparsity.method=static", "sparsity.backend=csr"],
+    "direct": ["sparsity.method=static", "sparsity.backend=direct"],
+    "auto": ["sparsity.method=static", "sparsity.backend=auto"],
+    "swat": ["sparsity.method=swat"],
+}
+
+# glibc keeps freed blocks below its (self-raising) mmap threshold resident; a fixed threshold
+# returns every large freed tensor to the OS, so the peak RSS follows live memory.
+PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def memory_format(config: str) -> torch.memory_format:
+    """Each configuration in its faster layout: the direct kernels work on NCHW; oneDNN's dense
+    convolutions (dense, masked, SWAT, the CSR path's unfolding) are faster channels-last on CPUs."""
+    return torch.contiguous_format if config in ("direct", "auto") else torch.channels_last
+
+
+def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = ()):
+    """(model, optimizer, method or None) for ``config``: "dense" or a key of :data:`CONFIGS`; the model
+    takes the input of its usual dataset (CIFAR-size for the CIFAR zoo)."""
+    if config != "dense" and config not in CONFIGS:
+        raise ValueError(f"unknown configuration {config!r}; choose dense or one of {sorted(CONFIGS)}")
+    torch.manual_seed(0)
+    model = build_model(model_name).to(memory_format=memory_format(config))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    method = None
+    if config != "dense":
+        cfg = load_config(overrides=[*CONFIGS[config], f"sparsity.sparsity={sparsity}", *extra])
+        method = build_method(cfg)
+        method.setup(SetupContext(model, opt, torch.Generator().manual_seed(0), model_input_shape(model_name), 391, 1))
+        if cfg.sparsity.backend != "masked":
+            apply_backend(model, method.maskset, cfg.sparsity.backend)
+    return model, opt, method
+
+
+def make_step(model, opt, method, batch: int, config: str = "dense", input_shape: tuple[int, ...] = (3, 32, 32)):
+    """A function running one training step on a fixed random batch of ``input_shape`` images."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *input_shape, generator=g).contiguous(memory_format=memory_format(config))
+    model.eval()
+    with torch.no_grad():
+        num_classes = model(x[:2]).shape[-1]
+    model.train()
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    state = {"step": 0}
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if method:
+            method.before_step(state["step"], opt)
+        opt.step()
+        state["step"] += 1
+        if method:
+            method.after_step(state["step"], opt)
+
+    return step
+
+
+def time_pairs(dense_step, sparse_step, pairs: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of each, alternated A B A B after ``warmup`` steps of each."""
+    for _ in range(warmup):
+        dense_step()
+        sparse_step()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(pairs):
+        for step, out in ((dense_step, times[0]), (sparse_step, times[1])):
+            t = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t)
+    return times
+
+
+def peak_memory(model_name: str, config: str, sparsity: float, batch: int, extra: list[str] = (), steps: int = 3) -> dict:
+    """Peak resident bytes of a fresh process training ``steps`` steps of ``config``, and its bytes before the model."""
+    cmd = [sys.executable, "-m", "sparsetrain.bench", "--peak", model_name, config, str(sparsity), str(batch), str(steps),
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PEAK_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory run of {config} failed: {done.stderr.strip()[-800:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(model_name: str, config: str, sparsity: str, batch: str, steps: str, *extra: str) -> None:
+    base = peak_memory_bytes()
+    model, opt, method = build(model_name, config, float(sparsity), list(extra))
+    step = make_step(model, opt, method, int(batch), config, model_input_shape(model_name))
+    for _ in range(int(steps)):
+        step()
+    print(json.dumps({"peak": peak_memory_bytes(), "base": base}))
+
+
+@dataclass
+class BenchResult:
+    """One configuration at one sparsity against dense."""
+    model: str
+    config: str
+    sparsity: float
+    batch: int
+    step_ratio: float
+    step_s_dense: float
+    step_s_sparse: float
+    pairs: int
+    mem_ratio: float | None = None
+    mem_ratio_training: float | None = None
+    peak_bytes: dict = field(default_factory=dict)
+    backends: dict | None = None
+
+
+def run_bench(model_name: str, configs: list[str], sparsities: list[float], batch: int = 128, pairs: int = 10,
+              warmup: int = 3, extra: list[str] = (), memory: bool = True, progress: bool = True) -> list[BenchResult]:
+    """Every configuration at every sparsity against one dense baseline (see the module docstring)."""
+    from tqdm import tqdm
+
+    for c in configs:
+        if c not in CONFIGS:
+            raise ValueError(f"unknown configuration {c!r}; choose from {sorted(CONFIGS)}")
+    for s in sparsities:
+        if not 0 < s < 1:
+            raise ValueError(f"sparsity must be in (0, 1), got {s}")
+    shape = model_input_shape(model_name)
+    dense_step = make_step(*build(model_name, "dense"), batch, "dense", shape)
+    dense_peak = peak_memory(model_name, "dense", 0.0, batch) if memory else None
+    results = []
+    for config, sparsity in tqdm([(c, s) for c in configs for s in sparsities], desc="bench", disable=not progress):
+        model, opt, method = build(model_name, config, sparsity, list(extra))
+        t_dense, t_sparse = time_pairs(dense_step, make_step(model, opt, method, batch, config, shape), pairs, warmup)
+        chosen = {n: m.backend for n, m in model.named_modules() if hasattr(m, "backend") and hasattr(m, "maskset")}
+        r = BenchResult(model_name, config, sparsity, batch, statistics.median(s / d for d, s in zip(t_dense, t_sparse)),
+                        statistics.median(t_dense), statistics.median(t_sparse), pairs, backends=chosen or None)
+        del model, opt, method
+        if memory:
+            peak = peak_memory(model_name, config, sparsity, batch, list(extra))
+            r.mem_ratio = peak["peak"] / dense_peak["peak"]
+            r.mem_ratio_training = (peak["peak"] - peak["base"]) / (dense_peak["peak"] - dense_peak["base"])
+            r.peak_bytes = {"dense": dense_peak["peak"], config: peak["peak"]}
+        results.append(r)
+    return results
+
+
+def plot_bench(results: list[BenchResult], path: str | Path) -> Path:
+    """Step-time ratio against sparsity for each configuration, with the 1 - s FLOP line as the physical limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config in dict.fromkeys(r.config for r in results):
+        rows = sorted((r for r in results if r.config == config), key=lambda r: r.sparsity)
+        ax.plot([r.sparsity for r in rows], [r.step_ratio for r in rows], "o-", label=config)
+    xs = sorted({r.sparsity for r in results})
+    ax.plot(xs, [1 - s for s in xs], "k--", lw=1, label="1 - s (FLOPs)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("step time / dense")
+    models = ", ".join(sorted({f"{r.model} batch {r.batch}" for r in results}))
+    ax.set_title(f"Training step against dense: {models}")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def results_json(results: list[BenchResult]) -> list[dict]:
+    """The results as JSON-ready dicts."""
+    return [asdict(r) for r in results]
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--peak":
+    _peak_child(*sys.argv[2:])
