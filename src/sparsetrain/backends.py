@@ -200,6 +200,11 @@ class DirectStructure:
 _BATCH_INNER_BELOW = 512  # output planes of 16 x 16 and smaller run with the batch innermost
 
 
+def _kernel_layout(t: torch.Tensor, batch_inner: bool) -> torch.Tensor:
+    """``t`` as the kernels read it: contiguous NCHW, or [C, H, W, N] with the batch innermost."""
+    return t.permute(1, 2, 3, 0).contiguous() if batch_inner else t.contiguous()
+
+
 class _DirectConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, structure: DirectStructure, stride, padding, dilation):
@@ -209,11 +214,12 @@ class _DirectConv2dFn(torch.autograd.Function):
         wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         geom = np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
         bi = ho * wo < _BATCH_INNER_BELOW
-        x = x.detach().permute(1, 2, 3, 0).contiguous() if bi else x.detach().contiguous()
+        xk = _kernel_layout(x.detach(), bi)
         values = weight.detach().reshape(-1)[structure.flat_index].contiguous()
         out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
-        native.sparse_conv_forward(geom, x, values, None if bias is None else bias.detach().contiguous(),
+        native.sparse_conv_forward(geom, xk, values, None if bias is None else bias.detach().contiguous(),
                                    structure.by_out, out, batch_inner=bi)
+        # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
         ctx.save_for_backward(x, weight)
         ctx.conf = (structure, geom, bias is not None, bi)
         return out.permute(3, 0, 1, 2) if bi else out
@@ -223,15 +229,17 @@ class _DirectConv2dFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         s, geom, has_bias, bi = ctx.conf
-        g = grad_out.permute(1, 2, 3, 0).contiguous() if bi else grad_out.contiguous()
+        g = _kernel_layout(grad_out, bi)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             values = weight.detach().reshape(-1)[s.flat_index].contiguous()
-            gx = native.sparse_conv_backward_input(geom, g, values, s.by_in, torch.empty_like(x), batch_inner=bi)
+            n, cin, h, w = (int(v) for v in geom[:4])
+            gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
+            native.sparse_conv_backward_input(geom, g, values, s.by_in, gx, batch_inner=bi)
             gx = gx.permute(3, 0, 1, 2) if bi else gx
         if ctx.needs_input_grad[1]:
-            gw = s.dense_grad(native.sparse_conv_backward_weight(geom, x, g, s.by_out, s.flat_index.numel(), batch_inner=bi),
-                              weight)
+            gw = s.dense_grad(native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), g, s.by_out,
+                                                                 s.flat_index.numel(), batch_inner=bi), weight)
         if has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3))
         return gx, gw, gb, None, None, None, None
@@ -323,7 +331,8 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
     """A Conv2d that computes with the backend chosen for it (made by :func:`apply_backend`)."""
 
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
-        return ("masked", "csr", "direct") if _direct_ok(x, self.weight) else ("masked", "csr")
+        # where the direct kernels run, CSR (an unfolded copy of the input) is slower and far larger: not tried
+        return ("masked", "direct") if _direct_ok(x, self.weight) else ("masked", "csr")
 
     def _run(self, x):
         if self.backend == "direct" and _direct_ok(x, self.weight):
