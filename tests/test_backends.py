@@ -146,3 +146,44 @@ def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend):
 def test_backend_needs_masks():
     with pytest.raises(ConfigError, match="backend 'csr' runs masked layers sparse; method 'dense' has no masks"):
         load_config(overrides=["sparsity.backend=csr"])
+
+
+def test_two_four_masks_are_checked():
+    from sparsetrain.backends import check_two_four
+
+    ok = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 1]], dtype=torch.bool)
+    check_two_four(ok)
+    with pytest.raises(ValueError, match="fc.weight: not 2:4 sparse \\(a group of 4 input weights keeps 3\\)"):
+        check_two_four(torch.tensor([[1, 1, 1, 0]], dtype=torch.bool), "fc.weight")
+    with pytest.raises(ValueError, match="multiple of 4, got \\(2, 6\\)"):
+        check_two_four(torch.zeros(2, 6, dtype=torch.bool))
+
+
+def test_semi_structured_needs_its_scheme_and_a_capable_gpu():
+    with pytest.raises(ConfigError, match="backend 'semi_structured' runs 2:4 masks; set sparsity.scheme=nm_2:4"):
+        load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.backend=semi_structured"])
+    model = nn.Sequential(nn.Linear(8, 4))
+    ms = MaskSet.for_model(model, [])
+    if backends.semi_structured_available() is None:
+        pytest.skip("a GPU with sparse tensor cores is present: the refusal cannot be shown")
+    with pytest.raises(ValueError, match="backend 'semi_structured' cannot run here: the model is on cpu"):
+        apply_backend(model, ms, "semi_structured")
+
+
+@pytest.mark.skipif(backends.semi_structured_available() is not None,
+                    reason=f"2:4 semi-structured path not runnable here: {backends.semi_structured_available()}")
+def test_semi_structured_linear_equals_masked_dense():
+    from sparsetrain.schemes import parse_scheme
+
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64).cuda().half()
+    ms = MaskSet.for_model(nn.Sequential(layer), [])
+    ms.set_mask("0.weight", parse_scheme("nm_2:4").mask(torch.rand(64, 128, device="cuda"), 0.5))
+    ref_w = (layer.weight * ms.masks["0.weight"]).detach().clone().requires_grad_()
+    x = torch.randn(32, 128, device="cuda", dtype=torch.half, requires_grad=True)
+    apply_backend(nn.Sequential(layer), ms, "semi_structured")
+    out = layer(x)
+    ref = F.linear(x, ref_w, layer.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    out.sum().backward()
+    assert torch.all(layer.weight.grad[~ms.masks["0.weight"]] == 0)

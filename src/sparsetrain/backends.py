@@ -14,6 +14,11 @@
   gradient alike. Work is in proportion to the kept weights and there is no unfolded copy
   of the input. Float32 on the CPU; Linear layers, and whatever the kernels do not cover,
   take the CSR path.
+* ``semi_structured`` — 2:4 masks on Linear layers with PyTorch's semi-structured sparse
+  tensors (sparse tensor cores: CUDA GPUs of compute capability 8.0 and newer). W_s is
+  compressed once per step (the weights change every step) and used for the forward
+  product; the input gradient uses W_s dense and the weight gradient is masked. Refused
+  with a clear message where no such GPU exists.
 * ``auto`` — per layer, whichever is fastest, timed once on the layer's real input shape
   when training starts (a layer never runs slower than masked dense because of us).
 
@@ -36,9 +41,9 @@ from torch.autograd.function import once_differentiable
 from . import native
 
 __all__ = ["CSRStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "SparseLinear", "SparseConv2d",
-           "apply_backend", "BACKENDS"]
+           "apply_backend", "check_two_four", "semi_structured_available", "BACKENDS"]
 
-BACKENDS = ("masked", "csr", "direct", "auto")
+BACKENDS = ("masked", "csr", "direct", "semi_structured", "auto")
 
 
 def _direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -317,10 +322,53 @@ class _SparseExec:
         return self._run(x)
 
 
+def check_two_four(mask: torch.Tensor, name: str = "mask") -> None:
+    """Refuse a mask that keeps more than 2 of any 4 consecutive weights along the input dimension."""
+    if mask.shape[-1] % 4:
+        raise ValueError(f"{name}: 2:4 sparsity needs the input dimension to be a multiple of 4, got {tuple(mask.shape)}")
+    worst = int(mask.reshape(-1, 4).sum(1).max()) if mask.numel() else 0
+    if worst > 2:
+        raise ValueError(f"{name}: not 2:4 sparse (a group of 4 input weights keeps {worst}); use sparsity.scheme=nm_2:4")
+
+
+def semi_structured_available(device: torch.device | str | None = None) -> str | None:
+    """None if 2:4 semi-structured tensors can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (2:4 semi-structured sparsity runs on sparse tensor cores, compute capability 8.0+)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"the GPU's compute capability is {major}.{minor}; 2:4 semi-structured sparsity needs 8.0 or newer"
+    return None
+
+
+class _SemiStructuredLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask):
+        w_s = weight * mask
+        packed = torch.sparse.to_sparse_semi_structured(w_s.detach())
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, packed, bias)
+        ctx.save_for_backward(x, w_s, mask)
+        ctx.has_bias = bias is not None
+        return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w_s, mask = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gx = (g2 @ w_s).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        gw = (g2.t() @ x.reshape(-1, x.shape[-1])) * mask if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
 class SparseLinear(_SparseExec, nn.Linear):
     """A Linear that computes with the backend chosen for it (made by :func:`apply_backend`)."""
 
     def _run(self, x):
+        if self.backend == "semi_structured":
+            return _SemiStructuredLinearFn.apply(x, self.weight, self.bias, self.maskset.masks[self.mask_name])
         if self.backend in ("csr", "direct"):  # a Linear is a matrix product: CSR is its direct path
             # ("auto" not decided yet, e.g. in evaluation, runs masked dense)
             return csr_linear(x, self.weight, self.bias, self.structure())
@@ -350,15 +398,23 @@ def apply_backend(model: nn.Module, maskset, backend: str) -> dict[str, nn.Modul
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "semi_structured":
+        device = next(iter(maskset.masks.values())).device
+        why = semi_structured_available(device) if device.type == "cuda" else f"the model is on {device.type}, not a CUDA GPU"
+        if why:
+            raise ValueError(f"backend 'semi_structured' cannot run here: {why}")
     modules = dict(model.named_modules())
     swapped = {}
     for wname in maskset.masks:
         m = modules[wname.rsplit(".", 1)[0] if "." in wname else ""]
         if type(m) is nn.Linear:
+            if backend == "semi_structured":
+                check_two_four(maskset.masks[wname], wname)
             m.__class__ = SparseLinear
         elif type(m) is nn.Conv2d:
             m.__class__ = SparseConv2d
-            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            # semi-structured covers Linear layers; convolutions stay masked dense under it
+            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) or backend == "semi_structured":
                 m._init_exec(maskset, wname, "masked")
                 swapped[wname] = m
                 continue
