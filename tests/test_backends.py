@@ -123,14 +123,17 @@ def test_auto_considers_the_direct_kernels_for_convolutions():
     assert set(layer.timings) == {"masked", "direct"} and layer.backend == min(layer.timings, key=layer.timings.get)
 
 
-@pytest.mark.parametrize("backend", ["csr", pytest.param("direct", marks=needs_native)])
-def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend):
+SET_EVERY_2 = ["sparsity.method=set", "sparsity.update_every_steps=2"]
+
+
+@pytest.mark.parametrize("backend, method", [("csr", SET_EVERY_2), pytest.param("direct", SET_EVERY_2, marks=needs_native),
+                                             ("channel", ["sparsity.method=static", "sparsity.scheme=channel_out"])])
+def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend, method):
     def run(backend):
         cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
                                      "run.progress=false", "model.channels_last=false", "optim.epochs=1",
-                                     f"run.out_dir={tmp_path / backend}", "sparsity.method=set", "sparsity.sparsity=0.8",
-                                     "sparsity.update_every_steps=2", "sparsity.dense_layers=[]",
-                                     f"sparsity.backend={backend}"])
+                                     f"run.out_dir={tmp_path / backend}", *method, "sparsity.sparsity=0.8",
+                                     "sparsity.dense_layers=[]", f"sparsity.backend={backend}"])
         trainer = Trainer(cfg, datasets=tiny_datasets(n_train=128))
         summary = trainer.fit()
         return trainer, summary
@@ -138,7 +141,8 @@ def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend):
     dense, _ = run("masked")
     sparse, summary = run(backend)
     assert set(summary["backends"].values()) == {backend}
-    assert sparse.backend_layers["0.weight"].rebuilds > 1  # SET changed the masks during training
+    if "sparsity.method=set" in method:
+        assert sparse.backend_layers["0.weight"].rebuilds > 1  # SET changed the masks during training
     for k, v in dense.model.state_dict().items():
         torch.testing.assert_close(sparse.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
@@ -187,3 +191,49 @@ def test_semi_structured_linear_equals_masked_dense():
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
     out.sum().backward()
     assert torch.all(layer.weight.grad[~ms.masks["0.weight"]] == 0)
+
+
+def _channel_mask(shape, keep_every=2):
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[::keep_every] = True
+    return mask
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)),
+    (nn.Conv2d(4, 6, 1, bias=False), torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)),
+    (nn.Linear(5, 7), torch.randn(3, 2, 5)),
+])
+def test_channel_backend_equals_masked_dense(layer, x):
+    torch.manual_seed(0)
+    ref = type(layer)(*([layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding]
+                        if isinstance(layer, nn.Conv2d) else [layer.in_features, layer.out_features]),
+                      bias=layer.bias is not None)
+    ref.load_state_dict(layer.state_dict())
+    ms = MaskSet.for_model(nn.Sequential(layer), [])
+    ms.set_mask("0.weight", _channel_mask(layer.weight.shape))
+    with torch.no_grad():
+        ref.weight.mul_(ms.masks["0.weight"])
+    apply_backend(nn.Sequential(layer), ms, "channel")
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = layer(xa), ref(xb)
+    torch.testing.assert_close(out, want)  # dropped channels carry their bias, as under masked dense
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad * ms.masks["0.weight"])
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, ref.bias.grad)
+
+
+def test_channel_backend_refuses_masks_inside_channels():
+    layer = nn.Conv2d(2, 4, 3)
+    ms = MaskSet.for_model(nn.Sequential(layer), [])
+    mask = _channel_mask(layer.weight.shape)
+    mask[1, 0, 0, 0] = True
+    ms.set_mask("0.weight", mask)
+    with pytest.raises(ValueError, match="0.weight: the mask keeps part of 1 output channel"):
+        apply_backend(nn.Sequential(layer), ms, "channel")
+    with pytest.raises(ConfigError, match="backend 'channel' runs masks of whole output channels"):
+        load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.backend=channel"])

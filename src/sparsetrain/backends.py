@@ -14,6 +14,11 @@
   gradient alike. Work is in proportion to the kept weights and there is no unfolded copy
   of the input. Float32 on the CPU; Linear layers, and whatever the kernels do not cover,
   take the CSR path.
+* ``channel`` — masks of whole output channels (``sparsity.scheme=channel_out``): the layer
+  runs as a smaller dense layer over its kept filters (fewer output channels in forward,
+  input gradient and weight gradient alike) and its output is re-expanded to full width
+  (a dropped channel carries only its bias, exactly as under masked dense); the kept set
+  is re-read when the mask changes.
 * ``semi_structured`` — 2:4 masks on Linear layers with PyTorch's semi-structured sparse
   tensors (sparse tensor cores: CUDA GPUs of compute capability 8.0 and newer). W_s is
   compressed once per step (the weights change every step) and used for the forward
@@ -41,9 +46,9 @@ from torch.autograd.function import once_differentiable
 from . import native
 
 __all__ = ["CSRStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "SparseLinear", "SparseConv2d",
-           "apply_backend", "check_two_four", "semi_structured_available", "BACKENDS"]
+           "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
-BACKENDS = ("masked", "csr", "direct", "semi_structured", "auto")
+BACKENDS = ("masked", "csr", "direct", "channel", "semi_structured", "auto")
 
 
 def _direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -281,15 +286,19 @@ class _SparseExec:
         self.rebuilds = 0
 
     def structure(self, kind: str = "csr"):
-        """The CSR (``"csr"``) or direct-kernel (``"direct"``) structure of the current mask, rebuilt
-        only when the MaskSet's masks changed."""
+        """The CSR (``"csr"``), direct-kernel (``"direct"``) or kept-channel (``"channel"``) structure of the
+        current mask, rebuilt only when the MaskSet's masks changed."""
         if self._version_seen != self.maskset.version:
             self._structures.clear()
             self._version_seen = self.maskset.version
         if kind not in self._structures:
             mask = self.maskset.masks[self.mask_name]
-            self._structures[kind] = (DirectStructure.from_mask(mask) if kind == "direct"
-                                      else CSRStructure.from_mask(mask.reshape(mask.shape[0], -1)))
+            if kind == "direct":
+                self._structures[kind] = DirectStructure.from_mask(mask)
+            elif kind == "channel":
+                self._structures[kind] = kept_channels(mask, self.mask_name)
+            else:
+                self._structures[kind] = CSRStructure.from_mask(mask.reshape(mask.shape[0], -1))
             self.rebuilds += 1
         return self._structures[kind]
 
@@ -320,6 +329,31 @@ class _SparseExec:
         if self.backend == "auto" and self.training and torch.is_grad_enabled():
             self._choose(x)
         return self._run(x)
+
+
+def kept_channels(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """Indices of the output channels a channel-structured mask keeps; refuses masks that cut inside a channel."""
+    rows = mask.reshape(mask.shape[0], -1)
+    kept, full = rows.any(1), rows.all(1)
+    if not torch.equal(kept, full):
+        raise ValueError(f"{name}: the mask keeps part of {int((kept & ~full).sum())} output channel(s); the channel "
+                         "backend needs whole channels (sparsity.scheme=channel_out)")
+    return kept.nonzero().squeeze(1)
+
+
+def _expand_channels(small: torch.Tensor, kept: torch.Tensor, width: int, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``small``'s channels placed at ``kept`` in a tensor ``width`` channels wide along ``dim``; the rest hold the bias."""
+    shape = list(small.shape)
+    shape[dim] = width
+    fmt = torch.channels_last if small.dim() == 4 and not small.is_contiguous() and small.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    if bias is None:
+        base = small.new_zeros(shape).contiguous(memory_format=fmt)
+    else:
+        view = [1] * len(shape)
+        view[dim] = width
+        base = bias.view(view).expand(shape).contiguous(memory_format=fmt)
+    return base.index_copy(dim, kept, small)
 
 
 def check_two_four(mask: torch.Tensor, name: str = "mask") -> None:
@@ -369,6 +403,10 @@ class SparseLinear(_SparseExec, nn.Linear):
     def _run(self, x):
         if self.backend == "semi_structured":
             return _SemiStructuredLinearFn.apply(x, self.weight, self.bias, self.maskset.masks[self.mask_name])
+        if self.backend == "channel":
+            kept = self.structure("channel")
+            small = F.linear(x, self.weight.index_select(0, kept), None if self.bias is None else self.bias.index_select(0, kept))
+            return _expand_channels(small, kept, self.out_features, self.bias, small.dim() - 1)
         if self.backend in ("csr", "direct"):  # a Linear is a matrix product: CSR is its direct path
             # ("auto" not decided yet, e.g. in evaluation, runs masked dense)
             return csr_linear(x, self.weight, self.bias, self.structure())
@@ -380,9 +418,22 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
 
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
         # where the direct kernels run, CSR (an unfolded copy of the input) is slower and far larger: not tried
-        return ("masked", "direct") if _direct_ok(x, self.weight) else ("masked", "csr")
+        found = ("masked", "direct") if _direct_ok(x, self.weight) else ("masked", "csr")
+        return (*found, "channel") if self._channel_structured() else found
+
+    def _channel_structured(self) -> bool:
+        try:
+            self.structure("channel")
+            return True
+        except ValueError:
+            return False
 
     def _run(self, x):
+        if self.backend == "channel":
+            kept = self.structure("channel")
+            small = F.conv2d(x, self.weight.index_select(0, kept), None if self.bias is None else self.bias.index_select(0, kept),
+                             self.stride, self.padding, self.dilation, self.groups)
+            return _expand_channels(small, kept, self.out_channels, self.bias, 1)
         if self.backend == "direct" and _direct_ok(x, self.weight):
             return direct_conv2d(x, self.weight, self.bias, self.structure("direct"), self.stride, self.padding, self.dilation)
         if self.backend in ("csr", "direct"):  # direct on what its kernels do not cover: CSR
@@ -407,6 +458,8 @@ def apply_backend(model: nn.Module, maskset, backend: str) -> dict[str, nn.Modul
     swapped = {}
     for wname in maskset.masks:
         m = modules[wname.rsplit(".", 1)[0] if "." in wname else ""]
+        if backend == "channel":
+            kept_channels(maskset.masks[wname], wname)  # refuses masks that are not whole channels
         if type(m) is nn.Linear:
             if backend == "semi_structured":
                 check_two_four(maskset.masks[wname], wname)
@@ -414,7 +467,8 @@ def apply_backend(model: nn.Module, maskset, backend: str) -> dict[str, nn.Modul
         elif type(m) is nn.Conv2d:
             m.__class__ = SparseConv2d
             # semi-structured covers Linear layers; convolutions stay masked dense under it
-            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) or backend == "semi_structured":
+            unsupported = m.padding_mode != "zeros" or isinstance(m.padding, str) or backend == "semi_structured"
+            if unsupported or m.groups != 1:
                 m._init_exec(maskset, wname, "masked")
                 swapped[wname] = m
                 continue

@@ -43,6 +43,7 @@ CONFIGS: dict[str, list[str]] = {
     "masked": ["sparsity.method=static"],
     "csr": ["sparsity.method=static", "sparsity.backend=csr"],
     "direct": ["sparsity.method=static", "sparsity.backend=direct"],
+    "channel": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel"],
     "auto": ["sparsity.method=static", "sparsity.backend=auto"],
     "swat": ["sparsity.method=swat"],
 }

@@ -160,8 +160,8 @@ class SparsityConfig(_Section):
     update_fraction: float = Field(0.3, ge=0, lt=1, description="SET/RigL: share of active weights replaced at the first update")
     update_decay: Literal["cosine", "constant"] = "cosine"
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
-    backend: Literal["masked", "csr", "direct", "semi_structured", "auto"] = Field(
-        "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, 2:4 semi-structured (CUDA), or the fastest per layer")
+    backend: Literal["masked", "csr", "direct", "channel", "semi_structured", "auto"] = Field(
+        "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, compacted channels, 2:4 semi-structured (CUDA), or the fastest per layer")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
@@ -187,6 +187,9 @@ class SparsityConfig(_Section):
         if self.backend != "masked" and self.method in ("dense", "swat"):
             raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {self.method!r} has no masks "
                              "(use static, lottery, set, rigl or mest)")
+        if self.backend == "channel" and self.scheme != "channel_out":
+            raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "
+                             f"(got {self.scheme!r})")
         if self.backend == "semi_structured" and self.scheme != "nm_2:4":
             raise ValueError(f"backend 'semi_structured' runs 2:4 masks; set sparsity.scheme=nm_2:4 (got {self.scheme!r})")
         if self.method in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):
