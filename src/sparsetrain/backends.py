@@ -33,6 +33,7 @@ state dicts are untouched); the masks come from a :class:`~sparsetrain.masks.Mas
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -179,6 +180,7 @@ class DirectStructure:
     channel); the by-input-channel lists carry each entry's index into that order.
     """
 
+    shape: tuple[int, int, int, int]
     flat_index: torch.Tensor
     by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
     by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int64 (numpy)
@@ -199,12 +201,13 @@ class DirectStructure:
         by_out = (np_(co_ptr, np.int64), np_(ci, np.int32), np_(h, np.int16), np_(w, np.int16))
         by_in = (np_(ci_ptr, np.int64), np_(co[order], np.int32), np_(h[order], np.int16), np_(w[order], np.int16),
                  np_(order, np.int64))
-        return cls(idx, by_out, by_in)
+        return cls(tuple(mask4d.shape), idx, by_out, by_in)
 
-    def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(like.numel(), dtype=values.dtype)
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The weight with ``values`` at the kept entries and zeros elsewhere."""
+        out = values.new_zeros(math.prod(self.shape))
         out[self.flat_index] = values
-        return out.view(like.shape)
+        return out.view(self.shape)
 
 
 _BATCH_INNER_BELOW = 512  # output planes of 16 x 16 and smaller run with the batch innermost
@@ -216,49 +219,51 @@ def _kernel_layout(t: torch.Tensor, batch_inner: bool) -> torch.Tensor:
 
 
 class _DirectConv2dFn(torch.autograd.Function):
+    """Convolution over the kept weights given as ``values`` (in the structure's order); their gradient comes
+    back in the same compact form, so a layer may store nothing else."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, structure: DirectStructure, stride, padding, dilation):
+    def forward(ctx, x, values, bias, structure: DirectStructure, stride, padding, dilation):
         n, cin, h, w = x.shape
-        cout, _, kh, kw = weight.shape
+        cout, _, kh, kw = structure.shape
         ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         geom = np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
         bi = ho * wo < _BATCH_INNER_BELOW
-        xk = _kernel_layout(x.detach(), bi)
-        values = weight.detach().reshape(-1)[structure.flat_index].contiguous()
+        values = values.detach().contiguous()
         out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
-        native.sparse_conv_forward(geom, xk, values, None if bias is None else bias.detach().contiguous(),
-                                   structure.by_out, out, batch_inner=bi)
+        native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values,
+                                   None if bias is None else bias.detach().contiguous(), structure.by_out, out, batch_inner=bi)
         # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, values)
         ctx.conf = (structure, geom, bias is not None, bi)
         return out.permute(3, 0, 1, 2) if bi else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, values = ctx.saved_tensors
         s, geom, has_bias, bi = ctx.conf
         g = _kernel_layout(grad_out, bi)
-        gx = gw = gb = None
+        gx = gv = gb = None
         if ctx.needs_input_grad[0]:
-            values = weight.detach().reshape(-1)[s.flat_index].contiguous()
             n, cin, h, w = (int(v) for v in geom[:4])
             gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
             native.sparse_conv_backward_input(geom, g, values, s.by_in, gx, batch_inner=bi)
             gx = gx.permute(3, 0, 1, 2) if bi else gx
         if ctx.needs_input_grad[1]:
-            gw = s.dense_grad(native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), g, s.by_out,
-                                                                 s.flat_index.numel(), batch_inner=bi), weight)
+            gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), g, s.by_out, values.numel(), batch_inner=bi)
         if has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3))
-        return gx, gw, gb, None, None, None, None
+        return gx, gv, gb, None, None, None, None
 
 
 def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     """Conv2d (groups=1, float32, CPU) computing only the kept weights in ``structure``: no unfolded copy,
-    work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`)."""
-    return _DirectConv2dFn.apply(x, weight, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
+    work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`). ``weight`` is the
+    dense weight, or (compact storage) just the kept values in the structure's order."""
+    values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
+    return _DirectConv2dFn.apply(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def _unfold(x, kernel, dilation, padding, stride) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .accounting import peak_memory_bytes
 from .backends import apply_backend
+from .compact import compact_layers
 from .config import load_config
 from .methods import SetupContext, build_method
 from .models import build_model, model_input_shape
@@ -43,6 +44,7 @@ CONFIGS: dict[str, list[str]] = {
     "masked": ["sparsity.method=static"],
     "csr": ["sparsity.method=static", "sparsity.backend=csr"],
     "direct": ["sparsity.method=static", "sparsity.backend=direct"],
+    "compact": ["sparsity.method=static", "sparsity.backend=direct", "sparsity.compact_state=true"],
     "channel": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel"],
     "auto": ["sparsity.method=static", "sparsity.backend=auto"],
     "swat": ["sparsity.method=swat"],
@@ -56,7 +58,7 @@ PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def memory_format(config: str) -> torch.memory_format:
     """Each configuration in its faster layout: the direct kernels work on NCHW; oneDNN's dense
     convolutions (dense, masked, SWAT, the CSR path's unfolding) are faster channels-last on CPUs."""
-    return torch.contiguous_format if config in ("direct", "auto") else torch.channels_last
+    return torch.contiguous_format if config in ("direct", "compact", "auto") else torch.channels_last
 
 
 def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = ()):
@@ -73,7 +75,9 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
         method = build_method(cfg)
         method.setup(SetupContext(model, opt, torch.Generator().manual_seed(0), model_input_shape(model_name), 391, 1))
         if cfg.sparsity.backend != "masked":
-            apply_backend(model, method.maskset, cfg.sparsity.backend)
+            layers = apply_backend(model, method.maskset, cfg.sparsity.backend)
+            if cfg.sparsity.compact_state:
+                compact_layers(layers, method.maskset, opt)
     return model, opt, method
 
 

@@ -66,6 +66,7 @@ class MaskSet:
         self.params = dict(params)
         self.masks: dict[str, torch.Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self._hooks: list = []
+        self.released: set[str] = set()  # masks whose layers store only their kept weights (see compact.py)
         self.version = 0  # bumped on every mask change; lets caches (FLOP densities) know when to refresh
 
     @classmethod
@@ -76,6 +77,8 @@ class MaskSet:
     def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Install ``mask`` for ``name``, zero the newly masked weights and, given the optimizer,
         reset their optimizer state (so regrown weights start with no stale momentum)."""
+        if name in self.released:
+            raise ValueError(f"{name} is stored compactly (only its kept weights): its mask is fixed")
         p = self.params[name]
         if mask.shape != p.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
@@ -90,6 +93,12 @@ class MaskSet:
                 if torch.is_tensor(v) and v.shape == p.shape:
                     v.masked_fill_(changed, 0)
         self.version += 1
+
+    def release(self, name: str) -> None:
+        """Hand ``name`` over to a layer that stores only its kept weights: the mask stays (accounting,
+        checkpoints) but is no longer enforced on a dense parameter, nor held one, and can no longer change."""
+        self.params.pop(name)
+        self.released.add(name)
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -138,7 +147,9 @@ class MaskSet:
         if missing:
             raise ValueError(f"checkpoint masks do not match the model's sparse parameters: {sorted(missing)[:5]}")
         for n, m in state["masks"].items():
-            self.masks[n] = m.to(device=self.params[n].device, dtype=torch.bool)
+            if n in self.released and not torch.equal(m.to(self.masks[n].device, torch.bool), self.masks[n]):
+                raise ValueError(f"{n} is stored compactly with a fixed mask; the checkpoint holds another")
+            self.masks[n] = m.to(device=self.masks[n].device, dtype=torch.bool)
         self.version = int(state["version"])
         self.apply()
 

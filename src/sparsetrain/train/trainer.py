@@ -27,6 +27,7 @@ from ..forgetting import ForgettingTracker
 from ..methods import Method, SetupContext, build_method
 from ..models import build_model
 from ..backends import apply_backend
+from ..compact import compact_layers
 from ..tost import ToST
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, pick_device
@@ -126,6 +127,8 @@ class Trainer:
             self.model, self.method.weight_density(), lambda: self._scoring_batches(train, info, count=1),
             self.input_shape, self.device, cfg.model.channels_last, cfg.optim.momentum, cfg.optim.weight_decay,
         )
+        if cfg.sparsity.compact_state:  # last: the recipe's rescaling above writes the dense weights
+            compact_layers(self.backend_layers, self.method.maskset, self.optimizer)
         self.net = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(

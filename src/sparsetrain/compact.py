@@ -1,0 +1,69 @@
+"""Memory-economic state: masked layers that store only their kept weights.
+
+Under the ``direct`` backend a convolution needs nothing of its weight but the kept
+entries, and its kernels return the gradient of exactly those. :func:`compact_layers`
+therefore replaces each such layer's dense weight by a parameter holding the kept values
+alone, so the weight, its gradient and every optimizer state that follows it (momentum,
+Adam's moments) shrink with the density. The mask stays in the MaskSet for accounting and
+checkpoints; the layer keeps its mask fixed (static masks). State dicts still carry the
+dense ``weight``, so checkpoints, exports and ``sparsetrain eval`` see the plain model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .backends import DirectStructure, SparseConv2d, _direct_ok, direct_conv2d
+
+__all__ = ["CompactConv2d", "compact_layers"]
+
+
+class CompactConv2d(SparseConv2d):
+    """A convolution whose only weight parameter is ``values``, its kept weights (made by :func:`compact_layers`)."""
+
+    compact: DirectStructure
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, rebuilt on demand (not a parameter; zeros where the mask is off)."""
+        return self.compact.dense(self.values.detach())
+
+    def _run(self, x):
+        return direct_conv2d(x, self.values, self.bias, self.compact, self.stride, self.padding, self.dilation)
+
+    def forward(self, x):
+        return self._run(x)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "values")
+        destination[prefix + "weight"] = self.weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict:
+            state_dict[prefix + "values"] = state_dict.pop(key).reshape(-1)[self.compact.flat_index.to(self.values.device)]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim.Optimizer | None) -> list[str]:
+    """Give every ``direct``-backend convolution in ``layers`` (from :func:`~sparsetrain.backends.apply_backend`)
+    compact storage; returns the names compacted. The optimizer is pointed at the new parameters (its state for
+    the old dense ones is dropped: call this before training, or after loading nothing)."""
+    done = []
+    for name, m in layers.items():
+        if type(m) is not SparseConv2d or m.backend != "direct" or not _direct_ok(m.weight, m.weight):
+            continue
+        structure = m.structure("direct")
+        old = m._parameters.pop("weight")
+        m.__class__ = CompactConv2d
+        m.compact = structure
+        m.register_parameter("values", nn.Parameter(old.detach().reshape(-1)[structure.flat_index].clone()))
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [m.values if p is old else p for p in group["params"]]
+            optimizer.state.pop(old, None)
+        maskset.release(name)
+        done.append(name)
+    return done

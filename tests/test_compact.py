@@ -1,0 +1,96 @@
+"""Compact state: layers under the direct backend store, differentiate and optimise only their kept weights."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import full_and_resumed, tiny_datasets
+from sparsetrain import native
+from sparsetrain.backends import apply_backend
+from sparsetrain.compact import CompactConv2d, compact_layers
+from sparsetrain.config import ConfigError, load_config
+from sparsetrain.masks import MaskSet, random_masks
+from sparsetrain.train import Trainer
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the direct kernels")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(),
+                         nn.Linear(8 * 5 * 5, 4))
+
+
+def test_compact_layer_holds_only_kept_weights_and_matches_masked_dense():
+    model, ref = _model(), _model()
+    ms = MaskSet.for_model(model, ["last"])
+    random_masks(ms, 0.8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, mask in ms.masks.items():
+            ref.get_parameter(name).mul_(mask)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    old = weakref.ref(model[0].weight)
+    names = compact_layers(apply_backend(model, ms, "direct"), ms, opt)
+    gc.collect()
+    assert names == ["0.weight", "2.weight"] and isinstance(model[0], CompactConv2d)
+    assert old() is None  # the dense weight is gone: nothing holds it
+    assert "weight" not in dict(model[0].named_parameters())
+    assert model[0].values.numel() == int(ms.masks["0.weight"].sum())
+    assert any(p is model[0].values for g in opt.param_groups for p in g["params"])
+    # the state dict is the plain model's
+    state = model.state_dict()
+    assert set(state) == set(ref.state_dict())
+    torch.testing.assert_close(state["0.weight"], ref[0].weight)
+    x = torch.randn(2, 3, 10, 10)
+    out, want = model(x), ref(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    kept = ms.masks["0.weight"]
+    torch.testing.assert_close(model[0].values.grad, ref[0].weight.grad[kept], rtol=1e-4, atol=1e-5)
+    opt.step()
+    assert opt.state[model[0].values]["momentum_buffer"].shape == model[0].values.shape
+    with pytest.raises(ValueError, match="0.weight is stored compactly"):
+        ms.set_mask("0.weight", kept)
+
+
+def test_loading_a_plain_state_dict_fills_the_kept_weights():
+    model = _model()
+    ms = MaskSet.for_model(model, ["last"])
+    random_masks(ms, 0.5, torch.Generator().manual_seed(1))
+    compact_layers(apply_backend(model, ms, "direct"), ms, None)
+    plain = _model().state_dict()
+    plain["0.weight"] = plain["0.weight"] * ms.masks["0.weight"]
+    model.load_state_dict(plain)
+    torch.testing.assert_close(model[0].weight, plain["0.weight"])
+
+
+def _config(out, extra=()):
+    return load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
+                                  "run.progress=false", "model.channels_last=false", "optim.epochs=2",
+                                  "run.checkpoint_every_steps=3", f"run.out_dir={out}", "sparsity.method=static",
+                                  "sparsity.sparsity=0.8", "sparsity.dense_layers=[last]", *extra])
+
+
+def test_training_with_compact_state_matches_masked_dense_and_resumes(tmp_path):
+    data = tiny_datasets(n_train=96)
+    masked = Trainer(_config(tmp_path / "masked"), datasets=data)
+    masked.fit()
+    compact = ["sparsity.backend=direct", "sparsity.compact_state=true"]
+    full, resumed = full_and_resumed(lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=4)
+    assert isinstance(full.model[3], CompactConv2d) and isinstance(resumed.model[3], CompactConv2d)
+    for k, v in masked.model.state_dict().items():
+        torch.testing.assert_close(full.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(resumed.model.state_dict()[k], full.model.state_dict()[k], rtol=0, atol=0)
+
+
+def test_compact_state_needs_the_direct_backend_and_fixed_masks():
+    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct'"):
+        load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"])
+    with pytest.raises(ConfigError, match="method 'set'"):
+        load_config(overrides=["sparsity.method=set", "sparsity.sparsity=0.5", "sparsity.backend=direct",
+                               "sparsity.compact_state=true"])
