@@ -1,0 +1,78 @@
+"""The ToST ablation of protocol A as a table (Markdown) and a bar chart (PNG).
+
+    python benchmarks/tost_ablation.py
+
+Reads the 98%-sparsity records of benchmarks/results/protocol_a.jsonl (runs named by
+protocol_a.py: <mask>98, <mask>98-tost, random98-<component>) and writes
+results/tost_ablation.md and results/tost_ablation.png: for each mask the default
+protocol against ToST, and each ToST component alone on the random mask.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, read_records  # noqa: E402
+from protocol_a import COMPONENTS, MASKS98  # noqa: E402
+
+
+def main() -> None:
+    runs = {r["run"]: r for r in read_records("protocol_a.jsonl") if r.get("run")}
+    lines = ["| mask (98% sparse) | default | ToST | gain |", "|---|---|---|---|"]
+    gains, pairs = [], []
+    for mask in MASKS98:
+        base, tost = runs.get(f"{mask}98"), runs.get(f"{mask}98-tost")
+        if base and tost:
+            gain = tost["test_acc"] - base["test_acc"]
+            gains.append(gain)
+            pairs.append((mask, base["test_acc"], tost["test_acc"]))
+        cell = lambda r: f"{r['test_acc']:.2f}" if r else "not run"  # noqa: E731
+        lines.append(f"| {mask} | {cell(base)} | {cell(tost)} | {f'{gain:+.2f}' if base and tost else ''} |")
+    if gains:
+        lines.append(f"| mean gain | | | {sum(gains) / len(gains):+.2f} |")
+    lines += ["", "| random mask, one component | test acc | vs default |", "|---|---|---|"]
+    base = runs.get("random98")
+    parts = []
+    for name in COMPONENTS:
+        r = runs.get(f"random98-{name}")
+        if r:
+            parts.append((name, r["test_acc"]))
+        diff = f"{r['test_acc'] - base['test_acc']:+.2f}" if r and base else ""
+        lines.append(f"| {name} | {r['test_acc']:.2f} | {diff} |" if r else f"| {name} | not run | |")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "tost_ablation.md").write_text(
+        "# ToST ablation, protocol A (ResNet-20, CIFAR-10, 15 epochs, seed 0)\n\n"
+        "Produced by `python benchmarks/tost_ablation.py` from the records in protocol_a.jsonl.\n\n" + table)
+    print(table)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 4]})
+    xs = range(len(pairs))
+    left.bar([x - 0.2 for x in xs], [p[1] for p in pairs], 0.4, label="default")
+    left.bar([x + 0.2 for x in xs], [p[2] for p in pairs], 0.4, label="ToST")
+    left.set_xticks(list(xs), [p[0] for p in pairs])
+    left.set(ylabel="test accuracy (%)", title="98% masks: default vs ToST")
+    left.legend()
+    if base:
+        names = ["default", *[p[0] for p in parts]]
+        right.bar(range(len(names)), [base["test_acc"], *[p[1] for p in parts]], color="grey")
+        right.set_xticks(range(len(names)), names, rotation=20)
+        right.set(title="random 98% mask: one component each")
+    lows = [v for p in pairs for v in p[1:]] + [p[1] for p in parts] + ([base["test_acc"]] if base else [])
+    for ax in (left, right):
+        if lows:
+            ax.set_ylim(min(lows) - 3, max(lows) + 2)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "tost_ablation.png", dpi=120)
+    print(RESULTS / "tost_ablation.png")
+
+
+if __name__ == "__main__":
+    main()
