@@ -139,8 +139,7 @@ class _CSRConv2dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, structure: CSRStructure, stride, padding, dilation):
         n, _, h, w = x.shape
         cout, _, kh, kw = weight.shape
-        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        ho, wo = _conv_out_size((h, w), (kh, kw), stride, padding, dilation)
         cols = _unfold(x, (kh, kw), dilation, padding, stride)  # [Cin*kh*kw, N*L]
         values = weight.reshape(-1)[structure.flat_index]
         out = structure.matrix(values) @ cols  # [Cout, N*L]
@@ -226,8 +225,7 @@ class _DirectConv2dFn(torch.autograd.Function):
     def forward(ctx, x, values, bias, structure: DirectStructure, stride, padding, dilation):
         n, cin, h, w = x.shape
         cout, _, kh, kw = structure.shape
-        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        ho, wo = _conv_out_size((h, w), (kh, kw), stride, padding, dilation)
         geom = np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
         bi = ho * wo < _BATCH_INNER_BELOW
         values = values.detach().contiguous()
@@ -264,6 +262,11 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     dense weight, or (compact storage) just the kept values in the structure's order."""
     values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
     return _DirectConv2dFn.apply(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _conv_out_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a convolution."""
+    return tuple((size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))
 
 
 def _unfold(x, kernel, dilation, padding, stride) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .compact import compact_layers
 from .config import load_config
 from .methods import SetupContext, build_method
 from .models import build_model, model_input_shape
+from .report import save_figure
 
 __all__ = ["CONFIGS", "PEAK_ENV", "BenchResult", "build", "make_step", "memory_format", "time_pairs", "peak_memory",
            "run_bench", "plot_bench", "results_json"]
@@ -206,12 +207,7 @@ def plot_bench(results: list[BenchResult], path: str | Path) -> Path:
     models = ", ".join(sorted({f"{r.model} batch {r.batch}" for r in results}))
     ax.set_title(f"Training step against dense: {models}")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def results_json(results: list[BenchResult]) -> list[dict]:

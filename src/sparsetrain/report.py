@@ -66,9 +66,16 @@ def plot_curves(run_dirs: list[str | Path], out_png: str | Path) -> Path:
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out_png
+    return path

@@ -289,6 +289,26 @@ static inline void valid_range(int64_t out_size, int64_t in_size, int s, int k, 
     *hi = b > a ? b : a;
 }
 
+/* geom: N, Cin, H, W, Cout, Ho, Wo, stride h/w, padding h/w, dilation h/w */
+static struct conv_geom read_geom(const int64_t *geom) {
+    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
+                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    return g;
+}
+
+/* Where kept weight (kh, kw) acts: output rows [oh0, oh1) and columns [ow0, ow1) whose input lies inside
+ * the image, and the input offset (input = output * stride + off) along each axis. */
+struct window { int64_t oh0, oh1, ow0, ow1, offh, offw; };
+
+static inline struct window entry_window(const struct conv_geom *g, int kh, int kw) {
+    struct window w;
+    valid_range(g->ho, g->h, g->sh, kh, g->dh, g->ph, &w.oh0, &w.oh1);
+    valid_range(g->wo, g->w, g->sw, kw, g->dw, g->pw, &w.ow0, &w.ow1);
+    w.offh = (int64_t)kh * g->dh - g->ph;
+    w.offw = (int64_t)kw * g->dw - g->pw;
+    return w;
+}
+
 struct conv_fwd_args {
     const struct conv_geom *g; const float *x; const float *values; const float *bias;
     const int64_t *co_ptr; const int32_t *ci; const int16_t *kh; const int16_t *kw; float *out;
@@ -304,10 +324,8 @@ static void conv_fwd_item(void *p, int64_t item) {
     for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
         const float w = a->values[e];
         const float *restrict src = a->x + (n * g->cin + a->ci[e]) * g->h * g->w;
-        int64_t oh0, oh1, ow0, ow1;
-        valid_range(g->ho, g->h, g->sh, a->kh[e], g->dh, g->ph, &oh0, &oh1);
-        valid_range(g->wo, g->w, g->sw, a->kw[e], g->dw, g->pw, &ow0, &ow1);
-        int64_t offh = (int64_t)a->kh[e] * g->dh - g->ph, offw = (int64_t)a->kw[e] * g->dw - g->pw;
+        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
         for (int64_t oh = oh0; oh < oh1; oh++) {
             float *restrict orow = out + oh * g->wo;
             const float *restrict irow = src + (oh * g->sh + offh) * g->w + offw;
@@ -320,8 +338,7 @@ static void conv_fwd_item(void *p, int64_t item) {
 void sparse_conv_forward(const int64_t *geom, const float *x, const float *values, const float *bias,
                          const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
                          float *out, int nthreads) {
-    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
-                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    struct conv_geom g = read_geom(geom);
     struct conv_fwd_args a = {&g, x, values, bias, co_ptr, ci, kh, kw, out};
     parallel_chunks(conv_fwd_item, &a, g.n * g.cout, nthreads);
 }
@@ -340,10 +357,8 @@ static void conv_bwd_in_item(void *p, int64_t item) {
     for (int64_t e = a->ci_ptr[ci]; e < a->ci_ptr[ci + 1]; e++) {
         const float w = a->values[a->vidx[e]];
         const float *restrict gsrc = a->grad + (n * g->cout + a->co[e]) * g->ho * g->wo;
-        int64_t oh0, oh1, ow0, ow1;
-        valid_range(g->ho, g->h, g->sh, a->kh[e], g->dh, g->ph, &oh0, &oh1);
-        valid_range(g->wo, g->w, g->sw, a->kw[e], g->dw, g->pw, &ow0, &ow1);
-        int64_t offh = (int64_t)a->kh[e] * g->dh - g->ph, offw = (int64_t)a->kw[e] * g->dw - g->pw;
+        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
         for (int64_t oh = oh0; oh < oh1; oh++) {
             const float *restrict grow = gsrc + oh * g->wo;
             float *restrict xrow = gx + (oh * g->sh + offh) * g->w + offw;
@@ -356,8 +371,7 @@ static void conv_bwd_in_item(void *p, int64_t item) {
 void sparse_conv_backward_input(const int64_t *geom, const float *grad, const float *values,
                                 const int64_t *ci_ptr, const int32_t *co, const int16_t *kh, const int16_t *kw,
                                 const int64_t *vidx, float *gx, int nthreads) {
-    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
-                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    struct conv_geom g = read_geom(geom);
     struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
     parallel_chunks(conv_bwd_in_item, &a, g.n * g.cin, nthreads);
 }
@@ -390,10 +404,8 @@ static void conv_bwd_w_part(void *p, int64_t t) {
             const float *restrict gplane = a->grad + (n * g->cout + co) * g->ho * g->wo;
             for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
                 const float *restrict src = a->x + (n * g->cin + a->ci[e]) * g->h * g->w;
-                int64_t oh0, oh1, ow0, ow1;
-                valid_range(g->ho, g->h, g->sh, a->kh[e], g->dh, g->ph, &oh0, &oh1);
-                valid_range(g->wo, g->w, g->sw, a->kw[e], g->dw, g->pw, &ow0, &ow1);
-                int64_t offh = (int64_t)a->kh[e] * g->dh - g->ph, offw = (int64_t)a->kw[e] * g->dw - g->pw;
+                const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+                const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
                 float acc = 0.0f;
                 for (int64_t oh = oh0; oh < oh1; oh++)
                     acc += dot_f32(gplane + oh * g->wo + ow0, src + (oh * g->sh + offh) * g->w + offw + ow0 * g->sw,
@@ -408,8 +420,7 @@ static void conv_bwd_w_part(void *p, int64_t t) {
 void sparse_conv_backward_weight(const int64_t *geom, const float *x, const float *grad,
                                  const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
                                  float *partial, int parts, int nthreads) {
-    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
-                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    struct conv_geom g = read_geom(geom);
     struct conv_bwd_w_args a = {&g, x, grad, co_ptr, ci, kh, kw, partial, parts};
     parallel_chunks(conv_bwd_w_part, &a, parts, nthreads);
 }
@@ -431,10 +442,8 @@ static void conv_fwd_bi_item(void *p, int64_t co) {
     for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
         const float w = a->values[e];
         const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
-        int64_t oh0, oh1, ow0, ow1;
-        valid_range(g->ho, g->h, g->sh, a->kh[e], g->dh, g->ph, &oh0, &oh1);
-        valid_range(g->wo, g->w, g->sw, a->kw[e], g->dw, g->pw, &ow0, &ow1);
-        int64_t offh = (int64_t)a->kh[e] * g->dh - g->ph, offw = (int64_t)a->kw[e] * g->dw - g->pw;
+        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
         for (int64_t oh = oh0; oh < oh1; oh++)
             for (int64_t ow = ow0; ow < ow1; ow++)
                 axpy_f32(out + (oh * g->wo + ow) * N, w, src + ((oh * g->sh + offh) * g->w + ow * g->sw + offw) * N, N);
@@ -444,8 +453,7 @@ static void conv_fwd_bi_item(void *p, int64_t co) {
 void sparse_conv_forward_bi(const int64_t *geom, const float *x, const float *values, const float *bias,
                             const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
                             float *out, int nthreads) {
-    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
-                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    struct conv_geom g = read_geom(geom);
     struct conv_fwd_args a = {&g, x, values, bias, co_ptr, ci, kh, kw, out};
     parallel_chunks(conv_fwd_bi_item, &a, g.cout, nthreads);
 }
@@ -459,10 +467,8 @@ static void conv_bwd_in_bi_item(void *p, int64_t ci) {
     for (int64_t e = a->ci_ptr[ci]; e < a->ci_ptr[ci + 1]; e++) {
         const float w = a->values[a->vidx[e]];
         const float *restrict gsrc = a->grad + (int64_t)a->co[e] * g->ho * g->wo * N;
-        int64_t oh0, oh1, ow0, ow1;
-        valid_range(g->ho, g->h, g->sh, a->kh[e], g->dh, g->ph, &oh0, &oh1);
-        valid_range(g->wo, g->w, g->sw, a->kw[e], g->dw, g->pw, &ow0, &ow1);
-        int64_t offh = (int64_t)a->kh[e] * g->dh - g->ph, offw = (int64_t)a->kw[e] * g->dw - g->pw;
+        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
         for (int64_t oh = oh0; oh < oh1; oh++)
             for (int64_t ow = ow0; ow < ow1; ow++)
                 axpy_f32(gx + ((oh * g->sh + offh) * g->w + ow * g->sw + offw) * N, w, gsrc + (oh * g->wo + ow) * N, N);
@@ -472,8 +478,7 @@ static void conv_bwd_in_bi_item(void *p, int64_t ci) {
 void sparse_conv_backward_input_bi(const int64_t *geom, const float *grad, const float *values,
                                    const int64_t *ci_ptr, const int32_t *co, const int16_t *kh, const int16_t *kw,
                                    const int64_t *vidx, float *gx, int nthreads) {
-    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
-                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    struct conv_geom g = read_geom(geom);
     struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
     parallel_chunks(conv_bwd_in_bi_item, &a, g.cin, nthreads);
 }
@@ -485,10 +490,8 @@ static void conv_bwd_w_bi_item(void *p, int64_t co) {
     const float *restrict gplane = a->grad + co * g->ho * g->wo * N;
     for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
         const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
-        int64_t oh0, oh1, ow0, ow1;
-        valid_range(g->ho, g->h, g->sh, a->kh[e], g->dh, g->ph, &oh0, &oh1);
-        valid_range(g->wo, g->w, g->sw, a->kw[e], g->dw, g->pw, &ow0, &ow1);
-        int64_t offh = (int64_t)a->kh[e] * g->dh - g->ph, offw = (int64_t)a->kw[e] * g->dw - g->pw;
+        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
         float acc = 0.0f;
         for (int64_t oh = oh0; oh < oh1; oh++)
             for (int64_t ow = ow0; ow < ow1; ow++)
@@ -501,8 +504,7 @@ static void conv_bwd_w_bi_item(void *p, int64_t co) {
 void sparse_conv_backward_weight_bi(const int64_t *geom, const float *x, const float *grad,
                                     const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
                                     float *gw, int nthreads) {
-    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
-                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    struct conv_geom g = read_geom(geom);
     struct conv_bwd_w_args a = {&g, x, grad, co_ptr, ci, kh, kw, gw, 1};
     parallel_chunks(conv_bwd_w_bi_item, &a, g.cout, nthreads);
 }
