@@ -40,6 +40,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "mest-ems": ("mest-ems", [*MEST, "sparsity.mest.soft_bound=true"]),
     "mest-ems-data": ("mest-ems-data", [*MEST, "sparsity.mest.soft_bound=true", "sparsity.data_efficiency.enabled=true",
                                         "sparsity.data_efficiency.remove_epoch=3", "sparsity.data_efficiency.remove_fraction=0.2"]),
+    # at the 15-epoch budget: MEST on ERK (the distribution RigL, SET and static use), and gentler RigL updates
+    "mest-ems-erk": ("mest-ems", ["sparsity.method=mest", *S90, "sparsity.distribution=erk", "sparsity.mest.every_epochs=1",
+                                  "sparsity.mest.soft_bound=true"]),
+    "rigl-gentle": ("rigl", ["sparsity.method=rigl", *S90, "sparsity.distribution=erk", "sparsity.update_every_steps=200",
+                             "sparsity.update_fraction=0.1"]),
 }
 
 # SWAT: the classifier is sparse and the first conv dense (the paper's default); activations at the weight sparsity.
