@@ -432,6 +432,12 @@ static inline void axpy_f32(float *restrict y, float a, const float *restrict x,
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* output rows per block: about 16 KB of one output plane ([rows, Wo, N] floats) */
+static inline int64_t row_block(const struct conv_geom *g) {
+    int64_t rows = 4096 / (g->wo * g->n);
+    return rows > 0 ? rows : 1;
+}
+
 static void conv_fwd_bi_item(void *p, int64_t co) {
     const struct conv_fwd_args *a = (const struct conv_fwd_args *)p;
     const struct conv_geom *g = a->g;
@@ -439,15 +445,18 @@ static void conv_fwd_bi_item(void *p, int64_t co) {
     float *restrict out = a->out + co * plane;
     float b0 = a->bias ? a->bias[co] : 0.0f;
     for (int64_t i = 0; i < plane; i++) out[i] = b0;
-    for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
-        const float w = a->values[e];
-        const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
-        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
-        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
-        for (int64_t oh = oh0; oh < oh1; oh++)
-            for (int64_t ow = ow0; ow < ow1; ow++)
-                axpy_f32(out + (oh * g->wo + ow) * N, w, src + ((oh * g->sh + offh) * g->w + ow * g->sw + offw) * N, N);
-    }
+    const int64_t rows = row_block(g);
+    for (int64_t r0 = 0; r0 < g->ho; r0 += rows)  /* a block of output rows stays in L1 through every kept weight */
+        for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
+            const float w = a->values[e];
+            const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
+            const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+            const int64_t oh1 = wd.oh1 < r0 + rows ? wd.oh1 : r0 + rows;
+            for (int64_t oh = wd.oh0 > r0 ? wd.oh0 : r0; oh < oh1; oh++)
+                for (int64_t ow = wd.ow0; ow < wd.ow1; ow++)
+                    axpy_f32(out + (oh * g->wo + ow) * N, w,
+                             src + ((oh * g->sh + wd.offh) * g->w + ow * g->sw + wd.offw) * N, N);
+        }
 }
 
 void sparse_conv_forward_bi(const int64_t *geom, const float *x, const float *values, const float *bias,
@@ -464,15 +473,18 @@ static void conv_bwd_in_bi_item(void *p, int64_t ci) {
     const int64_t N = g->n, plane = g->h * g->w * N;
     float *restrict gx = a->gx + ci * plane;
     for (int64_t i = 0; i < plane; i++) gx[i] = 0.0f;
-    for (int64_t e = a->ci_ptr[ci]; e < a->ci_ptr[ci + 1]; e++) {
-        const float w = a->values[a->vidx[e]];
-        const float *restrict gsrc = a->grad + (int64_t)a->co[e] * g->ho * g->wo * N;
-        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
-        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
-        for (int64_t oh = oh0; oh < oh1; oh++)
-            for (int64_t ow = ow0; ow < ow1; ow++)
-                axpy_f32(gx + ((oh * g->sh + offh) * g->w + ow * g->sw + offw) * N, w, gsrc + (oh * g->wo + ow) * N, N);
-    }
+    const int64_t rows = row_block(g);
+    for (int64_t r0 = 0; r0 < g->ho; r0 += rows)  /* the gradient rows written stay in cache through every kept weight */
+        for (int64_t e = a->ci_ptr[ci]; e < a->ci_ptr[ci + 1]; e++) {
+            const float w = a->values[a->vidx[e]];
+            const float *restrict gsrc = a->grad + (int64_t)a->co[e] * g->ho * g->wo * N;
+            const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+            const int64_t oh1 = wd.oh1 < r0 + rows ? wd.oh1 : r0 + rows;
+            for (int64_t oh = wd.oh0 > r0 ? wd.oh0 : r0; oh < oh1; oh++)
+                for (int64_t ow = wd.ow0; ow < wd.ow1; ow++)
+                    axpy_f32(gx + ((oh * g->sh + wd.offh) * g->w + ow * g->sw + wd.offw) * N, w,
+                             gsrc + (oh * g->wo + ow) * N, N);
+        }
 }
 
 void sparse_conv_backward_input_bi(const int64_t *geom, const float *grad, const float *values,
@@ -488,16 +500,20 @@ static void conv_bwd_w_bi_item(void *p, int64_t co) {
     const struct conv_geom *g = a->g;
     const int64_t N = g->n;
     const float *restrict gplane = a->grad + co * g->ho * g->wo * N;
-    for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
-        const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
-        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
-        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
-        float acc = 0.0f;
-        for (int64_t oh = oh0; oh < oh1; oh++)
-            for (int64_t ow = ow0; ow < ow1; ow++)
-                acc += dot_f32(gplane + (oh * g->wo + ow) * N, src + ((oh * g->sh + offh) * g->w + ow * g->sw + offw) * N, N, 1);
-        a->partial[e] = acc;
-    }
+    for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) a->partial[e] = 0.0f;
+    const int64_t rows = row_block(g);
+    for (int64_t r0 = 0; r0 < g->ho; r0 += rows)  /* a block of gradient rows stays in L1 through every kept weight */
+        for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
+            const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
+            const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+            const int64_t oh1 = wd.oh1 < r0 + rows ? wd.oh1 : r0 + rows;
+            float acc = 0.0f;
+            for (int64_t oh = wd.oh0 > r0 ? wd.oh0 : r0; oh < oh1; oh++)
+                for (int64_t ow = wd.ow0; ow < wd.ow1; ow++)
+                    acc += dot_f32(gplane + (oh * g->wo + ow) * N,
+                                   src + ((oh * g->sh + wd.offh) * g->w + ow * g->sw + wd.offw) * N, N, 1);
+            a->partial[e] += acc;
+        }
 }
 
 /* gw[nnz]: the weight gradient at the kept entries (in output-channel order) */
