@@ -1,4 +1,5 @@
-"""Compact state: layers under the direct backend store, differentiate and optimise only their kept weights."""
+"""Compact state: layers under the direct backend store, differentiate and optimise only their kept weights,
+and follow mask updates (MEST) with their optimizer state."""
 
 import gc
 import weakref
@@ -54,8 +55,22 @@ def test_compact_layer_holds_only_kept_weights_and_matches_masked_dense():
     torch.testing.assert_close(model[0].values.grad, ref[0].weight.grad[kept], rtol=1e-4, atol=1e-5)
     opt.step()
     assert opt.state[model[0].values]["momentum_buffer"].shape == model[0].values.shape
-    with pytest.raises(ValueError, match="0.weight is stored compactly"):
-        ms.set_mask("0.weight", kept)
+
+    # a mask change re-lays weights and momentum: kept by both masks keep theirs, grown ones start at zero
+    before_w, before_m = model[0].weight.clone(), ms.owners["0.weight"].compact.dense(
+        opt.state[model[0].values]["momentum_buffer"])
+    new = kept.clone()
+    new.view(-1)[kept.view(-1).nonzero()[:5]] = False
+    new.view(-1)[(~kept).view(-1).nonzero()[:5]] = True
+    ms.set_mask("0.weight", new, opt)
+    values = model[0].values
+    assert values.numel() == int(new.sum()) and opt.state[values]["momentum_buffer"].shape == values.shape
+    both = new & kept
+    torch.testing.assert_close(model[0].weight[both], before_w[both])
+    momentum = ms.owners["0.weight"].compact.dense(opt.state[values]["momentum_buffer"])
+    torch.testing.assert_close(momentum[both], before_m[both])
+    assert torch.all(model[0].weight[new & ~kept] == 0) and torch.all(momentum[new & ~kept] == 0)
+    assert torch.all(model[0].weight[~new] == 0)
 
 
 def test_loading_a_plain_state_dict_fills_the_kept_weights():
@@ -88,7 +103,23 @@ def test_training_with_compact_state_matches_masked_dense_and_resumes(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[k], full.model.state_dict()[k], rtol=0, atol=0)
 
 
-def test_compact_state_needs_the_direct_backend_and_fixed_masks():
+def test_mest_with_compact_state_matches_masked_dense_and_resumes_across_a_mutation(tmp_path):
+    data = tiny_datasets(n_train=96)
+    mest = ["sparsity.method=mest", "sparsity.mest.every_epochs=1", "sparsity.mest.soft_bound=true", "optim.epochs=3"]
+    masked = Trainer(_config(tmp_path / "masked", mest), datasets=data)
+    masked.fit()
+    compact = [*mest, "sparsity.backend=direct", "sparsity.compact_state=true"]
+    full, resumed = full_and_resumed(lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=5)
+    assert full.method.updates >= 2 and isinstance(full.model[3], CompactConv2d)
+    for n, m in masked.method.maskset.masks.items():
+        assert torch.equal(full.method.maskset.masks[n], m)
+        assert torch.equal(resumed.method.maskset.masks[n], m)
+    for k, v in masked.model.state_dict().items():
+        torch.testing.assert_close(full.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(resumed.model.state_dict()[k], full.model.state_dict()[k], rtol=0, atol=0)
+
+
+def test_compact_state_needs_the_direct_backend_and_a_method_without_dense_gradients():
     with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct'"):
         load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"])
     with pytest.raises(ConfigError, match="method 'set'"):

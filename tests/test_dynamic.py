@@ -10,6 +10,7 @@ from conftest import full_and_resumed, tiny_datasets
 from sparsetrain.config import load_config
 from sparsetrain.dynamic import MEST, phase_value
 from sparsetrain.forgetting import ForgettingTracker
+from sparsetrain.masks import MaskSet
 from sparsetrain.methods import SetupContext, build_method
 from sparsetrain.models import build_model
 from sparsetrain.train import Trainer
@@ -108,7 +109,8 @@ def test_mest_prune_score_uses_weights_and_last_gradient():
     p = torch.nn.Parameter(torch.tensor([1.0, 1.0, 0.1]))
     p.grad = torch.tensor([0.0, 2.0, 0.0])
     mest = MEST(load_config(overrides=["sparsity.method=mest", "sparsity.sparsity=0.5", "sparsity.mest.prune_lambda=0.5"]).sparsity)
-    torch.testing.assert_close(mest._score(p), torch.tensor([1.0, 2.0, 0.1]))
+    mest.maskset = MaskSet({"w": p})
+    torch.testing.assert_close(mest._score("w"), torch.tensor([1.0, 2.0, 0.1]))
 
 
 def test_mest_soft_bound_grows_first_then_prunes_back(tmp_path):

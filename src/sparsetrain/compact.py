@@ -4,12 +4,15 @@ Under the ``direct`` backend a convolution needs nothing of its weight but the k
 entries, and its kernels return the gradient of exactly those. :func:`compact_layers`
 therefore replaces each such layer's dense weight by a parameter holding the kept values
 alone, so the weight, its gradient and every optimizer state that follows it (momentum,
-Adam's moments) shrink with the density. The mask stays in the MaskSet for accounting and
-checkpoints; the layer keeps its mask fixed (static masks). State dicts still carry the
-dense ``weight``, so checkpoints, exports and ``sparsetrain eval`` see the plain model.
+Adam's moments) shrink with the density. The mask stays in the MaskSet for accounting, checkpoints and updates:
+when a method changes it (MEST's prune and grow), the layer re-lays its kept weights and
+their optimizer state, grown weights starting at zero. State dicts still carry the dense
+``weight``, so checkpoints, exports and ``sparsetrain eval`` see the plain model.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -31,6 +34,32 @@ class CompactConv2d(SparseConv2d):
 
     def _run(self, x):
         return direct_conv2d(x, self.values, self.bias, self.compact, self.stride, self.padding, self.dilation)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def dense_grad(self) -> torch.Tensor | None:
+        return None if self.values.grad is None else self.compact.dense(self.values.grad)
+
+    @torch.no_grad()
+    def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        """Re-lay the kept weights (and the optimizer state that follows them) for a new mask: weights kept
+        by both masks keep their values and state, newly grown ones start at zero with zero state."""
+        new = DirectStructure.from_mask(mask)
+        old_index, numel = self.compact.flat_index, math.prod(self.compact.shape)
+
+        def relay(v: torch.Tensor) -> torch.Tensor:
+            dense = v.new_zeros(numel)
+            dense[old_index] = v
+            return dense[new.flat_index].clone()
+
+        state = optimizer.state.get(self.values, {}) if optimizer is not None else {}
+        for k, v in list(state.items()):
+            if torch.is_tensor(v) and v.shape == self.values.shape:
+                state[k] = relay(v)
+        self.values.data = relay(self.values.detach())
+        self.values.grad = None
+        self.compact = new
 
     def forward(self, x):
         return self._run(x)
@@ -64,6 +93,6 @@ def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim
             for group in optimizer.param_groups:
                 group["params"] = [m.values if p is old else p for p in group["params"]]
             optimizer.state.pop(old, None)
-        maskset.release(name)
+        maskset.release(name, m)
         done.append(name)
     return done

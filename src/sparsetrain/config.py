@@ -162,7 +162,7 @@ class SparsityConfig(_Section):
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
     backend: Literal["masked", "csr", "direct", "channel", "semi_structured", "auto"] = Field(
         "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, compacted channels, 2:4 semi-structured (CUDA), or the fastest per layer")
-    compact_state: bool = Field(False, description="direct backend, static masks: store only kept weights (and their "
+    compact_state: bool = Field(False, description="direct backend, static or mest: store only kept weights (and their "
                                                  "gradients and optimizer state)")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
@@ -189,9 +189,9 @@ class SparsityConfig(_Section):
         if self.backend != "masked" and self.method in ("dense", "swat"):
             raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {self.method!r} has no masks "
                              "(use static, lottery, set, rigl or mest)")
-        if self.compact_state and (self.backend != "direct" or self.method != "static"):
-            raise ValueError(f"compact_state stores only kept weights under backend 'direct' with fixed masks (method "
-                             f"static); got backend {self.backend!r}, method {self.method!r}")
+        if self.compact_state and (self.backend != "direct" or self.method not in ("static", "mest")):
+            raise ValueError(f"compact_state stores only kept weights under backend 'direct' for methods static and mest "
+                             f"(whose updates need no dense gradient); got backend {self.backend!r}, method {self.method!r}")
         if self.backend == "channel" and self.scheme != "channel_out":
             raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "
                              f"(got {self.scheme!r})")

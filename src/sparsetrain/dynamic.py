@@ -63,14 +63,14 @@ class _Dynamic(Method):
         return min(round(share * active), units.shape[0] - active)
 
     def _replace(self, optimizer, fraction: float, grow_from_grad: bool) -> None:
-        for n, p in self.maskset.params.items():
+        for n in self.maskset.masks:
             k = self._swappable(n, fraction)
             if not k:
                 continue
-            grow = p.grad if grow_from_grad else None
-            new = self.scheme.update(self.maskset.masks[n], p.detach().abs(), k, k, grow, self.generator)
+            w, g = self.maskset.weight_and_grad(n)
+            new = self.scheme.update(self.maskset.masks[n], w.abs(), k, k, g if grow_from_grad else None, self.generator)
             self.maskset.set_mask(n, new, optimizer)
-        self.maskset.broadcast()
+        self.maskset.broadcast(optimizer=optimizer)
         self.updates += 1
 
     def _update_fraction(self, step: int) -> float:
@@ -135,9 +135,9 @@ class MEST(_Dynamic):
     def _active_total(self) -> int:
         return sum(int(m.sum()) for m in self.maskset.masks.values())
 
-    def _score(self, p: torch.Tensor) -> torch.Tensor:
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        return p.detach().abs() + self.cfg.mest.prune_lambda * g.detach().abs()
+    def _score(self, name: str) -> torch.Tensor:
+        w, g = self.maskset.weight_and_grad(name)
+        return w.abs() + self.cfg.mest.prune_lambda * (g.detach().abs() if g is not None else torch.zeros_like(w))
 
     def end_epoch(self, epochs_done, optimizer):
         total = self.ctx.epochs
@@ -149,20 +149,21 @@ class MEST(_Dynamic):
         excess = phase_value(self.cfg.mest.excess, t) if (self.cfg.mest.soft_bound and not at_end) else 0.0
         if not ratio and not excess and not self.expanded:
             return False
-        self.last_grad_abs_sum = sum(float(p.grad.abs().sum()) for p in self.maskset.params.values() if p.grad is not None)
-        for n, p in self.maskset.params.items():
-            mask, target = self.maskset.masks[n], self.target_units[n]
+        grads = [self.maskset.weight_and_grad(n)[1] for n in self.maskset.masks]
+        self.last_grad_abs_sum = sum(float(g.abs().sum()) for g in grads if g is not None)
+        for n, mask in list(self.maskset.masks.items()):
+            target = self.target_units[n]
             n_units = self.scheme.group(mask).shape[0]
             active = self._active_units(n)
             mutate = min(round(ratio * target), n_units - target)
-            extra = self.scheme.units_for(p.numel(), excess, n_units) if excess else 0
+            extra = self.scheme.units_for(mask.numel(), excess, n_units) if excess else 0
             if self.cfg.mest.soft_bound:  # prune back to the target (what the last growth added), then grow anew
                 n_prune, n_grow = active - target, mutate + extra
             else:
                 n_prune, n_grow = mutate, mutate
-            new = self.scheme.update(mask, self._score(p), n_prune, n_grow, None, self.generator)
+            new = self.scheme.update(mask, self._score(n), n_prune, n_grow, None, self.generator)
             self.maskset.set_mask(n, new, optimizer)
-        self.maskset.broadcast()
+        self.maskset.broadcast(optimizer=optimizer)
         self.expanded = self.cfg.mest.soft_bound and (ratio > 0 or excess > 0)
         self.peak_active = max(self.peak_active, self._active_total())
         self.updates += 1

@@ -66,7 +66,7 @@ class MaskSet:
         self.params = dict(params)
         self.masks: dict[str, torch.Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self._hooks: list = []
-        self.released: set[str] = set()  # masks whose layers store only their kept weights (see compact.py)
+        self.owners: dict[str, object] = {}  # layers that store only their kept weights (see compact.py), by name
         self.version = 0  # bumped on every mask change; lets caches (FLOP densities) know when to refresh
 
     @classmethod
@@ -77,8 +77,13 @@ class MaskSet:
     def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Install ``mask`` for ``name``, zero the newly masked weights and, given the optimizer,
         reset their optimizer state (so regrown weights start with no stale momentum)."""
-        if name in self.released:
-            raise ValueError(f"{name} is stored compactly (only its kept weights): its mask is fixed")
+        if name in self.owners:  # stored compactly: the layer re-lays its kept weights (grown ones start at zero)
+            if mask.shape != self.masks[name].shape:
+                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(self.masks[name].shape)}")
+            self.masks[name] = mask.to(device=self.masks[name].device, dtype=torch.bool)
+            self.owners[name].remask(self.masks[name], optimizer)
+            self.version += 1
+            return
         p = self.params[name]
         if mask.shape != p.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
@@ -94,11 +99,19 @@ class MaskSet:
                     v.masked_fill_(changed, 0)
         self.version += 1
 
-    def release(self, name: str) -> None:
-        """Hand ``name`` over to a layer that stores only its kept weights: the mask stays (accounting,
-        checkpoints) but is no longer enforced on a dense parameter, nor held one, and can no longer change."""
+    def release(self, name: str, owner) -> None:
+        """Hand ``name`` over to ``owner``, a layer that stores only its kept weights: the MaskSet keeps the mask
+        (accounting, checkpoints, mask updates, which it passes on through ``owner.remask(mask, optimizer)``)
+        but no longer holds or enforces a dense parameter."""
         self.params.pop(name)
-        self.released.add(name)
+        self.owners[name] = owner
+
+    def weight_and_grad(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense weight (detached) and its gradient (None before any backward), however the layer stores them."""
+        if name in self.owners:
+            return self.owners[name].dense_weight(), self.owners[name].dense_grad()
+        p = self.params[name]
+        return p.detach(), p.grad
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -147,13 +160,14 @@ class MaskSet:
         if missing:
             raise ValueError(f"checkpoint masks do not match the model's sparse parameters: {sorted(missing)[:5]}")
         for n, m in state["masks"].items():
-            if n in self.released and not torch.equal(m.to(self.masks[n].device, torch.bool), self.masks[n]):
-                raise ValueError(f"{n} is stored compactly with a fixed mask; the checkpoint holds another")
-            self.masks[n] = m.to(device=self.masks[n].device, dtype=torch.bool)
+            m = m.to(device=self.masks[n].device, dtype=torch.bool)
+            if n in self.owners and not torch.equal(m, self.masks[n]):
+                self.owners[n].remask(m, None)  # before the weights and optimizer state load into the new layout
+            self.masks[n] = m
         self.version = int(state["version"])
         self.apply()
 
-    def broadcast(self, src: int = 0) -> None:
+    def broadcast(self, src: int = 0, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Make every data-parallel rank hold rank ``src``'s masks."""
         import torch.distributed as dist
 
@@ -161,8 +175,10 @@ class MaskSet:
             for n in self.masks:
                 buf = self.masks[n].to(torch.uint8)
                 dist.broadcast(buf, src)
+                if n in self.owners and not torch.equal(buf.bool(), self.masks[n]):
+                    self.owners[n].remask(buf.bool(), optimizer)
                 self.masks[n] = buf.bool()
-            self.apply()
+            self.apply(optimizer)
 
 
 def random_masks(maskset: MaskSet, sparsity: float, generator: torch.Generator) -> None:

@@ -157,12 +157,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        # masks first: layers that store only kept weights take the saved layout before the weights load into it
+        self.method.load_state_dict(state["method"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.forgetting:
             self.forgetting.load_state_dict(state["forgetting"])
         self.recipe.load_state_dict(state["recipe"])
-        self.method.load_state_dict(state["method"])
         self.train_loader.load_state_dict(state["loader"])
         self.flops.load_state_dict(state["flops"])
         self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
