@@ -237,3 +237,18 @@ def test_channel_backend_refuses_masks_inside_channels():
         apply_backend(nn.Sequential(layer), ms, "channel")
     with pytest.raises(ConfigError, match="backend 'channel' runs masks of whole output channels"):
         load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.backend=channel"])
+
+
+def test_channel_backend_recompacts_when_the_mask_changes():
+    layer = nn.Conv2d(3, 6, 3, padding=1)
+    ms = MaskSet.for_model(nn.Sequential(layer), [])
+    ms.set_mask("0.weight", _channel_mask(layer.weight.shape))
+    apply_backend(nn.Sequential(layer), ms, "channel")
+    x = torch.randn(2, 3, 5, 5)
+    layer(x)
+    new = torch.zeros_like(ms.masks["0.weight"])
+    new[[1, 4]] = True
+    ms.set_mask("0.weight", new)
+    out = layer(x)
+    assert layer.rebuilds == 2
+    torch.testing.assert_close(out, F.conv2d(x, layer.weight * new, layer.bias, padding=1))
