@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the median ratio; peak memory of each configuration in a fresh process. "
                                    "Example: sparsetrain bench --model vgg16 --configs direct auto --sparsity 0.9 0.95 0.98")
     b.add_argument("--model", default="vgg16", choices=sorted(MODELS))
-    b.add_argument("--configs", nargs="+", default=["auto"], help="of: masked csr direct channel auto swat")
+    b.add_argument("--configs", nargs="+", default=["auto"], help="of: masked csr direct compact channel auto swat")
     b.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--pairs", type=int, default=10, help="timed dense/sparse step pairs")
