@@ -151,6 +151,7 @@ def _bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsetrain`` argument parser with its commands."""
+    from .bench import CONFIGS
     from .config import METHODS
     from .data import DATASETS
     from .models import MODELS
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the median ratio; peak memory of each configuration in a fresh process. "
                                    "Example: sparsetrain bench --model vgg16 --configs direct auto --sparsity 0.9 0.95 0.98")
     b.add_argument("--model", default="vgg16", choices=sorted(MODELS))
-    b.add_argument("--configs", nargs="+", default=["auto"], help="of: masked csr direct compact channel auto swat")
+    b.add_argument("--configs", nargs="+", default=["auto"], help="of: " + " ".join(CONFIGS))
     b.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--pairs", type=int, default=10, help="timed dense/sparse step pairs")
