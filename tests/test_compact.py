@@ -7,7 +7,6 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from conftest import full_and_resumed, tiny_datasets
 from sparsetrain import native

@@ -1,7 +1,5 @@
-import math
 
 import pytest
-import torch
 
 from sparsetrain.config import load_config
 from sparsetrain.models import build_model
