@@ -103,6 +103,15 @@ def test_bit_relu_is_an_exact_relu():
     torch.testing.assert_close(BitReLU()(x), F.relu(x))
 
 
+def test_bit_relu_returns_the_gradient_in_the_layout_of_its_input():
+    # a pooled gradient arrives NCHW while the model runs channels-last: the layers below must stay channels-last
+    x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 6, 5, 5)
+    (gx,) = torch.autograd.grad(BitReLU()(x), x, grad)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gx, grad * (x > 0), rtol=0, atol=0)
+
+
 def test_thresholds_refresh_every_period_and_are_checkpointed():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 10))

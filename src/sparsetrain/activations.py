@@ -39,8 +39,10 @@ class _BitReLUFn(torch.autograd.Function):
 
         (packed,) = ctx.saved_tensors
         shape, cl = ctx.conf
-        gflat, gcl = flat_view(grad)
-        if gcl == cl and native.available(gflat):
+        # the gradient in the layout of the saved bits (a pooled or summed gradient may arrive NCHW):
+        # one copy here keeps every layer below in the model's layout
+        gflat, _ = flat_view(grad.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format))
+        if native.available(gflat):
             return unflat(native.relu_grad(gflat, packed), shape, cl)
         positive = unflat(unpack_bits(packed, math.prod(shape)), shape, cl).to(grad.device)
         return grad * positive
