@@ -18,8 +18,15 @@ def _packed(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
 
 
+@pytest.fixture(params=[1, 3], ids=["one-thread", "three-threads"])
+def threads(request, monkeypatch):
+    """The one-pass kernels on the calling thread (the default) and split across threads."""
+    monkeypatch.setattr(native, "ELEMENTWISE_THREADS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("n", SIZES)
-def test_compress_decompress_match_reference(n):
+def test_compress_decompress_match_reference(n, threads):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     threshold = float(x.abs().median())
     packed, values = native.compress(x, threshold)
@@ -34,13 +41,18 @@ def test_compress_decompress_match_reference(n):
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_relu_bits_and_grad_match_torch(n):
+def test_relu_bits_and_grad_match_torch(n, threads):
     g = torch.Generator().manual_seed(n)
     x, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
     out, packed = native.relu_bits(x)
     assert torch.equal(out, torch.relu(x))
     assert torch.equal(packed, _packed(x > 0))
     assert torch.equal(native.relu_grad(grad, packed), torch.where(x > 0, grad, torch.zeros(())))
+    inplace = x.clone()
+    out, packed_inplace = native.relu_bits(inplace, out=inplace)
+    assert out.data_ptr() == inplace.data_ptr()
+    assert torch.equal(inplace, torch.relu(x))
+    assert torch.equal(packed_inplace, packed)
 
 
 def test_relu_passes_nan_like_torch():
@@ -51,7 +63,7 @@ def test_relu_passes_nan_like_torch():
 
 
 @pytest.mark.parametrize("n", [5, 64, 65541])
-def test_select_keeps_entries_at_or_above_threshold(n):
+def test_select_keeps_entries_at_or_above_threshold(n, threads):
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))
     t = float(x.abs().quantile(0.7))
     assert torch.equal(native.select(x, t), torch.where(x.abs() >= t, x, torch.zeros(())))
@@ -93,3 +105,49 @@ def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="no-such-compiler-xyz"):
         assert not native.available()
     assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_kth_largest_magnitude_is_exact_with_ties(n, threads):
+    g = torch.Generator().manual_seed(n)
+    cases = [torch.randn(n, generator=g),
+             torch.randint(-3, 4, (n,), generator=g).float(),  # heavy ties, zeros of both signs
+             -torch.zeros(n)]
+    for x in cases:
+        for k in sorted({1, max(1, n // 10), max(1, n // 2), n}):
+            thr, count = native.kth_largest_abs(x, k)
+            ref = float(torch.kthvalue(x.abs(), n - k + 1).values)
+            assert thr == ref
+            assert count == int((x.abs() >= ref).sum()) >= k
+
+
+def test_kth_largest_refuses_k_out_of_range():
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\], got 5"):
+        native.kth_largest_abs(torch.ones(4), 5)
+
+
+def test_swat_thresholds_agree_with_and_without_kernels(monkeypatch):
+    x = torch.randn(3, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    with_kernels = swat.threshold_and_share(x, 0.1)
+    monkeypatch.setattr(native, "_lib", None)
+    without = swat.threshold_and_share(x, 0.1)
+    assert float(with_kernels[0]) == float(without[0]) and with_kernels[1] == without[1]
+
+
+def test_portable_build_matches_the_reference(tmp_path, monkeypatch):
+    """The kernels built without CPU tuning (the SSE2 paths where this CPU would take AVX-512)."""
+    path = tmp_path / "portable.so"
+    native._build(path, portable=True)
+    monkeypatch.setattr(native, "_lib", native._open(path))
+    for n in (13, 65537):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        threshold = float(x.abs().median())
+        keep = x.abs() >= threshold
+        packed, values = native.compress(x, threshold)
+        assert torch.equal(packed, _packed(keep)) and torch.equal(values, x[keep])
+        assert torch.equal(native.decompress(packed, values, n), torch.where(keep, x, torch.zeros(())))
+        out, bits = native.relu_bits(x)
+        assert torch.equal(out, torch.relu(x)) and torch.equal(bits, _packed(x > 0))
+        assert torch.equal(native.relu_grad(x, bits), torch.where(x > 0, x, torch.zeros(())))
+        assert torch.equal(native.select(x, threshold), torch.where(keep, x, torch.zeros(())))
+        assert native.kth_largest_abs(x, n // 3)[0] == float(torch.kthvalue(x.abs(), n - n // 3 + 1).values)

@@ -103,6 +103,21 @@ def test_bit_relu_is_an_exact_relu():
     torch.testing.assert_close(BitReLU()(x), F.relu(x))
 
 
+@pytest.mark.parametrize("use_native", [True, False])
+def test_bit_relu_in_place_overwrites_its_input_and_matches_relu(use_native, monkeypatch):
+    from sparsetrain import native
+
+    monkeypatch.setattr(native, "_lib", native._lib if use_native else None)
+    x = torch.randn(3, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(3, 4, 5, 5)
+    y = x * 1.0
+    out = BitReLU(inplace=True)(y)
+    assert out.data_ptr() == y.data_ptr()
+    (gx,) = torch.autograd.grad(out, x, grad)
+    torch.testing.assert_close(out, F.relu(x), rtol=0, atol=0)
+    torch.testing.assert_close(gx, grad * (x > 0), rtol=0, atol=0)
+
+
 def test_bit_relu_returns_the_gradient_in_the_layout_of_its_input():
     # a pooled gradient arrives NCHW while the model runs channels-last: the layers below must stay channels-last
     x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()

@@ -36,7 +36,7 @@ from . import native
 from .schemes import parse_scheme
 
 __all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers", "pack_bits", "unpack_bits",
-           "swat_conv2d", "swat_linear", "topk_threshold"]
+           "swat_conv2d", "swat_linear", "topk_threshold", "threshold_and_share"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.uint8, torch.bool, torch.int32, torch.int64)
 
@@ -82,11 +82,21 @@ def unflat(flat: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> t
 
 def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
     """The magnitude of the k-th largest entry, k = ceil(density * numel): |t| >= it keeps the top K."""
-    flat = t.detach().abs().reshape(-1)
-    k = max(1, min(flat.numel(), math.ceil(density * flat.numel())))
-    if k == flat.numel():
-        return flat.new_zeros(())
-    return torch.kthvalue(flat.float(), flat.numel() - k + 1).values.to(t.dtype)
+    return threshold_and_share(t, density)[0]
+
+
+def threshold_and_share(t: torch.Tensor, density: float) -> tuple[torch.Tensor, float]:
+    """(:func:`topk_threshold`, the share of entries that reach it: the density plus ties)."""
+    flat, _ = flat_view(t.detach())
+    n = flat.numel()
+    k = max(1, min(n, math.ceil(density * n)))
+    if k == n:
+        return flat.new_zeros(()), 1.0
+    if native.available(flat):  # radix select: a few passes over memory instead of a selection sort
+        thr, count = native.kth_largest_abs(flat, k)
+        return torch.tensor(thr, dtype=t.dtype, device=t.device), count / n
+    thr = torch.kthvalue(flat.abs().float(), n - k + 1).values.to(t.dtype)
+    return thr, float((flat.abs() >= thr).double().mean())
 
 
 def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -233,8 +243,9 @@ class _SWATMixin:
     def _maybe_refresh(self, x: torch.Tensor) -> None:
         if self.training and int(self.steps) % self.period == 0:
             self.refresh_weights()
-            self.a_thresh.copy_(topk_threshold(x, self.act_density))
-            self.act_kept.copy_((x.abs() >= self.a_thresh).double().mean())
+            a_thresh, share = threshold_and_share(x, self.act_density)
+            self.a_thresh.copy_(a_thresh)
+            self.act_kept.fill_(share)
         if self.training:
             self.steps += 1
 
@@ -356,7 +367,7 @@ class SWATMethod:
         act = None if sc.activation_sparsity is None else 1.0 - sc.activation_sparsity
         convert(ctx.model, dens, act, sc.topk_period, sc.structure if sc.variant == "structured" else None)
         if sc.compact_relu:
-            replace_activations(ctx.model, nn.ReLU, lambda old: BitReLU())
+            replace_activations(ctx.model, nn.ReLU, lambda old: BitReLU(inplace=old.inplace))
         self.model, self.optimizer = ctx.model, ctx.optimizer
         self.layers = swat_layers(ctx.model)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "sparse_conv_forward",
+__all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
            "sparse_conv_backward_input", "sparse_conv_backward_weight", "library_path"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
@@ -46,6 +46,7 @@ _SIGNATURES = {
     "relu_bits_f32": ([_p, _i64, _p, _p, _int], None),
     "relu_grad_f32": ([_p, _p, _i64, _p, _int], None),
     "select_f32": ([_p, _i64, _f32, _p, _int], None),
+    "kth_largest_abs_f32": ([_p, _i64, _i64, _p, _p, _p, _int], None),
     "sparse_conv_forward": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_input": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_weight": ([_p] * 8 + [_int, _int], None),
@@ -53,6 +54,14 @@ _SIGNATURES = {
     "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
 }
+
+
+# Threads for the one-pass kernels (compress, decompress, ReLU bits, select, top-K threshold).
+# One: after each of its ops, PyTorch's OpenMP workers keep spinning for a while, so a second
+# thread of ours would fight a spinning worker for its core; measured on 2 cores, SWAT's step
+# on ResNet-20 was 1.43x dense with two threads here and 1.21x with one. The convolution
+# kernels, which run long enough for the workers to go to sleep, use every thread torch does.
+ELEMENTWISE_THREADS = 1
 
 
 def _cpu_identity() -> str:
@@ -75,7 +84,9 @@ def library_path() -> Path:
     return default_cache_dir() / "native" / f"sparsetrain_kernels-{key}.so"
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, portable: bool = False) -> None:
+    """Compile the kernels into ``target``: tuned for this CPU where the compiler can, portable
+    otherwise (or when asked: tests use it to check the paths older CPUs take)."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r}) on PATH")
@@ -83,8 +94,8 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        # tuned for this CPU where the compiler can; portable otherwise
-        for flags in (_FLAGS, [f for f in _FLAGS if not f.startswith("-march")]):
+        portable_flags = [f for f in _FLAGS if not f.startswith("-march")]
+        for flags in ([portable_flags] if portable else [_FLAGS, portable_flags]):
             done = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
             if done.returncode == 0:
                 break
@@ -94,6 +105,14 @@ def _build(target: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
 
 
 def _load() -> ctypes.CDLL | None:
@@ -107,11 +126,7 @@ def _load() -> ctypes.CDLL | None:
         path = library_path()
         if not path.exists():
             _build(path)
-        lib = ctypes.CDLL(str(path))
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        _lib = lib
+        _lib = _open(path)
     except (OSError, RuntimeError) as e:
         warnings.warn(f"sparsetrain: native kernels unavailable ({e}); using the slower numpy path", RuntimeWarning, stacklevel=3)
     return _lib
@@ -132,7 +147,7 @@ def _offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
 
 def compress(flat: torch.Tensor, threshold: float, absolute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed bits of ``|flat| >= threshold`` (``flat >= threshold`` if not absolute), the kept values in order)."""
-    lib, n, threads = _load(), flat.numel(), torch.get_num_threads()
+    lib, n, threads = _load(), flat.numel(), ELEMENTWISE_THREADS
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
     counts = np.empty(lib.chunk_count(n), dtype=np.int64)
     lib.keep_bits_f32(flat.data_ptr(), n, float(threshold), int(absolute), packed.data_ptr(), counts.ctypes.data, threads)
@@ -144,7 +159,7 @@ def compress(flat: torch.Tensor, threshold: float, absolute: bool = True) -> tup
 
 def decompress(packed: torch.Tensor, values: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense 1-D tensor of ``numel`` entries: ``values`` where the bit is set, zero elsewhere (into ``out`` if given)."""
-    lib, threads = _load(), torch.get_num_threads()
+    lib, threads = _load(), ELEMENTWISE_THREADS
     counts = np.empty(lib.chunk_count(numel), dtype=np.int64)
     lib.count_bits(packed.data_ptr(), numel, counts.ctypes.data, threads)
     offsets, total = _offsets(counts)
@@ -158,26 +173,39 @@ def decompress(packed: torch.Tensor, values: torch.Tensor, numel: int, out: torc
     return out
 
 
-def relu_bits(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relu(flat), packed bits of flat > 0) in one pass."""
+def relu_bits(flat: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu(flat), packed bits of flat > 0) in one pass; ``out`` may be ``flat`` itself (in place)."""
     n = flat.numel()
-    out, packed = torch.empty_like(flat), torch.empty((n + 7) // 8, dtype=torch.uint8)
-    _load().relu_bits_f32(flat.data_ptr(), n, out.data_ptr(), packed.data_ptr(), torch.get_num_threads())
+    out = torch.empty_like(flat) if out is None else out
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    _load().relu_bits_f32(flat.data_ptr(), n, out.data_ptr(), packed.data_ptr(), ELEMENTWISE_THREADS)
     return out, packed
 
 
 def relu_grad(grad: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``grad`` where the packed bit is set, zero elsewhere (ReLU's backward from its bitmask)."""
     out = torch.empty_like(grad)
-    _load().relu_grad_f32(grad.data_ptr(), packed.data_ptr(), grad.numel(), out.data_ptr(), torch.get_num_threads())
+    _load().relu_grad_f32(grad.data_ptr(), packed.data_ptr(), grad.numel(), out.data_ptr(), ELEMENTWISE_THREADS)
     return out
 
 
 def select(flat: torch.Tensor, threshold: float) -> torch.Tensor:
     """``flat`` where ``|flat| >= threshold``, zero elsewhere, in one pass."""
     out = torch.empty_like(flat)
-    _load().select_f32(flat.data_ptr(), flat.numel(), float(threshold), out.data_ptr(), torch.get_num_threads())
+    _load().select_f32(flat.data_ptr(), flat.numel(), float(threshold), out.data_ptr(), ELEMENTWISE_THREADS)
     return out
+
+
+def kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[float, int]:
+    """(the k-th largest ``|flat|``, how many entries reach it), exact, in three passes over memory."""
+    lib, n = _load(), flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    thr, count = np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int64)
+    hist = np.empty(lib.chunk_count(n) * 2048, dtype=np.uint32)
+    lib.kth_largest_abs_f32(flat.data_ptr(), n, k, thr.ctypes.data, count.ctypes.data, hist.ctypes.data,
+                            ELEMENTWISE_THREADS)
+    return float(thr[0]), int(count[0])
 
 
 def _ptr(t) -> int:
