@@ -71,6 +71,10 @@ for _mask, _extra in MASKS98.items():
     RUNS[f"{_mask}98-tost"] = (_label, [*S98, *_extra, "recipe.name=tost"])
 for _name, _switch in COMPONENTS.items():
     RUNS[f"random98-{_name}"] = ("static-random", [*S98, *MASKS98["random"], _switch])
+# exploration of the ghost-phase length (the default ends both ghosts at 20% of training, where the
+# curves dip): ToST with the ghosts held to 25% and gone by 50%
+RUNS["random98-tost-ghosts50"] = ("static-random", [*S98, *MASKS98["random"], "recipe.name=tost", "recipe.soft_hold=0.25",
+                                                    "recipe.soft_blend_end=0.5", "recipe.skip_end=0.5"])
 
 
 def main(argv=None) -> None:
