@@ -188,6 +188,19 @@ def test_swat_m_follows_momentum_and_respects_its_cap(tmp_path):
     assert sum(dens[n] * method.numel[n] for n in dens) == pytest.approx(0.2 * total, rel=1e-6)
 
 
+def test_swat_m_rebalances_between_epochs_but_not_after_the_last(tmp_path):
+    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
+                                 "run.progress=false", "model.channels_last=false", "optim.epochs=2", f"run.out_dir={tmp_path}",
+                                 "sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.variant=m"])
+    trainer = Trainer(cfg, datasets=tiny_datasets())
+    method = trainer.method
+    calls = []
+    original = method.rebalance
+    method.rebalance = lambda opt: calls.append(trainer.progress.epoch) or original(opt)
+    trainer.fit()
+    assert calls == [1]  # after epoch 1 of 2; the final model is evaluated on the budgets it trained with
+
+
 def test_swat_training_reports_sparsities_flops_and_exports_a_plain_sparse_model(tmp_path):
     cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
                                  "run.progress=false", "model.channels_last=false", "optim.epochs=2", f"run.out_dir={tmp_path}",

@@ -340,7 +340,7 @@ class SWATMethod:
     """SWAT as a training method: SWAT-U, SWAT-ERK, SWAT-M or structured SWAT (``sparsity.swat.variant``).
 
     SWAT-U gives every selected layer the same budget; SWAT-ERK takes ERK budgets once;
-    SWAT-M re-distributes the budgets at every epoch end in proportion to the mean
+    SWAT-M re-distributes the budgets at every epoch end but the last in proportion to the mean
     momentum magnitude of each layer's kept weights (capped at ``m_max_density``, so no
     layer silently turns dense); structured SWAT keeps whole channels (or kernels) by
     L1 norm, with unstructured top-K activations.
@@ -368,7 +368,7 @@ class SWATMethod:
         convert(ctx.model, dens, act, sc.topk_period, sc.structure if sc.variant == "structured" else None)
         if sc.compact_relu:
             replace_activations(ctx.model, nn.ReLU, lambda old: BitReLU(inplace=old.inplace))
-        self.model, self.optimizer = ctx.model, ctx.optimizer
+        self.model, self.optimizer, self.epochs = ctx.model, ctx.optimizer, ctx.epochs
         self.layers = swat_layers(ctx.model)
 
     def before_step(self, step, optimizer):
@@ -379,7 +379,9 @@ class SWATMethod:
         return step % self.cfg.swat.topk_period == 1 or self.cfg.swat.topk_period == 1
 
     def end_epoch(self, epochs_done, optimizer):
-        if self.cfg.swat.variant != "m":
+        # not after the last epoch: nothing would train on the new budgets, and the final evaluation
+        # would see BatchNorm statistics gathered under the old ones
+        if self.cfg.swat.variant != "m" or epochs_done >= self.epochs:
             return False
         self.rebalance(optimizer)
         return True
