@@ -47,8 +47,11 @@ def append_record(filename: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_records(filename: str) -> list[dict]:
+def read_records(filename: str, current: bool = False) -> list[dict]:
+    """The records of ``results/filename``; ``current`` leaves out those whose ``note`` marks them superseded
+    (kept in the file for the record, left out of tables and plots)."""
     path = RESULTS / filename
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [r for r in records if not (current and r.get("note", "").startswith("superseded"))]

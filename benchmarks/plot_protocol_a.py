@@ -1,4 +1,4 @@
-"""Accuracy against training FLOPs for every protocol-A record, one PNG (and a table on stdout).
+"""Accuracy against training FLOPs for every current (not superseded) protocol-A record, one PNG (and a table on stdout).
 
     python benchmarks/plot_protocol_a.py [--recipe-filter none]
 """
@@ -23,13 +23,13 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_records(args.file)
+    records = read_records(args.file, current=True)
     if not records:
         raise SystemExit(f"no records in {RESULTS / args.file}")
     fig, ax = plt.subplots(figsize=(7, 5))
     print(f"{'method':<16} {'recipe':<10} {'sparsity':>8} {'test acc':>8} {'train F':>8} {'infer F':>8} {'wall s':>7}")
     for r in sorted(records, key=lambda r: r["train_flops_rel"]):
-        label = r["method"] + (f" + {r['recipe']}" if r.get("recipe") else "")
+        label = r["method"] + (f" {r['sparsity']:.0%}" if r["sparsity"] else "") + (f" + {r['recipe']}" if r.get("recipe") else "")
         ax.scatter(r["train_flops_rel"], r["test_acc"], s=40)
         ax.annotate(label, (r["train_flops_rel"], r["test_acc"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
         print(f"{r['method']:<16} {r.get('recipe') or '':<10} {r['sparsity']:>8.3f} {r['test_acc']:>8.2f} "

@@ -19,9 +19,8 @@ from sparsetrain.bench import BenchResult, plot_bench
 
 def main() -> None:
     newest: dict[tuple, dict] = {}
-    for r in read_records("protocol_b.jsonl"):
-        if not r.get("note", "").startswith("superseded"):
-            newest[(r["model"], r["config"], r["sparsity"])] = r
+    for r in read_records("protocol_b.jsonl", current=True):
+        newest[(r["model"], r["config"], r["sparsity"])] = r
     for model in sorted({k[0] for k in newest}):
         rows = [BenchResult(r["model"], r["config"], r["sparsity"], r["batch"], r["step_ratio"], r["step_s_dense_median"],
                             r["step_s_sparse_median"], r["pairs"], r.get("mem_ratio"))

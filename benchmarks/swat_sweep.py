@@ -24,7 +24,7 @@ TARGETS = {"swat-u80": 1.5, "swat-erk90": 2.5}
 
 
 def main() -> None:
-    records = read_records("protocol_a.jsonl")
+    records = read_records("protocol_a.jsonl", current=True)
     runs = {r["run"]: r for r in records if r.get("run")}
     dense = next((r for r in records if r["method"] == "dense" and r["model"] == "resnet20"), None)
     lines = ["| run | sparsity | test acc | vs dense | target | train FLOPs | inference FLOPs | activation sparsity | wall (min) |",

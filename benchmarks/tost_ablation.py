@@ -19,7 +19,7 @@ from protocol_a import COMPONENTS, MASKS98  # noqa: E402
 
 
 def main() -> None:
-    runs = {r["run"]: r for r in read_records("protocol_a.jsonl") if r.get("run")}
+    runs = {r["run"]: r for r in read_records("protocol_a.jsonl", current=True) if r.get("run")}
     lines = ["| mask (98% sparse) | default | ToST | gain |", "|---|---|---|---|"]
     gains, pairs = [], []
     for mask in MASKS98:
