@@ -13,7 +13,7 @@ from sparsetrain.activations import BitReLU, replace_activations
 from sparsetrain.config import load_config
 from sparsetrain.models import build_model
 from sparsetrain.swat import (SWATConv2d, convert, harden, pack_bits, revert, swat_conv2d, swat_layers, swat_linear,
-                              topk_threshold, unpack_bits)
+                              threshold_and_share, topk_threshold, unpack_bits)
 from sparsetrain.train import Trainer, load_checkpoint
 
 CONV_CASES = [  # (cin, cout, k, stride, padding, dilation, groups)
@@ -172,6 +172,26 @@ def test_structured_swat_keeps_whole_units_by_l1(structure):
     norms = model[0].weight.detach().abs().reshape(units.shape[0], -1).sum(1)
     on = units.any(1)
     assert norms[on].min() >= norms[~on].max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the C kernels and the torch path
+def test_threshold_keeps_only_nonzeros_when_fewer_than_k_exist(dtype):
+    x = torch.zeros(1000, dtype=dtype)
+    x[:300] = torch.linspace(0.5, 3.0, 300, dtype=dtype)  # 30% nonzero, asked to keep 50%
+    thr, share = threshold_and_share(x, 0.5)
+    assert float(thr) == 0.5 and share == 0.3
+    thr, share = threshold_and_share(torch.zeros(10, dtype=dtype), 0.5)
+    assert float(thr) > 0 and share == 0.0
+
+
+def test_structured_swat_keeps_every_class_of_the_classifier():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    convert(model, {"0.weight": 0.5, "2.weight": 0.5}, structure="channel_out")
+    conv_units = model[0].current_mask().reshape(8, -1)
+    assert int(conv_units.all(1).sum()) == 4  # convolution: whole output channels
+    kept = model[2].current_mask()
+    assert int(kept.sum()) == kept.numel() // 2 and bool(kept.any(1).all())  # classifier: single weights, no class dropped
 
 
 def test_swat_m_follows_momentum_and_respects_its_cap(tmp_path):

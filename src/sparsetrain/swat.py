@@ -94,9 +94,16 @@ def threshold_and_share(t: torch.Tensor, density: float) -> tuple[torch.Tensor, 
         return flat.new_zeros(()), 1.0
     if native.available(flat):  # radix select: a few passes over memory instead of a selection sort
         thr, count = native.kth_largest_abs(flat, k)
-        return torch.tensor(thr, dtype=t.dtype, device=t.device), count / n
-    thr = torch.kthvalue(flat.abs().float(), n - k + 1).values.to(t.dtype)
-    return thr, float((flat.abs() >= thr).double().mean())
+    else:
+        thr = float(torch.kthvalue(flat.abs().float(), n - k + 1).values)
+        count = int((flat.abs() >= thr).sum())
+    if thr == 0:
+        # fewer than k nonzeros (e.g. a ReLU output after removed channels): the threshold is the
+        # smallest nonzero magnitude, so only the nonzeros are stored and counted as kept
+        nonzero = flat[flat != 0].abs()
+        thr = float(nonzero.min()) if nonzero.numel() else float(torch.finfo(t.dtype).tiny)
+        count = nonzero.numel()
+    return torch.tensor(thr, dtype=t.dtype, device=t.device), count / n
 
 
 def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -289,7 +296,8 @@ def convert(
 
     ``densities`` maps weight names (``"layer1.0.conv1.weight"``) to the kept share of
     weights; ``act_densities`` the kept share of their inputs (default: the same);
-    ``structure`` keeps whole ``kernel`` or ``channel_out`` units by L1 norm instead of single weights.
+    ``structure`` keeps whole ``kernel`` or ``channel_out`` units of convolutions by L1 norm instead of
+    single weights (Linear layers stay unstructured: a classifier must keep every class).
     """
     if period < 1:
         raise ValueError(f"topk_period must be >= 1, got {period}")
@@ -304,7 +312,8 @@ def convert(
         if not 0 < d <= 1:
             raise ValueError(f"{wname}: density must be in (0, 1], got {d}")
         a = act_densities.get(wname, d) if isinstance(act_densities, Mapping) else (d if act_densities is None else act_densities)
-        struct = structure if isinstance(m, nn.Conv2d) else ("channel_out" if structure else None)
+        # Linear layers keep single weights: their output units may be the classes, which must all stay
+        struct = structure if isinstance(m, nn.Conv2d) else None
         _swap(m, SWATConv2d if isinstance(m, nn.Conv2d) else SWATLinear)
         m._init_swat(d, a, period, struct)
     return model
