@@ -135,7 +135,11 @@ class SwatConfig(_Section):
     variant: Literal["u", "erk", "m", "structured"] = "u"
     activation_sparsity: float | None = Field(None, ge=0, lt=1, description="kept share of layer inputs is 1 - this; default: the weight sparsity")
     topk_period: int = Field(20, gt=0, description="iterations between exact top-K threshold updates")
-    structure: Literal["kernel", "channel_out"] = Field("channel_out", description="unit kept by structured SWAT (by L1 norm)")
+    structure: Literal["kernel", "channel_out"] = Field(
+        "kernel",
+        description="unit kept by structured SWAT (by L1 norm). 'kernel', as the authors' released runs: with "
+                    "'channel_out' a removed filter's output is a constant channel, BatchNorm scales its gradient "
+                    "by 1/sqrt(eps), and the dense update then inflates the removed filters")
     m_max_density: float = Field(0.95, gt=0, le=1, description="SWAT-M guard: no layer's budget passes this density")
     compact_relu: bool = Field(True, description="ReLUs save a 1-bit mask for backward instead of their float output")
 

@@ -351,8 +351,8 @@ class SWATMethod:
     SWAT-U gives every selected layer the same budget; SWAT-ERK takes ERK budgets once;
     SWAT-M re-distributes the budgets at every epoch end but the last in proportion to the mean
     momentum magnitude of each layer's kept weights (capped at ``m_max_density``, so no
-    layer silently turns dense); structured SWAT keeps whole channels (or kernels) by
-    L1 norm, with unstructured top-K activations.
+    layer silently turns dense); structured SWAT keeps whole kernels (or output
+    channels) by L1 norm, with unstructured top-K activations.
     """
 
     name = "swat"
