@@ -55,3 +55,31 @@ def read_records(filename: str, current: bool = False) -> list[dict]:
         return []
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     return [r for r in records if not (current and r.get("note", "").startswith("superseded"))]
+
+
+def by_run(records: list[dict]) -> dict[str, list[dict]]:
+    """Records grouped by run name (``run``, else ``method``), one entry per seed, in file order."""
+    runs: dict[str, list[dict]] = {}
+    for r in records:
+        runs.setdefault(r.get("run") or r["method"], []).append(r)
+    return runs
+
+
+def mean_acc(records: list[dict]) -> float:
+    """Mean final test accuracy over the seeds of one run."""
+    return sum(r["test_acc"] for r in records) / len(records)
+
+
+def acc_cell(records: list[dict]) -> str:
+    """A run's accuracy for a table: the value for one seed, else the mean with each seed's value."""
+    if len(records) == 1:
+        return f"{records[0]['test_acc']:.2f}"
+    each = ", ".join(f"s{r['seed']} {r['test_acc']:.2f}" for r in sorted(records, key=lambda r: r["seed"]))
+    return f"{mean_acc(records):.2f} ({each})"
+
+
+def paired_gap(records: list[dict], baseline: list[dict]) -> tuple[float, int] | None:
+    """Mean accuracy difference to a baseline run over the seeds both have, and how many seeds that is."""
+    base = {r["seed"]: r["test_acc"] for r in baseline}
+    diffs = [r["test_acc"] - base[r["seed"]] for r in records if r["seed"] in base]
+    return (sum(diffs) / len(diffs), len(diffs)) if diffs else None

@@ -1,4 +1,7 @@
-"""Accuracy against training FLOPs for every current (not superseded) protocol-A record, one PNG (and a table on stdout).
+"""Accuracy against training FLOPs for every current (not superseded) protocol-A run: one PNG and a Markdown table.
+
+Runs with several seeds are one point at their mean accuracy; the table lists each seed and the
+gap to dense as the mean of the per-seed differences.
 
     python benchmarks/plot_protocol_a.py [--recipe-filter none]
 """
@@ -10,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, read_records  # noqa: E402
+from common import RESULTS, acc_cell, by_run, mean_acc, paired_gap, read_records  # noqa: E402
 
 
 def main(argv=None):
@@ -26,14 +29,27 @@ def main(argv=None):
     records = read_records(args.file, current=True)
     if not records:
         raise SystemExit(f"no records in {RESULTS / args.file}")
+    runs = by_run(records)
+    dense = runs.get("dense")
     fig, ax = plt.subplots(figsize=(7, 5))
-    print(f"{'method':<16} {'recipe':<10} {'sparsity':>8} {'test acc':>8} {'train F':>8} {'infer F':>8} {'wall s':>7}")
-    for r in sorted(records, key=lambda r: r["train_flops_rel"]):
+    lines = ["| run | method | recipe | sparsity | test acc | vs dense | train FLOPs | inference FLOPs | wall (min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(runs.items(), key=lambda kv: kv[1][0]["train_flops_rel"]):
+        r = rs[0]
         label = r["method"] + (f" {r['sparsity']:.0%}" if r["sparsity"] else "") + (f" + {r['recipe']}" if r.get("recipe") else "")
-        ax.scatter(r["train_flops_rel"], r["test_acc"], s=40)
-        ax.annotate(label, (r["train_flops_rel"], r["test_acc"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
-        print(f"{r['method']:<16} {r.get('recipe') or '':<10} {r['sparsity']:>8.3f} {r['test_acc']:>8.2f} "
-              f"{r['train_flops_rel']:>8.3f} {r['infer_flops_rel']:>8.3f} {r['wall_s']:>7.0f}")
+        ax.scatter(r["train_flops_rel"], mean_acc(rs), s=40)
+        ax.annotate(label, (r["train_flops_rel"], mean_acc(rs)), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        paired = paired_gap(rs, dense) if dense else None
+        lines.append(f"| {name} | {r['method']} | {r.get('recipe') or ''} | {r['sparsity']:.3f} | {acc_cell(rs)} | "
+                     f"{f'{paired[0]:+.2f}' if paired else ''} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
+                     f"{r['wall_s'] / 60:.1f} |")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / f"{Path(args.file).stem}.md").write_text(
+        "# Protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"
+        f"Produced by `python benchmarks/plot_protocol_a.py` from the records in {args.file}; each run's command is "
+        "in its record. Accuracy: the mean over the seeds run (each seed in brackets); vs dense: the mean of the "
+        "per-seed differences over the seeds both runs have. FLOPs and wall time: the first seed.\n\n" + table)
+    print(table)
     ax.set(xlabel="training FLOPs relative to dense", ylabel="final test accuracy (%)",
            title=f"Protocol A: {records[0]['model']} on {records[0]['dataset']}, {records[0]['epochs']} epochs")
     ax.grid(alpha=0.3)

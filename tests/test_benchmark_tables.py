@@ -1,0 +1,31 @@
+"""The seed handling of the benchmark tables: means over seeds, gaps only over seeds both runs have."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from common import acc_cell, by_run, mean_acc, paired_gap  # noqa: E402
+
+
+def _rec(run, seed, acc, method="m"):
+    return {"run": run, "method": method, "seed": seed, "test_acc": acc}
+
+
+def test_runs_group_by_name_and_fall_back_to_the_method():
+    runs = by_run([_rec(None, 0, 80.0, "dense"), _rec("a", 0, 70.0), _rec("a", 1, 72.0), _rec(None, 1, 82.0, "dense")])
+    assert sorted(runs) == ["a", "dense"]
+    assert mean_acc(runs["a"]) == 71.0 and mean_acc(runs["dense"]) == 81.0
+
+
+def test_the_gap_pairs_seeds_and_ignores_unpaired_ones():
+    dense = [_rec("dense", 0, 85.0), _rec("dense", 1, 84.0)]
+    one_seed = [_rec("a", 0, 83.0)]
+    assert paired_gap(one_seed, dense) == (-2.0, 1)  # not against the two-seed mean 84.5
+    two_seeds = [_rec("a", 1, 83.5), _rec("a", 0, 83.0)]
+    assert paired_gap(two_seeds, dense) == (-1.25, 2)
+    assert paired_gap([_rec("a", 5, 83.0)], dense) is None
+
+
+def test_a_cell_lists_every_seed_when_there_are_several():
+    assert acc_cell([_rec("a", 0, 83.0)]) == "83.00"
+    assert acc_cell([_rec("a", 1, 84.0), _rec("a", 0, 83.0)]) == "83.50 (s0 83.00, s1 84.00)"
