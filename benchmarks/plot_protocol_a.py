@@ -31,18 +31,26 @@ def main(argv=None):
         raise SystemExit(f"no records in {RESULTS / args.file}")
     runs = by_run(records)
     dense = runs.get("dense")
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(11, 6))
+    colours = plt.get_cmap("tab20").colors
+    seen: dict[str, int] = {}
+    points = []
     lines = ["| run | method | recipe | sparsity | test acc | vs dense | train FLOPs | inference FLOPs | wall (min) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(runs.items(), key=lambda kv: kv[1][0]["train_flops_rel"]):
         r = rs[0]
-        label = r["method"] + (f" {r['sparsity']:.0%}" if r["sparsity"] else "") + (f" + {r['recipe']}" if r.get("recipe") else "")
-        ax.scatter(r["train_flops_rel"], mean_acc(rs), s=40)
-        ax.annotate(label, (r["train_flops_rel"], mean_acc(rs)), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        # a legend, not labels beside the points: the 90% runs sit too close together to label.
+        # One marker per family (SWAT, 98% masks, the rest), colours counted within the family, so none repeat.
+        family = "^" if r["method"].startswith("swat") else "s" if r["sparsity"] >= 0.98 else "o"
+        seen[family] = seen.get(family, -1) + 1
+        points.append((mean_acc(rs), r["train_flops_rel"], family, colours[seen[family] % len(colours)],
+                       f"{name} ({mean_acc(rs):.2f})"))
         paired = paired_gap(rs, dense) if dense else None
         lines.append(f"| {name} | {r['method']} | {r.get('recipe') or ''} | {r['sparsity']:.3f} | {acc_cell(rs)} | "
                      f"{f'{paired[0]:+.2f}' if paired else ''} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
                      f"{r['wall_s'] / 60:.1f} |")
+    for acc, flops, marker, colour, label in sorted(points, reverse=True):  # legend in order of accuracy
+        ax.scatter(flops, acc, s=50, marker=marker, color=colour, label=label)
     table = "\n".join(lines) + "\n"
     (RESULTS / f"{Path(args.file).stem}.md").write_text(
         "# Protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"
@@ -52,7 +60,10 @@ def main(argv=None):
     print(table)
     ax.set(xlabel="training FLOPs relative to dense", ylabel="final test accuracy (%)",
            title=f"Protocol A: {records[0]['model']} on {records[0]['dataset']}, {records[0]['epochs']} epochs")
-    ax.grid(alpha=0.3)
+    ax.set_xscale("log")
+    ax.set_xticks([0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], ["0.03", "0.05", "0.1", "0.2", "0.3", "0.5", "1"])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="run (mean test acc)", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
