@@ -18,9 +18,25 @@ def _packed(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
 
 
+@pytest.fixture(scope="session")
+def portable_library(tmp_path_factory):
+    """The kernels built without CPU tuning: the SSE2 paths a CPU without AVX-512 takes."""
+    path = tmp_path_factory.mktemp("native") / "portable.so"
+    native._build(path, portable=True)
+    return native._open(path)
+
+
+@pytest.fixture(params=["tuned", "portable"])
+def build(request, monkeypatch, portable_library):
+    """Each kernel test runs on this CPU's tuned build and on the portable one."""
+    if request.param == "portable":
+        monkeypatch.setattr(native, "_lib", portable_library)
+    return request.param
+
+
 @pytest.fixture(params=[1, 3], ids=["one-thread", "three-threads"])
-def threads(request, monkeypatch):
-    """The one-pass kernels on the calling thread (the default) and split across threads."""
+def threads(request, monkeypatch, build):
+    """The one-pass kernels on the calling thread (the default) and split across threads, on either build."""
     monkeypatch.setattr(native, "ELEMENTWISE_THREADS", request.param)
     return request.param
 
@@ -55,7 +71,7 @@ def test_relu_bits_and_grad_match_torch(n, threads):
     assert torch.equal(packed_inplace, packed)
 
 
-def test_relu_passes_nan_like_torch():
+def test_relu_passes_nan_like_torch(build):
     x = torch.tensor([float("nan"), -1.0, 2.0, 0.0] * 4)
     out, packed = native.relu_bits(x)
     assert torch.equal(out.isnan(), torch.relu(x).isnan())
@@ -132,22 +148,3 @@ def test_swat_thresholds_agree_with_and_without_kernels(monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
     without = swat.threshold_and_share(x, 0.1)
     assert float(with_kernels[0]) == float(without[0]) and with_kernels[1] == without[1]
-
-
-def test_portable_build_matches_the_reference(tmp_path, monkeypatch):
-    """The kernels built without CPU tuning (the SSE2 paths where this CPU would take AVX-512)."""
-    path = tmp_path / "portable.so"
-    native._build(path, portable=True)
-    monkeypatch.setattr(native, "_lib", native._open(path))
-    for n in (13, 65537):
-        x = torch.randn(n, generator=torch.Generator().manual_seed(n))
-        threshold = float(x.abs().median())
-        keep = x.abs() >= threshold
-        packed, values = native.compress(x, threshold)
-        assert torch.equal(packed, _packed(keep)) and torch.equal(values, x[keep])
-        assert torch.equal(native.decompress(packed, values, n), torch.where(keep, x, torch.zeros(())))
-        out, bits = native.relu_bits(x)
-        assert torch.equal(out, torch.relu(x)) and torch.equal(bits, _packed(x > 0))
-        assert torch.equal(native.relu_grad(x, bits), torch.where(x > 0, x, torch.zeros(())))
-        assert torch.equal(native.select(x, threshold), torch.where(keep, x, torch.zeros(())))
-        assert native.kth_largest_abs(x, n // 3)[0] == float(torch.kthvalue(x.abs(), n - n // 3 + 1).values)
