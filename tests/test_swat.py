@@ -1,5 +1,6 @@
 """SWAT: gradients against explicitly masked dense autograd, compressed saved activations, variants, conversion."""
 
+import copy
 import math
 
 import pytest
@@ -287,3 +288,22 @@ def test_channels_last_inputs_give_the_same_gradients():
     y = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     out = BitReLU()(y)
     torch.testing.assert_close(torch.autograd.grad(out, y, torch.ones_like(out))[0], (y > 0).float())
+
+
+def test_removed_filters_get_inflated_gradients_under_channel_out_but_not_kernel():
+    """Why structured SWAT keeps kernels by default: a removed filter's output is constant, and BatchNorm
+    scales the gradient of a constant channel by 1/sqrt(eps), so the dense update inflates removed filters."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+    x, r = torch.randn(8, 16, 8, 8), torch.randn(8, 32, 8, 8)
+    ratios = {}
+    for structure in ("channel_out", "kernel"):
+        model = copy.deepcopy(base)
+        convert(model, {"3.weight": 0.5}, 0.5, 20, structure)
+        (model(x) * r).sum().backward()
+        keep, g = model[3].w_mask, model[3].weight.grad
+        rms = lambda t: float(t.norm() / t.numel() ** 0.5)  # noqa: E731
+        ratios[structure] = rms(g[~keep]) / rms(g[keep])
+    assert ratios["channel_out"] > 20
+    assert 0.2 < ratios["kernel"] < 5
