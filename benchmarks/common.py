@@ -83,3 +83,9 @@ def paired_gap(records: list[dict], baseline: list[dict]) -> tuple[float, int] |
     base = {r["seed"]: r["test_acc"] for r in baseline}
     diffs = [r["test_acc"] - base[r["seed"]] for r in records if r["seed"] in base]
     return (sum(diffs) / len(diffs), len(diffs)) if diffs else None
+
+
+def gap_cell(records: list[dict], baseline: list[dict] | None) -> str:
+    """A table cell with :func:`paired_gap` in points (signed), empty when no seed is shared."""
+    paired = paired_gap(records, baseline) if baseline else None
+    return f"{paired[0]:+.2f}" if paired else ""

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, acc_cell, by_run, mean_acc, paired_gap, read_records  # noqa: E402
+from common import RESULTS, acc_cell, by_run, gap_cell, mean_acc, read_records  # noqa: E402
 
 
 def main(argv=None):
@@ -45,9 +45,8 @@ def main(argv=None):
         seen[family] = seen.get(family, -1) + 1
         points.append((mean_acc(rs), r["train_flops_rel"], family, colours[seen[family] % len(colours)],
                        f"{name} ({mean_acc(rs):.2f})"))
-        paired = paired_gap(rs, dense) if dense else None
         lines.append(f"| {name} | {r['method']} | {r.get('recipe') or ''} | {r['sparsity']:.3f} | {acc_cell(rs)} | "
-                     f"{f'{paired[0]:+.2f}' if paired else ''} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
+                     f"{gap_cell(rs, dense)} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
                      f"{r['wall_s'] / 60:.1f} |")
     for acc, flops, marker, colour, label in sorted(points, reverse=True):  # legend in order of accuracy
         ax.scatter(flops, acc, s=50, marker=marker, color=colour, label=label)

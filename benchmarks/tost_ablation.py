@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, acc_cell, by_run, mean_acc, paired_gap, read_records  # noqa: E402
+from common import RESULTS, acc_cell, by_run, gap_cell, mean_acc, paired_gap, read_records  # noqa: E402
 from protocol_a import COMPONENTS, MASKS98  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main() -> None:
             gains.append(paired[0])
             pairs.append((mask, mean_acc(base), mean_acc(tost)))
         cell = lambda rs: acc_cell(rs) if rs else "not run"  # noqa: E731
-        lines.append(f"| {mask} | {cell(base)} | {cell(tost)} | {f'{paired[0]:+.2f}' if paired else ''} |")
+        lines.append(f"| {mask} | {cell(base)} | {cell(tost)} | {gap_cell(tost, base) if tost else ''} |")
     if gains:
         lines.append(f"| mean gain | | | {sum(gains) / len(gains):+.2f} |")
     lines += ["", "| random mask, one component | test acc | vs default |", "|---|---|---|"]
@@ -39,9 +39,7 @@ def main() -> None:
         rs = runs.get(f"random98-{name}")
         if rs:
             parts.append((name, mean_acc(rs)))
-        paired = paired_gap(rs, base) if rs and base else None
-        diff = f"{paired[0]:+.2f}" if paired else ""
-        lines.append(f"| {name} | {acc_cell(rs)} | {diff} |" if rs else f"| {name} | not run | |")
+        lines.append(f"| {name} | {acc_cell(rs)} | {gap_cell(rs, base)} |" if rs else f"| {name} | not run | |")
     table = "\n".join(lines) + "\n"
     (RESULTS / "tost_ablation.md").write_text(
         "# ToST ablation, protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"
