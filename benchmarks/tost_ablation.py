@@ -3,9 +3,11 @@
     python benchmarks/tost_ablation.py
 
 Reads the 98%-sparsity records of benchmarks/results/protocol_a.jsonl (runs named by
-protocol_a.py: <mask>98, <mask>98-tost, random98-<component>) and writes
-results/tost_ablation.md and results/tost_ablation.png: for each mask the default
-protocol against ToST, and each ToST component alone on the random mask.
+protocol_a.py: <mask>98, <mask>98-tost, <mask>98-tost-skips, random98-<component>) and
+writes results/tost_ablation.md and results/tost_ablation.png: for each mask the default
+protocol against ToST (and against ToST with ghost skips, the earlier default), each ToST
+component alone on the random mask, and the validation runs that chose the default
+(protocol_a_validation.jsonl).
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ from protocol_a import COMPONENTS, MASKS98  # noqa: E402
 
 def main() -> None:
     runs = by_run(read_records("protocol_a.jsonl", current=True))
-    lines = ["| mask (98% sparse) | default | ToST | gain |", "|---|---|---|---|"]
+    lines = ["| mask (98% sparse) | default | ToST | gain | ToST with ghost skips | gain |", "|---|---|---|---|---|---|"]
     gains, pairs = [], []
     for mask in MASKS98:
-        base, tost = runs.get(f"{mask}98"), runs.get(f"{mask}98-tost")
+        base, tost, skips = runs.get(f"{mask}98"), runs.get(f"{mask}98-tost"), runs.get(f"{mask}98-tost-skips")
         paired = paired_gap(tost, base) if base and tost else None
         if paired:
             gains.append(paired[0])
             pairs.append((mask, mean_acc(base), mean_acc(tost)))
         cell = lambda rs: acc_cell(rs) if rs else "not run"  # noqa: E731
-        lines.append(f"| {mask} | {cell(base)} | {cell(tost)} | {gap_cell(tost, base) if tost else ''} |")
+        lines.append(f"| {mask} | {cell(base)} | {cell(tost)} | {gap_cell(tost, base) if tost else ''} "
+                     f"| {cell(skips)} | {gap_cell(skips, base) if skips else ''} |")
     if gains:
-        lines.append(f"| mean gain | | | {sum(gains) / len(gains):+.2f} |")
+        lines.append(f"| mean gain | | | {sum(gains) / len(gains):+.2f} | | |")
     lines += ["", "| random mask, one component | test acc | vs default |", "|---|---|---|"]
     base = runs.get("random98")
     parts = []
@@ -40,6 +43,12 @@ def main() -> None:
         if rs:
             parts.append((name, mean_acc(rs)))
         lines.append(f"| {name} | {acc_cell(rs)} | {gap_cell(rs, base)} |" if rs else f"| {name} | not run | |")
+    validation = read_records("protocol_a_validation.jsonl")
+    if validation:
+        lines += ["", "| validation run (not the test set) | held out | val acc | test acc, not used to choose |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['run']} (seed {r['seed']}) | {r['val_fraction']:.0%} of train | {r['val_acc']:.2f} "
+                  f"| {r['test_acc']:.2f} |" for r in validation]
     table = "\n".join(lines) + "\n"
     (RESULTS / "tost_ablation.md").write_text(
         "# ToST ablation, protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"

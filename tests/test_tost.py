@@ -24,7 +24,7 @@ def _data():
 
 def test_after_the_ghost_phase_the_model_is_the_plain_relu_network(tmp_path):
     cfg = load_config(overrides=[*BASE, "optim.epochs=2", f"run.out_dir={tmp_path}", "recipe.name=tost",
-                                 "recipe.gradinit_steps=2", "recipe.soft_hold=0.2", "recipe.soft_blend_end=0.5",
+                                 "recipe.ghost_skip=true", "recipe.gradinit_steps=2", "recipe.soft_hold=0.2", "recipe.soft_blend_end=0.5",
                                  "recipe.skip_end=0.5"])
     trainer = Trainer(cfg, datasets=_data())
     assert trainer.recipe.ghost_acts and trainer.recipe.skips is not None
@@ -39,6 +39,14 @@ def test_after_the_ghost_phase_the_model_is_the_plain_relu_network(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     model.eval(), plain.eval()
     torch.testing.assert_close(model(x), plain(x))
+
+
+def test_tost_default_leaves_ghost_skips_off_unless_switched_on():
+    default = RecipeConfig(name="tost")
+    assert default.components() == ["ghost-soft", "rescale-init", "label-smoothing"]
+    assert RecipeConfig(name="tost", ghost_skip=True).components() == [
+        "ghost-soft", "ghost-skip", "rescale-init", "label-smoothing"]
+    assert RecipeConfig(ghost_skip=True).components() == ["ghost-skip"]
 
 
 def test_blend_is_exactly_the_stated_mix():
