@@ -29,7 +29,7 @@ def main() -> None:
         paired = paired_gap(tost, base) if base and tost else None
         if paired:
             gains.append(paired[0])
-            pairs.append((mask, mean_acc(base), mean_acc(tost)))
+            pairs.append((mask, mean_acc(base), mean_acc(tost), mean_acc(skips) if skips else None))
         cell = lambda rs: acc_cell(rs) if rs else "not run"  # noqa: E731
         lines.append(f"| {mask} | {cell(base)} | {cell(tost)} | {gap_cell(tost, base) if tost else ''} "
                      f"| {cell(skips)} | {gap_cell(skips, base) if skips else ''} |")
@@ -64,8 +64,11 @@ def main() -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 4]})
     xs = range(len(pairs))
-    left.bar([x - 0.2 for x in xs], [p[1] for p in pairs], 0.4, label="default")
-    left.bar([x + 0.2 for x in xs], [p[2] for p in pairs], 0.4, label="ToST")
+    left.bar([x - 0.27 for x in xs], [p[1] for p in pairs], 0.27, label="default")
+    left.bar(list(xs), [p[2] for p in pairs], 0.27, label="ToST")
+    with_skips = [(x, p[3]) for x, p in zip(xs, pairs) if p[3] is not None]
+    if with_skips:
+        left.bar([x + 0.27 for x, _ in with_skips], [v for _, v in with_skips], 0.27, label="ToST + ghost skips")
     left.set_xticks(list(xs), [p[0] for p in pairs])
     left.set(ylabel="test accuracy (%)", title="98% masks: default vs ToST")
     left.legend()
@@ -74,7 +77,7 @@ def main() -> None:
         right.bar(range(len(names)), [mean_acc(base), *[p[1] for p in parts]], color="grey")
         right.set_xticks(range(len(names)), names, rotation=20)
         right.set(title="random 98% mask: one component each")
-    lows = [v for p in pairs for v in p[1:]] + [p[1] for p in parts] + ([mean_acc(base)] if base else [])
+    lows = [v for p in pairs for v in p[1:] if v is not None] + [p[1] for p in parts] + ([mean_acc(base)] if base else [])
     for ax in (left, right):
         if lows:
             ax.set_ylim(min(lows) - 3, max(lows) + 2)

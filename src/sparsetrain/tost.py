@@ -1,7 +1,7 @@
 """ToST (Jaiswal, Ma, Chen, Ding, Wang; ICML 2022): train any sparse mask better by changing the protocol.
 
 Four switchable components (``recipe`` section of the config; ``recipe.name: tost`` turns
-on all of them with the defaults below):
+on all but the ghost skips, with the defaults below):
 
 * **ghost soft neurons**: every ReLU module becomes ``(1 - a) * soft(x) + a * relu(x)``
   with ``a`` = 0 until ``soft_hold`` of training, rising linearly to 1 at
@@ -15,7 +15,8 @@ on all of them with the defaults below):
   as VGG) added to the pair's output, scaled by ``alpha`` decaying linearly from 1 to 0
   at ``skip_end`` of training, then removed. They live outside the model (their own
   optimizer, gradients averaged across ranks), so they never count towards the model's
-  parameters or sparsity; their training FLOPs are counted.
+  parameters or sparsity; their training FLOPs are counted. Off under ``tost`` unless
+  switched on: at 98% sparsity their removal cost more validation accuracy than they gave.
 * **rescaled initialisation**: ``fan_in`` multiplies each sparse layer by
   sqrt(1 / density), matching the dense network's activation variance; ``gradinit``
   learns one scale per weight tensor (GradInit, Zhu et al. 2021): a short optimisation
