@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from common import acc_cell, by_run, mean_acc, paired_gap  # noqa: E402
 
@@ -29,3 +31,22 @@ def test_the_gap_pairs_seeds_and_ignores_unpaired_ones():
 def test_a_cell_lists_every_seed_when_there_are_several():
     assert acc_cell([_rec("a", 0, 83.0)]) == "83.00"
     assert acc_cell([_rec("a", 1, 84.0), _rec("a", 0, 83.0)]) == "83.50 (s0 83.00, s1 84.00)"
+
+
+def test_recipe_label_names_tost_only_for_its_default_components():
+    from protocol_a import RUNS, _recipe_label
+
+    assert _recipe_label(None) is None
+    assert _recipe_label("ghost-soft+rescale-init+label-smoothing") == "tost"
+    assert _recipe_label("ghost-soft+ghost-skip+rescale-init+label-smoothing") == "tost+ghost-skip"
+    assert _recipe_label("ghost-skip") == "ghost-skip"
+    # the renamed runs reproduce what ran before the default changed: ghost skips switched on explicitly
+    assert "recipe.ghost_skip=true" in RUNS["snip98-tost-skips"][1]
+
+
+def test_a_validation_fraction_outside_0_1_is_refused(capsys):
+    from protocol_a import main
+
+    with pytest.raises(SystemExit):
+        main(["--data", "x", "--val-fraction", "1.5", "--runs", "dense"])
+    assert "--val-fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
