@@ -51,6 +51,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "rigl-gentle": ("rigl", ["sparsity.method=rigl", *S90, "sparsity.distribution=erk", "sparsity.update_every_steps=200",
                              "sparsity.update_fraction=0.1"]),
 }
+# MEST's mutation interval at this budget, chosen on a validation split (--val-fraction): every 2 or 3 epochs
+for _every in (2, 3):
+    RUNS[f"mest-ems-erk-every{_every}"] = ("mest-ems", [*[o for o in RUNS["mest-ems-erk"][1] if "every_epochs" not in o],
+                                                        f"sparsity.mest.every_epochs={_every}"])
 
 # SWAT: the classifier is sparse and the first conv dense (the paper's default); activations at the weight sparsity.
 SWAT = ["sparsity.method=swat", "sparsity.swat.topk_period=20"]
