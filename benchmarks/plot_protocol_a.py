@@ -35,8 +35,8 @@ def main(argv=None):
     colours = plt.get_cmap("tab20").colors
     seen: dict[str, int] = {}
     points = []
-    lines = ["| run | method | recipe | sparsity | test acc | vs dense | train FLOPs | inference FLOPs | wall (min) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | recipe | sparsity | test acc | vs dense | train FLOPs | inference FLOPs | wall (min) | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(runs.items(), key=lambda kv: kv[1][0]["train_flops_rel"]):
         r = rs[0]
         # a legend, not labels beside the points: the 90% runs sit too close together to label.
@@ -47,7 +47,7 @@ def main(argv=None):
                        f"{name} ({mean_acc(rs):.2f})"))
         lines.append(f"| {name} | {r['method']} | {r.get('recipe') or ''} | {r['sparsity']:.3f} | {acc_cell(rs)} | "
                      f"{gap_cell(rs, dense)} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
-                     f"{r['wall_s'] / 60:.1f} |")
+                     f"{r['wall_s'] / 60:.1f} | {r.get('threads', '')} |")
     for acc, flops, marker, colour, label in sorted(points, reverse=True):  # legend in order of accuracy
         ax.scatter(flops, acc, s=50, marker=marker, color=colour, label=label)
     table = "\n".join(lines) + "\n"
@@ -55,7 +55,9 @@ def main(argv=None):
         "# Protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"
         f"Produced by `python benchmarks/plot_protocol_a.py` from the records in {args.file}; each run's command is "
         "in its record. Accuracy: the mean over the seeds run (each seed in brackets); vs dense: the mean of the "
-        "per-seed differences over the seeds both runs have. FLOPs and wall time: the first seed.\n\n" + table)
+        "per-seed differences over the seeds both runs have. FLOPs and wall time: the first seed. Runs on one thread "
+        "ran two at a time side by side, so their wall times compare with each other, not with two-thread runs.\n\n"
+        + table)
     print(table)
     ax.set(xlabel="training FLOPs relative to dense", ylabel="final test accuracy (%)",
            title=f"Protocol A: {records[0]['model']} on {records[0]['dataset']}, {records[0]['epochs']} epochs")
