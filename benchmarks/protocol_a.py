@@ -85,6 +85,11 @@ for _mask in MASKS98:
     for _skips, _on in (("skips", "true"), ("noskip", "false")):
         RUNS[f"{_mask}98-tost-{_skips}"] = (RUNS[f"{_mask}98"][0], [*S98, *MASKS98[_mask], "recipe.name=tost",
                                                                   f"recipe.ghost_skip={_on}"])
+# which initial rescaling ToST uses, settled on a validation split: none, GradInit or the kept fan-in
+for _mask in MASKS98:
+    for _rescale in ("none", "gradinit", "fan_in"):
+        RUNS[f"{_mask}98-tost-rescale-{_rescale.replace('_', '')}"] = (
+            RUNS[f"{_mask}98"][0], [*S98, *MASKS98[_mask], "recipe.name=tost", f"recipe.rescale_init={_rescale}"])
 # exploration of the ghost-phase length (ToST ends both ghosts at 20% of training, where the
 # curves dip): ToST with the ghosts held to 25% and gone by 50%
 RUNS["random98-tost-ghosts50"] = ("static-random", [*S98, *MASKS98["random"], "recipe.name=tost", "recipe.ghost_skip=true",
