@@ -138,6 +138,43 @@ def test_gradinit_leaves_its_model_untouched():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+def test_gradinit_learns_on_the_network_that_will_train(tmp_path, monkeypatch):
+    seen = {}
+
+    def spy(model, batches, steps, masks=None, criterion=None):
+        seen.update(ghosts=sum(isinstance(m, GhostSoftActivation) for m in model.modules()), masks=masks,
+                    smoothing=criterion.label_smoothing)
+        return {}
+
+    monkeypatch.setattr("sparsetrain.tost.gradinit_scales", spy)
+    cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path}", "recipe.name=tost"])
+    trainer = Trainer(cfg, datasets=_data())
+    assert seen["ghosts"] == 19 and seen["smoothing"] == pytest.approx(0.1)
+    assert seen["masks"] is trainer.method.maskset.masks
+
+
+def test_gradinit_look_ahead_step_moves_kept_weights_only(monkeypatch):
+    import sparsetrain.tost as tost
+
+    model, ms = _masked_model()
+    stepped = []
+
+    def recording_call(net, params, args):
+        if any(n in ms.masks and torch.count_nonzero(t[~ms.masks[n]]) for n, t in params.items()):
+            stepped.append(params)
+        return tost.functional_call.__wrapped__(net, params, args)
+
+    recording_call.__wrapped__ = tost.functional_call
+    monkeypatch.setattr(tost, "functional_call", recording_call)
+    batch = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
+    assert all(torch.count_nonzero(p[~ms.masks[n]]) == 0 for n, p in model.named_parameters() if n in ms.masks)
+    gradinit_scales(model, batch, steps=2, grad_bound=float("inf"))
+    assert stepped, "without masks the look-ahead moves pruned weights (the spy sees it)"
+    stepped.clear()
+    gradinit_scales(model, batch, steps=2, grad_bound=float("inf"), masks=ms.masks)
+    assert not stepped
+
+
 def test_teacher_soft_labels_mix_kl_and_cross_entropy():
     recipe = ToST(RecipeConfig(teacher=None, teacher_weight=0.3, teacher_temperature=2.0))
     teacher = nn.Linear(5, 3)

@@ -21,7 +21,9 @@ on all but the ghost skips, with the defaults below):
   sqrt(1 / density), matching the dense network's activation variance; ``gradinit``
   learns one scale per weight tensor (GradInit, Zhu et al. 2021): a short optimisation
   so that one SGD step from the scaled weights lowers the loss while the gradient norm
-  stays bounded. Either way each tensor changes by a scalar, so zeros stay zero.
+  stays bounded; it runs after the ghost soft activations are in, on the masked step and the
+  training loss, so the scales fit the network that trains. Either way each tensor changes
+  by a scalar, so zeros stay zero.
 * **label smoothing** (default 0.1) and optional soft labels from a teacher run.
 """
 
@@ -161,10 +163,16 @@ def gradinit_scales(
     grad_bound: float = 1.0,
     scale_lr: float = 0.01,
     min_scale: float = 0.01,
+    masks: dict[str, torch.Tensor] | None = None,
+    criterion: nn.Module | None = None,
 ) -> dict[str, float]:
     """GradInit: one scale per weight tensor, so that a step of SGD (``lr``) from the scaled weights
     lowers the loss, while the gradient's L1 norm, when it exceeds ``grad_bound``, is pushed down
-    instead. Works on a copy (BN statistics stay put); returns the scales, leaving the model alone."""
+    instead. Works on a copy (BN statistics stay put); returns the scales, leaving the model alone.
+    ``masks`` keep the look-ahead step on the kept weights and ``criterion`` (default cross-entropy)
+    is the training loss, so the scales are learnt for the sparse network and loss that will train."""
+    criterion = criterion or nn.CrossEntropyLoss()
+    masks = masks or {}
     net = copy.deepcopy(model).train()
     names = [n for n, p in net.named_parameters() if p.ndim > 1]
     base = {n: p.detach() for n, p in net.named_parameters()}
@@ -173,7 +181,7 @@ def gradinit_scales(
     for t in range(steps):
         x, y = batches[t % len(batches)]
         scaled = {n: (base[n] * log_s[n].exp() if n in log_s else base[n]) for n in base}
-        loss0 = F.cross_entropy(functional_call(net, scaled, (x,)), y)
+        loss0 = criterion(functional_call(net, scaled, (x,)), y)
         grads = torch.autograd.grad(loss0, [scaled[n] for n in names], create_graph=True)
         gnorm = sum(g.abs().sum() for g in grads)
         if gnorm > grad_bound:
@@ -181,8 +189,8 @@ def gradinit_scales(
         else:
             stepped = dict(scaled)
             for n, g in zip(names, grads):
-                stepped[n] = scaled[n] - lr * g
-            objective = F.cross_entropy(functional_call(net, stepped, (x,)), y)
+                stepped[n] = scaled[n] - lr * (g * masks[n] if n in masks else g)
+            objective = criterion(functional_call(net, stepped, (x,)), y)
         opt.zero_grad()
         objective.backward()
         opt.step()
@@ -204,21 +212,24 @@ class ToST:
         self.init_scales: dict[str, float] = {}
 
     def setup(self, model: nn.Module, densities: dict[str, float] | None, batches, input_shape, device, channels_last: bool,
-              momentum: float, weight_decay: float) -> None:
+              momentum: float, weight_decay: float, masks: dict[str, torch.Tensor] | None = None,
+              criterion: nn.Module | None = None) -> None:
+        """Install the switched-on components. The ghost soft activations go in first, so that
+        GradInit learns its scales on the network (activations, mask, loss) that will train."""
         c = self.cfg
-        if c.rescale_init == "fan_in":
-            self.init_scales = rescale_fan_in(model, densities or {})
-        elif c.rescale_init == "gradinit":
-            self.init_scales = gradinit_scales(model, batches(), c.gradinit_steps)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for n, s in self.init_scales.items():
-                    params[n].mul_(s)
         if c.ghost_soft:
             soft = SOFT[c.soft_activation]
             for kind in (nn.ReLU, BitReLU):
                 replace_activations(model, kind, lambda old: GhostSoftActivation(old, soft()))
             self.ghost_acts = [m for m in model.modules() if isinstance(m, GhostSoftActivation)]
+        if c.rescale_init == "fan_in":
+            self.init_scales = rescale_fan_in(model, densities or {})
+        elif c.rescale_init == "gradinit":
+            self.init_scales = gradinit_scales(model, batches(), c.gradinit_steps, masks=masks, criterion=criterion)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, s in self.init_scales.items():
+                    params[n].mul_(s)
         if c.ghost_skip:
             self.skips = GhostSkips(model, input_shape, device, channels_last)
             self.skip_opt = torch.optim.SGD(self.skips.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)

@@ -122,10 +122,13 @@ class Trainer:
         # after the FLOP count (it runs the model on a batch of 2): the backend times layers on real batches
         self.backend_layers = apply_backend(self.model, self.method.maskset, cfg.sparsity.backend) if cfg.sparsity.backend != "masked" else {}
         # after the FLOP count: ghost skips are accounted apart, as extra work while they live
+        smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
         self.recipe = ToST(cfg.recipe)
         self.recipe.setup(
             self.model, self.method.weight_density(), lambda: self._scoring_batches(train, info, count=1),
             self.input_shape, self.device, cfg.model.channels_last, cfg.optim.momentum, cfg.optim.weight_decay,
+            masks=self.method.maskset.masks if self.method.maskset is not None else None, criterion=self.criterion,
         )
         if cfg.sparsity.compact_state:  # last: the recipe's rescaling above writes the dense weights
             compact_layers(self.backend_layers, self.method.maskset, self.optimizer)
@@ -134,8 +137,6 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
         self.progress = _Progress()
         self.snapshot: tuple[int, Path] | None = None  # (step, file): save the weights once at that step (lottery rewinding)
         self.is_main = self.dist.rank == 0
