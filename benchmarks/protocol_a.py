@@ -112,10 +112,10 @@ def main(argv=None) -> None:
     results_file = VALIDATION_FILE if args.val_fraction else RESULTS_FILE
     split = f"-val{round(args.val_fraction * 100)}" if args.val_fraction else ""
     records = read_records(results_file)
-    done = {(r.get("run") or r["method"], r["seed"], r["epochs"], r["model"]) for r in records}
+    done = {(r.get("run") or r["method"], r["seed"], r["epochs"], r["model"], r.get("val_fraction", 0.0)) for r in records}
     for name in args.runs:
         method, overrides = RUNS[name]
-        if (name, args.seed, args.epochs, args.model) in done:
+        if (name, args.seed, args.epochs, args.model, args.val_fraction) in done:
             print(f"{name}: already recorded, skipped")
             continue
         out = ROOT / "benchmarks" / "runs" / f"{name}-{args.model}-e{args.epochs}-s{args.seed}{split}"

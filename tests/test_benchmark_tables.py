@@ -50,3 +50,23 @@ def test_a_validation_fraction_outside_0_1_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--data", "x", "--val-fraction", "1.5", "--runs", "dense"])
     assert "--val-fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_a_validation_run_counts_as_done_only_at_its_own_fraction(monkeypatch):
+    import protocol_a
+
+    recorded = [{"run": "dense", "seed": 0, "epochs": 15, "model": "resnet20", "val_fraction": 0.2}]
+    monkeypatch.setattr(protocol_a, "read_records", lambda path: recorded)
+    started = []
+
+    class NoTraining:
+        def __init__(self, cfg):
+            started.append(cfg.data.val_fraction)
+            raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(protocol_a, "Trainer", NoTraining)
+    protocol_a.main(["--data", "x", "--val-fraction", "0.2", "--runs", "dense"])
+    assert started == []
+    with pytest.raises(RuntimeError, match="stop before training"):
+        protocol_a.main(["--data", "x", "--val-fraction", "0.1", "--runs", "dense"])
+    assert started == [0.1]
