@@ -122,6 +122,7 @@ def test_gradinit_scales_each_tensor_by_a_scalar_and_keeps_zeros(tmp_path):
     trainer = Trainer(cfg, datasets=_data())
     scales = trainer.recipe.init_scales
     assert scales and any(abs(s - 1) > 1e-4 for s in scales.values())
+    assert trainer.finish()["init_scales"] == scales
     ms = trainer.method.maskset
     ref = dict(reference.named_parameters())
     for n, p in trainer.model.named_parameters():

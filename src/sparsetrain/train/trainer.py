@@ -335,6 +335,7 @@ class Trainer:
             "steps_full_data": self.total_steps,
             "examples_removed": int(self.forgetting.removed.numel()) if self.forgetting else 0,
             "recipe": "+".join(self.cfg.recipe.components()) or None,
+            "init_scales": self.recipe.init_scales or None,  # what rescaled initialisation multiplied each tensor by
             "backends": {n: m.backend for n, m in self.backend_layers.items()} or None,
             **self.method.summary(),
             "infer_flops_per_sample": costs.forward_flops(wd),
