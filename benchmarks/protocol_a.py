@@ -80,12 +80,13 @@ for _mask, _extra in MASKS98.items():
     RUNS[f"{_mask}98-tost"] = (_label, [*S98, *_extra, "recipe.name=tost"])
 for _name, _switch in COMPONENTS.items():
     RUNS[f"random98-{_name}"] = ("static-random", [*S98, *MASKS98["random"], _switch])
-# the recipe default's one open question, settled on a validation split: ghost skips on or off
+# the recipe default's open questions, settled on a validation split: ghost skips on or off (GradInit was
+# then in the default, so these runs switch it on) ...
 for _mask in MASKS98:
     for _skips, _on in (("skips", "true"), ("noskip", "false")):
         RUNS[f"{_mask}98-tost-{_skips}"] = (RUNS[f"{_mask}98"][0], [*S98, *MASKS98[_mask], "recipe.name=tost",
-                                                                  f"recipe.ghost_skip={_on}"])
-# which initial rescaling ToST uses, settled on a validation split: none, GradInit or the kept fan-in
+                                                                  f"recipe.ghost_skip={_on}", "recipe.rescale_init=gradinit"])
+# ... and which initial rescaling: none, GradInit or the kept fan-in
 for _mask in MASKS98:
     for _rescale in ("none", "gradinit", "fan_in"):
         RUNS[f"{_mask}98-tost-rescale-{_rescale.replace('_', '')}"] = (
@@ -93,7 +94,7 @@ for _mask in MASKS98:
 # exploration of the ghost-phase length (ToST ends both ghosts at 20% of training, where the
 # curves dip): ToST with the ghosts held to 25% and gone by 50%
 RUNS["random98-tost-ghosts50"] = ("static-random", [*S98, *MASKS98["random"], "recipe.name=tost", "recipe.ghost_skip=true",
-                                                    "recipe.soft_hold=0.25", "recipe.soft_blend_end=0.5", "recipe.skip_end=0.5"])
+                                                    "recipe.rescale_init=gradinit", "recipe.soft_hold=0.25", "recipe.soft_blend_end=0.5", "recipe.skip_end=0.5"])
 
 
 def main(argv=None) -> None:

@@ -3,11 +3,11 @@
     python benchmarks/tost_ablation.py
 
 Reads the 98%-sparsity records of benchmarks/results/protocol_a.jsonl (runs named by
-protocol_a.py: <mask>98, <mask>98-tost, <mask>98-tost-skips, random98-<component>) and
-writes results/tost_ablation.md and results/tost_ablation.png: for each mask the default
-protocol against ToST (and against ToST with ghost skips, the earlier default), each ToST
-component alone on the random mask, and the validation runs that chose the default
-(protocol_a_validation.jsonl).
+protocol_a.py: <mask>98, <mask>98-<variant> for the VARIANTS below, random98-<component>)
+and writes results/tost_ablation.md and results/tost_ablation.png: for each mask the default
+protocol against ToST (and against the earlier defaults: with GradInit, with ghost skips and
+GradInit), each ToST component alone on the random mask, and the validation runs that chose
+the default (protocol_a_validation.jsonl).
 """
 
 from __future__ import annotations
@@ -20,21 +20,32 @@ from common import RESULTS, acc_cell, by_run, gap_cell, mean_acc, paired_gap, re
 from protocol_a import COMPONENTS, MASKS98  # noqa: E402
 
 
+# the ToST variants per mask, as (run suffix, label): the default first, then the earlier defaults
+VARIANTS = [("tost", "ToST"), ("tost-rescale-gradinit", "ToST + GradInit"),
+            ("tost-skips", "ToST + ghost skips + GradInit")]
+
+
 def main() -> None:
     runs = by_run(read_records("protocol_a.jsonl", current=True))
-    lines = ["| mask (98% sparse) | default | ToST | gain | ToST with ghost skips | gain |", "|---|---|---|---|---|---|"]
-    gains, pairs = [], []
+    head = " | ".join(f"{label} | gain" for _, label in VARIANTS)
+    lines = [f"| mask (98% sparse) | default | {head} |", "|---|---|" + "---|---|" * len(VARIANTS)]
+    gains: dict[str, list[float]] = {suffix: [] for suffix, _ in VARIANTS}
+    pairs = []  # (mask, default's mean, each variant's mean or None)
+    cell = lambda rs: acc_cell(rs) if rs else "not run"  # noqa: E731
     for mask in MASKS98:
-        base, tost, skips = runs.get(f"{mask}98"), runs.get(f"{mask}98-tost"), runs.get(f"{mask}98-tost-skips")
-        paired = paired_gap(tost, base) if base and tost else None
-        if paired:
-            gains.append(paired[0])
-            pairs.append((mask, mean_acc(base), mean_acc(tost), mean_acc(skips) if skips else None))
-        cell = lambda rs: acc_cell(rs) if rs else "not run"  # noqa: E731
-        lines.append(f"| {mask} | {cell(base)} | {cell(tost)} | {gap_cell(tost, base) if tost else ''} "
-                     f"| {cell(skips)} | {gap_cell(skips, base) if skips else ''} |")
-    if gains:
-        lines.append(f"| mean gain | | | {sum(gains) / len(gains):+.2f} | | |")
+        base = runs.get(f"{mask}98")
+        variants = [runs.get(f"{mask}98-{suffix}") for suffix, _ in VARIANTS]
+        row = f"| {mask} | {cell(base)} |"
+        for (suffix, _), rs in zip(VARIANTS, variants):
+            paired = paired_gap(rs, base) if base and rs else None
+            if paired:
+                gains[suffix].append(paired[0])
+            row += f" {cell(rs)} | {gap_cell(rs, base) if rs and base else ''} |"
+        lines.append(row)
+        if base:
+            pairs.append((mask, mean_acc(base), [mean_acc(rs) if rs else None for rs in variants]))
+    lines.append("| mean gain | |" + "".join(
+        f" | {sum(g) / len(g):+.2f} ({len(g)} masks) |" if g else " | |" for g in gains.values()))
     lines += ["", "| random mask, one component | test acc | vs default |", "|---|---|---|"]
     base = runs.get("random98")
     parts = []
@@ -64,11 +75,11 @@ def main() -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 4]})
     xs = range(len(pairs))
-    left.bar([x - 0.27 for x in xs], [p[1] for p in pairs], 0.27, label="default")
-    left.bar(list(xs), [p[2] for p in pairs], 0.27, label="ToST")
-    with_skips = [(x, p[3]) for x, p in zip(xs, pairs) if p[3] is not None]
-    if with_skips:
-        left.bar([x + 0.27 for x, _ in with_skips], [v for _, v in with_skips], 0.27, label="ToST + ghost skips")
+    width = 0.8 / (1 + len(VARIANTS))
+    left.bar([x - 0.4 + width / 2 for x in xs], [p[1] for p in pairs], width, label="default")
+    for i, (_, label) in enumerate(VARIANTS, start=1):
+        bars = [(x, p[2][i - 1]) for x, p in zip(xs, pairs) if p[2][i - 1] is not None]
+        left.bar([x - 0.4 + width * (i + 0.5) for x, _ in bars], [v for _, v in bars], width, label=label)
     left.set_xticks(list(xs), [p[0] for p in pairs])
     left.set(ylabel="test accuracy (%)", title="98% masks: default vs ToST")
     left.legend()
@@ -77,7 +88,7 @@ def main() -> None:
         right.bar(range(len(names)), [mean_acc(base), *[p[1] for p in parts]], color="grey")
         right.set_xticks(range(len(names)), names, rotation=20)
         right.set(title="random 98% mask: one component each")
-    lows = [v for p in pairs for v in p[1:] if v is not None] + [p[1] for p in parts] + ([mean_acc(base)] if base else [])
+    lows = [v for p in pairs for v in (p[1], *p[2]) if v is not None] + [p[1] for p in parts] + ([mean_acc(base)] if base else [])
     for ax in (left, right):
         if lows:
             ax.set_ylim(min(lows) - 3, max(lows) + 2)

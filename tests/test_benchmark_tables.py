@@ -37,8 +37,9 @@ def test_recipe_label_names_tost_only_for_its_default_components():
     from protocol_a import RUNS, _recipe_label
 
     assert _recipe_label(None) is None
-    assert _recipe_label("ghost-soft+rescale-init+label-smoothing") == "tost"
-    assert _recipe_label("ghost-soft+ghost-skip+rescale-init+label-smoothing") == "tost+ghost-skip"
+    assert _recipe_label("ghost-soft+label-smoothing") == "tost"
+    assert _recipe_label("ghost-soft+rescale-init+label-smoothing") == "tost+rescale-init"
+    assert _recipe_label("ghost-soft+ghost-skip+rescale-init+label-smoothing") == "tost+ghost-skip+rescale-init"
     assert _recipe_label("ghost-skip") == "ghost-skip"
     # the renamed runs reproduce what ran before the default changed: ghost skips switched on explicitly
     assert "recipe.ghost_skip=true" in RUNS["snip98-tost-skips"][1]

@@ -41,10 +41,11 @@ def test_after_the_ghost_phase_the_model_is_the_plain_relu_network(tmp_path):
     torch.testing.assert_close(model(x), plain(x))
 
 
-def test_tost_default_leaves_ghost_skips_off_unless_switched_on():
+def test_tost_default_leaves_ghost_skips_and_rescaling_off_unless_switched_on():
     default = RecipeConfig(name="tost")
-    assert default.components() == ["ghost-soft", "rescale-init", "label-smoothing"]
-    assert RecipeConfig(name="tost", ghost_skip=True).components() == [
+    assert default.components() == ["ghost-soft", "label-smoothing"]
+    assert default.rescale_init == "none" and not default.ghost_skip
+    assert RecipeConfig(name="tost", ghost_skip=True, rescale_init="gradinit").components() == [
         "ghost-soft", "ghost-skip", "rescale-init", "label-smoothing"]
     assert RecipeConfig(ghost_skip=True).components() == ["ghost-skip"]
 
@@ -148,7 +149,8 @@ def test_gradinit_learns_on_the_network_that_will_train(tmp_path, monkeypatch):
         return {}
 
     monkeypatch.setattr("sparsetrain.tost.gradinit_scales", spy)
-    cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path}", "recipe.name=tost"])
+    cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path}", "recipe.name=tost",
+                                 "recipe.rescale_init=gradinit"])
     trainer = Trainer(cfg, datasets=_data())
     assert seen["ghosts"] == 19 and seen["smoothing"] == pytest.approx(0.1)
     assert seen["masks"] is trainer.method.maskset.masks

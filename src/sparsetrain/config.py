@@ -208,8 +208,8 @@ class SparsityConfig(_Section):
 
 class RecipeConfig(_Section):
     """ToST (Jaiswal et al., 2022): a training recipe for any sparse mask. ``name: tost`` turns on the default
-    components (ghost soft neurons, rescaled initialisation, label smoothing) whose switch is left unset (null);
-    ghost skips stay off unless switched on, since they lowered validation accuracy; each switch also works alone."""
+    components (ghost soft neurons, label smoothing) whose switch is left unset (null); ghost skips and rescaled
+    initialisation stay off unless switched on, since they lowered validation accuracy; each switch also works alone."""
 
     name: Literal["none", "tost"] = "none"
     ghost_soft: bool | None = Field(None, description="soft activations blended back to ReLU early in training")
@@ -219,7 +219,8 @@ class RecipeConfig(_Section):
     ghost_skip: bool | None = Field(None, description="extra dense 1x1 conv + BN shortcuts around conv pairs, decayed away "
                                                       "(off under tost unless set: they cost validation accuracy)")
     skip_end: float = Field(0.2, gt=0, le=1, description="fraction of training by which ghost skips have decayed to 0 and are removed")
-    rescale_init: Literal["none", "fan_in", "gradinit"] | None = Field(None, description="tost default: gradinit")
+    rescale_init: Literal["none", "fan_in", "gradinit"] | None = Field(
+        None, description="none unless set, also under tost: GradInit lowered validation accuracy")
     gradinit_steps: int = Field(50, gt=0)
     label_smoothing: float | None = Field(None, ge=0, lt=1, description="tost default 0.1 (overrides optim.label_smoothing)")
     teacher: str | None = Field(None, description="run directory of a trained teacher for soft labels")
@@ -234,7 +235,7 @@ class RecipeConfig(_Section):
         if self.ghost_skip is None:
             self.ghost_skip = False  # measured: removing them costs more than they gave (benchmarks/README.md)
         if self.rescale_init is None:
-            self.rescale_init = "gradinit" if on else "none"
+            self.rescale_init = "none"  # measured: GradInit cost validation accuracy (benchmarks/README.md)
         if self.label_smoothing is None and on:
             self.label_smoothing = 0.1
         if self.soft_blend_end < self.soft_hold:
