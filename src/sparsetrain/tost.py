@@ -1,7 +1,8 @@
 """ToST (Jaiswal, Ma, Chen, Ding, Wang; ICML 2022): train any sparse mask better by changing the protocol.
 
 Four switchable components (``recipe`` section of the config; ``recipe.name: tost`` turns
-on all but the ghost skips, with the defaults below):
+on ghost soft neurons and label smoothing, with the defaults below; ghost skips and rescaled
+initialisation lowered validation accuracy and stay off unless switched on):
 
 * **ghost soft neurons**: every ReLU module becomes ``(1 - a) * soft(x) + a * relu(x)``
   with ``a`` = 0 until ``soft_hold`` of training, rising linearly to 1 at
@@ -23,7 +24,8 @@ on all but the ghost skips, with the defaults below):
   so that one SGD step from the scaled weights lowers the loss while the gradient norm
   stays bounded; it runs after the ghost soft activations are in, on the masked step and the
   training loss, so the scales fit the network that trains. Either way each tensor changes
-  by a scalar, so zeros stay zero.
+  by a scalar, so zeros stay zero. Behind BatchNorm a scale changes only the effective
+  learning rate, which is why neither is in the default.
 * **label smoothing** (default 0.1) and optional soft labels from a teacher run.
 """
 
