@@ -79,7 +79,8 @@ for _mask, _extra in MASKS98.items():
     RUNS[f"{_mask}98"] = (_label, [*S98, *_extra])
     RUNS[f"{_mask}98-tost"] = (_label, [*S98, *_extra, "recipe.name=tost"])
 for _name, _switch in COMPONENTS.items():
-    RUNS[f"random98-{_name}"] = ("static-random", [*S98, *MASKS98["random"], _switch])
+    for _mask in MASKS98:
+        RUNS[f"{_mask}98-{_name}"] = (RUNS[f"{_mask}98"][0], [*S98, *MASKS98[_mask], _switch])
 # the recipe default's open questions, settled on a validation split: ghost skips on or off (GradInit was
 # then in the default, so these runs switch it on) ...
 for _mask in MASKS98:
