@@ -85,14 +85,14 @@ def full_and_resumed(make_trainer, out_dir, stop_at_step: int):
         pass
 
     cut = make_trainer(Path(out_dir) / "cut")
-    real_after = cut.method.after_step
+    real_post = cut.method.post_step
 
-    def after(step, opt):
-        if step == stop_at_step:
+    def post():  # the method's work after optimizer step ``stop_at_step``, then the "kill"
+        real_post()
+        if cut.method.clock.step == stop_at_step:
             raise Stop
-        return real_after(step, opt)
 
-    cut.method.after_step = after
+    cut.method.post_step = post
     with pytest.raises(Stop):
         cut.fit()
     resumed = make_trainer(Path(out_dir) / "cut")

@@ -6,9 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import tiny_datasets
-import sparsetrain.backends as backends
-from sparsetrain import native
-from sparsetrain.backends import CSRStructure, DirectStructure, SparseConv2d, apply_backend, csr_conv2d, csr_linear, direct_conv2d
+import sparsetrain.execution.backends as backends
+from sparsetrain.execution import native
+from sparsetrain.execution.backends import CSRStructure, DirectStructure, SparseConv2d, apply_backend, csr_conv2d, csr_linear, direct_conv2d
 from sparsetrain.config import ConfigError, load_config
 from sparsetrain.masks import MaskSet, random_masks
 from sparsetrain.train import Trainer
@@ -153,7 +153,7 @@ def test_backend_needs_masks():
 
 
 def test_two_four_masks_are_checked():
-    from sparsetrain.backends import check_two_four
+    from sparsetrain.execution.backends import check_two_four
 
     ok = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 1]], dtype=torch.bool)
     check_two_four(ok)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparsetrain import native
+from sparsetrain.execution import native
 from sparsetrain.bench import build, peak_memory, run_bench
 from sparsetrain.cli import main
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from conftest import full_and_resumed, tiny_datasets
-from sparsetrain import native
-from sparsetrain.backends import apply_backend
-from sparsetrain.compact import CompactConv2d, compact_layers
+from sparsetrain.execution import native
+from sparsetrain.execution.backends import apply_backend
+from sparsetrain.execution.compact import CompactConv2d, compact_layers
 from sparsetrain.config import ConfigError, load_config
 from sparsetrain.masks import MaskSet, random_masks
 from sparsetrain.train import Trainer

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import full_and_resumed, tiny_datasets
+import sparsetrain as st
 from sparsetrain.config import load_config
-from sparsetrain.dynamic import MEST, phase_value
-from sparsetrain.forgetting import ForgettingTracker
-from sparsetrain.masks import MaskSet
-from sparsetrain.methods import SetupContext, build_method
+from sparsetrain.methods import METHODS
+from sparsetrain.methods.mest import phase_value
+from sparsetrain.recipes.data_efficiency import ForgettingTracker
 from sparsetrain.models import build_model
 from sparsetrain.train import Trainer
 
@@ -25,8 +25,7 @@ def _manual(method_overrides, steps=12):
     torch.manual_seed(0)
     model = build_model("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    method = build_method(cfg)
-    method.setup(SetupContext(model, opt, torch.Generator().manual_seed(1), (1, 28, 28), steps_per_epoch=steps, epochs=1))
+    method = METHODS[cfg.sparsity.method](model, opt, steps_per_epoch=steps, epochs=1, seed=1, **cfg.sparsity.method_kwargs())
     data = tiny_datasets(n_train=64)["train"]
     x, y = data.images.float() / 255, data.labels
     for step in range(steps):
@@ -34,10 +33,9 @@ def _manual(method_overrides, steps=12):
         opt.zero_grad()
         F.cross_entropy(model(x[b]), y[b]).backward()
         yield step, method, opt, "before"
-        method.before_step(step, opt)
+        method.pre_step()  # what optimizer.step() runs first (its pre-hook then finds it done)
         yield step, method, opt, "pre-step"
         opt.step()
-        method.after_step(step + 1, opt)
         yield step + 1, method, opt, "after"
 
 
@@ -106,11 +104,14 @@ def test_mest_hard_mutation_keeps_the_count_and_its_score_sees_the_gradient(tmp_
 
 
 def test_mest_prune_score_uses_weights_and_last_gradient():
-    p = torch.nn.Parameter(torch.tensor([1.0, 1.0, 0.1]))
-    p.grad = torch.tensor([0.0, 2.0, 0.0])
-    mest = MEST(load_config(overrides=["sparsity.method=mest", "sparsity.sparsity=0.5", "sparsity.mest.prune_lambda=0.5"]).sparsity)
-    mest.maskset = MaskSet({"w": p})
-    torch.testing.assert_close(mest._score("w"), torch.tensor([1.0, 2.0, 0.1]))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mest = st.mest(model, opt, sparsity=0.5, steps_per_epoch=1, epochs=1, prune_lambda=0.5, dense_layers=[])
+    p = model[0].weight
+    with torch.no_grad():
+        p.copy_(torch.tensor([[1.0, 1.0, 0.1]]))
+    p.grad = torch.tensor([[0.0, 2.0, 0.0]])
+    torch.testing.assert_close(mest._score("0.weight"), torch.tensor([[1.0, 2.0, 0.1]]))
 
 
 def test_mest_soft_bound_grows_first_then_prunes_back(tmp_path):
@@ -120,14 +121,13 @@ def test_mest_soft_bound_grows_first_then_prunes_back(tmp_path):
     target = sum(int(m.sum()) for m in ms.masks.values())
     numel = sum(m.numel() for m in ms.masks.values())
     active_after_epoch = []
-    real_end = trainer.method.end_epoch
+    real_end = trainer.method._end_epoch
 
-    def spy(epochs_done, opt):
-        changed = real_end(epochs_done, opt)
+    def spy():
+        real_end()
         active_after_epoch.append(sum(int(m.sum()) for m in ms.masks.values()))
-        return changed
 
-    trainer.method.end_epoch = spy
+    trainer.method._end_epoch = spy
     summary = trainer.fit()
     # epoch 1 (t=.25): +20% of target +5% of all; epoch 2 (t=.5): back to target, then +10% +2.5%;
     # epoch 3 (t=.75): back to target, nothing grown; epoch 4 (end): at target
@@ -143,10 +143,10 @@ def test_mest_soft_bound_grows_first_then_prunes_back(tmp_path):
 def test_rigl_accounting_includes_its_dense_gradient_steps(tmp_path):
     def rel(method, extra=()):
         cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path / method}", f"sparsity.method={method}",
-                                     "sparsity.sparsity=0.9", "sparsity.update_every_steps=2", *extra])
+                                     "sparsity.sparsity=0.9", *extra])
         return Trainer(cfg, datasets=tiny_datasets()).fit()["train_flops_rel"]
 
-    static, rigl = rel("static"), rel("rigl")
+    static, rigl = rel("static"), rel("rigl", ["sparsity.update_every_steps=2"])
     assert rigl > static * 1.2
 
 
@@ -189,14 +189,15 @@ def test_data_efficiency_trains_fewer_steps_with_the_same_schedule(tmp_path):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("mest", ["sparsity.mest.soft_bound=true", "sparsity.data_efficiency.enabled=true", "sparsity.data_efficiency.remove_epoch=1"]),
+    ("mest", ["sparsity.mest.soft_bound=true", "sparsity.data_efficiency.enabled=true", "sparsity.data_efficiency.remove_epoch=1",
+              "sparsity.mest.every_epochs=1"]),
     ("rigl", ["sparsity.update_every_steps=3"]),
     ("set", ["sparsity.update_every_steps=3", "sparsity.scheme=channel_out"]),
 ])
 def test_resume_mid_training_reproduces_masks_and_weights(tmp_path, method, extra):
     def config(out):
         return load_config(overrides=[*BASE, "optim.epochs=3", f"run.out_dir={out}", f"sparsity.method={method}",
-                                      "sparsity.sparsity=0.8", "sparsity.mest.every_epochs=1", "run.checkpoint_every_steps=5", *extra])
+                                      "sparsity.sparsity=0.8", "run.checkpoint_every_steps=5", *extra])
 
     # stopped mid-epoch 2 (step 13), after the checkpoint at step 10
     full, resumed = full_and_resumed(lambda out: Trainer(config(out), datasets=tiny_datasets()), tmp_path, 13)

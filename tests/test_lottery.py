@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_datasets
 from sparsetrain.config import load_config
 from sparsetrain.models import build_model
-from sparsetrain.lottery import lottery_ticket, round_sparsities
+from sparsetrain.train.lottery import lottery_ticket, round_sparsities
 from sparsetrain.train import load_checkpoint
 
 BASE = ["model.name=mlp", "data.dataset=mnist", "optim.batch_size=32", "optim.lr=0.1", "run.threads=1",

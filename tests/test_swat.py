@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from conftest import tiny_datasets
 from sparsetrain.accounting import saved_tensor_bytes_by_module
-from sparsetrain.activations import BitReLU, replace_activations
+from sparsetrain.execution.activations import BitReLU, replace_activations
 from sparsetrain.config import load_config
 from sparsetrain.models import build_model
-from sparsetrain.swat import (SWATConv2d, convert, harden, pack_bits, revert, swat_conv2d, swat_layers, swat_linear,
-                              threshold_and_share, topk_threshold, unpack_bits)
+from sparsetrain.execution.bits import pack_bits, unpack_bits
+from sparsetrain.execution.swat_layers import (SWATConv2d, convert, harden, revert, swat_conv2d, swat_layers, swat_linear,
+                                               threshold_and_share, topk_threshold)
 from sparsetrain.train import Trainer, load_checkpoint
 
 CONV_CASES = [  # (cin, cout, k, stride, padding, dilation, groups)
@@ -106,7 +107,7 @@ def test_bit_relu_is_an_exact_relu():
 
 @pytest.mark.parametrize("use_native", [True, False])
 def test_bit_relu_in_place_overwrites_its_input_and_matches_relu(use_native, monkeypatch):
-    from sparsetrain import native
+    from sparsetrain.execution import native
 
     monkeypatch.setattr(native, "_lib", native._lib if use_native else None)
     x = torch.randn(3, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -203,7 +204,7 @@ def test_swat_m_follows_momentum_and_respects_its_cap(tmp_path):
     trainer = Trainer(cfg, datasets=tiny_datasets())
     trainer.fit()
     method = trainer.method
-    dens = method.rebalance(trainer.optimizer)
+    dens = method.rebalance()
     assert max(dens.values()) <= 0.6 + 1e-9
     total = sum(method.numel.values())
     assert sum(dens[n] * method.numel[n] for n in dens) == pytest.approx(0.2 * total, rel=1e-6)
@@ -217,7 +218,7 @@ def test_swat_m_rebalances_between_epochs_but_not_after_the_last(tmp_path):
     method = trainer.method
     calls = []
     original = method.rebalance
-    method.rebalance = lambda opt: calls.append(trainer.progress.epoch) or original(opt)
+    method.rebalance = lambda: calls.append(method.clock.epoch) or original()
     trainer.fit()
     assert calls == [1]  # after epoch 1 of 2; the final model is evaluated on the budgets it trained with
 

@@ -11,7 +11,7 @@ from conftest import full_and_resumed, tiny_datasets
 from sparsetrain.config import RecipeConfig, load_config
 from sparsetrain.masks import MaskSet, random_masks
 from sparsetrain.models import build_model
-from sparsetrain.tost import GhostSkips, GhostSoftActivation, ToST, find_conv_pairs, gradinit_scales, rescale_fan_in
+from sparsetrain.recipes.tost import GhostSkips, GhostSoftActivation, ToST, find_conv_pairs, gradinit_scales, rescale_fan_in
 from sparsetrain.train import Trainer
 
 BASE = ["model.name=resnet20", "data.dataset=cifar10", "optim.batch_size=32", "optim.lr=0.05", "run.threads=1",
@@ -52,16 +52,17 @@ def test_tost_default_leaves_ghost_skips_and_rescaling_off_unless_switched_on():
 
 def test_blend_is_exactly_the_stated_mix():
     relu = nn.ReLU()
-    g = GhostSoftActivation(relu, nn.SiLU())
+    model = nn.Sequential(nn.Linear(4, 4), relu)
+    recipe = ToST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=100, soft_hold=0.1, soft_blend_end=0.3)
+    g = model[1]
+    assert isinstance(g, GhostSoftActivation) and recipe.ghost_acts == [g]
     x = torch.randn(100)
-    recipe = ToST(RecipeConfig(ghost_soft=True, soft_hold=0.1, soft_blend_end=0.3))
-    recipe.ghost_acts, recipe._model = [g], nn.Sequential(g)
     for t, a in ((0.0, 0.0), (0.1, 0.0), (0.15, 0.25), (0.2, 0.5), (0.25, 0.75)):
         recipe.on_progress(t)
         assert g.a == pytest.approx(a)
         torch.testing.assert_close(g(x), (1 - a) * F.silu(x) + a * F.relu(x))
     recipe.on_progress(0.3)
-    assert isinstance(recipe._model[0], nn.ReLU) and recipe._model[0] is relu
+    assert model[1] is relu
 
 
 def test_ghost_skips_bridge_conv_pairs_outside_the_model():
@@ -148,7 +149,7 @@ def test_gradinit_learns_on_the_network_that_will_train(tmp_path, monkeypatch):
                     smoothing=criterion.label_smoothing)
         return {}
 
-    monkeypatch.setattr("sparsetrain.tost.gradinit_scales", spy)
+    monkeypatch.setattr("sparsetrain.recipes.tost.gradinit_scales", spy)
     cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path}", "recipe.name=tost",
                                  "recipe.rescale_init=gradinit"])
     trainer = Trainer(cfg, datasets=_data())
@@ -157,7 +158,7 @@ def test_gradinit_learns_on_the_network_that_will_train(tmp_path, monkeypatch):
 
 
 def test_gradinit_look_ahead_step_moves_kept_weights_only(monkeypatch):
-    import sparsetrain.tost as tost
+    import sparsetrain.recipes.tost as tost
 
     model, ms = _masked_model()
     stepped = []
@@ -179,9 +180,10 @@ def test_gradinit_look_ahead_step_moves_kept_weights_only(monkeypatch):
 
 
 def test_teacher_soft_labels_mix_kl_and_cross_entropy():
-    recipe = ToST(RecipeConfig(teacher=None, teacher_weight=0.3, teacher_temperature=2.0))
     teacher = nn.Linear(5, 3)
-    recipe.teacher = teacher
+    student = nn.Linear(5, 3)
+    recipe = ToST(student, torch.optim.SGD(student.parameters(), lr=0.1), ghost_soft=False, label_smoothing=0.0,
+                  teacher=teacher, teacher_weight=0.3, teacher_temperature=2.0)
     x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
     out = torch.randn(4, 3)
     ce = nn.CrossEntropyLoss()

@@ -1,22 +1,45 @@
 """sparsetrain: sparse neural-network training in PyTorch.
 
-The pieces, one concept per module: :mod:`~sparsetrain.data` (datasets and batches),
-:mod:`~sparsetrain.models` (model zoo), :mod:`~sparsetrain.masks` (the sparse core),
-:mod:`~sparsetrain.methods` (how masks are made and changed), :mod:`~sparsetrain.accounting`
-(FLOPs and memory), :mod:`~sparsetrain.train` (the engine), :mod:`~sparsetrain.config`
+Every method is a factory that wraps your model and optimizer and returns a sparsifier with
+one lifecycle (:mod:`sparsetrain.methods.base`)::
+
+    import sparsetrain as st
+    sp = st.rigl(model, optimizer, sparsity=0.9, total_steps=len(loader) * epochs)
+    ...  # your loop, unchanged: updates happen inside optimizer.step()
+    plain = sp.remove()
+
+The pieces, one concept per subpackage or module: :mod:`~sparsetrain.masks` (the sparse core),
+:mod:`~sparsetrain.methods` (the factories and their registry), the axes
+(:mod:`~sparsetrain.distributions`, :mod:`~sparsetrain.schemes`, :mod:`~sparsetrain.scores`),
+:mod:`~sparsetrain.recipes` (ToST, data efficiency), :mod:`~sparsetrain.execution` (backends,
+compact and SWAT layers, native kernels), :mod:`~sparsetrain.data`, :mod:`~sparsetrain.models`,
+:mod:`~sparsetrain.accounting`, :mod:`~sparsetrain.train` (our Trainer, a client of the same
+factories), :mod:`~sparsetrain.integrations` (Hugging Face, Lightning), :mod:`~sparsetrain.config`
 and :mod:`~sparsetrain.cli`.
 """
 
 from .accounting import FlopMeter, measure_layer_costs, saved_tensor_bytes
 from .config import Config, ConfigError, load_config
 from .data import load_dataset
-from .masks import MaskSet
+from .masks import LayerSparsity, MaskSet
+from .methods import METHODS, Sparsifier, make_masks, round_sparsities
+from .methods.base import dense
+from .methods.dynamic import rigl
+from .methods.dynamic import set_sparsifier as set  # noqa: A001 - the method is called SET: `sparsetrain.set(...)`
+from .methods.lottery import lottery
+from .methods.mest import mest
+from .methods.static import static
+from .methods.swat import swat
 from .models import build_model
+from .recipes import DataEfficiency, WithIndices
+from .recipes.tost import tost
 from .train import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "ConfigError", "load_config", "load_dataset", "build_model", "MaskSet",
+    "dense", "static", "set", "rigl", "mest", "swat", "lottery", "tost", "METHODS", "Sparsifier", "make_masks",
+    "round_sparsities", "DataEfficiency", "WithIndices", "MaskSet", "LayerSparsity",
+    "Config", "ConfigError", "load_config", "load_dataset", "build_model",
     "Trainer", "FlopMeter", "measure_layer_costs", "saved_tensor_bytes", "__version__",
 ]

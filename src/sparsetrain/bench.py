@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from .accounting import peak_memory_bytes
-from .backends import apply_backend
-from .compact import compact_layers
 from .config import load_config
-from .methods import SetupContext, build_method
+from .execution.backends import apply_backend
+from .execution.compact import compact_layers
+from .methods import METHODS
 from .models import build_model, model_input_shape
 from .report import save_figure
 
@@ -73,8 +73,8 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
     method = None
     if config != "dense":
         cfg = load_config(overrides=[*CONFIGS[config], f"sparsity.sparsity={sparsity}", *extra])
-        method = build_method(cfg)
-        method.setup(SetupContext(model, opt, torch.Generator().manual_seed(0), model_input_shape(model_name), 391, 1))
+        sc = cfg.sparsity
+        method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs())
         if cfg.sparsity.backend != "masked":
             layers = apply_backend(model, method.maskset, cfg.sparsity.backend)
             if cfg.sparsity.compact_state:
@@ -91,18 +91,12 @@ def make_step(model, opt, method, batch: int, config: str = "dense", input_shape
         num_classes = model(x[:2]).shape[-1]
     model.train()
     y = torch.randint(0, num_classes, (batch,), generator=g)
-    state = {"step": 0}
 
     def step():
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if method:
-            method.before_step(state["step"], opt)
-        opt.step()
-        state["step"] += 1
-        if method:
-            method.after_step(state["step"], opt)
+        opt.step()  # the method's per-step work runs in here
 
     return step
 

@@ -21,7 +21,7 @@ def _train(args) -> int:
         overrides.append(f"run.out_dir={args.out}")
     cfg = load_config(args.config, overrides)
     if cfg.sparsity.method == "lottery":
-        from .lottery import lottery_ticket
+        from .train import lottery_ticket
 
         summary = lottery_ticket(cfg)
     else:
@@ -152,7 +152,7 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsetrain`` argument parser with its commands."""
     from .bench import CONFIGS
-    from .config import METHODS
+    from .methods import DESCRIPTIONS as METHODS
     from .data import DATASETS
     from .models import MODELS
 

@@ -13,22 +13,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import inspect
+
 from .data import DATASETS
+from .methods import METHODS
+from .methods.static import INITS
 from .models import MODELS
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "METHODS"]
-
-# Methods the engine knows, with a line each (shown in errors and --help).
-METHODS: dict[str, str] = {
-    "dense": "no sparsity: every weight trains",
-    "static": "a mask fixed at initialisation (sparsity.init: random, magnitude, snip, grasp, synflow)",
-    "lottery": "lottery ticket: iterative magnitude pruning with rewinding (sparsity.lottery)",
-    "set": "SET: magnitude prune, random grow every update_every_steps",
-    "rigl": "RigL: magnitude prune, grow by dense-gradient magnitude at update steps",
-    "mest": "MEST: |w| + lambda|g| prune, random grow every mest.every_epochs; elastic mutation; optional soft memory bound",
-    "swat": "SWAT: top-K weights in forward and backward, top-K activations saved for backward, dense update (sparsity.swat)",
-}
-INITS = ("random", "magnitude", "snip", "grasp", "synflow")
 
 
 class ConfigError(ValueError):
@@ -69,8 +61,9 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """SGD with momentum and a per-step learning-rate schedule."""
+    """The optimizer by name (SGD with momentum, or AdamW) and a per-step learning-rate schedule."""
 
+    name: Literal["sgd", "adamw"] = "sgd"
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)
@@ -83,18 +76,17 @@ class OptimConfig(_Section):
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule: fractions of training")
     gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw: coefficients of the moment averages")
+    eps: float = Field(1e-8, gt=0, description="adamw: added to the denominator")
 
-
-def _phases(v: list[list[float]]) -> list[list[float]]:
-    """A piecewise-constant schedule: [[fraction of training, value], ...], fractions rising from 0."""
-    if not v or any(len(p) != 2 for p in v):
-        raise ValueError("must be a list of [fraction_of_training, value] pairs")
-    fr = [p[0] for p in v]
-    if fr[0] != 0 or fr != sorted(fr) or not all(0 <= f <= 1 for f in fr):
-        raise ValueError("fractions must start at 0, rise, and stay within [0, 1]")
-    if any(not 0 <= p[1] < 1 for p in v):
-        raise ValueError("values must be in [0, 1)")
-    return v
+    @model_validator(mode="after")
+    def _keys_of_the_optimizer(self):
+        own = {"sgd": {"momentum", "nesterov"}, "adamw": {"betas", "eps"}}
+        other = own["adamw" if self.name == "sgd" else "sgd"]
+        wrong = [k for k in sorted(other) if getattr(self, k) != type(self).model_fields[k].default]
+        if wrong:
+            raise ValueError(f"optimizer {self.name!r} does not use {', '.join('optim.' + k for k in wrong)}")
+        return self
 
 
 class MestConfig(_Section):
@@ -112,7 +104,12 @@ class MestConfig(_Section):
     )
     prune_lambda: float = Field(1.0, ge=0, description="prune score |w| + lambda * |g|")
 
-    _check_ratio = field_validator("mutation_ratio", "excess")(classmethod(lambda cls, v: _phases(v)))
+    @field_validator("mutation_ratio", "excess")
+    @classmethod
+    def _check_phases(cls, v, info):
+        from .methods.mest import check_phases
+
+        return check_phases(info.field_name, v)
 
 
 class LotteryConfig(_Section):
@@ -144,8 +141,22 @@ class SwatConfig(_Section):
     compact_relu: bool = Field(True, description="ReLUs save a 1-bit mask for backward instead of their float output")
 
 
+# keys of the sparsity section that configure the engine, not the method's factory
+_ENGINE_KEYS = {"method", "backend", "compact_state", "init_batches", "lottery", "data_efficiency"}
+# sections of the sparsity section that hold one method's own knobs
+_METHOD_SECTIONS = {"mest": "mest", "swat": "swat", "lottery": "lottery"}
+_HINTS = {("swat", "distribution"): "SWAT's budgets come from sparsity.swat.variant (u, erk, m, structured)",
+          ("swat", "scheme"): "structured SWAT is sparsity.swat.variant=structured with sparsity.swat.structure",
+          ("dense", "sparsity"): "choose a sparse method, e.g. sparsity.method=static"}
+
+
 class SparsityConfig(_Section):
-    """Which method, how sparse, and the axes it composes: selection, distribution, scheme, score, schedule."""
+    """Which method and its knobs: an adapter that builds ``sparsetrain.<method>(**these keys)``.
+
+    The flat keys are the factories' keyword arguments (a method reads those in its signature);
+    ``mest``/``swat`` hold those methods' own knobs. A key set to a non-default value that the chosen
+    method does not take is refused, naming it, rather than silently ignored.
+    """
     method: str = "dense"
     sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     dense_layers: list[str] | None = Field(
@@ -184,25 +195,57 @@ class SparsityConfig(_Section):
         parse_scheme(v)
         return v
 
+    def _set_keys(self) -> list[str]:
+        """Keys whose value differs from the default (what the user chose)."""
+        out = []
+        for name, field in type(self).model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            if getattr(self, name) != default:
+                out.append(name)
+        return out
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``METHODS[method]`` that this section sets (length of training, seed
+        and data are the engine's to add)."""
+        params = inspect.signature(METHODS[self.method]).parameters
+        kw = {k: getattr(self, k) for k in type(self).model_fields
+              if k in params and k not in _ENGINE_KEYS and k not in _METHOD_SECTIONS and getattr(self, k) is not None}
+        section = _METHOD_SECTIONS.get(self.method)
+        if section and section != "lottery":
+            kw.update({k: v for k, v in getattr(self, section).model_dump().items() if k in params})
+        return kw
+
     @model_validator(mode="after")
     def _consistent(self):
-        if self.dense_layers is None:
-            self.dense_layers = ["first"] if self.method == "swat" else ["first", "last"]
-        if self.method != "dense" and self.sparsity == 0 and self.distribution != "custom":
-            raise ValueError(f"method {self.method!r} needs sparsity.sparsity > 0")
-        if self.backend != "masked" and self.method in ("dense", "swat"):
-            raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {self.method!r} has no masks "
+        m = self.method
+        params = inspect.signature(METHODS[m]).parameters
+        unused = [k for k in self._set_keys()
+                  if k not in _ENGINE_KEYS - {"lottery"} and k not in params and _METHOD_SECTIONS.get(k) != m]
+        if "init_batches" in self._set_keys() and self.init not in ("snip", "grasp"):
+            unused.append("init_batches")
+        if unused:
+            keys = ", ".join(f"sparsity.{k}" for k in unused)
+            takes = sorted(k for k in params if k in type(self).model_fields and k not in _ENGINE_KEYS)
+            takes += [f"{m}.*"] if m in _METHOD_SECTIONS else []
+            hints = "".join(f"; {_HINTS[(m, k)]}" for k in unused if (m, k) in _HINTS)
+            raise ValueError(f"method {m!r} does not use {keys} (it takes: {', '.join(takes) or 'nothing'}){hints}")
+        if m not in ("dense", "swat") and self.sparsity == 0 and self.distribution != "custom":
+            raise ValueError(f"method {m!r} needs sparsity.sparsity > 0")
+        if m == "swat" and self.sparsity == 0:
+            raise ValueError("method 'swat' needs sparsity.sparsity > 0")
+        if self.backend != "masked" and m in ("dense", "swat"):
+            raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {m!r} has no masks "
                              "(use static, lottery, set, rigl or mest)")
-        if self.compact_state and (self.backend != "direct" or self.method not in ("static", "mest")):
+        if self.compact_state and (self.backend != "direct" or m not in ("static", "mest")):
             raise ValueError(f"compact_state stores only kept weights under backend 'direct' for methods static and mest "
-                             f"(whose updates need no dense gradient); got backend {self.backend!r}, method {self.method!r}")
+                             f"(whose updates need no dense gradient); got backend {self.backend!r}, method {m!r}")
         if self.backend == "channel" and self.scheme != "channel_out":
             raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "
                              f"(got {self.scheme!r})")
         if self.backend == "semi_structured" and self.scheme != "nm_2:4":
             raise ValueError(f"backend 'semi_structured' runs 2:4 masks; set sparsity.scheme=nm_2:4 (got {self.scheme!r})")
-        if self.method in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):
-            raise ValueError(f"method {self.method!r} prunes and grows; N:M scheme {self.scheme!r} supports static masks only")
+        if m in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):
+            raise ValueError(f"method {m!r} prunes and grows; N:M scheme {self.scheme!r} supports static masks only")
         return self
 
 

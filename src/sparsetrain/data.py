@@ -374,7 +374,12 @@ def split_validation(train: ArrayDataset, fraction: float, seed: int) -> tuple[A
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(train), generator=g)
     n_val = max(1, round(fraction * len(train)))
-    return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
+    keep, held = perm[n_val:].sort().values, perm[:n_val].sort().values
+    if isinstance(train, ArrayDataset):
+        return train.subset(keep), train.subset(held)
+    from torch.utils.data import Subset
+
+    return Subset(train, keep.tolist()), Subset(train, held.tolist())
 
 
 # --------------------------------------------------------------------------- batches
@@ -397,7 +402,9 @@ def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Ge
 
 
 class BatchLoader:
-    """Deterministic, resumable batches of a dataset held in memory.
+    """Deterministic, resumable batches of a dataset held in memory (uint8 image arrays, augmented and
+    normalised here: the fast path), or of any map-style ``torch.utils.data.Dataset`` of
+    ``(input tensor, label)`` items, stacked as they come (their own transforms apply).
 
     Every rank of a data-parallel job builds the same global batch (same permutation,
     same augmentation) and takes its own slice, so a job on R ranks sees exactly the
@@ -407,8 +414,8 @@ class BatchLoader:
 
     def __init__(
         self,
-        dataset: ArrayDataset,
-        info: DatasetInfo,
+        dataset: "ArrayDataset | torch.utils.data.Dataset",
+        info: DatasetInfo | None,
         batch_size: int,
         *,
         train: bool,
@@ -425,8 +432,11 @@ class BatchLoader:
         self.dataset, self.info, self.batch_size = dataset, info, batch_size
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.channels_last, self.drop_last = channels_last, drop_last
-        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(info.std).view(1, -1, 1, 1) * 255
+        if info is not None:
+            self.mean = torch.tensor(info.mean).view(1, -1, 1, 1) * 255
+            self.std = torch.tensor(info.std).view(1, -1, 1, 1) * 255
+        elif isinstance(dataset, ArrayDataset):
+            raise ValueError("uint8 image arrays need the dataset's info (mean, std, augmentation)")
         self.epoch, self.position = 0, 0
         self.generator = torch.Generator()
         self._perm: torch.Tensor | None = None
@@ -448,6 +458,9 @@ class BatchLoader:
         self._perm = pool[torch.randperm(len(pool), generator=self.generator)] if self.train else pool
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images to the model's float input (items of a generic dataset pass as they are)."""
+        if not isinstance(self.dataset, ArrayDataset):
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
         out = (x.float() - self.mean) / self.std
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
@@ -457,10 +470,17 @@ class BatchLoader:
             self.start_epoch(self.epoch)
         while self.position < len(self):
             idx = self._perm[self.position * self.batch_size : (self.position + 1) * self.batch_size]
+            self.position += 1
+            if not isinstance(self.dataset, ArrayDataset):  # any map-style dataset of (input, label) items
+                if self.world_size > 1:
+                    idx = idx.tensor_split(self.world_size)[self.rank]
+                items = [self.dataset[int(i)] for i in idx]
+                x = torch.stack([torch.as_tensor(it[0]) for it in items])
+                yield self.normalize(x), torch.as_tensor([int(it[1]) for it in items], dtype=torch.long), idx
+                continue
             x = self.dataset.images[idx]
             if self.train:
                 x = augment_batch(x, self.info.crop_padding, self.info.flip, self.generator)
-            self.position += 1
             if self.world_size > 1:
                 idx, x = idx.tensor_split(self.world_size)[self.rank], x.tensor_split(self.world_size)[self.rank]
             yield self.normalize(x), self.dataset.labels[idx], idx

@@ -1,6 +1,9 @@
-"""Training: the engine, checkpoints, optimizer and schedules, data-parallel set-up."""
+"""Training: our engine (a client of the public method API), checkpoints, optimizers and schedules,
+data-parallel set-up, and the lottery-ticket search over rounds."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .trainer import Trainer, evaluate
+from .lottery import lottery_ticket
+from .trainer import Trainer, evaluate, load_run_model, method_seed
 
-__all__ = ["Trainer", "evaluate", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Trainer", "evaluate", "lottery_ticket", "load_run_model", "method_seed", "CheckpointError",
+           "load_checkpoint", "save_checkpoint"]

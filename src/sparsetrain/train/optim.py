@@ -1,4 +1,4 @@
-"""SGD with momentum and the per-step learning-rate schedules (warm-up, cosine, step, one-cycle)."""
+"""The optimizer by name (SGD with momentum, AdamW) and the per-step learning-rate schedules (warm-up, cosine, step, one-cycle)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from ..config import OptimConfig
 __all__ = ["build_optimizer", "lr_factor", "set_lr"]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD (Nesterov by default); with ``no_decay_bn_bias`` the 1-D parameters (BN, biases) get no weight decay."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov by default) or AdamW, by ``cfg.name``; with ``no_decay_bn_bias`` the 1-D parameters
+    (BN, biases) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.no_decay_bn_bias:
         groups = [
@@ -22,6 +23,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
         ]
     else:
         groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 

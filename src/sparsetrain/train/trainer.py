@@ -1,19 +1,26 @@
 """The training engine: one loop for dense and sparse training, resumable at any step.
 
-Everything that decides what happens next is in the checkpoint: model, optimizer,
-method state (masks), data-efficiency statistics, RNG state, data position and accounting (the learning rate is a function of progress). A run
-killed at any point and restarted in the same directory continues exactly as if it
-had not stopped.
+The Trainer is a client of the public API: it builds the method with the same factory a user
+calls (``sparsetrain.METHODS[cfg.sparsity.method]``, or a factory given from Python) and the
+ToST recipe with ``sparsetrain.tost``, and drives them through their one lifecycle
+(:mod:`sparsetrain.methods.base`): their work happens inside ``optimizer.step()``.
+
+Everything that decides what happens next is in the checkpoint: model, optimizer, method
+state (masks, clock), recipe state, data-efficiency statistics, RNG state, data position and
+accounting (the learning rate is a function of progress). A run killed at any point and
+restarted in the same directory continues exactly as if it had not stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -21,28 +28,36 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, saved_tensor_bytes
-from ..config import Config
-from ..data import DATASETS, ArrayDataset, BatchLoader, load_dataset, split_validation
-from ..forgetting import ForgettingTracker
-from ..methods import Method, SetupContext, build_method
+from ..config import Config, ConfigError, load_config
+from ..data import DATASETS, BatchLoader, load_dataset, split_validation
+from ..execution.backends import apply_backend
+from ..execution.compact import compact_layers
+from ..methods import METHODS, Sparsifier
 from ..models import build_model
-from ..backends import apply_backend
-from ..compact import compact_layers
-from ..tost import ToST
+from ..recipes import ForgettingTracker, ToST
+from ..recipes.tost import tost
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, pick_device
 from .optim import build_optimizer, lr_factor, set_lr
 
-__all__ = ["Trainer", "evaluate", "CHECKPOINT", "FINAL_MODEL"]
+__all__ = ["Trainer", "evaluate", "method_seed", "load_run_model", "CHECKPOINT", "FINAL_MODEL"]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+MethodFactory = Callable[..., Sparsifier]
+
+
+def method_seed(run_seed: int) -> int:
+    """The ``seed`` the Trainer gives a method's factory for a run seeded ``run_seed`` (apart from the
+    model's initialisation and the data order, which ``run_seed`` seeds directly)."""
+    return run_seed + 7919
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device) -> dict[str, float]:
-    """Mean loss and accuracy (percent) of ``model`` over every batch of ``loader``."""
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean loss (``loss_fn``, default cross-entropy, per example) and accuracy (percent) of ``model`` over ``loader``."""
     was_training = model.training
     model.eval()
     loader.start_epoch(0)
@@ -50,7 +65,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device) -> dic
     for x, y, _ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        loss_sum += (F.cross_entropy(out, y, reduction="sum").item() if loss_fn is None else loss_fn(out, y).item() * len(y))
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)
     model.train(was_training)
@@ -67,20 +82,30 @@ class _Progress:
 class Trainer:
     """Train ``cfg``'s model (or a given ``model``) on its dataset, writing to ``cfg.run.out_dir``.
 
-    ``datasets`` ({"train", "test"} ArrayDatasets) and ``model`` let Python users
-    bring their own; otherwise both come from the config. ``masks`` gives a static
-    method its mask instead of computing one (lottery tickets).
+    From Python: ``datasets`` ({"train", "test"}: ArrayDatasets, the fast default, or any map-style
+    ``torch.utils.data.Dataset`` of ``(input, label)`` items), ``model`` (any ``nn.Module``),
+    ``loss_fn`` (``loss_fn(output, target)``; default cross-entropy with the configured label
+    smoothing) and ``method`` (a factory ``method(model, optimizer, *, steps_per_epoch, epochs)``
+    returning a sparsifier, e.g. ``functools.partial(sparsetrain.rigl, sparsity=0.9)``; default:
+    the configured ``sparsity.method``) replace what the config would build.
     """
 
     def __init__(
         self,
         cfg: Config,
         model: nn.Module | None = None,
-        datasets: dict[str, ArrayDataset] | None = None,
-        masks: dict[str, torch.Tensor] | None = None,
+        datasets: dict | None = None,
+        *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        method: MethodFactory | None = None,
     ):
+        if cfg.sparsity.method == "lottery" and method is None:
+            raise ConfigError("method 'lottery' trains several rounds, each a run of its own: use "
+                              "sparsetrain.train.lottery_ticket(cfg) or `sparsetrain train` (the CLI runs the rounds), "
+                              "or pass method=partial(sparsetrain.lottery, ...) for one round")
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
+        # 1. runtime: threads, device, process group, the global seed (model initialisation)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = pick_device(cfg.run.device)
@@ -88,50 +113,37 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = pick_device("cuda", self.dist.local_rank)
         torch.manual_seed(cfg.run.seed)
-        info = DATASETS[cfg.data.dataset]
-        splits = datasets or load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
-        train = splits["train"]
-        self.val_loader = None
-        if cfg.data.val_fraction > 0:
-            train, val = split_validation(train, cfg.data.val_fraction, cfg.run.seed)
-            self.val_loader = BatchLoader(val, info, cfg.run.eval_batch_size, train=False, channels_last=cfg.model.channels_last)
-        self.train_loader = BatchLoader(
-            train, info if cfg.data.augment else _no_augment(info), cfg.optim.batch_size, train=True, seed=cfg.run.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size, channels_last=cfg.model.channels_last,
-        )
-        self.test_loader = BatchLoader(splits["test"], info, cfg.run.eval_batch_size, train=False, channels_last=cfg.model.channels_last)
-        self.input_shape = tuple(train.images.shape[1:])
-
-        self.model = model if model is not None else build_model(cfg.model.name, info.num_classes, cfg.model.width)
+        self.is_main = self.dist.rank == 0
+        # 2. data: splits and resumable loaders
+        self._setup_data(datasets)
+        # 3. model, on its device and in its layout
+        self.model = model if model is not None else build_model(cfg.model.name, self.info.num_classes, cfg.model.width)
         self.model.to(self.device)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # 4. optimizer and loss
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
+        self.criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss(label_smoothing=smoothing)
+        # 5. method: the same factory a user calls, on the same contract
         self.steps_per_epoch = len(self.train_loader)  # on the full training set; the LR schedule counts in these
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
-        self.method: Method = build_method(cfg)
-        self.method.setup(SetupContext(
-            model=self.model, optimizer=self.optimizer, generator=torch.Generator().manual_seed(cfg.run.seed + 7919),
-            input_shape=self.input_shape, steps_per_epoch=self.steps_per_epoch, epochs=cfg.optim.epochs,
-            batches=lambda: self._scoring_batches(train, info), given_masks=masks,
-        ))
-        de = cfg.sparsity.data_efficiency
-        self.forgetting = ForgettingTracker(len(train), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
+        self.method: Sparsifier = self._build_method(method)
+        # 6. accounting, on the model as the method made it (before execution swaps layers)
         self.flops = FlopMeter(measure_layer_costs(self.model, self.input_shape, self.device))
         self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
-        # after the FLOP count (it runs the model on a batch of 2): the backend times layers on real batches
-        self.backend_layers = apply_backend(self.model, self.method.maskset, cfg.sparsity.backend) if cfg.sparsity.backend != "masked" else {}
-        # after the FLOP count: ghost skips are accounted apart, as extra work while they live
-        smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
-        self.recipe = ToST(cfg.recipe)
-        self.recipe.setup(
-            self.model, self.method.weight_density(), lambda: self._scoring_batches(train, info, count=1),
-            self.input_shape, self.device, cfg.model.channels_last, cfg.optim.momentum, cfg.optim.weight_decay,
-            masks=self.method.maskset.masks if self.method.maskset is not None else None, criterion=self.criterion,
-        )
-        if cfg.sparsity.compact_state:  # last: the recipe's rescaling above writes the dense weights
+        self._densities_at = self.method.version
+        # 7. execution: backends time layers on real batches, after the FLOP count (which runs a batch of 2)
+        backend = cfg.sparsity.backend
+        self.backend_layers = apply_backend(self.model, self.method.maskset, backend) if backend != "masked" else {}
+        # 8. recipe, after the FLOP count: ghost skips are accounted apart, as extra work while they live
+        self.recipe: ToST | None = self._build_recipe()
+        # 9. compact state last: the recipe's rescaling writes the dense weights
+        if cfg.sparsity.compact_state:
             compact_layers(self.backend_layers, self.method.maskset, self.optimizer)
+        # 10. data efficiency and the data-parallel wrapper
+        de = cfg.sparsity.data_efficiency
+        self.forgetting = ForgettingTracker(len(self.train_set), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
         self.net = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
@@ -139,7 +151,59 @@ class Trainer:
             )
         self.progress = _Progress()
         self.snapshot: tuple[int, Path] | None = None  # (step, file): save the weights once at that step (lottery rewinding)
-        self.is_main = self.dist.rank == 0
+
+    def _setup_data(self, datasets: dict | None) -> None:
+        cfg = self.cfg
+        self.info = DATASETS[cfg.data.dataset]
+        splits = datasets or load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+        missing = {"train", "test"} - set(splits)
+        if missing:
+            raise ValueError(f"datasets must hold 'train' and 'test' splits; missing {sorted(missing)}")
+        train = splits["train"]
+        self.val_loader = None
+        cl = cfg.model.channels_last
+        if cfg.data.val_fraction > 0:
+            train, val = split_validation(train, cfg.data.val_fraction, cfg.run.seed)
+            self.val_loader = BatchLoader(val, self.info, cfg.run.eval_batch_size, train=False, channels_last=cl)
+        self.train_set = train
+        self.train_loader = BatchLoader(
+            train, self.info if cfg.data.augment else _no_augment(self.info), cfg.optim.batch_size, train=True,
+            seed=cfg.run.seed, rank=self.dist.rank, world_size=self.dist.world_size, channels_last=cl,
+        )
+        self.test_loader = BatchLoader(splits["test"], self.info, cfg.run.eval_batch_size, train=False, channels_last=cl)
+        self.input_shape = tuple(train.images.shape[1:]) if hasattr(train, "images") else tuple(torch.as_tensor(train[0][0]).shape)
+
+    def _build_method(self, factory: MethodFactory | None) -> Sparsifier:
+        """The configured method through its factory (or the given one), with the length of training."""
+        sc = self.cfg.sparsity
+        length = {"steps_per_epoch": self.steps_per_epoch, "epochs": self.cfg.optim.epochs}
+        if factory is not None:
+            return factory(self.model, self.optimizer, **length)
+        make = METHODS[sc.method]
+        kw = sc.method_kwargs()
+        if "seed" in inspect.signature(make).parameters:
+            kw["seed"] = method_seed(self.cfg.run.seed)
+        if kw.get("init") in ("snip", "grasp"):
+            kw["batches"] = self._scoring_batches()
+        if kw.get("init") == "synflow":
+            kw["input_shape"] = self.input_shape
+        return make(self.model, self.optimizer, **length, **kw)
+
+    def _build_recipe(self) -> ToST | None:
+        """``sparsetrain.tost`` with the recipe section's switches, or None when every switch is off."""
+        rc = self.cfg.recipe
+        if not rc.components():
+            return None
+        teacher = load_run_model(rc.teacher, self.device) if rc.teacher else None
+        return tost(
+            self.model, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=self.cfg.optim.epochs,
+            sparsifier=self.method, ghost_soft=rc.ghost_soft, soft_activation=rc.soft_activation,
+            soft_hold=rc.soft_hold, soft_blend_end=rc.soft_blend_end, ghost_skip=rc.ghost_skip, skip_end=rc.skip_end,
+            rescale_init=rc.rescale_init, gradinit_steps=rc.gradinit_steps, label_smoothing=rc.label_smoothing or 0.0,
+            teacher=teacher, teacher_weight=rc.teacher_weight, teacher_temperature=rc.teacher_temperature,
+            batches=self._scoring_batches(count=1) if rc.rescale_init == "gradinit" else None,
+            input_shape=self.input_shape, channels_last=self.cfg.model.channels_last,
+        )
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -148,7 +212,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "forgetting": self.forgetting.state_dict() if self.forgetting else {},
-            "recipe": self.recipe.state_dict(),
+            "recipe": self.recipe.state_dict() if self.recipe else {},
             "method": self.method.state_dict(),
             "loader": self.train_loader.state_dict(),
             "flops": self.flops.state_dict(),
@@ -158,16 +222,23 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        # masks first: layers that store only kept weights take the saved layout before the weights load into it
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not this version's ({CHECKPOINT_FORMAT}); "
+                             "start the run in a new directory")
+        # method and recipe first: layers that store only kept weights take the saved layout, and removed
+        # ghost activations leave, before the weights load into the model
         self.method.load_state_dict(state["method"])
+        if self.recipe:
+            self.recipe.load_state_dict(state["recipe"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.forgetting:
             self.forgetting.load_state_dict(state["forgetting"])
-        self.recipe.load_state_dict(state["recipe"])
         self.train_loader.load_state_dict(state["loader"])
         self.flops.load_state_dict(state["flops"])
-        self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+        self._refresh_densities(force=True)
+        if self.forgetting and self.forgetting.removed.numel():
+            self.method.steps_per_epoch = len(self.train_loader)
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -223,22 +294,17 @@ class Trainer:
             # the schedule runs on epochs: with fewer examples (data efficiency) each step covers more of it
             virtual = epoch * self.steps_per_epoch + (self.train_loader.position - 1) * self.steps_per_epoch // steps_now
             set_lr(self.optimizer, cfg.optim.lr, lr_factor(cfg.optim, virtual, self.total_steps, self.steps_per_epoch))
-            self.recipe.on_progress(virtual / self.total_steps)
             out = self.net(x)
-            loss = self.recipe.loss(out, y, x, self.criterion)
+            loss = self.recipe.loss(out, y, x, self.criterion) if self.recipe else self.criterion(out, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            changed = self.method.before_step(self.progress.step, self.optimizer)
-            self.optimizer.step()
-            self.recipe.after_backward(self.optimizer.param_groups[0]["lr"])
+            samples = len(y) * self.dist.world_size
+            extra = self.recipe.extra_flops(samples) if self.recipe else 0.0  # the ghost skips of this step
+            self.optimizer.step()  # the method's and the recipe's work happen in here (their step hooks)
             self.progress.step += 1
             if self.snapshot and self.progress.step == self.snapshot[0] and self.is_main:
                 save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict()}, self.snapshot[1])
-            changed = self.method.after_step(self.progress.step, self.optimizer) or changed
-            if changed:
-                self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
-            samples = len(y) * self.dist.world_size
-            extra = self.recipe.extra_flops(samples)
+            self._refresh_densities()
             if self.method.took_dense_gradient:
                 extra += self._dense_gradient_flops(samples)
             self.flops.step(samples, extra)
@@ -265,6 +331,12 @@ class Trainer:
         """Examples a dense run on the whole training set sees in ``epochs`` (default: all) epochs."""
         return len(self.train_loader.dataset) * (self.cfg.optim.epochs if epochs is None else epochs)
 
+    def _refresh_densities(self, force: bool = False) -> None:
+        """Tell the FLOP meter the densities in use when the method changed them."""
+        if force or self.method.version != self._densities_at:
+            self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+            self._densities_at = self.method.version
+
     def _dense_gradient_flops(self, samples: int) -> float:
         """Extra cost of a step that took the dense weight gradient instead of the masked one."""
         gd = self.method.grad_density() or {}
@@ -272,13 +344,13 @@ class Trainer:
 
     def _saved_bytes_per_step(self) -> int:
         """Bytes autograd keeps for backward in one training step (on a copy, so BN statistics stay put)."""
-        x, y = self._scoring_batches(self.train_loader.dataset, self.train_loader.info, count=1)[0]
+        x, y = self._scoring_batches(count=1)[0]
         net = copy.deepcopy(self.model).train()
         return saved_tensor_bytes(lambda: self.criterion(net(x), y).backward())
 
-    def _scoring_batches(self, train: ArrayDataset, info, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _scoring_batches(self, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for data-driven mask scores (SNIP, GraSP), drawn apart from the training order."""
-        loader = BatchLoader(train, info, self.cfg.optim.batch_size, train=True, seed=self.cfg.run.seed + 1,
+        loader = BatchLoader(self.train_set, self.train_loader.info, self.cfg.optim.batch_size, train=True, seed=self.cfg.run.seed + 1,
                              channels_last=self.cfg.model.channels_last)
         out = []
         for x, y, _ in loader:
@@ -290,10 +362,10 @@ class Trainer:
     def end_epoch(self, train_stats: dict[str, float]) -> dict:
         """Close an epoch: method and data-efficiency updates, evaluation, one metrics record, checkpoint."""
         self.progress.epoch += 1
-        if self.method.end_epoch(self.progress.epoch, self.optimizer):
-            self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
+        # the method's epoch-end work (MEST's mutation, SWAT-M's budgets) ran inside the epoch's last step
         if self.forgetting and (keep := self.forgetting.end_epoch(self.progress.epoch)) is not None:
             self.train_loader.set_active(keep)
+            self.method.steps_per_epoch = len(self.train_loader)  # epoch-based schedules stay on epochs
             if self.is_main:
                 (self.out / "removed_examples.json").write_text(json.dumps(self.forgetting.removed.tolist()))
         record = {"epoch": self.progress.epoch, "step": self.progress.step, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
@@ -303,7 +375,7 @@ class Trainer:
             val = evaluate(self.model, self.val_loader, self.device)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
         record.update(
-            sparsity=self.method.global_sparsity(),
+            sparsity=self.method.sparsity(),
             train_flops_rel=self.flops.relative(self._full_schedule_samples(self.progress.epoch)), wall_s=round(self.progress.elapsed, 2),
         )
         self._log(record)
@@ -322,20 +394,20 @@ class Trainer:
         saved = self._saved_bytes_per_step()
         wd = self.method.weight_density()
         summary = {
-            "method": self.method.name,
+            "method": self.method.label,
             "model": self.cfg.model.name,
             "dataset": self.cfg.data.dataset,
             "epochs": self.cfg.optim.epochs,
             "seed": self.cfg.run.seed,
-            "sparsity": self.method.global_sparsity(),
+            "sparsity": self.method.sparsity(),
             "train_flops_rel": self.flops.relative(self._full_schedule_samples()),
             "infer_flops_rel": costs.forward_flops(wd) / dense_infer if dense_infer else 1.0,
             "train_flops": self.flops.spent["total"],
             "steps": self.progress.step,
             "steps_full_data": self.total_steps,
             "examples_removed": int(self.forgetting.removed.numel()) if self.forgetting else 0,
-            "recipe": "+".join(self.cfg.recipe.components()) or None,
-            "init_scales": self.recipe.init_scales or None,  # what rescaled initialisation multiplied each tensor by
+            "recipe": "+".join(self.recipe.components()) if self.recipe else None,
+            "init_scales": (self.recipe.init_scales or None) if self.recipe else None,  # what rescaled initialisation multiplied each tensor by
             "backends": {n: m.backend for n, m in self.backend_layers.items()} or None,
             **self.method.summary(),
             "infer_flops_per_sample": costs.forward_flops(wd),
@@ -344,13 +416,13 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "layers": [
                 {"name": ls.name, "shape": list(ls.shape), "numel": ls.numel, "nonzeros": ls.nonzeros, "density": ls.density}
-                for ls in self.method.layer_sparsity()
+                for ls in self.method.report()
             ],
         }
         last = _last_record(self.out / "metrics.jsonl")
         summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "train_loss") if k in last})
         if self.is_main:
-            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.method.export_state(self.model)}, self.out / FINAL_MODEL)
+            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.method.export_state()}, self.out / FINAL_MODEL)
             (self.out / "final.json").write_text(json.dumps(summary, indent=2))
         barrier()
         return summary
@@ -363,6 +435,18 @@ def _records(path: Path) -> list[str]:
 def _last_record(path: Path) -> dict:
     lines = _records(path)
     return json.loads(lines[-1]) if lines else {}
+
+
+def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """A finished run's model (``config.yaml`` + ``model.pt``), frozen in eval mode (a ToST teacher)."""
+    run = Path(run_dir)
+    cfg = load_config(run / "config.yaml")
+    model = build_model(cfg.model.name, DATASETS[cfg.data.dataset].num_classes, cfg.model.width)
+    model.load_state_dict(load_checkpoint(run / FINAL_MODEL)["model"])
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def _no_augment(info):

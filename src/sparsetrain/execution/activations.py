@@ -22,7 +22,7 @@ __all__ = ["BitReLU", "replace_activations"]
 class _BitReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inplace):
-        from .swat import flat_view, pack_bits, unflat
+        from .bits import flat_view, pack_bits, unflat
 
         flat, cl = flat_view(x.detach())
         ctx.conf = (tuple(x.shape), cl)
@@ -37,7 +37,7 @@ class _BitReLUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .swat import flat_view, unflat, unpack_bits
+        from .bits import flat_view, unflat, unpack_bits
 
         (packed,) = ctx.saved_tensors
         shape, cl = ctx.conf

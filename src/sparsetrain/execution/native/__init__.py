@@ -77,7 +77,7 @@ def _cpu_identity() -> str:
 
 def library_path() -> Path:
     """Where the compiled library for this source, compiler and CPU lives (a shared cache may serve several CPUs)."""
-    from ..data import default_cache_dir
+    from ...data import default_cache_dir
 
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha1(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]

@@ -32,53 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..schemes import parse_scheme
 from . import native
-from .schemes import parse_scheme
+from .bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
 
-__all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers", "pack_bits", "unpack_bits",
+__all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers",
            "swat_conv2d", "swat_linear", "topk_threshold", "threshold_and_share"]
-
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.uint8, torch.bool, torch.int32, torch.int64)
-
-
-def _numpy_ok(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor (in memory order) as uint8 bytes, eight positions per byte, little-endian bit order."""
-    flat = mask.reshape(-1)
-    if _numpy_ok(flat):  # numpy's packbits is vectorised; torch has no equivalent
-        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = (2 ** torch.arange(8, device=flat.device)).to(torch.uint8)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` positions as booleans."""
-    if packed.device.type == "cpu":
-        return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(bool))
-    bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    return bits.reshape(-1)[:numel].bool()
-
-
-def flat_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``x`` as a 1-D tensor in memory order (no copy for contiguous and channels-last tensors)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).reshape(-1), True
-    return x.reshape(-1), False
-
-
-def unflat(flat: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
-    """Inverse of :func:`flat_view`: the logical ``shape`` over ``flat``'s memory."""
-    if channels_last:
-        n, c, h, w = shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-    return flat.view(shape)
-
 
 def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
     """The magnitude of the k-th largest entry, k = ceil(density * numel): |t| >= it keeps the top K."""
@@ -113,7 +72,7 @@ def _compress(x: torch.Tensor, a_thresh: torch.Tensor) -> tuple[torch.Tensor, to
         packed, values = native.compress(flat, float(a_thresh))
         return packed, values, cl
     keep = flat.abs() >= a_thresh
-    if _numpy_ok(flat):
+    if numpy_ok(flat):
         values = torch.from_numpy(flat.numpy()[keep.numpy()])
     else:
         values = flat.masked_select(keep)
@@ -125,7 +84,7 @@ def _decompress(packed: torch.Tensor, values: torch.Tensor, shape, channels_last
     if native.available(values):
         return unflat(native.decompress(packed, values, numel, _scratch(numel)), shape, channels_last)
     keep = unpack_bits(packed, numel)
-    if _numpy_ok(values):
+    if numpy_ok(values):
         out = np.zeros(numel, dtype=values.numpy().dtype)
         out[keep.numpy()] = values.numpy()
         flat = torch.from_numpy(out)
@@ -340,127 +299,3 @@ def harden(model: nn.Module) -> nn.Module:
         m.refresh_weights()
         m.weight.mul_(m.current_mask())
     return revert(model)
-
-
-# --------------------------------------------------------------------------- the training method
-
-
-class SWATMethod:
-    """SWAT as a training method: SWAT-U, SWAT-ERK, SWAT-M or structured SWAT (``sparsity.swat.variant``).
-
-    SWAT-U gives every selected layer the same budget; SWAT-ERK takes ERK budgets once;
-    SWAT-M re-distributes the budgets at every epoch end but the last in proportion to the mean
-    momentum magnitude of each layer's kept weights (capped at ``m_max_density``, so no
-    layer silently turns dense); structured SWAT keeps whole kernels (or output
-    channels) by L1 norm, with unstructured top-K activations.
-    """
-
-    name = "swat"
-    maskset = None
-    took_dense_gradient = False
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.name = {"u": "swat-u", "erk": "swat-erk", "m": "swat-m", "structured": "swat-structured"}[cfg.swat.variant]
-
-    def setup(self, ctx) -> None:
-        from .activations import BitReLU, replace_activations
-        from .distributions import layer_densities
-        from .masks import select_parameters
-
-        sc = self.cfg.swat
-        params = select_parameters(ctx.model, self.cfg.dense_layers)
-        shapes = {n: tuple(p.shape) for n, p in params.items()}
-        self.numel = {n: p.numel() for n, p in params.items()}
-        dens = layer_densities("erk" if sc.variant == "erk" else "uniform", shapes, self.cfg.sparsity)
-        act = None if sc.activation_sparsity is None else 1.0 - sc.activation_sparsity
-        convert(ctx.model, dens, act, sc.topk_period, sc.structure if sc.variant == "structured" else None)
-        if sc.compact_relu:
-            replace_activations(ctx.model, nn.ReLU, lambda old: BitReLU(inplace=old.inplace))
-        self.model, self.optimizer, self.epochs = ctx.model, ctx.optimizer, ctx.epochs
-        self.layers = swat_layers(ctx.model)
-
-    def before_step(self, step, optimizer):
-        return False
-
-    def after_step(self, step, optimizer):
-        # densities move with each threshold refresh (every topk_period steps)
-        return step % self.cfg.swat.topk_period == 1 or self.cfg.swat.topk_period == 1
-
-    def end_epoch(self, epochs_done, optimizer):
-        # not after the last epoch: nothing would train on the new budgets, and the final evaluation
-        # would see BatchNorm statistics gathered under the old ones
-        if self.cfg.swat.variant != "m" or epochs_done >= self.epochs:
-            return False
-        self.rebalance(optimizer)
-        return True
-
-    @torch.no_grad()
-    def rebalance(self, optimizer) -> dict[str, float]:
-        """SWAT-M: budgets proportional to each layer's mean momentum magnitude over its kept weights."""
-        score = {}
-        for n, m in self.layers.items():
-            buf = optimizer.state.get(m.weight, {}).get("momentum_buffer")
-            kept = m.current_mask()
-            score[n] = float(buf[kept].abs().mean()) if buf is not None and kept.any() else 0.0
-        budget = (1.0 - self.cfg.sparsity) * sum(self.numel.values())
-        cap = self.cfg.swat.m_max_density
-        if cap * sum(self.numel.values()) < budget:
-            raise ValueError(f"swat.m_max_density {cap} cannot hold the budget of sparsity {self.cfg.sparsity}")
-        fixed: dict[str, float] = {}
-        while True:
-            rest = [n for n in self.layers if n not in fixed]
-            left = budget - sum(fixed[n] * self.numel[n] for n in fixed)
-            total = sum(score[n] * self.numel[n] for n in rest)
-            if total <= 0:  # no signal: keep the remaining budget uniform
-                dens = {n: left / sum(self.numel[r] for r in rest) for n in rest}
-            else:
-                dens = {n: left * score[n] / total for n in rest}
-            over = [n for n in rest if dens[n] > cap]
-            if not over:
-                break
-            fixed.update({n: cap for n in over})
-        dens.update(fixed)
-        for n, m in self.layers.items():
-            m.density = max(dens[n], 1.0 / self.numel[n])
-            m.refresh_weights()
-        return dens
-
-    def weight_density(self) -> dict[str, float]:
-        return {n: m.weight_density() for n, m in self.layers.items()}
-
-    def grad_density(self) -> dict[str, float]:
-        """The weight gradient is computed from the top-K inputs: its cost scales with the activation density."""
-        return {n: float(m.act_kept) if float(m.act_kept) > 0 else m.act_density for n, m in self.layers.items()}
-
-    def activation_sparsity(self) -> float:
-        """Share of layer-input entries dropped for backward at the last refresh, weighted by layer size."""
-        kept = self.grad_density()
-        total = sum(self.numel.values())
-        return 1.0 - sum(kept[n] * self.numel[n] for n in kept) / total
-
-    def layer_sparsity(self):
-        from .masks import LayerSparsity
-
-        return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), int(m.current_mask().sum())) for n, m in self.layers.items()]
-
-    def global_sparsity(self) -> float:
-        layers = self.layer_sparsity()
-        return 1.0 - sum(ls.nonzeros for ls in layers) / sum(ls.numel for ls in layers)
-
-    def export_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The plain architecture's state dict with W_s as the weights (the hard-pruned model)."""
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith(("w_mask", "w_thresh", "a_thresh", "steps", "act_kept"))}
-        for n, m in self.layers.items():
-            state[n] = (m.weight * m.current_mask()).detach().clone()
-        return state
-
-    def summary(self) -> dict:
-        return {"activation_sparsity": self.activation_sparsity(), "variant": self.cfg.swat.variant}
-
-    def state_dict(self) -> dict:
-        return {"densities": {n: m.density for n, m in self.layers.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        for n, d in state["densities"].items():
-            self.layers[n].density = float(d)

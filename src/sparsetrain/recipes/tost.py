@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,10 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .activations import BitReLU, replace_activations
-from .config import RecipeConfig
+from ..execution.activations import BitReLU, replace_activations
+from ..methods.base import Clock, Sparsifier, check_fraction
 
-__all__ = ["GhostSoftActivation", "GhostSkips", "ToST", "rescale_fan_in", "gradinit_scales", "find_conv_pairs"]
+__all__ = ["GhostSoftActivation", "GhostSkips", "ToST", "tost", "rescale_fan_in", "gradinit_scales", "find_conv_pairs",
+           "SOFT", "RESCALES"]
 
 SOFT = {"silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus}
 
@@ -202,69 +202,129 @@ def gradinit_scales(
     return {n: float(v.detach().exp()) for n, v in log_s.items()}
 
 
-class ToST:
-    """The recipe as the trainer sees it: set-up, per-step schedule, loss, extra FLOPs, state."""
+RESCALES = ("none", "fan_in", "gradinit")
 
-    def __init__(self, cfg: RecipeConfig):
-        self.cfg = cfg
+
+class ToST:
+    """The ToST recipe around a model, its optimizer and (optionally) the sparsifier that masks it.
+
+    Same lifecycle as a sparsifier (:mod:`sparsetrain.methods.base`): its schedules advance inside
+    ``optimizer.step()`` (the ghost activations blend towards ReLU and the ghost skips decay by
+    the fraction of ``total_steps`` done; the ghost skips' own optimizer steps there too), and it
+    has ``state_dict``/``load_state_dict`` and ``remove``. The loss part is :meth:`loss` (label
+    smoothing, and soft labels from ``teacher``); use it in place of plain cross-entropy.
+    """
+
+    name = "tost"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
+                 steps_per_epoch: int | None = None, epochs: int | None = None, sparsifier: Sparsifier | None = None,
+                 ghost_soft: bool = True, soft_activation: str = "silu", soft_hold: float = 0.1,
+                 soft_blend_end: float = 0.2, ghost_skip: bool = False, skip_end: float = 0.2,
+                 rescale_init: str = "none", gradinit_steps: int = 50, label_smoothing: float = 0.1,
+                 teacher: nn.Module | None = None, teacher_weight: float = 0.5, teacher_temperature: float = 4.0,
+                 batches=None, input_shape: tuple[int, ...] | None = None, channels_last: bool = False):
+        self.model, self.optimizer, self.sparsifier = model, optimizer, sparsifier
+        self.clock = Clock.make(total_steps, steps_per_epoch, epochs)
+        if ghost_soft or ghost_skip:
+            self.clock.require_total("tost's ghost schedules")
+        if soft_activation not in SOFT:
+            raise ValueError(f"unknown soft_activation {soft_activation!r}; allowed: {list(SOFT)}")
+        if rescale_init not in RESCALES:
+            raise ValueError(f"unknown rescale_init {rescale_init!r}; allowed: {list(RESCALES)}")
+        for name, v in (("soft_hold", soft_hold), ("soft_blend_end", soft_blend_end), ("teacher_weight", teacher_weight)):
+            if not 0 <= v <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        if not 0 < skip_end <= 1:
+            raise ValueError(f"skip_end must be in (0, 1], got {skip_end!r}")
+        if soft_blend_end < soft_hold:
+            raise ValueError(f"soft_blend_end ({soft_blend_end}) must not come before soft_hold ({soft_hold})")
+        check_fraction("label_smoothing", label_smoothing)
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature!r}")
+        if batches is not None:
+            batches = list(batches)
+        if input_shape is None and batches:
+            input_shape = tuple(batches[0][0].shape[1:])
+        self.ghost_soft, self.soft_hold, self.soft_blend_end = ghost_soft, soft_hold, soft_blend_end
+        self.ghost_skip, self.skip_end, self.rescale_init = ghost_skip, skip_end, rescale_init
+        self.label_smoothing = label_smoothing
+        self.teacher, self.teacher_weight, self.teacher_temperature = teacher, teacher_weight, teacher_temperature
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.ghost_acts: list[GhostSoftActivation] = []
         self.skips: GhostSkips | None = None
         self.skip_opt: torch.optim.Optimizer | None = None
-        self.teacher: nn.Module | None = None
         self.init_scales: dict[str, float] = {}
-
-    def setup(self, model: nn.Module, densities: dict[str, float] | None, batches, input_shape, device, channels_last: bool,
-              momentum: float, weight_decay: float, masks: dict[str, torch.Tensor] | None = None,
-              criterion: nn.Module | None = None) -> None:
-        """Install the switched-on components. The ghost soft activations go in first, so that
-        GradInit learns its scales on the network (activations, mask, loss) that will train."""
-        c = self.cfg
-        if c.ghost_soft:
-            soft = SOFT[c.soft_activation]
+        # the ghost soft activations go in first, so that GradInit learns its scales on the network
+        # (activations, mask, loss) that will train
+        if ghost_soft:
+            soft = SOFT[soft_activation]
             for kind in (nn.ReLU, BitReLU):
                 replace_activations(model, kind, lambda old: GhostSoftActivation(old, soft()))
             self.ghost_acts = [m for m in model.modules() if isinstance(m, GhostSoftActivation)]
-        if c.rescale_init == "fan_in":
+        densities = sparsifier.weight_density() if sparsifier is not None else None
+        if rescale_init == "fan_in":
             self.init_scales = rescale_fan_in(model, densities or {})
-        elif c.rescale_init == "gradinit":
-            self.init_scales = gradinit_scales(model, batches(), c.gradinit_steps, masks=masks, criterion=criterion)
+        elif rescale_init == "gradinit":
+            if not batches:
+                raise ValueError("rescale_init 'gradinit' learns its scales on training data: pass batches=[(x, y), ...]")
+            masks = sparsifier.maskset.masks if sparsifier is not None and sparsifier.maskset is not None else None
+            self.init_scales = gradinit_scales(model, batches, gradinit_steps, masks=masks, criterion=self.criterion)
             params = dict(model.named_parameters())
             with torch.no_grad():
                 for n, s in self.init_scales.items():
                     params[n].mul_(s)
-        if c.ghost_skip:
-            self.skips = GhostSkips(model, input_shape, device, channels_last)
-            self.skip_opt = torch.optim.SGD(self.skips.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
-        if c.teacher:
-            self.teacher = load_teacher(c.teacher, device)
-        self._model = model
+        if ghost_skip:
+            if input_shape is None:
+                raise ValueError("ghost_skip sizes its shortcuts on one forward pass: pass input_shape or batches")
+            group = optimizer.param_groups[0]
+            device = next(model.parameters()).device
+            self.skips = GhostSkips(model, tuple(input_shape), device, channels_last)
+            self.skip_opt = torch.optim.SGD(self.skips.parameters(), lr=group["lr"], momentum=group.get("momentum", 0.9),
+                                            weight_decay=group.get("weight_decay", 0.0))
+        self.on_progress(0.0)
+        self._hooks = [optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step())]
+
+    def components(self) -> list[str]:
+        """Names of the components switched on (for records)."""
+        return [n for n, on in (("ghost-soft", self.ghost_soft), ("ghost-skip", self.ghost_skip),
+                                ("rescale-init", self.rescale_init != "none"),
+                                ("label-smoothing", bool(self.label_smoothing)), ("teacher", self.teacher is not None)) if on]
 
     # ------------------------------------------------------------------ schedule
+    def post_step(self) -> None:
+        """After each optimizer step: the ghost skips' own step, then the schedules move on."""
+        self._step_skips(self.optimizer.param_groups[0]["lr"])
+        self.clock.advance()
+        if self.clock.total_steps:
+            self.on_progress(self.clock.step / self.clock.total_steps)
+
     def on_progress(self, t: float) -> None:
-        """Set the ghost schedules for training fraction ``t`` (called before every step)."""
-        c = self.cfg
+        """Set the ghost schedules for training fraction ``t``."""
         if self.ghost_acts:
-            span = max(c.soft_blend_end - c.soft_hold, 1e-12)
-            a = min(1.0, max(0.0, (t - c.soft_hold) / span))
+            span = max(self.soft_blend_end - self.soft_hold, 1e-12)
+            a = min(1.0, max(0.0, (t - self.soft_hold) / span))
             for g in self.ghost_acts:
                 g.a = a
             if a >= 1.0:
                 self.remove_soft()
         if self.skips is not None:
-            self.skips.alpha = max(0.0, 1.0 - t / self.cfg.skip_end)
+            self.skips.alpha = max(0.0, 1.0 - t / self.skip_end)
             if self.skips.alpha <= 0:
                 self.remove_skips()
 
     def remove_soft(self) -> None:
-        replace_activations(self._model, GhostSoftActivation, lambda g: g.original)
+        """Put the original ReLU modules back."""
+        replace_activations(self.model, GhostSoftActivation, lambda g: g.original)
         self.ghost_acts = []
 
     def remove_skips(self) -> None:
+        """Take the ghost skips off the model."""
         if self.skips is not None:
             self.skips.remove()
         self.skips, self.skip_opt = None, None
 
-    def after_backward(self, lr: float) -> None:
+    def _step_skips(self, lr: float) -> None:
         """Step the ghost skips' own optimizer (gradients averaged across ranks first)."""
         if self.skip_opt is None:
             return
@@ -279,14 +339,20 @@ class ToST:
         self.skip_opt.zero_grad(set_to_none=True)
 
     def extra_flops(self, samples: int) -> float:
+        """Training FLOPs the ghost skips add for ``samples`` examples (they are outside the model)."""
         return self.skips.flops_per_sample * samples if self.skips is not None else 0.0
 
     # ------------------------------------------------------------------ loss
-    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
-        hard = criterion(out, y)
+    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None,
+             criterion: nn.Module | None = None) -> torch.Tensor:
+        """The recipe's training loss: ``criterion`` (default: cross-entropy with the recipe's label
+        smoothing), blended with soft labels when a teacher is set (then ``x`` is needed)."""
+        hard = (criterion or self.criterion)(out, y)
         if self.teacher is None:
             return hard
-        T, beta = self.cfg.teacher_temperature, self.cfg.teacher_weight
+        if x is None:
+            raise ValueError("tost with a teacher needs the inputs: loss(out, y, x)")
+        T, beta = self.teacher_temperature, self.teacher_weight
         with torch.no_grad():
             soft_targets = F.softmax(self.teacher(x) / T, dim=1)
         kd = F.kl_div(F.log_softmax(out / T, dim=1), soft_targets, reduction="batchmean") * T * T
@@ -294,13 +360,19 @@ class ToST:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        state: dict = {"soft_removed": not self.ghost_acts, "skips_removed": self.skips is None}
+        """Clock, which ghosts are gone, and the ghost skips' weights and optimizer."""
+        state: dict = {"method": self.name, "clock": self.clock.state_dict(), "soft_removed": not self.ghost_acts,
+                       "skips_removed": self.skips is None}
         if self.skips is not None:
             state["skips"] = self.skips.skips.state_dict()
             state["skip_opt"] = self.skip_opt.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (before the model's state: removed ghosts change its modules)."""
+        if state.get("method") != self.name:
+            raise ValueError(f"this state is from {state.get('method')!r}, not the tost recipe")
+        self.clock.load_state_dict(state["clock"])
         if state.get("soft_removed") and self.ghost_acts:
             self.remove_soft()
         if state.get("skips_removed"):
@@ -308,20 +380,41 @@ class ToST:
         elif self.skips is not None:
             self.skips.skips.load_state_dict(state["skips"])
             self.skip_opt.load_state_dict(state["skip_opt"])
+        if self.clock.total_steps:
+            self.on_progress(self.clock.step / self.clock.total_steps)
+
+    def remove(self) -> nn.Module:
+        """Hooks off, ghosts gone: the model as it trains without the recipe."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.ghost_acts:
+            self.remove_soft()
+        self.remove_skips()
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"ToST(components={self.components()}, step={self.clock.step}/{self.clock.total_steps})"
 
 
-def load_teacher(run_dir: str, device) -> nn.Module:
-    """A trained run's model, frozen in eval mode, for soft labels."""
-    from .config import load_config
-    from .data import DATASETS
-    from .models import build_model
-    from .train.checkpoint import load_checkpoint
-
-    run = Path(run_dir)
-    cfg = load_config(run / "config.yaml")
-    model = build_model(cfg.model.name, DATASETS[cfg.data.dataset].num_classes, cfg.model.width)
-    model.load_state_dict(load_checkpoint(run / "model.pt")["model"])
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+def tost(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
+    steps_per_epoch: int | None = None, epochs: int | None = None, sparsifier: Sparsifier | None = None,
+    ghost_soft: bool = True, soft_activation: str = "silu", soft_hold: float = 0.1, soft_blend_end: float = 0.2,
+    ghost_skip: bool = False, skip_end: float = 0.2, rescale_init: str = "none", gradinit_steps: int = 50,
+    label_smoothing: float = 0.1, teacher: nn.Module | None = None, teacher_weight: float = 0.5,
+    teacher_temperature: float = 4.0, batches=None, input_shape: tuple[int, ...] | None = None,
+    channels_last: bool = False,
+) -> ToST:
+    """The ToST recipe (Jaiswal et al., 2022) for any sparse mask: ghost soft neurons (``soft_activation``
+    alone until ``soft_hold`` of training, blended back to ReLU by ``soft_blend_end``), label smoothing
+    (0.1) through :meth:`ToST.loss`; off by default, since they lowered validation accuracy here:
+    ghost skips (``ghost_skip``, decayed away by ``skip_end``) and rescaled initialisation
+    (``rescale_init``: ``fan_in`` or ``gradinit``, which needs ``batches``). Build it after the
+    ``sparsifier`` whose mask it trains (its densities and masks feed the rescaling)."""
+    return ToST(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                sparsifier=sparsifier, ghost_soft=ghost_soft, soft_activation=soft_activation, soft_hold=soft_hold,
+                soft_blend_end=soft_blend_end, ghost_skip=ghost_skip, skip_end=skip_end, rescale_init=rescale_init,
+                gradinit_steps=gradinit_steps, label_smoothing=label_smoothing, teacher=teacher,
+                teacher_weight=teacher_weight, teacher_temperature=teacher_temperature, batches=batches,
+                input_shape=input_shape, channels_last=channels_last)

@@ -1,0 +1,280 @@
+"""The one contract every method follows: a sparsifier around a model and its optimizer.
+
+Lifecycle, the same for every method (``sparsetrain.static``, ``set``, ``rigl``, ``mest``,
+``swat``, ``lottery``, and the ``tost`` recipe):
+
+1. **Build** ``sp = sparsetrain.rigl(model, optimizer, sparsity=0.9, total_steps=...)``. The masks
+   are made and applied at once, and two hooks go on ``optimizer``.
+2. **Train** with an unchanged loop: forward, ``loss.backward()``, ``optimizer.step()``. All the
+   method's work happens inside ``optimizer.step()``:
+
+   * *before the update* (the optimizer's step pre-hook, :meth:`Sparsifier.pre_step`): methods that
+     read the dense gradient do it here, where backward has just left it (RigL's growth), and the
+     gradient entries of masked weights are then zeroed;
+   * *after the update* (the step post-hook, :meth:`Sparsifier.post_step`): masked weights and
+     their optimizer state are zeroed (so momentum, weight decay and Adam's moments never move
+     a masked weight), the step clock advances, and scheduled updates run: SET's and RigL's
+     mask updates, MEST's mutations and SWAT-M's budgets at epoch ends (the last batch's
+     gradient is still in ``.grad`` there, before the next ``zero_grad``).
+
+   *Why hooks and not an explicit* ``sparsifier.step()``: the dense gradient is there exactly
+   once per step, at the moment the optimizer consumes it, so no method can read a gradient
+   that was already zeroed or is a step old; a user cannot forget the call or make it in the
+   wrong place; and frameworks that own the loop (Hugging Face ``Trainer``) call
+   ``optimizer.step()`` themselves, so the same object works there unchanged. A step the
+   optimizer skips (an AMP scaler that found an overflow) does not advance the clock.
+   Frameworks that run backward *inside* ``optimizer.step(closure)`` (Lightning's automatic
+   optimisation) set ``manual_pre_step = True`` and call :meth:`pre_step` after backward
+   themselves; :class:`sparsetrain.integrations.lightning.SparsityCallback` does that.
+3. **Save and resume**: ``sp.state_dict()`` beside the model's and the optimizer's. To resume,
+   build model, optimizer and sparsifier as at the start, then load the sparsifier's state first
+   (masks, and the layout of layers that store only kept weights), then the model's, then the
+   optimizer's. The run then continues bit for bit as if it had not stopped.
+4. **Export**: ``plain = sp.remove()`` takes the hooks off, applies the masks for good and
+   returns an ordinary ``nn.Module``.
+
+The clock counts optimizer steps; epochs are ``steps_per_epoch`` steps long. Where an epoch's
+length changes during training (MEST data efficiency removes examples), set
+``sp.steps_per_epoch`` to the new length; :class:`sparsetrain.recipes.DataEfficiency` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..masks import LayerSparsity, MaskSet
+
+__all__ = ["Sparsifier", "Dense", "dense", "Clock", "check_fraction"]
+
+
+def check_fraction(name: str, value: float, low_open: bool = False) -> float:
+    """``value`` as a float in [0, 1) (or (0, 1) with ``low_open``), or a ValueError naming ``name``."""
+    v = float(value)
+    if not ((0 < v if low_open else 0 <= v) and v < 1):
+        raise ValueError(f"{name} must be in {'(0, 1)' if low_open else '[0, 1)'}, got {value!r}")
+    return v
+
+
+@dataclass
+class Clock:
+    """Optimizer steps taken, and where they fall in epochs. Part of every sparsifier's state."""
+
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None
+    epochs: int | None = None
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # epochs completed
+    epoch_step: int = 0  # steps completed in the current epoch
+
+    @classmethod
+    def make(cls, total_steps: int | None, steps_per_epoch: int | None, epochs: int | None) -> "Clock":
+        """A clock from either ``total_steps`` or ``steps_per_epoch`` and ``epochs`` (both ways agree if all are given)."""
+        for name, v in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if (steps_per_epoch is None) != (epochs is None):
+            raise ValueError("give steps_per_epoch and epochs together (or total_steps alone); "
+                             f"got steps_per_epoch={steps_per_epoch!r}, epochs={epochs!r}")
+        if steps_per_epoch is not None:
+            if total_steps is not None and total_steps != steps_per_epoch * epochs:
+                raise ValueError(f"total_steps={total_steps} differs from steps_per_epoch * epochs = {steps_per_epoch * epochs}")
+            total_steps = steps_per_epoch * epochs
+        return cls(total_steps, steps_per_epoch, epochs)
+
+    def require_total(self, who: str) -> int:
+        if self.total_steps is None:
+            raise ValueError(f"{who} schedules its updates over training: give total_steps (or steps_per_epoch and epochs)")
+        return self.total_steps
+
+    def require_epochs(self, who: str) -> tuple[int, int]:
+        if self.steps_per_epoch is None:
+            raise ValueError(f"{who} acts at epoch ends: give steps_per_epoch and epochs")
+        return self.steps_per_epoch, self.epochs
+
+    def advance(self) -> bool:
+        """Count one optimizer step; True when it ended an epoch."""
+        self.step += 1
+        self.epoch_step += 1
+        if self.steps_per_epoch is not None and self.epoch_step >= self.steps_per_epoch:
+            self.epoch += 1
+            self.epoch_step = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("step", "epoch", "epoch_step", "steps_per_epoch"):
+            setattr(self, k, state[k])
+
+
+class Sparsifier:
+    """Base of every method: dense training (no masks) with the full lifecycle of the module docstring.
+
+    Subclasses set ``self.maskset`` in their constructor (before :meth:`_attach`) and override
+    the ``_before_update`` / ``_after_update`` / ``_end_epoch`` steps they need.
+    """
+
+    name = "dense"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
+                 steps_per_epoch: int | None = None, epochs: int | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self.clock = Clock.make(total_steps, steps_per_epoch, epochs)
+        self.maskset: MaskSet | None = None
+        self.took_dense_gradient = False  # True after a step whose update read the dense weight gradient
+        self.manual_pre_step = False  # True: the caller runs pre_step() after backward (closure-based frameworks)
+        self._pre_done = False
+        self._bumps = 0
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------ hooks
+    def _attach(self) -> None:
+        """Put the step hooks on the optimizer (constructors call this last)."""
+        self._hooks.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_hook()))
+        self._hooks.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step()))
+
+    def _pre_hook(self) -> None:
+        if not self.manual_pre_step:
+            self.pre_step()
+
+    def pre_step(self) -> None:
+        """Work before the optimizer's update, with the dense gradients of this step in ``.grad``."""
+        if self._pre_done:
+            return
+        self.took_dense_gradient = self._before_update()
+        if self.maskset is not None:
+            self.maskset.mask_gradients()
+        self._pre_done = True
+
+    def post_step(self) -> None:
+        """Work after the optimizer's update: re-apply masks, advance the clock, scheduled updates."""
+        if not self._pre_done and not self.manual_pre_step:
+            self.pre_step()  # an optimizer that bypassed its own pre-hooks
+        self._pre_done = False
+        if self.maskset is not None:
+            self.maskset.apply(self.optimizer)
+        ended = self.clock.advance()
+        self._after_update()
+        if ended:
+            self._end_epoch()
+
+    def _before_update(self) -> bool:
+        """Method work before the update; True if it read the dense weight gradient."""
+        return False
+
+    def _after_update(self) -> None:
+        """Method work after the update (the clock has advanced)."""
+
+    def _end_epoch(self) -> None:
+        """Method work at an epoch's end (after its last update)."""
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Steps in an epoch; settable when an epoch's length changes (data efficiency)."""
+        return self.clock.steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"steps_per_epoch must be a positive integer, got {n!r}")
+        self.clock.steps_per_epoch = n
+
+    @property
+    def version(self) -> int:
+        """Moves whenever the weights in use change shape or set (mask updates, SWAT threshold refreshes)."""
+        return self._bumps + (self.maskset.version if self.maskset is not None else 0)
+
+    # ------------------------------------------------------------------ reporting
+    def weight_density(self) -> dict[str, float] | None:
+        """Kept share of each sparse weight (None for dense training)."""
+        return self.maskset.densities() if self.maskset else None
+
+    def grad_density(self) -> dict[str, float] | None:
+        """Share of each layer's weight gradient that is computed (only kept weights need one under masks)."""
+        return self.weight_density()
+
+    def report(self) -> list[LayerSparsity]:
+        """Per-layer kept and total weights of the model as it would be exported."""
+        return self.maskset.layers() if self.maskset else []
+
+    def sparsity(self) -> float:
+        """Share of zero weights over all sparse layers."""
+        layers = self.report()
+        total = sum(ls.numel for ls in layers)
+        return 1.0 - sum(ls.nonzeros for ls in layers) / total if total else 0.0
+
+    @property
+    def label(self) -> str:
+        """The name records use (a static mask says which score made it)."""
+        return self.name
+
+    def summary(self) -> dict:
+        """Method-specific figures for run records (mask updates, peak density, ...)."""
+        return {}
+
+    def _knobs(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        knobs = self._knobs()
+        layers = len(self.report())
+        total = self.clock.total_steps if self.clock.total_steps is not None else "?"
+        return (f"{type(self).__name__}({knobs + ', ' if knobs else ''}sparsity={self.sparsity():.4f}, layers={layers}, "
+                f"step={self.clock.step}/{total})")
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Everything the method needs to continue exactly: clock, masks, method state."""
+        state = {"method": self.name, "clock": self.clock.state_dict(), "bumps": self._bumps}
+        if self.maskset is not None:
+            state["masks"] = self.maskset.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; load it before the model's and the optimizer's state."""
+        if state.get("method") != self.name:
+            raise ValueError(f"this state is from method {state.get('method')!r}; this sparsifier is {self.name!r}")
+        self.clock.load_state_dict(state["clock"])
+        self._bumps = int(state["bumps"])
+        if self.maskset is not None:
+            self.maskset.load_state_dict(state["masks"])
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The weights to publish: the model's state dict with masks applied (a plain architecture's keys)."""
+        if self.maskset is not None:
+            self.maskset.apply()
+        return self.model.state_dict()
+
+    def remove(self) -> nn.Module:
+        """Take the hooks off, apply the masks for good, and return the model as an ordinary ``nn.Module``."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.maskset is not None:
+            self.maskset.apply(self.optimizer)
+        return self.model
+
+
+class Dense(Sparsifier):
+    """Dense training: every weight trains; the clock still counts, so records and resume look the same."""
+
+    name = "dense"
+
+    def __init__(self, model, optimizer, *, total_steps=None, steps_per_epoch=None, epochs=None):
+        super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        self._attach()
+
+
+def dense(model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
+          steps_per_epoch: int | None = None, epochs: int | None = None) -> Dense:
+    """Dense training through the same contract (a baseline with the same records and resume)."""
+    return Dense(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)

@@ -1,0 +1,172 @@
+"""Dynamic sparse training at a constant parameter budget: SET and RigL.
+
+Both start from a random mask of the given distribution and scheme and, every
+``update_every_steps`` optimizer steps until ``update_end`` of training, drop the
+smallest-magnitude share of active units and grow as many inactive ones
+(:meth:`Scheme.update`). Grown weights start at zero with their optimizer state reset
+(``MaskSet.set_mask``). Masks are broadcast from rank 0 after every update, so
+data-parallel ranks agree.
+
+* SET (Mocanu et al., 2018): growth at random, after the step.
+* RigL (Evci et al., 2020): growth by dense-gradient magnitude, read before the step
+  (the gradient the optimizer is about to use; its cost is counted at update steps only);
+  the update share decays with a cosine.
+
+MEST lives in :mod:`.mest`; it shares :class:`PruneAndGrow`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .base import Sparsifier, check_fraction
+from .static import make_masks
+
+__all__ = ["PruneAndGrow", "SET", "RigL", "set_sparsifier", "rigl", "UPDATE_DECAYS"]
+
+UPDATE_DECAYS = ("cosine", "constant")
+
+
+class PruneAndGrow(Sparsifier):
+    """Shared machinery: a random initial mask, unit counts per layer, the growth generator, broadcast."""
+
+    def __init__(self, model, optimizer, *, sparsity: float, distribution: str, custom_sparsity, scheme: str,
+                 dense_layers: Iterable[str], seed: int, total_steps, steps_per_epoch, epochs):
+        super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        if scheme.startswith("nm_"):
+            raise ValueError(f"{self.name} prunes and grows whole units; N:M scheme {scheme!r} supports static masks only")
+        self.target = sparsity
+        start = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=start)))
+        self.maskset, self.scheme = make_masks(model, sparsity=sparsity, distribution=distribution,
+                                               custom_sparsity=custom_sparsity, scheme=scheme,
+                                               dense_layers=dense_layers, init="random", generator=start)
+        self.target_units = {n: self._active_units(n) for n in self.maskset.masks}
+        self.updates = 0
+
+    def _active_units(self, name: str) -> int:
+        return int(self.scheme.group(self.maskset.masks[name]).any(1).sum())
+
+    def _swappable(self, name: str, share: float) -> int:
+        """Units to prune and regrow for ``share`` of the active ones: no more than can be regrown
+        elsewhere (a dense layer swaps nothing), so the count stays constant."""
+        units = self.scheme.group(self.maskset.masks[name])
+        active = int(units.any(1).sum())
+        return min(round(share * active), units.shape[0] - active)
+
+    def _replace(self, fraction: float, grow_from_grad: bool) -> None:
+        for n in self.maskset.masks:
+            k = self._swappable(n, fraction)
+            if not k:
+                continue
+            w, g = self.maskset.weight_and_grad(n)
+            if grow_from_grad and g is None:
+                raise RuntimeError(f"{self.name} grows by the dense gradient, but {n} has none at this update "
+                                   "(call loss.backward() before optimizer.step(); with a closure-based loop set "
+                                   "manual_pre_step and call pre_step() after backward)")
+            new = self.scheme.update(self.maskset.masks[n], w.abs(), k, k, g if grow_from_grad else None, self.generator)
+            self.maskset.set_mask(n, new, self.optimizer)
+        self.maskset.broadcast(optimizer=self.optimizer)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "generator": self.generator.get_state(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])
+
+    def summary(self) -> dict:
+        return {"mask_updates": self.updates}
+
+
+class _Scheduled(PruneAndGrow):
+    """Updates every ``update_every_steps`` steps until ``update_end`` of training, share decaying."""
+
+    def __init__(self, model, optimizer, *, update_every_steps: int, update_fraction: float, update_decay: str,
+                 update_end: float, **kw):
+        super().__init__(model, optimizer, **kw)
+        if not isinstance(update_every_steps, int) or update_every_steps < 1:
+            raise ValueError(f"update_every_steps must be a positive integer, got {update_every_steps!r}")
+        if update_decay not in UPDATE_DECAYS:
+            raise ValueError(f"unknown update_decay {update_decay!r}; allowed: {list(UPDATE_DECAYS)}")
+        if not 0 < update_end <= 1:
+            raise ValueError(f"update_end must be in (0, 1], got {update_end!r}")
+        self.update_every_steps, self.update_decay, self.update_end = update_every_steps, update_decay, update_end
+        self.update_fraction = check_fraction("update_fraction", update_fraction)
+        self.clock.require_total(self.name)
+        self._attach()
+
+    def _update_fraction(self, step: int) -> float:
+        """Share replaced at (1-based) ``step``; 0 when this is no update step."""
+        end = self.update_end * self.clock.total_steps
+        if step % self.update_every_steps or step >= end:
+            return 0.0
+        if self.update_decay == "constant":
+            return self.update_fraction
+        return self.update_fraction / 2 * (1 + math.cos(math.pi * step / end))
+
+    def _knobs(self) -> str:
+        return f"every={self.update_every_steps}, fraction={self.update_fraction}, decay={self.update_decay!r}, updates={self.updates}"
+
+
+class SET(_Scheduled):
+    """SET: magnitude prune and random grow after the step (see :func:`set_sparsifier`)."""
+
+    name = "set"
+
+    def _after_update(self) -> None:
+        f = self._update_fraction(self.clock.step)
+        if f:
+            self._replace(f, grow_from_grad=False)
+
+
+class RigL(_Scheduled):
+    """RigL: magnitude prune and grow by dense-gradient magnitude before the step (see :func:`rigl`)."""
+
+    name = "rigl"
+
+    def _before_update(self) -> bool:
+        f = self._update_fraction(self.clock.step + 1)
+        if f:
+            self._replace(f, grow_from_grad=True)
+        return bool(f)
+
+
+def set_sparsifier(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
+    steps_per_epoch: int | None = None, epochs: int | None = None, distribution: str = "uniform",
+    custom_sparsity: dict[str, float] | None = None, scheme: str = "unstructured",
+    dense_layers: Iterable[str] = ("first", "last"), update_every_steps: int = 100, update_fraction: float = 0.3,
+    update_decay: str = "cosine", update_end: float = 0.75, seed: int = 0,
+) -> SET:
+    """SET (exported as ``sparsetrain.set``): every ``update_every_steps`` optimizer steps until
+    ``update_end`` of training, drop ``update_fraction`` (cosine-decayed by default) of each layer's
+    active weights by magnitude and grow as many at random."""
+    return SET(model, optimizer, sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+               epochs=epochs, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
+               dense_layers=dense_layers, update_every_steps=update_every_steps, update_fraction=update_fraction,
+               update_decay=update_decay, update_end=update_end, seed=seed)
+
+
+def rigl(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
+    steps_per_epoch: int | None = None, epochs: int | None = None, distribution: str = "uniform",
+    custom_sparsity: dict[str, float] | None = None, scheme: str = "unstructured",
+    dense_layers: Iterable[str] = ("first", "last"), update_every_steps: int = 100, update_fraction: float = 0.3,
+    update_decay: str = "cosine", update_end: float = 0.75, seed: int = 0,
+) -> RigL:
+    """RigL: every ``update_every_steps`` optimizer steps until ``update_end`` of training, drop
+    ``update_fraction`` (cosine-decayed) of each layer's active weights by magnitude and grow as many
+    where the dense gradient of that step is largest (read inside ``optimizer.step()``, before the
+    masked entries are zeroed)."""
+    return RigL(model, optimizer, sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                epochs=epochs, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
+                dense_layers=dense_layers, update_every_steps=update_every_steps, update_fraction=update_fraction,
+                update_decay=update_decay, update_end=update_end, seed=seed)

@@ -1,0 +1,135 @@
+"""MEST (Yuan et al., NeurIPS 2021): memory-economic sparse training with elastic mutation.
+
+Every ``every_epochs`` epochs (at the epoch's end, inside the last step's ``optimizer.step()``,
+with that batch's gradient still in ``.grad``), each layer prunes its active units with the
+lowest |w| + λ|g| and grows as many inactive ones at random. The share decays by phase
+(Elastic Mutation: ``mutation_ratio`` as ``[[fraction_of_training, share], ...]``). With the Soft
+Memory Bound (``soft_bound``) it grows first (the share plus an ``excess``), trains with the
+extra weights until the next mutation and prunes back to the target then. No dense gradient
+and no dense optimizer state are needed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .dynamic import PruneAndGrow
+
+__all__ = ["MEST", "mest", "phase_value", "check_phases"]
+
+
+def phase_value(phases: list[list[float]], t: float) -> float:
+    """Value of a piecewise-constant schedule [[from_fraction, value], ...] at training fraction ``t``."""
+    value = phases[0][1]
+    for start, v in phases:
+        if t >= start:
+            value = v
+    return value
+
+
+def check_phases(name: str, v) -> list[list[float]]:
+    """A piecewise-constant schedule [[fraction of training, value in [0, 1)], ...], fractions rising from 0."""
+    v = [list(p) for p in v]
+    if not v or any(len(p) != 2 for p in v):
+        raise ValueError(f"{name} must be a list of [fraction_of_training, value] pairs, got {v!r}")
+    fr = [p[0] for p in v]
+    if fr[0] != 0 or fr != sorted(fr) or not all(0 <= f <= 1 for f in fr):
+        raise ValueError(f"{name}: fractions must start at 0, rise, and stay within [0, 1]; got {fr}")
+    if any(not 0 <= p[1] < 1 for p in v):
+        raise ValueError(f"{name}: values must be in [0, 1); got {[p[1] for p in v]}")
+    return v
+
+
+class MEST(PruneAndGrow):
+    """MEST with elastic mutation and, optionally, the soft memory bound (see :func:`mest`)."""
+
+    name = "mest"
+
+    def __init__(self, model, optimizer, *, every_epochs: int, mutation_ratio, soft_bound: bool, excess,
+                 prune_lambda: float, **kw):
+        super().__init__(model, optimizer, **kw)
+        self.clock.require_epochs("mest")
+        if not isinstance(every_epochs, int) or every_epochs < 1:
+            raise ValueError(f"every_epochs must be a positive integer, got {every_epochs!r}")
+        if prune_lambda < 0:
+            raise ValueError(f"prune_lambda must be >= 0, got {prune_lambda!r}")
+        self.every_epochs, self.soft_bound, self.prune_lambda = every_epochs, bool(soft_bound), float(prune_lambda)
+        self.mutation_ratio = check_phases("mutation_ratio", mutation_ratio)
+        self.excess = check_phases("excess", excess)
+        self.expanded = False
+        self.peak_active = self._active_total()
+        self.last_grad_abs_sum = 0.0  # of the gradient the last prune score saw (tests: must be > 0)
+        self._attach()
+
+    def _active_total(self) -> int:
+        return sum(int(m.sum()) for m in self.maskset.masks.values())
+
+    def _score(self, name: str) -> torch.Tensor:
+        w, g = self.maskset.weight_and_grad(name)
+        if g is None:
+            raise RuntimeError(f"mest prunes by |w| + lambda|g| but {name} has no gradient at this epoch's end "
+                               "(the mutation runs inside the epoch's last optimizer.step(), after loss.backward())")
+        return w.abs() + self.prune_lambda * g.detach().abs()
+
+    def _end_epoch(self) -> None:
+        done, total = self.clock.epoch, self.clock.epochs
+        at_end = done >= total
+        if done % self.every_epochs and not at_end:
+            return
+        t = done / total
+        ratio = 0.0 if at_end else phase_value(self.mutation_ratio, t)
+        excess = phase_value(self.excess, t) if (self.soft_bound and not at_end) else 0.0
+        if not ratio and not excess and not self.expanded:
+            return
+        grads = [self.maskset.weight_and_grad(n)[1] for n in self.maskset.masks]
+        self.last_grad_abs_sum = sum(float(g.abs().sum()) for g in grads if g is not None)
+        for n, mask in list(self.maskset.masks.items()):
+            target = self.target_units[n]
+            n_units = self.scheme.group(mask).shape[0]
+            active = self._active_units(n)
+            mutate = min(round(ratio * target), n_units - target)
+            extra = self.scheme.units_for(mask.numel(), excess, n_units) if excess else 0
+            if self.soft_bound:  # prune back to the target (what the last growth added), then grow anew
+                n_prune, n_grow = active - target, mutate + extra
+            else:
+                n_prune, n_grow = mutate, mutate
+            new = self.scheme.update(mask, self._score(n), n_prune, n_grow, None, self.generator)
+            self.maskset.set_mask(n, new, self.optimizer)
+        self.maskset.broadcast(optimizer=self.optimizer)
+        self.expanded = self.soft_bound and (ratio > 0 or excess > 0)
+        self.peak_active = max(self.peak_active, self._active_total())
+        self.updates += 1
+
+    def _knobs(self) -> str:
+        return f"every_epochs={self.every_epochs}, soft_bound={self.soft_bound}, mutations={self.updates}"
+
+    def state_dict(self):
+        return {**super().state_dict(), "expanded": self.expanded, "peak_active": self.peak_active}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.expanded, self.peak_active = bool(state["expanded"]), int(state["peak_active"])
+
+    def summary(self):
+        total = sum(m.numel() for m in self.maskset.masks.values())
+        return {**super().summary(), "peak_active": self.peak_active, "peak_density": self.peak_active / total}
+
+
+def mest(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, steps_per_epoch: int, epochs: int,
+    total_steps: int | None = None, distribution: str = "uniform", custom_sparsity: dict[str, float] | None = None,
+    scheme: str = "unstructured", dense_layers: Iterable[str] = ("first", "last"), every_epochs: int = 5,
+    mutation_ratio=((0.0, 0.2), (0.56, 0.1), (0.75, 0.0)), soft_bound: bool = False,
+    excess=((0.0, 0.05), (0.56, 0.025), (0.75, 0.0)), prune_lambda: float = 1.0, seed: int = 0,
+) -> MEST:
+    """MEST: every ``every_epochs`` epochs prune by |w| + ``prune_lambda``·|g| and grow at random;
+    the mutated share follows ``mutation_ratio`` by phase (elastic mutation; ``[[0, r]]`` keeps it
+    constant); ``soft_bound`` grows ``excess`` extra density first and prunes it back at the next
+    mutation. Needs ``steps_per_epoch`` and ``epochs``: it acts at epoch ends."""
+    return MEST(model, optimizer, sparsity=sparsity, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                total_steps=total_steps, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
+                dense_layers=dense_layers, every_epochs=every_epochs, mutation_ratio=mutation_ratio,
+                soft_bound=soft_bound, excess=excess, prune_lambda=prune_lambda, seed=seed)

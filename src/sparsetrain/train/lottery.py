@@ -1,0 +1,72 @@
+"""The lottery-ticket search (Frankle & Carbin, 2019): rounds of iterative magnitude pruning with rewinding.
+
+Round 0 trains the dense network. Each later round is one :func:`sparsetrain.lottery` round:
+it prunes the previous round's trained weights by magnitude to the next density on the
+geometric path to the target (density (1 - s)^(r / rounds)), rewinds the kept weights to their
+values at initialisation (or at step ``rewind_step`` of round 0) and trains again with that
+mask fixed. Each round is an ordinary run in ``OUT/roundR``: a finished round is skipped and
+an interrupted one resumes, so the whole search is resumable between (and within) rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from ..config import Config
+from ..methods.lottery import lottery, round_sparsities
+from .checkpoint import load_checkpoint, save_checkpoint
+from .trainer import CHECKPOINT_FORMAT, FINAL_MODEL, Trainer
+
+__all__ = ["lottery_ticket", "round_sparsities"]
+
+# keys of the sparsity section that shape the ticket's masks (kept for rounds > 0)
+_MASK_KEYS = ("distribution", "custom_sparsity", "scheme", "dense_layers", "global_ranking")
+
+
+def _round_config(cfg: Config, r: int, sparsity: float) -> Config:
+    d = cfg.model_dump()
+    d["run"]["out_dir"] = str(Path(cfg.run.out_dir) / f"round{r}")
+    engine = {k: d["sparsity"][k] for k in ("backend", "compact_state", "data_efficiency") if r > 0 or k == "data_efficiency"}
+    masks = {k: d["sparsity"][k] for k in _MASK_KEYS} if r > 0 else {}
+    d["sparsity"] = {"method": "dense" if r == 0 else "static", "sparsity": sparsity, **masks, **engine}
+    return Config.model_validate(d)
+
+
+def lottery_ticket(cfg: Config, datasets=None) -> dict:
+    """Run every round of the ticket search and return the final round's summary (with the search's total cost)."""
+    sc, lcfg = cfg.sparsity, cfg.sparsity.lottery
+    levels = round_sparsities(sc.sparsity, lcfg.rounds)
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    rewind_file = out / "rewind.pt"
+    summaries: list[dict] = []
+    for r, sparsity in enumerate(levels):
+        rcfg = _round_config(cfg, r, sparsity)
+        rdir = Path(rcfg.run.out_dir)
+        if (rdir / "final.json").exists():
+            summaries.append(json.loads((rdir / "final.json").read_text()))
+            continue
+        method = None
+        if r > 0:
+            trained = load_checkpoint(rdir.parent / f"round{r - 1}" / FINAL_MODEL)["model"]
+            rewind = load_checkpoint(rewind_file)["model"]
+            method = functools.partial(lottery, sparsity=sparsity, trained=trained, rewind=rewind,
+                                       **{k: getattr(sc, k) for k in _MASK_KEYS if getattr(sc, k) is not None})
+        trainer = Trainer(rcfg, datasets=datasets, method=method)
+        if r == 0:
+            if lcfg.rewind_step == 0 and not rewind_file.exists():
+                save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.model.state_dict()}, rewind_file)
+            trainer.snapshot = (lcfg.rewind_step, rewind_file) if lcfg.rewind_step else None
+        summaries.append(trainer.fit())
+    spent = sum(s["train_flops_rel"] for s in summaries)
+    final = {**summaries[-1], "method": "lottery", "rounds": lcfg.rounds, "train_flops_rel": spent,
+             "train_flops_rel_last_round": summaries[-1]["train_flops_rel"],
+             "round_sparsities": levels, "round_test_acc": [s.get("test_acc") for s in summaries]}
+    (out / "final.json").write_text(json.dumps(final, indent=2))
+    last_dir = out / f"round{lcfg.rounds}"
+    for name in ("metrics.jsonl", FINAL_MODEL):
+        (out / name).write_bytes((last_dir / name).read_bytes())
+    return final
