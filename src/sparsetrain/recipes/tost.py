@@ -280,6 +280,9 @@ class ToST:
             group = optimizer.param_groups[0]
             device = next(model.parameters()).device
             self.skips = GhostSkips(model, tuple(input_shape), device, channels_last)
+            if not len(self.skips.skips):
+                raise ValueError("ghost_skip found no pair of convolutions to bridge in this model "
+                                 "(conv1/conv2 of a block, or consecutive convolutions of a Sequential)")
             self.skip_opt = torch.optim.SGD(self.skips.parameters(), lr=group["lr"], momentum=group.get("momentum", 0.9),
                                             weight_decay=group.get("weight_decay", 0.0))
         self.on_progress(0.0)

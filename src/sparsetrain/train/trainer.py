@@ -294,6 +294,7 @@ class Trainer:
             # the schedule runs on epochs: with fewer examples (data efficiency) each step covers more of it
             virtual = epoch * self.steps_per_epoch + (self.train_loader.position - 1) * self.steps_per_epoch // steps_now
             set_lr(self.optimizer, cfg.optim.lr, lr_factor(cfg.optim, virtual, self.total_steps, self.steps_per_epoch))
+            self._refresh_densities()  # the densities this step's passes run at (last step's updates included)
             out = self.net(x)
             loss = self.recipe.loss(out, y, x, self.criterion) if self.recipe else self.criterion(out, y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -304,7 +305,6 @@ class Trainer:
             self.progress.step += 1
             if self.snapshot and self.progress.step == self.snapshot[0] and self.is_main:
                 save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict()}, self.snapshot[1])
-            self._refresh_densities()
             if self.method.took_dense_gradient:
                 extra += self._dense_gradient_flops(samples)
             self.flops.step(samples, extra)
