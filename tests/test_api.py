@@ -246,7 +246,7 @@ def test_refused_inputs_say_what_and_what_is_allowed():
         (lambda: st.swat(model, opt, sparsity=0.9, variant="x"), "unknown swat variant 'x'"),
         (lambda: st.swat(model, opt, sparsity=0.9, variant="m"), "steps_per_epoch and epochs"),
         (lambda: st.rigl(model, opt, sparsity=0.9, steps_per_epoch=4), "together"),
-        (lambda: st.rigl(model, opt, sparsity=0.9, total_steps=9, steps_per_epoch=4, epochs=2), "differs"),
+        (lambda: st.rigl(model, opt, sparsity=0.9, total_steps=9, steps_per_epoch=4, epochs=2), "exceeds"),
         (lambda: st.rigl(model, "sgd", sparsity=0.9, total_steps=9), "torch.optim.Optimizer, got str"),
         (lambda: st.tost(model, opt, soft_activation="tanh", total_steps=9), "unknown soft_activation 'tanh'"),
         (lambda: st.tost(model, opt, rescale_init="gradinit", total_steps=9), "pass batches"),

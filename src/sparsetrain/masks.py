@@ -22,6 +22,14 @@ __all__ = ["MaskSet", "LayerSparsity", "select_parameters", "random_masks"]
 SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def _sparsifiable(m: nn.Module) -> bool:
+    """Conv/Linear layers, and the ``Conv1D`` projections of Hugging Face GPT-2 style models (a Linear with
+    its weight stored transposed), recognised by name so that ``transformers`` is no dependency."""
+    if isinstance(m, SPARSIFIABLE):
+        return True
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2
+
+
 @dataclass(frozen=True)
 class LayerSparsity:
     """Kept and total weights of one layer."""
@@ -46,7 +54,7 @@ def select_parameters(model: nn.Module, dense_layers: Iterable[str] = ("first", 
     ``"*.shortcut.*"``) and the words ``first`` and ``last`` for the first and the last
     such layer (usually the stem conv and the classifier).
     """
-    found = [(f"{name}.weight" if name else "weight", m.weight) for name, m in model.named_modules() if isinstance(m, SPARSIFIABLE)]
+    found = [(f"{name}.weight" if name else "weight", m.weight) for name, m in model.named_modules() if _sparsifiable(m)]
     if not found:
         raise ValueError("the model has no Conv/Linear layers to sparsify")
     patterns = list(dense_layers)

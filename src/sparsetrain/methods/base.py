@@ -79,9 +79,9 @@ class Clock:
             raise ValueError("give steps_per_epoch and epochs together (or total_steps alone); "
                              f"got steps_per_epoch={steps_per_epoch!r}, epochs={epochs!r}")
         if steps_per_epoch is not None:
-            if total_steps is not None and total_steps != steps_per_epoch * epochs:
-                raise ValueError(f"total_steps={total_steps} differs from steps_per_epoch * epochs = {steps_per_epoch * epochs}")
-            total_steps = steps_per_epoch * epochs
+            if total_steps is not None and total_steps > steps_per_epoch * epochs:
+                raise ValueError(f"total_steps={total_steps} exceeds steps_per_epoch * epochs = {steps_per_epoch * epochs}")
+            total_steps = total_steps or steps_per_epoch * epochs  # less when training stops early (a step budget)
         return cls(total_steps, steps_per_epoch, epochs)
 
     def require_total(self, who: str) -> int:
@@ -247,6 +247,11 @@ class Sparsifier:
         self._bumps = int(state["bumps"])
         if self.maskset is not None:
             self.maskset.load_state_dict(state["masks"])
+
+    def model_state_keys(self) -> list[str]:
+        """Keys this method adds to the model's state dict and restores itself from :meth:`state_dict`
+        (integrations drop them from a framework's checkpoint, so the plain model loads it strictly)."""
+        return []
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The weights to publish: the model's state dict with masks applied (a plain architecture's keys)."""

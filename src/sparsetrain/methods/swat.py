@@ -22,11 +22,11 @@ from ..execution.swat_layers import convert, harden, swat_layers
 from ..masks import LayerSparsity, select_parameters
 from .base import Sparsifier, check_fraction
 
-__all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES"]
+__all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES", "SWAT_BUFFERS"]
 
 VARIANTS = ("u", "erk", "m", "structured")
 STRUCTURES = ("kernel", "channel_out")
-_BUFFERS = ("w_mask", "w_thresh", "a_thresh", "steps", "act_kept")
+SWAT_BUFFERS = _BUFFERS = ("w_mask", "w_thresh", "a_thresh", "steps", "act_kept")  # per layer, in its state
 
 
 class SWAT(Sparsifier):
@@ -128,6 +128,9 @@ class SWAT(Sparsifier):
     def report(self) -> list[LayerSparsity]:
         return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), int(m.current_mask().sum())) for n, m in self.layers.items()]
 
+    def model_state_keys(self) -> list[str]:
+        return [f"{n.rsplit('.', 1)[0]}.{b}" if "." in n else b for n in self.layers for b in _BUFFERS]
+
     def export_state(self) -> dict[str, torch.Tensor]:
         """The plain architecture's state dict with W_s as the weights (the hard-pruned model)."""
         state = {k: v for k, v in self.model.state_dict().items() if not k.endswith(_BUFFERS)}
@@ -142,12 +145,19 @@ class SWAT(Sparsifier):
         return f"variant={self.variant!r}, topk_period={self.period}"
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "densities": {n: m.density for n, m in self.layers.items()}}
+        """Clock, budgets, and each layer's SWAT buffers (thresholds, kept units, step counts), so the state
+        is whole even where a framework saves only the plain model's weights."""
+        buffers = {n: {b: getattr(m, b).clone() for b in _BUFFERS} for n, m in self.layers.items()}
+        return {**super().state_dict(), "densities": {n: m.density for n, m in self.layers.items()}, "buffers": buffers}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         for n, d in state["densities"].items():
             self.layers[n].density = float(d)
+        with torch.no_grad():
+            for n, bufs in state["buffers"].items():
+                for b, v in bufs.items():
+                    getattr(self.layers[n], b).copy_(v)
 
     def remove(self) -> nn.Module:
         """Hooks off, every layer pruned to its budget and turned back into a plain Conv2d/Linear."""

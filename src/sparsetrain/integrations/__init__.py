@@ -1,0 +1,47 @@
+"""Integrations with training frameworks, each an optional extra, each wrapping any sparsifier factory.
+
+* :mod:`.huggingface`: a ``transformers`` ``TrainerCallback`` (``pip install "sparsetrain[hf]"``);
+* :mod:`.lightning`: a Lightning ``Callback`` (``pip install "sparsetrain[lightning]"``).
+
+Both take a factory ``make(model, optimizer, *, total_steps, steps_per_epoch, epochs)`` returning a
+sparsifier (or a list of them, e.g. a method and the ToST recipe), build it when training starts,
+save its state with the framework's checkpoints and restore it on resume without user code.
+Importing this package imports neither framework.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Factory", "build_all", "restore_all", "snapshot"]
+
+Factory = Callable[..., object]
+
+
+def build_all(make: Factory, model: nn.Module, optimizer: torch.optim.Optimizer, **length) -> list:
+    """``make(model, optimizer, **length)`` as a list of sparsifiers (a single one or a sequence)."""
+    made = make(model, optimizer, **length)
+    return list(made) if isinstance(made, (list, tuple)) else [made]
+
+
+def restore_all(sparsifiers: Sequence, states: Sequence[dict], model: nn.Module, weights: dict) -> None:
+    """Load ``states`` into freshly built ``sparsifiers``, then put back the model ``weights`` the framework had
+    restored before the sparsifiers were built (building a method applies a new mask to them)."""
+    if len(states) != len(sparsifiers):
+        raise ValueError(f"the checkpoint holds the state of {len(states)} sparsifier(s); the factory made {len(sparsifiers)}")
+    for sp, state in zip(sparsifiers, states):
+        sp.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    owned = {k for sp in sparsifiers for k in getattr(sp, "model_state_keys", lambda: [])()}
+    if set(missing) - owned or unexpected:
+        raise ValueError(f"the restored weights do not fit the model: missing {sorted(set(missing) - owned)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
+def snapshot(model: nn.Module) -> dict:
+    """A copy of the model's weights as the framework restored them."""
+    return copy.deepcopy(model.state_dict())
