@@ -27,6 +27,7 @@ from sparsetrain.train import Trainer
 
 RESULTS_FILE = "protocol_a.jsonl"
 VALIDATION_FILE = "protocol_a_validation.jsonl"
+RERUN_FILE = "protocol_a_rerun.jsonl"  # runs repeated after a change of the engine, beside their first records
 
 # name -> (method label in the record, config overrides). Sparse runs: 90%, first conv and classifier dense.
 # MEST as in its paper's code: uniform distribution (first conv and classifier dense); it mutates every epoch here
@@ -107,12 +108,15 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="hold out this fraction of the training set and record to the validation file")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run again what is already recorded (to check a change of the engine against the records) "
+                         f"and record to {RERUN_FILE}")
     args = ap.parse_args(argv)
     if not 0.0 <= args.val_fraction < 1.0:
         ap.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     started_at = commit()  # the code that runs is the code at start, whatever lands meanwhile
-    results_file = VALIDATION_FILE if args.val_fraction else RESULTS_FILE
-    split = f"-val{round(args.val_fraction * 100)}" if args.val_fraction else ""
+    results_file = VALIDATION_FILE if args.val_fraction else RERUN_FILE if args.rerun else RESULTS_FILE
+    split = (f"-val{round(args.val_fraction * 100)}" if args.val_fraction else "") + ("-rerun" if args.rerun else "")
     records = read_records(results_file)
     done = {(r.get("run") or r["method"], r["seed"], r["epochs"], r["model"], r.get("val_fraction", 0.0)) for r in records}
     for name in args.runs:
