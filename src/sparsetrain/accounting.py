@@ -57,6 +57,7 @@ class CostModel:
     total_backward: int  # input and weight gradients of the layers, per sample
 
     def by_name(self) -> dict[str, LayerCost]:
+        """The layer costs keyed by weight name."""
         return {lc.name: lc for lc in self.layers}
 
     def forward_flops(self, weight_density: dict[str, float] | None = None) -> float:
@@ -140,6 +141,7 @@ class FlopMeter:
     _per_sample: dict[str, float] | None = None
 
     def set_densities(self, weight_density: dict[str, float] | None, grad_density: dict[str, float] | None = None) -> None:
+        """Use these weight and gradient densities for the steps that follow."""
         self._per_sample = self.costs.training_flops(weight_density, grad_density)
 
     def step(self, samples: int, extra_flops: float = 0.0) -> None:
@@ -163,9 +165,11 @@ class FlopMeter:
         return self.spent["total"] / dense if dense else 1.0
 
     def state_dict(self) -> dict:
+        """FLOPs spent so far (for checkpoints)."""
         return {"spent": dict(self.spent), "samples": self.samples}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self.spent = {k: float(v) for k, v in state["spent"].items()}
         self.samples = int(state["samples"])
 

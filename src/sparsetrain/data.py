@@ -113,6 +113,7 @@ class ArrayDataset:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "ArrayDataset":
+        """The examples at ``index``, as a new dataset."""
         return ArrayDataset(self.images[index], self.labels[index], self.classes)
 
 
@@ -486,12 +487,14 @@ class BatchLoader:
             yield self.normalize(x), self.dataset.labels[idx], idx
 
     def state_dict(self) -> dict:
+        """Epoch, position, generator and order: enough to continue the epoch exactly."""
         empty = torch.empty(0, dtype=torch.long)
         return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state(),
                 "perm": self._perm if self._perm is not None else empty,
                 "active": self.active if self.active is not None else empty}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.generator.set_state(state["generator"])
         self._perm = state["perm"] if state["perm"].numel() else None

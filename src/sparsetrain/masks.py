@@ -40,10 +40,12 @@ class LayerSparsity:
 
     @property
     def density(self) -> float:
+        """Kept share of the layer's weights."""
         return self.nonzeros / self.numel if self.numel else 1.0
 
     @property
     def sparsity(self) -> float:
+        """Zero share of the layer's weights."""
         return 1.0 - self.density
 
 
@@ -134,6 +136,7 @@ class MaskSet:
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
+        """Zero the gradient entries of masked weights."""
         for n, p in self.params.items():
             if p.grad is not None:
                 p.grad.mul_(self.masks[n])
@@ -144,26 +147,32 @@ class MaskSet:
         self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply(opt)))
 
     def detach(self) -> None:
+        """Take the step hooks off the optimizer."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
 
     # ----------------------------------------------------------------- reporting
     def layers(self) -> list[LayerSparsity]:
+        """Kept and total weights of every masked layer."""
         return [LayerSparsity(n, tuple(m.shape), m.numel(), int(m.sum())) for n, m in self.masks.items()]
 
     def densities(self) -> dict[str, float]:
+        """Kept share of each masked weight, by name."""
         return {ls.name: ls.density for ls in self.layers()}
 
     def global_sparsity(self) -> float:
+        """Share of zero weights over all masked layers."""
         total = sum(m.numel() for m in self.masks.values())
         return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
 
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
+        """The masks and their version (for checkpoints)."""
         return {"masks": {n: m.clone() for n, m in self.masks.items()}, "version": self.version}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` and apply the masks."""
         missing = set(self.masks) ^ set(state["masks"])
         if missing:
             raise ValueError(f"checkpoint masks do not match the model's sparse parameters: {sorted(missing)[:5]}")

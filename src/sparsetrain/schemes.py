@@ -52,9 +52,11 @@ class Scheme:
         """Raise ValueError if this scheme cannot shape a tensor of ``shape``."""
 
     def group(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor as rows of units (one row per removable unit)."""
         return t.reshape(-1, 1)
 
     def ungroup(self, u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Inverse of :meth:`group`: rows of units back to the tensor's shape."""
         return u.reshape(shape)
 
     def template(self, unit_scores: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,7 @@ class Scheme:
         return torch.ones_like(unit_scores, dtype=torch.bool)
 
     def units_for(self, numel: int, density: float, n_units: int) -> int:
+        """Units to keep for ``density`` of ``numel`` weights in ``n_units`` units."""
         return max(0, min(n_units, round(density * numel / self.kept_per_unit)))
 
     def mask(self, score: torch.Tensor, density: float, layer: str = "") -> torch.Tensor:

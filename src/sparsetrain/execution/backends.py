@@ -83,9 +83,11 @@ class CSRStructure:
         return cls((rows, cols), idx, crow, c, crow_t, r[order_t], order_t)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """The sparse weight as a CSR matrix with ``values`` at the kept positions."""
         return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        """The transposed sparse weight as a CSR matrix (for the input gradient)."""
         return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1], check_invariants=False)
 
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,11 @@ class CompactConv2d(SparseConv2d):
         return direct_conv2d(x, self.values, self.bias, self.compact, self.stride, self.padding, self.dilation)
 
     def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense tensor (zeros where masked)."""
         return self.weight
 
     def dense_grad(self) -> torch.Tensor | None:
+        """The gradient of the kept weights as a dense tensor, or None before any backward."""
         return None if self.values.grad is None else self.compact.dense(self.values.grad)
 
     @torch.no_grad()

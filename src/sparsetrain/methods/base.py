@@ -85,11 +85,13 @@ class Clock:
         return cls(total_steps, steps_per_epoch, epochs)
 
     def require_total(self, who: str) -> int:
+        """The total steps, or a ValueError saying that ``who`` needs them."""
         if self.total_steps is None:
             raise ValueError(f"{who} schedules its updates over training: give total_steps (or steps_per_epoch and epochs)")
         return self.total_steps
 
     def require_epochs(self, who: str) -> tuple[int, int]:
+        """Steps per epoch and epochs, or a ValueError saying that ``who`` needs them."""
         if self.steps_per_epoch is None:
             raise ValueError(f"{who} acts at epoch ends: give steps_per_epoch and epochs")
         return self.steps_per_epoch, self.epochs
@@ -105,9 +107,11 @@ class Clock:
         return False
 
     def state_dict(self) -> dict:
+        """The clock's counters (for checkpoints)."""
         return dict(self.__dict__)
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the counters of :meth:`state_dict`."""
         for k in ("step", "epoch", "epoch_step", "steps_per_epoch"):
             setattr(self, k, state[k])
 

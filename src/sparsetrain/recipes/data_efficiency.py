@@ -72,10 +72,12 @@ class ForgettingTracker:
         return keep.nonzero().squeeze(1)
 
     def state_dict(self) -> dict:
+        """The statistics so far (for checkpoints)."""
         return {"last_correct": self.last_correct, "forgets": self.forgets, "learned": self.learned,
                 "removed": self.removed, "seen": self._seen, "correct": self._correct}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self.last_correct, self.forgets, self.learned = state["last_correct"], state["forgets"], state["learned"]
         self.removed, self._seen, self._correct = state["removed"], state["seen"], state["correct"]
 
@@ -161,9 +163,11 @@ class DataEfficiency:
         return self.tracker.removed
 
     def state_dict(self) -> dict:
+        """Statistics, epoch and kept examples (for checkpoints)."""
         return {"tracker": self.tracker.state_dict(), "epoch": self.epoch, "kept": self.sampler.kept}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self.tracker.load_state_dict(state["tracker"])
         self.epoch = int(state["epoch"])
         self.sampler.kept = state["kept"]

@@ -137,9 +137,11 @@ class GhostSkips:
         self.hooks += [c1.register_forward_pre_hook(keep_input), c2.register_forward_hook(add_skip)]
 
     def parameters(self):
+        """The ghost skips' parameters (for their own optimizer)."""
         return self.skips.parameters()
 
     def remove(self) -> None:
+        """Take the skips off the model for good."""
         for h in self.hooks:
             h.remove()
         self.hooks.clear()

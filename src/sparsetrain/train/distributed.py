@@ -20,6 +20,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """True when more than one process trains."""
         return self.world_size > 1
 
 
@@ -34,15 +35,18 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def is_main() -> bool:
+    """True on rank 0 (or without a process group)."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def shutdown() -> None:
+    """Destroy the process group if one was made here."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

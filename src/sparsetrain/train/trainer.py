@@ -207,6 +207,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
+        """Everything a resumed run needs: model, optimizer, method, recipe, data position, RNG, accounting."""
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
@@ -222,6 +223,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (method and recipe first, then the weights into their layout)."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not this version's ({CHECKPOINT_FORMAT}); "
                              "start the run in a new directory")
@@ -246,6 +248,7 @@ class Trainer:
         self.progress = _Progress(int(p["epoch"]), int(p["step"]), float(p["elapsed"]))
 
     def save(self) -> None:
+        """Write the checkpoint (rank 0) and wait for every rank."""
         if self.is_main:
             save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
         barrier()
