@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
             optimizer.step()                                              # RigL's updates happen in here
         print(f"epoch {epoch + 1}: loss {loss.item():.3f}, sparsity {sp.sparsity():.3f}")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sparsity": sp.state_dict()},
-               "/tmp/custom_loop.pt")                                     # resume: build the three again, load sparsity first
+               "custom_loop.pt")                                          # resume: build the three again, load sparsity first
     plain = sp.remove()                                                   # hooks gone, masks applied: a plain nn.Module
     return {"loss": loss.item(), "sparsity": sp.sparsity(), "updates": sp.updates, "model": plain}
 

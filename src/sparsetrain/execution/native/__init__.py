@@ -2,9 +2,10 @@
 
 SWAT saves each layer input as a bitmask plus the kept values, and the bit-packed ReLU
 saves one bit per element. In numpy that is several single-threaded passes (abs, compare,
-boolean gather, zero fill, boolean scatter); the kernels in ``kernels.c`` do each side in
+boolean gather, zero fill, boolean scatter); the kernels in ``compressed.c`` do each side in
 one multi-threaded pass, which is what keeps SWAT's step time near the dense one. The
-same file holds the direct sparse convolution of the ``direct`` execution backend.
+direct sparse convolution of the ``direct`` execution backend is in ``direct_conv.c``; both
+families share ``parallel.h`` and build into one library.
 
 The library is compiled with the system C compiler (``$CC``, else ``cc``), tuned for the
 CPU at hand (-march=native), into the cache directory ($SPARSETRAIN_CACHE, else
@@ -31,7 +32,10 @@ import torch
 __all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
            "sparse_conv_backward_input", "sparse_conv_backward_weight", "library_path"]
 
-_SOURCE = Path(__file__).with_name("kernels.c")
+_DIR = Path(__file__).parent
+# one library, its sources split by family: compressed activations, direct convolution
+_SOURCES = [_DIR / "compressed.c", _DIR / "direct_conv.c"]
+_HEADERS = [_DIR / "parallel.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -80,7 +84,7 @@ def library_path() -> Path:
     from ...data import default_cache_dir
 
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha1(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + " ".join([cc, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
     return default_cache_dir() / "native" / f"sparsetrain_kernels-{key}.so"
 
 
@@ -96,7 +100,7 @@ def _build(target: Path, portable: bool = False) -> None:
     try:
         portable_flags = [f for f in _FLAGS if not f.startswith("-march")]
         for flags in ([portable_flags] if portable else [_FLAGS, portable_flags]):
-            done = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            done = subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
             if done.returncode == 0:
                 break
         else:

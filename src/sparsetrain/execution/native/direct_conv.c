@@ -1,0 +1,262 @@
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "parallel.h"
+
+/* ---- direct sparse convolution (NCHW, float32, groups 1) ----
+ * A weight W[Cout, Cin, KH, KW] with nnz kept entries is given as lists in output-channel order
+ * (co_ptr[Cout + 1]; ci, kh, kw, value per entry) and, for the input gradient, the same entries
+ * in input-channel order (ci_ptr[Cin + 1]; co_t, kh_t, kw_t, vidx_t indexing the values). Every
+ * kept weight costs one shifted multiply-add over an output plane, so the work is nnz * N * Ho * Wo
+ * multiply-adds: the sparse FLOP count, with no unfolded copy of the input. */
+struct conv_geom {
+    int64_t n, cin, h, w, cout, ho, wo;
+    int sh, sw, ph, pw, dh, dw;
+};
+
+/* output positions o in [lo, hi) whose input position o * s + k * d - p lies in [0, size) */
+static inline void valid_range(int64_t out_size, int64_t in_size, int s, int k, int d, int p, int64_t *lo, int64_t *hi) {
+    int64_t off = (int64_t)k * d - p;  /* input = o * s + off */
+    int64_t a = off >= 0 ? 0 : (-off + s - 1) / s;
+    int64_t b = in_size - off <= 0 ? 0 : (in_size - off + s - 1) / s;
+    if (b > out_size) b = out_size;
+    *lo = a;
+    *hi = b > a ? b : a;
+}
+
+/* geom: N, Cin, H, W, Cout, Ho, Wo, stride h/w, padding h/w, dilation h/w */
+static struct conv_geom read_geom(const int64_t *geom) {
+    struct conv_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
+                          (int)geom[7], (int)geom[8], (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12]};
+    return g;
+}
+
+/* Where kept weight (kh, kw) acts: output rows [oh0, oh1) and columns [ow0, ow1) whose input lies inside
+ * the image, and the input offset (input = output * stride + off) along each axis. */
+struct window { int64_t oh0, oh1, ow0, ow1, offh, offw; };
+
+static inline struct window entry_window(const struct conv_geom *g, int kh, int kw) {
+    struct window w;
+    valid_range(g->ho, g->h, g->sh, kh, g->dh, g->ph, &w.oh0, &w.oh1);
+    valid_range(g->wo, g->w, g->sw, kw, g->dw, g->pw, &w.ow0, &w.ow1);
+    w.offh = (int64_t)kh * g->dh - g->ph;
+    w.offw = (int64_t)kw * g->dw - g->pw;
+    return w;
+}
+
+struct conv_fwd_args {
+    const struct conv_geom *g; const float *x; const float *values; const float *bias;
+    const int64_t *co_ptr; const int32_t *ci; const int16_t *kh; const int16_t *kw; float *out;
+};
+
+static void conv_fwd_item(void *p, int64_t item) {
+    const struct conv_fwd_args *a = (const struct conv_fwd_args *)p;
+    const struct conv_geom *g = a->g;
+    int64_t n = item / g->cout, co = item % g->cout;
+    float *restrict out = a->out + item * g->ho * g->wo;
+    float b0 = a->bias ? a->bias[co] : 0.0f;
+    for (int64_t i = 0; i < g->ho * g->wo; i++) out[i] = b0;
+    for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
+        const float w = a->values[e];
+        const float *restrict src = a->x + (n * g->cin + a->ci[e]) * g->h * g->w;
+        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
+        for (int64_t oh = oh0; oh < oh1; oh++) {
+            float *restrict orow = out + oh * g->wo;
+            const float *restrict irow = src + (oh * g->sh + offh) * g->w + offw;
+            if (g->sw == 1) for (int64_t ow = ow0; ow < ow1; ow++) orow[ow] += w * irow[ow];
+            else for (int64_t ow = ow0; ow < ow1; ow++) orow[ow] += w * irow[ow * g->sw];
+        }
+    }
+}
+
+void sparse_conv_forward(const int64_t *geom, const float *x, const float *values, const float *bias,
+                         const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
+                         float *out, int nthreads) {
+    struct conv_geom g = read_geom(geom);
+    struct conv_fwd_args a = {&g, x, values, bias, co_ptr, ci, kh, kw, out};
+    parallel_chunks(conv_fwd_item, &a, g.n * g.cout, nthreads);
+}
+
+struct conv_bwd_in_args {
+    const struct conv_geom *g; const float *grad; const float *values;
+    const int64_t *ci_ptr; const int32_t *co; const int16_t *kh; const int16_t *kw; const int64_t *vidx; float *gx;
+};
+
+static void conv_bwd_in_item(void *p, int64_t item) {
+    const struct conv_bwd_in_args *a = (const struct conv_bwd_in_args *)p;
+    const struct conv_geom *g = a->g;
+    int64_t n = item / g->cin, ci = item % g->cin;
+    float *restrict gx = a->gx + item * g->h * g->w;
+    for (int64_t i = 0; i < g->h * g->w; i++) gx[i] = 0.0f;
+    for (int64_t e = a->ci_ptr[ci]; e < a->ci_ptr[ci + 1]; e++) {
+        const float w = a->values[a->vidx[e]];
+        const float *restrict gsrc = a->grad + (n * g->cout + a->co[e]) * g->ho * g->wo;
+        const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+        const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
+        for (int64_t oh = oh0; oh < oh1; oh++) {
+            const float *restrict grow = gsrc + oh * g->wo;
+            float *restrict xrow = gx + (oh * g->sh + offh) * g->w + offw;
+            if (g->sw == 1) for (int64_t ow = ow0; ow < ow1; ow++) xrow[ow] += w * grow[ow];
+            else for (int64_t ow = ow0; ow < ow1; ow++) xrow[ow * g->sw] += w * grow[ow];
+        }
+    }
+}
+
+void sparse_conv_backward_input(const int64_t *geom, const float *grad, const float *values,
+                                const int64_t *ci_ptr, const int32_t *co, const int16_t *kh, const int16_t *kw,
+                                const int64_t *vidx, float *gx, int nthreads) {
+    struct conv_geom g = read_geom(geom);
+    struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
+    parallel_chunks(conv_bwd_in_item, &a, g.n * g.cin, nthreads);
+}
+
+/* sum of a[i] * b[i * stride]; reassociated (eight running sums) so that it vectorises */
+__attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math")))
+static float dot_f32(const float *restrict a, const float *restrict b, int64_t len, int stride) {
+    float acc = 0.0f;
+    if (stride == 1) for (int64_t i = 0; i < len; i++) acc += a[i] * b[i];
+    else for (int64_t i = 0; i < len; i++) acc += a[i] * b[i * stride];
+    return acc;
+}
+
+struct conv_bwd_w_args {
+    const struct conv_geom *g; const float *x; const float *grad;
+    const int64_t *co_ptr; const int32_t *ci; const int16_t *kh; const int16_t *kw; float *partial; int parts;
+};
+
+/* Part t of the batch (whole images, so an image's planes stay in cache): for every kept entry,
+ * the sum over the part's images of (output-gradient plane) . (shifted input plane), into partial[t]. */
+static void conv_bwd_w_part(void *p, int64_t t) {
+    const struct conv_bwd_w_args *a = (const struct conv_bwd_w_args *)p;
+    const struct conv_geom *g = a->g;
+    int64_t nnz = a->co_ptr[g->cout];
+    float *restrict gw = a->partial + t * nnz;
+    for (int64_t e = 0; e < nnz; e++) gw[e] = 0.0f;
+    int64_t n0 = g->n * t / a->parts, n1 = g->n * (t + 1) / a->parts;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t co = 0; co < g->cout; co++) {
+            const float *restrict gplane = a->grad + (n * g->cout + co) * g->ho * g->wo;
+            for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
+                const float *restrict src = a->x + (n * g->cin + a->ci[e]) * g->h * g->w;
+                const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+                const int64_t oh0 = wd.oh0, oh1 = wd.oh1, ow0 = wd.ow0, ow1 = wd.ow1, offh = wd.offh, offw = wd.offw;
+                float acc = 0.0f;
+                for (int64_t oh = oh0; oh < oh1; oh++)
+                    acc += dot_f32(gplane + oh * g->wo + ow0, src + (oh * g->sh + offh) * g->w + offw + ow0 * g->sw,
+                                   ow1 - ow0, g->sw);
+                gw[e] += acc;
+            }
+        }
+    }
+}
+
+/* partial[parts, nnz]: the weight gradient at the kept entries, one row per part of the batch (sum them) */
+void sparse_conv_backward_weight(const int64_t *geom, const float *x, const float *grad,
+                                 const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
+                                 float *partial, int parts, int nthreads) {
+    struct conv_geom g = read_geom(geom);
+    struct conv_bwd_w_args a = {&g, x, grad, co_ptr, ci, kh, kw, partial, parts};
+    parallel_chunks(conv_bwd_w_part, &a, parts, nthreads);
+}
+
+/* ---- the same three products with the batch innermost: tensors laid out [C, H, W, N] ----
+ * For small feature maps a plane row is too short to vectorise; with the batch innermost every
+ * kept weight and output position is one multiply-add over N contiguous values. */
+static inline void axpy_f32(float *restrict y, float a, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* output rows per block: about 16 KB of one output plane ([rows, Wo, N] floats) */
+static inline int64_t row_block(const struct conv_geom *g) {
+    int64_t rows = 4096 / (g->wo * g->n);
+    return rows > 0 ? rows : 1;
+}
+
+static void conv_fwd_bi_item(void *p, int64_t co) {
+    const struct conv_fwd_args *a = (const struct conv_fwd_args *)p;
+    const struct conv_geom *g = a->g;
+    const int64_t N = g->n, plane = g->ho * g->wo * N;
+    float *restrict out = a->out + co * plane;
+    float b0 = a->bias ? a->bias[co] : 0.0f;
+    for (int64_t i = 0; i < plane; i++) out[i] = b0;
+    const int64_t rows = row_block(g);
+    for (int64_t r0 = 0; r0 < g->ho; r0 += rows)  /* a block of output rows stays in L1 through every kept weight */
+        for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
+            const float w = a->values[e];
+            const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
+            const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+            const int64_t oh1 = wd.oh1 < r0 + rows ? wd.oh1 : r0 + rows;
+            for (int64_t oh = wd.oh0 > r0 ? wd.oh0 : r0; oh < oh1; oh++)
+                for (int64_t ow = wd.ow0; ow < wd.ow1; ow++)
+                    axpy_f32(out + (oh * g->wo + ow) * N, w,
+                             src + ((oh * g->sh + wd.offh) * g->w + ow * g->sw + wd.offw) * N, N);
+        }
+}
+
+void sparse_conv_forward_bi(const int64_t *geom, const float *x, const float *values, const float *bias,
+                            const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
+                            float *out, int nthreads) {
+    struct conv_geom g = read_geom(geom);
+    struct conv_fwd_args a = {&g, x, values, bias, co_ptr, ci, kh, kw, out};
+    parallel_chunks(conv_fwd_bi_item, &a, g.cout, nthreads);
+}
+
+static void conv_bwd_in_bi_item(void *p, int64_t ci) {
+    const struct conv_bwd_in_args *a = (const struct conv_bwd_in_args *)p;
+    const struct conv_geom *g = a->g;
+    const int64_t N = g->n, plane = g->h * g->w * N;
+    float *restrict gx = a->gx + ci * plane;
+    for (int64_t i = 0; i < plane; i++) gx[i] = 0.0f;
+    const int64_t rows = row_block(g);
+    for (int64_t r0 = 0; r0 < g->ho; r0 += rows)  /* the gradient rows written stay in cache through every kept weight */
+        for (int64_t e = a->ci_ptr[ci]; e < a->ci_ptr[ci + 1]; e++) {
+            const float w = a->values[a->vidx[e]];
+            const float *restrict gsrc = a->grad + (int64_t)a->co[e] * g->ho * g->wo * N;
+            const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+            const int64_t oh1 = wd.oh1 < r0 + rows ? wd.oh1 : r0 + rows;
+            for (int64_t oh = wd.oh0 > r0 ? wd.oh0 : r0; oh < oh1; oh++)
+                for (int64_t ow = wd.ow0; ow < wd.ow1; ow++)
+                    axpy_f32(gx + ((oh * g->sh + wd.offh) * g->w + ow * g->sw + wd.offw) * N, w,
+                             gsrc + (oh * g->wo + ow) * N, N);
+        }
+}
+
+void sparse_conv_backward_input_bi(const int64_t *geom, const float *grad, const float *values,
+                                   const int64_t *ci_ptr, const int32_t *co, const int16_t *kh, const int16_t *kw,
+                                   const int64_t *vidx, float *gx, int nthreads) {
+    struct conv_geom g = read_geom(geom);
+    struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
+    parallel_chunks(conv_bwd_in_bi_item, &a, g.cin, nthreads);
+}
+
+static void conv_bwd_w_bi_item(void *p, int64_t co) {
+    const struct conv_bwd_w_args *a = (const struct conv_bwd_w_args *)p;
+    const struct conv_geom *g = a->g;
+    const int64_t N = g->n;
+    const float *restrict gplane = a->grad + co * g->ho * g->wo * N;
+    for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) a->partial[e] = 0.0f;
+    const int64_t rows = row_block(g);
+    for (int64_t r0 = 0; r0 < g->ho; r0 += rows)  /* a block of gradient rows stays in L1 through every kept weight */
+        for (int64_t e = a->co_ptr[co]; e < a->co_ptr[co + 1]; e++) {
+            const float *restrict src = a->x + (int64_t)a->ci[e] * g->h * g->w * N;
+            const struct window wd = entry_window(g, a->kh[e], a->kw[e]);
+            const int64_t oh1 = wd.oh1 < r0 + rows ? wd.oh1 : r0 + rows;
+            float acc = 0.0f;
+            for (int64_t oh = wd.oh0 > r0 ? wd.oh0 : r0; oh < oh1; oh++)
+                for (int64_t ow = wd.ow0; ow < wd.ow1; ow++)
+                    acc += dot_f32(gplane + (oh * g->wo + ow) * N,
+                                   src + ((oh * g->sh + wd.offh) * g->w + ow * g->sw + wd.offw) * N, N, 1);
+            a->partial[e] += acc;
+        }
+}
+
+/* gw[nnz]: the weight gradient at the kept entries (in output-channel order) */
+void sparse_conv_backward_weight_bi(const int64_t *geom, const float *x, const float *grad,
+                                    const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
+                                    float *gw, int nthreads) {
+    struct conv_geom g = read_geom(geom);
+    struct conv_bwd_w_args a = {&g, x, grad, co_ptr, ci, kh, kw, gw, 1};
+    parallel_chunks(conv_bwd_w_bi_item, &a, g.cout, nthreads);
+}

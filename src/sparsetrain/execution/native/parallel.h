@@ -1,0 +1,44 @@
+/* Shared by the kernel families: a chunked parallel-for on plain pthreads (no OpenMP runtime beside
+ * PyTorch's own). Each .c file includes this; the functions are static, so each gets its own copy. */
+#ifndef SPARSETRAIN_PARALLEL_H
+#define SPARSETRAIN_PARALLEL_H
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#define CHUNK 65536
+#define MAX_THREADS 64
+
+typedef void (*chunk_fn)(void *args, int64_t chunk);
+
+struct job { chunk_fn fn; void *args; int64_t nchunks; int stride; int first; };
+
+static void *run_job(void *p) {
+    struct job *j = (struct job *)p;
+    for (int64_t c = j->first; c < j->nchunks; c += j->stride) j->fn(j->args, c);
+    return 0;
+}
+
+/* fn(args, c) for every chunk c, on up to nthreads threads (the caller's thread is one of them). */
+static void parallel_chunks(chunk_fn fn, void *args, int64_t nchunks, int nthreads) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > nchunks) nthreads = (int)nchunks;
+    if (nthreads < 1) nthreads = 1;
+    pthread_t tid[MAX_THREADS];
+    struct job jobs[MAX_THREADS];
+    int started = 0;
+    for (int t = 0; t < nthreads; t++) jobs[t] = (struct job){fn, args, nchunks, nthreads, t};
+    for (int t = 1; t < nthreads; t++) {
+        if (pthread_create(&tid[t], 0, run_job, &jobs[t]) != 0) break;
+        started = t;
+    }
+    /* chunks of threads that failed to start run here */
+    for (int t = started + 1; t < nthreads; t++) run_job(&jobs[t]);
+    run_job(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(tid[t], 0);
+}
+
+static inline int64_t chunk_end(int64_t c, int64_t n) { int64_t e = (c + 1) * CHUNK; return e < n ? e : n; }
+
+#endif
