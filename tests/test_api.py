@@ -2,6 +2,7 @@
 objects (bit-identical), exact resume of a killed loop, export, and the messages of refused inputs."""
 
 import copy
+import json
 import dataclasses
 import functools
 import io
@@ -329,3 +330,32 @@ def test_data_efficiency_skips_removed_examples_in_any_data_loader(data):
     assert len(later) == 2 * 192 and not set(later.tolist()) & set(de.removed.tolist())
     assert sp.clock.step == 8 + 6 + 6 and sp.clock.epoch == 3  # MEST stayed on epochs: one mutation per epoch
     assert sp.updates == 2
+
+
+def test_the_trainer_takes_any_dataset_and_loss_and_resumes_exactly(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from conftest import full_and_resumed
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(160, 1, 28, 28, generator=g), torch.randint(0, 10, (160,), generator=g)
+    x[torch.arange(160), 0, y, y] += 5
+    datasets = {"train": TensorDataset(x[:128], y[:128]), "test": TensorDataset(x[128:], y[128:])}
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(1)
+        return F.cross_entropy(out, target, label_smoothing=0.05)
+
+    def make(out):
+        torch.manual_seed(0)
+        cfg = _trainer_config(out, ["sparsity.method=rigl", "sparsity.sparsity=0.8", "sparsity.update_every_steps=3",
+                                    "run.checkpoint_every_steps=3", "data.val_fraction=0.25"])
+        return Trainer(cfg, model=UserNet(), datasets=datasets, loss_fn=loss_fn)
+
+    full, resumed = full_and_resumed(make, tmp_path, 5)
+    assert calls and full.method.updates > 0
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    summary = json.loads((tmp_path / "full" / "final.json").read_text())
+    assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and "val_acc" in summary

@@ -105,7 +105,21 @@ class Trainer:
                               "or pass method=partial(sparsetrain.lottery, ...) for one round")
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
-        # 1. runtime: threads, device, process group, the global seed (model initialisation)
+        self._explicit_loss = loss_fn is not None
+        # The set-up order is part of the engine's meaning: each stage uses what the ones before made.
+        self._setup_runtime()              # threads, device, process group, the global seed (model initialisation)
+        self._setup_data(datasets)         # splits and resumable loaders; the length of an epoch
+        self._setup_model(model, loss_fn)  # model on its device and layout, optimizer, loss
+        self.method: Sparsifier = self._build_method(method)  # the same factory a user calls
+        self._setup_accounting()           # FLOP costs of the model as the method made it, before execution swaps layers
+        self._setup_execution()            # backends time layers on real batches (after the FLOP count's batch of 2)
+        self.recipe: ToST | None = self._build_recipe()  # after the FLOP count: ghost skips are accounted apart
+        self._setup_compact_state()        # last of the model changes: the recipe's rescaling writes dense weights
+        self._setup_parallel()             # data efficiency, the DDP wrapper, progress
+        self.snapshot: tuple[int, Path] | None = None  # (step, file): save the weights once at that step (lottery rewinding)
+
+    def _setup_runtime(self) -> None:
+        cfg = self.cfg
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = pick_device(cfg.run.device)
@@ -114,34 +128,32 @@ class Trainer:
             self.device = pick_device("cuda", self.dist.local_rank)
         torch.manual_seed(cfg.run.seed)
         self.is_main = self.dist.rank == 0
-        # 2. data: splits and resumable loaders
-        self._setup_data(datasets)
-        # 3. model, on its device and in its layout
+
+    def _setup_model(self, model: nn.Module | None, loss_fn) -> None:
+        cfg = self.cfg
         self.model = model if model is not None else build_model(cfg.model.name, self.info.num_classes, cfg.model.width)
         self.model.to(self.device)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        # 4. optimizer and loss
         self.optimizer = build_optimizer(self.model, cfg.optim)
         smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
         self.criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss(label_smoothing=smoothing)
-        # 5. method: the same factory a user calls, on the same contract
-        self.steps_per_epoch = len(self.train_loader)  # on the full training set; the LR schedule counts in these
-        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
-        self.method: Sparsifier = self._build_method(method)
-        # 6. accounting, on the model as the method made it (before execution swaps layers)
+
+    def _setup_accounting(self) -> None:
         self.flops = FlopMeter(measure_layer_costs(self.model, self.input_shape, self.device))
         self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
         self._densities_at = self.method.version
-        # 7. execution: backends time layers on real batches, after the FLOP count (which runs a batch of 2)
-        backend = cfg.sparsity.backend
+
+    def _setup_execution(self) -> None:
+        backend = self.cfg.sparsity.backend
         self.backend_layers = apply_backend(self.model, self.method.maskset, backend) if backend != "masked" else {}
-        # 8. recipe, after the FLOP count: ghost skips are accounted apart, as extra work while they live
-        self.recipe: ToST | None = self._build_recipe()
-        # 9. compact state last: the recipe's rescaling writes the dense weights
-        if cfg.sparsity.compact_state:
+
+    def _setup_compact_state(self) -> None:
+        if self.cfg.sparsity.compact_state:
             compact_layers(self.backend_layers, self.method.maskset, self.optimizer)
-        # 10. data efficiency and the data-parallel wrapper
+
+    def _setup_parallel(self) -> None:
+        cfg = self.cfg
         de = cfg.sparsity.data_efficiency
         self.forgetting = ForgettingTracker(len(self.train_set), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
         self.net = self.model
@@ -150,7 +162,6 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.progress = _Progress()
-        self.snapshot: tuple[int, Path] | None = None  # (step, file): save the weights once at that step (lottery rewinding)
 
     def _setup_data(self, datasets: dict | None) -> None:
         cfg = self.cfg
@@ -172,6 +183,8 @@ class Trainer:
         )
         self.test_loader = BatchLoader(splits["test"], self.info, cfg.run.eval_batch_size, train=False, channels_last=cl)
         self.input_shape = tuple(train.images.shape[1:]) if hasattr(train, "images") else tuple(torch.as_tensor(train[0][0]).shape)
+        self.steps_per_epoch = len(self.train_loader)  # on the full training set; the LR schedule counts in these
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
 
     def _build_method(self, factory: MethodFactory | None) -> Sparsifier:
         """The configured method through its factory (or the given one), with the length of training."""
@@ -372,10 +385,11 @@ class Trainer:
             if self.is_main:
                 (self.out / "removed_examples.json").write_text(json.dumps(self.forgetting.removed.tolist()))
         record = {"epoch": self.progress.epoch, "step": self.progress.step, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
-        test = evaluate(self.model, self.test_loader, self.device)
+        eval_loss = self.criterion if self._explicit_loss else None  # a loss of the user's; else plain cross-entropy
+        test = evaluate(self.model, self.test_loader, self.device, eval_loss)
         record.update(test_loss=test["loss"], test_acc=test["acc"])
         if self.val_loader is not None:
-            val = evaluate(self.model, self.val_loader, self.device)
+            val = evaluate(self.model, self.val_loader, self.device, eval_loss)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
         record.update(
             sparsity=self.method.sparsity(),
