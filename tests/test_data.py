@@ -79,6 +79,7 @@ def test_cifar_download_from_local_server_verifies_checksum(http_server, tmp_pat
     archive = make_cifar_archive(root / "cifar-10-python.tar.gz")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     monkeypatch.setitem(D.CIFAR_ARCHIVES, "cifar10", (url + "/cifar-10-python.tar.gz", md5))
+    monkeypatch.setitem(D.SPLIT_SIZES, "cifar10", (100, 20))  # the miniature's split sizes
     splits = load_dataset("cifar10", tmp_path / "data")
     assert splits["train"].images.shape == (100, 3, 32, 32)
     assert splits["test"].images.shape == (20, 3, 32, 32)
@@ -110,7 +111,8 @@ def _idx(arr: np.ndarray) -> bytes:
     return struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
 
 
-def test_mnist_idx_gz_and_raw(tmp_path):
+def test_mnist_idx_gz_and_raw(tmp_path, monkeypatch):
+    monkeypatch.setitem(D.SPLIT_SIZES, "fashion-mnist", (30, 10))  # the miniature's split sizes
     rng = np.random.default_rng(0)
     for prefix, n, compress in (("train", 30, True), ("t10k", 10, False)):
         x, y = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)

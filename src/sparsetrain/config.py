@@ -298,7 +298,11 @@ class RunConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = Field(0, ge=0, description="torch threads; 0 keeps torch's default")
-    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps; 0: end of epoch only")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps; 0: by time only")
+    checkpoint_every_seconds: float = Field(300.0, ge=0, description="also checkpoint mid-epoch when this many seconds of "
+                                                                     "training passed since the last save; 0: off")
+    resume_with_changes: bool = Field(False, description="resume although the schedule keys (optim.epochs, optim.lr, ...) "
+                                                         "changed; the changes are recorded in final.json")
     progress: bool = True
     eval_batch_size: int = Field(500, gt=0)
 

@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,8 @@ IDX_FILES = {
         },
     ),
 }
+# Sizes of the official splits; the official formats (CIFAR python archives, IDX files) are checked against them.
+SPLIT_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "mnist": (60000, 10000), "fashion-mnist": (60000, 10000)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = 1
 
@@ -158,10 +161,35 @@ def download(url: str, dest: Path, md5: str | None, timeout: float = 60.0) -> Pa
 # --------------------------------------------------------------------------- decoders
 
 
-def _decode_image(data: bytes, channels: int) -> np.ndarray:
-    from PIL import Image
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, lists, dicts, strings and bytes and nothing else: a crafted
+    archive cannot name a function to call (``os.system`` and friends are refused before anything runs)."""
 
-    img = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only arrays, lists, dicts, strings and bytes")
+
+
+def safe_unpickle(stream, where: str):
+    """Unpickle ``stream`` with :class:`_ArraysOnly`; any failure is a DatasetError naming ``where``."""
+    try:
+        return _ArraysOnly(stream, encoding="bytes").load()
+    except Exception as e:  # UnpicklingError, EOFError, ValueError... all mean: not data we can trust
+        raise DatasetError(f"{where}: not a data pickle ({type(e).__name__}: {e})") from None
+
+
+def _decode_image(data: bytes, channels: int, where: str = "image") -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DatasetError(f"{where}: not a readable image ({e})") from None
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -177,8 +205,9 @@ def _from_files(files: list[tuple[str, str, str, bytes | Path]], channels: int) 
         if not items:
             raise DatasetError(f"no images in the '{split}' split (expected ROOT/{split}/<class>/*.png|jpg)")
         imgs = [
-            _decode_image(content if isinstance(content, bytes) else Path(content).read_bytes(), channels)
-            for _, _, content in items
+            _decode_image(content if isinstance(content, bytes) else Path(content).read_bytes(), channels,
+                          f"{split}/{c}/{name}" if isinstance(content, bytes) else str(content))
+            for c, name, content in items
         ]
         shapes = {a.shape for a in imgs}
         if len(shapes) != 1:
@@ -196,15 +225,48 @@ def _split_and_class(parts: list[str]) -> tuple[str, str, str] | None:
     return None
 
 
+def _open_tar(path: Path) -> tarfile.TarFile:
+    """Open a tar archive; a file that is none is a DatasetError naming it. An uncompressed tar must end with
+    its end-of-archive blocks: one cut at a member boundary would otherwise read as a smaller dataset."""
+    try:
+        tar = tarfile.open(path)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DatasetError(f"{path}: not a readable tar archive ({e})") from None
+    if tar.fileobj is not None and not str(path).endswith((".gz", ".tgz", ".bz2", ".xz")):
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            f.seek(max(size - 1024, 0))
+            tail = f.read()
+        if size < 1024 or tail.count(0) != len(tail):
+            tar.close()
+            raise DatasetError(f"{path}: truncated tar archive (no end-of-archive marker); copy it again")
+    return tar
+
+
+def _members(tar: tarfile.TarFile, path: Path):
+    """The members of ``tar``; a truncated or corrupt archive is a DatasetError naming the file."""
+    try:
+        yield from tar
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {e})") from None
+
+
+def _read_member(tar: tarfile.TarFile, m: tarfile.TarInfo, path: Path) -> bytes:
+    try:
+        return tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}:{m.name}: truncated or corrupt member ({type(e).__name__}: {e})") from None
+
+
 def read_image_folder(root: Path, channels: int = 3) -> dict[str, ArrayDataset]:
     """Read ``ROOT/{train,test}/<class>/*`` (a directory, or a .tar of one)."""
     root = Path(root)
     files: list[tuple[str, str, str, bytes | Path]] = []
-    if root.is_file() and tarfile.is_tarfile(root):
-        with tarfile.open(root) as tar:
-            for m in tar:
+    if root.is_file() and (root.suffix in (".tar", ".gz", ".tgz") or tarfile.is_tarfile(root)):
+        with _open_tar(root) as tar:
+            for m in _members(tar, root):
                 if m.isfile() and (sc := _split_and_class(m.name.split("/"))):
-                    files.append((*sc, tar.extractfile(m).read()))
+                    files.append((*sc, _read_member(tar, m, root)))
     elif root.is_dir():
         for p in root.rglob("*"):
             if p.is_file() and (sc := _split_and_class(list(p.parts))):
@@ -219,18 +281,18 @@ def read_cifar_archive(archive: Path, name: str) -> dict[str, ArrayDataset]:
     label_key = b"labels" if name == "cifar10" else b"fine_labels"
     batches = {"train": [], "test": []}
     classes: list[str] = []
-    with tarfile.open(archive) as tar:
-        for m in tar:
+    with _open_tar(archive) as tar:
+        for m in _members(tar, archive):
             if not m.isfile():
                 continue
             base = m.name.split("/")[-1]
             split = "train" if base.startswith("data_batch") or base == "train" else "test" if base in ("test_batch", "test") else None
             if base in ("batches.meta", "meta"):
-                meta = pickle.load(tar.extractfile(m), encoding="bytes")
+                meta = safe_unpickle(tar.extractfile(m), f"{archive}:{m.name}")
                 key = b"label_names" if b"label_names" in meta else b"fine_label_names"
                 classes = [c.decode() for c in meta[key]]
             elif split:
-                batches[split].append((base, pickle.load(tar.extractfile(m), encoding="bytes")))
+                batches[split].append((base, safe_unpickle(tar.extractfile(m), f"{archive}:{m.name}")))
     out = {}
     for split, items in batches.items():
         if not items:
@@ -280,9 +342,32 @@ def read_idx_dataset(directory: Path) -> dict[str, ArrayDataset]:
 
 
 def _cache_key(source: Path) -> str:
-    st = source.stat()
-    ident = f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
+    """Path, size and modification time of the source: of the file, or of every file in the folder (a file
+    changed, added or removed inside a folder changes the key, so a stale cache is never served)."""
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    ident = f"{source.resolve()}|{CACHE_VERSION}|" + "|".join(
+        f"{p.relative_to(source) if p != source else ''}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return hashlib.sha1(ident.encode()).hexdigest()[:16]
+
+
+def check_splits(splits: dict[str, ArrayDataset], name: str, source: Path, official_format: bool) -> None:
+    """Refuse data that would train silently wrong: labels outside [0, classes), a single class, or an
+    official format (CIFAR archive, IDX files) whose split sizes are not the published ones."""
+    info = DATASETS[name]
+    for split, d in splits.items():
+        if len(d) == 0:
+            raise DatasetError(f"{source}: the {split} split is empty")
+        lo, hi = int(d.labels.min()), int(d.labels.max())
+        if lo < 0 or hi >= info.num_classes:
+            raise DatasetError(f"{source}: {split} labels span {lo}..{hi}; {name} has classes 0..{info.num_classes - 1}")
+    present = int(splits["train"].labels.unique().numel())
+    if present < 2:
+        raise DatasetError(f"{source}: the training split holds {present} class; at least 2 are needed to learn anything")
+    if official_format and name in SPLIT_SIZES:
+        sizes = (len(splits["train"]), len(splits["test"]))
+        if sizes != SPLIT_SIZES[name]:
+            raise DatasetError(f"{source}: {sizes[0]} training and {sizes[1]} test examples; the official {name} has "
+                               f"{SPLIT_SIZES[name][0]} and {SPLIT_SIZES[name][1]} (truncated or partial files?)")
 
 
 def default_cache_dir() -> Path:
@@ -293,6 +378,11 @@ def default_cache_dir() -> Path:
 def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: str | None) -> Path:
     """Find (or fetch) the file or folder holding ``name`` under ``data_dir``."""
     if data_dir.is_file():
+        if name in CIFAR_ARCHIVES and data_dir.name == CIFAR_ARCHIVES[name][0].rsplit("/", 1)[1]:
+            md5 = CIFAR_ARCHIVES[name][1]
+            if (got := _md5(data_dir)) != md5:  # verified before anything in it is unpickled
+                raise DatasetError(f"{data_dir}: checksum mismatch (md5 {got}, the official archive has {md5}); "
+                                   "refusing to read it: fetch the archive again")
         return data_dir
     if name in CIFAR_ARCHIVES:
         url, md5 = CIFAR_ARCHIVES[name]
@@ -346,12 +436,14 @@ def load_dataset(
         except Exception:  # a damaged cache is rebuilt, never trusted
             cache_file.unlink(missing_ok=True)
     channels = DATASETS[name].image_shape[0]
+    official = True
     if source.is_file() and name in CIFAR_ARCHIVES and source.name.endswith(".tar.gz") and "python" in source.name:
         splits = read_cifar_archive(source, name)
     elif name in IDX_FILES and source.is_dir() and _find(source, "train-images-idx3-ubyte"):
         splits = read_idx_dataset(source)
     else:
-        splits = read_image_folder(source, channels)
+        splits, official = read_image_folder(source, channels), False
+    check_splits(splits, name, source, official)
     got = tuple(splits["train"].images.shape[1:])
     if got != DATASETS[name].image_shape:
         raise DatasetError(f"{source}: images are {got}, {name} expects {DATASETS[name].image_shape}")

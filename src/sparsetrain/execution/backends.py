@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -291,6 +292,7 @@ class _SparseExec:
     def _init_exec(self, maskset, name: str, backend: str):
         self.maskset, self.mask_name = maskset, name
         self.backend = backend  # "masked", "csr", or "auto" until the first forward decides
+        self.ran: str | None = None  # the path the last training forward took (a fallback shows here)
         self._structures: dict[str, object] = {}
         self._version_seen = -1
         self.rebuilds = 0
@@ -334,11 +336,26 @@ class _SparseExec:
             self.bias.grad = None
         self.timings = timings
         self.backend = min(timings, key=timings.get)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            names = list(timings)  # the same candidates on every rank: same layer, same input shape
+            choice = torch.tensor([names.index(self.backend)])
+            dist.broadcast(choice, 0)  # timings differ by rank; the choice must not
+            self.backend = names[int(choice)]
+
+    def fix_backend(self, backend: str) -> None:
+        """Use ``backend`` from now on (a resumed run keeps the choice it made, instead of timing again)."""
+        self.backend = backend
 
     def forward(self, x):
         if self.backend == "auto" and self.training and torch.is_grad_enabled():
             self._choose(x)
+        if self.training:
+            self.ran = self._path(x)
         return self._run(x)
+
+    def _path(self, x: torch.Tensor) -> str:
+        """The path :meth:`_run` takes for ``x`` under the chosen backend."""
+        return self.backend
 
 
 def kept_channels(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
@@ -437,6 +454,11 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
             return True
         except ValueError:
             return False
+
+    def _path(self, x: torch.Tensor) -> str:
+        if self.backend == "direct" and not _direct_ok(x, self.weight):
+            return "csr"  # what the direct kernels do not cover runs on CSR
+        return self.backend
 
     def _run(self, x):
         if self.backend == "channel":

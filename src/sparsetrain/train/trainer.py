@@ -14,11 +14,12 @@ restarted in the same directory continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,16 +37,63 @@ from ..methods import METHODS, Sparsifier
 from ..models import build_model
 from ..recipes import ForgettingTracker, ToST
 from ..recipes.tost import tost
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, pick_device
 from .optim import build_optimizer, lr_factor, set_lr
 
-__all__ = ["Trainer", "evaluate", "method_seed", "load_run_model", "CHECKPOINT", "FINAL_MODEL"]
+__all__ = ["Trainer", "TrainingError", "evaluate", "method_seed", "load_run_model", "CHECKPOINT", "FINAL_MODEL"]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model.pt"
 CHECKPOINT_FORMAT = 2
 MethodFactory = Callable[..., Sparsifier]
+# config keys a resume may change freely (how the run is watched and where things are, not what it computes)
+_HARMLESS = ("run.progress", "run.threads", "run.device", "run.eval_batch_size", "run.checkpoint_every_steps",
+             "run.checkpoint_every_seconds", "run.out_dir", "run.resume_with_changes", "data.data_dir",
+             "data.cache_dir", "data.download")
+# and those it may change with run.resume_with_changes (the schedule of the rest of the run, recorded)
+_SAFE_TO_CHANGE = ("optim.epochs", "optim.lr", "optim.schedule", "optim.warmup_epochs", "optim.milestones",
+                    "optim.gamma", "optim.weight_decay", "run.seed")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and what to change."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
+    """``{key: (saved value, value now)}`` for every config key that differs, harmless ones left out."""
+    a, b = _flat(saved), _flat(now)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(_HARMLESS)}
+
+
+def data_fingerprint(*datasets) -> str:
+    """A short hash of the training data: sizes, labels and image bytes of arrays; sizes of other datasets."""
+    h = hashlib.sha1()
+    for d in datasets:
+        h.update(str(len(d)).encode())
+        if hasattr(d, "images"):
+            h.update(d.labels.numpy().tobytes())
+            h.update(d.images.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def strict_json(obj):
+    """``obj`` with non-finite floats as None, so the JSON written is strict (no NaN literals)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def method_seed(run_seed: int) -> int:
@@ -77,6 +125,10 @@ class _Progress:
     epoch: int = 0
     step: int = 0  # global optimizer steps taken
     elapsed: float = 0.0  # wall seconds of training so far, across resumes
+    # the current epoch's running sums (checkpointed, so an epoch's loss and accuracy span a resume)
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    correct: int = 0
+    seen: int = 0
 
 
 class Trainer:
@@ -232,14 +284,52 @@ class Trainer:
             "flops": self.flops.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "progress": {"epoch": self.progress.epoch, "step": self.progress.step, "elapsed": self.progress.elapsed},
+            "progress": {"epoch": self.progress.epoch, "step": self.progress.step, "elapsed": self.progress.elapsed,
+                         "loss_sum": self.progress.loss_sum.cpu(), "correct": self.progress.correct, "seen": self.progress.seen},
+            "fingerprint": self._fingerprint(),
+            "backend_choices": {n: m.backend for n, m in self.backend_layers.items()},
         }
+
+    def _fingerprint(self) -> dict:
+        """What the run computes: the resolved config and the training data (a resume must match them)."""
+        if not hasattr(self, "_data_fp"):
+            self._data_fp = data_fingerprint(self.train_set, self.test_loader.dataset)
+        return {"config": self.cfg.model_dump(mode="json"), "data": self._data_fp, "changes": getattr(self, "_changes", [])}
+
+    def _check_fingerprint(self, saved: dict) -> None:
+        """Refuse to resume under another config or other data, naming what changed; with
+        ``run.resume_with_changes`` accept changes to the rest of the schedule, and record them."""
+        if saved["data"] != self._fingerprint()["data"]:
+            raise CheckpointError(f"{self.out}: the training data differ from those the run started on "
+                                  f"(fingerprint {saved['data']} then, {self._data_fp} now); start a new run directory")
+        changes = config_changes(saved["config"], self.cfg.model_dump(mode="json"))
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        unsafe = [k for k in changes if not k.startswith(_SAFE_TO_CHANGE)]
+        if changes and (unsafe or not self.cfg.run.resume_with_changes):
+            hint = (f"these cannot change within a run: {', '.join(unsafe)}; start a new run directory" if unsafe else
+                    "to continue with them anyway, set run.resume_with_changes=true (sparsetrain train --resume-with-changes)")
+            raise CheckpointError(f"{self.out} holds a run with another configuration ({diff}); {hint}")
+        self._changes = list(saved.get("changes", [])) + ([{"step": self.progress.step, "changes": diff}] if changes else [])
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (method and recipe first, then the weights into their layout)."""
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')!r} is not this version's ({CHECKPOINT_FORMAT}); "
-                             "start the run in a new directory")
+            raise CheckpointError(f"checkpoint format {state.get('format')!r} is not this version's ({CHECKPOINT_FORMAT}); "
+                                  "start the run in a new directory")
+        p = state["progress"]
+        self.progress = _Progress(int(p["epoch"]), int(p["step"]), float(p["elapsed"]), p["loss_sum"].to(torch.float64),
+                                  int(p["correct"]), int(p["seen"]))
+        self._check_fingerprint(state["fingerprint"])
+        for n, choice in state.get("backend_choices", {}).items():  # the run keeps the backends it chose
+            if n in self.backend_layers:
+                self.backend_layers[n].fix_backend(choice)
+        try:
+            self._load_states(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{self.out / CHECKPOINT} does not fit this model and method ({type(e).__name__}: "
+                                  f"{str(e)[:300]}); start a new run directory") from None
+
+    def _load_states(self, state: dict) -> None:
         # method and recipe first: layers that store only kept weights take the saved layout, and removed
         # ghost activations leave, before the weights load into the model
         self.method.load_state_dict(state["method"])
@@ -257,8 +347,6 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        p = state["progress"]
-        self.progress = _Progress(int(p["epoch"]), int(p["step"]), float(p["elapsed"]))
 
     def save(self) -> None:
         """Write the checkpoint (rank 0) and wait for every rank."""
@@ -269,7 +357,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
@@ -291,15 +379,15 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (all of it, or what is left after a resume)."""
-        cfg, every = self.cfg, self.cfg.run.checkpoint_every_steps
+        cfg, every, every_s = self.cfg, self.cfg.run.checkpoint_every_steps, self.cfg.run.checkpoint_every_seconds
         epoch = self.progress.epoch
         if self.train_loader.epoch != epoch or self.train_loader.position == 0:
             self.train_loader.start_epoch(epoch)
+            self.progress.loss_sum, self.progress.correct, self.progress.seen = torch.zeros((), dtype=torch.float64), 0, 0
         self.net.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
+        t0 = last_save = time.perf_counter()
+        loss_sum = self.progress.loss_sum.to(self.device)
+        correct = torch.tensor(self.progress.correct, device=self.device)
         bar = tqdm(
             total=self.steps_per_epoch, initial=self.train_loader.position, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
             disable=not (cfg.run.progress and self.is_main), leave=False, mininterval=1.0, dynamic_ncols=True,
@@ -313,6 +401,12 @@ class Trainer:
             self._refresh_densities()  # the densities this step's passes run at (last step's updates included)
             out = self.net(x)
             loss = self.recipe.loss(out, y, x, self.criterion) if self.recipe else self.criterion(out, y)
+            if not torch.isfinite(loss.detach()):
+                bar.close()
+                raise TrainingError(
+                    f"the training loss is {loss.item()} at step {self.progress.step + 1} (epoch {epoch + 1}, learning rate "
+                    f"{self.optimizer.param_groups[0]['lr']:.4g}): stopped before the weights changed; the checkpoint of "
+                    f"{self.out} holds the last good state. Lower optim.lr (or check the data) and run again to resume")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             samples = len(y) * self.dist.world_size
@@ -326,21 +420,26 @@ class Trainer:
             self.flops.step(samples, extra)
             with torch.no_grad():
                 hits = out.argmax(1) == y
-                loss_sum += loss.detach() * len(y)
+                loss_sum += loss.detach().double() * len(y)
                 correct += hits.sum()
             if self.forgetting:
                 self.forgetting.record(idx, hits)
-            seen += len(y)
+            self.progress.seen += len(y)
             bar.update(1)
-            if every and self.progress.step % every == 0 and self.train_loader.position < self.steps_per_epoch:
-                self.progress.elapsed += time.perf_counter() - t0
-                t0 = time.perf_counter()
+            now = time.perf_counter()
+            due = (every and self.progress.step % every == 0) or (every_s and now - last_save >= every_s)
+            if due and self.train_loader.position < self.steps_per_epoch:  # the epoch's end saves anyway
+                self.progress.elapsed += now - t0
+                self.progress.loss_sum, self.progress.correct = loss_sum.detach().cpu(), int(correct)
                 self.save()
+                t0 = last_save = time.perf_counter()
         bar.close()
         self.progress.elapsed += time.perf_counter() - t0
+        seen = self.progress.seen
+        self.progress.loss_sum, self.progress.correct = loss_sum.detach().cpu(), int(correct)
         return {
-            "train_loss": (loss_sum.item() / seen) if seen else math.nan,
-            "train_acc": (100.0 * correct.item() / seen) if seen else math.nan,
+            "train_loss": (float(loss_sum) / seen) if seen else math.nan,
+            "train_acc": (100.0 * int(correct) / seen) if seen else math.nan,
         }
 
     def _full_schedule_samples(self, epochs: int | None = None) -> int:
@@ -425,7 +524,8 @@ class Trainer:
             "examples_removed": int(self.forgetting.removed.numel()) if self.forgetting else 0,
             "recipe": "+".join(self.recipe.components()) if self.recipe else None,
             "init_scales": (self.recipe.init_scales or None) if self.recipe else None,  # what rescaled initialisation multiplied each tensor by
-            "backends": {n: m.backend for n, m in self.backend_layers.items()} or None,
+            "resumed_with_changes": getattr(self, "_changes", None) or None,
+            "backends": {n: m.ran or m.backend for n, m in self.backend_layers.items()} or None,  # what really ran
             **self.method.summary(),
             "infer_flops_per_sample": costs.forward_flops(wd),
             "wall_s": round(self.progress.elapsed, 2),
@@ -440,13 +540,21 @@ class Trainer:
         summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "train_loss") if k in last})
         if self.is_main:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.method.export_state()}, self.out / FINAL_MODEL)
-            (self.out / "final.json").write_text(json.dumps(summary, indent=2))
+            (self.out / "final.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         barrier()
         return summary
 
 
 def _records(path: Path) -> list[str]:
-    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    """The complete records of a metrics file (a last line cut by a kill is left out)."""
+    out = []
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        try:
+            json.loads(ln)
+        except ValueError:
+            continue
+        out.append(ln)
+    return out
 
 
 def _last_record(path: Path) -> dict:
