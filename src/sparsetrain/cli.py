@@ -19,6 +19,8 @@ def _train(args) -> int:
         overrides.append(f"data.data_dir={args.data_dir}")
     if args.out:
         overrides.append(f"run.out_dir={args.out}")
+    if args.resume_with_changes:
+        overrides.append("run.resume_with_changes=true")
     cfg = load_config(args.config, overrides)
     if cfg.sparsity.method == "lottery":
         from .train import lottery_ticket
@@ -34,19 +36,25 @@ def _eval(args) -> int:
     from .config import load_config
     from .data import DATASETS, BatchLoader, load_dataset
     from .models import build_model
-    from .train import evaluate, load_checkpoint
+    from .train import CheckpointError, evaluate, load_checkpoint
     from .train.distributed import pick_device
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").exists():
-        raise SystemExit(f"error: {run} is not a run directory (no config.yaml)")
+        raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
     overrides = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     cfg = load_config(run / "config.yaml", overrides)
     weights = run / ("model.pt" if (run / "model.pt").exists() else "checkpoint.pt")
     state = load_checkpoint(weights)
     info = DATASETS[cfg.data.dataset]
     model = build_model(cfg.model.name, info.num_classes, cfg.model.width)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        hint = ("the run is unfinished and its method changes the model's layers (SWAT, compact state): finish it with "
+                "`sparsetrain train` on the same directory, then evaluate its model.pt") if weights.name == "checkpoint.pt" \
+            else "the weights do not fit the model its config names"
+        raise CheckpointError(f"{run / weights.name}: {hint}") from None
     device = pick_device(cfg.run.device)
     model.to(device)
     test = load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)["test"]
@@ -156,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .models import MODELS
 
-    p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse neural-network training in PyTorch.")
+    p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse neural-network training in PyTorch. "
+                                "Errors print one line; add --debug (anywhere) for the traceback.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (resumes if the run directory holds a checkpoint)",
@@ -166,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config file (see configs/)")
     t.add_argument("--data-dir", help="dataset file or folder (overrides data.data_dir)")
     t.add_argument("--out", help="run directory (overrides run.out_dir)")
+    t.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although schedule keys (optim.epochs, optim.lr, ...) changed; recorded in final.json")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.05")
     t.set_defaults(func=_train)
 
@@ -213,16 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a command; configuration, data and checkpoint errors exit 2 with their message."""
+    """Entry point: run a command. A refused input, a data, checkpoint or training error is one line
+    (``error: ...``, exit code 2); ``--debug`` shows the traceback instead."""
     from .config import ConfigError
     from .data import DatasetError
-    from .train import CheckpointError
+    from .train import CheckpointError, TrainingError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError, OSError) as e:
+        if debug:
+            raise
+        kind = "" if isinstance(e, (ConfigError, DatasetError, CheckpointError, TrainingError)) else f"{type(e).__name__}: "
+        print(f"error: {kind}{e}".replace("\n", " ") if not isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -76,6 +76,11 @@ def make_masks(
     unknown = set(masks) ^ set(maskset.params)
     if unknown:
         raise ValueError(f"given masks do not match the selected layers; differing names: {sorted(unknown)[:5]}")
+    empty = [n for n, m in masks.items() if not m.any()]
+    if empty:
+        raise ValueError(f"sparsity {sparsity} leaves {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''} with no weight "
+                         "at all (the network could not pass a signal); lower the sparsity, use distribution 'erk', or "
+                         "keep those layers dense with dense_layers")
     for n, m in masks.items():
         maskset.set_mask(n, m)
     maskset.broadcast()

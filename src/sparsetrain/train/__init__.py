@@ -3,7 +3,7 @@ data-parallel set-up, and the lottery-ticket search over rounds."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .lottery import lottery_ticket
-from .trainer import Trainer, evaluate, load_run_model, method_seed
+from .trainer import Trainer, TrainingError, evaluate, load_run_model, method_seed
 
-__all__ = ["Trainer", "evaluate", "lottery_ticket", "load_run_model", "method_seed", "CheckpointError",
+__all__ = ["Trainer", "TrainingError", "evaluate", "lottery_ticket", "load_run_model", "method_seed", "CheckpointError",
            "load_checkpoint", "save_checkpoint"]

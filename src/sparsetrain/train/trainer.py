@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,12 @@ class Trainer:
         self.criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss(label_smoothing=smoothing)
 
     def _setup_accounting(self) -> None:
-        self.flops = FlopMeter(measure_layer_costs(self.model, self.input_shape, self.device))
+        try:
+            costs = measure_layer_costs(self.model, self.input_shape, self.device)
+        except RuntimeError as e:  # the first forward pass: a model that does not take the data's input
+            raise ConfigError(f"model {self.cfg.model.name!r} does not take {self.cfg.data.dataset}'s input of shape "
+                              f"{self.input_shape}: {str(e).splitlines()[0]}") from None
+        self.flops = FlopMeter(costs)
         self.flops.set_densities(self.method.weight_density(), self.method.grad_density())
         self._densities_at = self.method.version
 
@@ -235,6 +241,9 @@ class Trainer:
         )
         self.test_loader = BatchLoader(splits["test"], self.info, cfg.run.eval_batch_size, train=False, channels_last=cl)
         self.input_shape = tuple(train.images.shape[1:]) if hasattr(train, "images") else tuple(torch.as_tensor(train[0][0]).shape)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"no training batch: {len(train)} training examples after data.val_fraction="
+                              f"{cfg.data.val_fraction}; lower data.val_fraction or use more data")
         self.steps_per_epoch = len(self.train_loader)  # on the full training set; the LR schedule counts in these
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
 
@@ -363,7 +372,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the configured number of epochs (resuming from the run directory if a checkpoint is there)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._prepare_run_directory()
         if (self.out / CHECKPOINT).exists():
             self.load_state_dict(load_checkpoint(self.out / CHECKPOINT, self.device))
             if self.is_main:  # drop records logged after the checkpoint was taken
@@ -376,6 +385,17 @@ class Trainer:
             train_stats = self.train_epoch()
             self.end_epoch(train_stats)
         return self.finish()
+
+    def _prepare_run_directory(self) -> None:
+        """The run directory exists and is writable, or a ConfigError names run.out_dir and why not."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"run.out_dir={self.out} is a file, not a directory")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.out, prefix=".write-test-"):  # unique per process (ranks share it)
+                pass
+        except OSError as e:
+            raise ConfigError(f"run.out_dir={self.out} cannot be written ({e.strerror or e})") from None
 
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (all of it, or what is left after a resume)."""

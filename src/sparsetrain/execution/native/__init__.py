@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -79,33 +80,56 @@ def _cpu_identity() -> str:
     return ident
 
 
+def compiler() -> list[str]:
+    """``$CC`` split like a shell word list (``CC="gcc -m64"`` is a compiler with a flag), else ``cc``."""
+    words = shlex.split(os.environ.get("CC", "cc"))
+    return words or ["cc"]
+
+
+def _compiler_version(cc: list[str]) -> str:
+    """The compiler's first ``--version`` line (empty when it cannot say): part of the cache key."""
+    try:
+        done = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+        return (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def library_path() -> Path:
-    """Where the compiled library for this source, compiler and CPU lives (a shared cache may serve several CPUs)."""
+    """Where the compiled library for these sources, this compiler (and its version) and this CPU lives
+    (a shared cache may serve several CPUs and compilers)."""
     from ...data import default_cache_dir
 
-    cc = os.environ.get("CC", "cc")
-    key = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + " ".join([cc, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    cc = compiler()
+    ident = " ".join([*cc, _compiler_version(cc), *_FLAGS, _cpu_identity()])
+    key = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + ident.encode()).hexdigest()[:16]
     return default_cache_dir() / "native" / f"sparsetrain_kernels-{key}.so"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
 def _build(target: Path, portable: bool = False) -> None:
     """Compile the kernels into ``target``: tuned for this CPU where the compiler can, portable
     otherwise (or when asked: tests use it to check the paths older CPUs take)."""
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r}) on PATH")
+    cc = compiler()
+    if shutil.which(cc[0]) is None:
+        raise RuntimeError(f"no C compiler ({cc[0]!r}, from CC={os.environ.get('CC', 'cc')!r}) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         portable_flags = [f for f in _FLAGS if not f.startswith("-march")]
         for flags in ([portable_flags] if portable else [_FLAGS, portable_flags]):
-            done = subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
+            done = subprocess.run([*cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
             if done.returncode == 0:
                 break
         else:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) never load a half-written file
+            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[:500]}")
+        digest = _digest(Path(tmp))
+        os.replace(tmp, target)
+        target.with_suffix(".sha1").write_text(digest)  # checked before every load: a damaged file is rebuilt  # atomic: concurrent builders (DDP ranks) never load a half-written file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -128,12 +152,27 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         path = library_path()
-        if not path.exists():
+        if not _intact(path):  # absent, or damaged since it was built: never dlopen a damaged file
             _build(path)
-        _lib = _open(path)
+        try:
+            _lib = _open(path)
+            if _lib.chunk_count(1) != 1:
+                raise OSError("self-test failed")
+        except OSError:  # a library that does not load or answer is rebuilt once
+            _build(path)
+            _lib = _open(path)
     except (OSError, RuntimeError) as e:
         warnings.warn(f"sparsetrain: native kernels unavailable ({e}); using the slower numpy path", RuntimeWarning, stacklevel=3)
     return _lib
+
+
+def _intact(path: Path) -> bool:
+    """True when ``path`` exists and still has the digest recorded when it was built."""
+    stamp = path.with_suffix(".sha1")
+    try:
+        return path.exists() and stamp.exists() and stamp.read_text().strip() == _digest(path)
+    except OSError:
+        return False
 
 
 def available(t: torch.Tensor | None = None) -> bool:
