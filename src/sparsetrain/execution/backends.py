@@ -427,6 +427,9 @@ class _SemiStructuredLinearFn(torch.autograd.Function):
 class SparseLinear(_SparseExec, nn.Linear):
     """A Linear that computes with the backend chosen for it (made by :func:`apply_backend`)."""
 
+    def _path(self, x: torch.Tensor) -> str:
+        return "csr" if self.backend == "direct" else self.backend  # a Linear's direct path is the CSR product
+
     def _run(self, x):
         if self.backend == "semi_structured":
             return _SemiStructuredLinearFn.apply(x, self.weight, self.bias, self.maskset.masks[self.mask_name])
