@@ -253,6 +253,8 @@ CASES = [
     ("archive-checksum", _official_name_wrong_checksum, DatasetError, r"cifar-10-python\.tar\.gz: checksum mismatch"),
     ("archive-pickle", _crafted_under_other_name, DatasetError, r"batches\.meta: not a data pickle.*refusing.*system"),
     ("download-off", _download_off, DatasetError, r"cifar-10-python\.tar\.gz not found and downloading is off"),
+    ("download-off-damaged", lambda tmp, files: (tmp / "cifar-10-python.tar.gz").write_bytes(b"x" * 10) and _download_off(tmp, files),
+     DatasetError, r"cifar-10-python\.tar\.gz: checksum mismatch .* downloading is off"),
     # checkpoints
     ("checkpoint-garbage", _checkpoint_bytes(b"\x00garbage" * 50), CheckpointError, r"ck\.pt is corrupted or truncated"),
     ("checkpoint-truncated", _truncated_checkpoint, CheckpointError, r"ck\.pt is corrupted or truncated"),

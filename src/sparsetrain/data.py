@@ -390,8 +390,13 @@ def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: st
         if archive.exists() or not (data_dir / "train").is_dir():
             if url_base:
                 url = url_base.rstrip("/") + "/" + archive.name
-            if not archive.exists() and not allow_download:
-                raise DatasetError(f"{archive} not found and downloading is off; pass the folder that holds it with --data-dir")
+            if not allow_download:  # never downloads, not even to replace a damaged copy
+                if not archive.exists():
+                    raise DatasetError(f"{archive} not found and downloading is off; pass the folder that holds it with --data-dir")
+                if (got := _md5(archive)) != md5:
+                    raise DatasetError(f"{archive}: checksum mismatch (md5 {got}, the official archive has {md5}) and "
+                                       "downloading is off; fetch the archive again")
+                return archive
             return download(url, archive, md5)
         return data_dir
     base, files = IDX_FILES[name]
