@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "format_error"]
 
 
 def _train(args) -> int:
@@ -223,13 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a command. A refused input, a data, checkpoint or training error is one line
-    (``error: ...``, exit code 2); ``--debug`` shows the traceback instead."""
+def format_error(e: BaseException) -> str | None:
+    """The one line the CLI prints for an error it reports (None: not one of those, so a bug: let it raise)."""
     from .config import ConfigError
     from .data import DatasetError
     from .train import CheckpointError, TrainingError
 
+    if isinstance(e, (ConfigError, DatasetError, CheckpointError, TrainingError)):
+        text = str(e)
+    elif isinstance(e, (ValueError, OSError)):
+        text = f"{type(e).__name__}: {e}"
+    else:
+        return None
+    return "error: " + " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a command. A refused input, a data, checkpoint or training error is one line
+    (``error: ...``, exit code 2); ``--debug`` shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
@@ -240,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError, OSError) as e:
-        if debug:
+    except Exception as e:
+        line = format_error(e)
+        if debug or line is None:
             raise
-        kind = "" if isinstance(e, (ConfigError, DatasetError, CheckpointError, TrainingError)) else f"{type(e).__name__}: "
-        print(f"error: {kind}{e}".replace("\n", " ") if not isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return 2
 
 
