@@ -503,3 +503,15 @@ def test_time_based_checkpoints_resume_mid_epoch_with_exact_epoch_metrics(tmp_pa
         return [{k: v for k, v in json.loads(ln).items() if k != "wall_s"} for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
 
     assert records("full") == records("cut")  # the epoch's loss and accuracy span the resume
+
+
+def test_evaluating_an_unfinished_swat_run_says_so(tmp_path, tiny_mnist_tar, capsys):
+    cfg = load_config(overrides=[*TINY, "optim.epochs=2", f"run.out_dir={tmp_path}", f"data.data_dir={tiny_mnist_tar}",
+                                 "sparsity.method=swat", "sparsity.sparsity=0.8", f"data.cache_dir={tmp_path / 'c'}"])
+    trainer = Trainer(cfg)
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    (trainer.out / "config.yaml").write_text(cfg.to_yaml())
+    trainer.end_epoch(trainer.train_epoch())  # one epoch of two: a checkpoint, no model.pt yet
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt: the run is unfinished" in err and "Traceback" not in err

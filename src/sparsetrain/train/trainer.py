@@ -54,7 +54,7 @@ _HARMLESS = ("run.progress", "run.threads", "run.device", "run.eval_batch_size",
              "data.cache_dir", "data.download")
 # and those it may change with run.resume_with_changes (the schedule of the rest of the run, recorded)
 _SAFE_TO_CHANGE = ("optim.epochs", "optim.lr", "optim.schedule", "optim.warmup_epochs", "optim.milestones",
-                    "optim.gamma", "optim.weight_decay", "run.seed")
+                    "optim.gamma", "optim.weight_decay")
 
 
 class TrainingError(RuntimeError):
