@@ -359,6 +359,7 @@ def test_resume_with_changes_allows_the_schedule_and_records_it(tmp_path):
     _trainer(tmp_path, ["optim.epochs=1"]).fit()
     summary = _trainer(tmp_path, ["optim.epochs=2", "run.resume_with_changes=true"]).fit()
     assert summary["steps"] == 16 and "optim.epochs: 1 -> 2" in summary["resumed_with_changes"][0]["changes"]
+    assert load_config(tmp_path / "config.yaml").optim.epochs == 2
 
 
 def test_a_cut_last_metrics_line_neither_blocks_resume_nor_report(tmp_path, capsys):

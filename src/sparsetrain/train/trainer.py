@@ -378,6 +378,8 @@ class Trainer:
             if self.is_main:  # drop records logged after the checkpoint was taken
                 kept = [ln for ln in _records(self.out / "metrics.jsonl") if json.loads(ln)["epoch"] <= self.progress.epoch]
                 (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+                if getattr(self, "_changes", None):  # resumed with changes: the directory describes the run as it goes on
+                    (self.out / "config.yaml").write_text(cfg.to_yaml())
         elif self.is_main:
             (self.out / "config.yaml").write_text(cfg.to_yaml())
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
