@@ -88,3 +88,27 @@ def test_the_custom_loop_example_runs(tmp_path, monkeypatch):
     out = example.main(["2"])
     assert out["sparsity"] == pytest.approx(0.9, abs=1e-3) and out["updates"] > 0 and out["loss"] < 1.0
     assert not any(type(m).__module__.startswith("sparsetrain") for m in out["model"].modules())
+
+
+def test_every_public_name_has_a_docstring():
+    import inspect
+    import pkgutil
+
+    missing = []
+    for info in pkgutil.walk_packages(st.__path__, "sparsetrain."):
+        mod = importlib.import_module(info.name)
+        if not mod.__doc__:
+            missing.append(info.name)
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name, None)
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)) or obj.__module__ != mod.__name__:
+                continue
+            if not obj.__doc__:
+                missing.append(f"{info.name}.{name}")
+            for attr, value in vars(obj).items() if inspect.isclass(obj) else ():
+                fn = value.fget if isinstance(value, property) else value
+                if attr.startswith("_") or not callable(fn) or fn.__doc__:
+                    continue
+                if not any(getattr(getattr(base, attr, None), "__doc__", None) for base in obj.__mro__[1:]):
+                    missing.append(f"{info.name}.{name}.{attr}")
+    assert not missing, missing
