@@ -81,7 +81,8 @@ class CostModel:
         return out
 
 
-def measure_layer_costs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> CostModel:
+def measure_layer_costs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu",
+                        example: torch.Tensor | None = None) -> CostModel:
     """Count a model's dense per-sample FLOPs with torch's flop counter, per Conv/Linear layer.
 
     The counter gives each layer's forward FLOPs and the whole backward pass; a layer's
@@ -90,13 +91,15 @@ def measure_layer_costs(model: nn.Module, input_shape: tuple[int, ...], device: 
     backward figures are not used: it misplaces per-module backward work inside residual
     blocks, and over-counts the backward of grouped (depthwise) convolutions; for every
     model without grouped convolutions the closed form equals its backward total (tested).
-    Runs forward+backward on a batch of 2 and leaves parameters, buffers and gradients as they were.
+    Runs forward+backward on a batch of 2 (random inputs of ``input_shape``, or ``example``: two real inputs,
+    for models whose input is no float tensor, such as token ids) and leaves parameters, buffers and
+    gradients as they were.
     """
     batch = 2
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {n: p.grad for n, p in model.named_parameters()}
     was_training = model.training
-    x = torch.randn(batch, *input_shape, device=device)
+    x = example[:batch].to(device) if example is not None else torch.randn(batch, *input_shape, device=device)
     layer_modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
     input_needs_grad: dict[str, bool] = {}
     hooks = [

@@ -45,7 +45,9 @@ class DataConfig(_Section):
     data_dir: str | None = Field(None, description="file or folder holding the dataset; default: the cache directory")
     download: bool = True
     cache_dir: str | None = None
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation "
+                                                             "(text: the tail of the file, default 0.1)")
+    context: int = Field(64, gt=1, description="text: characters per window (the model's context)")
     augment: bool = True
 
     _known_dataset = field_validator("dataset")(classmethod(lambda cls, v: _one_of(v, DATASETS, "dataset")))
@@ -54,8 +56,10 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which zoo model, how wide, and in which memory layout."""
     name: str = "resnet20"
-    width: float = Field(1.0, gt=0)
+    width: float = Field(1.0, gt=0, description="channel multiplier (gpt: multiplies a width of 128)")
     channels_last: bool = True
+    depth: int | None = Field(None, gt=0, description="gpt: blocks (default 4)")
+    heads: int | None = Field(None, gt=0, description="gpt: attention heads (default 4)")
 
     _known_model = field_validator("name")(classmethod(lambda cls, v: _one_of(v, MODELS, "model")))
 
@@ -315,6 +319,23 @@ class Config(_Section):
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _model_fits_data(self):
+        from .data import TEXT_DATASETS
+        from .models import SEQUENCE_MODELS
+
+        text, seq = self.data.dataset in TEXT_DATASETS, self.model.name in SEQUENCE_MODELS
+        if text != seq:
+            raise ValueError(f"model {self.model.name!r} and dataset {self.data.dataset!r} do not fit: sequence models "
+                             f"({sorted(SEQUENCE_MODELS)}) train on text ({sorted(TEXT_DATASETS)}), image models on images")
+        if not seq and (self.model.depth or self.model.heads):
+            raise ValueError(f"model.depth and model.heads shape the gpt; model {self.model.name!r} does not take them")
+        if text and self.sparsity.data_efficiency.enabled:
+            raise ValueError("sparsity.data_efficiency drops whole examples; it is not defined for text windows")
+        if text and self.model.channels_last:
+            self.model.channels_last = False  # token ids have no channels
+        return self
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what run directories keep)."""

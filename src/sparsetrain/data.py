@@ -65,7 +65,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True),
     "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 0, False),
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), 0, False),
+    # any UTF-8 file as characters (sparsetrain.text): classes are the vocabulary, read from the file
+    "text": DatasetInfo("text", 0, (0,), (), (), 0, False),
 }
+TEXT_DATASETS = {"text"}
 
 # Official archives and their published MD5 checksums.
 CIFAR_ARCHIVES = {
@@ -574,7 +577,8 @@ class BatchLoader:
                     idx = idx.tensor_split(self.world_size)[self.rank]
                 items = [self.dataset[int(i)] for i in idx]
                 x = torch.stack([torch.as_tensor(it[0]) for it in items])
-                yield self.normalize(x), torch.as_tensor([int(it[1]) for it in items], dtype=torch.long), idx
+                y = torch.stack([torch.as_tensor(it[1]) for it in items]).long()  # a label, or a target per position
+                yield self.normalize(x), y, idx
                 continue
             x = self.dataset.images[idx]
             if self.train:

@@ -14,12 +14,18 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .schemes import Scheme
 
 __all__ = ["SCORERS", "masks_from_scores", "synflow_masks", "random_scores", "magnitude_scores", "snip_scores", "grasp_scores"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class scores ``[N, C]`` or of per-position scores ``[N, T, C]`` (language models)."""
+    return F.cross_entropy(out.flatten(0, -2), y.flatten())
 
 
 def random_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
@@ -37,7 +43,7 @@ def snip_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
     names = list(params)
     out = {n: torch.zeros_like(params[n]) for n in names}
     for x, y in batches:
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), [params[n] for n in names])
+        grads = torch.autograd.grad(_ce(model(x), y), [params[n] for n in names])
         for n, g in zip(names, grads):
             out[n] += (g * params[n]).detach().abs()
     return out
@@ -53,14 +59,16 @@ def grasp_scores(model, params, batches, generator, temperature: float = 200.0) 
     plist = [params[n] for n in names]
     g_sum = [torch.zeros_like(p) for p in plist]
     for x, y in batches:
-        for acc, g in zip(g_sum, torch.autograd.grad(F.cross_entropy(model(x) / temperature, y), plist)):
+        for acc, g in zip(g_sum, torch.autograd.grad(_ce(model(x) / temperature, y), plist)):
             acc += g
     hg = [torch.zeros_like(p) for p in plist]
-    for x, y in batches:
-        grads = torch.autograd.grad(F.cross_entropy(model(x) / temperature, y), plist, create_graph=True)
-        z = sum((g * gs.detach()).sum() for g, gs in zip(grads, g_sum))
-        for acc, h in zip(hg, torch.autograd.grad(z, plist)):
-            acc += h
+    # the Hessian-gradient product differentiates twice: attention must run on the kernel that supports it
+    with sdpa_kernel([SDPBackend.MATH]):
+        for x, y in batches:
+            grads = torch.autograd.grad(_ce(model(x) / temperature, y), plist, create_graph=True)
+            z = sum((g * gs.detach()).sum() for g, gs in zip(grads, g_sum))
+            for acc, h in zip(hg, torch.autograd.grad(z, plist)):
+                acc += h
     return {n: (p * h).detach() for n, p, h in zip(names, plist, hg)}
 
 

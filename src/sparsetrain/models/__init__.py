@@ -13,12 +13,13 @@ import torch.nn as nn
 
 from .cifar_resnet import cifar_resnet, wide_resnet
 from .densenet import densenet121
+from .gpt import gpt
 from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet18_cifar, resnet50
 from .small import small_cnn, small_mlp
 from .vgg import vgg
 
-__all__ = ["MODELS", "build_model", "register_model", "model_input_shape"]
+__all__ = ["MODELS", "SEQUENCE_MODELS", "build_model", "register_model", "model_input_shape"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda num_classes=10, width=1.0: cifar_resnet(20, num_classes, width),
@@ -33,7 +34,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": lambda num_classes=1000, width=1.0: resnet50(num_classes, width),
     "small_cnn": lambda num_classes=10, width=1.0: small_cnn(num_classes, width),
     "mlp": lambda num_classes=10, width=1.0: small_mlp(num_classes, width),
+    "gpt": gpt,  # a character GPT: num_classes is the vocabulary; takes context, depth, heads as well
 }
+# models over token sequences (their input is ids, their output a distribution per position)
+SEQUENCE_MODELS = {"gpt"}
 
 # Input shape (C, H, W) each model is meant for; the CIFAR models take 32x32 RGB.
 _INPUT_SHAPES = {"resnet50": (3, 224, 224), "small_cnn": (1, 28, 28), "mlp": (1, 28, 28)}
@@ -50,13 +54,17 @@ def model_input_shape(name: str) -> tuple[int, int, int]:
     return _INPUT_SHAPES.get(name, (3, 32, 32))
 
 
-def build_model(name: str, num_classes: int | None = None, width: float = 1.0) -> nn.Module:
-    """Build a zoo model by name; ``width`` multiplies every layer's channel count."""
+def build_model(name: str, num_classes: int | None = None, width: float = 1.0, **extra) -> nn.Module:
+    """Build a zoo model by name; ``width`` multiplies every layer's channel count; ``extra`` keys go to models
+    that take them (the GPT's ``context``, ``depth``, ``heads``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
-    kwargs = {"width": width}
+    kwargs = {"width": width, **{k: v for k, v in extra.items() if v is not None}}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return MODELS[name](**kwargs)
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"model {name!r} does not take {sorted(extra)}: {e}") from None

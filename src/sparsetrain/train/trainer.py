@@ -20,7 +20,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,18 +31,19 @@ from tqdm.auto import tqdm
 
 from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, saved_tensor_bytes
 from ..config import Config, ConfigError, load_config
-from ..data import DATASETS, BatchLoader, load_dataset, split_validation
+from ..data import DATASETS, TEXT_DATASETS, BatchLoader, load_dataset, split_validation
 from ..execution.backends import apply_backend
 from ..execution.compact import compact_layers
 from ..methods import METHODS, Sparsifier
 from ..models import build_model
 from ..recipes import ForgettingTracker, ToST
 from ..recipes.tost import tost
+from ..text import load_text
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, pick_device
 from .optim import build_optimizer, lr_factor, set_lr
 
-__all__ = ["Trainer", "TrainingError", "evaluate", "method_seed", "load_run_model", "CHECKPOINT", "FINAL_MODEL"]
+__all__ = ["Trainer", "TrainingError", "evaluate", "token_cross_entropy", "TokenCrossEntropy", "method_seed", "load_run_model", "CHECKPOINT", "FINAL_MODEL"]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model.pt"
@@ -106,7 +107,8 @@ def method_seed(run_seed: int) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device,
              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Mean loss (``loss_fn``, default cross-entropy, per example) and accuracy (percent) of ``model`` over ``loader``."""
+    """Mean loss (``loss_fn``, default cross-entropy; per target) and accuracy (percent of targets) of ``model``
+    over ``loader``. Targets are one label per example, or one per position for language models."""
     was_training = model.training
     model.eval()
     loader.start_epoch(0)
@@ -114,11 +116,28 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device,
     for x, y, _ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
-        loss_sum += (F.cross_entropy(out, y, reduction="sum").item() if loss_fn is None else loss_fn(out, y).item() * len(y))
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
+        loss = token_cross_entropy(out, y) if loss_fn is None else loss_fn(out, y)
+        loss_sum += loss.item() * y.numel()
+        correct += (out.argmax(-1) == y).sum().item()
+        n += y.numel()
     model.train(was_training)
     return {"loss": loss_sum / max(n, 1), "acc": 100.0 * correct / max(n, 1)}
+
+
+def token_cross_entropy(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of scores ``[N, C]`` against ``[N]``, or ``[N, T, C]`` against ``[N, T]`` (next tokens)."""
+    return F.cross_entropy(out.flatten(0, -2), y.flatten(), label_smoothing=label_smoothing)
+
+
+class TokenCrossEntropy(nn.Module):
+    """:func:`token_cross_entropy` as a module (the Trainer's default loss, for images and text alike)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return token_cross_entropy(out, y, self.label_smoothing)
 
 
 @dataclass
@@ -184,17 +203,19 @@ class Trainer:
 
     def _setup_model(self, model: nn.Module | None, loss_fn) -> None:
         cfg = self.cfg
-        self.model = model if model is not None else build_model(cfg.model.name, self.info.num_classes, cfg.model.width)
+        extra = {"context": cfg.data.context, "depth": cfg.model.depth, "heads": cfg.model.heads} if self.vocab else {}
+        self.model = model if model is not None else build_model(cfg.model.name, self.info.num_classes, cfg.model.width, **extra)
         self.model.to(self.device)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
-        self.criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss(label_smoothing=smoothing)
+        self.criterion = loss_fn if loss_fn is not None else TokenCrossEntropy(label_smoothing=smoothing)
 
     def _setup_accounting(self) -> None:
         try:
-            costs = measure_layer_costs(self.model, self.input_shape, self.device)
+            example = torch.stack([torch.as_tensor(self.train_set[i][0]) for i in range(2)]) if self.vocab else None
+            costs = measure_layer_costs(self.model, self.input_shape, self.device, example=example)
         except RuntimeError as e:  # the first forward pass: a model that does not take the data's input
             raise ConfigError(f"model {self.cfg.model.name!r} does not take {self.cfg.data.dataset}'s input of shape "
                               f"{self.input_shape}: {str(e).splitlines()[0]}") from None
@@ -224,14 +245,22 @@ class Trainer:
     def _setup_data(self, datasets: dict | None) -> None:
         cfg = self.cfg
         self.info = DATASETS[cfg.data.dataset]
-        splits = datasets or load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+        self.vocab = None
+        if datasets is None and cfg.data.dataset in TEXT_DATASETS:
+            if cfg.data.data_dir is None:
+                raise ConfigError("dataset 'text' reads a UTF-8 file: pass it with --data-dir (data.data_dir)")
+            splits, self.vocab = load_text(cfg.data.data_dir, cfg.data.context, cfg.data.val_fraction or 0.1)
+            self.info = replace(self.info, num_classes=len(self.vocab), image_shape=(cfg.data.context,))
+        else:
+            splits = datasets or load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download,
+                                              cache_dir=cfg.data.cache_dir)
         missing = {"train", "test"} - set(splits)
         if missing:
             raise ValueError(f"datasets must hold 'train' and 'test' splits; missing {sorted(missing)}")
         train = splits["train"]
         self.val_loader = None
         cl = cfg.model.channels_last
-        if cfg.data.val_fraction > 0:
+        if cfg.data.val_fraction > 0 and self.vocab is None:  # text holds out the file's tail as its "test" split
             train, val = split_validation(train, cfg.data.val_fraction, cfg.run.seed)
             self.val_loader = BatchLoader(val, self.info, cfg.run.eval_batch_size, train=False, channels_last=cl)
         self.train_set = train
@@ -260,6 +289,9 @@ class Trainer:
         if kw.get("init") in ("snip", "grasp"):
             kw["batches"] = self._scoring_batches()
         if kw.get("init") == "synflow":
+            if self.vocab is not None:
+                raise ConfigError("sparsity.init=synflow scores weights with an all-ones input, which a model of token "
+                                  "ids does not take; use random, magnitude, snip or grasp for text")
             kw["input_shape"] = self.input_shape
         return make(self.model, self.optimizer, **length, **kw)
 
@@ -382,6 +414,8 @@ class Trainer:
                     (self.out / "config.yaml").write_text(cfg.to_yaml())
         elif self.is_main:
             (self.out / "config.yaml").write_text(cfg.to_yaml())
+            if self.vocab is not None:
+                self.vocab.save(self.out / "vocab.json")  # what `sparsetrain sample` decodes with
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         while self.progress.epoch < cfg.optim.epochs:
             train_stats = self.train_epoch()
@@ -441,12 +475,12 @@ class Trainer:
                 extra += self._dense_gradient_flops(samples)
             self.flops.step(samples, extra)
             with torch.no_grad():
-                hits = out.argmax(1) == y
-                loss_sum += loss.detach().double() * len(y)
+                hits = out.argmax(-1) == y  # per example, or per position for a language model
+                loss_sum += loss.detach().double() * y.numel()
                 correct += hits.sum()
             if self.forgetting:
                 self.forgetting.record(idx, hits)
-            self.progress.seen += len(y)
+            self.progress.seen += y.numel()  # targets: examples, or tokens
             bar.update(1)
             now = time.perf_counter()
             due = (every and self.progress.step % every == 0) or (every_s and now - last_save >= every_s)
@@ -508,7 +542,10 @@ class Trainer:
         record = {"epoch": self.progress.epoch, "step": self.progress.step, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
         eval_loss = self.criterion if self._explicit_loss else None  # a loss of the user's; else plain cross-entropy
         test = evaluate(self.model, self.test_loader, self.device, eval_loss)
-        record.update(test_loss=test["loss"], test_acc=test["acc"])
+        if self.vocab is not None:  # text: the held-out tail validates; perplexity per character
+            record.update(val_loss=test["loss"], val_acc=test["acc"], val_ppl=math.exp(min(test["loss"], 50.0)))
+        else:
+            record.update(test_loss=test["loss"], test_acc=test["acc"])
         if self.val_loader is not None:
             val = evaluate(self.model, self.val_loader, self.device, eval_loss)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
@@ -518,10 +555,9 @@ class Trainer:
         )
         self._log(record)
         if self.is_main and self.cfg.run.progress:
-            tqdm.write(
-                f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  test acc {record['test_acc']:.2f}%  "
-                f"({record['wall_s']:.0f}s)"
-            )
+            shown = (f"val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})" if self.vocab is not None
+                     else f"test acc {record['test_acc']:.2f}%")
+            tqdm.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {shown}  ({record['wall_s']:.0f}s)")
         self.save()
         return record
 
@@ -559,7 +595,7 @@ class Trainer:
             ],
         }
         last = _last_record(self.out / "metrics.jsonl")
-        summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "train_loss") if k in last})
+        summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "val_loss", "val_ppl", "train_loss") if k in last})
         if self.is_main:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.method.export_state()}, self.out / FINAL_MODEL)
             (self.out / "final.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))

@@ -1,0 +1,88 @@
+"""Character-level text: any UTF-8 file as next-character windows, split by position.
+
+The vocabulary is the sorted set of the file's characters (saved with a run as ``vocab.json``, so a
+trained model can be sampled later); the first ``1 - val_fraction`` of the text trains and the rest
+validates; windows of ``context + 1`` characters start every ``stride`` characters (default: the
+context, so training windows do not overlap) and give inputs ``w[:-1]`` and targets ``w[1:]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .data import DatasetError
+
+__all__ = ["CharVocab", "CharWindows", "load_text"]
+
+
+class CharVocab:
+    """Characters to ids and back."""
+
+    def __init__(self, chars: list[str]):
+        if len(chars) < 2:
+            raise DatasetError(f"a text needs at least 2 distinct characters, got {len(chars)}")
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Ids of ``text`` (a character outside the vocabulary is a ValueError naming it)."""
+        missing = sorted(set(text) - set(self.index))
+        if missing:
+            raise ValueError(f"characters not in the vocabulary: {missing[:10]}")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        """The text of ``ids``."""
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary as JSON."""
+        Path(path).write_text(json.dumps({"chars": self.chars}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CharVocab":
+        """Read a vocabulary written by :meth:`save`."""
+        return cls(json.loads(Path(path).read_text())["chars"])
+
+
+class CharWindows(Dataset):
+    """Windows of ``context`` input ids and their ``context`` next-id targets, every ``stride`` ids."""
+
+    def __init__(self, ids: torch.Tensor, context: int, stride: int | None = None):
+        stride = stride or context
+        if len(ids) < context + 1:
+            raise DatasetError(f"{len(ids)} characters cannot fill one window of {context} + 1")
+        self.ids, self.context = ids, context
+        self.starts = torch.arange(0, len(ids) - context, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        s = int(self.starts[i])
+        w = self.ids[s: s + self.context + 1]
+        return w[:-1], w[1:]
+
+
+def load_text(path: str | Path, context: int, val_fraction: float = 0.1) -> tuple[dict[str, CharWindows], CharVocab]:
+    """``({"train", "test"}, vocab)`` of a UTF-8 text file; "test" is the held-out tail (validation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"text file {path} does not exist (pass it with --data-dir)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text ({e})") from None
+    if not 0 < val_fraction < 1:
+        raise DatasetError(f"the validation share of a text must be in (0, 1), got {val_fraction}")
+    vocab = CharVocab(sorted(set(text)))
+    ids = vocab.encode(text)
+    cut = int(len(ids) * (1 - val_fraction))
+    return {"train": CharWindows(ids[:cut], context), "test": CharWindows(ids[cut:], context)}, vocab
