@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from sparsetrain.models import MODELS, build_model, model_input_shape
+from sparsetrain.models import MODELS, SEQUENCE_MODELS, build_model, model_input_shape
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - {"resnet50"}))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"resnet50"} - SEQUENCE_MODELS))
 def test_every_zoo_model_runs_forward_and_backward(name):
     model = build_model(name, num_classes=7)
     out = model(torch.randn(2, *model_input_shape(name)))
@@ -29,3 +29,11 @@ def test_unknown_model_and_bad_width():
         build_model("resnet7")
     with pytest.raises(ValueError, match="width must be > 0"):
         build_model("resnet20", width=0)
+
+
+def test_the_gpt_matches_the_protocol_d_size():
+    model = build_model("gpt", 65, context=64, depth=4, heads=4)  # 4 blocks, width 128, context 64, 65 characters
+    blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
+    assert model.tok.weight.shape == (65, 128) and model.pos.weight.shape == (64, 128)
+    assert blocks == 4 * (12 * 128 * 128 + 13 * 128)  # qkv, proj, fc, out and their biases, two LayerNorms
+    assert build_model("gpt", 65, width=4.0, context=128).tok.weight.shape[1] == 512  # D-speed: width 512
