@@ -125,3 +125,48 @@ def test_update_prunes_and_grows_whole_units_at_a_constant_count(scheme_name):
     assert int(after.sum()) == int(before.sum())
     assert int((before & ~after).sum()) == k and int((after & ~before).sum()) == k
     assert int(new.sum()) == int(mask.sum())  # same number of weights, units whole (or one pattern each)
+
+
+def _fan_in(mask):
+    return mask.reshape(mask.shape[0], -1).sum(1)
+
+
+@pytest.mark.parametrize("shape", [(64, 100), (16, 8, 3, 3)])
+def test_fan_in_masks_keep_the_same_inputs_per_row_by_score(shape):
+    from sparsetrain.schemes import parse_scheme
+
+    score = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    m = parse_scheme("fan_in").mask(score, 0.1)
+    k = round(0.1 * score[0].numel())
+    assert set(_fan_in(m).tolist()) == {k}
+    rows, keep = score.reshape(shape[0], -1), m.reshape(shape[0], -1)
+    assert torch.all(rows[keep].reshape(shape[0], k).min(1).values >= rows.masked_fill(keep, -1).max(1).values)
+
+
+@pytest.mark.parametrize("factory", ["set", "rigl", "mest"])
+def test_fan_in_stays_constant_through_every_update(factory):
+    import torch.nn.functional as F
+
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    kw = dict(sparsity=0.8, scheme="fan_in", dense_layers=["last"], steps_per_epoch=4, epochs=4)
+    sp = {"set": lambda: st.set(model, opt, update_every_steps=2, update_end=1.0, **kw),
+          "rigl": lambda: st.rigl(model, opt, update_every_steps=2, update_end=1.0, **kw),
+          "mest": lambda: st.mest(model, opt, every_epochs=1, mutation_ratio=[[0, 0.3]], **kw)}[factory]()
+    start = {n: _fan_in(m) for n, m in sp.maskset.masks.items()}
+    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+    changed = 0
+    for _ in range(16):
+        before = {n: m.clone() for n, m in sp.maskset.masks.items()}
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for n, m in sp.maskset.masks.items():
+            assert torch.equal(_fan_in(m), start[n]), n  # every row, after every update
+            changed += int(not torch.equal(m, before[n]))
+    assert changed > 0 and sp.updates > 0

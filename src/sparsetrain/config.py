@@ -48,6 +48,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation "
                                                              "(text: the tail of the file, default 0.1)")
     context: int = Field(64, gt=1, description="text: characters per window (the model's context)")
+    stride: int | None = Field(None, gt=0, description="text: characters between window starts (default: the context); "
+                                                    "the windows shift by a seeded offset every epoch")
     augment: bool = True
 
     _known_dataset = field_validator("dataset")(classmethod(lambda cls, v: _one_of(v, DATASETS, "dataset")))
@@ -77,6 +79,8 @@ class OptimConfig(_Section):
     no_decay_bn_bias: bool = False
     schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(0.5, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="warm-up in optimizer steps; overrides warmup_epochs when > 0")
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1, description="cosine: the learning rate decays to lr * this")
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule: fractions of training")
     gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)

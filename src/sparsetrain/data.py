@@ -554,6 +554,8 @@ class BatchLoader:
     def start_epoch(self, epoch: int) -> None:
         """Fix the order and augmentation stream of ``epoch`` (a function of the seed and epoch only)."""
         self.epoch, self.position = epoch, 0
+        if self.train and hasattr(self.dataset, "set_epoch"):  # datasets whose items move with the epoch (text windows)
+            self.dataset.set_epoch(epoch)
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
         pool = torch.arange(len(self.dataset)) if self.active is None else self.active
         self._perm = pool[torch.randperm(len(pool), generator=self.generator)] if self.train else pool
@@ -600,3 +602,5 @@ class BatchLoader:
         self.generator.set_state(state["generator"])
         self._perm = state["perm"] if state["perm"].numel() else None
         self.active = state["active"] if state["active"].numel() else None
+        if self.train and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)

@@ -9,7 +9,8 @@ prune and grow whole units with :meth:`Scheme.update`.
 
 Names, as used in configs: ``unstructured``, ``channel_out``, ``channel_in``,
 ``kernel``, ``pattern``, ``block_RxC`` (e.g. ``block_4x1``, MEST's blocks of 4 output
-rows in one input column), ``nm_N:M`` (e.g. ``nm_2:4``).
+rows in one input column), ``nm_N:M`` (e.g. ``nm_2:4``), ``fan_in`` (every output row keeps
+the same number of inputs).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 __all__ = ["Scheme", "parse_scheme", "KERNEL_PATTERNS", "SCHEME_NAMES"]
 
-SCHEME_NAMES = "unstructured, channel_out, channel_in, kernel, pattern, block_RxC (e.g. block_4x1), nm_N:M (e.g. nm_2:4)"
+SCHEME_NAMES = ("unstructured, channel_out, channel_in, kernel, pattern, block_RxC (e.g. block_4x1), nm_N:M (e.g. nm_2:4), "
+                "fan_in")
 
 
 def _patterns() -> torch.Tensor:
@@ -254,9 +256,56 @@ class NM(Scheme):
         return n_units
 
 
+class FanIn(Scheme):
+    """Constant fan-in: every output row (a Linear's output neuron, a convolution's filter) keeps exactly the same
+    number of inputs, round(density * fan_in), chosen by score within the row. A sparse layer is then a dense
+    gather of k inputs per neuron and a small dense product (SRigL, Lasby et al. 2024); N:M is the special
+    case of a fan-in constant on every group of M inputs. Prune and grow run row by row, the same count in
+    every row (SRigL's rule), so the fan-in stays constant through SET, RigL and MEST updates."""
+
+    name = "fan_in"
+
+    def check(self, shape, layer=""):
+        if len(shape) < 2:
+            raise ValueError(f"{layer}: scheme fan_in needs a weight with output rows, got shape {tuple(shape)}")
+
+    def units_for(self, numel, density, n_units):
+        return n_units  # not used by mask(): the count is per row
+
+    def mask(self, score, density, layer=""):
+        self.check(tuple(score.shape), layer)
+        rows = score.detach().float().reshape(score.shape[0], -1)
+        k = max(1, min(rows.shape[1], round(density * rows.shape[1])))
+        keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, torch.topk(rows, k, dim=1).indices, True)
+        return keep.reshape(score.shape)
+
+    def update(self, mask, prune_score, n_prune, n_grow, grow_score, generator):
+        shape = tuple(mask.shape)
+        m = mask.reshape(shape[0], -1)
+        rows = m.shape[0]
+        active = m.clone()
+        p = min(n_prune // rows, int(m.sum(1).min()))  # the same count in every row
+        new = m.clone()
+        if p:
+            s = prune_score.detach().float().reshape(rows, -1)
+            s = torch.where(active, s, torch.full_like(s, float("inf")))
+            new.scatter_(1, torch.topk(s, p, dim=1, largest=False).indices, False)
+        candidates = ~active  # never a weight just pruned
+        g_count = min(n_grow // rows, int(candidates.sum(1).min()))
+        if g_count:
+            if grow_score is None:
+                g = torch.rand(m.shape, generator=generator).to(mask.device)
+            else:
+                g = grow_score.detach().float().abs().reshape(rows, -1)
+            g = torch.where(candidates, g, torch.full_like(g, -float("inf")))
+            new.scatter_(1, torch.topk(g, g_count, dim=1).indices, True)
+        return new.reshape(shape)
+
+
 def parse_scheme(name: str) -> Scheme:
     """A scheme from its config name; see the module docstring for the names."""
-    simple = {"unstructured": Scheme, "channel_out": ChannelOut, "channel_in": ChannelIn, "kernel": Kernel, "pattern": Pattern}
+    simple = {"unstructured": Scheme, "channel_out": ChannelOut, "channel_in": ChannelIn, "kernel": Kernel, "pattern": Pattern,
+              "fan_in": FanIn}
     if name in simple:
         return simple[name]()
     if m := re.fullmatch(r"block_(\d+)x(\d+)", name):

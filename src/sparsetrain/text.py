@@ -53,26 +53,43 @@ class CharVocab:
 
 
 class CharWindows(Dataset):
-    """Windows of ``context`` input ids and their ``context`` next-id targets, every ``stride`` ids."""
+    """Windows of ``context`` input ids and their ``context`` next-id targets, every ``stride`` ids.
 
-    def __init__(self, ids: torch.Tensor, context: int, stride: int | None = None):
-        stride = stride or context
-        if len(ids) < context + 1:
+    With ``shift`` (training), :meth:`set_epoch` moves every window by an offset in ``[0, stride)`` drawn
+    from the seed and the epoch, so over epochs the windows start anywhere in the text, and a resumed
+    run sees the same windows; the number of windows stays the same.
+    """
+
+    def __init__(self, ids: torch.Tensor, context: int, stride: int | None = None, shift: bool = False, seed: int = 0):
+        self.stride = stride or context
+        if len(ids) < context + 1 + (self.stride - 1 if shift else 0):
             raise DatasetError(f"{len(ids)} characters cannot fill one window of {context} + 1")
-        self.ids, self.context = ids, context
-        self.starts = torch.arange(0, len(ids) - context, stride)
+        self.ids, self.context, self.shift, self.seed = ids, context, shift, seed
+        room = len(ids) - context - 1 - (self.stride - 1 if shift else 0)  # the last start that fits any offset
+        self.count = room // self.stride + 1
+        self.offset = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shift the windows for ``epoch`` (no-op without ``shift``)."""
+        if self.shift:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.offset = int(torch.randint(0, self.stride, (1,), generator=g))
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.count
 
     def __getitem__(self, i):
-        s = int(self.starts[i])
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        s = self.offset + i * self.stride
         w = self.ids[s: s + self.context + 1]
         return w[:-1], w[1:]
 
 
-def load_text(path: str | Path, context: int, val_fraction: float = 0.1) -> tuple[dict[str, CharWindows], CharVocab]:
-    """``({"train", "test"}, vocab)`` of a UTF-8 text file; "test" is the held-out tail (validation)."""
+def load_text(path: str | Path, context: int, val_fraction: float = 0.1, stride: int | None = None,
+              seed: int = 0) -> tuple[dict[str, CharWindows], CharVocab]:
+    """``({"train", "test"}, vocab)`` of a UTF-8 text file; "test" is the held-out tail (validation, fixed
+    windows); training windows every ``stride`` characters, shifted each epoch."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"text file {path} does not exist (pass it with --data-dir)")
@@ -85,4 +102,5 @@ def load_text(path: str | Path, context: int, val_fraction: float = 0.1) -> tupl
     vocab = CharVocab(sorted(set(text)))
     ids = vocab.encode(text)
     cut = int(len(ids) * (1 - val_fraction))
-    return {"train": CharWindows(ids[:cut], context), "test": CharWindows(ids[cut:], context)}, vocab
+    train = CharWindows(ids[:cut], context, stride, shift=True, seed=seed)
+    return {"train": train, "test": CharWindows(ids[cut:], context)}, vocab

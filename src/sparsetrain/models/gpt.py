@@ -49,15 +49,7 @@ class GPT(nn.Module):
         self.pos = nn.Embedding(context, width)
         self.blocks = nn.Sequential(*[Block(width, heads) for _ in range(depth)])
         self.ln_f = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size, bias=False)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+        self.head = nn.Linear(width, vocab_size, bias=False)  # PyTorch's default initialisation throughout
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]

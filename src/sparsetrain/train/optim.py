@@ -31,12 +31,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based) of ``total`` steps.
 
-    Warm-up is linear over ``warmup_epochs``. After it: ``cosine`` decays to 0;
+    Warm-up is linear over ``warmup_steps`` (else ``warmup_epochs``). After it: ``cosine`` decays to
+    ``min_lr_ratio`` (0 by default);
     ``step`` multiplies by ``gamma`` at each milestone (fractions of training);
     ``onecycle`` rises from lr/25 over the warm-up (30% of training if none is set)
     and anneals with a cosine to lr/1e4; ``constant`` holds.
     """
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    warm = cfg.warmup_steps or int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "onecycle":
         warm = warm or int(0.3 * total)
         if step < warm:
@@ -46,7 +47,8 @@ def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> 
     if step < warm:
         return (step + 1) / warm
     if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+        floor = cfg.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
     if cfg.schedule == "step":
         return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
     return 1.0

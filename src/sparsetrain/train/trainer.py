@@ -249,7 +249,8 @@ class Trainer:
         if datasets is None and cfg.data.dataset in TEXT_DATASETS:
             if cfg.data.data_dir is None:
                 raise ConfigError("dataset 'text' reads a UTF-8 file: pass it with --data-dir (data.data_dir)")
-            splits, self.vocab = load_text(cfg.data.data_dir, cfg.data.context, cfg.data.val_fraction or 0.1)
+            splits, self.vocab = load_text(cfg.data.data_dir, cfg.data.context, cfg.data.val_fraction or 0.1,
+                                           cfg.data.stride, cfg.run.seed)
             self.info = replace(self.info, num_classes=len(self.vocab), image_shape=(cfg.data.context,))
         else:
             splits = datasets or load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download,
