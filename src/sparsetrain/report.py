@@ -14,22 +14,28 @@ def read_run(run_dir: str | Path) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    metrics = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    metrics = []
+    for ln in metrics_path.read_text().splitlines():
+        try:
+            metrics.append(json.loads(ln))
+        except ValueError:  # a line cut by a kill: the run resumes without it
+            continue
     final_path = run_dir / "final.json"
     final = json.loads(final_path.read_text()) if final_path.exists() else {}
     return {"dir": str(run_dir), "metrics": metrics, "final": final}
 
 
 def format_table(runs: list[dict]) -> str:
-    """One line per run: method, sparsity, epochs, final test accuracy, FLOPs relative to dense, wall time."""
-    head = f"{'run':<40} {'method':<16} {'sparsity':>8} {'epochs':>6} {'test acc':>8} {'train F':>8} {'infer F':>8} {'wall s':>8}"
+    """One line per run: method, sparsity, epochs, final test accuracy (language models: validation loss),
+    FLOPs relative to dense, wall time."""
+    head = f"{'run':<40} {'method':<16} {'sparsity':>8} {'epochs':>6} {'acc|loss':>8} {'train F':>8} {'infer F':>8} {'wall s':>8}"
     lines = [head, "-" * len(head)]
     for r in runs:
         f, last = r["final"], (r["metrics"][-1] if r["metrics"] else {})
         done = "" if f else " (running)"
         lines.append(
             f"{Path(r['dir']).name[:40]:<40} {f.get('method', '?'):<16} {f.get('sparsity', last.get('sparsity', 0)):>8.4f} "
-            f"{last.get('epoch', 0):>6} {last.get('test_acc', float('nan')):>8.2f} "
+            f"{last.get('epoch', 0):>6} {last.get('test_acc', last.get('val_loss', float('nan'))):>8.2f} "
             f"{f.get('train_flops_rel', last.get('train_flops_rel', float('nan'))):>8.4f} "
             f"{f.get('infer_flops_rel', float('nan')):>8.4f} {last.get('wall_s', float('nan')):>8.0f}{done}"
         )
@@ -48,7 +54,7 @@ def format_layers(run: dict) -> str:
 
 
 def plot_curves(run_dirs: list[str | Path], out_png: str | Path) -> Path:
-    """Test accuracy and training loss against epoch for each run, in one PNG."""
+    """Test accuracy (language models: validation loss) and training loss against epoch for each run, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,9 +65,12 @@ def plot_curves(run_dirs: list[str | Path], out_png: str | Path) -> Path:
         run = read_run(d)
         ep = [m["epoch"] for m in run["metrics"]]
         label = run["final"].get("method") or Path(d).name
-        ax_acc.plot(ep, [m["test_acc"] for m in run["metrics"]], marker="o", ms=3, label=label)
+        text = bool(run["metrics"]) and "test_acc" not in run["metrics"][0]  # a language model: validation loss
+        key = "val_loss" if text else "test_acc"
+        ax_acc.plot(ep, [m.get(key) for m in run["metrics"]], marker="o", ms=3, label=label)
         ax_loss.plot(ep, [m["train_loss"] for m in run["metrics"]], marker="o", ms=3, label=label)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+        ax_acc.set(xlabel="epoch", ylabel="validation loss (nats/char)" if text else "test accuracy (%)",
+                   title="Validation loss" if text else "Test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
