@@ -203,7 +203,7 @@ class Trainer:
 
     def _setup_model(self, model: nn.Module | None, loss_fn) -> None:
         cfg = self.cfg
-        extra = {"context": cfg.data.context, "depth": cfg.model.depth, "heads": cfg.model.heads} if self.vocab else {}
+        extra = {"context": cfg.data.context, "depth": cfg.model.depth, "heads": cfg.model.heads} if self.vocab is not None else {}
         self.model = model if model is not None else build_model(cfg.model.name, self.info.num_classes, cfg.model.width, **extra)
         self.model.to(self.device)
         if cfg.model.channels_last:
@@ -214,7 +214,7 @@ class Trainer:
 
     def _setup_accounting(self) -> None:
         try:
-            example = torch.stack([torch.as_tensor(self.train_set[i][0]) for i in range(2)]) if self.vocab else None
+            example = torch.stack([torch.as_tensor(self.train_set[i][0]) for i in range(2)]) if self.vocab is not None else None
             costs = measure_layer_costs(self.model, self.input_shape, self.device, example=example)
         except RuntimeError as e:  # the first forward pass: a model that does not take the data's input
             raise ConfigError(f"model {self.cfg.model.name!r} does not take {self.cfg.data.dataset}'s input of shape "
