@@ -36,7 +36,7 @@ from ..schemes import parse_scheme
 from . import native
 from .bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
 
-__all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers",
+__all__ = ["SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers", "SWAT_BUFFERS",
            "swat_conv2d", "swat_linear", "topk_threshold", "threshold_and_share"]
 
 def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -182,6 +182,10 @@ def swat_linear(x, weight, bias, w_mask, w_thresh, a_thresh):
     return _SWATLinearFn.apply(x, weight, bias, w_mask, w_thresh, a_thresh)
 
 
+# the buffers a SWAT layer adds to its Conv2d/Linear (thresholds, kept units, step count, kept input share)
+SWAT_BUFFERS = ("w_mask", "w_thresh", "a_thresh", "steps", "act_kept")
+
+
 class _SWATMixin:
     """Buffers and the periodic top-K refresh shared by the SWAT layers."""
 
@@ -286,7 +290,7 @@ def swat_layers(model: nn.Module) -> dict[str, _SWATMixin]:
 def revert(model: nn.Module) -> nn.Module:
     """Turn SWAT layers back into plain Conv2d/Linear (weights untouched), in place."""
     for m in swat_layers(model).values():
-        for b in ("w_mask", "w_thresh", "a_thresh", "steps", "act_kept"):
+        for b in SWAT_BUFFERS:
             delattr(m, b)
         _swap(m, nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear)
     return model

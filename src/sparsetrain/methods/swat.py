@@ -18,15 +18,14 @@ import torch.nn as nn
 
 from ..distributions import layer_densities
 from ..execution.activations import BitReLU, replace_activations
-from ..execution.swat_layers import convert, harden, swat_layers
+from ..execution.swat_layers import SWAT_BUFFERS, convert, harden, swat_layers
 from ..masks import LayerSparsity, select_parameters
 from .base import Sparsifier, check_fraction
 
-__all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES", "SWAT_BUFFERS"]
+__all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES"]
 
 VARIANTS = ("u", "erk", "m", "structured")
 STRUCTURES = ("kernel", "channel_out")
-SWAT_BUFFERS = _BUFFERS = ("w_mask", "w_thresh", "a_thresh", "steps", "act_kept")  # per layer, in its state
 
 
 class SWAT(Sparsifier):
@@ -129,11 +128,11 @@ class SWAT(Sparsifier):
         return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), int(m.current_mask().sum())) for n, m in self.layers.items()]
 
     def model_state_keys(self) -> list[str]:
-        return [f"{n.rsplit('.', 1)[0]}.{b}" if "." in n else b for n in self.layers for b in _BUFFERS]
+        return [f"{n.rsplit('.', 1)[0]}.{b}" if "." in n else b for n in self.layers for b in SWAT_BUFFERS]
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The plain architecture's state dict with W_s as the weights (the hard-pruned model)."""
-        state = {k: v for k, v in self.model.state_dict().items() if not k.endswith(_BUFFERS)}
+        state = {k: v for k, v in self.model.state_dict().items() if not k.endswith(SWAT_BUFFERS)}
         for n, m in self.layers.items():
             state[n] = (m.weight * m.current_mask()).detach().clone()
         return state
@@ -147,7 +146,7 @@ class SWAT(Sparsifier):
     def state_dict(self) -> dict:
         """Clock, budgets, and each layer's SWAT buffers (thresholds, kept units, step counts), so the state
         is whole even where a framework saves only the plain model's weights."""
-        buffers = {n: {b: getattr(m, b).clone() for b in _BUFFERS} for n, m in self.layers.items()}
+        buffers = {n: {b: getattr(m, b).clone() for b in SWAT_BUFFERS} for n, m in self.layers.items()}
         return {**super().state_dict(), "densities": {n: m.density for n, m in self.layers.items()}, "buffers": buffers}
 
     def load_state_dict(self, state: dict) -> None:
