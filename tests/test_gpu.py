@@ -113,7 +113,7 @@ def test_backends_on_cuda_match_masked_dense(backend, scheme):
     data = _data((3, 16, 16), 1)
     ref = _cnn()
     model = _cnn()
-    sp_ref = st.static(ref, torch.optim.SGD(ref.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[])
+    st.static(ref, torch.optim.SGD(ref.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[])  # the same mask (same seed)
     sp = st.static(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[])
     apply_backend(model, sp.maskset, backend)
     x, y = data[0]
