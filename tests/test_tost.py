@@ -200,3 +200,10 @@ def test_resume_inside_the_ghost_phase_matches_an_uninterrupted_run(tmp_path):
     full, resumed = full_and_resumed(lambda out: Trainer(config(out), datasets=_data()), tmp_path, 3)
     for k, v in full.model.state_dict().items():
         torch.testing.assert_close(v, resumed.model.state_dict()[k], rtol=0, atol=0)
+
+
+def test_ghost_soft_on_a_model_without_relu_warns_and_is_not_recorded():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    with pytest.warns(RuntimeWarning, match="no ReLU"):
+        recipe = ToST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+    assert recipe.components() == ["label-smoothing"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -264,6 +265,10 @@ class ToST:
             for kind in (nn.ReLU, BitReLU):
                 replace_activations(model, kind, lambda old: GhostSoftActivation(old, soft()))
             self.ghost_acts = [m for m in model.modules() if isinstance(m, GhostSoftActivation)]
+            if not self.ghost_acts:
+                warnings.warn("ghost_soft found no ReLU to soften in this model (a GELU MLP, say): only the other "
+                              "components act", RuntimeWarning, stacklevel=3)
+        self.softened = len(self.ghost_acts)  # how many activations the ghost phase really replaced
         densities = sparsifier.weight_density() if sparsifier is not None else None
         if rescale_init == "fan_in":
             self.init_scales = rescale_fan_in(model, densities or {})
@@ -292,7 +297,7 @@ class ToST:
 
     def components(self) -> list[str]:
         """Names of the components switched on (for records)."""
-        return [n for n, on in (("ghost-soft", self.ghost_soft), ("ghost-skip", self.ghost_skip),
+        return [n for n, on in (("ghost-soft", self.ghost_soft and self.softened > 0), ("ghost-skip", self.ghost_skip),
                                 ("rescale-init", self.rescale_init != "none"),
                                 ("label-smoothing", bool(self.label_smoothing)), ("teacher", self.teacher is not None)) if on]
 
