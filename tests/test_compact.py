@@ -119,7 +119,7 @@ def test_mest_with_compact_state_matches_masked_dense_and_resumes_across_a_mutat
 
 
 def test_compact_state_needs_the_direct_backend_and_a_method_without_dense_gradients():
-    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct'"):
+    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct' or 'condensed'"):
         load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"])
     with pytest.raises(ConfigError, match="method 'set'"):
         load_config(overrides=["sparsity.method=set", "sparsity.sparsity=0.5", "sparsity.backend=direct",

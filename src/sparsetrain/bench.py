@@ -11,8 +11,9 @@ resident set is read from the kernel (the process's own high-water mark). glibc'
 threshold is fixed there (:data:`PEAK_ENV`), so freed tensors leave the resident set and
 the peak follows the tensors alive at once rather than the allocator's high-water mark.
 
-Inputs are random tensors of the dataset's shape: data loading is the same for every
-configuration and is left out.
+Inputs are random tensors of the dataset's shape (random token ids for the sequence models):
+data loading is the same for every configuration and is left out. Vision models step with SGD
+(momentum 0.9, as protocol B); sequence models with AdamW and their output head dense (protocol D).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .config import load_config
 from .execution.backends import apply_backend
 from .execution.compact import compact_layers
 from .methods import METHODS
-from .models import build_model, model_input_shape
+from .models import SEQUENCE_MODELS, build_model, model_input_shape
 from .report import save_figure
 
 __all__ = ["CONFIGS", "PEAK_ENV", "BenchResult", "build", "make_step", "memory_format", "time_pairs", "peak_memory",
@@ -46,6 +47,8 @@ CONFIGS: dict[str, list[str]] = {
     "csr": ["sparsity.method=static", "sparsity.backend=csr"],
     "direct": ["sparsity.method=static", "sparsity.backend=direct"],
     "compact": ["sparsity.method=static", "sparsity.backend=direct", "sparsity.compact_state=true"],
+    "condensed": ["sparsity.method=static", "sparsity.backend=condensed"],
+    "condensed-compact": ["sparsity.method=static", "sparsity.backend=condensed", "sparsity.compact_state=true"],
     "channel": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel"],
     "auto": ["sparsity.method=static", "sparsity.backend=auto"],
     "swat": ["sparsity.method=swat"],
@@ -59,20 +62,31 @@ PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def memory_format(config: str) -> torch.memory_format:
     """Each configuration in its faster layout: the direct kernels work on NCHW; oneDNN's dense
     convolutions (dense, masked, SWAT, the CSR path's unfolding) are faster channels-last on CPUs."""
-    return torch.contiguous_format if config in ("direct", "compact", "auto") else torch.channels_last
+    return torch.contiguous_format if config in ("direct", "compact", "condensed", "condensed-compact", "auto") \
+        else torch.channels_last
 
 
-def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = ()):
+def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = (), model_args: dict | None = None):
     """(model, optimizer, method or None) for ``config``: "dense" or a key of :data:`CONFIGS`; the model
-    takes the input of its usual dataset (CIFAR-size for the CIFAR zoo)."""
+    takes the input of its usual dataset (CIFAR-size for the CIFAR zoo); ``model_args`` go to the zoo
+    (e.g. a GPT's ``width`` and ``context``)."""
     if config != "dense" and config not in CONFIGS:
         raise ValueError(f"unknown configuration {config!r}; choose dense or one of {sorted(CONFIGS)}")
     torch.manual_seed(0)
-    model = build_model(model_name).to(memory_format=memory_format(config))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model = build_model(model_name, **(model_args or {}))
+    sequence = model_name in SEQUENCE_MODELS
+    if sequence:
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95),
+                                weight_decay=0.1)
+    else:
+        model = model.to(memory_format=memory_format(config))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     method = None
     if config != "dense":
-        cfg = load_config(overrides=[*CONFIGS[config], f"sparsity.sparsity={sparsity}", *extra])
+        layers_default = ["sparsity.dense_layers=[last]"] if sequence else []  # embeddings, LayerNorms, head dense
+        cfg = load_config(overrides=[*CONFIGS[config], f"sparsity.sparsity={sparsity}", *layers_default, *extra])
         sc = cfg.sparsity
         method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs())
         if cfg.sparsity.backend != "masked":
@@ -83,17 +97,25 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
 
 
 def make_step(model, opt, method, batch: int, config: str = "dense", input_shape: tuple[int, ...] = (3, 32, 32)):
-    """A function running one training step on a fixed random batch of ``input_shape`` images."""
+    """A function running one training step on a fixed random batch of ``input_shape`` images, or, for a model
+    with a ``context`` (the GPT), of random token windows with next-token targets."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *input_shape, generator=g).contiguous(memory_format=memory_format(config))
-    model.eval()
-    with torch.no_grad():
-        num_classes = model(x[:2]).shape[-1]
-    model.train()
-    y = torch.randint(0, num_classes, (batch,), generator=g)
+    context = getattr(model, "context", None)
+    if context is not None:
+        vocab = model.tok.num_embeddings
+        x = torch.randint(0, vocab, (batch, context), generator=g)
+        y = torch.randint(0, vocab, (batch, context), generator=g)
+    else:
+        x = torch.randn(batch, *input_shape, generator=g).contiguous(memory_format=memory_format(config))
+        model.eval()
+        with torch.no_grad():
+            num_classes = model(x[:2]).shape[-1]
+        model.train()
+        y = torch.randint(0, num_classes, (batch,), generator=g)
 
     def step():
-        loss = F.cross_entropy(model(x), y)
+        out = model(x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()  # the method's per-step work runs in here
@@ -115,19 +137,20 @@ def time_pairs(dense_step, sparse_step, pairs: int, warmup: int) -> tuple[list[f
     return times
 
 
-def peak_memory(model_name: str, config: str, sparsity: float, batch: int, extra: list[str] = (), steps: int = 3) -> dict:
+def peak_memory(model_name: str, config: str, sparsity: float, batch: int, extra: list[str] = (), steps: int = 3,
+                model_args: dict | None = None) -> dict:
     """Peak resident bytes of a fresh process training ``steps`` steps of ``config``, and its bytes before the model."""
     cmd = [sys.executable, "-m", "sparsetrain.bench", "--peak", model_name, config, str(sparsity), str(batch), str(steps),
-           *extra]
+           json.dumps(model_args or {}), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PEAK_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"peak-memory run of {config} failed: {done.stderr.strip()[-800:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _peak_child(model_name: str, config: str, sparsity: str, batch: str, steps: str, *extra: str) -> None:
+def _peak_child(model_name: str, config: str, sparsity: str, batch: str, steps: str, model_args: str, *extra: str) -> None:
     base = peak_memory_bytes()
-    model, opt, method = build(model_name, config, float(sparsity), list(extra))
+    model, opt, method = build(model_name, config, float(sparsity), list(extra), json.loads(model_args))
     step = make_step(model, opt, method, int(batch), config, model_input_shape(model_name))
     for _ in range(int(steps)):
         step()

@@ -183,10 +183,12 @@ class SparsityConfig(_Section):
     update_fraction: float = Field(0.3, ge=0, lt=1, description="SET/RigL: share of active weights replaced at the first update")
     update_decay: Literal["cosine", "constant"] = "cosine"
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
-    backend: Literal["masked", "csr", "direct", "channel", "semi_structured", "auto"] = Field(
-        "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, compacted channels, 2:4 semi-structured (CUDA), or the fastest per layer")
-    compact_state: bool = Field(False, description="direct backend, static or mest: store only kept weights (and their "
-                                                 "gradients and optimizer state)")
+    backend: Literal["masked", "csr", "direct", "condensed", "channel", "semi_structured", "auto"] = Field(
+        "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, "
+                              "condensed Linear kernels (rows of kept inputs; convolutions direct), compacted channels, "
+                              "2:4 semi-structured (CUDA), or the fastest per layer")
+    compact_state: bool = Field(False, description="direct or condensed backend, static or mest: store only kept weights "
+                                                 "(and their gradients and optimizer state)")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
@@ -244,8 +246,9 @@ class SparsityConfig(_Section):
         if self.backend != "masked" and m in ("dense", "swat"):
             raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {m!r} has no masks "
                              "(use static, lottery, set, rigl or mest)")
-        if self.compact_state and (self.backend != "direct" or m not in ("static", "mest")):
-            raise ValueError(f"compact_state stores only kept weights under backend 'direct' for methods static and mest "
+        if self.compact_state and (self.backend not in ("direct", "condensed") or m not in ("static", "mest")):
+            raise ValueError(f"compact_state stores only kept weights under backend 'direct' or 'condensed' for methods "
+                             f"static and mest "
                              f"(whose updates need no dense gradient); got backend {self.backend!r}, method {m!r}")
         if self.backend == "channel" and self.scheme != "channel_out":
             raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "

@@ -14,6 +14,12 @@
   gradient alike. Work is in proportion to the kept weights and there is no unfolded copy
   of the input. Float32 on the CPU; Linear layers, and whatever the kernels do not cover,
   take the CSR path.
+* ``condensed`` — our C kernels for Linear layers (:mod:`sparsetrain.native`, ``condensed.c``): the kept
+  weights are listed row by row (for a constant fan-in mask, ``[out, k]`` values and input indices), and
+  tokens are taken in blocks of 64, transposed in cache so that every kept weight is one vector
+  multiply-add over the block. Forward, input gradient and kept-weight gradient all cost nnz x tokens
+  multiply-adds; the row lists are rebuilt only when the mask changes. Any mask runs (constant fan-in keeps
+  rows even); convolutions under it take the ``direct`` kernels. Float32 on the CPU; elsewhere CSR.
 * ``channel`` — masks of whole output channels (``sparsity.scheme=channel_out``): the layer
   runs as a smaller dense layer over its kept filters (fewer output channels in forward,
   input gradient and weight gradient alike) and its output is re-expanded to full width
@@ -47,10 +53,11 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["CSRStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "SparseLinear", "SparseConv2d",
+__all__ = ["CSRStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
+           "SparseConv2d",
            "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
-BACKENDS = ("masked", "csr", "direct", "channel", "semi_structured", "auto")
+BACKENDS = ("masked", "csr", "direct", "condensed", "channel", "semi_structured", "auto")
 
 
 def _direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -71,6 +78,16 @@ class CSRStructure:
     col_t: torch.Tensor
     perm_t: torch.Tensor  # CSR-of-transpose order, as indices into this matrix's value order
 
+    @property
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row pointers, column of each kept entry), as the condensed kernels read them."""
+        return self.crow, self.col
+
+    @property
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(column pointers, row of each entry, its index into the values), the entries listed by input."""
+        return self.crow_t, self.col_t, self.perm_t
+
     @classmethod
     def from_mask(cls, mask2d: torch.Tensor) -> "CSRStructure":
         rows, cols = mask2d.shape
@@ -90,6 +107,12 @@ class CSRStructure:
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
         """The transposed sparse weight as a CSR matrix (for the input gradient)."""
         return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1], check_invariants=False)
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The matrix with ``values`` at the kept positions and zeros elsewhere."""
+        out = values.new_zeros(math.prod(self.shape))
+        out[self.flat_index] = values
+        return out.view(self.shape)
 
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere."""
@@ -135,6 +158,40 @@ class _CSRLinearFn(torch.autograd.Function):
 def csr_linear(x, weight, bias, structure: CSRStructure):
     """Linear with only the weights in ``structure`` (the rest are zero), via CSR products."""
     return _CSRLinearFn.apply(x, weight, bias, structure)
+
+
+class _CondensedLinearFn(torch.autograd.Function):
+    """Linear over the kept weights given as ``values`` (in the structure's row order); their gradient comes back
+    in the same compact form, so a layer may store nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, structure: CSRStructure):
+        x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+        values = values.detach().contiguous()
+        out = native.condensed_forward(x2, values, None if bias is None else bias.detach().contiguous(), structure.rows,
+                                       structure.shape[0])
+        ctx.save_for_backward(x, values)
+        ctx.structure, ctx.has_bias = structure, bias is not None
+        return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, values = ctx.saved_tensors
+        s = ctx.structure
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        gx, gv = native.condensed_backward(x.reshape(-1, x.shape[-1]).contiguous(), g2, values, s.rows, s.columns,
+                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return None if gx is None else gx.reshape(x.shape), gv, gb, None
+
+
+def condensed_linear(x, weight, bias, structure: CSRStructure):
+    """Linear (float32, CPU) computing only the kept weights in ``structure``, nnz x tokens multiply-adds through
+    the condensed C kernels. ``weight`` is the dense weight, or (compact storage) just the kept values in the
+    structure's row order."""
+    values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
+    return _CondensedLinearFn.apply(x, values, bias, structure)
 
 
 class _CSRConv2dFn(torch.autograd.Function):
@@ -427,8 +484,13 @@ class _SemiStructuredLinearFn(torch.autograd.Function):
 class SparseLinear(_SparseExec, nn.Linear):
     """A Linear that computes with the backend chosen for it (made by :func:`apply_backend`)."""
 
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        return ("masked", "csr", "condensed") if _direct_ok(x, self.weight) else ("masked", "csr")
+
     def _path(self, x: torch.Tensor) -> str:
-        return "csr" if self.backend == "direct" else self.backend  # a Linear's direct path is the CSR product
+        if self.backend == "direct" or (self.backend == "condensed" and not _direct_ok(x, self.weight)):
+            return "csr"  # a Linear's direct path is the CSR product; what the condensed kernels do not cover, too
+        return self.backend
 
     def _run(self, x):
         if self.backend == "semi_structured":
@@ -437,7 +499,9 @@ class SparseLinear(_SparseExec, nn.Linear):
             kept = self.structure("channel")
             small = F.linear(x, self.weight.index_select(0, kept), None if self.bias is None else self.bias.index_select(0, kept))
             return _expand_channels(small, kept, self.out_features, self.bias, small.dim() - 1)
-        if self.backend in ("csr", "direct"):  # a Linear is a matrix product: CSR is its direct path
+        if self.backend == "condensed" and _direct_ok(x, self.weight):
+            return condensed_linear(x, self.weight, self.bias, self.structure())
+        if self.backend in ("csr", "direct", "condensed"):  # a Linear is a matrix product: CSR is its direct path
             # ("auto" not decided yet, e.g. in evaluation, runs masked dense)
             return csr_linear(x, self.weight, self.bias, self.structure())
         return F.linear(x, self.weight, self.bias)  # masked dense: the MaskSet keeps masked weights at zero
@@ -509,6 +573,7 @@ def apply_backend(model: nn.Module, maskset, backend: str) -> dict[str, nn.Modul
                 continue
         else:
             continue
-        m._init_exec(maskset, wname, backend)
+        # under "condensed", convolutions take their own condensed form: the direct kernels
+        m._init_exec(maskset, wname, "direct" if backend == "condensed" and isinstance(m, SparseConv2d) else backend)
         swapped[wname] = m
     return swapped

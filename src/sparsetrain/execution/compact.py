@@ -1,7 +1,7 @@
 """Memory-economic state: masked layers that store only their kept weights.
 
-Under the ``direct`` backend a convolution needs nothing of its weight but the kept
-entries, and its kernels return the gradient of exactly those. :func:`compact_layers`
+Under the ``direct`` backend a convolution, and under ``condensed`` a Linear layer, needs nothing of
+its weight but the kept entries, and the kernels return the gradient of exactly those. :func:`compact_layers`
 therefore replaces each such layer's dense weight by a parameter holding the kept values
 alone, so the weight, its gradient and every optimizer state that follows it (momentum,
 Adam's moments) shrink with the density. The mask stays in the MaskSet for accounting, checkpoints and updates:
@@ -17,23 +17,23 @@ import math
 import torch
 import torch.nn as nn
 
-from .backends import DirectStructure, SparseConv2d, _direct_ok, direct_conv2d
+from .backends import (CSRStructure, DirectStructure, SparseConv2d, SparseLinear, _direct_ok, condensed_linear,
+                       direct_conv2d)
 
-__all__ = ["CompactConv2d", "compact_layers"]
+__all__ = ["CompactConv2d", "CompactLinear", "compact_layers"]
 
 
-class CompactConv2d(SparseConv2d):
-    """A convolution whose only weight parameter is ``values``, its kept weights (made by :func:`compact_layers`)."""
+class _CompactStorage:
+    """What compact layers share: ``values`` as the only weight parameter, the dense weight rebuilt on demand,
+    re-laying on a mask change, and state dicts that carry the dense ``weight``."""
 
-    compact: DirectStructure
+    compact: DirectStructure | CSRStructure
+    structure_kind: str  # the structure the layer's kernels read ("direct" or "csr")
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, rebuilt on demand (not a parameter; zeros where the mask is off)."""
         return self.compact.dense(self.values.detach())
-
-    def _run(self, x):
-        return direct_conv2d(x, self.values, self.bias, self.compact, self.stride, self.padding, self.dilation)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor (zeros where masked)."""
@@ -47,7 +47,7 @@ class CompactConv2d(SparseConv2d):
     def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         """Re-lay the kept weights (and the optimizer state that follows them) for a new mask: weights kept
         by both masks keep their values and state, newly grown ones start at zero with zero state."""
-        new = DirectStructure.from_mask(mask)
+        new = self._structure_for(mask)
         old_index, numel = self.compact.flat_index, math.prod(self.compact.shape)
 
         def relay(v: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,12 @@ class CompactConv2d(SparseConv2d):
         self.values.data = relay(self.values.detach())
         self.values.grad = None
         self.compact = new
+
+    def _structure_for(self, mask: torch.Tensor):
+        return DirectStructure.from_mask(mask) if self.structure_kind == "direct" else CSRStructure.from_mask(mask)
+
+    def _path(self, x: torch.Tensor) -> str:
+        return self.backend  # fixed when the layer was compacted
 
     def forward(self, x):
         return self._run(x)
@@ -78,17 +84,49 @@ class CompactConv2d(SparseConv2d):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class CompactConv2d(_CompactStorage, SparseConv2d):
+    """A convolution whose only weight parameter is ``values``, its kept weights (made by :func:`compact_layers`)."""
+
+    structure_kind = "direct"
+
+    def _run(self, x):
+        return direct_conv2d(x, self.values, self.bias, self.compact, self.stride, self.padding, self.dilation)
+
+
+class CompactLinear(_CompactStorage, SparseLinear):
+    """A Linear whose only weight parameter is ``values``, its kept weights in row order (made by
+    :func:`compact_layers` under the ``condensed`` backend)."""
+
+    structure_kind = "csr"
+
+    def _run(self, x):
+        return condensed_linear(x, self.values, self.bias, self.compact)
+
+
+def _compactable(m: nn.Module) -> type | None:
+    """The compact class for a swapped layer whose kernels return kept-weight gradients, else None."""
+    if not _direct_ok(m.weight, m.weight):
+        return None
+    if type(m) is SparseConv2d and m.backend == "direct":
+        return CompactConv2d
+    if type(m) is SparseLinear and m.backend == "condensed":
+        return CompactLinear
+    return None
+
+
 def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim.Optimizer | None) -> list[str]:
-    """Give every ``direct``-backend convolution in ``layers`` (from :func:`~sparsetrain.backends.apply_backend`)
-    compact storage; returns the names compacted. The optimizer is pointed at the new parameters (its state for
-    the old dense ones is dropped: call this before training, or after loading nothing)."""
+    """Give every ``direct``-backend convolution and ``condensed``-backend Linear in ``layers`` (from
+    :func:`~sparsetrain.backends.apply_backend`) compact storage; returns the names compacted. The optimizer is
+    pointed at the new parameters (its state for the old dense ones is dropped: call this before training, or
+    after loading nothing)."""
     done = []
     for name, m in layers.items():
-        if type(m) is not SparseConv2d or m.backend != "direct" or not _direct_ok(m.weight, m.weight):
+        cls = _compactable(m)
+        if cls is None:
             continue
-        structure = m.structure("direct")
+        structure = m.structure(cls.structure_kind)
         old = m._parameters.pop("weight")
-        m.__class__ = CompactConv2d
+        m.__class__ = cls
         m.compact = structure
         m.register_parameter("values", nn.Parameter(old.detach().reshape(-1)[structure.flat_index].clone()))
         if optimizer is not None:

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 __all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
-           "sparse_conv_backward_input", "sparse_conv_backward_weight", "library_path"]
+           "sparse_conv_backward_input", "sparse_conv_backward_weight", "condensed_forward", "condensed_backward", "library_path"]
 
 _DIR = Path(__file__).parent
-# one library, its sources split by family: compressed activations, direct convolution
-_SOURCES = [_DIR / "compressed.c", _DIR / "direct_conv.c"]
+# one library, its sources split by family: compressed activations, direct convolution, condensed Linear
+_SOURCES = [_DIR / "compressed.c", _DIR / "direct_conv.c", _DIR / "condensed.c"]
 _HEADERS = [_DIR / "parallel.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
@@ -58,6 +58,8 @@ _SIGNATURES = {
     "sparse_conv_forward_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
+    "condensed_forward": ([_p] * 7 + [_int], _int),
+    "condensed_backward": ([_p] * 11 + [_int, _int], _int),
 }
 
 
@@ -121,7 +123,9 @@ def _build(target: Path, portable: bool = False) -> None:
     os.close(fd)
     try:
         portable_flags = [f for f in _FLAGS if not f.startswith("-march")]
-        for flags in ([portable_flags] if portable else [_FLAGS, portable_flags]):
+        tries = [portable_flags] if portable else [_FLAGS, portable_flags]
+        # OpenMP where the compiler has it: the condensed kernels then share PyTorch's own worker threads
+        for flags in [[*f, "-fopenmp"] for f in tries] + tries:
             done = subprocess.run([*cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
             if done.returncode == 0:
                 break
@@ -293,3 +297,40 @@ def sparse_conv_backward_weight(geom: np.ndarray, x: torch.Tensor, grad: torch.T
     lib.sparse_conv_backward_weight(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw),
                                     _ptr(partial), parts, threads)
     return partial.sum(0)
+
+
+def condensed_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, rows: tuple, out_features: int,
+                      ) -> torch.Tensor:
+    """``x [T, in] @ W_s.T + bias`` for a sparse W_s given by ``rows`` = (row_ptr, col) (int64, the kept entries
+    row by row, in the order of ``values``): nnz * T multiply-adds (``condensed.c``)."""
+    row_ptr, col = rows
+    t, n_in = x.shape
+    y = torch.empty(t, out_features, dtype=torch.float32)
+    dims = np.array([t, n_in, out_features], dtype=np.int64)
+    if _load().condensed_forward(_ptr(dims), _ptr(x), _ptr(values), _ptr(bias) if bias is not None else None,
+                                 _ptr(row_ptr), _ptr(col), _ptr(y), torch.get_num_threads()) != 0:
+        raise MemoryError("condensed_forward: no memory for the token-block buffers")
+    return y
+
+
+def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor, rows: tuple, cols: tuple,
+                       input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of :func:`condensed_forward`: for the input ``[T, in]`` (with ``cols`` = (col_ptr, row_t,
+    vidx_t), the same entries listed by input) and for the kept weights only (in ``rows`` order)."""
+    row_ptr, col = rows
+    col_ptr, row_t, vidx_t = cols
+    t, n_in = x.shape
+    nnz, threads = values.numel(), torch.get_num_threads()
+    gx = torch.empty(t, n_in, dtype=torch.float32) if input_grad else None
+    if t == 0:
+        return (gx, torch.zeros(nnz) if weight_grad else None)
+    # one partial sum of the weight gradient per worker: at most 256 MB of them
+    workers = max(1, min(threads, -(-t // 64), (1 << 26) // max(nnz, 1)))
+    partial = torch.empty(workers, nnz, dtype=torch.float32) if weight_grad else None
+    dims = np.array([t, n_in, grad.shape[1]], dtype=np.int64)
+    used = _load().condensed_backward(_ptr(dims), _ptr(x), _ptr(grad), _ptr(values), _ptr(row_ptr), _ptr(col),
+                                      _ptr(col_ptr), _ptr(row_t), _ptr(vidx_t), _ptr(gx) if gx is not None else None,
+                                      _ptr(partial) if partial is not None else None, workers, threads)
+    if used < 0:
+        raise MemoryError("condensed_backward: no memory for the token-block buffers")
+    return gx, (partial[:used].sum(0) if weight_grad else None)

@@ -39,6 +39,19 @@ static void parallel_chunks(chunk_fn fn, void *args, int64_t nchunks, int nthrea
     for (int t = 1; t <= started; t++) pthread_join(tid[t], 0);
 }
 
+/* fn(args, w) for every w in [0, n): in the OpenMP runtime PyTorch itself runs on where the library is built
+ * with OpenMP (the same worker threads, so none of ours competes with a torch worker still spinning after its
+ * last op), else on plain threads. For kernels called between torch ops, several times a step. */
+static void parallel_workers(chunk_fn fn, void *args, int64_t n, int nthreads) {
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int64_t w = 0; w < n; w++) fn(args, w);
+#else
+    parallel_chunks(fn, args, n, nthreads);
+#endif
+}
+
 static inline int64_t chunk_end(int64_t c, int64_t n) { int64_t e = (c + 1) * CHUNK; return e < n ? e : n; }
 
 #endif

@@ -1,0 +1,158 @@
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "parallel.h"
+
+/* ---- condensed sparse Linear (float32, rows of kept inputs) ----
+ * A weight W[out, in] with nnz kept entries is given by rows (row_ptr[out + 1]; col, the input
+ * of each entry, in the order of the values) and, for the input gradient, the same entries by
+ * input (col_ptr[in + 1]; row_t, the output of each entry; vidx_t indexing the values). A
+ * constant fan-in mask is the case where every row has the same length; any mask works.
+ *
+ * Tokens (the rows of x [T, in]) are taken in blocks of TB. A block is transposed into a
+ * per-thread buffer [in][TB], tokens innermost, so every kept weight costs one vector
+ * multiply-add over TB tokens read from cache: the work is nnz * T multiply-adds, the sparse
+ * FLOP count, and nothing but the block is ever re-laid. Threads take whole token blocks. */
+
+#define TB 64
+#define NV (TB / 8)
+typedef float v8 __attribute__((vector_size(32)));
+
+static float *block_buffer(int64_t rows) {
+    void *p = 0;
+    if (posix_memalign(&p, 64, (size_t)(rows > 0 ? rows : 1) * TB * sizeof(float))) return 0;
+    return (float *)p;
+}
+
+/* buf[c][j] = src[(t0 + j) * ld + c] for j < nb, zero for nb <= j < TB */
+static void load_block(const float *src, int64_t ld, int64_t cols, int64_t t0, int64_t nb, float *buf) {
+    if (nb < TB) memset(buf, 0, (size_t)cols * TB * sizeof(float));
+    for (int64_t j = 0; j < nb; j++) {
+        const float *row = src + (t0 + j) * ld;
+        for (int64_t c = 0; c < cols; c++) buf[c * TB + j] = row[c];
+    }
+}
+
+/* dst[(t0 + j) * ld + c] = buf[c][j] for j < nb */
+static void store_block(const float *buf, int64_t cols, int64_t t0, int64_t nb, float *dst, int64_t ld) {
+    for (int64_t j = 0; j < nb; j++) {
+        float *row = dst + (t0 + j) * ld;
+        for (int64_t c = 0; c < cols; c++) row[c] = buf[c * TB + j];
+    }
+}
+
+/* out[r][:] = bias[r] + sum over the entries q of list r of value(q) * src[idx[q]][:] */
+static void lists_times_block(const int64_t *ptr, const int64_t *idx, const float *values, const int64_t *vidx,
+                              const float *bias, int64_t lists, const float *src, float *out) {
+    for (int64_t r = 0; r < lists; r++) {
+        v8 acc[NV];
+        float b0 = bias ? bias[r] : 0.0f;
+        for (int i = 0; i < NV; i++) acc[i] = (v8){b0, b0, b0, b0, b0, b0, b0, b0};
+        for (int64_t q = ptr[r]; q < ptr[r + 1]; q++) {
+            float w = values[vidx ? vidx[q] : q];
+            const v8 *s = (const v8 *)(src + idx[q] * TB);
+            for (int i = 0; i < NV; i++) acc[i] += w * s[i];
+        }
+        v8 *o = (v8 *)(out + r * TB);
+        for (int i = 0; i < NV; i++) o[i] = acc[i];
+    }
+}
+
+/* part[q] += sum over the block's tokens of gout[r][:] * x[col[q]][:], for every entry q of row r */
+static void weight_grad_block(const int64_t *row_ptr, const int64_t *col, int64_t rows, const float *gout,
+                              const float *x, float *part) {
+    for (int64_t r = 0; r < rows; r++) {
+        const v8 *g = (const v8 *)(gout + r * TB);
+        v8 gr[NV];
+        for (int i = 0; i < NV; i++) gr[i] = g[i];
+        for (int64_t q = row_ptr[r]; q < row_ptr[r + 1]; q++) {
+            const v8 *s = (const v8 *)(x + col[q] * TB);
+            v8 a = gr[0] * s[0], b = gr[1] * s[1];
+            for (int i = 2; i < NV; i += 2) {
+                a += gr[i] * s[i];
+                b += gr[i + 1] * s[i + 1];
+            }
+            a += b;
+            part[q] += ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        }
+    }
+}
+
+struct condensed_args {
+    int64_t t, in, out, nblocks, nthreads;
+    const float *x, *gout, *values, *bias;
+    const int64_t *row_ptr, *col, *col_ptr, *row_t, *vidx_t;
+    float *y, *gx, *partial;
+    int failed;
+};
+
+static void forward_worker(void *p, int64_t worker) {
+    struct condensed_args *a = (struct condensed_args *)p;
+    float *xb = block_buffer(a->in), *yb = block_buffer(a->out);
+    if (!xb || !yb) {
+        a->failed = 1;
+    } else {
+        for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
+            int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
+            load_block(a->x, a->in, a->in, t0, nb, xb);
+            lists_times_block(a->row_ptr, a->col, a->values, 0, a->bias, a->out, xb, yb);
+            store_block(yb, a->out, t0, nb, a->y, a->out);
+        }
+    }
+    free(xb);
+    free(yb);
+}
+
+/* y[T, out] = x[T, in] W_s^T + bias (bias may be null). Returns 0, or -1 when out of memory. */
+int condensed_forward(const int64_t *dims, const float *x, const float *values, const float *bias, const int64_t *row_ptr,
+                      const int64_t *col, float *y, int nthreads) {
+    struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, 0, values, bias,
+                               row_ptr, col, 0, 0, 0, y, 0, 0, 0};
+    a.nthreads = nthreads < 1 ? 1 : (nthreads > a.nblocks ? a.nblocks : nthreads);
+    if (a.nthreads > MAX_THREADS) a.nthreads = MAX_THREADS;
+    parallel_workers(forward_worker, &a, a.nthreads, (int)a.nthreads);
+    return a.failed ? -1 : 0;
+}
+
+static void backward_worker(void *p, int64_t worker) {
+    struct condensed_args *a = (struct condensed_args *)p;
+    float *gb = block_buffer(a->out), *xb = a->partial ? block_buffer(a->in) : 0, *gxb = a->gx ? block_buffer(a->in) : 0;
+    float *part = a->partial ? a->partial + worker * a->row_ptr[a->out] : 0;
+    if (!gb || (a->partial && !xb) || (a->gx && !gxb)) {
+        a->failed = 1;
+    } else {
+        if (part) memset(part, 0, (size_t)a->row_ptr[a->out] * sizeof(float));
+        for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
+            int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
+            load_block(a->gout, a->out, a->out, t0, nb, gb);
+            if (a->gx) {
+                lists_times_block(a->col_ptr, a->row_t, a->values, a->vidx_t, 0, a->in, gb, gxb);
+                store_block(gxb, a->in, t0, nb, a->gx, a->in);
+            }
+            if (part) {
+                load_block(a->x, a->in, a->in, t0, nb, xb);
+                weight_grad_block(a->row_ptr, a->col, a->out, gb, xb, part);
+            }
+        }
+    }
+    free(gb);
+    free(xb);
+    free(gxb);
+}
+
+/* The gradients of condensed_forward: gx[T, in] (if gx is not null) and, if partial is not null, the
+ * gradient of each kept weight summed over each worker's tokens into partial[workers][nnz] (the caller
+ * adds the rows). Returns the number of workers used, or -1 when out of memory. */
+int condensed_backward(const int64_t *dims, const float *x, const float *gout, const float *values, const int64_t *row_ptr,
+                       const int64_t *col, const int64_t *col_ptr, const int64_t *row_t, const int64_t *vidx_t, float *gx,
+                       float *partial, int workers, int nthreads) {
+    struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, gout, values, 0,
+                               row_ptr, col, col_ptr, row_t, vidx_t, 0, gx, partial, 0};
+    int64_t n = workers < 1 ? 1 : workers;
+    if (n > a.nblocks) n = a.nblocks;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    a.nthreads = n;
+    parallel_workers(backward_worker, &a, n, nthreads);
+    return a.failed ? -1 : (int)n;
+}

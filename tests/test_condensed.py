@@ -1,0 +1,170 @@
+"""The condensed backend for Linear layers: equal to masked dense (float64 reference), compact storage, training."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsetrain.config import ConfigError, load_config
+from sparsetrain.execution import native
+from sparsetrain.execution.backends import CSRStructure, apply_backend, condensed_linear
+from sparsetrain.execution.compact import CompactLinear, compact_layers
+from sparsetrain.masks import MaskSet, random_masks
+from sparsetrain.schemes import parse_scheme
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the condensed kernels")
+
+SHAPES = [  # (tokens, in, out, density, fan_in)
+    (1, 5, 3, 0.4, False), (63, 37, 23, 0.3, True), (64, 16, 64, 0.1, True), (65, 64, 16, 0.5, False),
+    (130, 48, 96, 0.1, True), (200, 96, 40, 0.05, False),
+]
+
+
+def _mask(out, inp, density, fan_in, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    score = torch.rand(out, inp, generator=g)
+    return parse_scheme("fan_in").mask(score, density) if fan_in else score < density
+
+
+@pytest.mark.parametrize("tokens, inp, out, density, fan_in", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_outputs_and_gradients_equal_a_float64_masked_dense_layer(tokens, inp, out, density, fan_in, bias):
+    torch.manual_seed(1)
+    mask = _mask(out, inp, density, fan_in)
+    w = (torch.randn(out, inp) * mask).requires_grad_()
+    b = torch.randn(out, requires_grad=True) if bias else None
+    x = torch.randn(tokens, inp, requires_grad=True)
+    y = condensed_linear(x, w, b, CSRStructure.from_mask(mask))
+    w64, x64 = w.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if bias else None
+    ref = F.linear(x64, w64 * mask, b64)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(tokens, out)
+    grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), g)
+    refs = torch.autograd.grad(ref, [x64, w64] + ([b64] if bias else []), g.double())
+    for got, want in zip(grads, refs):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(grads[1][~mask]) == 0  # no gradient computed for a pruned weight
+
+
+def test_batched_inputs_empty_rows_and_compact_values():
+    torch.manual_seed(2)
+    mask = _mask(12, 20, 0.3, False)
+    mask[3] = False  # an output with no inputs: its bias alone
+    mask[:, 7] = False  # an input no output reads: zero gradient
+    s = CSRStructure.from_mask(mask)
+    w, b = torch.randn(12, 20) * mask, torch.randn(12)
+    values = w.reshape(-1)[s.flat_index].clone().requires_grad_()
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    y = condensed_linear(x, values, b, s)
+    assert y.shape == (3, 5, 12)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[..., 3], b[3].expand(3, 5))
+    g = torch.randn_like(y)
+    gx, gv = torch.autograd.grad(y, (x, values), g)
+    gw = (g.reshape(-1, 12).t() @ x.detach().reshape(-1, 20))
+    torch.testing.assert_close(gv, gw.reshape(-1)[s.flat_index], rtol=1e-5, atol=1e-5)  # kept weights, in row order
+    torch.testing.assert_close(gx, g @ w, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(gx[..., 7]) == 0 and gv.shape == (int(mask.sum()),)
+
+
+def test_the_backend_falls_back_to_csr_where_the_kernels_do_not_apply():
+    model = nn.Sequential(nn.Linear(16, 8)).double()
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.5, torch.Generator().manual_seed(0))
+    layer = apply_backend(model, ms, "condensed")["0.weight"]
+    model(torch.randn(4, 16, dtype=torch.float64))
+    assert layer.ran == "csr"  # float64: what the float32 kernels do not cover
+    model.float()
+    model(torch.randn(4, 16))
+    assert layer.ran == "condensed"
+
+
+def test_auto_considers_the_condensed_kernels_for_linear_layers():
+    model = nn.Sequential(nn.Linear(256, 256))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
+    layer = apply_backend(model, ms, "auto")["0.weight"]
+    model(torch.randn(128, 256))
+    assert set(layer.timings) == {"masked", "csr", "condensed"}
+    assert layer.backend == min(layer.timings, key=layer.timings.get)
+
+
+def test_convolutions_under_condensed_take_the_direct_kernels():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 10))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.8, torch.Generator().manual_seed(0))
+    layers = apply_backend(model, ms, "condensed")
+    model(torch.randn(2, 3, 6, 6))
+    assert {n: m.ran for n, m in layers.items()} == {"0.weight": "direct", "2.weight": "condensed"}
+
+
+def _mlp():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 5))
+
+
+def _train(backend: str, compact: bool, method: str, steps: int = 6):
+    import sparsetrain as st
+
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    kw = dict(sparsity=0.8, scheme="fan_in", dense_layers=["last"], steps_per_epoch=2, epochs=steps // 2)
+    sp = st.static(model, opt, **kw) if method == "static" else st.mest(model, opt, every_epochs=1, **kw)
+    if backend != "masked":
+        layers = apply_backend(model, sp.maskset, backend)
+        if compact:
+            assert sorted(compact_layers(layers, sp.maskset, opt)) == ["0.weight", "2.weight"]
+            assert all(type(layers[n]) is CompactLinear for n in ("0.weight", "2.weight"))
+    g = torch.Generator().manual_seed(4)
+    masks = []
+    for _ in range(steps):
+        x, y = torch.randn(70, 24, generator=g), torch.randint(0, 5, (70,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        masks.append({n: m.clone() for n, m in sp.maskset.masks.items()})
+    return model, masks
+
+
+@pytest.mark.parametrize("method", ["static", "mest"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_training_equals_masked_dense_over_a_few_steps(method, compact):
+    ref, ref_masks = _train("masked", False, method)
+    got, got_masks = _train("condensed", compact, method)
+    for a, b in zip(ref_masks, got_masks):
+        for n in a:
+            assert torch.equal(a[n], b[n]), n  # the same mask decisions at every step
+    if method == "mest":
+        assert not torch.equal(ref_masks[0]["0.weight"], ref_masks[-1]["0.weight"])  # the masks did move
+    ref_state, got_state = ref.state_dict(), got.state_dict()
+    assert ref_state.keys() == got_state.keys()  # compact layers still save a dense weight
+    for k in ref_state:
+        torch.testing.assert_close(got_state[k], ref_state[k], rtol=1e-4, atol=1e-5)
+
+
+def test_compact_state_holds_only_the_kept_weights_and_their_adam_moments():
+    import sparsetrain as st
+
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = st.static(model, opt, sparsity=0.9, scheme="fan_in", dense_layers=["last"], total_steps=3)
+    compact_layers(apply_backend(model, sp.maskset, "condensed"), sp.maskset, opt)
+    F.cross_entropy(model(torch.randn(8, 24)), torch.randint(0, 5, (8,))).backward()
+    opt.step()
+    layer = model[2]
+    k = round(0.1 * 48)
+    assert layer.values.shape == (48 * k,) and "weight" not in layer._parameters
+    assert {v.shape for v in opt.state[layer.values].values() if v.dim()} == {(48 * k,)}
+
+
+def test_the_config_takes_condensed_with_compact_state_and_refuses_it_elsewhere():
+    cfg = load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=condensed",
+                                 "sparsity.compact_state=true"])
+    assert cfg.sparsity.backend == "condensed"
+    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct' or 'condensed'"):
+        load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=csr",
+                               "sparsity.compact_state=true"])
+    with pytest.raises(ConfigError, match="condensed"):
+        load_config(overrides=["sparsity.backend=fast"])
