@@ -1,6 +1,11 @@
-"""Protocol B: training-step time and memory of a sparse configuration against dense, in one process.
+"""Protocol B (and D-speed): training-step time and memory of a sparse configuration against dense, in one process.
 
     python benchmarks/protocol_b.py --model vgg16 --config swat --sparsity 0.9 --pairs 20
+    python benchmarks/protocol_b.py --model gpt --model-args width=4.0 context=128 --batch 16 \
+        --config condensed-compact --sparsity 0.9 --extra sparsity.scheme=fan_in
+
+A sequence model (the GPT) makes a D-speed record (``protocol_d_speed.jsonl``): AdamW, random token
+windows, the output head dense (see sparsetrain/bench.py).
 
 The timing and the peak-memory processes are those of ``sparsetrain bench`` (see
 sparsetrain/bench.py: A B A B median ratio; peak resident memory of each configuration in a
@@ -12,6 +17,7 @@ per module kind, from saved-tensor hooks (parameters left out), and writes the r
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -22,7 +28,21 @@ from common import append_record, command_line, commit, environment  # noqa: E40
 
 from sparsetrain.accounting import saved_tensor_bytes_by_module
 from sparsetrain.bench import CONFIGS, PEAK_ENV, build, make_step, peak_memory, time_pairs
-from sparsetrain.models import model_input_shape
+from sparsetrain.models import SEQUENCE_MODELS, model_input_shape
+
+
+def _model_args(pairs: list[str]) -> dict:
+    """``key=value`` words as zoo keyword arguments (numbers where they parse)."""
+    out = {}
+    for word in pairs:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-args takes key=value words, got {word!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            out[key] = float(value)
+    return out
 
 
 def main(argv=None):
@@ -34,23 +54,29 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--extra", nargs="*", default=[], help="config overrides for the sparse method, e.g. sparsity.swat.topk_period=20")
+    ap.add_argument("--model-args", nargs="*", default=[], help="zoo keyword arguments, e.g. width=4.0 context=128")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
 
     shape = model_input_shape(args.model)
-    dense, dopt, _ = build(args.model, "dense")
-    sparse, sopt, method = build(args.model, args.config, args.sparsity, args.extra)
+    margs = _model_args(args.model_args)
+    dense, dopt, _ = build(args.model, "dense", model_args=margs)
+    sparse, sopt, method = build(args.model, args.config, args.sparsity, args.extra, margs)
     steps = {"dense": make_step(dense, dopt, None, args.batch, "dense", shape),
              "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape)}
     saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)
     saved_sparse = saved_tensor_bytes_by_module(steps["sparse"], sparse)
     t_dense, t_sparse = time_pairs(steps["dense"], steps["sparse"], args.pairs, args.warmup)
     ratios = [s / d for d, s in zip(t_dense, t_sparse)]
-    peaks = {"dense": peak_memory(args.model, "dense", 0.0, args.batch),
-             args.config: peak_memory(args.model, args.config, args.sparsity, args.batch, args.extra)}
+    chosen = {n: m.ran for n, m in sparse.named_modules() if hasattr(m, "maskset") and hasattr(m, "ran")}
+    del dense, dopt, sparse, sopt, method, steps
+    peaks = {"dense": peak_memory(args.model, "dense", 0.0, args.batch, model_args=margs),
+             args.config: peak_memory(args.model, args.config, args.sparsity, args.batch, args.extra, model_args=margs)}
     layer_in = lambda s: s.get("Conv2d", 0) + s.get("Linear", 0)  # noqa: E731
+    sequence = args.model in SEQUENCE_MODELS
     record = {
-        "protocol": "B", "model": args.model, "batch": args.batch, "config": args.config, "sparsity": args.sparsity,
+        "protocol": "D-speed" if sequence else "B", "model": args.model, "model_args": margs, "batch": args.batch,
+        "config": args.config, "sparsity": args.sparsity,
         "step_ratio": round(statistics.median(ratios), 4),
         "mem_ratio": round(peaks[args.config]["peak"] / peaks["dense"]["peak"], 4),
         "mem_ratio_training": round((peaks[args.config]["peak"] - peaks[args.config]["base"])
@@ -61,12 +87,12 @@ def main(argv=None):
         "saved_bytes_dense": saved_dense, "saved_bytes_sparse": saved_sparse,
         "step_s_dense_median": round(statistics.median(t_dense), 4),
         "step_s_sparse_median": round(statistics.median(t_sparse), 4),
-        "pairs": args.pairs, "extra": args.extra,
+        "pairs": args.pairs, "extra": args.extra, "paths": dict(sorted(collections.Counter(chosen.values()).items())),
         "command": command_line(), "commit": commit(), **environment(),
     }
     print(json.dumps(record))
     if not args.no_record:
-        append_record("protocol_b.jsonl", record)
+        append_record("protocol_d_speed.jsonl" if sequence else "protocol_b.jsonl", record)
 
 
 if __name__ == "__main__":

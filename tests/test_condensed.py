@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sparsetrain.config import ConfigError, load_config
 from sparsetrain.execution import native
-from sparsetrain.execution.backends import CSRStructure, apply_backend, condensed_linear
+from sparsetrain.execution.backends import CondensedStructure, apply_backend, condensed_linear
 from sparsetrain.execution.compact import CompactLinear, compact_layers
 from sparsetrain.masks import MaskSet, random_masks
 from sparsetrain.schemes import parse_scheme
@@ -34,7 +34,7 @@ def test_outputs_and_gradients_equal_a_float64_masked_dense_layer(tokens, inp, o
     w = (torch.randn(out, inp) * mask).requires_grad_()
     b = torch.randn(out, requires_grad=True) if bias else None
     x = torch.randn(tokens, inp, requires_grad=True)
-    y = condensed_linear(x, w, b, CSRStructure.from_mask(mask))
+    y = condensed_linear(x, w, b, CondensedStructure.from_mask(mask))
     w64, x64 = w.detach().double().requires_grad_(), x.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_() if bias else None
     ref = F.linear(x64, w64 * mask, b64)
@@ -52,7 +52,7 @@ def test_batched_inputs_empty_rows_and_compact_values():
     mask = _mask(12, 20, 0.3, False)
     mask[3] = False  # an output with no inputs: its bias alone
     mask[:, 7] = False  # an input no output reads: zero gradient
-    s = CSRStructure.from_mask(mask)
+    s = CondensedStructure.from_mask(mask)
     w, b = torch.randn(12, 20) * mask, torch.randn(12)
     values = w.reshape(-1)[s.flat_index].clone().requires_grad_()
     x = torch.randn(3, 5, 20, requires_grad=True)

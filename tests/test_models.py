@@ -37,3 +37,29 @@ def test_the_gpt_matches_the_protocol_d_size():
     assert model.tok.weight.shape == (65, 128) and model.pos.weight.shape == (64, 128)
     assert blocks == 4 * (12 * 128 * 128 + 13 * 128)  # qkv, proj, fc, out and their biases, two LayerNorms
     assert build_model("gpt", 65, width=4.0, context=128).tok.weight.shape[1] == 512  # D-speed: width 512
+
+
+def test_the_vit_attends_over_every_patch_and_its_linears_are_the_sparse_layers():
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    model = build_model("vit", 10, depth=2, heads=4)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 10)
+    # not causal: the class token's output depends on the last patch too
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g[:, :, -4:, -4:].abs().sum() > 0
+    opt = torch.optim.AdamW(model.parameters())
+    sp = st.static(model, opt, sparsity=0.9, total_steps=1)  # dense_layers default: the patch embedding and the head
+    assert sorted(sp.maskset.masks) == sorted(f"blocks.{b}.{m}.weight" for b in range(2) for m in ("qkv", "proj", "fc", "out"))
+    with pytest.raises(ValueError, match="does not give the 64 patches"):
+        model(torch.randn(1, 3, 28, 28))
+
+
+def test_depth_and_heads_are_for_transformers_only():
+    from sparsetrain.config import ConfigError, load_config
+
+    assert load_config(overrides=["model.name=vit", "model.depth=2", "model.heads=2"]).model.depth == 2
+    with pytest.raises(ConfigError, match=r"model.depth and model.heads shape the transformers \(\['gpt', 'vit'\]\)"):
+        load_config(overrides=["model.depth=2"])

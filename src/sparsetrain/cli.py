@@ -35,7 +35,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .config import load_config
     from .data import DATASETS, BatchLoader, load_dataset
-    from .models import build_model
+    from .models import build_configured
     from .train import CheckpointError, evaluate, load_checkpoint
     from .train.distributed import pick_device
 
@@ -47,7 +47,7 @@ def _eval(args) -> int:
     weights = run / ("model.pt" if (run / "model.pt").exists() else "checkpoint.pt")
     state = load_checkpoint(weights)
     info = DATASETS[cfg.data.dataset]
-    model = build_model(cfg.model.name, info.num_classes, cfg.model.width)
+    model = build_configured(cfg.model, info.num_classes, cfg.data.context)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
@@ -68,7 +68,7 @@ def _sample(args) -> int:
     import torch
 
     from .config import load_config
-    from .models import SEQUENCE_MODELS, build_model
+    from .models import SEQUENCE_MODELS, build_configured
     from .text import CharVocab
     from .train import CheckpointError, load_checkpoint
 
@@ -82,8 +82,7 @@ def _sample(args) -> int:
     if not (run / "model.pt").exists() or not (run / "vocab.json").exists():
         raise CheckpointError(f"{run} has no model.pt and vocab.json yet: the run is unfinished; finish it first")
     vocab = CharVocab.load(run / "vocab.json")
-    model = build_model(cfg.model.name, len(vocab), cfg.model.width, context=cfg.data.context, depth=cfg.model.depth,
-                        heads=cfg.model.heads)
+    model = build_configured(cfg.model, len(vocab), cfg.data.context)
     model.load_state_dict(load_checkpoint(run / "model.pt")["model"])
     prompt = vocab.encode(args.prompt)[None]
     out = model.generate(prompt, args.chars, args.temperature, torch.Generator().manual_seed(args.seed))

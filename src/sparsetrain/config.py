@@ -60,8 +60,8 @@ class ModelConfig(_Section):
     name: str = "resnet20"
     width: float = Field(1.0, gt=0, description="channel multiplier (gpt: multiplies a width of 128)")
     channels_last: bool = True
-    depth: int | None = Field(None, gt=0, description="gpt: blocks (default 4)")
-    heads: int | None = Field(None, gt=0, description="gpt: attention heads (default 4)")
+    depth: int | None = Field(None, gt=0, description="gpt, vit: blocks (default 4 for gpt, 6 for vit)")
+    heads: int | None = Field(None, gt=0, description="gpt, vit: attention heads (default 4)")
 
     _known_model = field_validator("name")(classmethod(lambda cls, v: _one_of(v, MODELS, "model")))
 
@@ -330,14 +330,15 @@ class Config(_Section):
     @model_validator(mode="after")
     def _model_fits_data(self):
         from .data import TEXT_DATASETS
-        from .models import SEQUENCE_MODELS
+        from .models import SEQUENCE_MODELS, TRANSFORMER_MODELS
 
         text, seq = self.data.dataset in TEXT_DATASETS, self.model.name in SEQUENCE_MODELS
         if text != seq:
             raise ValueError(f"model {self.model.name!r} and dataset {self.data.dataset!r} do not fit: sequence models "
                              f"({sorted(SEQUENCE_MODELS)}) train on text ({sorted(TEXT_DATASETS)}), image models on images")
-        if not seq and (self.model.depth or self.model.heads):
-            raise ValueError(f"model.depth and model.heads shape the gpt; model {self.model.name!r} does not take them")
+        if self.model.name not in TRANSFORMER_MODELS and (self.model.depth or self.model.heads):
+            raise ValueError(f"model.depth and model.heads shape the transformers ({sorted(TRANSFORMER_MODELS)}); "
+                             f"model {self.model.name!r} does not take them")
         if text and self.sparsity.data_efficiency.enabled:
             raise ValueError("sparsity.data_efficiency drops whole examples; it is not defined for text windows")
         if text and self.model.channels_last:

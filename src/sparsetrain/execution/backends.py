@@ -53,7 +53,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["CSRStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
+__all__ = ["CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
            "SparseConv2d",
            "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
@@ -78,16 +78,6 @@ class CSRStructure:
     col_t: torch.Tensor
     perm_t: torch.Tensor  # CSR-of-transpose order, as indices into this matrix's value order
 
-    @property
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row pointers, column of each kept entry), as the condensed kernels read them."""
-        return self.crow, self.col
-
-    @property
-    def columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(column pointers, row of each entry, its index into the values), the entries listed by input."""
-        return self.crow_t, self.col_t, self.perm_t
-
     @classmethod
     def from_mask(cls, mask2d: torch.Tensor) -> "CSRStructure":
         rows, cols = mask2d.shape
@@ -108,17 +98,49 @@ class CSRStructure:
         """The transposed sparse weight as a CSR matrix (for the input gradient)."""
         return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1], check_invariants=False)
 
-    def dense(self, values: torch.Tensor) -> torch.Tensor:
-        """The matrix with ``values`` at the kept positions and zeros elsewhere."""
-        out = values.new_zeros(math.prod(self.shape))
-        out[self.flat_index] = values
-        return out.view(self.shape)
-
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere."""
         out = torch.zeros(like.numel(), dtype=values.dtype, device=values.device)
         out[self.flat_index] = values
         return out.view_as(like)
+
+
+@dataclass
+class CondensedStructure:
+    """The kept entries of a Linear weight [out, in], listed row by row in the values' order, as the condensed
+    kernels read them: row pointers (int64) and each entry's input (int32), nothing else (compact layers keep
+    only this beside their values: at 90% sparsity, 4 bytes per kept weight)."""
+
+    shape: tuple[int, int]
+    rows: tuple[torch.Tensor, torch.Tensor]  # row_ptr [out + 1], col [nnz]
+    _index: torch.Tensor | None = None  # flat_index, cached for layers that gather from a dense weight every step
+
+    @classmethod
+    def from_mask(cls, mask2d: torch.Tensor) -> "CondensedStructure":
+        n_rows, n_cols = mask2d.shape
+        idx = mask2d.reshape(-1).nonzero().squeeze(1).cpu()
+        row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64)
+        row_ptr[1:] = torch.bincount(idx // n_cols, minlength=n_rows).cumsum(0)
+        return cls((n_rows, n_cols), (row_ptr, (idx % n_cols).to(torch.int32)))
+
+    @property
+    def flat_index(self) -> torch.Tensor:
+        """Positions of the kept entries in the row-major weight, in the values' order (computed when asked)."""
+        row_ptr, col = self.rows
+        rows = torch.repeat_interleave(torch.arange(self.shape[0]), row_ptr.diff())
+        return rows * self.shape[1] + col.long()
+
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept values of a dense ``weight``, in row order (differentiable)."""
+        if self._index is None:
+            self._index = self.flat_index
+        return weight.reshape(-1)[self._index]
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The matrix with ``values`` at the kept positions and zeros elsewhere."""
+        out = values.new_zeros(math.prod(self.shape))
+        out[self.flat_index.to(values.device)] = values
+        return out.view(self.shape)
 
 
 def _sampled(structure: CSRStructure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,7 +187,7 @@ class _CondensedLinearFn(torch.autograd.Function):
     in the same compact form, so a layer may store nothing else."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, structure: CSRStructure):
+    def forward(ctx, x, values, bias, structure: CondensedStructure):
         x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
         values = values.detach().contiguous()
         out = native.condensed_forward(x2, values, None if bias is None else bias.detach().contiguous(), structure.rows,
@@ -180,17 +202,17 @@ class _CondensedLinearFn(torch.autograd.Function):
         x, values = ctx.saved_tensors
         s = ctx.structure
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-        gx, gv = native.condensed_backward(x.reshape(-1, x.shape[-1]).contiguous(), g2, values, s.rows, s.columns,
+        gx, gv = native.condensed_backward(x.reshape(-1, x.shape[-1]).contiguous(), g2, values, s.rows,
                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return None if gx is None else gx.reshape(x.shape), gv, gb, None
 
 
-def condensed_linear(x, weight, bias, structure: CSRStructure):
+def condensed_linear(x, weight, bias, structure: CondensedStructure):
     """Linear (float32, CPU) computing only the kept weights in ``structure``, nnz x tokens multiply-adds through
     the condensed C kernels. ``weight`` is the dense weight, or (compact storage) just the kept values in the
     structure's row order."""
-    values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
+    values = weight if weight.dim() == 1 else structure.gather(weight)
     return _CondensedLinearFn.apply(x, values, bias, structure)
 
 
@@ -355,7 +377,7 @@ class _SparseExec:
         self.rebuilds = 0
 
     def structure(self, kind: str = "csr"):
-        """The CSR (``"csr"``), direct-kernel (``"direct"``) or kept-channel (``"channel"``) structure of the
+        """The CSR (``"csr"``), direct-kernel (``"direct"``), condensed (``"condensed"``) or kept-channel (``"channel"``) structure of the
         current mask, rebuilt only when the MaskSet's masks changed."""
         if self._version_seen != self.maskset.version:
             self._structures.clear()
@@ -364,6 +386,8 @@ class _SparseExec:
             mask = self.maskset.masks[self.mask_name]
             if kind == "direct":
                 self._structures[kind] = DirectStructure.from_mask(mask)
+            elif kind == "condensed":
+                self._structures[kind] = CondensedStructure.from_mask(mask)
             elif kind == "channel":
                 self._structures[kind] = kept_channels(mask, self.mask_name)
             else:
@@ -500,7 +524,7 @@ class SparseLinear(_SparseExec, nn.Linear):
             small = F.linear(x, self.weight.index_select(0, kept), None if self.bias is None else self.bias.index_select(0, kept))
             return _expand_channels(small, kept, self.out_features, self.bias, small.dim() - 1)
         if self.backend == "condensed" and _direct_ok(x, self.weight):
-            return condensed_linear(x, self.weight, self.bias, self.structure())
+            return condensed_linear(x, self.weight, self.bias, self.structure("condensed"))
         if self.backend in ("csr", "direct", "condensed"):  # a Linear is a matrix product: CSR is its direct path
             # ("auto" not decided yet, e.g. in evaluation, runs masked dense)
             return csr_linear(x, self.weight, self.bias, self.structure())

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .backends import (CSRStructure, DirectStructure, SparseConv2d, SparseLinear, _direct_ok, condensed_linear,
+from .backends import (CondensedStructure, DirectStructure, SparseConv2d, SparseLinear, _direct_ok, condensed_linear,
                        direct_conv2d)
 
 __all__ = ["CompactConv2d", "CompactLinear", "compact_layers"]
@@ -27,8 +27,8 @@ class _CompactStorage:
     """What compact layers share: ``values`` as the only weight parameter, the dense weight rebuilt on demand,
     re-laying on a mask change, and state dicts that carry the dense ``weight``."""
 
-    compact: DirectStructure | CSRStructure
-    structure_kind: str  # the structure the layer's kernels read ("direct" or "csr")
+    compact: DirectStructure | CondensedStructure
+    structure_kind: str  # the structure the layer's kernels read ("direct" or "condensed")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -64,13 +64,10 @@ class _CompactStorage:
         self.compact = new
 
     def _structure_for(self, mask: torch.Tensor):
-        return DirectStructure.from_mask(mask) if self.structure_kind == "direct" else CSRStructure.from_mask(mask)
+        return DirectStructure.from_mask(mask) if self.structure_kind == "direct" else CondensedStructure.from_mask(mask)
 
     def _path(self, x: torch.Tensor) -> str:
         return self.backend  # fixed when the layer was compacted
-
-    def forward(self, x):
-        return self._run(x)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -97,7 +94,7 @@ class CompactLinear(_CompactStorage, SparseLinear):
     """A Linear whose only weight parameter is ``values``, its kept weights in row order (made by
     :func:`compact_layers` under the ``condensed`` backend)."""
 
-    structure_kind = "csr"
+    structure_kind = "condensed"
 
     def _run(self, x):
         return condensed_linear(x, self.values, self.bias, self.compact)

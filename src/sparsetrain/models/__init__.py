@@ -18,8 +18,10 @@ from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet18_cifar, resnet50
 from .small import small_cnn, small_mlp
 from .vgg import vgg
+from .vit import vit
 
-__all__ = ["MODELS", "SEQUENCE_MODELS", "build_model", "register_model", "model_input_shape"]
+__all__ = ["MODELS", "SEQUENCE_MODELS", "TRANSFORMER_MODELS", "build_model", "build_configured", "register_model",
+           "model_input_shape"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda num_classes=10, width=1.0: cifar_resnet(20, num_classes, width),
@@ -35,9 +37,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda num_classes=10, width=1.0: small_cnn(num_classes, width),
     "mlp": lambda num_classes=10, width=1.0: small_mlp(num_classes, width),
     "gpt": gpt,  # a character GPT: num_classes is the vocabulary; takes context, depth, heads as well
+    "vit": vit,  # a small ViT for CIFAR-size images; takes depth and heads as well
 }
 # models over token sequences (their input is ids, their output a distribution per position)
 SEQUENCE_MODELS = {"gpt"}
+TRANSFORMER_MODELS = {"gpt", "vit"}  # the models that take depth and heads
 
 # Input shape (C, H, W) each model is meant for; the CIFAR models take 32x32 RGB.
 _INPUT_SHAPES = {"resnet50": (3, 224, 224), "small_cnn": (1, 28, 28), "mlp": (1, 28, 28)}
@@ -68,3 +72,12 @@ def build_model(name: str, num_classes: int | None = None, width: float = 1.0, *
         return MODELS[name](**kwargs)
     except TypeError as e:
         raise ValueError(f"model {name!r} does not take {sorted(extra)}: {e}") from None
+
+
+def build_configured(model_cfg, num_classes: int, context: int | None = None) -> nn.Module:
+    """The zoo model a run's ``model`` section names (its depth and heads for a transformer, ``context`` for a
+    sequence model): the one place runs, evaluation and sampling build their models."""
+    extra = {"depth": model_cfg.depth, "heads": model_cfg.heads} if model_cfg.name in TRANSFORMER_MODELS else {}
+    if model_cfg.name in SEQUENCE_MODELS:
+        extra["context"] = context
+    return build_model(model_cfg.name, num_classes, model_cfg.width, **extra)

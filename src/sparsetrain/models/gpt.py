@@ -16,13 +16,13 @@ __all__ = ["GPT", "Block", "gpt"]
 
 
 class Block(nn.Module):
-    """One pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """One pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); causal attention unless told otherwise."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -34,7 +34,7 @@ class Block(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.out(self.act(self.fc(self.ln2(x))))
 

@@ -35,7 +35,7 @@ from ..data import DATASETS, TEXT_DATASETS, BatchLoader, load_dataset, split_val
 from ..execution.backends import apply_backend
 from ..execution.compact import compact_layers
 from ..methods import METHODS, Sparsifier
-from ..models import build_model
+from ..models import build_configured
 from ..recipes import ForgettingTracker, ToST
 from ..recipes.tost import tost
 from ..text import load_text
@@ -203,8 +203,7 @@ class Trainer:
 
     def _setup_model(self, model: nn.Module | None, loss_fn) -> None:
         cfg = self.cfg
-        extra = {"context": cfg.data.context, "depth": cfg.model.depth, "heads": cfg.model.heads} if self.vocab is not None else {}
-        self.model = model if model is not None else build_model(cfg.model.name, self.info.num_classes, cfg.model.width, **extra)
+        self.model = model if model is not None else build_configured(cfg.model, self.info.num_classes, cfg.data.context)
         self.model.to(self.device)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -625,7 +624,7 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> n
     """A finished run's model (``config.yaml`` + ``model.pt``), frozen in eval mode (a ToST teacher)."""
     run = Path(run_dir)
     cfg = load_config(run / "config.yaml")
-    model = build_model(cfg.model.name, DATASETS[cfg.data.dataset].num_classes, cfg.model.width)
+    model = build_configured(cfg.model, DATASETS[cfg.data.dataset].num_classes, cfg.data.context)
     model.load_state_dict(load_checkpoint(run / FINAL_MODEL)["model"])
     model.to(device).eval()
     for p in model.parameters():

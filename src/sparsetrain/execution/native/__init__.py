@@ -59,7 +59,7 @@ _SIGNATURES = {
     "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
     "condensed_forward": ([_p] * 7 + [_int], _int),
-    "condensed_backward": ([_p] * 11 + [_int, _int], _int),
+    "condensed_backward": ([_p] * 8 + [_int, _int], _int),
 }
 
 
@@ -301,8 +301,8 @@ def sparse_conv_backward_weight(geom: np.ndarray, x: torch.Tensor, grad: torch.T
 
 def condensed_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, rows: tuple, out_features: int,
                       ) -> torch.Tensor:
-    """``x [T, in] @ W_s.T + bias`` for a sparse W_s given by ``rows`` = (row_ptr, col) (int64, the kept entries
-    row by row, in the order of ``values``): nnz * T multiply-adds (``condensed.c``)."""
+    """``x [T, in] @ W_s.T + bias`` for a sparse W_s given by ``rows`` = (row_ptr int64, col int32: the kept
+    entries row by row, in the order of ``values``): nnz * T multiply-adds (``condensed.c``)."""
     row_ptr, col = rows
     t, n_in = x.shape
     y = torch.empty(t, out_features, dtype=torch.float32)
@@ -313,12 +313,11 @@ def condensed_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor 
     return y
 
 
-def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor, rows: tuple, cols: tuple,
+def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor, rows: tuple,
                        input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of :func:`condensed_forward`: for the input ``[T, in]`` (with ``cols`` = (col_ptr, row_t,
-    vidx_t), the same entries listed by input) and for the kept weights only (in ``rows`` order)."""
+    """The gradients of :func:`condensed_forward`, from the same row lists: for the input ``[T, in]`` and for the
+    kept weights only (in ``rows`` order)."""
     row_ptr, col = rows
-    col_ptr, row_t, vidx_t = cols
     t, n_in = x.shape
     nnz, threads = values.numel(), torch.get_num_threads()
     gx = torch.empty(t, n_in, dtype=torch.float32) if input_grad else None
@@ -329,7 +328,7 @@ def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor
     partial = torch.empty(workers, nnz, dtype=torch.float32) if weight_grad else None
     dims = np.array([t, n_in, grad.shape[1]], dtype=np.int64)
     used = _load().condensed_backward(_ptr(dims), _ptr(x), _ptr(grad), _ptr(values), _ptr(row_ptr), _ptr(col),
-                                      _ptr(col_ptr), _ptr(row_t), _ptr(vidx_t), _ptr(gx) if gx is not None else None,
+                                      _ptr(gx) if gx is not None else None,
                                       _ptr(partial) if partial is not None else None, workers, threads)
     if used < 0:
         raise MemoryError("condensed_backward: no memory for the token-block buffers")

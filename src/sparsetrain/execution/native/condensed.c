@@ -5,9 +5,8 @@
 #include "parallel.h"
 
 /* ---- condensed sparse Linear (float32, rows of kept inputs) ----
- * A weight W[out, in] with nnz kept entries is given by rows (row_ptr[out + 1]; col, the input
- * of each entry, in the order of the values) and, for the input gradient, the same entries by
- * input (col_ptr[in + 1]; row_t, the output of each entry; vidx_t indexing the values). A
+ * A weight W[out, in] with nnz kept entries is given by rows: row_ptr[out + 1] (int64) and col, the
+ * input of each entry (int32), in the order of the values. Nothing else is stored. A
  * constant fan-in mask is the case where every row has the same length; any mask works.
  *
  * Tokens (the rows of x [T, in]) are taken in blocks of TB. A block is transposed into a
@@ -43,14 +42,14 @@ static void store_block(const float *buf, int64_t cols, int64_t t0, int64_t nb, 
 }
 
 /* out[r][:] = bias[r] + sum over the entries q of list r of value(q) * src[idx[q]][:] */
-static void lists_times_block(const int64_t *ptr, const int64_t *idx, const float *values, const int64_t *vidx,
-                              const float *bias, int64_t lists, const float *src, float *out) {
+static void lists_times_block(const int64_t *ptr, const int32_t *idx, const float *values, const float *bias,
+                              int64_t lists, const float *src, float *out) {
     for (int64_t r = 0; r < lists; r++) {
         v8 acc[NV];
         float b0 = bias ? bias[r] : 0.0f;
         for (int i = 0; i < NV; i++) acc[i] = (v8){b0, b0, b0, b0, b0, b0, b0, b0};
         for (int64_t q = ptr[r]; q < ptr[r + 1]; q++) {
-            float w = values[vidx ? vidx[q] : q];
+            float w = values[q];
             const v8 *s = (const v8 *)(src + idx[q] * TB);
             for (int i = 0; i < NV; i++) acc[i] += w * s[i];
         }
@@ -59,22 +58,42 @@ static void lists_times_block(const int64_t *ptr, const int64_t *idx, const floa
     }
 }
 
-/* part[q] += sum over the block's tokens of gout[r][:] * x[col[q]][:], for every entry q of row r */
-static void weight_grad_block(const int64_t *row_ptr, const int64_t *col, int64_t rows, const float *gout,
-                              const float *x, float *part) {
+static inline float dot_block(const v8 *g, const v8 *s) {
+    v8 a = g[0] * s[0], b = g[1] * s[1];
+    for (int i = 2; i < NV; i += 2) {
+        a += g[i] * s[i];
+        b += g[i + 1] * s[i + 1];
+    }
+    a += b;
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+/* Both gradients of one token block in one pass over the kept entries, row by row (the gradient of row r held
+ * in registers): gx[col[q]][:] += value(q) * gout[r][:] (a scatter; no race, since a worker owns its token
+ * blocks, and no second listing of the entries by input) and part[q] += <gout[r][:], x[col[q]][:]>. Either
+ * of gx and x may be null. */
+static void backward_block(const int64_t *row_ptr, const int32_t *col, const float *values, int64_t rows,
+                           const float *gout, const float *x, float *gx, float *part) {
     for (int64_t r = 0; r < rows; r++) {
         const v8 *g = (const v8 *)(gout + r * TB);
         v8 gr[NV];
         for (int i = 0; i < NV; i++) gr[i] = g[i];
-        for (int64_t q = row_ptr[r]; q < row_ptr[r + 1]; q++) {
-            const v8 *s = (const v8 *)(x + col[q] * TB);
-            v8 a = gr[0] * s[0], b = gr[1] * s[1];
-            for (int i = 2; i < NV; i += 2) {
-                a += gr[i] * s[i];
-                b += gr[i + 1] * s[i + 1];
+        int64_t q0 = row_ptr[r], q1 = row_ptr[r + 1];
+        if (gx && x) {
+            for (int64_t q = q0; q < q1; q++) {
+                v8 *d = (v8 *)(gx + (int64_t)col[q] * TB);
+                float w = values[q];
+                part[q] += dot_block(gr, (const v8 *)(x + (int64_t)col[q] * TB));
+                for (int i = 0; i < NV; i++) d[i] += w * gr[i];
             }
-            a += b;
-            part[q] += ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        } else if (gx) {
+            for (int64_t q = q0; q < q1; q++) {
+                v8 *d = (v8 *)(gx + (int64_t)col[q] * TB);
+                float w = values[q];
+                for (int i = 0; i < NV; i++) d[i] += w * gr[i];
+            }
+        } else {
+            for (int64_t q = q0; q < q1; q++) part[q] += dot_block(gr, (const v8 *)(x + (int64_t)col[q] * TB));
         }
     }
 }
@@ -82,7 +101,8 @@ static void weight_grad_block(const int64_t *row_ptr, const int64_t *col, int64_
 struct condensed_args {
     int64_t t, in, out, nblocks, nthreads;
     const float *x, *gout, *values, *bias;
-    const int64_t *row_ptr, *col, *col_ptr, *row_t, *vidx_t;
+    const int64_t *row_ptr;
+    const int32_t *col;
     float *y, *gx, *partial;
     int failed;
 };
@@ -96,7 +116,7 @@ static void forward_worker(void *p, int64_t worker) {
         for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
             int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
             load_block(a->x, a->in, a->in, t0, nb, xb);
-            lists_times_block(a->row_ptr, a->col, a->values, 0, a->bias, a->out, xb, yb);
+            lists_times_block(a->row_ptr, a->col, a->values, a->bias, a->out, xb, yb);
             store_block(yb, a->out, t0, nb, a->y, a->out);
         }
     }
@@ -106,9 +126,9 @@ static void forward_worker(void *p, int64_t worker) {
 
 /* y[T, out] = x[T, in] W_s^T + bias (bias may be null). Returns 0, or -1 when out of memory. */
 int condensed_forward(const int64_t *dims, const float *x, const float *values, const float *bias, const int64_t *row_ptr,
-                      const int64_t *col, float *y, int nthreads) {
+                      const int32_t *col, float *y, int nthreads) {
     struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, 0, values, bias,
-                               row_ptr, col, 0, 0, 0, y, 0, 0, 0};
+                               row_ptr, col, y, 0, 0, 0};
     a.nthreads = nthreads < 1 ? 1 : (nthreads > a.nblocks ? a.nblocks : nthreads);
     if (a.nthreads > MAX_THREADS) a.nthreads = MAX_THREADS;
     parallel_workers(forward_worker, &a, a.nthreads, (int)a.nthreads);
@@ -126,14 +146,10 @@ static void backward_worker(void *p, int64_t worker) {
         for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
             int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
             load_block(a->gout, a->out, a->out, t0, nb, gb);
-            if (a->gx) {
-                lists_times_block(a->col_ptr, a->row_t, a->values, a->vidx_t, 0, a->in, gb, gxb);
-                store_block(gxb, a->in, t0, nb, a->gx, a->in);
-            }
-            if (part) {
-                load_block(a->x, a->in, a->in, t0, nb, xb);
-                weight_grad_block(a->row_ptr, a->col, a->out, gb, xb, part);
-            }
+            if (part) load_block(a->x, a->in, a->in, t0, nb, xb);
+            if (gxb) memset(gxb, 0, (size_t)a->in * TB * sizeof(float));
+            backward_block(a->row_ptr, a->col, a->values, a->out, gb, xb, gxb, part);
+            if (gxb) store_block(gxb, a->in, t0, nb, a->gx, a->in);
         }
     }
     free(gb);
@@ -145,10 +161,9 @@ static void backward_worker(void *p, int64_t worker) {
  * gradient of each kept weight summed over each worker's tokens into partial[workers][nnz] (the caller
  * adds the rows). Returns the number of workers used, or -1 when out of memory. */
 int condensed_backward(const int64_t *dims, const float *x, const float *gout, const float *values, const int64_t *row_ptr,
-                       const int64_t *col, const int64_t *col_ptr, const int64_t *row_t, const int64_t *vidx_t, float *gx,
-                       float *partial, int workers, int nthreads) {
+                       const int32_t *col, float *gx, float *partial, int workers, int nthreads) {
     struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, gout, values, 0,
-                               row_ptr, col, col_ptr, row_t, vidx_t, 0, gx, partial, 0};
+                               row_ptr, col, 0, gx, partial, 0};
     int64_t n = workers < 1 ? 1 : workers;
     if (n > a.nblocks) n = a.nblocks;
     if (n > MAX_THREADS) n = MAX_THREADS;
