@@ -1,4 +1,5 @@
-"""Validation loss against training FLOPs for every protocol-D run: one PNG and a Markdown table.
+"""Validation loss against training FLOPs for every protocol-D run (a PNG and a Markdown table), and the
+D-speed records as a table and a bar chart of step time and peak memory against dense.
 
     python benchmarks/plot_protocol_d.py
 """
@@ -52,6 +53,48 @@ def main() -> None:
     out = RESULTS / "protocol_d-loss-vs-flops.png"
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
+    speed()
+
+
+def _speed_label(r: dict) -> str:
+    scheme = "fan-in" if "sparsity.scheme=fan_in" in r.get("extra", []) else "unstructured"
+    return f"{r['config']}, {scheme} {r['sparsity']:.0%}"
+
+
+def speed() -> None:
+    """D-speed: the table (protocol_d_speed.md) and the plot (protocol_d_speed.png) of every record."""
+    import matplotlib.pyplot as plt
+
+    records = read_records("protocol_d_speed.jsonl")
+    if not records:
+        return
+    lines = ["| configuration | scheme | sparsity | step / dense | peak memory / dense | (training part) | saved for backward | dense step (s) | threads |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        scheme = "fan-in" if "sparsity.scheme=fan_in" in r.get("extra", []) else "unstructured"
+        lines.append(f"| {r['config']} | {scheme} | {r['sparsity']:.2f} | {r['step_ratio']:.3f} | {r['mem_ratio']:.3f} | "
+                     f"{r['mem_ratio_training']:.3f} | {r['saved_bytes_ratio']:.3f} | {r['step_s_dense_median']:.3f} | "
+                     f"{r.get('threads', '')} |")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "protocol_d_speed.md").write_text(
+        "# D-speed (protocol D's GPT at width 512, context 128, batch 16; AdamW)\n\n"
+        "Produced by `python benchmarks/plot_protocol_d.py` from protocol_d_speed.jsonl; each record holds its command "
+        "(`benchmarks/protocol_b.py --model gpt ...`). Step: the whole training step against dense, alternating, median "
+        "of 20 pairs. Memory: peak resident memory of a process per configuration (the training part subtracts each "
+        "process's memory before the model was built).\n\n" + table)
+    print(table)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = [_speed_label(r) for r in records]
+    xs = range(len(records))
+    ax.bar([x - 0.2 for x in xs], [r["step_ratio"] for r in records], 0.4, label="step time / dense")
+    ax.bar([x + 0.2 for x in xs], [r["mem_ratio"] for r in records], 0.4, label="peak memory / dense")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="against dense", title="D-speed: GPT width 512, 2 CPU cores (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "protocol_d_speed.png", dpi=120)
+    print(f"wrote {RESULTS / 'protocol_d_speed.png'}")
 
 
 if __name__ == "__main__":

@@ -170,3 +170,53 @@ def test_fan_in_stays_constant_through_every_update(factory):
             assert torch.equal(_fan_in(m), start[n]), n  # every row, after every update
             changed += int(not torch.equal(m, before[n]))
     assert changed > 0 and sp.updates > 0
+
+
+def test_srigl_neuron_ablation_empties_weak_neurons_and_spreads_their_weights():
+    from sparsetrain.schemes import parse_scheme
+
+    scheme = parse_scheme("fan_in")
+    g = torch.Generator().manual_seed(0)
+    mask = scheme.mask(torch.rand(8, 20, generator=g), 0.25)  # fan-in 5, 40 weights
+    w = torch.rand(8, 20, generator=g) + 1.0
+    w[2] = 1e-3  # neuron 2: every weight tiny, so none survives the magnitude prune
+    grad = torch.rand(8, 20, generator=g) * 1e-3
+    grad[5] = 10.0  # neuron 5's inactive weights are the ones the gradient would grow
+    kept, live, fan = scheme.ablate(mask, w * mask, grad, n_swap=8, threshold=0.3)
+    assert live.tolist() == [r != 2 for r in range(8)] and not kept[2].any()
+    assert fan == 40 // 7  # the layer's weights spread over the 7 neurons left
+    new = scheme.prune_and_grow_rows(kept, w * mask, 1, 1 + fan - 5, grad, g, live)
+    assert set(_fan_in(new)[live].tolist()) == {fan} and not new[2].any()
+    # with nothing ablated (threshold 0), the fan-in and the row count stay as they are
+    same, live0, fan0 = scheme.ablate(mask, w * mask, grad, 8, 0.0)
+    assert torch.equal(same, mask) and bool(live0.all()) and fan0 == 5
+
+
+def test_rigl_with_neuron_ablation_keeps_a_constant_fan_in_on_live_neurons():
+    import torch.nn.functional as F
+
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torch.no_grad():
+        model[0].weight[:8] *= 1e-4  # eight neurons with no salient weight
+    sp = st.rigl(model, opt, sparsity=0.8, scheme="fan_in", dense_layers=["last"], total_steps=8, update_every_steps=2,
+                 update_end=1.0, neuron_ablation=0.3)
+    assert "neuron_ablation=0.3" in repr(sp)
+    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+    for _ in range(8):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        fans = _fan_in(sp.maskset.masks["0.weight"])
+        assert len(set(fans[fans > 0].tolist())) == 1  # the live neurons share one fan-in
+    assert int((fans == 0).sum()) >= 8 and int(fans.sum()) <= round(0.2 * 32) * 64
+    with pytest.raises(ValueError, match="neuron_ablation is SRigL's rule for constant fan-in masks; it needs scheme 'fan_in'"):
+        st.rigl(torch.nn.Sequential(torch.nn.Linear(4, 4)), None, sparsity=0.5, total_steps=4, dense_layers=[],
+                neuron_ablation=0.3)
+    with pytest.raises(ValueError, match=r"neuron_ablation must be in \[0, 1\)"):
+        st.rigl(torch.nn.Sequential(torch.nn.Linear(4, 4)), None, sparsity=0.5, total_steps=4, dense_layers=[],
+                scheme="fan_in", neuron_ablation=1.5)

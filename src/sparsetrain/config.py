@@ -183,6 +183,8 @@ class SparsityConfig(_Section):
     update_fraction: float = Field(0.3, ge=0, lt=1, description="SET/RigL: share of active weights replaced at the first update")
     update_decay: Literal["cosine", "constant"] = "cosine"
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
+    neuron_ablation: float = Field(0.0, ge=0, lt=1, description="RigL with scheme fan_in: SRigL's neuron ablation "
+                                                              "threshold (0: off; the paper uses 0.3)")
     backend: Literal["masked", "csr", "direct", "condensed", "channel", "semi_structured", "auto"] = Field(
         "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, "
                               "condensed Linear kernels (rows of kept inputs; convolutions direct), compacted channels, "

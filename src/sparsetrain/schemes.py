@@ -280,26 +280,57 @@ class FanIn(Scheme):
         return keep.reshape(score.shape)
 
     def update(self, mask, prune_score, n_prune, n_grow, grow_score, generator):
+        m = mask.reshape(mask.shape[0], -1)
+        live = m.any(1)  # rows an ablation emptied stay empty
+        n = max(1, int(live.sum()))
+        return self.prune_and_grow_rows(mask, prune_score, n_prune // n, n_grow // n, grow_score, generator, live)
+
+    def prune_and_grow_rows(self, mask, prune_score, per_row_prune, per_row_grow, grow_score, generator, live=None):
+        """Prune the ``per_row_prune`` lowest-scored kept weights of every live row, then grow ``per_row_grow``
+        weights in each (largest ``|grow_score|``, or at random), never one just pruned: the same counts in every
+        row, so a constant fan-in stays constant. ``live`` (default: every row) marks the rows that take part."""
         shape = tuple(mask.shape)
         m = mask.reshape(shape[0], -1)
-        rows = m.shape[0]
-        active = m.clone()
-        p = min(n_prune // rows, int(m.sum(1).min()))  # the same count in every row
+        live = torch.ones(m.shape[0], dtype=torch.bool, device=m.device) if live is None else live
+        if not live.any():
+            return mask.clone()
         new = m.clone()
+        p = min(per_row_prune, int(m[live].sum(1).min()))
         if p:
-            s = prune_score.detach().float().reshape(rows, -1)
-            s = torch.where(active, s, torch.full_like(s, float("inf")))
-            new.scatter_(1, torch.topk(s, p, dim=1, largest=False).indices, False)
-        candidates = ~active  # never a weight just pruned
-        g_count = min(n_grow // rows, int(candidates.sum(1).min()))
+            s = prune_score.detach().float().reshape(m.shape)
+            s = torch.where(m, s, torch.full_like(s, float("inf")))
+            new[live] = new[live].scatter(1, torch.topk(s[live], p, dim=1, largest=False).indices, False)
+        candidates = ~m  # never a weight just pruned
+        g_count = min(per_row_grow, int(candidates[live].sum(1).min()))
         if g_count:
             if grow_score is None:
                 g = torch.rand(m.shape, generator=generator).to(mask.device)
             else:
-                g = grow_score.detach().float().abs().reshape(rows, -1)
+                g = grow_score.detach().float().abs().reshape(m.shape)
             g = torch.where(candidates, g, torch.full_like(g, -float("inf")))
-            new.scatter_(1, torch.topk(g, g_count, dim=1).indices, True)
+            new[live] = new[live].scatter(1, torch.topk(g[live], g_count, dim=1).indices, True)
         return new.reshape(shape)
+
+    def ablate(self, mask, weight_abs, grad_abs, n_swap: int, threshold: float):
+        """SRigL's dynamic neuron ablation: a row (neuron) is salient where its weights survive a magnitude prune of
+        ``n_swap`` of the layer's kept weights, or are among the ``n_swap`` inactive ones the gradient would grow;
+        rows with fewer than ``threshold`` x their fan-in salient weights lose all their weights. Returns (the
+        mask with those rows emptied, the rows that live on, the fan-in that spreads the layer's weights over
+        them). Never empties every row."""
+        m = mask.reshape(mask.shape[0], -1)
+        live = m.any(1)
+        nnz, fan = int(m.sum()), int(m.sum(1).max())
+        salient = torch.zeros_like(m)
+        below = torch.full(m.shape, -1.0, device=m.device)  # ranks under every real score
+        w = torch.where(m, weight_abs.detach().float().reshape(m.shape), below)
+        salient.view(-1)[torch.topk(w.reshape(-1), max(nnz - n_swap, 0)).indices] = True
+        g = torch.where(m, below, grad_abs.detach().float().abs().reshape(m.shape))
+        salient.view(-1)[torch.topk(g.reshape(-1), min(n_swap, m.numel() - nnz)).indices] = True
+        survivors = live & (salient.sum(1) >= threshold * fan)
+        if not survivors.any():
+            return mask.clone(), live, fan
+        kept = m & survivors[:, None]
+        return kept.reshape(mask.shape), survivors, min(m.shape[1], nnz // int(survivors.sum()))
 
 
 def parse_scheme(name: str) -> Scheme:

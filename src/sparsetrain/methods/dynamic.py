@@ -69,10 +69,15 @@ class PruneAndGrow(Sparsifier):
                 raise RuntimeError(f"{self.name} grows by the dense gradient, but {n} has none at this update "
                                    "(call loss.backward() before optimizer.step(); with a closure-based loop set "
                                    "manual_pre_step and call pre_step() after backward)")
-            new = self.scheme.update(self.maskset.masks[n], w.abs(), k, k, g if grow_from_grad else None, self.generator)
+            new = self._new_mask(n, k, w, g if grow_from_grad else None)
             self.maskset.set_mask(n, new, self.optimizer)
         self.maskset.broadcast(optimizer=self.optimizer)
         self.updates += 1
+
+    def _new_mask(self, name: str, k: int, weight: torch.Tensor, grow_score: torch.Tensor | None) -> torch.Tensor:
+        """Layer ``name``'s mask after replacing ``k`` of its units: prune by magnitude, grow by ``grow_score``
+        (None: at random)."""
+        return self.scheme.update(self.maskset.masks[name], weight.abs(), k, k, grow_score, self.generator)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state(), "updates": self.updates}
@@ -132,6 +137,28 @@ class RigL(_Scheduled):
 
     name = "rigl"
 
+    def __init__(self, model, optimizer, *, neuron_ablation: float = 0.0, **kw):
+        if not isinstance(neuron_ablation, (int, float)) or not 0 <= neuron_ablation < 1:
+            raise ValueError(f"neuron_ablation must be in [0, 1) (0: off; SRigL uses 0.3), got {neuron_ablation!r}")
+        if neuron_ablation and kw.get("scheme") != "fan_in":
+            raise ValueError(f"neuron_ablation is SRigL's rule for constant fan-in masks; it needs scheme 'fan_in', "
+                             f"got {kw.get('scheme')!r}")
+        self.neuron_ablation = float(neuron_ablation)
+        super().__init__(model, optimizer, **kw)
+
+    def _new_mask(self, name, k, weight, grow_score):
+        if not self.neuron_ablation:
+            return super()._new_mask(name, k, weight, grow_score)
+        mask = self.maskset.masks[name]
+        rows = mask.shape[0]
+        fan = int(mask.reshape(rows, -1).sum(1).max())
+        kept, live, new_fan = self.scheme.ablate(mask, weight.abs(), grow_score, k, self.neuron_ablation)
+        p = k // max(1, int(mask.reshape(rows, -1).any(1).sum()))
+        return self.scheme.prune_and_grow_rows(kept, weight.abs(), p, p + new_fan - fan, grow_score, self.generator, live)
+
+    def _knobs(self) -> str:
+        return super()._knobs() + (f", neuron_ablation={self.neuron_ablation}" if self.neuron_ablation else "")
+
     def _before_update(self) -> bool:
         f = self._update_fraction(self.clock.step + 1)
         if f:
@@ -160,13 +187,16 @@ def rigl(
     steps_per_epoch: int | None = None, epochs: int | None = None, distribution: str = "uniform",
     custom_sparsity: dict[str, float] | None = None, scheme: str = "unstructured",
     dense_layers: Iterable[str] = ("first", "last"), update_every_steps: int = 100, update_fraction: float = 0.3,
-    update_decay: str = "cosine", update_end: float = 0.75, seed: int = 0,
+    update_decay: str = "cosine", update_end: float = 0.75, neuron_ablation: float = 0.0, seed: int = 0,
 ) -> RigL:
     """RigL: every ``update_every_steps`` optimizer steps until ``update_end`` of training, drop
     ``update_fraction`` (cosine-decayed) of each layer's active weights by magnitude and grow as many
     where the dense gradient of that step is largest (read inside ``optimizer.step()``, before the
-    masked entries are zeroed)."""
+    masked entries are zeroed). With ``scheme="fan_in"`` this is SRigL's rule (the same count in every
+    row); ``neuron_ablation`` > 0 adds SRigL's neuron ablation: at each update, neurons with fewer than
+    that share of their fan-in in salient weights lose all their weights and the others share them
+    (the paper's threshold is 0.3)."""
     return RigL(model, optimizer, sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 epochs=epochs, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
                 dense_layers=dense_layers, update_every_steps=update_every_steps, update_fraction=update_fraction,
-                update_decay=update_decay, update_end=update_end, seed=seed)
+                update_decay=update_decay, update_end=update_end, neuron_ablation=neuron_ablation, seed=seed)
