@@ -273,6 +273,7 @@ def test_rigl_says_when_the_gradient_is_missing_at_an_update():
     (["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.scheme=kernel"], "sparsity.scheme"),
     (["sparsity.method=set", "sparsity.sparsity=0.9", "sparsity.init=magnitude"], "sparsity.init"),
     (["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.init=synflow"], "sparsity.init"),
+    (["sparsity.method=set", "sparsity.sparsity=0.9", "sparsity.neuron_ablation=0.3"], "sparsity.neuron_ablation"),
     (["sparsity.method=mest", "sparsity.sparsity=0.9", "sparsity.init=snip"], "sparsity.init"),
     (["sparsity.method=dense", "sparsity.sparsity=0.5"], "sparsity.sparsity"),
     (["sparsity.method=dense", "sparsity.distribution=erk"], "sparsity.distribution"),
