@@ -93,3 +93,18 @@ def test_bad_sparsity_is_refused():
     ms = MaskSet.for_model(build_model("mlp"))
     with pytest.raises(ValueError, match=r"\[0, 1\), got 1.0"):
         random_masks(ms, 1.0, torch.Generator())
+
+
+def test_masks_of_compact_layers_are_held_at_one_bit_and_read_back_exactly():
+    from sparsetrain.masks import MaskDict
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(7, 13, generator=g) > 0.5, torch.rand(3, 5, generator=g) > 0.9
+    masks = MaskDict({"a": a.clone(), "b": b.clone()})
+    masks.pack("a")
+    assert dict.__getitem__(masks, "a").dtype == torch.uint8 and dict.__getitem__(masks, "a").numel() == (7 * 13 + 7) // 8
+    assert torch.equal(masks["a"], a) and torch.equal(masks.get("a"), a) and masks.get("c") is None
+    assert [n for n, _ in masks.items()] == ["a", "b"] and all(m.dtype == torch.bool for m in masks.values())
+    masks["a"] = ~a  # setting a packed mask packs it again
+    assert dict.__getitem__(masks, "a").dtype == torch.uint8 and torch.equal(masks["a"], ~a)
+    assert torch.equal(masks["b"], b)  # the others stay plain tensors

@@ -30,6 +30,57 @@ def _sparsifiable(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2
 
 
+class MaskDict(dict):
+    """Name -> boolean mask, as a dict; masks of layers that store only their kept weights (``packed``) are held
+    at one bit per weight and unpacked when read. Those layers compute from their own lists of kept weights,
+    so their mask is read only when it changes, for accounting and for checkpoints."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.packed: dict[str, tuple[torch.Size, torch.device]] = {}
+
+    def pack(self, name: str) -> None:
+        """Hold ``name``'s mask (now and when set again) at one bit per weight."""
+        mask = super().__getitem__(name)
+        self.packed[name] = (mask.shape, mask.device)
+        super().__setitem__(name, _packbits(mask))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = super().__getitem__(name)
+        if name in self.packed:
+            shape, device = self.packed[name]
+            return _unpackbits(value, shape).to(device)
+        return value
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        if name in self.packed:
+            self.packed[name] = (mask.shape, mask.device)
+            mask = _packbits(mask)
+        super().__setitem__(name, mask)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def values(self):
+        return [self[n] for n in self]
+
+    def items(self):
+        return [(n, self[n]) for n in self]
+
+
+def _packbits(mask: torch.Tensor) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(mask.detach().to("cpu", torch.bool).reshape(-1).numpy()))
+
+
+def _unpackbits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    import numpy as np
+
+    n = int(torch.Size(shape).numel())
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(shape)
+
+
 @dataclass(frozen=True)
 class LayerSparsity:
     """Kept and total weights of one layer."""
@@ -74,7 +125,7 @@ class MaskSet:
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = dict(params)
-        self.masks: dict[str, torch.Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.masks = MaskDict({n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()})
         self._hooks: list = []
         self.owners: dict[str, object] = {}  # layers that store only their kept weights (see compact.py), by name
         self.version = 0  # bumped on every mask change; lets caches (FLOP densities) know when to refresh
@@ -115,6 +166,7 @@ class MaskSet:
         but no longer holds or enforces a dense parameter."""
         self.params.pop(name)
         self.owners[name] = owner
+        self.masks.pack(name)  # the owner computes from its own kept-weight lists: one bit per weight is enough here
 
     def weight_and_grad(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense weight (detached) and its gradient (None before any backward), however the layer stores them."""
