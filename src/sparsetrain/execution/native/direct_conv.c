@@ -76,7 +76,7 @@ void sparse_conv_forward(const int64_t *geom, const float *x, const float *value
                          float *out, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_fwd_args a = {&g, x, values, bias, co_ptr, ci, kh, kw, out};
-    parallel_chunks(conv_fwd_item, &a, g.n * g.cout, nthreads);
+    parallel_workers(conv_fwd_item, &a, g.n * g.cout, nthreads);
 }
 
 struct conv_bwd_in_args {
@@ -109,7 +109,7 @@ void sparse_conv_backward_input(const int64_t *geom, const float *grad, const fl
                                 const int64_t *vidx, float *gx, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
-    parallel_chunks(conv_bwd_in_item, &a, g.n * g.cin, nthreads);
+    parallel_workers(conv_bwd_in_item, &a, g.n * g.cin, nthreads);
 }
 
 /* sum of a[i] * b[i * stride]; reassociated (eight running sums) so that it vectorises */
@@ -158,7 +158,7 @@ void sparse_conv_backward_weight(const int64_t *geom, const float *x, const floa
                                  float *partial, int parts, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_bwd_w_args a = {&g, x, grad, co_ptr, ci, kh, kw, partial, parts};
-    parallel_chunks(conv_bwd_w_part, &a, parts, nthreads);
+    parallel_workers(conv_bwd_w_part, &a, parts, nthreads);
 }
 
 /* ---- the same three products with the batch innermost: tensors laid out [C, H, W, N] ----
@@ -200,7 +200,7 @@ void sparse_conv_forward_bi(const int64_t *geom, const float *x, const float *va
                             float *out, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_fwd_args a = {&g, x, values, bias, co_ptr, ci, kh, kw, out};
-    parallel_chunks(conv_fwd_bi_item, &a, g.cout, nthreads);
+    parallel_workers(conv_fwd_bi_item, &a, g.cout, nthreads);
 }
 
 static void conv_bwd_in_bi_item(void *p, int64_t ci) {
@@ -228,7 +228,7 @@ void sparse_conv_backward_input_bi(const int64_t *geom, const float *grad, const
                                    const int64_t *vidx, float *gx, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
-    parallel_chunks(conv_bwd_in_bi_item, &a, g.cin, nthreads);
+    parallel_workers(conv_bwd_in_bi_item, &a, g.cin, nthreads);
 }
 
 static void conv_bwd_w_bi_item(void *p, int64_t co) {
@@ -258,5 +258,5 @@ void sparse_conv_backward_weight_bi(const int64_t *geom, const float *x, const f
                                     float *gw, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_bwd_w_args a = {&g, x, grad, co_ptr, ci, kh, kw, gw, 1};
-    parallel_chunks(conv_bwd_w_bi_item, &a, g.cout, nthreads);
+    parallel_workers(conv_bwd_w_bi_item, &a, g.cout, nthreads);
 }
