@@ -53,7 +53,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                              "sparsity.update_fraction=0.1"]),
 }
 # MEST's mutation interval at this budget, chosen on a validation split (--val-fraction): every 2 or 3 epochs
-for _every in (2, 3):
+for _every in (2, 3, 4):  # 4: the every-epoch interval scaled to the 60-epoch budget (budget_sweep.py)
     RUNS[f"mest-ems-erk-every{_every}"] = ("mest-ems", [*[o for o in RUNS["mest-ems-erk"][1] if "every_epochs" not in o],
                                                         f"sparsity.mest.every_epochs={_every}"])
 
@@ -108,6 +108,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="hold out this fraction of the training set and record to the validation file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--results", default=None, help=f"record to this file of results/ instead of {RESULTS_FILE}")
     ap.add_argument("--rerun", action="store_true",
                     help="run again what is already recorded (to check a change of the engine against the records) "
                          f"and record to {RERUN_FILE}")
@@ -115,7 +118,7 @@ def main(argv=None) -> None:
     if not 0.0 <= args.val_fraction < 1.0:
         ap.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     started_at = commit()  # the code that runs is the code at start, whatever lands meanwhile
-    results_file = VALIDATION_FILE if args.val_fraction else RERUN_FILE if args.rerun else RESULTS_FILE
+    results_file = VALIDATION_FILE if args.val_fraction else RERUN_FILE if args.rerun else args.results or RESULTS_FILE
     split = (f"-val{round(args.val_fraction * 100)}" if args.val_fraction else "") + ("-rerun" if args.rerun else "")
     records = read_records(results_file)
     done = {(r.get("run") or r["method"], r["seed"], r["epochs"], r["model"], r.get("val_fraction", 0.0)) for r in records}
@@ -128,16 +131,17 @@ def main(argv=None) -> None:
         cfg = load_config(overrides=[
             f"data.data_dir={args.data}", f"model.name={args.model}", f"optim.epochs={args.epochs}",
             f"run.seed={args.seed}", f"run.out_dir={out}", "run.checkpoint_every_steps=100",
-            f"data.val_fraction={args.val_fraction}", *overrides,
+            f"data.val_fraction={args.val_fraction}", f"run.threads={args.threads}", f"run.device={args.device}", *overrides,
         ])
-        summary = Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        summary = trainer.fit()
         record = {
             "protocol": "A", "run": name, "model": args.model, "dataset": "cifar10", "method": method,
             "recipe": _recipe_label(summary.get("recipe")),
             "sparsity": round(summary["sparsity"], 4), "epochs": args.epochs, "seed": args.seed,
             "test_acc": summary["test_acc"], "train_flops_rel": round(summary["train_flops_rel"], 4),
             "infer_flops_rel": round(summary["infer_flops_rel"], 4), "wall_s": summary["wall_s"],
-            "command": command_line(), "commit": started_at, **environment(),
+            "command": command_line(), "commit": started_at, "device": trainer.device.type, **environment(),
             **({"val_fraction": args.val_fraction, "val_acc": summary["val_acc"]} if args.val_fraction else {}),
             **{k: summary[k] for k in ("steps", "steps_full_data", "examples_removed", "peak_density", "mask_updates",
                                        "activation_sparsity") if k in summary},

@@ -1,0 +1,101 @@
+"""How long must a sparse network train? Protocol A at a longer budget for the seed methods' claims.
+
+    python benchmarks/budget_sweep.py --data ../shared/data/cifar10-jpeg.tar --epochs 60 --parallel 2
+    python benchmarks/budget_sweep.py --data ... --device cuda --parallel 7    # a GPU: every run at once
+    python benchmarks/budget_sweep.py --plot                                   # the gap-to-dense plot only
+
+Seven runs of protocol A, everything but the epochs unchanged (seed 0): dense, RigL 90% (ERK), MEST+EM&S
+90% (ERK, mutation every 4 epochs: the 15-epoch run's every epoch, scaled), SWAT-U 80%, SWAT-ERK 90%,
+static random 98% and static random 98% with the ToST recipe. Each run is one ``protocol_a.py`` process
+(records in results/protocol_a_budget.jsonl, each with its device); ``--parallel`` runs that many side by
+side, at one thread each on the CPU. Both levels resume: a recorded run is skipped, an unfinished one
+continues from its checkpoint in benchmarks/runs/. The plot sets each method's gap to dense at 15 epochs
+(results/protocol_a.jsonl) beside the longer budgets (results/protocol_a_budget.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, read_records  # noqa: E402
+
+BUDGET_FILE = "protocol_a_budget.jsonl"
+# run name -> its 15-epoch counterpart in protocol_a.jsonl (MEST's interval is scaled with the budget)
+RUNS = {"dense": "dense", "rigl": "rigl", "mest-ems-erk-every4": "mest-ems-erk", "swat-u80": "swat-u80",
+        "swat-erk90": "swat-erk90", "random98": "random98", "random98-tost": "random98-tost"}
+
+
+def sweep(args) -> None:
+    """Run the missing runs, ``args.parallel`` at a time."""
+    done = {r["run"] for r in read_records(BUDGET_FILE) if r["epochs"] == args.epochs and r["seed"] == 0}
+    todo = [n for n in RUNS if n not in done]
+    threads = 1 if args.device != "cuda" else 0
+    running: list[subprocess.Popen] = []
+    for name in todo:
+        while len(running) >= args.parallel:
+            running[0].wait()
+            running = [p for p in running if p.poll() is None]
+        log = open(ROOT / "benchmarks" / "runs" / f"budget-{name}-e{args.epochs}.log", "a")
+        running.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "protocol_a.py"), "--data", args.data, "--runs", name,
+             "--epochs", str(args.epochs), "--threads", str(threads), "--device", args.device, "--results", BUDGET_FILE],
+            stdout=log, stderr=subprocess.STDOUT))
+        print(f"started {name} ({args.epochs} epochs, {args.device})", flush=True)
+    for p in running:
+        p.wait()
+
+
+def plot() -> Path:
+    """Gap to dense (points of test accuracy) against the training budget, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accs: dict[tuple[str, int], float] = {}
+    for r in read_records("protocol_a.jsonl"):
+        for name, short in RUNS.items():
+            if r.get("run") == short and r["seed"] == 0 and r["epochs"] == 15:
+                accs[(name, 15)] = r["test_acc"]
+    for r in read_records(BUDGET_FILE):
+        if r["seed"] == 0:
+            accs[(r["run"], r["epochs"])] = r["test_acc"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in RUNS:
+        if name == "dense":
+            continue
+        pts = sorted((e, accs[(name, e)] - accs[("dense", e)]) for (n, e) in accs if n == name and ("dense", e) in accs)
+        if pts:
+            ax.plot([e for e, _ in pts], [g for _, g in pts], "o-", label=name)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set(xlabel="epochs", ylabel="test accuracy - dense (points)", title="Gap to dense against the training budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = RESULTS / "protocol_a_budget.png"
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="CIFAR-10 source (e.g. ../shared/data/cifar10-jpeg.tar)")
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--plot", action="store_true", help="only draw the plot from the records")
+    args = ap.parse_args(argv)
+    if not args.plot:
+        if not args.data:
+            ap.error("--data is required to run the sweep")
+        if args.parallel < 1:
+            ap.error(f"--parallel must be >= 1, got {args.parallel}")
+        sweep(args)
+    print(f"wrote {plot()}")
+
+
+if __name__ == "__main__":
+    main()
