@@ -36,8 +36,8 @@ def build(request, monkeypatch, portable_library):
 
 @pytest.fixture(params=[1, 3], ids=["one-thread", "three-threads"])
 def threads(request, monkeypatch, build):
-    """The one-pass kernels on the calling thread (the default) and split across threads, on either build."""
-    monkeypatch.setattr(native, "ELEMENTWISE_THREADS", request.param)
+    """The one-pass kernels on one thread and split across threads, on either build."""
+    monkeypatch.setattr(native, "elementwise_threads", lambda: request.param)
     return request.param
 
 

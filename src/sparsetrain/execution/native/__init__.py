@@ -44,6 +44,7 @@ _tried = False
 _i64, _f32, _int, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "chunk_count": ([_i64], _i64),
+    "uses_openmp": ([], _int),
     "keep_bits_f32": ([_p, _i64, _f32, _int, _p, _p, _int], None),
     "gather_f32": ([_p, _i64, _p, _p, _p, _int], None),
     "count_bits": ([_p, _i64, _p, _int], None),
@@ -63,12 +64,13 @@ _SIGNATURES = {
 }
 
 
-# Threads for the one-pass kernels (compress, decompress, ReLU bits, select, top-K threshold).
-# One: after each of its ops, PyTorch's OpenMP workers keep spinning for a while, so a second
-# thread of ours would fight a spinning worker for its core; measured on 2 cores, SWAT's step
-# on ResNet-20 was 1.43x dense with two threads here and 1.21x with one. The convolution
-# kernels, which run long enough for the workers to go to sleep, use every thread torch does.
-ELEMENTWISE_THREADS = 1
+def elementwise_threads() -> int:
+    """Threads for the one-pass kernels (compress, decompress, ReLU bits, select, top-K threshold): torch's, where
+    the library runs on PyTorch's own OpenMP threads; else one, since after each of its ops PyTorch's OpenMP
+    workers keep spinning for a while, and a plain thread of ours would fight a spinning worker for its core
+    (measured on 2 cores: SWAT's step on ResNet-20 was 1.43x dense with two such threads, 1.21x with one)."""
+    lib = _load()
+    return torch.get_num_threads() if lib is not None and lib.uses_openmp() else 1
 
 
 def _cpu_identity() -> str:
@@ -194,7 +196,7 @@ def _offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
 
 def compress(flat: torch.Tensor, threshold: float, absolute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed bits of ``|flat| >= threshold`` (``flat >= threshold`` if not absolute), the kept values in order)."""
-    lib, n, threads = _load(), flat.numel(), ELEMENTWISE_THREADS
+    lib, n, threads = _load(), flat.numel(), elementwise_threads()
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
     counts = np.empty(lib.chunk_count(n), dtype=np.int64)
     lib.keep_bits_f32(flat.data_ptr(), n, float(threshold), int(absolute), packed.data_ptr(), counts.ctypes.data, threads)
@@ -206,7 +208,7 @@ def compress(flat: torch.Tensor, threshold: float, absolute: bool = True) -> tup
 
 def decompress(packed: torch.Tensor, values: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense 1-D tensor of ``numel`` entries: ``values`` where the bit is set, zero elsewhere (into ``out`` if given)."""
-    lib, threads = _load(), ELEMENTWISE_THREADS
+    lib, threads = _load(), elementwise_threads()
     counts = np.empty(lib.chunk_count(numel), dtype=np.int64)
     lib.count_bits(packed.data_ptr(), numel, counts.ctypes.data, threads)
     offsets, total = _offsets(counts)
@@ -225,21 +227,21 @@ def relu_bits(flat: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torc
     n = flat.numel()
     out = torch.empty_like(flat) if out is None else out
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    _load().relu_bits_f32(flat.data_ptr(), n, out.data_ptr(), packed.data_ptr(), ELEMENTWISE_THREADS)
+    _load().relu_bits_f32(flat.data_ptr(), n, out.data_ptr(), packed.data_ptr(), elementwise_threads())
     return out, packed
 
 
 def relu_grad(grad: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``grad`` where the packed bit is set, zero elsewhere (ReLU's backward from its bitmask)."""
     out = torch.empty_like(grad)
-    _load().relu_grad_f32(grad.data_ptr(), packed.data_ptr(), grad.numel(), out.data_ptr(), ELEMENTWISE_THREADS)
+    _load().relu_grad_f32(grad.data_ptr(), packed.data_ptr(), grad.numel(), out.data_ptr(), elementwise_threads())
     return out
 
 
 def select(flat: torch.Tensor, threshold: float) -> torch.Tensor:
     """``flat`` where ``|flat| >= threshold``, zero elsewhere, in one pass."""
     out = torch.empty_like(flat)
-    _load().select_f32(flat.data_ptr(), flat.numel(), float(threshold), out.data_ptr(), ELEMENTWISE_THREADS)
+    _load().select_f32(flat.data_ptr(), flat.numel(), float(threshold), out.data_ptr(), elementwise_threads())
     return out
 
 
@@ -251,7 +253,7 @@ def kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[float, int]:
     thr, count = np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int64)
     hist = np.empty(lib.chunk_count(n) * 2048, dtype=np.uint32)
     lib.kth_largest_abs_f32(flat.data_ptr(), n, k, thr.ctypes.data, count.ctypes.data, hist.ctypes.data,
-                            ELEMENTWISE_THREADS)
+                            elementwise_threads())
     return float(thr[0]), int(count[0])
 
 

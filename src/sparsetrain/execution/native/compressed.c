@@ -10,6 +10,15 @@
 
 int64_t chunk_count(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
 
+/* 1 where the library runs its threads in the OpenMP runtime (PyTorch's own), 0 on plain threads. */
+int uses_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Every kernel walks its chunk in bytes of 8 elements: a full byte runs a fixed-length loop the
  * compiler unrolls and vectorises, the last (partial) byte of the tensor a short one. Pointers are
  * copied to restrict locals so the compiler need not reload them after every store. */
@@ -89,7 +98,7 @@ static void keep_chunk(void *p, int64_t c) {
 /* bits[i/8] bit i%8 = (|x[i]| >= thr) (x[i] >= thr when absolute == 0); counts[c] = kept entries of chunk c. */
 void keep_bits_f32(const float *x, int64_t n, float thr, int absolute, uint8_t *bits, int64_t *counts, int nthreads) {
     struct keep_args a = {x, n, thr, absolute, bits, counts};
-    parallel_chunks(keep_chunk, &a, chunk_count(n), nthreads);
+    parallel_workers(keep_chunk, &a, chunk_count(n), nthreads);
 }
 
 /* ---- gather: the kept values in memory order ---- */
@@ -120,7 +129,7 @@ static void gather_chunk(void *p, int64_t c) {
 /* values[offsets[c] ...] = the entries of chunk c whose bit is set; offsets = exclusive prefix sum of counts. */
 void gather_f32(const float *x, int64_t n, const uint8_t *bits, const int64_t *offsets, float *values, int nthreads) {
     struct gather_args a = {x, n, bits, offsets, values};
-    parallel_chunks(gather_chunk, &a, chunk_count(n), nthreads);
+    parallel_workers(gather_chunk, &a, chunk_count(n), nthreads);
 }
 
 /* ---- popcount per chunk (for scatter's offsets) ---- */
@@ -136,7 +145,7 @@ static void count_chunk(void *p, int64_t c) {
 
 void count_bits(const uint8_t *bits, int64_t n, int64_t *counts, int nthreads) {
     struct count_args a = {bits, n, counts};
-    parallel_chunks(count_chunk, &a, chunk_count(n), nthreads);
+    parallel_workers(count_chunk, &a, chunk_count(n), nthreads);
 }
 
 /* ---- scatter: the dense tensor back, zeros where the bit is clear ---- */
@@ -177,7 +186,7 @@ static void scatter_chunk(void *p, int64_t c) {
 
 void scatter_f32(const uint8_t *bits, const float *values, const int64_t *offsets, int64_t n, float *out, int nthreads) {
     struct scatter_args a = {bits, values, offsets, n, out};
-    parallel_chunks(scatter_chunk, &a, chunk_count(n), nthreads);
+    parallel_workers(scatter_chunk, &a, chunk_count(n), nthreads);
 }
 
 /* ---- ReLU that keeps one bit per element for its backward ---- */
@@ -216,7 +225,7 @@ static void relu_chunk(void *p, int64_t c) {
 /* out = relu(x); bits = (x > 0). */
 void relu_bits_f32(const float *x, int64_t n, float *out, uint8_t *bits, int nthreads) {
     struct relu_args a = {x, 0, n, out, bits};
-    parallel_chunks(relu_chunk, &a, chunk_count(n), nthreads);
+    parallel_workers(relu_chunk, &a, chunk_count(n), nthreads);
 }
 
 static void relu_grad_chunk(void *p, int64_t c) {
@@ -246,7 +255,7 @@ static void relu_grad_chunk(void *p, int64_t c) {
 /* out = grad where the bit is set, else 0. */
 void relu_grad_f32(const float *grad, const uint8_t *bits, int64_t n, float *out, int nthreads) {
     struct relu_args a = {grad, bits, n, out, 0};
-    parallel_chunks(relu_grad_chunk, &a, chunk_count(n), nthreads);
+    parallel_workers(relu_grad_chunk, &a, chunk_count(n), nthreads);
 }
 
 /* ---- the entries at or above a magnitude threshold, zeros elsewhere (SWAT's W_s) ---- */
@@ -271,7 +280,7 @@ static void select_chunk(void *p, int64_t c) {
 /* out = x where |x| >= thr, else 0. */
 void select_f32(const float *x, int64_t n, float thr, float *out, int nthreads) {
     struct select_args a = {x, n, thr, out};
-    parallel_chunks(select_chunk, &a, chunk_count(n), nthreads);
+    parallel_workers(select_chunk, &a, chunk_count(n), nthreads);
 }
 
 /* ---- exact top-K threshold: radix select over the bits of |x| ----
@@ -303,7 +312,7 @@ void kth_largest_abs_f32(const float *x, int64_t n, int64_t k, float *thr, int64
     uint32_t prefix = 0, prefix_mask = 0, last_bin_count = 0;
     for (int pass = 0; pass < 3; pass++) {
         struct radix_args a = {(const uint32_t *)x, n, prefix, prefix_mask, shifts[pass], digit_masks[pass], hist};
-        parallel_chunks(radix_chunk, &a, nchunks, nthreads);
+        parallel_workers(radix_chunk, &a, nchunks, nthreads);
         int64_t total[RADIX_BINS] = {0};
         for (int64_t c = 0; c < nchunks; c++)
             for (int b = 0; b < RADIX_BINS; b++) total[b] += hist[c * RADIX_BINS + b];

@@ -1,5 +1,7 @@
-/* Shared by the kernel families: a chunked parallel-for on plain pthreads (no OpenMP runtime beside
- * PyTorch's own). Each .c file includes this; the functions are static, so each gets its own copy. */
+/* Shared by the kernel families: a chunked parallel-for, on the OpenMP runtime PyTorch runs on where the
+ * library is built with OpenMP (the same worker threads: none of ours competes with a spinning torch
+ * worker, and no thread is created per call), else on plain pthreads. Each .c file includes this; the
+ * functions are static, so each gets its own copy. */
 #ifndef SPARSETRAIN_PARALLEL_H
 #define SPARSETRAIN_PARALLEL_H
 
