@@ -486,7 +486,7 @@ def test_two_ranks_agree_on_the_auto_backend_and_a_resume_keeps_it(tmp_path, tin
         return [json.loads((out / f"choice{r}.json").read_text()) for r in (0, 1)]
 
     first = launch(["optim.epochs=1"])
-    assert first[0] == first[1] and set(first[0].values()) <= {"masked", "direct", "csr"} and "auto" not in first[0].values()
+    assert first[0] == first[1] and set(first[0].values()) <= {"masked", "direct", "csr", "condensed"} and "auto" not in first[0].values()
     again = launch(["optim.epochs=2", "run.resume_with_changes=true"])
     assert again[0] == again[1] == first[0]
 

@@ -100,7 +100,7 @@ def test_every_method_trains_the_gpt_with_attention_and_mlp_sparse(method, text,
 @pytest.mark.parametrize("overrides, message", [
     (["model.name=gpt"], "model 'gpt' and dataset 'cifar10' do not fit"),
     (["data.dataset=text"], "model 'resnet20' and dataset 'text' do not fit"),
-    (["model.depth=3"], "model.depth and model.heads shape the gpt"),
+    (["model.depth=3"], "model.depth and model.heads shape the transformers"),
     ([*TINY, "sparsity.method=mest", "sparsity.sparsity=0.5", "sparsity.data_efficiency.enabled=true"], "not defined for text"),
 ])
 def test_models_and_data_that_do_not_fit_are_refused(overrides, message):

@@ -98,7 +98,7 @@ DDP_DRIVER = textwrap.dedent("""
     cfg = load_config(overrides=sys.argv[1:])
     trainer = Trainer(cfg)
     trainer.fit()
-    torch.save({"model": trainer.model.state_dict(), "masks": trainer.method.maskset.masks},
+    torch.save({"model": trainer.model.state_dict(), "masks": trainer.method.maskset.state_dict()["masks"]},
                f"{cfg.run.out_dir}/rank{dist.get_rank()}.pt")
 """)
 
@@ -167,7 +167,7 @@ DDP_DYNAMIC_DRIVER = textwrap.dedent("""
     cfg = load_config(overrides=sys.argv[1:])
     trainer = Trainer(cfg)
     trainer.fit()
-    torch.save({"model": trainer.model.state_dict(), "masks": trainer.method.maskset.masks,
+    torch.save({"model": trainer.model.state_dict(), "masks": trainer.method.maskset.state_dict()["masks"],
                 "removed": trainer.forgetting.removed, "forgets": trainer.forgetting.forgets},
                f"{cfg.run.out_dir}/rank{dist.get_rank()}.pt")
 """)

@@ -33,7 +33,8 @@ def _sparsifiable(m: nn.Module) -> bool:
 class MaskDict(dict):
     """Name -> boolean mask, as a dict; masks of layers that store only their kept weights (``packed``) are held
     at one bit per weight and unpacked when read. Those layers compute from their own lists of kept weights,
-    so their mask is read only when it changes, for accounting and for checkpoints."""
+    so their mask is read only when it changes, for accounting and for checkpoints. Save masks through
+    :meth:`MaskSet.state_dict` (plain tensors), not this object."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
