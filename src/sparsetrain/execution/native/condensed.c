@@ -41,16 +41,16 @@ static void store_block(const float *buf, int64_t cols, int64_t t0, int64_t nb, 
     }
 }
 
-/* out[r][:] = bias[r] + sum over the entries q of list r of value(q) * src[idx[q]][:] */
-static void lists_times_block(const int64_t *ptr, const int32_t *idx, const float *values, const float *bias,
-                              int64_t lists, const float *src, float *out) {
-    for (int64_t r = 0; r < lists; r++) {
+/* out[r][:] = bias[r] + sum over the entries q of row r of values[q] * src[idx[q]][:] */
+static void rows_times_block(const int64_t *ptr, const int32_t *idx, const float *values, const float *bias,
+                              int64_t rows, const float *src, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
         v8 acc[NV];
         float b0 = bias ? bias[r] : 0.0f;
         for (int i = 0; i < NV; i++) acc[i] = (v8){b0, b0, b0, b0, b0, b0, b0, b0};
         for (int64_t q = ptr[r]; q < ptr[r + 1]; q++) {
             float w = values[q];
-            const v8 *s = (const v8 *)(src + idx[q] * TB);
+            const v8 *s = (const v8 *)(src + (int64_t)idx[q] * TB);
             for (int i = 0; i < NV; i++) acc[i] += w * s[i];
         }
         v8 *o = (v8 *)(out + r * TB);
@@ -116,7 +116,7 @@ static void forward_worker(void *p, int64_t worker) {
         for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
             int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
             load_block(a->x, a->in, a->in, t0, nb, xb);
-            lists_times_block(a->row_ptr, a->col, a->values, a->bias, a->out, xb, yb);
+            rows_times_block(a->row_ptr, a->col, a->values, a->bias, a->out, xb, yb);
             store_block(yb, a->out, t0, nb, a->y, a->out);
         }
     }
