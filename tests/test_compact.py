@@ -118,9 +118,27 @@ def test_mest_with_compact_state_matches_masked_dense_and_resumes_across_a_mutat
         torch.testing.assert_close(resumed.model.state_dict()[k], full.model.state_dict()[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_rigl_and_set_with_compact_state_match_masked_dense_and_resume(tmp_path, method):
+    data = tiny_datasets(n_train=96)
+    dst = [f"sparsity.method={method}", "sparsity.update_every_steps=2", "sparsity.update_end=1.0", "optim.epochs=3"]
+    masked = Trainer(_config(tmp_path / "masked", dst), datasets=data)
+    masked.fit()
+    compact = [*dst, "sparsity.backend=direct", "sparsity.compact_state=true"]
+    full, resumed = full_and_resumed(lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=5)
+    assert full.method.updates >= 4 and isinstance(full.model[3], CompactConv2d)
+    assert not full.method.maskset.captured  # the full weight gradients live only until the update read them
+    for n, m in masked.method.maskset.masks.items():
+        assert torch.equal(full.method.maskset.masks[n], m), n  # RigL grew where the dense gradient said
+        assert torch.equal(resumed.method.maskset.masks[n], m), n
+    for k, v in masked.model.state_dict().items():
+        torch.testing.assert_close(full.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(resumed.model.state_dict()[k], full.model.state_dict()[k], rtol=0, atol=0)
+
+
 def test_compact_state_needs_the_direct_backend_and_a_method_without_dense_gradients():
     with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct' or 'condensed'"):
         load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"])
-    with pytest.raises(ConfigError, match="method 'set'"):
-        load_config(overrides=["sparsity.method=set", "sparsity.sparsity=0.5", "sparsity.backend=direct",
+    with pytest.raises(ConfigError, match="method 'lottery'"):
+        load_config(overrides=["sparsity.method=lottery", "sparsity.sparsity=0.5", "sparsity.backend=direct",
                                "sparsity.compact_state=true"])

@@ -189,8 +189,8 @@ class SparsityConfig(_Section):
         "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, "
                               "condensed Linear kernels (rows of kept inputs; convolutions direct), compacted channels, "
                               "2:4 semi-structured (CUDA), or the fastest per layer")
-    compact_state: bool = Field(False, description="direct or condensed backend, static or mest: store only kept weights "
-                                                 "(and their gradients and optimizer state)")
+    compact_state: bool = Field(False, description="direct or condensed backend; static, set, rigl or mest: store only "
+                                                 "kept weights (and their gradients and optimizer state)")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
@@ -248,10 +248,10 @@ class SparsityConfig(_Section):
         if self.backend != "masked" and m in ("dense", "swat"):
             raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {m!r} has no masks "
                              "(use static, lottery, set, rigl or mest)")
-        if self.compact_state and (self.backend not in ("direct", "condensed") or m not in ("static", "mest")):
+        if self.compact_state and (self.backend not in ("direct", "condensed") or m not in ("static", "set", "rigl", "mest")):
             raise ValueError(f"compact_state stores only kept weights under backend 'direct' or 'condensed' for methods "
-                             f"static and mest "
-                             f"(whose updates need no dense gradient); got backend {self.backend!r}, method {m!r}")
+                             f"static, set, rigl and mest (RigL's layers compute their full weight gradient on its "
+                             f"update steps only); got backend {self.backend!r}, method {m!r}")
         if self.backend == "channel" and self.scheme != "channel_out":
             raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "
                              f"(got {self.scheme!r})")

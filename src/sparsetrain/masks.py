@@ -129,6 +129,10 @@ class MaskSet:
         self.masks = MaskDict({n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()})
         self._hooks: list = []
         self.owners: dict[str, object] = {}  # layers that store only their kept weights (see compact.py), by name
+        # a step whose update reads dense gradients (RigL's) sets this: layers whose sparse paths compute only the
+        # kept weights' gradient then put the full one in ``captured`` (see execution/backends.py)
+        self.capture_dense_grad = False
+        self.captured: dict[str, torch.Tensor] = {}
         self.version = 0  # bumped on every mask change; lets caches (FLOP densities) know when to refresh
 
     @classmethod
@@ -174,7 +178,17 @@ class MaskSet:
         if name in self.owners:
             return self.owners[name].dense_weight(), self.owners[name].dense_grad()
         p = self.params[name]
-        return p.detach(), p.grad
+        return p.detach(), self.captured.get(name, p.grad)
+
+    @torch.no_grad()
+    def adopt_captured(self) -> None:
+        """End a step that captured full gradients: the weights that keep a dense parameter take the full one as
+        their gradient (masked next, as under masked dense, so weights grown this step get theirs), and the
+        captured tensors are dropped."""
+        for name, grad in self.captured.items():
+            if name in self.params and self.params[name].grad is not None:
+                self.params[name].grad.copy_(grad)
+        self.captured.clear()
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -432,7 +432,13 @@ class _SparseExec:
             self._choose(x)
         if self.training:
             self.ran = self._path(x)
-        return self._run(x)
+        out = self._run(x)
+        if self.training and out.requires_grad and self.maskset.capture_dense_grad and self.ran != "masked":
+            # the sparse paths compute the kept weights' gradient only; a step whose update grows by the dense
+            # gradient (RigL's) computes the full one as well, with one dense product, kept until it is read
+            out.register_hook(lambda g, x=x.detach(): self.maskset.captured.__setitem__(
+                self.mask_name, self._dense_weight_grad(x, g)))
+        return out
 
     def _path(self, x: torch.Tensor) -> str:
         """The path :meth:`_run` takes for ``x`` under the chosen backend."""
@@ -508,6 +514,10 @@ class _SemiStructuredLinearFn(torch.autograd.Function):
 class SparseLinear(_SparseExec, nn.Linear):
     """A Linear that computes with the backend chosen for it (made by :func:`apply_backend`)."""
 
+    def _dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The full weight gradient [out, in] of this layer for input ``x`` and output gradient ``grad_out``."""
+        return grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
         return ("masked", "csr", "condensed") if _direct_ok(x, self.weight) else ("masked", "csr")
 
@@ -533,6 +543,11 @@ class SparseLinear(_SparseExec, nn.Linear):
 
 class SparseConv2d(_SparseExec, nn.Conv2d):
     """A Conv2d that computes with the backend chosen for it (made by :func:`apply_backend`)."""
+
+    def _dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The full weight gradient of this (ungrouped) convolution for input ``x`` and output gradient ``grad_out``."""
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        return torch.nn.grad.conv2d_weight(x, shape, grad_out, self.stride, self.padding, self.dilation, self.groups)
 
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
         # where the direct kernels run, CSR (an unfolded copy of the input) is slower and far larger: not tried

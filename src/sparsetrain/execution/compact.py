@@ -40,7 +40,11 @@ class _CompactStorage:
         return self.weight
 
     def dense_grad(self) -> torch.Tensor | None:
-        """The gradient of the kept weights as a dense tensor, or None before any backward."""
+        """The weight gradient as a dense tensor: the full one on a step that captured it (RigL's update steps),
+        else that of the kept weights with zeros elsewhere; None before any backward."""
+        captured = self.maskset.captured.get(self.mask_name)
+        if captured is not None:
+            return captured
         return None if self.values.grad is None else self.compact.dense(self.values.grad)
 
     @torch.no_grad()
@@ -60,7 +64,10 @@ class _CompactStorage:
             if torch.is_tensor(v) and v.shape == self.values.shape:
                 state[k] = relay(v)
         self.values.data = relay(self.values.detach())
-        self.values.grad = None
+        # a mask changed before the update (RigL): the step goes on with the gradient of the new kept weights,
+        # grown ones included, as under masked dense; a change after it (MEST) leaves no gradient to keep
+        captured = self.maskset.captured.get(self.mask_name)
+        self.values.grad = None if captured is None else captured.reshape(-1)[new.flat_index].clone()
         self.compact = new
 
     def _structure_for(self, mask: torch.Tensor):

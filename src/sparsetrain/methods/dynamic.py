@@ -145,6 +145,19 @@ class RigL(_Scheduled):
                              f"got {kw.get('scheme')!r}")
         self.neuron_ablation = float(neuron_ablation)
         super().__init__(model, optimizer, **kw)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Tell layers that store only their kept weights whether the coming step is an update step, whose
+        growth needs their full weight gradient (computed then, and only then)."""
+        self.maskset.capture_dense_grad = bool(self._update_fraction(self.clock.step + 1))
+
+    def _after_update(self) -> None:
+        self._arm()
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._arm()
 
     def _new_mask(self, name, k, weight, grow_score):
         if not self.neuron_ablation:
@@ -163,6 +176,7 @@ class RigL(_Scheduled):
         f = self._update_fraction(self.clock.step + 1)
         if f:
             self._replace(f, grow_from_grad=True)
+        self.maskset.adopt_captured()
         return bool(f)
 
 
