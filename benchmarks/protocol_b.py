@@ -78,6 +78,7 @@ def main(argv=None):
         "protocol": "D-speed" if sequence else "B", "model": args.model, "model_args": margs, "batch": args.batch,
         "config": args.config, "sparsity": args.sparsity,
         "step_ratio": round(statistics.median(ratios), 4),
+        "step_ratio_mean": round(sum(t_sparse) / sum(t_dense), 4),  # every step's cost, mask updates included
         "mem_ratio": round(peaks[args.config]["peak"] / peaks["dense"]["peak"], 4),
         "mem_ratio_training": round((peaks[args.config]["peak"] - peaks[args.config]["base"])
                                     / (peaks["dense"]["peak"] - peaks["dense"]["base"]), 4),

@@ -47,6 +47,12 @@ CONFIGS: dict[str, list[str]] = {
     "csr": ["sparsity.method=static", "sparsity.backend=csr"],
     "direct": ["sparsity.method=static", "sparsity.backend=direct"],
     "compact": ["sparsity.method=static", "sparsity.backend=direct", "sparsity.compact_state=true"],
+    # RigL (ERK, an update every 100 steps, full weight gradients on those steps only) and MEST with the soft
+    # bound, both storing only kept weights; a window of over 100 pairs holds an update step
+    "rigl-compact": ["sparsity.method=rigl", "sparsity.distribution=erk", "sparsity.backend=direct",
+                     "sparsity.compact_state=true"],
+    "mest-compact": ["sparsity.method=mest", "sparsity.mest.soft_bound=true", "sparsity.backend=direct",
+                     "sparsity.compact_state=true"],
     "condensed": ["sparsity.method=static", "sparsity.backend=condensed"],
     "condensed-compact": ["sparsity.method=static", "sparsity.backend=condensed", "sparsity.compact_state=true"],
     "channel": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel"],
@@ -62,8 +68,8 @@ PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def memory_format(config: str) -> torch.memory_format:
     """Each configuration in its faster layout: the direct kernels work on NCHW; oneDNN's dense
     convolutions (dense, masked, SWAT, the CSR path's unfolding) are faster channels-last on CPUs."""
-    return torch.contiguous_format if config in ("direct", "compact", "condensed", "condensed-compact", "auto") \
-        else torch.channels_last
+    return torch.contiguous_format if config in ("direct", "compact", "rigl-compact", "mest-compact", "condensed",
+                                                 "condensed-compact", "auto") else torch.channels_last
 
 
 def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = (), model_args: dict | None = None):
