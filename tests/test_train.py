@@ -184,3 +184,15 @@ def test_ddp_ranks_agree_on_dynamic_masks_and_forgetting_statistics(tmp_path, ti
         assert torch.equal(r0["masks"][k], r1["masks"][k]), k
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
+
+
+def test_ddp_ranks_agree_under_rigl_with_compact_state(tmp_path, tiny_mnist_tar):
+    # each rank captures the full gradient of its own batch on RigL's update steps: they are averaged like .grad
+    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=1", "sparsity.method=rigl", "sparsity.sparsity=0.8",
+            "sparsity.update_every_steps=2", "sparsity.update_end=1.0", "sparsity.dense_layers=[]",
+            "sparsity.backend=direct", "sparsity.compact_state=true", "model.channels_last=false"]
+    r0, r1 = _torchrun(tmp_path, DDP_DRIVER, args, tmp_path / "ddp")
+    for k in r0["masks"]:
+        assert torch.equal(r0["masks"][k], r1["masks"][k]), k
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k

@@ -181,6 +181,17 @@ class MaskSet:
         return p.detach(), self.captured.get(name, p.grad)
 
     @torch.no_grad()
+    def reduce_captured(self) -> None:
+        """Average the captured full gradients over data-parallel ranks, as DDP averages ``.grad``: each rank
+        captured its own batch's."""
+        import torch.distributed as dist
+
+        if self.captured and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for grad in self.captured.values():
+                dist.all_reduce(grad)
+                grad.div_(dist.get_world_size())
+
+    @torch.no_grad()
     def adopt_captured(self) -> None:
         """End a step that captured full gradients: the weights that keep a dense parameter take the full one as
         their gradient (masked next, as under masked dense, so weights grown this step get theirs), and the

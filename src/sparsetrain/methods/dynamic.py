@@ -175,6 +175,7 @@ class RigL(_Scheduled):
     def _before_update(self) -> bool:
         f = self._update_fraction(self.clock.step + 1)
         if f:
+            self.maskset.reduce_captured()
             self._replace(f, grow_from_grad=True)
         self.maskset.adopt_captured()
         return bool(f)
