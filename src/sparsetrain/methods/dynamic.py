@@ -148,8 +148,9 @@ class RigL(_Scheduled):
         self._arm()
 
     def _arm(self) -> None:
-        """Tell layers that store only their kept weights whether the coming step is an update step, whose
-        growth needs their full weight gradient (computed then, and only then)."""
+        """Tell the layers whose sparse products give only kept weights a gradient (``csr``, ``direct``,
+        ``condensed``, compact storage) whether the coming step is an update step, whose growth needs their full
+        weight gradient (computed then, and only then)."""
         self.maskset.capture_dense_grad = bool(self._update_fraction(self.clock.step + 1))
 
     def _after_update(self) -> None:
