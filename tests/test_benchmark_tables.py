@@ -71,3 +71,40 @@ def test_a_validation_run_counts_as_done_only_at_its_own_fraction(monkeypatch):
     with pytest.raises(RuntimeError, match="stop before training"):
         protocol_a.main(["--data", "x", "--val-fraction", "0.1", "--runs", "dense"])
     assert started == [0.1]
+
+
+def test_the_budget_sweep_starts_only_unrecorded_runs_at_one_thread_each(monkeypatch, tmp_path):
+    import budget_sweep
+    from protocol_a import RUNS
+
+    assert set(budget_sweep.RUNS) <= set(RUNS) and set(budget_sweep.RUNS.values()) <= set(RUNS)
+    recorded = [{"run": "dense", "seed": 0, "epochs": 60}, {"run": "rigl", "seed": 0, "epochs": 15}]
+    monkeypatch.setattr(budget_sweep, "read_records", lambda path: recorded)
+    monkeypatch.setattr(budget_sweep, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "runs").mkdir(parents=True)
+    started = []
+
+    class Done:
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(budget_sweep.subprocess, "Popen", Done)
+    budget_sweep.sweep(type("Args", (), {"data": "d", "epochs": 60, "parallel": 2, "device": "cpu"})())
+    names = [cmd[cmd.index("--runs") + 1] for cmd in started]
+    assert names == [n for n in budget_sweep.RUNS if n != "dense"]  # dense is recorded at 60 epochs; rigl only at 15
+    assert all(cmd[cmd.index("--threads") + 1] == "1" and cmd[cmd.index("--results") + 1] == budget_sweep.BUDGET_FILE
+               for cmd in started)
+
+
+def test_protocol_d_variants_need_a_label(capsys):
+    from protocol_d import main
+
+    with pytest.raises(SystemExit):
+        main(["--data", "x", "--runs", "rigl", "--extra", "sparsity.update_fraction=0.5"])
+    assert "--extra needs --label" in capsys.readouterr().err
