@@ -108,3 +108,5 @@ def test_masks_of_compact_layers_are_held_at_one_bit_and_read_back_exactly():
     masks["a"] = ~a  # setting a packed mask packs it again
     assert dict.__getitem__(masks, "a").dtype == torch.uint8 and torch.equal(masks["a"], ~a)
     assert torch.equal(masks["b"], b)  # the others stay plain tensors
+    copied = dict(masks)
+    assert type(copied) is dict and torch.equal(copied["a"], ~a) and torch.equal({**masks}["a"], ~a)

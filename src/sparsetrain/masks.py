@@ -14,6 +14,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -59,6 +60,10 @@ class MaskDict(dict):
             mask = _packbits(mask)
         super().__setitem__(name, mask)
 
+    def __iter__(self):
+        # defined here so that dict(masks) and {**masks} copy through __getitem__ (unpacked), not the raw values
+        return super().__iter__()
+
     def get(self, name, default=None):
         return self[name] if name in self else default
 
@@ -70,14 +75,10 @@ class MaskDict(dict):
 
 
 def _packbits(mask: torch.Tensor) -> torch.Tensor:
-    import numpy as np
-
     return torch.from_numpy(np.packbits(mask.detach().to("cpu", torch.bool).reshape(-1).numpy()))
 
 
 def _unpackbits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    import numpy as np
-
     n = int(torch.Size(shape).numel())
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(shape)
 
