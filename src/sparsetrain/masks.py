@@ -6,6 +6,9 @@ step and the masked weights (and their optimizer state) after it, so momentum, w
 decay and adaptive moments can never move a masked weight off zero, whatever the
 optimizer. Masks are plain tensors: they save and load with the checkpoint, and methods
 that change them (dynamic sparse training) call :meth:`MaskSet.set_mask`.
+
+Under sharded training (FSDP2) a mask is a DTensor with its weight's placements: each rank holds and
+enforces the mask of its own rows, on its shards of the weight, the gradient and the optimizer state.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .sharding import Part, local
 
 __all__ = ["MaskSet", "LayerSparsity", "select_parameters", "random_masks"]
 
@@ -127,7 +132,7 @@ class MaskSet:
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = dict(params)
-        self.masks = MaskDict({n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()})
+        self.masks = MaskDict({n: self._layout(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()})
         self._hooks: list = []
         self.owners: dict[str, object] = {}  # layers that store only their kept weights (see compact.py), by name
         # a step whose update reads dense gradients (RigL's) sets this: layers whose sparse paths compute only the
@@ -141,6 +146,17 @@ class MaskSet:
         return cls(select_parameters(model, dense_layers))
 
     # ----------------------------------------------------------------- masks
+    def _layout(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` laid out like parameter ``name``: a boolean tensor on its device or, for a sharded parameter, a
+        DTensor holding this rank's rows (``mask`` may be whole, as every rank computes it alike, or sharded)."""
+        p = self.params[name]
+        part = Part.of(p)
+        if part is None:
+            whole = mask.full_tensor() if Part.of(mask) is not None else local(mask)
+            return whole.to(device=p.device, dtype=torch.bool)
+        rows = local(mask) if Part.of(mask) is not None else part.rows_of(mask)
+        return part.wrap(rows.to(device=local(p).device, dtype=torch.bool))
+
     def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Install ``mask`` for ``name``, zero the newly masked weights and, given the optimizer,
         reset their optimizer state (so regrown weights start with no stale momentum)."""
@@ -154,16 +170,16 @@ class MaskSet:
         p = self.params[name]
         if mask.shape != p.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
-        old = self.masks[name]
-        new = mask.to(device=p.device, dtype=torch.bool)
-        self.masks[name] = new
+        old = local(self.masks[name])
+        self.masks[name] = self._layout(name, mask)
+        new = local(self.masks[name])
         with torch.no_grad():
-            p.mul_(new)
+            local(p).mul_(new)
         if optimizer is not None:
             changed = old ^ new
             for v in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(v) and v.shape == p.shape:
-                    v.masked_fill_(changed, 0)
+                    local(v).masked_fill_(changed, 0)
         self.version += 1
 
     def release(self, name: str, owner) -> None:
@@ -206,19 +222,19 @@ class MaskSet:
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero every masked weight (and the optimizer state that belongs to it)."""
         for n, p in self.params.items():
-            m = self.masks[n]
-            p.mul_(m)
+            m = local(self.masks[n])
+            local(p).mul_(m)
             if optimizer is not None:
                 for v in optimizer.state.get(p, {}).values():
                     if torch.is_tensor(v) and v.shape == p.shape:
-                        v.mul_(m)
+                        local(v).mul_(m)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradient entries of masked weights."""
         for n, p in self.params.items():
             if p.grad is not None:
-                p.grad.mul_(self.masks[n])
+                local(p.grad).mul_(local(self.masks[n]))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep masked weights at zero through ``optimizer.step()`` (any torch optimizer)."""
@@ -234,7 +250,17 @@ class MaskSet:
     # ----------------------------------------------------------------- reporting
     def layers(self) -> list[LayerSparsity]:
         """Kept and total weights of every masked layer."""
-        return [LayerSparsity(n, tuple(m.shape), m.numel(), int(m.sum())) for n, m in self.masks.items()]
+        counts = [int(local(m).sum()) for m in self.masks.values()]
+        parts = [Part.of(m) for m in self.masks.values()]
+        sharded = [i for i, part in enumerate(parts) if part is not None]
+        if sharded:  # one all-reduce for every sharded layer's count
+            import torch.distributed as dist
+
+            t = torch.tensor([counts[i] for i in sharded], dtype=torch.int64)
+            dist.all_reduce(t, group=parts[sharded[0]].group)
+            for i, c in zip(sharded, t.tolist()):
+                counts[i] = c
+        return [LayerSparsity(n, tuple(m.shape), m.numel(), c) for (n, m), c in zip(self.masks.items(), counts)]
 
     def densities(self) -> dict[str, float]:
         """Kept share of each masked weight, by name."""
@@ -242,8 +268,9 @@ class MaskSet:
 
     def global_sparsity(self) -> float:
         """Share of zero weights over all masked layers."""
-        total = sum(m.numel() for m in self.masks.values())
-        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
+        layers = self.layers()
+        total = sum(ls.numel for ls in layers)
+        return 1.0 - sum(ls.nonzeros for ls in layers) / total if total else 0.0
 
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -256,8 +283,11 @@ class MaskSet:
         if missing:
             raise ValueError(f"checkpoint masks do not match the model's sparse parameters: {sorted(missing)[:5]}")
         for n, m in state["masks"].items():
+            if n in self.params:
+                self.masks[n] = self._layout(n, m)
+                continue
             m = m.to(device=self.masks[n].device, dtype=torch.bool)
-            if n in self.owners and not torch.equal(m, self.masks[n]):
+            if not torch.equal(m, self.masks[n]):
                 self.owners[n].remask(m, None)  # before the weights and optimizer state load into the new layout
             self.masks[n] = m
         self.version = int(state["version"])
@@ -269,6 +299,8 @@ class MaskSet:
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for n in self.masks:
+                if Part.of(self.masks[n]) is not None:
+                    continue  # each rank holds its own rows, chosen exactly (see sparsetrain.sharding)
                 buf = self.masks[n].to(torch.uint8)
                 dist.broadcast(buf, src)
                 if n in self.owners and not torch.equal(buf.bool(), self.masks[n]):
@@ -285,4 +317,4 @@ def random_masks(maskset: MaskSet, sparsity: float, generator: torch.Generator) 
         keep = round((1.0 - sparsity) * p.numel())
         flat = torch.zeros(p.numel(), dtype=torch.bool)
         flat[torch.randperm(p.numel(), generator=generator)[:keep]] = True
-        maskset.set_mask(n, flat.view_as(p))
+        maskset.set_mask(n, flat.view(p.shape))

@@ -11,6 +11,10 @@ Names, as used in configs: ``unstructured``, ``channel_out``, ``channel_in``,
 ``kernel``, ``pattern``, ``block_RxC`` (e.g. ``block_4x1``, MEST's blocks of 4 output
 rows in one input column), ``nm_N:M`` (e.g. ``nm_2:4``), ``fan_in`` (every output row keeps
 the same number of inputs).
+
+Under sharded training (FSDP2) a scheme sees each rank's rows of the weight: units that lie within rows are
+chosen exactly as one process would choose them (:mod:`sparsetrain.sharding`); ``rows_per_unit`` says how
+many output rows a unit spans (None: all of them, as for ``channel_in``, which cannot be sharded).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import re
 
 import torch
+
+from .sharding import Part, local, top_k
 
 __all__ = ["Scheme", "parse_scheme", "KERNEL_PATTERNS", "SCHEME_NAMES"]
 
@@ -49,9 +55,36 @@ class Scheme:
     name = "unstructured"
     kept_per_unit = 1
     supports_update = True
+    rows_per_unit: int | None = 1
 
     def check(self, shape: tuple[int, ...], layer: str = "") -> None:
         """Raise ValueError if this scheme cannot shape a tensor of ``shape``."""
+
+    def split(self, t: torch.Tensor, layer: str = "") -> tuple[torch.Tensor, Part | None]:
+        """This rank's rows of ``t`` and where they sit (None: ``t`` is whole), refusing units that would span ranks."""
+        part = Part.of(t)
+        if part is not None:
+            part.check_rows(self.rows_per_unit, self.name, layer)
+        return local(t), part
+
+    def units_in(self, shape: tuple[int, ...]) -> int:
+        """Removable units in a whole tensor of ``shape``."""
+        return self.group(torch.empty(shape, device="meta")).shape[0]
+
+    def active_units(self, mask: torch.Tensor) -> int:
+        """Units with at least one kept weight, over all ranks."""
+        m, part = self.split(mask)
+        n = int(self.group(m).any(1).sum())
+        return part.sum(n) if part else n
+
+    def _draw(self, shape: tuple[int, ...], generator: torch.Generator, part: Part | None, device) -> torch.Tensor:
+        """Uniform random numbers for every unit of the whole layer (one row each, ``shape[1:]`` wide), cut to this
+        rank's units: sharded ranks draw what one process draws and keep their share."""
+        whole = torch.rand(shape, generator=generator)
+        if part is not None:  # units lie within rows: rows [a, b) hold units [a * units / rows, b * units / rows)
+            units, rows = shape[0], part.shape[0]
+            whole = whole[part.start * units // rows:(part.start + part.rows) * units // rows]
+        return whole.to(device)
 
     def group(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor as rows of units (one row per removable unit)."""
@@ -72,13 +105,13 @@ class Scheme:
     def mask(self, score: torch.Tensor, density: float, layer: str = "") -> torch.Tensor:
         """Keep the best units of ``score`` at ``density``; exact to one unit."""
         self.check(tuple(score.shape), layer)
-        u = self.group(score.detach().float())
+        s, part = self.split(score, layer)
+        u = self.group(s.detach().float())
         tmpl = self.template(u)
-        k = self.units_for(score.numel(), density, u.shape[0])
-        keep = torch.zeros(u.shape[0], dtype=torch.bool, device=score.device)
-        if k:
-            keep[torch.topk((u * tmpl).sum(1), k, sorted=False).indices] = True
-        return self.ungroup(tmpl & keep[:, None], tuple(score.shape))
+        k = self.units_for(score.numel(), density, self.units_in(tuple(score.shape)))
+        keep = top_k((u * tmpl).sum(1), k, part)
+        out = self.ungroup(tmpl & keep[:, None], tuple(s.shape))
+        return part.wrap(out) if part else out
 
     def update(
         self,
@@ -97,34 +130,34 @@ class Scheme:
         """
         if not self.supports_update:
             raise ValueError(f"scheme {self.name} does not support prune-and-grow; use it with a static mask")
-        shape = tuple(mask.shape)
-        um = self.group(mask)
+        m, part = self.split(mask)
+        total = part.sum if part else int
+        um = self.group(m)
         active = um.any(1)
-        n_prune = min(n_prune, int(active.sum()))
+        n_prune = min(n_prune, total(int(active.sum())))
         new_active = active.clone()
         if n_prune:
-            s = (self.group(prune_score.detach().float()) * um).sum(1)
+            s = (self.group(local(prune_score).detach().float()) * um).sum(1)
             s = torch.where(active, s, torch.full_like(s, float("inf")))
-            dropped = torch.topk(s, n_prune, largest=False, sorted=False).indices
-            new_active[dropped] = False
+            new_active &= ~top_k(s, n_prune, part, largest=False)
         candidates = ~active  # never the units just dropped
-        n_grow = min(n_grow, int(candidates.sum()))
+        n_grow = min(n_grow, total(int(candidates.sum())))
         if n_grow:
             if grow_score is None:
-                g = torch.rand(um.shape[0], generator=generator).to(mask.device)
-                gu = torch.rand(um.shape, generator=generator).to(mask.device)
+                units = self.units_in(tuple(mask.shape))
+                g = self._draw((units,), generator, part, m.device)
+                gu = self._draw((units, um.shape[1]), generator, part, m.device)
             else:
-                gu = self.group(grow_score.detach().float().abs())
+                gu = self.group(local(grow_score).detach().float().abs())
                 g = gu.sum(1)
             g = torch.where(candidates, g, torch.full_like(g, -float("inf")))
-            grown = torch.topk(g, n_grow, sorted=False).indices
-            new_active[grown] = True
+            new_active |= top_k(g, n_grow, part)
             tmpl_new = self.template(gu)
         else:
             tmpl_new = torch.zeros_like(um)
         # kept units keep their elements; grown units take a fresh template
-        elems = torch.where(active[:, None], um, tmpl_new) & new_active[:, None]
-        return self.ungroup(elems, shape)
+        elems = self.ungroup(torch.where(active[:, None], um, tmpl_new) & new_active[:, None], tuple(m.shape))
+        return part.wrap(elems) if part else elems
 
 
 class ChannelOut(Scheme):
@@ -143,6 +176,7 @@ class ChannelIn(Scheme):
     """Whole input channels (columns of a Linear weight)."""
 
     name = "channel_in"
+    rows_per_unit = None  # a unit is a column: every output row
 
     def check(self, shape, layer=""):
         if len(shape) < 2:
@@ -204,6 +238,7 @@ class Block(Scheme):
             raise ValueError(f"block size must be positive, got {r}x{c}")
         self.r, self.c = r, c
         self.name = f"block_{r}x{c}"
+        self.rows_per_unit = r
 
     def check(self, shape, layer=""):
         rows, cols = shape[0], (int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1)
@@ -274,42 +309,55 @@ class FanIn(Scheme):
 
     def mask(self, score, density, layer=""):
         self.check(tuple(score.shape), layer)
-        rows = score.detach().float().reshape(score.shape[0], -1)
+        s, part = self.split(score, layer)
+        rows = s.detach().float().reshape(s.shape[0], -1)
         k = max(1, min(rows.shape[1], round(density * rows.shape[1])))
         keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, torch.topk(rows, k, dim=1).indices, True)
-        return keep.reshape(score.shape)
+        return part.wrap(keep.reshape(s.shape)) if part else keep.reshape(s.shape)
+
+    def row_counts(self, mask: torch.Tensor) -> tuple[int, int, int]:
+        """(rows with a kept weight, the largest fan-in, kept weights), over all ranks."""
+        m, part = self.split(mask)
+        m = m.reshape(m.shape[0], -1)
+        live, nnz = int(m.any(1).sum()), int(m.sum())
+        fan = int(m.sum(1).max()) if m.shape[0] else 0
+        if part is None:
+            return live, fan, nnz
+        return part.sum(live), -part.min(-fan), part.sum(nnz)
 
     def update(self, mask, prune_score, n_prune, n_grow, grow_score, generator):
-        m = mask.reshape(mask.shape[0], -1)
-        live = m.any(1)  # rows an ablation emptied stay empty
-        n = max(1, int(live.sum()))
+        live = local(mask).reshape(local(mask).shape[0], -1).any(1)  # rows an ablation emptied stay empty
+        n = max(1, self.row_counts(mask)[0])
         return self.prune_and_grow_rows(mask, prune_score, n_prune // n, n_grow // n, grow_score, generator, live)
 
     def prune_and_grow_rows(self, mask, prune_score, per_row_prune, per_row_grow, grow_score, generator, live=None):
         """Prune the ``per_row_prune`` lowest-scored kept weights of every live row, then grow ``per_row_grow``
         weights in each (largest ``|grow_score|``, or at random), never one just pruned: the same counts in every
         row, so a constant fan-in stays constant. ``live`` (default: every row) marks the rows that take part."""
+        whole_mask = mask
+        mask, part = self.split(mask)
         shape = tuple(mask.shape)
         m = mask.reshape(shape[0], -1)
         live = torch.ones(m.shape[0], dtype=torch.bool, device=m.device) if live is None else live
-        if not live.any():
-            return mask.clone()
+        fewest = (lambda t: part.min(int(t.min()) if t.numel() else 2**62)) if part else (lambda t: int(t.min()))
+        if not (part.sum(int(live.sum())) if part else live.any()):
+            return whole_mask.clone()
         new = m.clone()
-        p = min(per_row_prune, int(m[live].sum(1).min()))
+        p = min(per_row_prune, fewest(m[live].sum(1)))
         if p:
-            s = prune_score.detach().float().reshape(m.shape)
+            s = local(prune_score).detach().float().reshape(m.shape)
             s = torch.where(m, s, torch.full_like(s, float("inf")))
             new[live] = new[live].scatter(1, torch.topk(s[live], p, dim=1, largest=False).indices, False)
         candidates = ~m  # never a weight just pruned
-        g_count = min(per_row_grow, int(candidates[live].sum(1).min()))
+        g_count = min(per_row_grow, fewest(candidates[live].sum(1)))
         if g_count:
             if grow_score is None:
-                g = torch.rand(m.shape, generator=generator).to(mask.device)
+                g = self._draw(tuple(whole_mask.shape), generator, part, m.device).reshape(m.shape)
             else:
-                g = grow_score.detach().float().abs().reshape(m.shape)
+                g = local(grow_score).detach().float().abs().reshape(m.shape)
             g = torch.where(candidates, g, torch.full_like(g, -float("inf")))
             new[live] = new[live].scatter(1, torch.topk(g[live], g_count, dim=1).indices, True)
-        return new.reshape(shape)
+        return part.wrap(new.reshape(shape)) if part else new.reshape(shape)
 
     def ablate(self, mask, weight_abs, grad_abs, n_swap: int, threshold: float):
         """SRigL's dynamic neuron ablation: a row (neuron) is salient where its weights survive a magnitude prune of
@@ -317,20 +365,22 @@ class FanIn(Scheme):
         rows with fewer than ``threshold`` x their fan-in salient weights lose all their weights. Returns (the
         mask with those rows emptied, the rows that live on, the fan-in that spreads the layer's weights over
         them). Never empties every row."""
+        _, fan, nnz = self.row_counts(mask)
+        whole_mask = mask
+        mask, part = self.split(mask)
         m = mask.reshape(mask.shape[0], -1)
         live = m.any(1)
-        nnz, fan = int(m.sum()), int(m.sum(1).max())
-        salient = torch.zeros_like(m)
         below = torch.full(m.shape, -1.0, device=m.device)  # ranks under every real score
-        w = torch.where(m, weight_abs.detach().float().reshape(m.shape), below)
-        salient.view(-1)[torch.topk(w.reshape(-1), max(nnz - n_swap, 0)).indices] = True
-        g = torch.where(m, below, grad_abs.detach().float().abs().reshape(m.shape))
-        salient.view(-1)[torch.topk(g.reshape(-1), min(n_swap, m.numel() - nnz)).indices] = True
+        w = torch.where(m, local(weight_abs).detach().float().reshape(m.shape), below)
+        salient = top_k(w.reshape(-1), max(nnz - n_swap, 0), part).reshape(m.shape)
+        g = torch.where(m, below, local(grad_abs).detach().float().abs().reshape(m.shape))
+        salient |= top_k(g.reshape(-1), min(n_swap, whole_mask.numel() - nnz), part).reshape(m.shape)
         survivors = live & (salient.sum(1) >= threshold * fan)
-        if not survivors.any():
-            return mask.clone(), live, fan
-        kept = m & survivors[:, None]
-        return kept.reshape(mask.shape), survivors, min(m.shape[1], nnz // int(survivors.sum()))
+        n_survivors = part.sum(int(survivors.sum())) if part else int(survivors.sum())
+        if not n_survivors:
+            return whole_mask.clone(), live, fan
+        kept = (m & survivors[:, None]).reshape(mask.shape)
+        return (part.wrap(kept) if part else kept), survivors, min(m.shape[1], nnz // n_survivors)
 
 
 def parse_scheme(name: str) -> Scheme:

@@ -50,14 +50,14 @@ class PruneAndGrow(Sparsifier):
         self.updates = 0
 
     def _active_units(self, name: str) -> int:
-        return int(self.scheme.group(self.maskset.masks[name]).any(1).sum())
+        return self.scheme.active_units(self.maskset.masks[name])
 
     def _swappable(self, name: str, share: float) -> int:
         """Units to prune and regrow for ``share`` of the active ones: no more than can be regrown
         elsewhere (a dense layer swaps nothing), so the count stays constant."""
-        units = self.scheme.group(self.maskset.masks[name])
-        active = int(units.any(1).sum())
-        return min(round(share * active), units.shape[0] - active)
+        mask = self.maskset.masks[name]
+        active = self.scheme.active_units(mask)
+        return min(round(share * active), self.scheme.units_in(tuple(mask.shape)) - active)
 
     def _replace(self, fraction: float, grow_from_grad: bool) -> None:
         for n in self.maskset.masks:
@@ -164,10 +164,9 @@ class RigL(_Scheduled):
         if not self.neuron_ablation:
             return super()._new_mask(name, k, weight, grow_score)
         mask = self.maskset.masks[name]
-        rows = mask.shape[0]
-        fan = int(mask.reshape(rows, -1).sum(1).max())
+        live_rows, fan, _ = self.scheme.row_counts(mask)
         kept, live, new_fan = self.scheme.ablate(mask, weight.abs(), grow_score, k, self.neuron_ablation)
-        p = k // max(1, int(mask.reshape(rows, -1).any(1).sum()))
+        p = k // max(1, live_rows)
         return self.scheme.prune_and_grow_rows(kept, weight.abs(), p, p + new_fan - fan, grow_score, self.generator, live)
 
     def _knobs(self) -> str:

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .. import sharding
 from .dynamic import PruneAndGrow
 
 __all__ = ["MEST", "mest", "phase_value", "check_phases"]
@@ -65,7 +66,7 @@ class MEST(PruneAndGrow):
         self._attach()
 
     def _active_total(self) -> int:
-        return sum(int(m.sum()) for m in self.maskset.masks.values())
+        return sum(ls.nonzeros for ls in self.maskset.layers())
 
     def _score(self, name: str) -> torch.Tensor:
         w, g = self.maskset.weight_and_grad(name)
@@ -85,10 +86,10 @@ class MEST(PruneAndGrow):
         if not ratio and not excess and not self.expanded:
             return
         grads = [self.maskset.weight_and_grad(n)[1] for n in self.maskset.masks]
-        self.last_grad_abs_sum = sum(float(g.abs().sum()) for g in grads if g is not None)
+        self.last_grad_abs_sum = sum(sharding.total(float(sharding.local(g).abs().sum()), g) for g in grads if g is not None)
         for n, mask in list(self.maskset.masks.items()):
             target = self.target_units[n]
-            n_units = self.scheme.group(mask).shape[0]
+            n_units = self.scheme.units_in(tuple(mask.shape))
             active = self._active_units(n)
             mutate = min(round(ratio * target), n_units - target)
             extra = self.scheme.units_for(mask.numel(), excess, n_units) if excess else 0
