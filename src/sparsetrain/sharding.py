@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Part", "is_sharded", "local", "total", "top_k", "sortable_keys"]
+__all__ = ["Part", "is_sharded", "local", "sum_over_ranks", "top_k", "sortable_keys"]
 
 
 def is_sharded(t) -> bool:
@@ -40,7 +40,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def total(value: int | float, like: torch.Tensor) -> int | float:
+def sum_over_ranks(value: int | float, like: torch.Tensor) -> int | float:
     """``value``, computed on this rank's part of ``like``, summed over the ranks ``like`` is sharded on."""
     part = Part.of(like)
     return part.sum(value) if part is not None else value

@@ -15,6 +15,10 @@ Thresholds are exact top-K values recomputed every ``topk_period`` training forw
 passes and reused in between, held in module buffers (so they are checkpointed).
 Bias, BatchNorm and whatever BN/ReLU save stay as they are.
 
+Under sharded training (FSDP2 on the blocks that contain these layers, or on the model) the forward pass
+sees the whole weight, so every rank computes the same thresholds; outside it the weight is this rank's
+rows, and :meth:`current_mask` is laid out the same way.
+
 ``convert(model, ...)`` swaps layers in place (same parameter objects, so an existing
 optimizer keeps working); ``revert`` swaps them back; ``harden`` writes W_s into the
 weights for export as a plain sparse model.
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..schemes import parse_scheme
+from ..sharding import Part, local, sum_over_ranks
 from . import native
 from .bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
 
@@ -191,23 +196,36 @@ class _SWATMixin:
 
     def _init_swat(self, density: float, act_density: float, period: int, structure: str | None):
         self.density, self.act_density, self.period, self.structure = density, act_density, period, structure
-        self.register_buffer("w_mask", torch.ones_like(self.weight, dtype=torch.bool))  # structured: the kept units
-        self.register_buffer("w_thresh", torch.zeros((), dtype=self.weight.dtype, device=self.weight.device))
-        self.register_buffer("a_thresh", torch.zeros((), dtype=self.weight.dtype, device=self.weight.device))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=self.weight.device))
-        self.register_buffer("act_kept", torch.zeros((), dtype=torch.float64, device=self.weight.device))
+        w = local(self.weight)  # buffers are whole on every rank, also when the weight is sharded
+        self.register_buffer("w_mask", torch.ones(self.weight.shape, dtype=torch.bool, device=w.device))  # structured: kept units
+        self.register_buffer("w_thresh", torch.zeros((), dtype=w.dtype, device=w.device))
+        self.register_buffer("a_thresh", torch.zeros((), dtype=w.dtype, device=w.device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=w.device))
+        self.register_buffer("act_kept", torch.zeros((), dtype=torch.float64, device=w.device))
         self.refresh_weights()
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
+        # in forward the weight is whole; outside it (a budget change) a sharded weight is gathered once
+        w = self.weight.full_tensor() if Part.of(self.weight) is not None else self.weight
         if self.structure:
-            self.w_mask.copy_(parse_scheme(self.structure).mask(self.weight.abs(), self.density))
+            self.w_mask.copy_(parse_scheme(self.structure).mask(w.abs(), self.density))
         else:
-            self.w_thresh.copy_(topk_threshold(self.weight, self.density))
+            self.w_thresh.copy_(topk_threshold(w, self.density))
 
     def current_mask(self) -> torch.Tensor:
-        """Weights used now: |w| >= the period's threshold (the threshold is reused, the set may move), or the kept units."""
-        return self.w_mask if self.structure else self.weight.detach().abs() >= self.w_thresh
+        """Weights used now: |w| >= the period's threshold (the threshold is reused, the set may move), or the kept
+        units; laid out like the weight (this rank's rows when it is sharded)."""
+        part = Part.of(self.weight)
+        if self.structure:
+            return part.wrap(part.rows_of(self.w_mask)) if part else self.w_mask
+        kept = local(self.weight).detach().abs() >= self.w_thresh
+        return part.wrap(kept) if part else kept
+
+    def kept_weights(self) -> int:
+        """Weights used now, over all ranks."""
+        m = self.current_mask()
+        return sum_over_ranks(int(local(m).sum()), m)
 
     @torch.no_grad()
     def _maybe_refresh(self, x: torch.Tensor) -> None:
@@ -220,7 +238,7 @@ class _SWATMixin:
             self.steps += 1
 
     def weight_density(self) -> float:
-        return float(self.current_mask().float().mean())
+        return self.kept_weights() / self.weight.numel()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", swat(density={self.density:.3f}, act_density={self.act_density:.3f}, period={self.period})"
@@ -271,7 +289,9 @@ def convert(
         mname = wname.rsplit(".", 1)[0] if "." in wname else ""
         m = modules.get(mname)
         if type(m) not in (nn.Conv2d, nn.Linear):
-            raise ValueError(f"{wname} is not the weight of a plain Conv2d or Linear layer")
+            hint = (" (it is sharded by itself: apply fully_shard to the blocks that contain it, or to the model, so "
+                    "that SWAT can still take the layer's class)") if type(m).__name__.startswith("FSDP") else ""
+            raise ValueError(f"{wname} is not the weight of a plain Conv2d or Linear layer{hint}")
         if not 0 < d <= 1:
             raise ValueError(f"{wname}: density must be in (0, 1], got {d}")
         a = act_densities.get(wname, d) if isinstance(act_densities, Mapping) else (d if act_densities is None else act_densities)

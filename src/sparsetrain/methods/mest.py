@@ -86,7 +86,7 @@ class MEST(PruneAndGrow):
         if not ratio and not excess and not self.expanded:
             return
         grads = [self.maskset.weight_and_grad(n)[1] for n in self.maskset.masks]
-        self.last_grad_abs_sum = sum(sharding.total(float(sharding.local(g).abs().sum()), g) for g in grads if g is not None)
+        self.last_grad_abs_sum = sum(sharding.sum_over_ranks(float(sharding.local(g).abs().sum()), g) for g in grads if g is not None)
         for n, mask in list(self.maskset.masks.items()):
             target = self.target_units[n]
             n_units = self.scheme.units_in(tuple(mask.shape))

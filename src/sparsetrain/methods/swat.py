@@ -20,6 +20,7 @@ from ..distributions import layer_densities
 from ..execution.activations import BitReLU, replace_activations
 from ..execution.swat_layers import SWAT_BUFFERS, convert, harden, swat_layers
 from ..masks import LayerSparsity, select_parameters
+from ..sharding import local, sum_over_ranks
 from .base import Sparsifier, check_fraction
 
 __all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES"]
@@ -87,7 +88,12 @@ class SWAT(Sparsifier):
             if buf is None:
                 buf = self.optimizer.state.get(m.weight, {}).get("exp_avg")  # Adam's first moment
             kept = m.current_mask()
-            score[n] = float(buf[kept].abs().mean()) if buf is not None and kept.any() else 0.0
+            if buf is None:
+                score[n] = 0.0
+                continue
+            # this rank's rows when sharded: the mean over the whole layer is the ratio of two sums over ranks
+            count = sum_over_ranks(int(local(kept).sum()), kept)
+            score[n] = sum_over_ranks(float(local(buf)[local(kept)].abs().sum()), kept) / count if count else 0.0
         budget = (1.0 - self.target) * sum(self.numel.values())
         cap = self.m_max_density
         if cap * sum(self.numel.values()) < budget:
@@ -125,7 +131,7 @@ class SWAT(Sparsifier):
         return 1.0 - sum(kept[n] * self.numel[n] for n in kept) / total
 
     def report(self) -> list[LayerSparsity]:
-        return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), int(m.current_mask().sum())) for n, m in self.layers.items()]
+        return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), m.kept_weights()) for n, m in self.layers.items()]
 
     def model_state_keys(self) -> list[str]:
         return [f"{n.rsplit('.', 1)[0]}.{b}" if "." in n else b for n in self.layers for b in SWAT_BUFFERS]

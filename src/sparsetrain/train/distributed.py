@@ -1,4 +1,4 @@
-"""Data-parallel set-up from the environment that ``torchrun`` provides (gloo on CPU, nccl on GPU)."""
+"""Data-parallel and sharded set-up from the environment that ``torchrun`` provides (gloo on CPU, nccl on GPU)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
-__all__ = ["DistInfo", "init_distributed", "is_main", "barrier", "shutdown"]
+__all__ = ["DistInfo", "init_distributed", "is_main", "barrier", "shutdown", "shard_model"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,22 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
             raise RuntimeError("device 'cuda' was requested but CUDA is not available; use run.device=auto or cpu")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(requested)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` with FSDP2 (``fully_shard``) for every rank of the process group: each block (a child of
+    an ``nn.Sequential`` or ``nn.ModuleList`` whose children are blocks with parameters, such as a transformer's
+    layers or a ResNet stage's residual blocks) is its own unit, the rest goes with the root.
+
+    Single Conv/Linear layers are never units of their own, so methods that change a layer's class (SWAT) can
+    still do so after sharding, and the forward pass of every unit sees its layers' whole weights. Build the
+    optimizer and then the sparsifier afterwards, from the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    for container in [m for m in model.modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]:
+        children = list(container.children())
+        if children and all(list(c.children()) and any(True for _ in c.parameters()) for c in children):
+            for child in children:
+                fully_shard(child)
+    fully_shard(model)
+    return model
