@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import sparsetrain
 from sparsetrain.models import build_model
 from sparsetrain.sharding import Part, is_sharded, top_k
+from sparsetrain.train.checkpoint import load_sharded, save_sharded
 from sparsetrain.train.distributed import shard_model
 
 SPARSITY = 0.8
@@ -69,14 +70,18 @@ def masks_now(sp) -> dict[str, torch.Tensor]:
     return {n: whole(m) for n, m in sp.maskset.masks.items()}
 
 
-def train(kind: str, method: str, steps: int, sharded: bool) -> dict:
+def train(kind: str, method: str, steps: int, sharded: bool, save: str | None = None, save_at: int | None = None,
+          resume: str | None = None) -> dict:
     model = build(kind)
     if sharded:
         shard_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sp = sparsifier(method, kind, model, opt, steps)
-    history, seen = [], None
-    for step in range(steps):
+    history, seen, start = [], None, 0
+    if resume:
+        load_sharded(f"{resume}/{method}", model, opt, sp)
+        start, seen = sp.clock.step, sp.version
+    for step in range(start, steps):
         x, y = batch(kind, step)
         out = model(x)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
@@ -86,6 +91,9 @@ def train(kind: str, method: str, steps: int, sharded: bool) -> dict:
         if sp.version != seen:
             seen = sp.version
             history.append((step, masks_now(sp), sp.sparsity()))
+        if save_at == step + 1:  # save and stop here, as a run that is killed after its checkpoint
+            save_sharded(f"{save}/{method}", model, opt, sp)
+            return {"history": history, "saved_at": step + 1}
     weights = {n: whole(p) for n, p in model.named_parameters()}
     held = [m.current_mask() for m in sp.layers.values()] if sp.name == "swat" else list(sp.maskset.masks.values())
     return {"history": history, "weights": weights, "updates": sp.summary().get("mask_updates"),
@@ -119,6 +127,9 @@ def main() -> None:
     ap.add_argument("--model", choices=("cnn", "gpt"), default="cnn")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--save", help="a sharded checkpoint directory to write at --save-at, then stop")
+    ap.add_argument("--save-at", type=int)
+    ap.add_argument("--resume", help="a sharded checkpoint directory to continue from")
     args = ap.parse_args()
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if sharded:
@@ -126,10 +137,11 @@ def main() -> None:
     torch.set_num_threads(1)
     result = {"ties": tie_selections(sharded)}
     for method in args.methods.split(","):
-        result[method] = train(args.model, method, args.steps, sharded)
+        result[method] = train(args.model, method, args.steps, sharded, args.save, args.save_at, args.resume)
     if not sharded or torch.distributed.get_rank() == 0:
         torch.save(result, args.out)
     if sharded:
+        torch.distributed.barrier()  # no rank tears the group down while another still talks to it
         torch.distributed.destroy_process_group()
 
 

@@ -59,3 +59,35 @@ def test_sharded_top_k_breaks_ties_like_one_process(runs):
     assert len(one["ties"]) == len(two["ties"]) > 0
     for a, b in zip(one["ties"], two["ties"]):
         assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """RigL on the CNN and MEST (soft bound) on the GPT, 60 steps: uninterrupted in one process, and saved at step 30
+    (then stopped, as a killed run) by one process and by two FSDP2 ranks."""
+    tmp = tmp_path_factory.mktemp("fsdp-ckpt")
+    out = {}
+    for model, method in (("cnn", "rigl"), ("gpt", "mest")):
+        args = ["--model", model, "--methods", method, "--steps", "60"]
+        out[method] = {"full": run_driver(tmp / f"{method}-full.pt", *args)[method], "args": args}
+        for ranks in (1, 2):
+            run_driver(tmp / f"{method}-save{ranks}.pt", *args, "--save", str(tmp / f"ck{ranks}"), "--save-at", "30", ranks=ranks)
+            out[method][f"ck{ranks}"] = tmp / f"ck{ranks}"
+    out["tmp"] = tmp
+    return out
+
+
+@pytest.mark.parametrize("method", ["rigl", "mest"])
+@pytest.mark.parametrize("saved,resumed", [(2, 2), (2, 1), (1, 2)])
+def test_sharded_checkpoint_resumes_equal_to_an_uninterrupted_run(checkpoints, method, saved, resumed):
+    ref = checkpoints[method]
+    got = run_driver(checkpoints["tmp"] / f"{method}-{saved}to{resumed}.pt", *ref["args"], "--resume", str(ref[f"ck{saved}"]),
+                     ranks=resumed)[method]
+    full = ref["full"]
+    assert got["history"], "the resumed run must change its masks again"
+    tail = [h for h in full["history"] if h[0] >= 30]
+    assert [s for s, _, _ in got["history"]] == [s for s, _, _ in tail]
+    for (_, mg, _), (_, mf, _) in zip(got["history"], tail):
+        assert all(torch.equal(mg[k], mf[k]) for k in mf)
+    for name, w in full["weights"].items():
+        torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-6)

@@ -40,6 +40,7 @@ length changes during training (MEST data efficiency removes examples), set
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -138,17 +139,32 @@ class Sparsifier:
         self.manual_pre_step = False  # True: the caller runs pre_step() after backward (closure-based frameworks)
         self._pre_done = False
         self._bumps = 0
+        self._paused = False
         self._hooks: list = []
 
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
         """Put the step hooks on the optimizer (constructors call this last)."""
         self._hooks.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_hook()))
-        self._hooks.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step()))
+        self._hooks.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_hook()))
 
     def _pre_hook(self) -> None:
-        if not self.manual_pre_step:
+        if not self.manual_pre_step and not self._paused:
             self.pre_step()
+
+    def _post_hook(self) -> None:
+        if not self._paused:
+            self.post_step()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Optimizer steps taken inside this block are not the method's: no clock, no masks, no updates (for
+        steps that only create optimizer state, as ``torch.distributed.checkpoint`` takes before a load)."""
+        self._paused = True
+        try:
+            yield self
+        finally:
+            self._paused = False
 
     def pre_step(self) -> None:
         """Work before the optimizer's update, with the dense gradients of this step in ``.grad``."""

@@ -2,17 +2,23 @@
 
 A crash (or SIGKILL) while writing leaves the previous checkpoint untouched; a damaged
 file is reported as such, never half-loaded.
+
+Sharded runs (FSDP2) save with ``torch.distributed.checkpoint`` instead (:func:`save_sharded`): every rank
+writes its own shards of the weights, the optimizer state and the masks into one directory, which loads
+into any number of ranks, one unsharded process included (:func:`load_sharded`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded"]
 
 
 class CheckpointError(RuntimeError):
@@ -50,3 +56,70 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path} is not a sparsetrain checkpoint")
     return state
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _states(model, optimizer, sparsifier) -> dict:
+    """Model and optimizer state by parameter name (sharded where the model is) and the method's state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    with sparsifier.paused():  # a fresh optimizer gets its state by a zero step: not one of the method's steps
+        model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state, "method": sparsifier.state_dict()}
+
+
+def save_sharded(path: str | os.PathLike, model, optimizer, sparsifier) -> None:
+    """Save model, optimizer and method (masks included) with ``torch.distributed.checkpoint``: every rank writes
+    its shards into the directory ``path``. Written beside it and renamed once every rank has finished, so an
+    interrupted save leaves the previous checkpoint whole. Every rank calls this."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    main = not _distributed() or dist.get_rank() == 0
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    if _distributed():
+        dist.barrier()
+    with warnings.catch_warnings():  # one process alone is a supported case, not a warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_states(model, optimizer, sparsifier), checkpoint_id=str(tmp))
+    if _distributed():
+        dist.barrier()
+    if main:
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    if _distributed():
+        dist.barrier()
+
+
+def load_sharded(path: str | os.PathLike, model, optimizer, sparsifier) -> None:
+    """Load a :func:`save_sharded` directory into ``model``, ``optimizer`` and ``sparsifier``, built as at the start
+    of the run, sharded or not and on any number of ranks: ``torch.distributed.checkpoint`` reads what each rank
+    holds. Every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    if not (path / ".metadata").exists():
+        raise CheckpointError(f"{path} is not a sharded checkpoint (no .metadata in it)")
+    state = _states(model, optimizer, sparsifier)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # a missing key, a shape that differs: the checkpoint is of another model or method
+        raise CheckpointError(f"{path} does not fit this model, optimizer and method ({type(e).__name__}: "
+                              f"{str(e)[:300]})") from None
+    sparsifier.load_state_dict(state["method"])  # first: masks, and the layouts that depend on them
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
