@@ -6,6 +6,7 @@ process's gradient exactly and any difference comes from how masks are chosen an
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +92,78 @@ def test_sharded_checkpoint_resumes_equal_to_an_uninterrupted_run(checkpoints, m
         assert all(torch.equal(mg[k], mf[k]) for k in mf)
     for name, w in full["weights"].items():
         torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the training engine under torchrun
+CLI = ["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2", "sparsity.method=rigl",
+       "sparsity.sparsity=0.8", "sparsity.distribution=erk", "sparsity.update_every_steps=3", "run.progress=false"]
+
+ONE_EPOCH = """
+import sys
+from sparsetrain.config import load_config
+from sparsetrain.train import Trainer
+t = Trainer(load_config(overrides=sys.argv[1:]))
+t._prepare_run_directory()
+t.end_epoch(t.train_epoch())  # checkpoints at the epoch's end; then the process ends, as a killed run
+from sparsetrain.train.distributed import shutdown
+shutdown()
+"""
+
+
+def _torchrun(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _final_weights(run: Path) -> dict:
+    return torch.load(run / "model.pt", weights_only=True)["model"]
+
+
+def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar):
+    base = [*CLI, f"data.data_dir={tiny_mnist_tar}"]
+    _torchrun("-m", "sparsetrain.cli", "train", *base, "run.parallel=fsdp", f"run.out_dir={tmp_path / 'fsdp'}")
+    _torchrun("-m", "sparsetrain.cli", "train", *base, "run.parallel=ddp", "model.channels_last=false",
+              f"run.out_dir={tmp_path / 'ddp'}")
+    fsdp, ddp = _final_weights(tmp_path / "fsdp"), _final_weights(tmp_path / "ddp")
+    assert fsdp.keys() == ddp.keys()
+    for k in ddp:  # the same data on each rank, the same averaged gradients: the same run
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "fsdp" / "checkpoint.dcp" / ".metadata").exists()
+    # stopped after its first epoch's checkpoint, then resumed by the CLI: equal to the run that never stopped
+    driver = tmp_path / "one_epoch.py"
+    driver.write_text(ONE_EPOCH)
+    cut = [*base, "run.parallel=fsdp", f"run.out_dir={tmp_path / 'cut'}"]
+    _torchrun(str(driver), *cut)
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    _torchrun("-m", "sparsetrain.cli", "train", *cut)
+    resumed = _final_weights(tmp_path / "cut")
+    for k in fsdp:
+        assert torch.equal(resumed[k], fsdp[k]), k
+    final = json.loads((tmp_path / "cut" / "final.json").read_text())
+    assert final["sparsity"] == pytest.approx(0.8, abs=1e-3) and final["mask_updates"] > 0
+
+
+@pytest.mark.parametrize("override,reason", [
+    ("sparsity.backend=csr", "sparsity.backend='csr' keeps index structures of whole layers"),
+    ("sparsity.init=snip", "sparsity.init='snip' scores weights with gradients taken outside"),
+    ("sparsity.scheme=channel_in", "scheme 'channel_in' groups weights across output rows"),
+    ("recipe.ghost_skip=true", "the recipe's ghost-skip change the model after it is sharded"),
+    ("sparsity.method=lottery", "method 'lottery' rewinds whole weights"),
+])
+def test_fsdp_refuses_what_cannot_run_sharded_before_training(override, reason):
+    from sparsetrain.config import ConfigError, load_config
+
+    static = ["model.name=small_cnn", "data.dataset=mnist", "sparsity.method=static", "sparsity.sparsity=0.8"]
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[*static, "run.parallel=fsdp", override])
+    assert "run.parallel=fsdp cannot run this configuration" in str(err.value) and reason in str(err.value)
+
+
+def test_fsdp_without_torchrun_says_how_to_start_it(tmp_path, tiny_mnist_tar):
+    from sparsetrain.config import ConfigError, load_config
+    from sparsetrain.train import Trainer
+
+    cfg = load_config(overrides=[*CLI, f"data.data_dir={tiny_mnist_tar}", "run.parallel=fsdp", f"run.out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
+        Trainer(cfg)

@@ -28,6 +28,9 @@ def _train(args) -> int:
         summary = lottery_ticket(cfg)
     else:
         summary = Trainer(cfg).fit()
+    from .train.distributed import shutdown
+
+    shutdown()
     print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
     return 0
 

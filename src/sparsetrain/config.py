@@ -318,6 +318,9 @@ class RunConfig(_Section):
                                                          "changed; the changes are recorded in final.json")
     progress: bool = True
     eval_batch_size: int = Field(500, gt=0)
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp replicates the model on every rank; "
+                                                                "fsdp shards weights, gradients, optimizer state and masks "
+                                                                "(FSDP2 fully_shard)")
 
 
 class Config(_Section):
@@ -345,7 +348,36 @@ class Config(_Section):
             raise ValueError("sparsity.data_efficiency drops whole examples; it is not defined for text windows")
         if text and self.model.channels_last:
             self.model.channels_last = False  # token ids have no channels
+        if self.run.parallel == "fsdp":
+            self._check_sharded()
+            self.model.channels_last = False  # FSDP2 shards contiguous parameters only
         return self
+
+    def _check_sharded(self) -> None:
+        """Refuse, before anything is built, what cannot run on sharded weights, with the reason."""
+        sp, rc = self.sparsity, self.recipe
+        reasons = []
+        if sp.method == "lottery":
+            reasons.append("method 'lottery' rewinds whole weights from files between rounds; train its rounds unsharded")
+        if sp.backend != "masked":
+            reasons.append(f"sparsity.backend={sp.backend!r} keeps index structures of whole layers, but a sharded rank "
+                           "holds only its rows; use sparsity.backend=masked")
+        if sp.compact_state:
+            reasons.append("sparsity.compact_state re-lays whole layers; it is not sharded yet (use run.parallel=ddp)")
+        if sp.init in ("snip", "grasp", "synflow"):
+            reasons.append(f"sparsity.init={sp.init!r} scores weights with gradients taken outside the optimizer's step, "
+                           "which FSDP does not reduce; use random or magnitude")
+        if sp.global_ranking:
+            reasons.append("sparsity.global_ranking ranks all layers at once; under FSDP rank each layer "
+                           "(sparsity.global_ranking=false)")
+        if sp.scheme == "channel_in":
+            reasons.append("scheme 'channel_in' groups weights across output rows, which FSDP spreads over ranks")
+        extra = [c for c in rc.components() if c != "label-smoothing"]
+        if extra:
+            reasons.append(f"the recipe's {', '.join(extra)} change the model after it is sharded; of the recipe only "
+                           "label smoothing runs under FSDP")
+        if reasons:
+            raise ValueError("run.parallel=fsdp cannot run this configuration: " + "; ".join(reasons))
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what run directories keep)."""

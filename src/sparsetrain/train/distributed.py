@@ -47,8 +47,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group if one was made here."""
+    """Wait for every rank, then destroy the process group (a no-op without one): a rank that leaves while
+    another still talks to it aborts that one."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

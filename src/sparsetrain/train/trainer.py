@@ -38,14 +38,16 @@ from ..methods import METHODS, Sparsifier
 from ..models import build_configured
 from ..recipes import ForgettingTracker, ToST
 from ..recipes.tost import tost
+from ..sharding import is_sharded
 from ..text import load_text
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, barrier, init_distributed, pick_device
+from .checkpoint import CheckpointError, load_checkpoint, load_sharded, save_checkpoint, save_sharded
+from .distributed import DistInfo, barrier, init_distributed, pick_device, shard_model
 from .optim import build_optimizer, lr_factor, set_lr
 
 __all__ = ["Trainer", "TrainingError", "evaluate", "token_cross_entropy", "TokenCrossEntropy", "method_seed", "load_run_model", "CHECKPOINT", "FINAL_MODEL"]
 
 CHECKPOINT = "checkpoint.pt"
+SHARDED_CHECKPOINT = "checkpoint.dcp"  # beside CHECKPOINT under run.parallel=fsdp: model, optimizer, method, by shard
 FINAL_MODEL = "model.pt"
 CHECKPOINT_FORMAT = 2
 MethodFactory = Callable[..., Sparsifier]
@@ -207,6 +209,12 @@ class Trainer:
         self.model.to(self.device)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.sharded = cfg.run.parallel == "fsdp"
+        if self.sharded:
+            if not self.dist.enabled:
+                raise ConfigError("run.parallel=fsdp shards the model over the processes torchrun starts: run "
+                                  "`torchrun --nproc_per_node N -m sparsetrain.cli train ...` with N >= 2")
+            shard_model(self.model)  # before the optimizer, which must hold the sharded parameters
         self.optimizer = build_optimizer(self.model, cfg.optim)
         smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
         self.criterion = loss_fn if loss_fn is not None else TokenCrossEntropy(label_smoothing=smoothing)
@@ -235,7 +243,7 @@ class Trainer:
         de = cfg.sparsity.data_efficiency
         self.forgetting = ForgettingTracker(len(self.train_set), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
         self.net = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -314,13 +322,15 @@ class Trainer:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """Everything a resumed run needs: model, optimizer, method, recipe, data position, RNG, accounting."""
+        sharded = self.sharded  # then model, optimizer and method go to SHARDED_CHECKPOINT, by shard
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "sharded": sharded,
+            "model": {} if sharded else self.model.state_dict(),
+            "optimizer": {} if sharded else self.optimizer.state_dict(),
             "forgetting": self.forgetting.state_dict() if self.forgetting else {},
             "recipe": self.recipe.state_dict() if self.recipe else {},
-            "method": self.method.state_dict(),
+            "method": {} if sharded else self.method.state_dict(),
             "loader": self.train_loader.state_dict(),
             "flops": self.flops.state_dict(),
             "rng_cpu": torch.get_rng_state(),
@@ -373,11 +383,18 @@ class Trainer:
     def _load_states(self, state: dict) -> None:
         # method and recipe first: layers that store only kept weights take the saved layout, and removed
         # ghost activations leave, before the weights load into the model
-        self.method.load_state_dict(state["method"])
+        if bool(state.get("sharded")) != self.sharded:
+            raise ValueError(f"the checkpoint was written {'with' if state.get('sharded') else 'without'} run.parallel=fsdp; "
+                             "resume it the same way, or load its model and optimizer with sparsetrain.train.checkpoint")
+        if self.sharded:
+            load_sharded(self.out / SHARDED_CHECKPOINT, self.model, self.optimizer, self.method)
+        else:
+            self.method.load_state_dict(state["method"])
         if self.recipe:
             self.recipe.load_state_dict(state["recipe"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.forgetting:
             self.forgetting.load_state_dict(state["forgetting"])
         self.train_loader.load_state_dict(state["loader"])
@@ -390,7 +407,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
     def save(self) -> None:
-        """Write the checkpoint (rank 0) and wait for every rank."""
+        """Write the checkpoint (rank 0; under FSDP every rank writes its shards first) and wait for every rank."""
+        if self.sharded:
+            save_sharded(self.out / SHARDED_CHECKPOINT, self.model, self.optimizer, self.method)
         if self.is_main:
             save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
         barrier()
@@ -565,7 +584,7 @@ class Trainer:
         """Write the final model and a summary (``final.json``) with per-layer sparsity and FLOPs."""
         costs = self.flops.costs
         dense_infer = costs.forward_flops()
-        saved = self._saved_bytes_per_step()
+        saved = None if self.sharded else self._saved_bytes_per_step()  # measured on a copy, which a sharded model has not
         wd = self.method.weight_density()
         summary = {
             "method": self.method.label,
@@ -596,8 +615,9 @@ class Trainer:
         }
         last = _last_record(self.out / "metrics.jsonl")
         summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "val_loss", "val_ppl", "train_loss") if k in last})
+        weights = {k: v.full_tensor() if is_sharded(v) else v for k, v in self.method.export_state().items()}  # all ranks
         if self.is_main:
-            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": self.method.export_state()}, self.out / FINAL_MODEL)
+            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": weights}, self.out / FINAL_MODEL)
             (self.out / "final.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         barrier()
         return summary
