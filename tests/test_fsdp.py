@@ -120,8 +120,10 @@ def _final_weights(run: Path) -> dict:
     return torch.load(run / "model.pt", weights_only=True)["model"]
 
 
-def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar):
-    base = [*CLI, f"data.data_dir={tiny_mnist_tar}"]
+@pytest.mark.parametrize("extra", [[], ["model.name=mlp", "sparsity.backend=condensed", "sparsity.compact_state=true"]],
+                         ids=["masked", "compact"])
+def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extra):
+    base = [*CLI, f"data.data_dir={tiny_mnist_tar}", *extra]
     _torchrun("-m", "sparsetrain.cli", "train", *base, "run.parallel=fsdp", f"run.out_dir={tmp_path / 'fsdp'}")
     _torchrun("-m", "sparsetrain.cli", "train", *base, "run.parallel=ddp", "model.channels_last=false",
               f"run.out_dir={tmp_path / 'ddp'}")

@@ -359,11 +359,16 @@ class Config(_Section):
         reasons = []
         if sp.method == "lottery":
             reasons.append("method 'lottery' rewinds whole weights from files between rounds; train its rounds unsharded")
-        if sp.backend != "masked":
-            reasons.append(f"sparsity.backend={sp.backend!r} keeps index structures of whole layers, but a sharded rank "
-                           "holds only its rows; use sparsity.backend=masked")
-        if sp.compact_state:
-            reasons.append("sparsity.compact_state re-lays whole layers; it is not sharded yet (use run.parallel=ddp)")
+        if sp.backend != "masked" and not sp.compact_state:
+            reasons.append(f"sparsity.backend={sp.backend!r} reads whole masks in its layers, but a sharded rank holds "
+                           "only its rows of them; use sparsity.backend=masked, or compact_state=true, whose layers "
+                           "shard their kept weights")
+        if sp.compact_state and sp.method == "mest" and sp.mest.soft_bound:
+            reasons.append("MEST's soft bound changes how many weights a layer keeps, but FSDP shards a compact layer's "
+                           "kept weights at a fixed count; use sparsity.mest.soft_bound=false or compact_state=false")
+        if sp.compact_state and sp.neuron_ablation:
+            reasons.append("neuron ablation changes how many weights a layer keeps, which a sharded compact layer "
+                           "cannot; use compact_state=false")
         if sp.init in ("snip", "grasp", "synflow"):
             reasons.append(f"sparsity.init={sp.init!r} scores weights with gradients taken outside the optimizer's step, "
                            "which FSDP does not reduce; use random or magnitude")

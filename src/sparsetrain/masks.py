@@ -182,6 +182,18 @@ class MaskSet:
                     local(v).masked_fill_(changed, 0)
         self.version += 1
 
+    def rebind(self, model: nn.Module) -> None:
+        """Follow ``model``'s parameters after they were replaced by ones of the same names and shapes (FSDP2's
+        ``fully_shard`` replaces each by a sharded one): masks take the new parameters' layout."""
+        named = dict(model.named_parameters())
+        missing = sorted(set(self.params) - set(named))
+        if missing:
+            raise ValueError(f"the model no longer has the masked parameters {missing[:5]}")
+        for n in self.params:
+            self.params[n] = named[n]
+            self.masks[n] = self._layout(n, self.masks[n])
+        self.apply()
+
     def release(self, name: str, owner) -> None:
         """Hand ``name`` over to ``owner``, a layer that stores only its kept weights: the MaskSet keeps the mask
         (accounting, checkpoints, mask updates, which it passes on through ``owner.remask(mask, optimizer)``)

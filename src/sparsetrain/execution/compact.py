@@ -8,6 +8,12 @@ Adam's moments) shrink with the density. The mask stays in the MaskSet for accou
 when a method changes it (MEST's prune and grow), the layer re-lays its kept weights and
 their optimizer state, grown weights starting at zero. State dicts still carry the dense
 ``weight``, so checkpoints, exports and ``sparsetrain eval`` see the plain model.
+
+Under FSDP2 the ``values`` are sharded like any parameter (each rank holds a share of the kept weights, their
+gradient and optimizer state) and gathered for the forward pass; the structure, a few bytes per kept weight, is
+whole on every rank. Compact layers are made before ``fully_shard`` (``run.parallel=fsdp`` does so). A mask
+change gathers the layer's values once, re-lays them and keeps this rank's share; the number of kept weights
+must then stay the same (static, SET, RigL and MEST without the soft bound keep it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..sharding import Part, local
 from .backends import (CondensedStructure, DirectStructure, SparseConv2d, SparseLinear, _direct_ok, condensed_linear,
                        direct_conv2d)
 
@@ -33,7 +40,7 @@ class _CompactStorage:
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, rebuilt on demand (not a parameter; zeros where the mask is off)."""
-        return self.compact.dense(self.values.detach())
+        return self.compact.dense(_whole(self.values.detach()))
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor (zeros where masked)."""
@@ -45,7 +52,7 @@ class _CompactStorage:
         captured = self.maskset.captured.get(self.mask_name)
         if captured is not None:
             return captured
-        return None if self.values.grad is None else self.compact.dense(self.values.grad)
+        return None if self.values.grad is None else self.compact.dense(_whole(self.values.grad))
 
     @torch.no_grad()
     def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
@@ -53,8 +60,14 @@ class _CompactStorage:
         by both masks keep their values and state, newly grown ones start at zero with zero state."""
         new = self._structure_for(mask)
         old_index, numel = self.compact.flat_index, math.prod(self.compact.shape)
+        part = Part.of(self.values)
+        if part is not None and new.flat_index.numel() != old_index.numel():
+            raise ValueError(f"{self.mask_name}: under FSDP a compact layer keeps its number of weights, but this mask "
+                             f"change takes it from {old_index.numel()} to {new.flat_index.numel()} (MEST's soft bound "
+                             "grows first); train it with run.parallel=ddp or without sparsity.compact_state")
 
         def relay(v: torch.Tensor) -> torch.Tensor:
+            v = _whole(v)
             dense = v.new_zeros(numel)
             dense[old_index] = v
             return dense[new.flat_index].clone()
@@ -62,12 +75,20 @@ class _CompactStorage:
         state = optimizer.state.get(self.values, {}) if optimizer is not None else {}
         for k, v in list(state.items()):
             if torch.is_tensor(v) and v.shape == self.values.shape:
-                state[k] = relay(v)
-        self.values.data = relay(self.values.detach())
+                if part is None:
+                    state[k] = relay(v)
+                else:
+                    local(v).copy_(part.rows_of(relay(v)))
         # a mask changed before the update (RigL): the step goes on with the gradient of the new kept weights,
         # grown ones included, as under masked dense; a change after it (MEST) leaves no gradient to keep
         captured = self.maskset.captured.get(self.mask_name)
-        self.values.grad = None if captured is None else captured.reshape(-1)[new.flat_index].clone()
+        grad = None if captured is None else captured.reshape(-1)[new.flat_index].clone()
+        if part is None:
+            self.values.data = relay(self.values.detach())
+            self.values.grad = grad
+        else:
+            local(self.values).copy_(part.rows_of(relay(self.values.detach())))
+            self.values.grad = None if grad is None else part.wrap(part.rows_of(grad).clone())
         self.compact = new
 
     def _structure_for(self, mask: torch.Tensor):
@@ -84,7 +105,9 @@ class _CompactStorage:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if key in state_dict:
-            state_dict[prefix + "values"] = state_dict.pop(key).reshape(-1)[self.compact.flat_index.to(self.values.device)]
+            values = _whole(state_dict.pop(key)).reshape(-1)[self.compact.flat_index.to(local(self.values).device)]
+            part = Part.of(self.values)
+            state_dict[prefix + "values"] = values if part is None else part.wrap(part.rows_of(values))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -105,6 +128,11 @@ class CompactLinear(_CompactStorage, SparseLinear):
 
     def _run(self, x):
         return condensed_linear(x, self.values, self.bias, self.compact)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (gathered: every rank calls this alike), else ``t``."""
+    return t.full_tensor() if Part.of(t) is not None else t
 
 
 def _compactable(m: nn.Module) -> type | None:

@@ -148,6 +148,20 @@ class Sparsifier:
         self._hooks.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_hook()))
         self._hooks.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_hook()))
 
+    def rebind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move to ``optimizer``, built over the model's parameters after they were replaced by ones of the same
+        names (``fully_shard`` after the method was built, as ``run.parallel=fsdp`` does so that compact layers
+        exist before sharding): the hooks go on it and the masks follow the new parameters. Call before training."""
+        if self.optimizer.state:
+            raise ValueError("rebind before training: the old optimizer already holds state that would be lost")
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.optimizer = optimizer
+        if self.maskset is not None:
+            self.maskset.rebind(self.model)
+        self._attach()
+
     def _pre_hook(self) -> None:
         if not self.manual_pre_step and not self._paused:
             self.pre_step()

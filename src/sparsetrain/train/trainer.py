@@ -189,7 +189,7 @@ class Trainer:
         self._setup_execution()            # backends time layers on real batches (after the FLOP count's batch of 2)
         self.recipe: ToST | None = self._build_recipe()  # after the FLOP count: ghost skips are accounted apart
         self._setup_compact_state()        # last of the model changes: the recipe's rescaling writes dense weights
-        self._setup_parallel()             # data efficiency, the DDP wrapper, progress
+        self._setup_parallel()             # data efficiency, the DDP wrapper or FSDP2 sharding, progress
         self.snapshot: tuple[int, Path] | None = None  # (step, file): save the weights once at that step (lottery rewinding)
 
     def _setup_runtime(self) -> None:
@@ -209,12 +209,10 @@ class Trainer:
         self.model.to(self.device)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.sharded = cfg.run.parallel == "fsdp"
-        if self.sharded:
-            if not self.dist.enabled:
-                raise ConfigError("run.parallel=fsdp shards the model over the processes torchrun starts: run "
-                                  "`torchrun --nproc_per_node N -m sparsetrain.cli train ...` with N >= 2")
-            shard_model(self.model)  # before the optimizer, which must hold the sharded parameters
+        self.sharded = cfg.run.parallel == "fsdp"  # sharded last, in _setup_parallel, once compact layers exist
+        if self.sharded and not self.dist.enabled:
+            raise ConfigError("run.parallel=fsdp shards the model over the processes torchrun starts: run "
+                              "`torchrun --nproc_per_node N -m sparsetrain.cli train ...` with N >= 2")
         self.optimizer = build_optimizer(self.model, cfg.optim)
         smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
         self.criterion = loss_fn if loss_fn is not None else TokenCrossEntropy(label_smoothing=smoothing)
@@ -243,7 +241,17 @@ class Trainer:
         de = cfg.sparsity.data_efficiency
         self.forgetting = ForgettingTracker(len(self.train_set), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
         self.net = self.model
-        if self.dist.enabled and not self.sharded:
+        if self.sharded:
+            loose = [n for n, m in self.backend_layers.items() if not hasattr(m, "values")]
+            if loose:
+                raise ConfigError(f"run.parallel=fsdp with backend {cfg.sparsity.backend!r}: layers {loose[:4]} were not "
+                                  "made compact (their kernels need the whole mask); use a backend that compacts them "
+                                  "(condensed for Linear, direct for Conv2d) or sparsity.backend=masked")
+            # FSDP2 replaces every parameter by its shard: the optimizer is built anew and the method follows
+            shard_model(self.model)
+            self.optimizer = build_optimizer(self.model, cfg.optim)
+            self.method.rebind(self.optimizer)
+        elif self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
