@@ -169,3 +169,18 @@ def test_fsdp_without_torchrun_says_how_to_start_it(tmp_path, tiny_mnist_tar):
     cfg = load_config(overrides=[*CLI, f"data.data_dir={tiny_mnist_tar}", "run.parallel=fsdp", f"run.out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
         Trainer(cfg)
+
+
+def test_lightning_fsdp2_strategy_keeps_the_masks_of_one_process(tmp_path):
+    pytest.importorskip("lightning")
+    driver = Path(__file__).resolve().parent / "lightning_fsdp_driver.py"
+    for ranks in (1, 2):
+        proc = subprocess.run([sys.executable, str(driver), str(tmp_path / f"r{ranks}.pt"), str(ranks)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (1, 2))
+    assert two["sharded"] and not one["sharded"] and one["updates"] == two["updates"] > 0
+    for n in one["masks"]:
+        assert torch.equal(one["masks"][n], two["masks"][n]), n
+    for n in one["weights"]:
+        torch.testing.assert_close(two["weights"][n], one["weights"][n], rtol=1e-5, atol=1e-6)
