@@ -107,8 +107,10 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
     if not sharded or dist.get_rank() == 0:
         Path(out).write_text(json.dumps(everyone))
     if sharded:
-        dist.barrier()
-        dist.destroy_process_group()
+        from sparsetrain.train.distributed import leave, shutdown
+
+        shutdown()
+        leave()
 
 
 def run_config(name: str) -> list[dict]:

@@ -141,8 +141,10 @@ def main() -> None:
     if not sharded or torch.distributed.get_rank() == 0:
         torch.save(result, args.out)
     if sharded:
-        torch.distributed.barrier()  # no rank tears the group down while another still talks to it
-        torch.distributed.destroy_process_group()
+        from sparsetrain.train.distributed import leave, shutdown
+
+        shutdown()
+        leave()
 
 
 if __name__ == "__main__":

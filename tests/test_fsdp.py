@@ -105,8 +105,9 @@ from sparsetrain.train import Trainer
 t = Trainer(load_config(overrides=sys.argv[1:]))
 t._prepare_run_directory()
 t.end_epoch(t.train_epoch())  # checkpoints at the epoch's end; then the process ends, as a killed run
-from sparsetrain.train.distributed import shutdown
+from sparsetrain.train.distributed import leave, shutdown
 shutdown()
+leave()
 """
 
 

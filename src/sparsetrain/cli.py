@@ -28,10 +28,12 @@ def _train(args) -> int:
         summary = lottery_ticket(cfg)
     else:
         summary = Trainer(cfg).fit()
-    from .train.distributed import shutdown
+    from .train.distributed import leave, shutdown
 
-    shutdown()
+    distributed = shutdown()
     print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
+    if distributed:
+        leave(0)  # everything is written: skip the teardown that can abort a finished rank
     return 0
 
 
