@@ -148,11 +148,12 @@ def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extr
 
 
 @pytest.mark.parametrize("override,reason", [
-    ("sparsity.backend=csr", "sparsity.backend='csr' keeps index structures of whole layers"),
+    ("sparsity.backend=csr", "sparsity.backend='csr' reads whole masks in its layers"),
     ("sparsity.init=snip", "sparsity.init='snip' scores weights with gradients taken outside"),
     ("sparsity.scheme=channel_in", "scheme 'channel_in' groups weights across output rows"),
     ("recipe.ghost_skip=true", "the recipe's ghost-skip change the model after it is sharded"),
     ("sparsity.method=lottery", "method 'lottery' rewinds whole weights"),
+    ("sparsity.global_ranking=true", "sparsity.global_ranking ranks all layers at once"),
 ])
 def test_fsdp_refuses_what_cannot_run_sharded_before_training(override, reason):
     from sparsetrain.config import ConfigError, load_config
@@ -185,3 +186,26 @@ def test_lightning_fsdp2_strategy_keeps_the_masks_of_one_process(tmp_path):
         assert torch.equal(one["masks"][n], two["masks"][n]), n
     for n in one["weights"]:
         torch.testing.assert_close(two["weights"][n], one["weights"][n], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_compact_refuses_mest_soft_bound():
+    from sparsetrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="MEST's soft bound changes how many weights a layer keeps"):
+        load_config(overrides=["model.name=mlp", "data.dataset=mnist", "sparsity.method=mest", "sparsity.sparsity=0.9",
+                               "sparsity.mest.soft_bound=true", "sparsity.backend=condensed", "sparsity.compact_state=true",
+                               "run.parallel=fsdp"])
+
+
+def test_units_that_would_span_ranks_are_refused_with_the_reason():
+    from sparsetrain.schemes import parse_scheme
+    from sparsetrain.sharding import Part
+
+    rows_3_to_5 = Part(start=3, rows=3, shape=(8, 16), mesh=None, placements=())
+    with pytest.raises(ValueError, match="scheme channel_in groups weights across output rows"):
+        rows_3_to_5.check_rows(parse_scheme("channel_in").rows_per_unit, "channel_in", "fc.weight")
+    with pytest.raises(ValueError, match="rows 3..5, which cuts a block"):
+        rows_3_to_5.check_rows(parse_scheme("block_4x1").rows_per_unit, "block_4x1", "fc.weight")
+    Part(start=4, rows=4, shape=(8, 16), mesh=None, placements=()).check_rows(4, "block_4x1", "fc.weight")  # aligned: fine
+    for name in ("unstructured", "channel_out", "fan_in", "nm_2:4"):
+        rows_3_to_5.check_rows(parse_scheme(name).rows_per_unit, name, "fc.weight")
