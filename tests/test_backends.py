@@ -256,3 +256,35 @@ def test_channel_backend_recompacts_when_the_mask_changes():
     out = layer(x)
     assert layer.rebuilds == 2
     torch.testing.assert_close(out, F.conv2d(x, layer.weight * new, layer.bias, padding=1))
+
+
+@pytest.mark.parametrize("slow_format", ["channels_last", "contiguous_format"])
+def test_auto_keeps_the_faster_whole_step_layout_and_leaves_the_model_as_it_was(slow_format):
+    import time as _time
+
+    from sparsetrain.execution import settle_layout
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
+    layers = apply_backend(model, ms, "auto")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))
+
+    def loss_of(fmt):
+        if fmt == getattr(torch, slow_format):
+            _time.sleep(0.02)  # this layout's whole step is the slower one
+        return F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
+
+    fmt = settle_layout(model, layers, loss_of, repeats=2)
+    if slow_format == "channels_last":  # the per-layer choices in NCHW win
+        assert fmt == torch.contiguous_format
+        assert all(m.backend == min(m.timings, key=m.timings.get) for m in layers.values())  # each layer's own choice
+    else:  # every layer masked dense, channels-last
+        assert fmt == torch.channels_last and all(m.backend == "masked" for m in layers.values())
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+    assert all(p.grad is None for p in model.parameters())

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .accounting import peak_memory_bytes
 from .config import load_config
-from .execution.backends import apply_backend
+from .execution.backends import apply_backend, settle_layout
 from .execution.compact import compact_layers
 from .methods import METHODS
 from .models import SEQUENCE_MODELS, build_model, model_input_shape
@@ -118,6 +118,10 @@ def make_step(model, opt, method, batch: int, config: str = "dense", input_shape
             num_classes = model(x[:2]).shape[-1]
         model.train()
         y = torch.randint(0, num_classes, (batch,), generator=g)
+        layers = {n: m for n, m in model.named_modules() if hasattr(m, "fix_backend")}
+        if config == "auto" and layers:  # the whole-step layout check, as the Trainer makes it
+            fmt = settle_layout(model, layers, lambda f: F.cross_entropy(model(x.contiguous(memory_format=f)), y))
+            x = x.contiguous(memory_format=fmt)
 
     def step():
         out = model(x)

@@ -31,7 +31,11 @@
   product; the input gradient uses W_s dense and the weight gradient is masked. Refused
   with a clear message where no such GPU exists.
 * ``auto`` — per layer, whichever is fastest, timed once on the layer's real input shape
-  when training starts (a layer never runs slower than masked dense because of us).
+  when training starts (a layer never runs slower than masked dense because of us); then
+  :func:`settle_layout` checks the whole step: the sparse kernels want NCHW, dense convolutions
+  channels-last, and what lies between layers (BatchNorm, pooling, the residual adds) follows
+  the layout, so the per-layer choices in NCHW are timed against every layer masked dense in
+  channels-last, and the faster whole step is kept.
 
 :func:`apply_backend` swaps the layers of a model (same parameters, so optimizers and
 state dicts are untouched); the masks come from a :class:`~sparsetrain.masks.MaskSet`.
@@ -53,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
+__all__ = ["settle_layout", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
            "SparseConv2d",
            "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
@@ -577,6 +581,46 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
         if self.backend in ("csr", "direct"):  # direct on what its kernels do not cover: CSR
             return csr_conv2d(x, self.weight, self.bias, self.structure(), self.stride, self.padding, self.dilation)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 3) -> torch.memory_format:
+    """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
+    given in memory format ``fmt``) with every layer on the path it chooses in NCHW, then with every layer
+    masked dense in channels-last; keep the faster, so ``auto`` is never slower than its dense layers would be.
+    Returns the memory format the model's inputs must take from now on (the model is converted to it).
+    Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
+    choice."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def fastest(fmt: torch.memory_format) -> float:
+        model.to(memory_format=fmt)
+        best = float("inf")
+        for i in range(repeats + 1):  # the first pass warms up (and lets undecided layers time themselves)
+            t = time.perf_counter()
+            loss_of(fmt).backward()
+            if i:
+                best = min(best, time.perf_counter() - t)
+        return best
+
+    t_sparse = fastest(torch.contiguous_format)
+    choices = {n: m.backend for n, m in layers.items()}
+    for m in layers.values():
+        m.fix_backend("masked")
+    t_dense = fastest(torch.channels_last)
+    keep_dense = torch.tensor([int(t_dense <= t_sparse)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(keep_dense, 0)
+    fmt = torch.channels_last if int(keep_dense) else torch.contiguous_format
+    if fmt == torch.contiguous_format:
+        for n, m in layers.items():
+            m.fix_backend(choices[n])
+    model.to(memory_format=fmt)
+    model.load_state_dict(saved)
+    for p in model.parameters():
+        p.grad = None
+    for m in layers.values():
+        m.step_timings = {"sparse_nchw": t_sparse, "masked_channels_last": t_dense}
+    return fmt
 
 
 def apply_backend(model: nn.Module, maskset, backend: str) -> dict[str, nn.Module]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, saved_tensor_bytes
 from ..config import Config, ConfigError, load_config
 from ..data import DATASETS, TEXT_DATASETS, BatchLoader, load_dataset, split_validation
-from ..execution.backends import apply_backend
+from ..execution.backends import apply_backend, settle_layout
 from ..execution.compact import compact_layers
 from ..methods import METHODS, Sparsifier
 from ..models import build_configured
@@ -231,6 +231,20 @@ class Trainer:
     def _setup_execution(self) -> None:
         backend = self.cfg.sparsity.backend
         self.backend_layers = apply_backend(self.model, self.method.maskset, backend) if backend != "masked" else {}
+        if backend == "auto" and self.backend_layers and self.vocab is None:
+            # per-layer choices ignore the layout between layers: check the whole step against masked channels-last
+            x, y = self._scoring_batches(count=1)[0]
+            fmt = settle_layout(self.model, self.backend_layers,
+                                lambda f: self.criterion(self.model(x.contiguous(memory_format=f)), y))
+            self._set_layout(fmt == torch.channels_last)
+
+    def _set_layout(self, channels_last: bool) -> None:
+        """Run the model, and feed it batches, channels-last or NCHW (``auto``'s layout, kept on resume)."""
+        self.channels_last = channels_last
+        self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for loader in (self.train_loader, self.val_loader, self.test_loader):
+            if loader is not None:
+                loader.channels_last = channels_last
 
     def _setup_compact_state(self) -> None:
         if self.cfg.sparsity.compact_state:
@@ -275,7 +289,7 @@ class Trainer:
             raise ValueError(f"datasets must hold 'train' and 'test' splits; missing {sorted(missing)}")
         train = splits["train"]
         self.val_loader = None
-        cl = cfg.model.channels_last
+        cl = self.channels_last = cfg.model.channels_last
         if cfg.data.val_fraction > 0 and self.vocab is None:  # text holds out the file's tail as its "test" split
             train, val = split_validation(train, cfg.data.val_fraction, cfg.run.seed)
             self.val_loader = BatchLoader(val, self.info, cfg.run.eval_batch_size, train=False, channels_last=cl)
@@ -324,7 +338,7 @@ class Trainer:
             rescale_init=rc.rescale_init, gradinit_steps=rc.gradinit_steps, label_smoothing=rc.label_smoothing or 0.0,
             teacher=teacher, teacher_weight=rc.teacher_weight, teacher_temperature=rc.teacher_temperature,
             batches=self._scoring_batches(count=1) if rc.rescale_init == "gradinit" else None,
-            input_shape=self.input_shape, channels_last=self.cfg.model.channels_last,
+            input_shape=self.input_shape, channels_last=self.channels_last,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -347,6 +361,7 @@ class Trainer:
                          "loss_sum": self.progress.loss_sum.cpu(), "correct": self.progress.correct, "seen": self.progress.seen},
             "fingerprint": self._fingerprint(),
             "backend_choices": {n: m.backend for n, m in self.backend_layers.items()},
+            "channels_last": self.channels_last,
         }
 
     def _fingerprint(self) -> dict:
@@ -382,6 +397,8 @@ class Trainer:
         for n, choice in state.get("backend_choices", {}).items():  # the run keeps the backends it chose
             if n in self.backend_layers:
                 self.backend_layers[n].fix_backend(choice)
+        if state.get("channels_last", self.channels_last) != self.channels_last:  # and the layout it chose
+            self._set_layout(bool(state["channels_last"]))
         try:
             self._load_states(state)
         except (KeyError, RuntimeError, ValueError) as e:
@@ -549,7 +566,7 @@ class Trainer:
     def _scoring_batches(self, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for data-driven mask scores (SNIP, GraSP), drawn apart from the training order."""
         loader = BatchLoader(self.train_set, self.train_loader.info, self.cfg.optim.batch_size, train=True, seed=self.cfg.run.seed + 1,
-                             channels_last=self.cfg.model.channels_last)
+                             channels_last=self.channels_last)
         out = []
         for x, y, _ in loader:
             out.append((x.to(self.device), y.to(self.device)))
