@@ -38,10 +38,12 @@ MODEL = {"width": 4.0, "depth": 8, "context": 128, "heads": 8}
 # name -> (ranks, parallel, method, compact)
 CONFIGS = {
     "dense-1": (1, "none", "dense", False),
+    "dense-fsdp1": (1, "fsdp", "dense", False),
     "dense-fsdp2": (2, "fsdp", "dense", False),
     "static90-1": (1, "none", "static", False),
     "static90-fsdp2": (2, "fsdp", "static", False),
     "static90-compact-1": (1, "none", "static", True),
+    "static90-compact-fsdp1": (1, "fsdp", "static", True),
     "static90-compact-fsdp2": (2, "fsdp", "static", True),
     "rigl90-compact-fsdp2": (2, "fsdp", "rigl", True),
 }
@@ -120,8 +122,8 @@ def run_config(name: str) -> list[dict]:
         args = [str(Path(__file__).resolve()), "--worker", method, "--parallel", parallel, "--out", str(out)]
         if compact:
             args.append("--compact")
-        launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                       f"--nproc_per_node={ranks}"]
+        launch = [sys.executable] if parallel == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                               f"--nproc_per_node={ranks}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([*launch, *args], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
