@@ -23,7 +23,7 @@ from sparsetrain.train.checkpoint import load_sharded, save_sharded
 from sparsetrain.train.distributed import shard_model
 
 SPARSITY = 0.8
-METHODS = ("static", "set", "rigl", "mest", "swat")
+METHODS = ("static", "set", "rigl", "mest", "swat", "swat-m")
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,9 @@ def sparsifier(method: str, kind: str, model, opt, steps: int):
                                 mutation_ratio=[[0, 0.2]], excess=[[0, 0.05]], **common)
     if method == "swat":
         return sparsetrain.swat(model, opt, sparsity=SPARSITY, total_steps=steps, topk_period=5)
+    if method == "swat-m":  # budgets follow the momentum of each layer's kept weights (sums over ranks) at epoch ends
+        return sparsetrain.swat(model, opt, sparsity=SPARSITY, variant="m", steps_per_epoch=20, epochs=steps // 20,
+                                topk_period=5)
     raise ValueError(method)
 
 

@@ -17,7 +17,7 @@ import torch
 
 DRIVER = Path(__file__).resolve().parent / "fsdp_driver.py"
 STEPS = 200
-METHODS = ("static", "set", "rigl", "mest", "swat")
+METHODS = ("static", "set", "rigl", "mest", "swat", "swat-m")
 
 
 def run_driver(out: Path, *args: str, ranks: int = 1, timeout: int = 600) -> dict:
