@@ -288,3 +288,78 @@ def test_auto_keeps_the_faster_whole_step_layout_and_leaves_the_model_as_it_was(
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
     assert all(p.grad is None for p in model.parameters())
+
+
+def _channel_pair(model_name: str, width: float):
+    """A float64 zoo model with 50% channel masks under the channel backend shrunk on both sides, and its masked-dense
+    definition: the same model where a removed filter's BatchNorm gamma and beta are zero too."""
+    import copy
+
+    from sparsetrain.execution import shrink_both_sides
+    from sparsetrain.models import build_model
+    from sparsetrain.schemes import parse_scheme
+
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, width).double()
+    ms = MaskSet.for_model(model, ["first", "last"])
+    g = torch.Generator().manual_seed(0)
+    for n, p in ms.params.items():
+        ms.set_mask(n, parse_scheme("channel_out").mask(torch.rand(p.shape, generator=g, dtype=torch.float64), 0.5, n))
+    chains = shrink_both_sides(model, apply_backend(model, ms, "channel"))
+    ref = copy.deepcopy(model)
+    for m in ref.modules():  # back to plain layers: the reference is masked dense
+        if isinstance(m, nn.Conv2d):
+            m.__class__ = nn.Conv2d
+        elif isinstance(m, nn.BatchNorm2d):
+            m.__class__ = nn.BatchNorm2d
+        elif isinstance(m, nn.Linear):
+            m.__class__ = nn.Linear
+    return model, ref, ms, chains
+
+
+def test_channels_shrunk_on_both_sides_compute_the_masked_dense_definition_in_float64():
+    model, ref, ms, chains = _channel_pair("vgg16", 0.25)
+    assert len(chains) == 12 and chains[-1][2] == "classifier"  # every sparse conv, the last one into the classifier
+    bns = {bn for _, bn, _ in chains}
+    mods = dict(ref.named_modules())
+    for _, bn, _ in chains:  # the definition: the removed channels' gamma and beta are zero
+        assert int((mods[bn].weight == 0).sum()) == mods[bn].num_features // 2
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    out, want = model(x), ref(x)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        expected = ref_params[n].grad * ms.masks[n] if n in ms.masks else ref_params[n].grad
+        torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-12, msg=n)
+    assert all(dict(model.named_modules())[bn].running_mean.abs().sum() > 0 for bn in bns)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-12, atol=1e-12)  # running statistics agree too
+
+
+def test_channels_shrunk_on_both_sides_train_like_masked_dense_and_keep_residual_adds_one_sided():
+    model, ref, ms, chains = _channel_pair("resnet20", 0.5)
+    assert chains and all(c.endswith("conv1") and n.endswith("conv2") for c, _, n in chains)  # within blocks only
+    ref_masks = MaskSet({n: dict(ref.named_parameters())[n] for n in ms.params})
+    for n, m in ms.masks.items():
+        ref_masks.set_mask(n, m)
+    opts = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for net in (model, ref)]
+    ms.attach(opts[0])
+    ref_masks.attach(opts[1])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+        for net, opt in zip((model, ref), opts):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[n], rtol=1e-9, atol=1e-11, msg=n)
+
+
+def test_channel_both_sides_needs_the_channel_backend_and_a_static_mask():
+    with pytest.raises(ValueError, match="channel_both_sides removes a filter's BatchNorm channel"):
+        load_config(overrides=["model.name=vgg16", "sparsity.method=rigl", "sparsity.sparsity=0.5",
+                               "sparsity.scheme=channel_out", "sparsity.backend=channel", "sparsity.channel_both_sides=true"])

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .accounting import peak_memory_bytes
 from .config import load_config
 from .execution.backends import apply_backend, settle_layout
+from .execution.channel_pairs import shrink_both_sides
 from .execution.compact import compact_layers
 from .methods import METHODS
 from .models import SEQUENCE_MODELS, build_model, model_input_shape
@@ -56,6 +57,8 @@ CONFIGS: dict[str, list[str]] = {
     "condensed": ["sparsity.method=static", "sparsity.backend=condensed"],
     "condensed-compact": ["sparsity.method=static", "sparsity.backend=condensed", "sparsity.compact_state=true"],
     "channel": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel"],
+    "channel-both": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel",
+                     "sparsity.channel_both_sides=true"],
     "auto": ["sparsity.method=static", "sparsity.backend=auto"],
     "swat": ["sparsity.method=swat"],
 }
@@ -99,6 +102,8 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
             layers = apply_backend(model, method.maskset, cfg.sparsity.backend)
             if cfg.sparsity.compact_state:
                 compact_layers(layers, method.maskset, opt)
+            if cfg.sparsity.channel_both_sides:
+                shrink_both_sides(model, layers)
     return model, opt, method
 
 

@@ -150,7 +150,7 @@ class SwatConfig(_Section):
 
 
 # keys of the sparsity section that configure the engine, not the method's factory
-_ENGINE_KEYS = {"method", "backend", "compact_state", "init_batches", "lottery", "data_efficiency"}
+_ENGINE_KEYS = {"method", "backend", "compact_state", "channel_both_sides", "init_batches", "lottery", "data_efficiency"}
 # sections of the sparsity section that hold one method's own knobs
 _METHOD_SECTIONS = {"mest": "mest", "swat": "swat", "lottery": "lottery"}
 _HINTS = {("swat", "distribution"): "SWAT's budgets come from sparsity.swat.variant (u, erk, m, structured)",
@@ -191,6 +191,9 @@ class SparsityConfig(_Section):
                               "2:4 semi-structured (CUDA), or the fastest per layer")
     compact_state: bool = Field(False, description="direct or condensed backend; static, set, rigl or mest: store only "
                                                  "kept weights (and their gradients and optimizer state)")
+    channel_both_sides: bool = Field(False, description="backend channel, static masks: a removed filter also leaves its "
+                                                        "BatchNorm channel and the next layer's inputs (both layers run "
+                                                        "smaller; the channel carries zero, not ReLU(beta))")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
@@ -255,6 +258,10 @@ class SparsityConfig(_Section):
         if self.backend == "channel" and self.scheme != "channel_out":
             raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "
                              f"(got {self.scheme!r})")
+        if self.channel_both_sides and (self.backend != "channel" or m not in ("static", "lottery")):
+            raise ValueError(f"channel_both_sides removes a filter's BatchNorm channel and the next layer's inputs for good: "
+                             f"it needs backend 'channel' and a static mask (static or lottery); got backend "
+                             f"{self.backend!r}, method {m!r}")
         if self.backend == "semi_structured" and self.scheme != "nm_2:4":
             raise ValueError(f"backend 'semi_structured' runs 2:4 masks; set sparsity.scheme=nm_2:4 (got {self.scheme!r})")
         if m in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):

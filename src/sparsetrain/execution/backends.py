@@ -575,6 +575,8 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
             kept = self.structure("channel")
             small = F.conv2d(x, self.weight.index_select(0, kept), None if self.bias is None else self.bias.index_select(0, kept),
                              self.stride, self.padding, self.dilation, self.groups)
+            if getattr(self, "shrink_out", False):  # the next layers read the kept channels alone (channel_pairs.py)
+                return small
             return _expand_channels(small, kept, self.out_channels, self.bias, 1)
         if self.backend == "direct" and _direct_ok(x, self.weight):
             return direct_conv2d(x, self.weight, self.bias, self.structure("direct"), self.stride, self.padding, self.dilation)

@@ -33,6 +33,7 @@ from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, save
 from ..config import Config, ConfigError, load_config
 from ..data import DATASETS, TEXT_DATASETS, BatchLoader, load_dataset, split_validation
 from ..execution.backends import apply_backend, settle_layout
+from ..execution.channel_pairs import shrink_both_sides
 from ..execution.compact import compact_layers
 from ..methods import METHODS, Sparsifier
 from ..models import build_configured
@@ -231,6 +232,8 @@ class Trainer:
     def _setup_execution(self) -> None:
         backend = self.cfg.sparsity.backend
         self.backend_layers = apply_backend(self.model, self.method.maskset, backend) if backend != "masked" else {}
+        if self.cfg.sparsity.channel_both_sides:
+            shrink_both_sides(self.model, self.backend_layers)
         if backend == "auto" and self.backend_layers and self.vocab is None:
             # per-layer choices ignore the layout between layers: check the whole step against masked channels-last
             x, y = self._scoring_batches(count=1)[0]
