@@ -363,3 +363,40 @@ def test_channel_both_sides_needs_the_channel_backend_and_a_static_mask():
     with pytest.raises(ValueError, match="channel_both_sides removes a filter's BatchNorm channel"):
         load_config(overrides=["model.name=vgg16", "sparsity.method=rigl", "sparsity.sparsity=0.5",
                                "sparsity.scheme=channel_out", "sparsity.backend=channel", "sparsity.channel_both_sides=true"])
+
+
+def test_compact_channel_blocks_train_like_the_uncompacted_layers_and_export_dense_weights():
+    import copy
+
+    from sparsetrain.execution import compact_layers
+
+    model, _, ms, chains = _channel_pair("vgg16", 0.25)
+    small = copy.deepcopy(model)
+    small_ms = MaskSet({n: dict(small.named_parameters())[n] for n in ms.params})
+    for n, m in ms.masks.items():
+        small_ms.set_mask(n, m)
+    for mod in small.modules():  # the copies follow the copied MaskSet
+        if hasattr(mod, "maskset"):
+            mod.maskset = small_ms
+    layers = {n: mod for n, mod in small.named_modules() if hasattr(mod, "backend") and mod.backend == "channel"}
+    opts = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) for net in (model, small)]
+    done = compact_layers({f"{n}.weight": mod for n, mod in layers.items()}, small_ms, opts[1])
+    assert len(done) == 12
+    first = dict(small.named_modules())[chains[1][0]]  # a layer that reads a shrunk input: [32, 16 of 32, 3, 3] stored
+    assert first.values.numel() == first.out_channels // 2 * first.in_channels // 2 * 9
+    ms.attach(opts[0])
+    small_ms.attach(opts[1])
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+        for net, opt in zip((model, small), opts):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-10, atol=1e-12)
+    state = small.state_dict()  # the plain model's keys and shapes, dense weights
+    assert state[f"{chains[1][0]}.weight"].shape == dict(model.named_parameters())[f"{chains[1][0]}.weight"].shape
+    plain = copy.deepcopy(model)
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-10, atol=1e-12)

@@ -59,6 +59,8 @@ CONFIGS: dict[str, list[str]] = {
     "channel": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel"],
     "channel-both": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel",
                      "sparsity.channel_both_sides=true"],
+    "channel-both-compact": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel",
+                             "sparsity.channel_both_sides=true", "sparsity.compact_state=true"],
     "auto": ["sparsity.method=static", "sparsity.backend=auto"],
     "swat": ["sparsity.method=swat"],
 }
@@ -100,10 +102,10 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
         method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs())
         if cfg.sparsity.backend != "masked":
             layers = apply_backend(model, method.maskset, cfg.sparsity.backend)
-            if cfg.sparsity.compact_state:
-                compact_layers(layers, method.maskset, opt)
             if cfg.sparsity.channel_both_sides:
                 shrink_both_sides(model, layers)
+            if cfg.sparsity.compact_state:
+                compact_layers(layers, method.maskset, opt)
     return model, opt, method
 
 

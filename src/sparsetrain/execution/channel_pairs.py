@@ -15,17 +15,25 @@ zero; it differs from plain masked dense only there (where the channel would car
 chains are found once by tracing the model (``torch.fx``); a producer whose output also feeds a residual
 add or a second consumer keeps the one-sided form. Static masks only (``static``, ``lottery``): a grown
 channel would come back with the BatchNorm statistics it had when it was removed.
+
+With ``compact_state`` each such convolution stores only its kept block, [kept filters, input channels it
+reads, kh, kw] (:class:`CompactChannelConv2d`), so its gradient and optimizer state shrink alike; weights
+that would read a removed channel are not stored (they multiply zeros). State dicts carry the dense weight.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import SparseConv2d
+from .backends import SparseConv2d, kept_channels
+from .compact import _CompactStorage
 
-__all__ = ["shrink_both_sides", "ChannelBatchNorm2d"]
+__all__ = ["shrink_both_sides", "ChannelBatchNorm2d", "ChannelBlock", "CompactChannelConv2d"]
 
 # steps that act on each channel alone (or only flatten it), through which kept channels pass unchanged
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -97,6 +105,54 @@ class InputChannelLinear(_InputChannels, nn.Linear):
     def forward(self, x):
         cols = self._kept_inputs(x, self.in_features)
         return super().forward(x) if cols is None else F.linear(x, self.weight.index_select(1, cols), self.bias)
+
+
+@dataclass(frozen=True)
+class ChannelBlock:
+    """The block of a convolution weight [Cout, Cin, KH, KW] that is stored: kept filters ``rows`` by the input
+    channels ``cols`` the layer reads; ``flat_index`` places the block's entries (row-major) in the weight."""
+
+    shape: tuple[int, int, int, int]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    flat_index: torch.Tensor
+
+    @classmethod
+    def make(cls, shape: tuple[int, ...], rows: torch.Tensor, cols: torch.Tensor) -> "ChannelBlock":
+        cin, k = shape[1], shape[2] * shape[3]
+        idx = ((rows[:, None, None] * cin + cols[None, :, None]) * k + torch.arange(k, device=rows.device)).reshape(-1)
+        return cls(tuple(shape), rows, cols, idx)
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The weight with the block's ``values`` in place and zeros elsewhere."""
+        out = values.new_zeros(math.prod(self.shape))
+        out[self.flat_index] = values
+        return out.view(self.shape)
+
+
+class CompactChannelConv2d(_CompactStorage, InputChannelConv2d):
+    """A channel-pruned convolution whose only weight parameter, ``values``, is its kept block (made by
+    :func:`~sparsetrain.execution.compact_layers` under the ``channel`` backend)."""
+
+    structure_kind = "channel"
+
+    @staticmethod
+    def block_of(layer: SparseConv2d, mask: torch.Tensor | None = None) -> ChannelBlock:
+        """The block ``layer`` stores for ``mask`` (default: its current one)."""
+        mask = layer.maskset.masks[layer.mask_name] if mask is None else mask
+        source = getattr(layer, "source", None)
+        cols = source.structure("channel") if source is not None else torch.arange(layer.in_channels, device=mask.device)
+        return ChannelBlock.make(tuple(mask.shape), kept_channels(mask, layer.mask_name).to(cols.device), cols)
+
+    def _structure_for(self, mask):
+        return self.block_of(self, mask)
+
+    def _run(self, x):
+        blk = self.compact
+        w = self.values.view(blk.rows.numel(), blk.cols.numel(), *self.kernel_size)
+        bias = None if self.bias is None else self.bias.index_select(0, blk.rows)
+        small = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return small if getattr(self, "shrink_out", False) else _expand(small, blk.rows, self.out_channels, self.bias)
 
 
 def _expand(small, kept, width, bias):

@@ -137,6 +137,10 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 def _compactable(m: nn.Module) -> type | None:
     """The compact class for a swapped layer whose kernels return kept-weight gradients, else None."""
+    if isinstance(m, SparseConv2d) and m.backend == "channel":
+        from .channel_pairs import CompactChannelConv2d
+
+        return CompactChannelConv2d
     if not _direct_ok(m.weight, m.weight):
         return None
     if type(m) is SparseConv2d and m.backend == "direct":
@@ -147,7 +151,7 @@ def _compactable(m: nn.Module) -> type | None:
 
 
 def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim.Optimizer | None) -> list[str]:
-    """Give every ``direct``-backend convolution and ``condensed``-backend Linear in ``layers`` (from
+    """Give every ``direct``- or ``channel``-backend convolution and ``condensed``-backend Linear in ``layers`` (from
     :func:`~sparsetrain.backends.apply_backend`) compact storage; returns the names compacted. The optimizer is
     pointed at the new parameters (its state for the old dense ones is dropped: call this before training, or
     after loading nothing)."""
@@ -156,7 +160,7 @@ def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim
         cls = _compactable(m)
         if cls is None:
             continue
-        structure = m.structure(cls.structure_kind)
+        structure = cls.block_of(m) if cls.structure_kind == "channel" else m.structure(cls.structure_kind)
         old = m._parameters.pop("weight")
         m.__class__ = cls
         m.compact = structure
