@@ -62,6 +62,9 @@ CONFIGS: dict[str, list[str]] = {
     "channel-both-compact": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel",
                              "sparsity.channel_both_sides=true", "sparsity.compact_state=true"],
     "auto": ["sparsity.method=static", "sparsity.backend=auto"],
+    "auto-compact": ["sparsity.method=static", "sparsity.backend=auto", "sparsity.compact_state=true"],
+    "rigl-auto-compact": ["sparsity.method=rigl", "sparsity.distribution=erk", "sparsity.backend=auto",
+                          "sparsity.compact_state=true"],
     "swat": ["sparsity.method=swat"],
 }
 
@@ -74,7 +77,8 @@ def memory_format(config: str) -> torch.memory_format:
     """Each configuration in its faster layout: the direct kernels work on NCHW; oneDNN's dense
     convolutions (dense, masked, SWAT, the CSR path's unfolding) are faster channels-last on CPUs."""
     return torch.contiguous_format if config in ("direct", "compact", "rigl-compact", "mest-compact", "condensed",
-                                                 "condensed-compact", "auto") else torch.channels_last
+                                                 "condensed-compact", "auto", "auto-compact",
+                                                 "rigl-auto-compact") else torch.channels_last
 
 
 def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = (), model_args: dict | None = None):
@@ -104,7 +108,9 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
             layers = apply_backend(model, method.maskset, cfg.sparsity.backend)
             if cfg.sparsity.channel_both_sides:
                 shrink_both_sides(model, layers)
-            if cfg.sparsity.compact_state:
+            if cfg.sparsity.compact_state and cfg.sparsity.backend == "auto":
+                model.deferred_compact = (layers, method.maskset, opt)  # after make_step's layout check decided
+            elif cfg.sparsity.compact_state:
                 compact_layers(layers, method.maskset, opt)
     return model, opt, method
 
@@ -126,9 +132,17 @@ def make_step(model, opt, method, batch: int, config: str = "dense", input_shape
         model.train()
         y = torch.randint(0, num_classes, (batch,), generator=g)
         layers = {n: m for n, m in model.named_modules() if hasattr(m, "fix_backend")}
-        if config == "auto" and layers:  # the whole-step layout check, as the Trainer makes it
+        if layers and all(m.backend == "auto" for m in layers.values()):  # the whole-step layout check, as the Trainer's
             fmt = settle_layout(model, layers, lambda f: F.cross_entropy(model(x.contiguous(memory_format=f)), y))
             x = x.contiguous(memory_format=fmt)
+    if getattr(model, "deferred_compact", None) is not None:
+        if context is not None:  # token models: the layers choose on a first pass
+            out = model(x)
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+            for p in model.parameters():
+                p.grad = None
+        compact_layers(*model.deferred_compact)
+        model.deferred_compact = None
 
     def step():
         out = model(x)

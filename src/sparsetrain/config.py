@@ -252,12 +252,12 @@ class SparsityConfig(_Section):
             raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {m!r} has no masks "
                              "(use static, lottery, set, rigl or mest)")
         channel_ok = self.backend == "channel" and m in ("static", "lottery")  # kept blocks of static channel masks
-        if self.compact_state and not channel_ok and (self.backend not in ("direct", "condensed")
+        if self.compact_state and not channel_ok and (self.backend not in ("direct", "condensed", "auto")
                                                       or m not in ("static", "set", "rigl", "mest")):
-            raise ValueError(f"compact_state stores only kept weights under backend 'direct' or 'condensed' for methods "
-                             f"static, set, rigl and mest (RigL's layers compute their full weight gradient on its "
-                             f"update steps only), or under 'channel' for static masks; got backend {self.backend!r}, "
-                             f"method {m!r}")
+            raise ValueError(f"compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto' (the "
+                             f"layers it puts on those) for methods static, set, rigl and mest (RigL's layers compute "
+                             f"their full weight gradient on its update steps only), or under 'channel' for static "
+                             f"masks; got backend {self.backend!r}, method {m!r}")
         if self.backend == "channel" and self.scheme != "channel_out":
             raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "
                              f"(got {self.scheme!r})")

@@ -240,6 +240,11 @@ class Trainer:
             fmt = settle_layout(self.model, self.backend_layers,
                                 lambda f: self.criterion(self.model(x.contiguous(memory_format=f)), y))
             self._set_layout(fmt == torch.channels_last)
+        elif backend == "auto" and self.cfg.sparsity.compact_state:  # text: the layers choose now, before compaction
+            x, y = self._scoring_batches(count=1)[0]
+            self.criterion(self.model(x), y).backward()
+            for p in self.model.parameters():
+                p.grad = None
 
     def _set_layout(self, channels_last: bool) -> None:
         """Run the model, and feed it batches, channels-last or NCHW (``auto``'s layout, kept on resume)."""
