@@ -516,3 +516,15 @@ def test_evaluating_an_unfinished_swat_run_says_so(tmp_path, tiny_mnist_tar, cap
     assert main(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "checkpoint.pt: the run is unfinished" in err and "Traceback" not in err
+
+
+def test_a_key_added_by_a_later_version_at_its_default_is_no_change_on_resume():
+    from sparsetrain.config import Config
+    from sparsetrain.train.trainer import config_changes
+
+    now = Config().model_dump(mode="json")
+    saved = Config().model_dump(mode="json")
+    del saved["run"]["parallel"], saved["sparsity"]["channel_both_sides"]  # a checkpoint from before these keys
+    assert config_changes(saved, now) == {}
+    now["run"]["parallel"] = "fsdp"  # set to something else now: a change, which the resume check refuses
+    assert config_changes(saved, now) == {"run.parallel": (None, "fsdp")}

@@ -73,10 +73,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
-    """``{key: (saved value, value now)}`` for every config key that differs, harmless ones left out."""
+    """``{key: (saved value, value now)}`` for every config key that differs, harmless ones left out. A key the
+    saved run did not know (added by a later version) is no change while it holds its default: the run computes
+    what it computed."""
     a, b = _flat(saved), _flat(now)
+    defaults = _flat(Config().model_dump(mode="json"))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(_HARMLESS)}
+            if a.get(k) != b.get(k) and not k.startswith(_HARMLESS)
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])}
 
 
 def data_fingerprint(*datasets) -> str:
