@@ -137,7 +137,7 @@ def test_rigl_and_set_with_compact_state_match_masked_dense_and_resume(tmp_path,
 
 
 def test_compact_state_needs_the_direct_backend_and_a_method_without_dense_gradients():
-    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct' or 'condensed'"):
+    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto'"):
         load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"])
     with pytest.raises(ConfigError, match="method 'lottery'"):
         load_config(overrides=["sparsity.method=lottery", "sparsity.sparsity=0.5", "sparsity.backend=direct",

@@ -164,7 +164,7 @@ def test_the_config_takes_condensed_with_compact_state_and_refuses_it_elsewhere(
     cfg = load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=condensed",
                                  "sparsity.compact_state=true"])
     assert cfg.sparsity.backend == "condensed"
-    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct' or 'condensed'"):
+    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto'"):
         load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=csr",
                                "sparsity.compact_state=true"])
     with pytest.raises(ConfigError, match="condensed"):

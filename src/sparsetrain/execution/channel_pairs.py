@@ -17,7 +17,7 @@ add or a second consumer keeps the one-sided form. Static masks only (``static``
 channel would come back with the BatchNorm statistics it had when it was removed.
 
 With ``compact_state`` each such convolution stores only its kept block, [kept filters, input channels it
-reads, kh, kw] (:class:`CompactChannelConv2d`), so its gradient and optimizer state shrink alike; weights
+reads, kh, kw] (:class:`~sparsetrain.execution.compact.CompactChannelConv2d`), so its gradient and optimizer state shrink alike; weights
 that would read a removed channel are not stored (they multiply zeros). State dicts carry the dense weight.
 """
 
@@ -30,10 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import SparseConv2d, kept_channels
-from .compact import _CompactStorage
+from .backends import SparseConv2d, _expand_channels
 
-__all__ = ["shrink_both_sides", "ChannelBatchNorm2d", "ChannelBlock", "CompactChannelConv2d"]
+__all__ = ["shrink_both_sides", "ChannelBatchNorm2d", "ChannelBlock"]
 
 # steps that act on each channel alone (or only flatten it), through which kept channels pass unchanged
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -130,34 +129,7 @@ class ChannelBlock:
         return out.view(self.shape)
 
 
-class CompactChannelConv2d(_CompactStorage, InputChannelConv2d):
-    """A channel-pruned convolution whose only weight parameter, ``values``, is its kept block (made by
-    :func:`~sparsetrain.execution.compact_layers` under the ``channel`` backend)."""
-
-    structure_kind = "channel"
-
-    @staticmethod
-    def block_of(layer: SparseConv2d, mask: torch.Tensor | None = None) -> ChannelBlock:
-        """The block ``layer`` stores for ``mask`` (default: its current one)."""
-        mask = layer.maskset.masks[layer.mask_name] if mask is None else mask
-        source = getattr(layer, "source", None)
-        cols = source.structure("channel") if source is not None else torch.arange(layer.in_channels, device=mask.device)
-        return ChannelBlock.make(tuple(mask.shape), kept_channels(mask, layer.mask_name).to(cols.device), cols)
-
-    def _structure_for(self, mask):
-        return self.block_of(self, mask)
-
-    def _run(self, x):
-        blk = self.compact
-        w = self.values.view(blk.rows.numel(), blk.cols.numel(), *self.kernel_size)
-        bias = None if self.bias is None else self.bias.index_select(0, blk.rows)
-        small = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
-        return small if getattr(self, "shrink_out", False) else _expand(small, blk.rows, self.out_channels, self.bias)
-
-
 def _expand(small, kept, width, bias):
-    from .backends import _expand_channels
-
     return _expand_channels(small, kept, width, bias, 1)
 
 

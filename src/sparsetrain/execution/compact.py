@@ -22,12 +22,14 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..sharding import Part, local
 from .backends import (CondensedStructure, DirectStructure, SparseConv2d, SparseLinear, _direct_ok, condensed_linear,
-                       direct_conv2d)
+                       direct_conv2d, kept_channels)
+from .channel_pairs import ChannelBlock, InputChannelConv2d, _expand
 
-__all__ = ["CompactConv2d", "CompactLinear", "compact_layers"]
+__all__ = ["CompactConv2d", "CompactLinear", "CompactChannelConv2d", "compact_layers"]
 
 
 class _CompactStorage:
@@ -130,6 +132,31 @@ class CompactLinear(_CompactStorage, SparseLinear):
         return condensed_linear(x, self.values, self.bias, self.compact)
 
 
+class CompactChannelConv2d(_CompactStorage, InputChannelConv2d):
+    """A channel-pruned convolution whose only weight parameter, ``values``, is its kept block (made by
+    :func:`~sparsetrain.execution.compact_layers` under the ``channel`` backend)."""
+
+    structure_kind = "channel"
+
+    @staticmethod
+    def block_of(layer: SparseConv2d, mask: torch.Tensor | None = None) -> ChannelBlock:
+        """The block ``layer`` stores for ``mask`` (default: its current one)."""
+        mask = layer.maskset.masks[layer.mask_name] if mask is None else mask
+        source = getattr(layer, "source", None)
+        cols = source.structure("channel") if source is not None else torch.arange(layer.in_channels, device=mask.device)
+        return ChannelBlock.make(tuple(mask.shape), kept_channels(mask, layer.mask_name).to(cols.device), cols)
+
+    def _structure_for(self, mask):
+        return self.block_of(self, mask)
+
+    def _run(self, x):
+        blk = self.compact
+        w = self.values.view(blk.rows.numel(), blk.cols.numel(), *self.kernel_size)
+        bias = None if self.bias is None else self.bias.index_select(0, blk.rows)
+        small = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return small if getattr(self, "shrink_out", False) else _expand(small, blk.rows, self.out_channels, self.bias)
+
+
 def _whole(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded one (gathered: every rank calls this alike), else ``t``."""
     return t.full_tensor() if Part.of(t) is not None else t
@@ -138,8 +165,6 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 def _compactable(m: nn.Module) -> type | None:
     """The compact class for a swapped layer whose kernels return kept-weight gradients, else None."""
     if isinstance(m, SparseConv2d) and m.backend == "channel":
-        from .channel_pairs import CompactChannelConv2d
-
         return CompactChannelConv2d
     if not _direct_ok(m.weight, m.weight):
         return None
