@@ -317,6 +317,19 @@ def _channel_pair(model_name: str, width: float):
     return model, ref, ms, chains
 
 
+def _train_side_by_side(nets, masksets, opts, seed: int, steps: int = 3) -> None:
+    """``steps`` SGD steps of each net on the same float64 CIFAR-size batches, each with its masks attached."""
+    for ms, opt in zip(masksets, opts):
+        ms.attach(opt)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+
 def test_channels_shrunk_on_both_sides_compute_the_masked_dense_definition_in_float64():
     model, ref, ms, chains = _channel_pair("vgg16", 0.25)
     assert len(chains) == 12 and chains[-1][2] == "classifier"  # every sparse conv, the last one into the classifier
@@ -345,15 +358,7 @@ def test_channels_shrunk_on_both_sides_train_like_masked_dense_and_keep_residual
     for n, m in ms.masks.items():
         ref_masks.set_mask(n, m)
     opts = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for net in (model, ref)]
-    ms.attach(opts[0])
-    ref_masks.attach(opts[1])
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
-        for net, opt in zip((model, ref), opts):
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
+    _train_side_by_side((model, ref), (ms, ref_masks), opts, seed=1)
     ref_params = dict(ref.named_parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, ref_params[n], rtol=1e-9, atol=1e-11, msg=n)
@@ -384,15 +389,7 @@ def test_compact_channel_blocks_train_like_the_uncompacted_layers_and_export_den
     assert len(done) == 12
     first = dict(small.named_modules())[chains[1][0]]  # a layer that reads a shrunk input: [32, 16 of 32, 3, 3] stored
     assert first.values.numel() == first.out_channels // 2 * first.in_channels // 2 * 9
-    ms.attach(opts[0])
-    small_ms.attach(opts[1])
-    g = torch.Generator().manual_seed(2)
-    for _ in range(3):
-        x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
-        for net, opt in zip((model, small), opts):
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
+    _train_side_by_side((model, small), (ms, small_ms), opts, seed=2)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(small(x), model(x), rtol=1e-10, atol=1e-12)
     state = small.state_dict()  # the plain model's keys and shapes, dense weights
