@@ -17,12 +17,18 @@ from common import RESULTS, read_records  # noqa: E402
 from sparsetrain.bench import BenchResult, plot_bench
 
 
+def _label(r: dict) -> str:
+    """The configuration, with the overrides a record added to it (another distribution is another line)."""
+    extra = [e.split(".")[-1] for e in r.get("extra") or []]
+    return r["config"] + (f" ({', '.join(extra)})" if extra else "")
+
+
 def main() -> None:
     newest: dict[tuple, dict] = {}
     for r in read_records("protocol_b.jsonl", current=True):
-        newest[(r["model"], r["config"], r["sparsity"])] = r
+        newest[(r["model"], _label(r), r["sparsity"])] = r
     for model in sorted({k[0] for k in newest}):
-        rows = [BenchResult(r["model"], r["config"], r["sparsity"], r["batch"], r["step_ratio"], r["step_s_dense_median"],
+        rows = [BenchResult(r["model"], k[1], r["sparsity"], r["batch"], r["step_ratio"], r["step_s_dense_median"],
                             r["step_s_sparse_median"], r["pairs"], r.get("mem_ratio"))
                 for k, r in newest.items() if k[0] == model]
         print(plot_bench(rows, RESULTS / f"protocol_b-{model}.png"))

@@ -243,10 +243,11 @@ def plot_bench(results: list[BenchResult], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for config in dict.fromkeys(r.config for r in results):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.get_cmap("tab20").colors  # enough distinct colours for every configuration
+    for i, config in enumerate(dict.fromkeys(r.config for r in results)):
         rows = sorted((r for r in results if r.config == config), key=lambda r: r.sparsity)
-        ax.plot([r.sparsity for r in rows], [r.step_ratio for r in rows], "o-", label=config)
+        ax.plot([r.sparsity for r in rows], [r.step_ratio for r in rows], "o-", label=config, color=colors[i % len(colors)])
     xs = sorted({r.sparsity for r in results})
     ax.plot(xs, [1 - s for s in xs], "k--", lw=1, label="1 - s (FLOPs)")
     ax.axhline(1.0, color="grey", lw=0.8)
@@ -254,7 +255,8 @@ def plot_bench(results: list[BenchResult], path: str | Path) -> Path:
     ax.set_ylabel("step time / dense")
     models = ", ".join(sorted({f"{r.model} batch {r.batch}" for r in results}))
     ax.set_title(f"Training step against dense: {models}")
-    ax.legend()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
