@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .accounting import peak_memory_bytes
 from .config import load_config
-from .execution.backends import apply_backend, settle_layout
+from .execution.backends import TIMING_SHARE, apply_backend, settle_layout
 from .execution.channel_pairs import shrink_both_sides
 from .execution.compact import compact_layers
 from .methods import METHODS
@@ -133,7 +133,8 @@ def make_step(model, opt, method, batch: int, config: str = "dense", input_shape
         y = torch.randint(0, num_classes, (batch,), generator=g)
         layers = {n: m for n, m in model.named_modules() if hasattr(m, "fix_backend")}
         if layers and all(m.backend == "auto" for m in layers.values()):  # the whole-step layout check, as the Trainer's
-            fmt = settle_layout(model, layers, lambda f: F.cross_entropy(model(x.contiguous(memory_format=f)), y))
+            part = max(1, batch // TIMING_SHARE)
+            fmt = settle_layout(model, layers, lambda f: F.cross_entropy(model(x[:part].contiguous(memory_format=f)), y[:part]))
             x = x.contiguous(memory_format=fmt)
     if getattr(model, "deferred_compact", None) is not None:
         if context is not None:  # token models: the layers choose on a first pass

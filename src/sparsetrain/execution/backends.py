@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["settle_layout", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
+__all__ = ["settle_layout", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
            "SparseConv2d",
            "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
@@ -585,13 +585,17 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+TIMING_SHARE = 4  # auto's timing passes run on 1/TIMING_SHARE of a batch (see settle_layout)
+
+
 def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 3) -> torch.memory_format:
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
     given in memory format ``fmt``) with every layer on the path it chooses in NCHW, then with every layer
     masked dense in channels-last; keep the faster, so ``auto`` is never slower than its dense layers would be.
     Returns the memory format the model's inputs must take from now on (the model is converted to it).
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
-    choice."""
+    choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
+    and the timing passes, which hold every path's activations in turn, stay below a training step's peak."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def fastest(fmt: torch.memory_format) -> float:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, saved_tensor_bytes
 from ..config import Config, ConfigError, load_config
 from ..data import DATASETS, TEXT_DATASETS, BatchLoader, load_dataset, split_validation
-from ..execution.backends import apply_backend, settle_layout
+from ..execution.backends import TIMING_SHARE, apply_backend, settle_layout
 from ..execution.channel_pairs import shrink_both_sides
 from ..execution.compact import compact_layers
 from ..methods import METHODS, Sparsifier
@@ -241,6 +241,7 @@ class Trainer:
         if backend == "auto" and self.backend_layers and self.vocab is None:
             # per-layer choices ignore the layout between layers: check the whole step against masked channels-last
             x, y = self._scoring_batches(count=1)[0]
+            x, y = x[:max(1, len(x) // TIMING_SHARE)], y[:max(1, len(y) // TIMING_SHARE)]
             fmt = settle_layout(self.model, self.backend_layers,
                                 lambda f: self.criterion(self.model(x.contiguous(memory_format=f)), y))
             self._set_layout(fmt == torch.channels_last)
