@@ -154,13 +154,14 @@ def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extr
     ("recipe.ghost_skip=true", "the recipe's ghost-skip change the model after it is sharded"),
     ("sparsity.method=lottery", "method 'lottery' rewinds whole weights"),
     ("sparsity.global_ranking=true", "sparsity.global_ranking ranks all layers at once"),
+    ("sparsity.scheme=channel_out sparsity.backend=channel", "backend 'channel' traces chains of whole layers"),
 ])
 def test_fsdp_refuses_what_cannot_run_sharded_before_training(override, reason):
     from sparsetrain.config import ConfigError, load_config
 
     static = ["model.name=small_cnn", "data.dataset=mnist", "sparsity.method=static", "sparsity.sparsity=0.8"]
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[*static, "run.parallel=fsdp", override])
+        load_config(overrides=[*static, "run.parallel=fsdp", *override.split()])
     assert "run.parallel=fsdp cannot run this configuration" in str(err.value) and reason in str(err.value)
 
 

@@ -373,6 +373,9 @@ class Config(_Section):
             reasons.append(f"sparsity.backend={sp.backend!r} reads whole masks in its layers, but a sharded rank holds "
                            "only its rows of them; use sparsity.backend=masked, or compact_state=true, whose layers "
                            "shard their kept weights")
+        if sp.backend == "channel":
+            reasons.append("backend 'channel' traces chains of whole layers (and re-expands whole outputs); it is not "
+                           "sharded; use run.parallel=ddp")
         if sp.compact_state and sp.method == "mest" and sp.mest.soft_bound:
             reasons.append("MEST's soft bound changes how many weights a layer keeps, but FSDP shards a compact layer's "
                            "kept weights at a fixed count; use sparsity.mest.soft_bound=false or compact_state=false")
