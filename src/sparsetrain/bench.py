@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .accounting import peak_memory_bytes
 from .config import load_config
-from .execution.backends import TIMING_SHARE, apply_backend, settle_layout
+from .execution.backends import TIMING_SHARE, apply_backend, choose_now, settle_layout
 from .execution.channel_pairs import shrink_both_sides
 from .execution.compact import compact_layers
 from .methods import METHODS
@@ -138,10 +138,7 @@ def make_step(model, opt, method, batch: int, config: str = "dense", input_shape
             x = x.contiguous(memory_format=fmt)
     if getattr(model, "deferred_compact", None) is not None:
         if context is not None:  # token models: the layers choose on a first pass
-            out = model(x)
-            F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
-            for p in model.parameters():
-                p.grad = None
+            choose_now(model, lambda: F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1)))
         compact_layers(*model.deferred_compact)
         model.deferred_compact = None
 

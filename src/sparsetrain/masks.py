@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .sharding import Part, local
+from .sharding import Part, local, whole
 
 __all__ = ["MaskSet", "LayerSparsity", "select_parameters", "random_masks"]
 
@@ -152,8 +152,7 @@ class MaskSet:
         p = self.params[name]
         part = Part.of(p)
         if part is None:
-            whole = mask.full_tensor() if Part.of(mask) is not None else local(mask)
-            return whole.to(device=p.device, dtype=torch.bool)
+            return whole(mask).to(device=p.device, dtype=torch.bool)
         rows = local(mask) if Part.of(mask) is not None else part.rows_of(mask)
         return part.wrap(rows.to(device=local(p).device, dtype=torch.bool))
 

@@ -25,14 +25,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Part", "is_sharded", "local", "sum_over_ranks", "top_k", "sortable_keys"]
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a PyTorch built without distributed support has no sharded tensors
+    _DTensor = ()
+
+__all__ = ["Part", "is_sharded", "local", "whole", "sum_over_ranks", "top_k", "sortable_keys"]
 
 
 def is_sharded(t) -> bool:
     """True for a DTensor (a parameter, gradient, optimizer state or mask under FSDP2)."""
-    from torch.distributed.tensor import DTensor
+    return isinstance(t, _DTensor)
 
-    return isinstance(t, DTensor)
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (gathered: every rank calls this alike), else ``t`` itself."""
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["settle_layout", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
+__all__ = ["settle_layout", "choose_now", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
            "SparseConv2d",
            "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
@@ -586,6 +586,14 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
 
 
 TIMING_SHARE = 4  # auto's timing passes run on 1/TIMING_SHARE of a batch (see settle_layout)
+
+
+def choose_now(model: nn.Module, loss_of) -> None:
+    """Let every undecided ``auto`` layer of ``model`` time its paths now, on one forward and backward pass of
+    ``loss_of()`` (before compaction, which needs the choice), leaving no gradient behind."""
+    loss_of().backward()
+    for p in model.parameters():
+        p.grad = None
 
 
 def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 3) -> torch.memory_format:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..sharding import Part, local
+from ..sharding import Part, local, whole
 from .backends import (CondensedStructure, DirectStructure, SparseConv2d, SparseLinear, _direct_ok, condensed_linear,
                        direct_conv2d, kept_channels)
 from .channel_pairs import ChannelBlock, InputChannelConv2d, _expand
@@ -42,7 +42,7 @@ class _CompactStorage:
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, rebuilt on demand (not a parameter; zeros where the mask is off)."""
-        return self.compact.dense(_whole(self.values.detach()))
+        return self.compact.dense(whole(self.values.detach()))
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor (zeros where masked)."""
@@ -54,7 +54,7 @@ class _CompactStorage:
         captured = self.maskset.captured.get(self.mask_name)
         if captured is not None:
             return captured
-        return None if self.values.grad is None else self.compact.dense(_whole(self.values.grad))
+        return None if self.values.grad is None else self.compact.dense(whole(self.values.grad))
 
     @torch.no_grad()
     def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
@@ -69,7 +69,7 @@ class _CompactStorage:
                              "grows first); train it with run.parallel=ddp or without sparsity.compact_state")
 
         def relay(v: torch.Tensor) -> torch.Tensor:
-            v = _whole(v)
+            v = whole(v)
             dense = v.new_zeros(numel)
             dense[old_index] = v
             return dense[new.flat_index].clone()
@@ -107,7 +107,7 @@ class _CompactStorage:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if key in state_dict:
-            values = _whole(state_dict.pop(key)).reshape(-1)[self.compact.flat_index.to(local(self.values).device)]
+            values = whole(state_dict.pop(key)).reshape(-1)[self.compact.flat_index.to(local(self.values).device)]
             part = Part.of(self.values)
             state_dict[prefix + "values"] = values if part is None else part.wrap(part.rows_of(values))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -155,11 +155,6 @@ class CompactChannelConv2d(_CompactStorage, InputChannelConv2d):
         bias = None if self.bias is None else self.bias.index_select(0, blk.rows)
         small = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         return small if getattr(self, "shrink_out", False) else _expand(small, blk.rows, self.out_channels, self.bias)
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded one (gathered: every rank calls this alike), else ``t``."""
-    return t.full_tensor() if Part.of(t) is not None else t
 
 
 def _compactable(m: nn.Module) -> type | None:

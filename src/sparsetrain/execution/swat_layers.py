@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..schemes import parse_scheme
-from ..sharding import Part, local, sum_over_ranks
+from ..sharding import Part, local, sum_over_ranks, whole
 from . import native
 from .bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
 
@@ -207,7 +207,7 @@ class _SWATMixin:
     @torch.no_grad()
     def refresh_weights(self) -> None:
         # in forward the weight is whole; outside it (a budget change) a sharded weight is gathered once
-        w = self.weight.full_tensor() if Part.of(self.weight) is not None else self.weight
+        w = whole(self.weight)
         if self.structure:
             self.w_mask.copy_(parse_scheme(self.structure).mask(w.abs(), self.density))
         else:

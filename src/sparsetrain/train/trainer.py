@@ -32,14 +32,14 @@ from tqdm.auto import tqdm
 from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, saved_tensor_bytes
 from ..config import Config, ConfigError, load_config
 from ..data import DATASETS, TEXT_DATASETS, BatchLoader, load_dataset, split_validation
-from ..execution.backends import TIMING_SHARE, apply_backend, settle_layout
+from ..execution.backends import TIMING_SHARE, apply_backend, choose_now, settle_layout
 from ..execution.channel_pairs import shrink_both_sides
 from ..execution.compact import compact_layers
 from ..methods import METHODS, Sparsifier
 from ..models import build_configured
 from ..recipes import ForgettingTracker, ToST
 from ..recipes.tost import tost
-from ..sharding import is_sharded
+from ..sharding import whole
 from ..text import load_text
 from .checkpoint import CheckpointError, load_checkpoint, load_sharded, save_checkpoint, save_sharded
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shard_model
@@ -247,9 +247,7 @@ class Trainer:
             self._set_layout(fmt == torch.channels_last)
         elif backend == "auto" and self.cfg.sparsity.compact_state:  # text: the layers choose now, before compaction
             x, y = self._scoring_batches(count=1)[0]
-            self.criterion(self.model(x), y).backward()
-            for p in self.model.parameters():
-                p.grad = None
+            choose_now(self.model, lambda: self.criterion(self.model(x), y))
 
     def _set_layout(self, channels_last: bool) -> None:
         """Run the model, and feed it batches, channels-last or NCHW (``auto``'s layout, kept on resume)."""
@@ -653,7 +651,7 @@ class Trainer:
         }
         last = _last_record(self.out / "metrics.jsonl")
         summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "val_loss", "val_ppl", "train_loss") if k in last})
-        weights = {k: v.full_tensor() if is_sharded(v) else v for k, v in self.method.export_state().items()}  # all ranks
+        weights = {k: whole(v) for k, v in self.method.export_state().items()}  # every rank gathers alike
         if self.is_main:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "model": weights}, self.out / FINAL_MODEL)
             (self.out / "final.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
