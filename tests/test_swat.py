@@ -73,6 +73,64 @@ def test_linear_gradients_equal_masked_dense_autograd():
     torch.testing.assert_close(gb, g.reshape(-1, 9).sum(0))
 
 
+COMPRESSED_CASES = [  # (cin, cout, k, stride, padding, dilation, h): stride 1 kernels up to 3 wide take the fast path
+    (5, 70, 3, 1, 1, 1, 9),    # a tail block of 6 output channels
+    (16, 64, 3, 1, 1, 1, 7),   # one full block
+    (8, 130, 3, 2, 1, 1, 9),   # stride 2: the general path
+    (6, 9, 3, 1, 2, 2, 8),     # dilation
+    (67, 20, 1, 1, 0, 1, 5),   # 1x1, an input tile that is not a multiple of 64
+    (4, 12, 5, 1, 2, 1, 6),    # a kernel wider than 3: the general path
+]
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, padding, dilation, h", COMPRESSED_CASES)
+def test_weight_gradient_from_the_compressed_input_equals_float64(cin, cout, k, stride, padding, dilation, h):
+    """dW read straight from the bitmask and values (no rebuilt input) against float64 autograd on x_s."""
+    from sparsetrain.execution import native
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(cin + cout)
+    x = torch.randn(3, cin, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(cout, cin, k, k, requires_grad=True)
+    wt, at = _thresholds(w, x, 0.15)  # kept input share below COMPRESSED_WGRAD_MAX_DENSITY: the kernel runs
+    out = swat_conv2d(x, w, None, None, wt, at, stride, padding, dilation)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    x_s = (x * (x.abs() >= at)).detach().double()
+    w_s = (w * (w.abs() >= wt)).detach().double().requires_grad_()
+    ref_gw = torch.autograd.grad(F.conv2d(x_s, w_s, None, stride, padding, dilation), w_s, g.double())[0]
+    ref_gx = torch.nn.grad.conv2d_input(x.shape, w_s.detach(), g.double(), stride, padding, dilation)
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), ref_gx, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_weight_gradient_from_the_compressed_input_equals_float64():
+    from sparsetrain.execution import native
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(2)
+    x = torch.randn(6, 50, 96, requires_grad=True)  # 300 tokens: blocks of tokens, a last short one
+    w = torch.randn(70, 96, requires_grad=True)
+    wt, at = _thresholds(w, x, 0.1)
+    out = swat_linear(x, w, None, None, wt, at)
+    g = torch.randn_like(out)
+    gw = torch.autograd.grad(out, w, g)[0]
+    x_s = (x * (x.abs() >= at)).detach().double().reshape(-1, 96)
+    torch.testing.assert_close(gw.double(), g.double().reshape(-1, 70).t() @ x_s, rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_weight_gradient_refuses_a_mismatched_bitmask():
+    from sparsetrain.execution import native
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    x = torch.randn(2, 3, 3, 4)
+    packed, values = native.compress(x.reshape(-1), 0.5)
+    with pytest.raises(ValueError, match="set bits but"):
+        native.compressed_weight_grad(packed, values[:-1], (2, 3, 3, 4), torch.randn(2, 3, 3, 5), (1, 1))
+    with pytest.raises(ValueError, match="feature maps up to 1023"):
+        native.compressed_weight_grad(packed, values, (1, 1024, 1, 2), torch.randn(1, 1024, 1, 5), (1, 1))
+
+
 def test_saved_activation_is_compressed_with_the_stated_nonzeros():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)

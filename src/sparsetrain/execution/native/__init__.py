@@ -29,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
-           "sparse_conv_backward_input", "sparse_conv_backward_weight", "condensed_forward", "condensed_backward", "library_path"]
+           "sparse_conv_backward_input", "sparse_conv_backward_weight", "compressed_weight_grad", "condensed_forward", "condensed_backward", "library_path"]
 
 _DIR = Path(__file__).parent
 # one library, its sources split by family: compressed activations, direct convolution, condensed Linear
-_SOURCES = [_DIR / "compressed.c", _DIR / "direct_conv.c", _DIR / "condensed.c"]
+_SOURCES = [_DIR / "compressed.c", _DIR / "compressed_grad.c", _DIR / "direct_conv.c", _DIR / "condensed.c"]
 _HEADERS = [_DIR / "parallel.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
@@ -59,6 +60,8 @@ _SIGNATURES = {
     "sparse_conv_forward_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
+    "compressed_image_offsets": ([_p, _i64, _i64, _p, _int], None),
+    "compressed_conv_weight_grad": ([_p] * 9 + [_int], None),
     "condensed_forward": ([_p] * 7 + [_int], _int),
     "condensed_backward": ([_p] * 8 + [_int, _int], _int),
 }
@@ -335,3 +338,37 @@ def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor
     if used < 0:
         raise MemoryError("condensed_backward: no memory for the token-block buffers")
     return gx, (partial[:used].sum(0) if weight_grad else None)
+
+
+def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tuple, grad: torch.Tensor,
+                           kernel: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+    """The weight gradient of a convolution from its *compressed* input, ``[Cin, KH, KW, Cout]``.
+
+    ``packed``/``values`` are what :func:`compress` made of the input ``[N, H, W, Cin]`` in memory order
+    (channels-last; a Linear's tokens are images of G x 1 pixels under a 1x1 kernel); ``grad`` is the output
+    gradient ``[N, Ho, Wo, Cout]``, contiguous (re-laid here in blocks of 64 output channels). Each kept input entry costs KH x KW vector multiply-adds over
+    the output channels (``compressed_grad.c``): the work falls with the input's density and the dense input is
+    never rebuilt.
+    """
+    lib, threads = _load(), torch.get_num_threads()
+    n, h, w, cin = shape
+    _, ho, wo, cout = grad.shape
+    kh, kw = kernel
+    if h >= 1 << 10 or w >= 1 << 10:
+        raise ValueError(f"feature maps up to 1023 x 1023 are supported, got {h} x {w}")
+    img_off = np.empty(n + 1, dtype=np.int64)
+    lib.compressed_image_offsets(_ptr(packed), n, h * w * cin, _ptr(img_off), threads)
+    kept = int(img_off[-1])
+    if kept != values.numel():
+        raise ValueError(f"bitmask holds {kept} set bits but {values.numel()} values were given")
+    gwt = torch.empty(cin, kh, kw, cout, dtype=torch.float32)
+    blocks = -(-cout // 64)
+    if blocks > 1 or cout < 64:  # [Cout / 64, N, Ho, Wo, 64]: each block of output channels contiguous
+        grad = F.pad(grad, (0, blocks * 64 - cout)) if cout % 64 else grad
+        grad = grad.reshape(n, ho, wo, blocks, 64).permute(3, 0, 1, 2, 4).contiguous()
+    ch_ptr = np.empty(n * (cin + 1), dtype=np.int64)
+    pos, val = np.empty(max(kept, 1), dtype=np.int32), np.empty(max(kept, 1), dtype=np.float32)
+    geom = np.array([n, cin, h, w, cout, ho, wo, kh, kw, *stride, *padding, *dilation], dtype=np.int64)
+    lib.compressed_conv_weight_grad(_ptr(geom), _ptr(packed), _ptr(values), _ptr(img_off), _ptr(grad), _ptr(gwt),
+                                    _ptr(ch_ptr), _ptr(pos), _ptr(val), threads)
+    return gwt
