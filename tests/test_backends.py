@@ -62,6 +62,35 @@ def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation
         torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
 
 
+TILED = [  # (cin, cout, k, padding, size): stride 1 on planes 16, 32 (and 64 with AVX-512) columns wide
+    (5, 7, 3, 1, 16), (3, 4, 3, 1, 32), (6, 3, 1, 0, 16), (4, 5, 3, 0, 18), (2, 3, 5, 2, 32), (3, 2, 3, 2, 14),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("cin, cout, k, padding, size", TILED)
+def test_tiled_direct_conv_equals_float64(cin, cout, k, padding, size):
+    """The register-tiled kernels (forward, input gradient as a flipped convolution, kept-weight gradient)."""
+    torch.manual_seed(1)
+    n = 2
+    ho = size + 2 * padding - k + 1
+    geom = [n, cin, size, size, cout, ho, ho, 1, 1, padding, padding, 1, 1]
+    assert any(backends._tiled(torch.tensor(geom).numpy(), (k, k)))  # the shapes really take a tiled path
+    mask = torch.rand(cout, cin, k, k) > 0.6
+    w = (torch.randn(cout, cin, k, k) * mask).requires_grad_()
+    b = torch.randn(cout, requires_grad=True)
+    x = torch.randn(n, cin, size, size, requires_grad=True)
+    out = direct_conv2d(x, w, b, DirectStructure.from_mask(mask), (1, 1), (padding, padding), (1, 1))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x64, w64, b64, 1, padding)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x, w, b), g.float())
+    want = torch.autograd.grad(ref, (x64, w64, b64), g)
+    for a, r, m in zip(got, want, (1, mask, 1)):
+        torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(5, 8), (16, 3), (1, 10)])
 def test_csr_linear_equals_masked_dense(shape):
     torch.manual_seed(1)

@@ -269,6 +269,7 @@ class DirectStructure:
     flat_index: torch.Tensor
     by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
     by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int64 (numpy)
+    _flipped: tuple | None = None
 
     @classmethod
     def from_mask(cls, mask4d: torch.Tensor) -> "DirectStructure":
@@ -288,6 +289,16 @@ class DirectStructure:
                  np_(order, np.int64))
         return cls(tuple(mask4d.shape), idx, by_out, by_in)
 
+    def by_in_flipped(self) -> tuple:
+        """The by-input lists with the kernel flipped (kh -> KH-1-kh, kw -> KW-1-kw) and each entry's value index:
+        the input gradient of a stride-1 convolution is the convolution of the padded output gradient with them."""
+        if self._flipped is None:
+            ptr, co, kh, kw, vidx = self.by_in
+            kh_n, kw_n = self.shape[2:]
+            self._flipped = (ptr, co, (kh_n - 1 - kh).astype(np.int16), (kw_n - 1 - kw).astype(np.int16),
+                             torch.from_numpy(vidx))
+        return self._flipped
+
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The weight with ``values`` at the kept entries and zeros elsewhere."""
         out = values.new_zeros(math.prod(self.shape))
@@ -303,6 +314,17 @@ def _kernel_layout(t: torch.Tensor, batch_inner: bool) -> torch.Tensor:
     return t.permute(1, 2, 3, 0).contiguous() if batch_inner else t.contiguous()
 
 
+def _tiled(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool]:
+    """Which products run on the register-tiled kernels: (forward and weight gradient, input gradient). Both need
+    stride 1 and dilation 1; the first an output, the second an input, of planes 16, 32 or 64 columns wide; the
+    second also padding within the kernel (so that the input gradient is a convolution too)."""
+    n, _, h, w, _, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    if not sh == sw == dh == dw == 1:
+        return False, False
+    return (native.tiled_supported(n, ho, wo, False),
+            0 <= ph < kernel[0] and 0 <= pw < kernel[1] and native.tiled_supported(n, h, w, False))
+
+
 class _DirectConv2dFn(torch.autograd.Function):
     """Convolution over the kept weights given as ``values`` (in the structure's order); their gradient comes
     back in the same compact form, so a layer may store nothing else."""
@@ -313,30 +335,47 @@ class _DirectConv2dFn(torch.autograd.Function):
         cout, _, kh, kw = structure.shape
         ho, wo = _conv_out_size((h, w), (kh, kw), stride, padding, dilation)
         geom = np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
-        bi = ho * wo < _BATCH_INNER_BELOW
+        tiled, tiled_in = _tiled(geom, (kh, kw))
+        bi = not (tiled or tiled_in) and ho * wo < _BATCH_INNER_BELOW
         values = values.detach().contiguous()
+        b = None if bias is None else bias.detach().contiguous()
         out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
-        native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values,
-                                   None if bias is None else bias.detach().contiguous(), structure.by_out, out, batch_inner=bi)
+        if tiled:
+            ph, pw = padding
+            native.tiled_conv(F.pad(x.detach().contiguous(), (pw, pw, ph, ph)), values, b, structure.by_out, out)
+        else:
+            native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values, b, structure.by_out, out,
+                                       batch_inner=bi)
         # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
         ctx.save_for_backward(x, values)
-        ctx.conf = (structure, geom, bias is not None, bi)
+        ctx.conf = (structure, geom, bias is not None, bi, tiled, tiled_in)
         return out.permute(3, 0, 1, 2) if bi else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, values = ctx.saved_tensors
-        s, geom, has_bias, bi = ctx.conf
+        s, geom, has_bias, bi, tiled, tiled_in = ctx.conf
         g = _kernel_layout(grad_out, bi)
         gx = gv = gb = None
+        n, cin, h, w = (int(v) for v in geom[:4])
+        kh, kw = s.shape[2:]
+        ph, pw = int(geom[9]), int(geom[10])
         if ctx.needs_input_grad[0]:
-            n, cin, h, w = (int(v) for v in geom[:4])
             gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
-            native.sparse_conv_backward_input(geom, g, values, s.by_in, gx, batch_inner=bi)
+            if tiled_in:  # the padded output gradient convolved with the flipped kernel, listed by input channel
+                ptr, co, fkh, fkw, vidx = s.by_in_flipped()
+                gp = F.pad(g, (kw - 1 - pw, kw - 1 - pw, kh - 1 - ph, kh - 1 - ph))
+                native.tiled_conv(gp, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+            else:
+                native.sparse_conv_backward_input(geom, g, values, s.by_in, gx, batch_inner=bi)
             gx = gx.permute(3, 0, 1, 2) if bi else gx
         if ctx.needs_input_grad[1]:
-            gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), g, s.by_out, values.numel(), batch_inner=bi)
+            if tiled:
+                gv = native.tiled_conv_weight_grad(F.pad(x.contiguous(), (pw, pw, ph, ph)), g, s.by_out, values.numel())
+            else:
+                gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), g, s.by_out, values.numel(),
+                                                        batch_inner=bi)
         if has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3))
         return gx, gv, gb, None, None, None, None

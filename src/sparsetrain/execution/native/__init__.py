@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
-           "sparse_conv_backward_input", "sparse_conv_backward_weight", "compressed_weight_grad", "condensed_forward", "condensed_backward", "library_path"]
+           "sparse_conv_backward_input", "sparse_conv_backward_weight", "compressed_weight_grad", "tiled_supported",
+           "tiled_conv", "tiled_conv_weight_grad", "condensed_forward", "condensed_backward", "library_path"]
 
 _DIR = Path(__file__).parent
 # one library, its sources split by family: compressed activations, direct convolution, condensed Linear
-_SOURCES = [_DIR / "compressed.c", _DIR / "compressed_grad.c", _DIR / "direct_conv.c", _DIR / "condensed.c"]
+_SOURCES = [_DIR / "compressed.c", _DIR / "compressed_grad.c", _DIR / "direct_conv.c", _DIR / "tiled_conv.c",
+            _DIR / "condensed.c"]
 _HEADERS = [_DIR / "parallel.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
@@ -62,6 +64,9 @@ _SIGNATURES = {
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
     "compressed_image_offsets": ([_p, _i64, _i64, _p, _int], None),
     "compressed_conv_weight_grad": ([_p] * 9 + [_int], None),
+    "tiled_conv_forward": ([_p] * 9 + [_int, _int], None),
+    "tiled_conv_supported": ([_i64, _i64, _i64, _int], _int),
+    "tiled_conv_weight_grad": ([_p] * 8 + [_i64, _int], None),
     "condensed_forward": ([_p] * 7 + [_int], _int),
     "condensed_backward": ([_p] * 8 + [_int, _int], _int),
 }
@@ -302,6 +307,48 @@ def sparse_conv_backward_weight(geom: np.ndarray, x: torch.Tensor, grad: torch.T
     lib.sparse_conv_backward_weight(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw),
                                     _ptr(partial), parts, threads)
     return partial.sum(0)
+
+
+def tiled_supported(n: int, ho: int, wo: int, batch_inner: bool) -> bool:
+    """Whether the register-tiled kernels (``tiled_conv.c``) cover an output of this size in this layout."""
+    lib = _load()
+    return lib is not None and bool(lib.tiled_conv_supported(n, ho, wo, int(batch_inner)))
+
+
+def tiled_conv(xp: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, lists: tuple, out: torch.Tensor,
+               batch_inner: bool = False) -> torch.Tensor:
+    """A stride-1 direct sparse convolution over a zero-padded input, into ``out`` (register-tiled).
+
+    ``xp`` is ``[N, Cin, Hp, Wp]`` (or ``[Cin, Hp, Wp, N]`` with ``batch_inner``), already padded; ``out`` is
+    ``[N, Cout, Ho, Wo]`` (or ``[Cout, Ho, Wo, N]``); ``lists`` = (ptr, channel, kh, kw) lists the kept entries by
+    output channel, in the order of ``values``. Check :func:`tiled_supported` first."""
+    ptr, ch, kh, kw = lists
+    if batch_inner:
+        cin, hp, wp, n = xp.shape
+        cout, ho, wo, _ = out.shape
+    else:
+        n, cin, hp, wp = xp.shape
+        _, cout, ho, wo = out.shape
+    dims = np.array([n, cin, hp, wp, cout, ho, wo], dtype=np.int64)
+    _load().tiled_conv_forward(_ptr(dims), _ptr(xp), _ptr(values), _ptr(bias) if bias is not None else None,
+                               _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out), int(batch_inner),
+                               torch.get_num_threads())
+    return out
+
+
+def tiled_conv_weight_grad(xp: torch.Tensor, grad: torch.Tensor, lists: tuple, nnz: int) -> torch.Tensor:
+    """The gradient of the kept weights of :func:`tiled_conv` (planes: ``xp`` [N, Cin, Hp, Wp] padded, ``grad``
+    [N, Cout, Ho, Wo]), in the order of ``lists``."""
+    ptr, ch, kh, kw = lists
+    n, cin, hp, wp = xp.shape
+    _, cout, ho, wo = grad.shape
+    threads = torch.get_num_threads()
+    parts = max(1, min(threads, n))
+    partial = torch.empty(parts, nnz, dtype=torch.float32)
+    dims = np.array([n, cin, hp, wp, cout, ho, wo], dtype=np.int64)
+    _load().tiled_conv_weight_grad(_ptr(dims), _ptr(xp), _ptr(grad), _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw),
+                                   _ptr(partial), parts, threads)
+    return partial[0] if parts == 1 else partial.sum(0)
 
 
 def condensed_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, rows: tuple, out_features: int,

@@ -1,0 +1,185 @@
+/* Register-tiled direct sparse convolution, stride 1 and dilation 1, over a zero-padded input.
+ *
+ * The plain direct kernels (direct_conv.c) add each kept weight's contribution to an output row in memory, so
+ * every multiply-add also loads and stores the output: they run at the speed of the stores. Here a tile of the
+ * output (16 vectors: several rows of a plane, or several positions with the batch innermost) stays in registers
+ * while every kept weight of its output channel streams past, so a multiply-add costs one load of the input and
+ * nothing else. The input is zero-padded by the caller, so no position needs a bounds check.
+ *
+ * The same kernel computes the input gradient: for stride 1 that is the convolution of the padded output
+ * gradient with the flipped kernel, listed by input channel (the caller passes kh, kw flipped and the values in
+ * that order).
+ *
+ * Lists are by output channel: ptr[Cout + 1]; per entry the input channel, kh, kw, and its value. */
+#include <string.h>
+
+#include "parallel.h"
+
+#if defined(__AVX512F__)
+enum { TL = 16, ACC = 16 };
+#else
+enum { TL = 8, ACC = 12 };
+#endif
+typedef float tv __attribute__((vector_size(TL * 4)));
+
+struct tiled_args {
+    int64_t n, cin, hp, wp, cout, ho, wo;  /* padded input [N, Cin, Hp, Wp] (or [Cin, Hp, Wp, N]), output size */
+    const float *x; const float *values; const float *bias;
+    const int64_t *ptr; const int32_t *ch; const int16_t *kh; const int16_t *kw; float *out;
+};
+
+static inline tv load_tv(const float *p) { tv v; memcpy(&v, p, sizeof v); return v; }
+
+typedef float v4f __attribute__((vector_size(16)));
+/* the sum of a vector's lanes as a tree of halvings (a short dependency chain, unlike a lane-by-lane sum) */
+static inline float lane_sum(tv v) {
+    float lanes[TL];
+    memcpy(lanes, &v, sizeof v);
+    v4f q[TL / 4];
+    memcpy(q, lanes, sizeof q);
+    for (int w = TL / 4; w > 1; w /= 2)
+        for (int i = 0; i < w / 2; i++) q[i] += q[i + w / 2];
+    return (q[0][0] + q[0][1]) + (q[0][2] + q[0][3]);
+}
+static inline void store_tv(float *p, tv v) { memcpy(p, &v, sizeof v); }
+
+/* ---- planes: output [N, Cout, Ho, Wo], a tile of R rows x V vectors (Wo = V * TL) ---- */
+static inline __attribute__((always_inline)) void plane_tile(const struct tiled_args *a, int64_t n, int64_t co,
+                                                             int64_t r0, const int V, const int R) {
+    const float b0 = a->bias ? a->bias[co] : 0.0f;
+    tv acc[R][V];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < V; j++) acc[r][j] = (tv){} + b0;
+    const int64_t wp = a->wp, plane = a->hp * wp;
+    const float *xn = a->x + n * a->cin * plane;
+    for (int64_t e = a->ptr[co]; e < a->ptr[co + 1]; e++) {
+        const float w = a->values[e];
+        const float *src = xn + a->ch[e] * plane + (r0 + a->kh[e]) * wp + a->kw[e];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < V; j++) acc[r][j] += w * load_tv(src + r * wp + j * TL);
+    }
+    float *dst = a->out + ((n * a->cout + co) * a->ho + r0) * a->wo;
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < V; j++) store_tv(dst + r * a->wo + j * TL, acc[r][j]);
+}
+
+static void plane_item(void *p, int64_t item) {
+    const struct tiled_args *a = (const struct tiled_args *)p;
+    const int64_t n = item / a->cout, co = item % a->cout;
+    const int V = (int)(a->wo / TL);
+    if (V == 1) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC) plane_tile(a, n, co, r0, 1, ACC);
+    else if (V == 2) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 2) plane_tile(a, n, co, r0, 2, ACC / 2);
+    else for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 4) plane_tile(a, n, co, r0, 4, ACC / 4);
+}
+
+/* ---- the weight gradient over planes: a tile of the output gradient in registers, one dot product per kept
+ * weight with the shifted input tile; part t of the batch sums into partial[t] ---- */
+struct tiled_grad_args { struct tiled_args a; float *partial; int64_t parts; };
+
+static inline __attribute__((always_inline)) void grad_tile(const struct tiled_args *a, const float *grad,
+                                                            float *gw, int64_t n, int64_t co, int64_t r0,
+                                                            const int V, const int R) {
+    tv g[R][V];
+    const float *gsrc = grad + ((n * a->cout + co) * a->ho + r0) * a->wo;
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < V; j++) g[r][j] = load_tv(gsrc + r * a->wo + j * TL);
+    const int64_t wp = a->wp, plane = a->hp * wp;
+    const float *xn = a->x + n * a->cin * plane;
+    for (int64_t e = a->ptr[co]; e < a->ptr[co + 1]; e++) {
+        const float *src = xn + a->ch[e] * plane + (r0 + a->kh[e]) * wp + a->kw[e];
+        tv s[4] = {};  /* four running sums: short chains of dependent multiply-adds */
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < V; j++) s[(r * V + j) & 3] += g[r][j] * load_tv(src + r * wp + j * TL);
+        gw[e] += lane_sum((s[0] + s[1]) + (s[2] + s[3]));
+    }
+}
+
+static void grad_part(void *p, int64_t t) {
+    const struct tiled_grad_args *ga = (const struct tiled_grad_args *)p;
+    const struct tiled_args *a = &ga->a;
+    const int64_t nnz = a->ptr[a->cout];
+    float *gw = ga->partial + t * nnz;
+    memset(gw, 0, nnz * sizeof(float));
+    const int64_t n0 = a->n * t / ga->parts, n1 = a->n * (t + 1) / ga->parts;
+    const int V = (int)(a->wo / TL);
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t co = 0; co < a->cout; co++) {
+            if (V == 1) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC) grad_tile(a, a->out, gw, n, co, r0, 1, ACC);
+            else if (V == 2) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 2) grad_tile(a, a->out, gw, n, co, r0, 2, ACC / 2);
+            else for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 4) grad_tile(a, a->out, gw, n, co, r0, 4, ACC / 4);
+        }
+}
+
+/* partial[parts, nnz]: the gradient of the kept weights (in list order) from the padded input xp [N, Cin, Hp, Wp]
+ * and the output gradient grad [N, Cout, Ho, Wo], one row per part of the batch (sum them). Planes only. */
+void tiled_conv_weight_grad(const int64_t *dims, const float *xp, const float *grad, const int64_t *ptr,
+                            const int32_t *ch, const int16_t *kh, const int16_t *kw, float *partial, int64_t parts,
+                            int nthreads) {
+    struct tiled_grad_args ga = {{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
+                                  xp, 0, 0, ptr, ch, kh, kw, (float *)grad}, partial, parts};
+    parallel_workers(grad_part, &ga, parts, nthreads);
+}
+
+/* ---- batch innermost: output [Cout, Ho, Wo, N], a tile of P neighbouring positions x V vectors (N = V * TL) ---- */
+static inline __attribute__((always_inline)) void inner_tile(const struct tiled_args *a, int64_t co, int64_t pos0,
+                                                             const int V, const int P) {
+    const float b0 = a->bias ? a->bias[co] : 0.0f;
+    const int64_t N = a->n, oh = pos0 / a->wo, ow = pos0 % a->wo;
+    tv acc[P][V];
+    for (int q = 0; q < P; q++)
+        for (int j = 0; j < V; j++) acc[q][j] = (tv){} + b0;
+    const int64_t row = a->wp * N, chan = a->hp * row;
+    for (int64_t e = a->ptr[co]; e < a->ptr[co + 1]; e++) {
+        const float w = a->values[e];
+        const float *src = a->x + a->ch[e] * chan + (oh + a->kh[e]) * row + (ow + a->kw[e]) * N;
+        for (int q = 0; q < P; q++)
+            for (int j = 0; j < V; j++) acc[q][j] += w * load_tv(src + q * N + j * TL);
+    }
+    float *dst = a->out + (co * a->ho * a->wo + pos0) * N;
+    for (int q = 0; q < P; q++)
+        for (int j = 0; j < V; j++) store_tv(dst + q * N + j * TL, acc[q][j]);
+}
+
+static void inner_item(void *p, int64_t co) {
+    const struct tiled_args *a = (const struct tiled_args *)p;
+    const int V = (int)(a->n / TL);
+    /* positions of one output row in tiles of P (P divides Wo: the caller checks) */
+    const int64_t positions = a->ho * a->wo;
+    if (V >= 8) {
+        for (int64_t pos = 0; pos < positions; pos++)  /* one position: V vectors at a time, in slices of 8 */
+            for (int64_t j0 = 0; j0 < V; j0 += 8) {
+                struct tiled_args b = *a;
+                b.x = a->x + j0 * TL;
+                b.out = a->out + j0 * TL;
+                inner_tile(&b, co, pos, 8, 1);
+            }
+    } else if (V == 4) for (int64_t pos = 0; pos < positions; pos += 2) inner_tile(a, co, pos, 4, 2);
+    else if (V == 2) for (int64_t pos = 0; pos < positions; pos += 2) inner_tile(a, co, pos, 2, 2);
+    else for (int64_t pos = 0; pos < positions; pos += 2) inner_tile(a, co, pos, 1, 2);
+}
+
+/* dims: N, Cin, Hp, Wp (padded input), Cout, Ho, Wo; batch_inner selects the layout. Supported: planes with
+ * Wo in {TL, 2 TL, 4 TL} and Ho a multiple of the tile's rows; batch innermost with N a multiple of TL (and of
+ * 8 TL when above it) and Wo even. The caller checks (tiled_conv_supported). */
+void tiled_conv_forward(const int64_t *dims, const float *x, const float *values, const float *bias,
+                        const int64_t *ptr, const int32_t *ch, const int16_t *kh, const int16_t *kw, float *out,
+                        int batch_inner, int nthreads) {
+    struct tiled_args a = {dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
+                           x, values, bias, ptr, ch, kh, kw, out};
+    if (batch_inner) parallel_workers(inner_item, &a, a.cout, nthreads);
+    else parallel_workers(plane_item, &a, a.n * a.cout, nthreads);
+}
+
+/* 1 where the kernels above cover this shape. */
+int tiled_conv_supported(int64_t n, int64_t ho, int64_t wo, int batch_inner) {
+    if (batch_inner) {
+        int64_t v = n / TL;
+        return n % TL == 0 && (v <= 4 || v % 8 == 0) && wo % 2 == 0 && (v > 4 || (ho * wo) % 2 == 0);
+    }
+    if (wo == TL) return ho % ACC == 0;
+    if (wo == 2 * TL) return ho % (ACC / 2) == 0;
+    if (wo == 4 * TL) return ho % (ACC / 4) == 0;
+    return 0;
+}
+
+int tiled_lanes(void) { return TL; }
