@@ -119,6 +119,42 @@ def test_linear_weight_gradient_from_the_compressed_input_equals_float64():
     torch.testing.assert_close(gw.double(), g.double().reshape(-1, 70).t() @ x_s, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin, cout, k, stride, padding, size", [
+    (5, 7, 3, 1, 1, 16),   # tiled forward and input gradient
+    (4, 6, 3, 2, 1, 9),    # the plain direct kernels, stride 2
+    (3, 70, 1, 1, 0, 5),   # 1x1, batch innermost, a tail block of output channels in dW
+])
+def test_swat_on_the_direct_kernels_equals_float64(cin, cout, k, stride, padding, size):
+    """backend "direct": W_s listed from the threshold, forward and input gradient on the direct kernels, dW from
+    the NCHW-compressed input; the same numbers as float64 autograd on the masked tensors."""
+    from sparsetrain.execution import native
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(cin * cout)
+    holder = nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding))
+    convert(holder, {"0.weight": 0.2}, 0.15)
+    layer = holder[0]
+    layer.fix_backend("direct")
+    x = torch.randn(3, cin, size, size, requires_grad=True)
+    assert layer.runs_direct(x)
+    out = holder(x)
+    g = torch.randn_like(out)
+    gx, gw, gb = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
+    w64 = (layer.weight * layer.current_mask()).detach().double()
+    x64 = x.detach().double().requires_grad_()
+    ref = F.conv2d(x64, w64, layer.bias.detach().double(), stride, padding)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), torch.autograd.grad(ref, x64, g.double())[0], rtol=1e-5, atol=1e-5)
+    x_s = (x * (x.abs() >= layer.a_thresh)).detach().double()
+    ref_gw = torch.nn.grad.conv2d_weight(x_s, w64.shape, g.double(), stride, padding)
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb.double(), g.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    # channels-last inputs, structured layers and dense budgets keep the dense products
+    assert not layer.runs_direct(x.contiguous(memory_format=torch.channels_last)) or size * size == 1 or cin == 1
+    with pytest.raises(ValueError, match="unknown SWAT backend 'csr'"):
+        layer.fix_backend("csr")
+
+
 def test_compressed_weight_gradient_refuses_a_mismatched_bitmask():
     from sparsetrain.execution import native
     if not native.available():
@@ -185,6 +221,31 @@ def test_bit_relu_returns_the_gradient_in_the_layout_of_its_input():
     (gx,) = torch.autograd.grad(BitReLU()(x), x, grad)
     assert gx.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(gx, grad * (x > 0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 8), (2, 20, 7, 9), (1, 1, 4, 4)])
+def test_compact_max_pool_is_an_exact_max_pool_saving_a_byte_per_output(shape, fmt):
+    from sparsetrain.execution.activations import CompactMaxPool2d, compact_pools
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[0, 0, 0, 0] = float("nan")       # NaN wins its window, as in PyTorch
+    x[-1, -1, 0, 1] = x[-1, -1, 0, 0]  # a tie: the first position wins
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = CompactMaxPool2d()(x)
+    ref = nn.MaxPool2d(2)(ref_x)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert out.is_contiguous(memory_format=fmt) or shape[1] == 1
+    g = torch.randn_like(ref)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, ref_x, g)[0])
+    assert [t.dtype for t in saved] == [torch.uint8] and saved[0].numel() == ref.numel()
+    model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(3), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, 2))
+    assert compact_pools(model) == 2 and [type(m).__name__ for m in model] == ["CompactMaxPool2d", "MaxPool2d",
+                                                                             "MaxPool2d", "CompactMaxPool2d"]
+    assert compact_pools(model, undo=True) == 2 and all(type(m) is nn.MaxPool2d for m in model)
 
 
 def test_thresholds_refresh_every_period_and_are_checkpointed():

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .accounting import peak_memory_bytes
 from .config import load_config
 from .execution.backends import TIMING_SHARE, apply_backend, choose_now, settle_layout
+from .execution.swat_layers import swat_backend
 from .execution.channel_pairs import shrink_both_sides
 from .execution.compact import compact_layers
 from .methods import METHODS
@@ -66,6 +67,7 @@ CONFIGS: dict[str, list[str]] = {
     "rigl-auto-compact": ["sparsity.method=rigl", "sparsity.distribution=erk", "sparsity.backend=auto",
                           "sparsity.compact_state=true"],
     "swat": ["sparsity.method=swat"],
+    "swat-auto": ["sparsity.method=swat", "sparsity.backend=auto"],
 }
 
 # glibc keeps freed blocks below its (self-raising) mmap threshold resident; a fixed threshold
@@ -78,7 +80,7 @@ def memory_format(config: str) -> torch.memory_format:
     convolutions (dense, masked, SWAT, the CSR path's unfolding) are faster channels-last on CPUs."""
     return torch.contiguous_format if config in ("direct", "compact", "rigl-compact", "mest-compact", "condensed",
                                                  "condensed-compact", "auto", "auto-compact",
-                                                 "rigl-auto-compact") else torch.channels_last
+                                                 "rigl-auto-compact", "swat-auto") else torch.channels_last
 
 
 def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = (), model_args: dict | None = None):
@@ -104,7 +106,9 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
         cfg = load_config(overrides=[*CONFIGS[config], f"sparsity.sparsity={sparsity}", *layers_default, *extra])
         sc = cfg.sparsity
         method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs())
-        if cfg.sparsity.backend != "masked":
+        if sc.method == "swat":
+            swat_backend(model, sc.backend)
+        elif cfg.sparsity.backend != "masked":
             layers = apply_backend(model, method.maskset, cfg.sparsity.backend)
             if cfg.sparsity.channel_both_sides:
                 shrink_both_sides(model, layers)

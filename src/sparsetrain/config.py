@@ -147,6 +147,8 @@ class SwatConfig(_Section):
                     "by 1/sqrt(eps), and the dense update then inflates the removed filters")
     m_max_density: float = Field(0.95, gt=0, le=1, description="SWAT-M guard: no layer's budget passes this density")
     compact_relu: bool = Field(True, description="ReLUs save a 1-bit mask for backward instead of their float output")
+    compact_pool: bool = Field(True, description="2x2 stride-2 max-pools save one byte per output for backward (where "
+                                                 "the maximum was) instead of their input and int64 indices")
 
 
 # keys of the sparsity section that configure the engine, not the method's factory
@@ -188,7 +190,9 @@ class SparsityConfig(_Section):
     backend: Literal["masked", "csr", "direct", "condensed", "channel", "semi_structured", "auto"] = Field(
         "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, "
                               "condensed Linear kernels (rows of kept inputs; convolutions direct), compacted channels, "
-                              "2:4 semi-structured (CUDA), or the fastest per layer")
+                              "2:4 semi-structured (CUDA), or the fastest per layer; method swat: masked (dense products "
+                              "on the top-K weights), direct or auto (its convolutions on the direct kernels where the "
+                              "step is faster)")
     compact_state: bool = Field(False, description="direct or condensed backend; static, set, rigl or mest: store only "
                                                  "kept weights (and their gradients and optimizer state)")
     channel_both_sides: bool = Field(False, description="backend channel, static masks: a removed filter also leaves its "
@@ -248,9 +252,12 @@ class SparsityConfig(_Section):
             raise ValueError(f"method {m!r} needs sparsity.sparsity > 0")
         if m == "swat" and self.sparsity == 0:
             raise ValueError("method 'swat' needs sparsity.sparsity > 0")
-        if self.backend != "masked" and m in ("dense", "swat"):
-            raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method {m!r} has no masks "
-                             "(use static, lottery, set, rigl or mest)")
+        if self.backend != "masked" and m == "dense":
+            raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method 'dense' has no masks "
+                             "(use static, lottery, set, rigl, mest or swat)")
+        if m == "swat" and self.backend not in ("masked", "direct", "auto"):
+            raise ValueError(f"method 'swat' runs under backend 'masked', 'direct' or 'auto' (its convolutions on the "
+                             f"direct kernels), got {self.backend!r}")
         channel_ok = self.backend == "channel" and m in ("static", "lottery")  # kept blocks of static channel masks
         if self.compact_state and not channel_ok and (self.backend not in ("direct", "condensed", "auto")
                                                       or m not in ("static", "set", "rigl", "mest")):

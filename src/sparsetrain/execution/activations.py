@@ -2,8 +2,10 @@
 
 :class:`BitReLU` is an exact ReLU whose backward keeps one bit per element (where the
 input was positive) instead of the float output PyTorch's ReLU saves: a lossless cut
-of activation memory. :func:`replace_activations` swaps activation modules of any
-model in place (the zoo's models hold their activations as modules for this).
+of activation memory. :class:`CompactMaxPool2d` is an exact 2x2, stride-2 max-pool whose backward keeps one
+byte per output (where in its window the maximum was) instead of the input and int64 indices PyTorch's keeps.
+:func:`replace_activations` swaps activation modules of any model in place (the zoo's models hold their
+activations as modules for this); :func:`compact_pools` swaps the max-pools it can.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn as nn
 
 from . import native
 
-__all__ = ["BitReLU", "replace_activations"]
+__all__ = ["BitReLU", "CompactMaxPool2d", "compact_pools", "replace_activations"]
 
 
 class _BitReLUFn(torch.autograd.Function):
@@ -66,6 +68,54 @@ class BitReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return "inplace=True" if self.inplace else ""
+
+
+class _CompactMaxPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out, where = native.max_pool2(x.detach())
+        ctx.save_for_backward(where)
+        ctx.shape = tuple(x.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (where,) = ctx.saved_tensors
+        return native.max_pool2_grad(grad, where, ctx.shape)
+
+
+class CompactMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` that saves one byte per output for backward (the window position of its maximum)
+    instead of its input and int64 indices: 1/24 of their bytes, the same outputs and gradients (ties and NaNs
+    resolved as PyTorch does). Float32 4-D inputs on the CPU take the compact kernel (``native.max_pool2``);
+    anything else runs PyTorch's max-pool."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def forward(self, x):
+        if (x.requires_grad and torch.is_grad_enabled() and x.dim() == 4 and x.dtype == torch.float32
+                and x.device.type == "cpu" and native.available()):
+            return _CompactMaxPoolFn.apply(x)
+        return super().forward(x)  # nothing to save: PyTorch's own
+
+
+def _pools_2x2(m: nn.Module) -> bool:
+    """A max-pool that :class:`CompactMaxPool2d` computes exactly: 2x2 windows, stride 2, no padding or dilation."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return (type(m) is nn.MaxPool2d and pair(m.kernel_size) == (2, 2) and pair(m.stride or m.kernel_size) == (2, 2)
+            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
+
+
+def compact_pools(model: nn.Module, undo: bool = False) -> int:
+    """Swap every 2x2, stride-2 ``nn.MaxPool2d`` of ``model`` for a :class:`CompactMaxPool2d` (``undo``: back);
+    returns how many."""
+    if undo:
+        return replace_activations(model, CompactMaxPool2d, lambda old: nn.MaxPool2d(2, 2))
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if _pools_2x2(child)]
+    for parent, name in targets:
+        setattr(parent, name, CompactMaxPool2d())
+    return len(targets)
 
 
 def replace_activations(model: nn.Module, kind: type[nn.Module], factory: Callable[[nn.Module], nn.Module]) -> int:

@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["settle_layout", "choose_now", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
+__all__ = ["direct_plan", "direct_geometry", "direct_forward", "direct_input_grad", "settle_layout", "choose_now", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
            "SparseConv2d",
            "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
@@ -266,7 +266,7 @@ class DirectStructure:
     """
 
     shape: tuple[int, int, int, int]
-    flat_index: torch.Tensor
+    flat_index: torch.Tensor | None  # None for lists made from a threshold (SWAT's W_s), which carry their values
     by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
     by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int64 (numpy)
     _flipped: tuple | None = None
@@ -325,57 +325,86 @@ def _tiled(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool]:
             0 <= ph < kernel[0] and 0 <= pw < kernel[1] and native.tiled_supported(n, h, w, False))
 
 
+def direct_plan(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool, bool]:
+    """How the direct kernels run a convolution of geometry ``geom``: (batch innermost, forward and weight gradient
+    tiled, input gradient tiled)."""
+    tiled, tiled_in = _tiled(geom, kernel)
+    return not (tiled or tiled_in) and int(geom[5]) * int(geom[6]) < _BATCH_INNER_BELOW, tiled, tiled_in
+
+
+def direct_geometry(x_shape, kernel_shape, stride, padding, dilation) -> np.ndarray:
+    """N, Cin, H, W, Cout, Ho, Wo, strides, paddings, dilations (int64), as the direct kernels read them."""
+    n, cin, h, w = x_shape
+    cout, _, kh, kw = kernel_shape
+    ho, wo = _conv_out_size((h, w), (kh, kw), stride, padding, dilation)
+    return np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
+
+
+def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, structure: DirectStructure,
+                   geom: np.ndarray, plan: tuple[bool, bool, bool]) -> torch.Tensor:
+    """The convolution over the kept weights (``values`` in the structure's order), NCHW out."""
+    bi, tiled, _ = plan
+    n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
+    out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
+    if tiled:
+        ph, pw = int(geom[9]), int(geom[10])
+        native.tiled_conv(F.pad(x.detach().contiguous(), (pw, pw, ph, ph)), values, bias, structure.by_out, out)
+    else:
+        native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values, bias, structure.by_out, out,
+                                   batch_inner=bi)
+    return out.permute(3, 0, 1, 2) if bi else out
+
+
+def direct_input_grad(grad_out: torch.Tensor, values: torch.Tensor, structure: DirectStructure, geom: np.ndarray,
+                      plan: tuple[bool, bool, bool]) -> torch.Tensor:
+    """The input gradient of :func:`direct_forward`, NCHW."""
+    bi, _, tiled_in = plan
+    n, cin, h, w = (int(v) for v in geom[:4])
+    g = _kernel_layout(grad_out, bi)
+    gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
+    if tiled_in:  # the padded output gradient convolved with the flipped kernel, listed by input channel
+        kh, kw = structure.shape[2:]
+        ph, pw = int(geom[9]), int(geom[10])
+        ptr, co, fkh, fkw, vidx = structure.by_in_flipped()
+        gp = F.pad(g, (kw - 1 - pw, kw - 1 - pw, kh - 1 - ph, kh - 1 - ph))
+        native.tiled_conv(gp, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+    else:
+        native.sparse_conv_backward_input(geom, g, values, structure.by_in, gx, batch_inner=bi)
+    return gx.permute(3, 0, 1, 2) if bi else gx
+
+
 class _DirectConv2dFn(torch.autograd.Function):
     """Convolution over the kept weights given as ``values`` (in the structure's order); their gradient comes
     back in the same compact form, so a layer may store nothing else."""
 
     @staticmethod
     def forward(ctx, x, values, bias, structure: DirectStructure, stride, padding, dilation):
-        n, cin, h, w = x.shape
-        cout, _, kh, kw = structure.shape
-        ho, wo = _conv_out_size((h, w), (kh, kw), stride, padding, dilation)
-        geom = np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
-        tiled, tiled_in = _tiled(geom, (kh, kw))
-        bi = not (tiled or tiled_in) and ho * wo < _BATCH_INNER_BELOW
+        geom = direct_geometry(x.shape, structure.shape, stride, padding, dilation)
+        plan = direct_plan(geom, structure.shape[2:])
         values = values.detach().contiguous()
-        b = None if bias is None else bias.detach().contiguous()
-        out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
-        if tiled:
-            ph, pw = padding
-            native.tiled_conv(F.pad(x.detach().contiguous(), (pw, pw, ph, ph)), values, b, structure.by_out, out)
-        else:
-            native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values, b, structure.by_out, out,
-                                       batch_inner=bi)
+        out = direct_forward(x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan)
         # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
         ctx.save_for_backward(x, values)
-        ctx.conf = (structure, geom, bias is not None, bi, tiled, tiled_in)
-        return out.permute(3, 0, 1, 2) if bi else out
+        ctx.conf = (structure, geom, bias is not None, plan)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, values = ctx.saved_tensors
-        s, geom, has_bias, bi, tiled, tiled_in = ctx.conf
-        g = _kernel_layout(grad_out, bi)
+        s, geom, has_bias, plan = ctx.conf
+        bi, tiled, _ = plan
         gx = gv = gb = None
-        n, cin, h, w = (int(v) for v in geom[:4])
-        kh, kw = s.shape[2:]
-        ph, pw = int(geom[9]), int(geom[10])
         if ctx.needs_input_grad[0]:
-            gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
-            if tiled_in:  # the padded output gradient convolved with the flipped kernel, listed by input channel
-                ptr, co, fkh, fkw, vidx = s.by_in_flipped()
-                gp = F.pad(g, (kw - 1 - pw, kw - 1 - pw, kh - 1 - ph, kh - 1 - ph))
-                native.tiled_conv(gp, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
-            else:
-                native.sparse_conv_backward_input(geom, g, values, s.by_in, gx, batch_inner=bi)
-            gx = gx.permute(3, 0, 1, 2) if bi else gx
+            gx = direct_input_grad(grad_out, values, s, geom, plan)
         if ctx.needs_input_grad[1]:
             if tiled:
-                gv = native.tiled_conv_weight_grad(F.pad(x.contiguous(), (pw, pw, ph, ph)), g, s.by_out, values.numel())
+                ph, pw = int(geom[9]), int(geom[10])
+                gv = native.tiled_conv_weight_grad(F.pad(x.contiguous(), (pw, pw, ph, ph)), grad_out.contiguous(),
+                                                   s.by_out, values.numel())
             else:
-                gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), g, s.by_out, values.numel(),
-                                                        batch_inner=bi)
+                gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), _kernel_layout(grad_out, bi),
+                                                        s.by_out, values.numel(), batch_inner=bi)
         if has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3))
         return gx, gv, gb, None, None, None, None

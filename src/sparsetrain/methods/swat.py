@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..distributions import layer_densities
-from ..execution.activations import BitReLU, replace_activations
+from ..execution.activations import BitReLU, compact_pools, replace_activations
 from ..execution.swat_layers import SWAT_BUFFERS, convert, harden, swat_layers
 from ..masks import LayerSparsity, select_parameters
 from ..sharding import local, sum_over_ranks
@@ -36,7 +36,7 @@ class SWAT(Sparsifier):
 
     def __init__(self, model, optimizer, *, sparsity: float, variant: str, activation_sparsity: float | None,
                  topk_period: int, structure: str, m_max_density: float, compact_relu: bool,
-                 dense_layers: Iterable[str], total_steps, steps_per_epoch, epochs):
+                 compact_pool: bool, dense_layers: Iterable[str], total_steps, steps_per_epoch, epochs):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
         check_fraction("sparsity", sparsity, low_open=True)
         if variant not in VARIANTS:
@@ -60,6 +60,8 @@ class SWAT(Sparsifier):
         convert(model, dens, act, topk_period, structure if variant == "structured" else None)
         if compact_relu:
             replace_activations(model, nn.ReLU, lambda old: BitReLU(inplace=old.inplace))
+        if compact_pool:
+            compact_pools(model)
         self.layers = swat_layers(model)
         self._attach()
 
@@ -168,6 +170,7 @@ class SWAT(Sparsifier):
         """Hooks off, every layer pruned to its budget and turned back into a plain Conv2d/Linear."""
         super().remove()
         replace_activations(self.model, BitReLU, lambda old: nn.ReLU(inplace=old.inplace))
+        compact_pools(self.model, undo=True)
         return harden(self.model)
 
 
@@ -175,7 +178,8 @@ def swat(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
     steps_per_epoch: int | None = None, epochs: int | None = None, variant: str = "u",
     activation_sparsity: float | None = None, topk_period: int = 20, structure: str = "kernel",
-    m_max_density: float = 0.95, compact_relu: bool = True, dense_layers: Iterable[str] = ("first",),
+    m_max_density: float = 0.95, compact_relu: bool = True, compact_pool: bool = True,
+    dense_layers: Iterable[str] = ("first",),
 ) -> SWAT:
     """SWAT: the forward pass uses each layer's top-K weights; backward uses them for the input
     gradient and the layer's top-K inputs (kept share ``1 - activation_sparsity``, default the weight
@@ -183,8 +187,9 @@ def swat(
     weights back. ``variant``: ``u`` (uniform budgets), ``erk``, ``m`` (budgets follow momentum at
     epoch ends; needs ``steps_per_epoch`` and ``epochs``) or ``structured`` (whole ``structure``
     units of convolutions by L1 norm). Exact top-K every ``topk_period`` steps. ``compact_relu``
-    makes ReLUs save one bit per element for backward. The classifier is sparse by default
+    makes ReLUs save one bit per element for backward, ``compact_pool`` 2x2 max-pools one byte per output. The classifier is sparse by default
     (``dense_layers=("first",)``), as in the paper. Layers are converted in place, parameters unchanged."""
     return SWAT(model, optimizer, sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 epochs=epochs, variant=variant, activation_sparsity=activation_sparsity, topk_period=topk_period,
-                structure=structure, m_max_density=m_max_density, compact_relu=compact_relu, dense_layers=dense_layers)
+                structure=structure, m_max_density=m_max_density, compact_relu=compact_relu,
+                compact_pool=compact_pool, dense_layers=dense_layers)

@@ -33,6 +33,7 @@ from ..accounting import FlopMeter, measure_layer_costs, peak_memory_bytes, save
 from ..config import Config, ConfigError, load_config
 from ..data import DATASETS, TEXT_DATASETS, BatchLoader, load_dataset, split_validation
 from ..execution.backends import TIMING_SHARE, apply_backend, choose_now, settle_layout
+from ..execution.swat_layers import swat_backend
 from ..execution.channel_pairs import shrink_both_sides
 from ..execution.compact import compact_layers
 from ..methods import METHODS, Sparsifier
@@ -235,7 +236,10 @@ class Trainer:
 
     def _setup_execution(self) -> None:
         backend = self.cfg.sparsity.backend
-        self.backend_layers = apply_backend(self.model, self.method.maskset, backend) if backend != "masked" else {}
+        if self.cfg.sparsity.method == "swat":  # SWAT's convolutions take the direct kernels themselves
+            self.backend_layers = swat_backend(self.model, backend)
+        else:
+            self.backend_layers = apply_backend(self.model, self.method.maskset, backend) if backend != "masked" else {}
         if self.cfg.sparsity.channel_both_sides:
             shrink_both_sides(self.model, self.backend_layers)
         if backend == "auto" and self.backend_layers and self.vocab is None:

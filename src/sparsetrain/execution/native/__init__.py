@@ -33,12 +33,12 @@ import torch.nn.functional as F
 
 __all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
            "sparse_conv_backward_input", "sparse_conv_backward_weight", "compressed_weight_grad", "tiled_supported",
-           "tiled_conv", "tiled_conv_weight_grad", "condensed_forward", "condensed_backward", "library_path"]
+           "tiled_conv", "tiled_conv_weight_grad", "threshold_lists", "max_pool2", "max_pool2_grad", "condensed_forward", "condensed_backward", "library_path"]
 
 _DIR = Path(__file__).parent
 # one library, its sources split by family: compressed activations, direct convolution, condensed Linear
 _SOURCES = [_DIR / "compressed.c", _DIR / "compressed_grad.c", _DIR / "direct_conv.c", _DIR / "tiled_conv.c",
-            _DIR / "condensed.c"]
+            _DIR / "compact_pool.c", _DIR / "condensed.c"]
 _HEADERS = [_DIR / "parallel.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
@@ -63,10 +63,14 @@ _SIGNATURES = {
     "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
     "compressed_image_offsets": ([_p, _i64, _i64, _p, _int], None),
-    "compressed_conv_weight_grad": ([_p] * 9 + [_int], None),
+    "compressed_conv_weight_grad": ([_p] * 10 + [_int], None),
     "tiled_conv_forward": ([_p] * 9 + [_int, _int], None),
+    "max_pool2_forward": ([_p] * 5 + [_int, _int], None),
+    "max_pool2_backward": ([_p] * 5 + [_int, _int], None),
     "tiled_conv_supported": ([_i64, _i64, _i64, _int], _int),
     "tiled_conv_weight_grad": ([_p] * 8 + [_i64, _int], None),
+    "threshold_counts": ([_p, _i64, _i64, _f32, _p, _int], None),
+    "threshold_lists": ([_p, _i64, _i64, _i64, _i64, _f32] + [_p] * 10 + [_int], None),
     "condensed_forward": ([_p] * 7 + [_int], _int),
     "condensed_backward": ([_p] * 8 + [_int, _int], _int),
 }
@@ -351,6 +355,62 @@ def tiled_conv_weight_grad(xp: torch.Tensor, grad: torch.Tensor, lists: tuple, n
     return partial[0] if parts == 1 else partial.sum(0)
 
 
+def threshold_lists(weight: torch.Tensor, threshold: float) -> tuple[torch.Tensor, tuple, tuple]:
+    """The entries of a conv weight ``[Cout, Cin, KH, KW]`` with ``|w| >= threshold``: (their values in weight order,
+    the lists by output channel (co_ptr, ci, kh, kw), the lists by input channel (ci_ptr, co, kh, kw, value
+    index)), as :class:`~sparsetrain.execution.backends.DirectStructure` holds them; two passes over the weight."""
+    w = weight.detach().contiguous()
+    cout, cin, kh, kw = w.shape
+    lib, threads = _load(), torch.get_num_threads()
+    co_ptr = np.empty(cout + 1, dtype=np.int64)
+    lib.threshold_counts(_ptr(w), cout, cin * kh * kw, float(threshold), _ptr(co_ptr), threads)
+    nnz = int(co_ptr[-1])
+    values = torch.empty(nnz, dtype=torch.float32)
+    ci, co = np.empty(nnz, dtype=np.int32), np.empty(nnz, dtype=np.int32)
+    khs, kws, kh_t, kw_t = (np.empty(nnz, dtype=np.int16) for _ in range(4))
+    ci_ptr, vidx = np.empty(2 * cin + 1, dtype=np.int64), np.empty(nnz, dtype=np.int64)
+    lib.threshold_lists(_ptr(w), cout, cin, kh, kw, float(threshold), _ptr(co_ptr), _ptr(ci), _ptr(khs), _ptr(kws),
+                        _ptr(values), _ptr(ci_ptr), _ptr(co), _ptr(kh_t), _ptr(kw_t), _ptr(vidx), threads)
+    return values, (co_ptr, ci, khs, kws), (ci_ptr[:cin + 1], co, kh_t, kw_t, vidx)
+
+
+def _pool_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout a pooling kernel keeps: channels-last when ``x`` has it, else NCHW."""
+    return torch.channels_last if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
+
+
+def _pool_call(fn, dims_of: torch.Tensor, big: torch.Tensor, small: torch.Tensor, *ptrs) -> None:
+    n, c, ho, wo = dims_of.shape
+    dims = np.array([n, c, ho, wo], dtype=np.int64)
+    strides = np.array([*big.stride(), *small.stride()], dtype=np.int64)
+    fn(_ptr(dims), _ptr(strides), *map(_ptr, ptrs), int(_pool_layout(big) == torch.channels_last), torch.get_num_threads())
+
+
+def max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 max-pooling, stride 2, of a float32 ``x`` [N, C, H, W] in its own layout (NCHW or channels-last):
+    (the output, one uint8 per output giving the window position of its maximum, row-major)."""
+    fmt = _pool_layout(x)
+    x = x.contiguous(memory_format=fmt)
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=fmt)
+    where = torch.empty(out.shape, dtype=torch.uint8, memory_format=fmt)
+    _pool_call(_load().max_pool2_forward, out, x, out, x, out, where)
+    return out, where
+
+
+def max_pool2_grad(grad: torch.Tensor, where: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The input gradient of :func:`max_pool2` (input ``shape``, in the layout of ``where``): ``grad`` at each
+    window's maximum, zero elsewhere."""
+    fmt = _pool_layout(where)
+    grad = grad.contiguous(memory_format=fmt)
+    odd = shape[2] % 2 or shape[3] % 2  # rows or columns outside every window get no gradient
+    gx = torch.empty(shape, dtype=grad.dtype, memory_format=fmt)
+    if odd:
+        gx.zero_()
+    _pool_call(_load().max_pool2_backward, grad, gx, grad, grad, where, gx)
+    return gx
+
+
 def condensed_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, rows: tuple, out_features: int,
                       ) -> torch.Tensor:
     """``x [T, in] @ W_s.T + bias`` for a sparse W_s given by ``rows`` = (row_ptr int64, col int32: the kept
@@ -388,13 +448,15 @@ def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor
 
 
 def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tuple, grad: torch.Tensor,
-                           kernel: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+                           kernel: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                           channels_first: bool = False) -> torch.Tensor:
     """The weight gradient of a convolution from its *compressed* input, ``[Cin, KH, KW, Cout]``.
 
     ``packed``/``values`` are what :func:`compress` made of the input ``[N, H, W, Cin]`` in memory order
     (channels-last; a Linear's tokens are images of G x 1 pixels under a 1x1 kernel); ``grad`` is the output
-    gradient ``[N, Ho, Wo, Cout]``, contiguous (re-laid here in blocks of 64 output channels). Each kept input entry costs KH x KW vector multiply-adds over
-    the output channels (``compressed_grad.c``): the work falls with the input's density and the dense input is
+    gradient ``[N, Ho, Wo, Cout]``, contiguous (re-laid here in blocks of 64 output channels). With
+    ``channels_first`` the input was compressed in NCHW order instead (``shape`` still names N, H, W, Cin). Each
+    kept input entry costs KH x KW vector multiply-adds over the output channels (``compressed_grad.c``): the work falls with the input's density and the dense input is
     never rebuilt.
     """
     lib, threads = _load(), torch.get_num_threads()
@@ -403,8 +465,14 @@ def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tu
     kh, kw = kernel
     if h >= 1 << 10 or w >= 1 << 10:
         raise ValueError(f"feature maps up to 1023 x 1023 are supported, got {h} x {w}")
-    img_off = np.empty(n + 1, dtype=np.int64)
-    lib.compressed_image_offsets(_ptr(packed), n, h * w * cin, _ptr(img_off), threads)
+    plane_off = None
+    if channels_first:  # kept entries per plane; an image's offset is that of its first plane
+        plane_off = np.empty(n * cin + 1, dtype=np.int64)
+        lib.compressed_image_offsets(_ptr(packed), n * cin, h * w, _ptr(plane_off), threads)
+        img_off = np.ascontiguousarray(plane_off[::cin])
+    else:
+        img_off = np.empty(n + 1, dtype=np.int64)
+        lib.compressed_image_offsets(_ptr(packed), n, h * w * cin, _ptr(img_off), threads)
     kept = int(img_off[-1])
     if kept != values.numel():
         raise ValueError(f"bitmask holds {kept} set bits but {values.numel()} values were given")
@@ -416,6 +484,7 @@ def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tu
     ch_ptr = np.empty(n * (cin + 1), dtype=np.int64)
     pos, val = np.empty(max(kept, 1), dtype=np.int32), np.empty(max(kept, 1), dtype=np.float32)
     geom = np.array([n, cin, h, w, cout, ho, wo, kh, kw, *stride, *padding, *dilation], dtype=np.int64)
-    lib.compressed_conv_weight_grad(_ptr(geom), _ptr(packed), _ptr(values), _ptr(img_off), _ptr(grad), _ptr(gwt),
+    lib.compressed_conv_weight_grad(_ptr(geom), _ptr(packed), _ptr(values), _ptr(img_off),
+                                    _ptr(plane_off) if plane_off is not None else None, _ptr(grad), _ptr(gwt),
                                     _ptr(ch_ptr), _ptr(pos), _ptr(val), threads)
     return gwt

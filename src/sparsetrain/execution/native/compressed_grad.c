@@ -59,7 +59,7 @@ static inline uint64_t read_bits(const uint8_t *bits, int64_t nbytes, int64_t i,
 /* ---- per block of images, the kept entries sorted by channel (a counting sort) ---- */
 struct sort_args {
     const struct cgrad_geom *g; const uint8_t *bits; const float *values; const int64_t *img_off;
-    int64_t per_block; int64_t *ch_ptr; int32_t *pos; float *val;
+    const int64_t *plane_off; int64_t per_block; int64_t *ch_ptr; int32_t *pos; float *val;
 };
 
 static void sort_block(void *p, int64_t b) {
@@ -93,6 +93,35 @@ static void sort_block(void *p, int64_t b) {
                         a->val[e] = a->values[v++];
                     }
             }
+}
+
+/* The same for an NCHW input, whose kept entries already come plane by plane (plane_off[N * Cin + 1]: kept entries
+ * before each plane): only the images of a block are interleaved by channel, and the positions decoded. */
+static void sort_block_planes(void *p, int64_t b) {
+    const struct sort_args *a = (const struct sort_args *)p;
+    const struct cgrad_geom *g = a->g;
+    const int64_t cin = g->cin, plane = g->h * g->w, nbytes = (g->n * cin * plane + 7) / 8;
+    const int64_t n0 = b * a->per_block, n1 = n0 + a->per_block < g->n ? n0 + a->per_block : g->n;
+    int64_t *restrict ptr = a->ch_ptr + b * (cin + 1);
+    ptr[0] = 0;
+    for (int64_t c = 0; c < cin; c++) {
+        int64_t count = 0;
+        for (int64_t n = n0; n < n1; n++) count += a->plane_off[n * cin + c + 1] - a->plane_off[n * cin + c];
+        ptr[c + 1] = ptr[c] + count;
+    }
+    int64_t e = a->img_off[n0];
+    for (int64_t c = 0; c < cin; c++)
+        for (int64_t n = n0; n < n1; n++) {
+            int64_t v = a->plane_off[n * cin + c];
+            const int64_t first = (n * cin + c) * plane;
+            for (int64_t h = 0; h < g->h; h++)
+                for (int64_t w0 = 0; w0 < g->w; w0 += 64)
+                    for (uint64_t word = read_bits(a->bits, nbytes, first + h * g->w + w0, g->w - w0 < 64 ? g->w - w0 : 64);
+                         word; word &= word - 1) {
+                        a->pos[e] = (int32_t)(((n - n0) << (2 * POS_BITS)) | (h << POS_BITS) | (w0 + __builtin_ctzll(word)));
+                        a->val[e++] = a->values[v++];
+                    }
+        }
 }
 
 /* ---- per block of output channels, the sums over the images ---- */
@@ -181,16 +210,17 @@ static void cgrad_item(void *p, int64_t item) {
 }
 
 /* geom: N, Cin, H, W, Cout, Ho, Wo, KH, KW, stride h/w, padding h/w, dilation h/w (H, W < 1024); img_off[N + 1]:
- * kept entries before each image; grad: [ceil(Cout / 64), N, Ho, Wo, 64]. Scratch: ch_ptr[N * (Cin + 1)],
+ * kept entries before each image; plane_off: NULL for an input [N, H, W, Cin], else (an NCHW input) the kept
+ * entries before each of its N * Cin planes; grad: [ceil(Cout / 64), N, Ho, Wo, 64]. Scratch: ch_ptr[N * (Cin + 1)],
  * pos[kept], val[kept]. Writes gwt[Cin, KH, KW, Cout]. */
 void compressed_conv_weight_grad(const int64_t *geom, const uint8_t *bits, const float *values, const int64_t *img_off,
-                                 const float *grad, float *gwt, int64_t *ch_ptr, int32_t *pos, float *val,
-                                 int nthreads) {
+                                 const int64_t *plane_off, const float *grad, float *gwt, int64_t *ch_ptr, int32_t *pos,
+                                 float *val, int nthreads) {
     struct cgrad_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8],
                            (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12], (int)geom[13], (int)geom[14]};
     const int64_t per_block = images_per_block(&g), blocks = (g.n + per_block - 1) / per_block;
-    struct sort_args s = {&g, bits, values, img_off, per_block, ch_ptr, pos, val};
-    parallel_workers(sort_block, &s, blocks, nthreads);
+    struct sort_args s = {&g, bits, values, img_off, plane_off, per_block, ch_ptr, pos, val};
+    parallel_workers(plane_off ? sort_block_planes : sort_block, &s, blocks, nthreads);
     int64_t co_blocks = (g.cout + CO_BLOCK - 1) / CO_BLOCK;
     if (co_blocks == 0) return;
     /* enough items for the threads to share: split the input channels where output blocks are few */

@@ -183,3 +183,72 @@ int tiled_conv_supported(int64_t n, int64_t ho, int64_t wo, int batch_inner) {
 }
 
 int tiled_lanes(void) { return TL; }
+
+/* ---- the kept-entry lists of a weight [Cout, Cin, KH, KW] (contiguous) whose |w| reaches a threshold ----
+ * SWAT's W_s moves every step (the threshold is kept for a period, the weights change), so its lists are rebuilt
+ * every step: one pass counts per output channel, one fills the lists by output channel (channel, kh, kw, value),
+ * and a counting sort over those gives the lists by input channel (value index into the first). */
+struct count_args { const float *w; int64_t per_out; float thr; int64_t *counts; };
+
+static void count_out(void *p, int64_t co) {
+    const struct count_args *a = (const struct count_args *)p;
+    const float *restrict row = a->w + co * a->per_out;
+    int64_t c = 0;
+    for (int64_t i = 0; i < a->per_out; i++) c += fabsf(row[i]) >= a->thr;
+    a->counts[co + 1] = c;
+}
+
+/* co_ptr[Cout + 1] <- kept entries before each output channel (co_ptr[Cout] = all of them). */
+void threshold_counts(const float *w, int64_t cout, int64_t per_out, float thr, int64_t *co_ptr, int nthreads) {
+    struct count_args a = {w, per_out, thr, co_ptr};
+    co_ptr[0] = 0;
+    parallel_workers(count_out, &a, cout, nthreads);
+    for (int64_t co = 0; co < cout; co++) co_ptr[co + 1] += co_ptr[co];
+}
+
+struct fill_args { const float *w; int64_t cin, khn, kwn; float thr; const int64_t *co_ptr;
+                   int32_t *ci; int16_t *kh; int16_t *kw; float *values; };
+
+static void fill_out(void *p, int64_t co) {
+    const struct fill_args *a = (const struct fill_args *)p;
+    const float *restrict w = a->w + co * a->cin * a->khn * a->kwn;
+    int64_t e = a->co_ptr[co];
+    const int64_t last = a->co_ptr[co + 1];
+    /* branch-free: every weight is written at the next free slot, which only a kept one advances (the slot past
+     * the channel's last entry is never written: the row's last weight stops there) */
+    for (int64_t c = 0; c < a->cin; c++)
+        for (int64_t h = 0; h < a->khn; h++)
+            for (int64_t x = 0; x < a->kwn; x++, w++) {
+                const int keep = fabsf(*w) >= a->thr;
+                if (e < last) {
+                    a->values[e] = *w;
+                    a->ci[e] = (int32_t)c;
+                    a->kh[e] = (int16_t)h;
+                    a->kw[e] = (int16_t)x;
+                }
+                e += keep;
+            }
+}
+
+/* Fill the lists of threshold_counts' entries: by output channel (ci, kh, kw, values, in weight order), then by
+ * input channel (ci_ptr[Cin + 1]; co_t, kh_t, kw_t and vidx, each entry's index in the first lists). */
+void threshold_lists(const float *w, int64_t cout, int64_t cin, int64_t khn, int64_t kwn, float thr,
+                     const int64_t *co_ptr, int32_t *ci, int16_t *kh, int16_t *kw, float *values,
+                     int64_t *ci_ptr, int32_t *co_t, int16_t *kh_t, int16_t *kw_t, int64_t *vidx, int nthreads) {
+    struct fill_args a = {w, cin, khn, kwn, thr, co_ptr, ci, kh, kw, values};
+    parallel_workers(fill_out, &a, cout, nthreads);
+    const int64_t nnz = co_ptr[cout];
+    for (int64_t c = 0; c <= cin; c++) ci_ptr[c] = 0;
+    for (int64_t e = 0; e < nnz; e++) ci_ptr[ci[e] + 1]++;
+    for (int64_t c = 0; c < cin; c++) ci_ptr[c + 1] += ci_ptr[c];
+    int64_t *fill = ci_ptr + cin + 1;  /* scratch: the caller gives ci_ptr 2 Cin + 1 entries */
+    for (int64_t c = 0; c < cin; c++) fill[c] = ci_ptr[c];
+    for (int64_t co = 0; co < cout; co++)
+        for (int64_t e = co_ptr[co]; e < co_ptr[co + 1]; e++) {
+            const int64_t t = fill[ci[e]]++;
+            co_t[t] = (int32_t)co;
+            kh_t[t] = kh[e];
+            kw_t[t] = kw[e];
+            vidx[t] = e;
+        }
+}
