@@ -44,6 +44,7 @@ state dicts are untouched); the masks come from a :class:`~sparsetrain.masks.Mas
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -318,11 +319,40 @@ def _tiled(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool]:
     """Which products run on the register-tiled kernels: (forward and weight gradient, input gradient). Both need
     stride 1 and dilation 1; the first an output, the second an input, of planes 16, 32 or 64 columns wide; the
     second also padding within the kernel (so that the input gradient is a convolution too)."""
-    n, _, h, w, _, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    _, _, h, w, _, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
     if not sh == sw == dh == dw == 1:
         return False, False
-    return (native.tiled_supported(n, ho, wo, False),
-            0 <= ph < kernel[0] and 0 <= pw < kernel[1] and native.tiled_supported(n, h, w, False))
+    return native.tiled_supported(ho, wo), 0 <= ph < kernel[0] and 0 <= pw < kernel[1] and native.tiled_supported(h, w)
+
+
+_pad_buffer = threading.local()
+
+
+def _padded(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """``x`` [N, C, H, W] zero-padded by (ph, pw), in one reused buffer per thread (valid until the next call):
+    the tiled kernels read it and let go before returning. A fresh ``F.pad`` would fault in and fill a new
+    tensor every time, which costs as much as a small layer's kernel; here only the border is zeroed. Backward
+    passes use it; the forward pass releases it (:func:`_release_padded`), so that it is not held through the
+    step's peak, when every saved activation is alive."""
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    size = n * c * hp * wp
+    buf = getattr(_pad_buffer, "buf", None)
+    if buf is None or buf.numel() < size or buf.dtype != x.dtype:
+        buf = _pad_buffer.buf = torch.empty(size, dtype=x.dtype)
+    xp = buf[:size].view(n, c, hp, wp)
+    if ph:
+        xp[:, :, :ph].zero_()
+        xp[:, :, hp - ph:].zero_()
+    if pw:
+        xp[:, :, :, :pw].zero_()
+        xp[:, :, :, wp - pw:].zero_()
+    xp[:, :, ph:ph + h, pw:pw + w].copy_(x)
+    return xp
+
+
+def _release_padded() -> None:
+    _pad_buffer.buf = None
 
 
 def direct_plan(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool, bool]:
@@ -348,6 +378,7 @@ def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | N
     out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
     if tiled:
         ph, pw = int(geom[9]), int(geom[10])
+        _release_padded()
         native.tiled_conv(F.pad(x.detach().contiguous(), (pw, pw, ph, ph)), values, bias, structure.by_out, out)
     else:
         native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values, bias, structure.by_out, out,
@@ -366,8 +397,7 @@ def direct_input_grad(grad_out: torch.Tensor, values: torch.Tensor, structure: D
         kh, kw = structure.shape[2:]
         ph, pw = int(geom[9]), int(geom[10])
         ptr, co, fkh, fkw, vidx = structure.by_in_flipped()
-        gp = F.pad(g, (kw - 1 - pw, kw - 1 - pw, kh - 1 - ph, kh - 1 - ph))
-        native.tiled_conv(gp, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+        native.tiled_conv(_padded(g, kh - 1 - ph, kw - 1 - pw), values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
     else:
         native.sparse_conv_backward_input(geom, g, values, structure.by_in, gx, batch_inner=bi)
     return gx.permute(3, 0, 1, 2) if bi else gx
@@ -400,7 +430,7 @@ class _DirectConv2dFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if tiled:
                 ph, pw = int(geom[9]), int(geom[10])
-                gv = native.tiled_conv_weight_grad(F.pad(x.contiguous(), (pw, pw, ph, ph)), grad_out.contiguous(),
+                gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad_out.contiguous(),
                                                    s.by_out, values.numel())
             else:
                 gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), _kernel_layout(grad_out, bi),

@@ -64,10 +64,10 @@ _SIGNATURES = {
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
     "compressed_image_offsets": ([_p, _i64, _i64, _p, _int], None),
     "compressed_conv_weight_grad": ([_p] * 10 + [_int], None),
-    "tiled_conv_forward": ([_p] * 9 + [_int, _int], None),
+    "tiled_conv_forward": ([_p] * 9 + [_int], None),
     "max_pool2_forward": ([_p] * 5 + [_int, _int], None),
     "max_pool2_backward": ([_p] * 5 + [_int, _int], None),
-    "tiled_conv_supported": ([_i64, _i64, _i64, _int], _int),
+    "tiled_conv_supported": ([_i64, _i64], _int),
     "tiled_conv_weight_grad": ([_p] * 8 + [_i64, _int], None),
     "threshold_counts": ([_p, _i64, _i64, _f32, _p, _int], None),
     "threshold_lists": ([_p, _i64, _i64, _i64, _i64, _f32] + [_p] * 10 + [_int], None),
@@ -313,30 +313,23 @@ def sparse_conv_backward_weight(geom: np.ndarray, x: torch.Tensor, grad: torch.T
     return partial.sum(0)
 
 
-def tiled_supported(n: int, ho: int, wo: int, batch_inner: bool) -> bool:
-    """Whether the register-tiled kernels (``tiled_conv.c``) cover an output of this size in this layout."""
+def tiled_supported(ho: int, wo: int) -> bool:
+    """Whether the register-tiled kernels (``tiled_conv.c``) cover an output plane of ``ho`` x ``wo``."""
     lib = _load()
-    return lib is not None and bool(lib.tiled_conv_supported(n, ho, wo, int(batch_inner)))
+    return lib is not None and bool(lib.tiled_conv_supported(ho, wo))
 
 
-def tiled_conv(xp: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, lists: tuple, out: torch.Tensor,
-               batch_inner: bool = False) -> torch.Tensor:
-    """A stride-1 direct sparse convolution over a zero-padded input, into ``out`` (register-tiled).
-
-    ``xp`` is ``[N, Cin, Hp, Wp]`` (or ``[Cin, Hp, Wp, N]`` with ``batch_inner``), already padded; ``out`` is
-    ``[N, Cout, Ho, Wo]`` (or ``[Cout, Ho, Wo, N]``); ``lists`` = (ptr, channel, kh, kw) lists the kept entries by
-    output channel, in the order of ``values``. Check :func:`tiled_supported` first."""
+def tiled_conv(xp: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, lists: tuple,
+               out: torch.Tensor) -> torch.Tensor:
+    """A stride-1 direct sparse convolution of an already zero-padded ``xp`` [N, Cin, Hp, Wp] into ``out``
+    [N, Cout, Ho, Wo] (register-tiled); ``lists`` = (ptr, channel, kh, kw) lists the kept entries by output
+    channel, in the order of ``values``. Check :func:`tiled_supported` first."""
     ptr, ch, kh, kw = lists
-    if batch_inner:
-        cin, hp, wp, n = xp.shape
-        cout, ho, wo, _ = out.shape
-    else:
-        n, cin, hp, wp = xp.shape
-        _, cout, ho, wo = out.shape
+    n, cin, hp, wp = xp.shape
+    _, cout, ho, wo = out.shape
     dims = np.array([n, cin, hp, wp, cout, ho, wo], dtype=np.int64)
     _load().tiled_conv_forward(_ptr(dims), _ptr(xp), _ptr(values), _ptr(bias) if bias is not None else None,
-                               _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out), int(batch_inner),
-                               torch.get_num_threads())
+                               _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out), torch.get_num_threads())
     return out
 
 

@@ -120,69 +120,24 @@ void tiled_conv_weight_grad(const int64_t *dims, const float *xp, const float *g
     parallel_workers(grad_part, &ga, parts, nthreads);
 }
 
-/* ---- batch innermost: output [Cout, Ho, Wo, N], a tile of P neighbouring positions x V vectors (N = V * TL) ---- */
-static inline __attribute__((always_inline)) void inner_tile(const struct tiled_args *a, int64_t co, int64_t pos0,
-                                                             const int V, const int P) {
-    const float b0 = a->bias ? a->bias[co] : 0.0f;
-    const int64_t N = a->n, oh = pos0 / a->wo, ow = pos0 % a->wo;
-    tv acc[P][V];
-    for (int q = 0; q < P; q++)
-        for (int j = 0; j < V; j++) acc[q][j] = (tv){} + b0;
-    const int64_t row = a->wp * N, chan = a->hp * row;
-    for (int64_t e = a->ptr[co]; e < a->ptr[co + 1]; e++) {
-        const float w = a->values[e];
-        const float *src = a->x + a->ch[e] * chan + (oh + a->kh[e]) * row + (ow + a->kw[e]) * N;
-        for (int q = 0; q < P; q++)
-            for (int j = 0; j < V; j++) acc[q][j] += w * load_tv(src + q * N + j * TL);
-    }
-    float *dst = a->out + (co * a->ho * a->wo + pos0) * N;
-    for (int q = 0; q < P; q++)
-        for (int j = 0; j < V; j++) store_tv(dst + q * N + j * TL, acc[q][j]);
-}
-
-static void inner_item(void *p, int64_t co) {
-    const struct tiled_args *a = (const struct tiled_args *)p;
-    const int V = (int)(a->n / TL);
-    /* positions of one output row in tiles of P (P divides Wo: the caller checks) */
-    const int64_t positions = a->ho * a->wo;
-    if (V >= 8) {
-        for (int64_t pos = 0; pos < positions; pos++)  /* one position: V vectors at a time, in slices of 8 */
-            for (int64_t j0 = 0; j0 < V; j0 += 8) {
-                struct tiled_args b = *a;
-                b.x = a->x + j0 * TL;
-                b.out = a->out + j0 * TL;
-                inner_tile(&b, co, pos, 8, 1);
-            }
-    } else if (V == 4) for (int64_t pos = 0; pos < positions; pos += 2) inner_tile(a, co, pos, 4, 2);
-    else if (V == 2) for (int64_t pos = 0; pos < positions; pos += 2) inner_tile(a, co, pos, 2, 2);
-    else for (int64_t pos = 0; pos < positions; pos += 2) inner_tile(a, co, pos, 1, 2);
-}
-
-/* dims: N, Cin, Hp, Wp (padded input), Cout, Ho, Wo; batch_inner selects the layout. Supported: planes with
- * Wo in {TL, 2 TL, 4 TL} and Ho a multiple of the tile's rows; batch innermost with N a multiple of TL (and of
- * 8 TL when above it) and Wo even. The caller checks (tiled_conv_supported). */
+/* dims: N, Cin, Hp, Wp (the padded input), Cout, Ho, Wo; Ho and Wo as tiled_conv_supported allows. */
 void tiled_conv_forward(const int64_t *dims, const float *x, const float *values, const float *bias,
                         const int64_t *ptr, const int32_t *ch, const int16_t *kh, const int16_t *kw, float *out,
-                        int batch_inner, int nthreads) {
+                        int nthreads) {
     struct tiled_args a = {dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
                            x, values, bias, ptr, ch, kh, kw, out};
-    if (batch_inner) parallel_workers(inner_item, &a, a.cout, nthreads);
-    else parallel_workers(plane_item, &a, a.n * a.cout, nthreads);
+    parallel_workers(plane_item, &a, a.n * a.cout, nthreads);
 }
 
-/* 1 where the kernels above cover this shape. */
-int tiled_conv_supported(int64_t n, int64_t ho, int64_t wo, int batch_inner) {
-    if (batch_inner) {
-        int64_t v = n / TL;
-        return n % TL == 0 && (v <= 4 || v % 8 == 0) && wo % 2 == 0 && (v > 4 || (ho * wo) % 2 == 0);
-    }
+/* 1 where the kernels cover an output plane of Ho x Wo: TL, 2 TL or 4 TL columns, whole tiles of rows. */
+int tiled_conv_supported(int64_t ho, int64_t wo) {
     if (wo == TL) return ho % ACC == 0;
     if (wo == 2 * TL) return ho % (ACC / 2) == 0;
     if (wo == 4 * TL) return ho % (ACC / 4) == 0;
     return 0;
 }
 
-int tiled_lanes(void) { return TL; }
+
 
 /* ---- the kept-entry lists of a weight [Cout, Cin, KH, KW] (contiguous) whose |w| reaches a threshold ----
  * SWAT's W_s moves every step (the threshold is kept for a period, the weights change), so its lists are rebuilt
