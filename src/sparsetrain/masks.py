@@ -127,6 +127,18 @@ def select_parameters(model: nn.Module, dense_layers: Iterable[str] = ("first", 
     return {n: p for n, p in found if n not in skip and not any(fnmatch.fnmatchcase(n, g) for g in globs)}
 
 
+def _mul_all(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """``t.mul_(m)`` for every pair, as few kernel launches as PyTorch allows (one per device and dtype group):
+    a step of a small model with many layers pays per call, not per element."""
+    if not tensors:
+        return
+    try:
+        torch._foreach_mul_(tensors, masks)
+    except (RuntimeError, TypeError):  # mixed devices or layouts the fused call refuses: one at a time
+        for t, m in zip(tensors, masks):
+            t.mul_(m)
+
+
 class MaskSet:
     """Boolean masks for a set of parameters, applied after every optimizer step."""
 
@@ -232,20 +244,23 @@ class MaskSet:
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero every masked weight (and the optimizer state that belongs to it)."""
+        targets, masks = [], []
         for n, p in self.params.items():
             m = local(self.masks[n])
-            local(p).mul_(m)
+            targets.append(local(p))
+            masks.append(m)
             if optimizer is not None:
                 for v in optimizer.state.get(p, {}).values():
                     if torch.is_tensor(v) and v.shape == p.shape:
-                        local(v).mul_(m)
+                        targets.append(local(v))
+                        masks.append(m)
+        _mul_all(targets, masks)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradient entries of masked weights."""
-        for n, p in self.params.items():
-            if p.grad is not None:
-                local(p.grad).mul_(local(self.masks[n]))
+        pairs = [(local(p.grad), local(self.masks[n])) for n, p in self.params.items() if p.grad is not None]
+        _mul_all([g for g, _ in pairs], [m for _, m in pairs])
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep masked weights at zero through ``optimizer.step()`` (any torch optimizer)."""
