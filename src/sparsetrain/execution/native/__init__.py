@@ -63,7 +63,7 @@ _SIGNATURES = {
     "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
     "compressed_image_offsets": ([_p, _i64, _i64, _p, _int], None),
-    "compressed_conv_weight_grad": ([_p] * 10 + [_int], None),
+    "compressed_conv_weight_grad": ([_p] * 10 + [_i64, _int], None),
     "tiled_conv_forward": ([_p] * 9 + [_int], None),
     "max_pool2_forward": ([_p] * 5 + [_int, _int], None),
     "max_pool2_backward": ([_p] * 5 + [_int, _int], None),
@@ -446,11 +446,11 @@ def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tu
     """The weight gradient of a convolution from its *compressed* input, ``[Cin, KH, KW, Cout]``.
 
     ``packed``/``values`` are what :func:`compress` made of the input ``[N, H, W, Cin]`` in memory order
-    (channels-last; a Linear's tokens are images of G x 1 pixels under a 1x1 kernel); ``grad`` is the output
-    gradient ``[N, Ho, Wo, Cout]``, contiguous (re-laid here in blocks of 64 output channels). With
-    ``channels_first`` the input was compressed in NCHW order instead (``shape`` still names N, H, W, Cin). Each
-    kept input entry costs KH x KW vector multiply-adds over the output channels (``compressed_grad.c``): the work falls with the input's density and the dense input is
-    never rebuilt.
+    (channels-last; a Linear's tokens are N images of 1 x 1 under a 1x1 kernel); ``grad`` is the output
+    gradient ``[N, Ho, Wo, Cout]``, contiguous (zero-padded here to a multiple of 64 channels). With
+    ``channels_first`` the input was compressed in NCHW order instead (``shape`` still names N, H, W, Cin).
+    Each kept input entry costs KH x KW vector multiply-adds over the output channels (``compressed_grad.c``):
+    the work falls with the input's density, and the dense input is never rebuilt.
     """
     lib, threads = _load(), torch.get_num_threads()
     n, h, w, cin = shape
@@ -470,14 +470,13 @@ def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tu
     if kept != values.numel():
         raise ValueError(f"bitmask holds {kept} set bits but {values.numel()} values were given")
     gwt = torch.empty(cin, kh, kw, cout, dtype=torch.float32)
-    blocks = -(-cout // 64)
-    if blocks > 1 or cout < 64:  # [Cout / 64, N, Ho, Wo, 64]: each block of output channels contiguous
-        grad = F.pad(grad, (0, blocks * 64 - cout)) if cout % 64 else grad
-        grad = grad.reshape(n, ho, wo, blocks, 64).permute(3, 0, 1, 2, 4).contiguous()
+    gstride = -(-cout // 64) * 64
+    if gstride != cout:  # the kernels read whole blocks of 64 output channels
+        grad = F.pad(grad, (0, gstride - cout))
     ch_ptr = np.empty(n * (cin + 1), dtype=np.int64)
     pos, val = np.empty(max(kept, 1), dtype=np.int32), np.empty(max(kept, 1), dtype=np.float32)
     geom = np.array([n, cin, h, w, cout, ho, wo, kh, kw, *stride, *padding, *dilation], dtype=np.int64)
     lib.compressed_conv_weight_grad(_ptr(geom), _ptr(packed), _ptr(values), _ptr(img_off),
                                     _ptr(plane_off) if plane_off is not None else None, _ptr(grad), _ptr(gwt),
-                                    _ptr(ch_ptr), _ptr(pos), _ptr(val), threads)
+                                    _ptr(ch_ptr), _ptr(pos), _ptr(val), gstride, threads)
     return gwt

@@ -1,9 +1,8 @@
 /* The weight gradient of a convolution straight from its compressed input (SWAT's saved top-K activations).
  *
  * The input x [N, H, W, Cin] (channels-last, or a Linear's [T, in] as N = T, H = W = 1) is given as the bitmask
- * of its kept entries in memory order plus their values, as compress() writes them; the output gradient g comes
- * in blocks of 64 channels, [Cout / 64, N, Ho, Wo, 64] (the last block zero-padded), so that a block's rows are
- * contiguous (a strided slice of [N, Ho, Wo, Cout] maps its rows onto few cache sets). The result is laid out
+ * of its kept entries in memory order plus their values, as compress() writes them; the output gradient g is
+ * [N, Ho, Wo, G] with G = Cout rounded up to a multiple of 64 (the caller zero-pads). The result is laid out
  * gwt[Cin, KH, KW, Cout]:
  *
  *     gwt[ci, kh, kw, :] = sum over kept x[n, h, w, ci] of x[n, h, w, ci] * g[n, oh, ow, :]
@@ -127,7 +126,7 @@ static void sort_block_planes(void *p, int64_t b) {
 /* ---- per block of output channels, the sums over the images ---- */
 struct cgrad_args {
     const struct cgrad_geom *g; const int64_t *ch_ptr; const int64_t *img_off; const int32_t *pos; const float *val;
-    const float *grad; float *gwt; int64_t per_block, co_blocks, ci_parts;
+    const float *grad; float *gwt; int64_t per_block, co_blocks, ci_parts, gstride;
 };
 
 /* rows[kw, :width] += sum over entries [e0, e1) of val * g[image, oh, ow, :] for one kernel row (stride 1; KW a
@@ -138,19 +137,19 @@ static inline __attribute__((always_inline)) void kernel_row(
     const struct cgrad_geom *g = a->g;
     const int32_t *restrict pos = a->pos;
     const float *restrict val = a->val;
-    const int64_t cout = g->cout, ho = g->ho, wo = g->wo, pw = g->pw, dw = g->dw;
+    const int64_t cout = g->cout, ho = g->ho, wo = g->wo, pw = g->pw, dw = g->dw, gs = a->gstride;
     vf acc[MAX_KW][NVEC];
     memset(acc, 0, sizeof acc);
     for (int kw = 0; kw < KW; kw++) memcpy(acc[kw], rows + kw * cout, width * sizeof(float));
     for (int64_t e = e0; e < e1; e++) {
         const int64_t oh = pos_h(pos[e]) + offh, w = pos_w(pos[e]);
         if (oh < 0 || oh >= ho) continue;
-        const float *grow = gimg + (pos_image(pos[e]) * ho + oh) * wo * CO_BLOCK;
+        const float *grow = gimg + (pos_image(pos[e]) * ho + oh) * wo * gs;
         const float xv = val[e];
         for (int kw = 0; kw < KW; kw++) {
             const int64_t ow = w + pw - kw * dw;
             if (ow < 0 || ow >= wo) continue;
-            const float *gr = grow + ow * CO_BLOCK;
+            const float *gr = grow + ow * gs;
             for (int j = 0; j < NVEC; j++) {
                 vf gv;
                 memcpy(&gv, gr + j * LANES, sizeof gv);
@@ -168,12 +167,12 @@ static void kernel_row_any(const struct cgrad_args *a, int64_t e0, int64_t e1, i
     for (int64_t e = e0; e < e1; e++) {
         const int64_t th = pos_h(a->pos[e]) + offh;  /* oh * stride */
         if (th < 0 || th % g->sh || th / g->sh >= g->ho) continue;
-        const float *grow = gimg + (pos_image(a->pos[e]) * g->ho + th / g->sh) * g->wo * CO_BLOCK;
+        const float *grow = gimg + (pos_image(a->pos[e]) * g->ho + th / g->sh) * g->wo * a->gstride;
         const float xv = a->val[e];
         for (int64_t kw = 0; kw < g->kw; kw++) {
             const int64_t tw = pos_w(a->pos[e]) + g->pw - kw * g->dw;
             if (tw < 0 || tw % g->sw || tw / g->sw >= g->wo) continue;
-            const float *restrict gr = grow + (tw / g->sw) * CO_BLOCK;
+            const float *restrict gr = grow + (tw / g->sw) * a->gstride;
             float *restrict row = rows + kw * g->cout;
             for (int64_t j = 0; j < width; j++) row[j] += xv * gr[j];
         }
@@ -187,13 +186,13 @@ static void cgrad_item(void *p, int64_t item) {
     const int64_t ci0 = g->cin * part / a->ci_parts, ci1 = g->cin * (part + 1) / a->ci_parts;
     const int64_t co0 = cb * CO_BLOCK, width = co0 + CO_BLOCK <= g->cout ? CO_BLOCK : g->cout - co0;
     const int64_t ksz = g->kh * g->kw, cout = g->cout;
-    const float *gblock = a->grad + cb * g->n * g->ho * g->wo * CO_BLOCK;  /* this block's [N, Ho, Wo, 64] */
+    const float *gblock = a->grad + co0;  /* this block's 64 columns of the output gradient */
     const int fast = g->sh == 1 && g->sw == 1 && g->kw <= MAX_KW;
     for (int64_t ci = ci0; ci < ci1; ci++)
         for (int64_t k = 0; k < ksz; k++) memset(a->gwt + (ci * ksz + k) * cout + co0, 0, width * sizeof(float));
     for (int64_t b = 0, n0 = 0; n0 < g->n; b++, n0 += a->per_block) {
         const int64_t *ptr = a->ch_ptr + b * (g->cin + 1), base = a->img_off[n0];
-        const float *gimg = gblock + n0 * g->ho * g->wo * CO_BLOCK;
+        const float *gimg = gblock + n0 * g->ho * g->wo * a->gstride;
         for (int64_t ci = ci0; ci < ci1; ci++) {
             const int64_t e0 = base + ptr[ci], e1 = base + ptr[ci + 1];
             if (e0 == e1) continue;
@@ -215,7 +214,7 @@ static void cgrad_item(void *p, int64_t item) {
  * pos[kept], val[kept]. Writes gwt[Cin, KH, KW, Cout]. */
 void compressed_conv_weight_grad(const int64_t *geom, const uint8_t *bits, const float *values, const int64_t *img_off,
                                  const int64_t *plane_off, const float *grad, float *gwt, int64_t *ch_ptr, int32_t *pos,
-                                 float *val, int nthreads) {
+                                 float *val, int64_t gstride, int nthreads) {
     struct cgrad_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8],
                            (int)geom[9], (int)geom[10], (int)geom[11], (int)geom[12], (int)geom[13], (int)geom[14]};
     const int64_t per_block = images_per_block(&g), blocks = (g.n + per_block - 1) / per_block;
@@ -227,7 +226,7 @@ void compressed_conv_weight_grad(const int64_t *geom, const uint8_t *bits, const
     int64_t ci_parts = (4 * (int64_t)nthreads + co_blocks - 1) / co_blocks;
     if (ci_parts > g.cin) ci_parts = g.cin;
     if (ci_parts < 1) ci_parts = 1;
-    struct cgrad_args a = {&g, ch_ptr, img_off, pos, val, grad, gwt, per_block, co_blocks, ci_parts};
+    struct cgrad_args a = {&g, ch_ptr, img_off, pos, val, grad, gwt, per_block, co_blocks, ci_parts, gstride};
     parallel_workers(cgrad_item, &a, co_blocks * ci_parts, nthreads);
 }
 
