@@ -91,6 +91,21 @@ def test_tiled_direct_conv_equals_float64(cin, cout, k, padding, size):
         torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (64, 70, 1, 1), (3, 2, 5, 5)])
+def test_lists_from_a_threshold_equal_the_structure_of_the_mask(shape):
+    """SWAT's per-step lists (C, from |w| >= threshold) are exactly DirectStructure.from_mask's, values included."""
+    import numpy as np
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    thr = float(w.abs().flatten().kthvalue(int(0.8 * w.numel())).values)
+    values, by_out, by_in = native.threshold_lists(w, thr)
+    ref = DirectStructure.from_mask(w.abs() >= thr)
+    assert torch.equal(values, w.reshape(-1)[ref.flat_index])
+    for got, want in zip(by_out + by_in, ref.by_out + ref.by_in):
+        assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("shape", [(5, 8), (16, 3), (1, 10)])
 def test_csr_linear_equals_masked_dense(shape):
     torch.manual_seed(1)

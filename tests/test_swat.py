@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_datasets
 from sparsetrain.accounting import saved_tensor_bytes_by_module
 from sparsetrain.execution.activations import BitReLU, replace_activations
-from sparsetrain.config import load_config
+from sparsetrain.config import ConfigError, load_config
 from sparsetrain.models import build_model
 from sparsetrain.execution.bits import pack_bits, unpack_bits
 from sparsetrain.execution.swat_layers import (SWATConv2d, convert, harden, revert, swat_conv2d, swat_layers, swat_linear,
@@ -357,6 +357,34 @@ def test_swat_training_reports_sparsities_flops_and_exports_a_plain_sparse_model
     plain.load_state_dict(state)  # the plain architecture's keys
     w = plain[3].weight
     assert (w != 0).float().mean().item() == pytest.approx(0.2, abs=0.01)
+
+
+def test_swat_training_on_the_direct_kernels_matches_the_dense_products(tmp_path):
+    """backend direct (NCHW, 32 x 32 planes: the tiled kernels, dW from the compressed input) takes the same
+    training step as backend masked, thresholds and optimizer included. One step: the top-K sets depend on which
+    entry sits at the K-th place, and float sums in another order can move that boundary by one entry on later
+    steps (the layers' own products are checked against float64 above). An unknown backend is refused."""
+    from sparsetrain.execution import native
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+
+    def run(backend):
+        cfg = load_config(overrides=["model.name=resnet20", "data.dataset=cifar10", "optim.batch_size=32", "run.threads=1",
+                                     "run.progress=false", "model.channels_last=false", "optim.epochs=1",
+                                     f"run.out_dir={tmp_path / backend}", "sparsity.method=swat", "sparsity.sparsity=0.9",
+                                     "sparsity.swat.activation_sparsity=0.9", "sparsity.swat.topk_period=2",
+                                     f"sparsity.backend={backend}"])
+        trainer = Trainer(cfg, datasets=tiny_datasets(n_train=32, shape=(3, 32, 32)))
+        trainer.fit()
+        return trainer
+
+    masked, direct = run("masked"), run("direct")
+    layers = [m for m in direct.model.modules() if isinstance(m, SWATConv2d) and m.density < 1]
+    assert layers and all(m.ran == "direct" for m in layers)
+    for k, v in masked.model.state_dict().items():
+        torch.testing.assert_close(direct.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="method 'swat' runs under backend 'masked', 'direct' or 'auto'"):
+        load_config(overrides=["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.backend=csr"])
 
 
 def test_swat_cuts_what_conv_layers_save_for_backward():

@@ -332,6 +332,7 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
     """A Conv2d trained the SWAT way (made by :func:`convert`; same parameters as the layer it replaces)."""
 
     backend = "masked"
+    ran: str | None = None  # the path the last training forward took ("direct" or "masked")
 
     def fix_backend(self, backend: str) -> None:
         """Compute with ``backend`` from now on (one of :data:`SWAT_BACKENDS`)."""
@@ -350,7 +351,10 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
         self._maybe_refresh(x)
         if self.padding_mode != "zeros":
             raise ValueError("SWAT supports zero padding only")
-        if self.runs_direct(x):
+        direct = self.runs_direct(x)
+        if self.training:
+            self.ran = "direct" if direct else "masked"
+        if direct:
             return _SWATDirectConv2dFn.apply(x, self.weight, self.bias, self.w_thresh, self.a_thresh, _pair(self.stride),
                                              _pair(self.padding), _pair(self.dilation))
         return swat_conv2d(x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh,
