@@ -694,7 +694,7 @@ def choose_now(model: nn.Module, loss_of) -> None:
         p.grad = None
 
 
-def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 3) -> torch.memory_format:
+def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4) -> torch.memory_format:
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
     given in memory format ``fmt``) with every layer on the path it chooses in NCHW, then with every layer
     masked dense in channels-last; keep the faster, so ``auto`` is never slower than its dense layers would be.
@@ -703,22 +703,29 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
     and the timing passes, which hold every path's activations in turn, stay below a training step's peak."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    choices: dict[str, str] = {}
 
-    def fastest(fmt: torch.memory_format) -> float:
+    def timed(sparse: bool) -> float:
+        if sparse:
+            for n, m in layers.items():
+                m.fix_backend(choices.get(n, m.backend))
+        else:
+            for m in layers.values():
+                m.fix_backend("masked")
+        fmt = torch.contiguous_format if sparse else torch.channels_last
         model.to(memory_format=fmt)
-        best = float("inf")
-        for i in range(repeats + 1):  # the first pass warms up (and lets undecided layers time themselves)
-            t = time.perf_counter()
-            loss_of(fmt).backward()
-            if i:
-                best = min(best, time.perf_counter() - t)
-        return best
+        t = time.perf_counter()
+        loss_of(fmt).backward()
+        return time.perf_counter() - t
 
-    t_sparse = fastest(torch.contiguous_format)
-    choices = {n: m.backend for n, m in layers.items()}
-    for m in layers.values():
-        m.fix_backend("masked")
-    t_dense = fastest(torch.channels_last)
+    timed(True)  # warm-up; undecided layers time their paths here
+    choices.update({n: m.backend for n, m in layers.items()})
+    timed(False)
+    # the two layouts alternate, so that a slow stretch of the machine does not fall on one of them alone
+    t_sparse = t_dense = float("inf")
+    for _ in range(repeats):
+        t_sparse = min(t_sparse, timed(True))
+        t_dense = min(t_dense, timed(False))
     keep_dense = torch.tensor([int(t_dense <= t_sparse)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(keep_dense, 0)
