@@ -507,7 +507,7 @@ class _SparseExec:
         for name in self.candidates(x):
             self.backend = name
             best = float("inf")
-            for _ in range(3):
+            for _ in range(5):  # the minimum of five: three let a noisy moment flip layers that differ by 10%
                 xi = x.detach().requires_grad_(x.requires_grad)
                 t = time.perf_counter()
                 out = self._run(xi)
@@ -684,6 +684,7 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
 
 
 TIMING_SHARE = 4  # auto's timing passes run on 1/TIMING_SHARE of a batch (see settle_layout)
+NEAR_TIE = 1.1  # settle_layout also tries on the kernels the layers whose kernels came within this factor
 
 
 def choose_now(model: nn.Module, loss_of) -> None:
@@ -696,43 +697,52 @@ def choose_now(model: nn.Module, loss_of) -> None:
 
 def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4) -> torch.memory_format:
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
-    given in memory format ``fmt``) with every layer on the path it chooses in NCHW, then with every layer
-    masked dense in channels-last; keep the faster, so ``auto`` is never slower than its dense layers would be.
+    given in memory format ``fmt``) with every layer on the path it chooses in NCHW, with the layers near a tie
+    (:data:`NEAR_TIE`) on the kernels as well, and with every layer masked dense in channels-last; keep the
+    fastest, so ``auto`` is never slower than its dense layers would be.
     Returns the memory format the model's inputs must take from now on (the model is converted to it).
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
     and the timing passes, which hold every path's activations in turn, stay below a training step's peak."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    choices: dict[str, str] = {}
 
-    def timed(sparse: bool) -> float:
-        if sparse:
-            for n, m in layers.items():
-                m.fix_backend(choices.get(n, m.backend))
-        else:
-            for m in layers.values():
-                m.fix_backend("masked")
-        fmt = torch.contiguous_format if sparse else torch.channels_last
+    def timed(plan: dict[str, str] | None) -> float:
+        """One forward + backward with the layers on ``plan`` in NCHW, or (None) all masked in channels-last."""
+        for n, m in layers.items():
+            m.fix_backend(plan.get(n, m.backend) if plan is not None else "masked")
+        fmt = torch.contiguous_format if plan is not None else torch.channels_last
         model.to(memory_format=fmt)
         t = time.perf_counter()
         loss_of(fmt).backward()
         return time.perf_counter() - t
 
-    timed(True)  # warm-up; undecided layers time their paths here
-    choices.update({n: m.backend for n, m in layers.items()})
-    timed(False)
-    # the two layouts alternate, so that a slow stretch of the machine does not fall on one of them alone
-    t_sparse = t_dense = float("inf")
+    timed({})  # warm-up; undecided layers time their paths here
+    choices = {n: m.backend for n, m in layers.items()}
+    plans = [choices]
+    # layers whose kernels came within 10% of their chosen path: per-layer timings on a part of a batch miss
+    # what the layout around them costs, so the whole step is also timed with those on the kernels
+    near = {n: "direct" for n, m in layers.items() if m.backend != "direct" and "direct" in getattr(m, "timings", {})
+            and m.timings["direct"] <= NEAR_TIE * m.timings[m.backend]}
+    if near:
+        plans.append({**choices, **near})
+    timed(None)
+    # the layouts alternate, so that a slow stretch of the machine does not fall on one of them alone
+    times = [float("inf")] * (len(plans) + 1)
     for _ in range(repeats):
-        t_sparse = min(t_sparse, timed(True))
-        t_dense = min(t_dense, timed(False))
-    keep_dense = torch.tensor([int(t_dense <= t_sparse)])
+        for i, plan in enumerate([*plans, None]):
+            times[i] = min(times[i], timed(plan))
+    best = min(range(len(times)), key=times.__getitem__)
+    dense = best == len(plans)
+    names = sorted(layers)
+    # rank 0 decides for all: its layout and every layer's path (timings, and so the plans tried, differ by rank)
+    pick = torch.tensor([int(dense)] + [BACKENDS.index("masked" if dense else plans[best][n]) for n in names])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(keep_dense, 0)
-    fmt = torch.channels_last if int(keep_dense) else torch.contiguous_format
-    if fmt == torch.contiguous_format:
-        for n, m in layers.items():
-            m.fix_backend(choices[n])
+        dist.broadcast(pick, 0)
+    dense = bool(pick[0])
+    for n, code in zip(names, pick[1:].tolist()):
+        layers[n].fix_backend(BACKENDS[code])
+    t_sparse, t_dense = min(times[:-1]), times[-1]
+    fmt = torch.channels_last if dense else torch.contiguous_format
     model.to(memory_format=fmt)
     model.load_state_dict(saved)
     for p in model.parameters():
