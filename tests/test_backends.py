@@ -47,11 +47,17 @@ def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation
     monkeypatch.setattr(backends, "_BATCH_INNER_BELOW", 10**9 if batch_inner else 0)
     torch.manual_seed(0)
     mask = torch.rand(cout, cin, k, k) > 0.7
+    _check_direct_against_float64(mask, torch.randn(3, cin, 9, 9), stride, padding, dilation)
+
+
+def _check_direct_against_float64(mask, x, stride, padding, dilation=1):
+    """direct_conv2d's output and gradients (input, kept weights, bias) against float64 autograd: the kernels sum
+    in another order than any dense float32 path."""
+    cout, cin, k, _ = mask.shape
     w = (torch.randn(cout, cin, k, k) * mask).requires_grad_()
     b = torch.randn(cout, requires_grad=True)
-    x = torch.randn(3, cin, 9, 9, requires_grad=True)
+    x = x.requires_grad_()
     out = direct_conv2d(x, w, b, DirectStructure.from_mask(mask), (stride, stride), (padding, padding), (dilation, dilation))
-    # reference in float64: the kernels sum in another order than any dense float32 path
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     ref = F.conv2d(x64, w64, b64, stride, padding, dilation)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -76,19 +82,7 @@ def test_tiled_direct_conv_equals_float64(cin, cout, k, padding, size):
     ho = size + 2 * padding - k + 1
     geom = [n, cin, size, size, cout, ho, ho, 1, 1, padding, padding, 1, 1]
     assert any(backends._tiled(torch.tensor(geom).numpy(), (k, k)))  # the shapes really take a tiled path
-    mask = torch.rand(cout, cin, k, k) > 0.6
-    w = (torch.randn(cout, cin, k, k) * mask).requires_grad_()
-    b = torch.randn(cout, requires_grad=True)
-    x = torch.randn(n, cin, size, size, requires_grad=True)
-    out = direct_conv2d(x, w, b, DirectStructure.from_mask(mask), (1, 1), (padding, padding), (1, 1))
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ref = F.conv2d(x64, w64, b64, 1, padding)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (x, w, b), g.float())
-    want = torch.autograd.grad(ref, (x64, w64, b64), g)
-    for a, r, m in zip(got, want, (1, mask, 1)):
-        torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
+    _check_direct_against_float64(torch.rand(cout, cin, k, k) > 0.6, torch.randn(n, cin, size, size), 1, padding)
 
 
 @needs_native

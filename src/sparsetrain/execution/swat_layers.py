@@ -48,13 +48,14 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..schemes import parse_scheme
-from .backends import DirectStructure, direct_forward, direct_geometry, direct_input_grad, direct_plan
 from ..sharding import Part, local, sum_over_ranks, whole
 from . import native
+from .backends import DirectStructure, direct_forward, direct_geometry, direct_input_grad, direct_plan
 from .bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
 
-__all__ = ["COMPRESSED_WGRAD_MAX_DENSITY", "DIRECT_MAX_DENSITY", "SWAT_BACKENDS", "swat_backend", "SWATConv2d", "SWATLinear", "convert", "revert", "harden", "swat_layers", "SWAT_BUFFERS",
-           "swat_conv2d", "swat_linear", "topk_threshold", "threshold_and_share"]
+__all__ = ["COMPRESSED_WGRAD_MAX_DENSITY", "DIRECT_MAX_DENSITY", "SWAT_BACKENDS", "swat_backend", "SWATConv2d",
+           "SWATLinear", "convert", "revert", "harden", "swat_layers", "SWAT_BUFFERS", "swat_conv2d", "swat_linear",
+           "topk_threshold", "threshold_and_share"]
 
 def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
     """The magnitude of the k-th largest entry, k = ceil(density * numel): |t| >= it keeps the top K."""
@@ -163,7 +164,8 @@ class _SWATConv2dFn(torch.autograd.Function):
         packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
         shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
         need = ctx.needs_input_grad
-        if need[1] and groups == 1 and (cl or shape[1] == 1 or shape[2] * shape[3] == 1) and _compressed_wgrad(values, math.prod(shape), grad_out):
+        nhwc_order = cl or shape[1] == 1 or shape[2] * shape[3] == 1  # the saved bits run pixel by pixel
+        if need[1] and groups == 1 and nhwc_order and _compressed_wgrad(values, math.prod(shape), grad_out):
             # the input gradient (and bias) from the dense product; dW from the kept inputs alone
             w_s = _weights(weight, w_mask, w_thresh)
             gx, _, gb = torch.ops.aten.convolution_backward(

@@ -1,11 +1,14 @@
-"""Fused C kernels for compressed activations, built on first use; numpy is the fallback.
+"""Fused C kernels for compressed activations and sparse convolutions, built on first use; numpy is the fallback.
 
 SWAT saves each layer input as a bitmask plus the kept values, and the bit-packed ReLU
 saves one bit per element. In numpy that is several single-threaded passes (abs, compare,
 boolean gather, zero fill, boolean scatter); the kernels in ``compressed.c`` do each side in
-one multi-threaded pass, which is what keeps SWAT's step time near the dense one. The
-direct sparse convolution of the ``direct`` execution backend is in ``direct_conv.c``; both
-families share ``parallel.h`` and build into one library.
+one multi-threaded pass, which is what keeps SWAT's step time near the dense one;
+``compressed_grad.c`` computes a weight gradient straight from such a compressed input, and
+``compact_pool.c`` is a max-pool that saves a byte per output. The direct sparse convolution of the
+``direct`` execution backend is in ``direct_conv.c`` (and, register-tiled for stride-1 planes, in
+``tiled_conv.c``, which also lists SWAT's kept weights from a threshold); the condensed Linear kernels are
+in ``condensed.c``. The families share ``parallel.h`` and build into one library.
 
 The library is compiled with the system C compiler (``$CC``, else ``cc``), tuned for the
 CPU at hand (-march=native), into the cache directory ($SPARSETRAIN_CACHE, else
@@ -33,7 +36,8 @@ import torch.nn.functional as F
 
 __all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
            "sparse_conv_backward_input", "sparse_conv_backward_weight", "compressed_weight_grad", "tiled_supported",
-           "tiled_conv", "tiled_conv_weight_grad", "threshold_lists", "max_pool2", "max_pool2_grad", "condensed_forward", "condensed_backward", "library_path"]
+           "tiled_conv", "tiled_conv_weight_grad", "threshold_lists", "max_pool2", "max_pool2_grad",
+           "condensed_forward", "condensed_backward", "library_path"]
 
 _DIR = Path(__file__).parent
 # one library, its sources split by family: compressed activations, direct convolution, condensed Linear
@@ -373,10 +377,12 @@ def _pool_layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def _pool_call(fn, dims_of: torch.Tensor, big: torch.Tensor, small: torch.Tensor, *ptrs) -> None:
+    """Call a pooling kernel: sizes from ``dims_of``, the strides of the input-sized and output-sized tensors."""
     n, c, ho, wo = dims_of.shape
     dims = np.array([n, c, ho, wo], dtype=np.int64)
     strides = np.array([*big.stride(), *small.stride()], dtype=np.int64)
-    fn(_ptr(dims), _ptr(strides), *map(_ptr, ptrs), int(_pool_layout(big) == torch.channels_last), torch.get_num_threads())
+    channels_inner = int(_pool_layout(big) == torch.channels_last)
+    fn(_ptr(dims), _ptr(strides), *map(_ptr, ptrs), channels_inner, torch.get_num_threads())
 
 
 def max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
