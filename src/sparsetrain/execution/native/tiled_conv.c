@@ -74,7 +74,7 @@ static void plane_item(void *p, int64_t item) {
 
 /* ---- the weight gradient over planes: a tile of the output gradient in registers, one dot product per kept
  * weight with the shifted input tile; part t of the batch sums into partial[t] ---- */
-struct tiled_grad_args { struct tiled_args a; float *partial; int64_t parts; };
+struct tiled_grad_args { struct tiled_args a; const float *grad; float *partial; int64_t parts; };
 
 static inline __attribute__((always_inline)) void grad_tile(const struct tiled_args *a, const float *grad,
                                                             float *gw, int64_t n, int64_t co, int64_t r0,
@@ -104,9 +104,9 @@ static void grad_part(void *p, int64_t t) {
     const int V = (int)(a->wo / TL);
     for (int64_t n = n0; n < n1; n++)
         for (int64_t co = 0; co < a->cout; co++) {
-            if (V == 1) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC) grad_tile(a, a->out, gw, n, co, r0, 1, ACC);
-            else if (V == 2) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 2) grad_tile(a, a->out, gw, n, co, r0, 2, ACC / 2);
-            else for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 4) grad_tile(a, a->out, gw, n, co, r0, 4, ACC / 4);
+            if (V == 1) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC) grad_tile(a, ga->grad, gw, n, co, r0, 1, ACC);
+            else if (V == 2) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 2) grad_tile(a, ga->grad, gw, n, co, r0, 2, ACC / 2);
+            else for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 4) grad_tile(a, ga->grad, gw, n, co, r0, 4, ACC / 4);
         }
 }
 
@@ -116,7 +116,7 @@ void tiled_conv_weight_grad(const int64_t *dims, const float *xp, const float *g
                             const int32_t *ch, const int16_t *kh, const int16_t *kw, float *partial, int64_t parts,
                             int nthreads) {
     struct tiled_grad_args ga = {{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
-                                  xp, 0, 0, ptr, ch, kh, kw, (float *)grad}, partial, parts};
+                                  xp, 0, 0, ptr, ch, kh, kw, 0}, grad, partial, parts};
     parallel_workers(grad_part, &ga, parts, nthreads);
 }
 
