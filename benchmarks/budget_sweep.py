@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,8 +37,8 @@ def sweep(args) -> None:
     threads = 1 if args.device != "cuda" else 0
     running: list[subprocess.Popen] = []
     for name in todo:
-        while len(running) >= args.parallel:
-            running[0].wait()
+        while len(running) >= args.parallel:  # a slot frees when any run ends
+            time.sleep(5)
             running = [p for p in running if p.poll() is None]
         log = open(ROOT / "benchmarks" / "runs" / f"budget-{name}-e{args.epochs}.log", "a")
         running.append(subprocess.Popen(

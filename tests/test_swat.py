@@ -13,6 +13,7 @@ from sparsetrain.accounting import saved_tensor_bytes_by_module
 from sparsetrain.execution.activations import BitReLU, replace_activations
 from sparsetrain.config import ConfigError, load_config
 from sparsetrain.models import build_model
+from sparsetrain.execution import swat_layers as swat_module
 from sparsetrain.execution.bits import pack_bits, unpack_bits
 from sparsetrain.execution.swat_layers import (SWATConv2d, convert, harden, revert, swat_conv2d, swat_layers, swat_linear,
                                                threshold_and_share, topk_threshold)
@@ -73,6 +74,19 @@ def test_linear_gradients_equal_masked_dense_autograd():
     torch.testing.assert_close(gb, g.reshape(-1, 9).sum(0))
 
 
+@pytest.fixture
+def compressed_kernel_calls(monkeypatch):
+    """Send every shape to the compressed weight-gradient kernel (the dispatch keeps it to those where it pays,
+    see ``test_compressed_weight_gradient_runs_where_it_pays``) and count its calls, so a test can check it ran."""
+    from sparsetrain.execution import native
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    calls, kernel = [], native.compressed_weight_grad
+    monkeypatch.setattr(swat_module, "_wgrad_pays", lambda cout, stride: True)
+    monkeypatch.setattr(native, "compressed_weight_grad", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    return calls
+
+
 COMPRESSED_CASES = [  # (cin, cout, k, stride, padding, dilation, h): stride 1 kernels up to 3 wide take the fast path
     (5, 70, 3, 1, 1, 1, 9),    # a tail block of 6 output channels
     (16, 64, 3, 1, 1, 1, 7),   # one full block
@@ -84,11 +98,9 @@ COMPRESSED_CASES = [  # (cin, cout, k, stride, padding, dilation, h): stride 1 k
 
 
 @pytest.mark.parametrize("cin, cout, k, stride, padding, dilation, h", COMPRESSED_CASES)
-def test_weight_gradient_from_the_compressed_input_equals_float64(cin, cout, k, stride, padding, dilation, h):
+def test_weight_gradient_from_the_compressed_input_equals_float64(cin, cout, k, stride, padding, dilation, h,
+                                                                   compressed_kernel_calls):
     """dW read straight from the bitmask and values (no rebuilt input) against float64 autograd on x_s."""
-    from sparsetrain.execution import native
-    if not native.available():
-        pytest.skip("native kernels unavailable")
     torch.manual_seed(cin + cout)
     x = torch.randn(3, cin, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(cout, cin, k, k, requires_grad=True)
@@ -100,14 +112,12 @@ def test_weight_gradient_from_the_compressed_input_equals_float64(cin, cout, k, 
     w_s = (w * (w.abs() >= wt)).detach().double().requires_grad_()
     ref_gw = torch.autograd.grad(F.conv2d(x_s, w_s, None, stride, padding, dilation), w_s, g.double())[0]
     ref_gx = torch.nn.grad.conv2d_input(x.shape, w_s.detach(), g.double(), stride, padding, dilation)
+    assert compressed_kernel_calls
     torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx.double(), ref_gx, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_weight_gradient_from_the_compressed_input_equals_float64():
-    from sparsetrain.execution import native
-    if not native.available():
-        pytest.skip("native kernels unavailable")
+def test_linear_weight_gradient_from_the_compressed_input_equals_float64(compressed_kernel_calls):
     torch.manual_seed(2)
     x = torch.randn(6, 50, 96, requires_grad=True)  # 300 tokens: blocks of tokens, a last short one
     w = torch.randn(70, 96, requires_grad=True)
@@ -116,6 +126,7 @@ def test_linear_weight_gradient_from_the_compressed_input_equals_float64():
     g = torch.randn_like(out)
     gw = torch.autograd.grad(out, w, g)[0]
     x_s = (x * (x.abs() >= at)).detach().double().reshape(-1, 96)
+    assert compressed_kernel_calls
     torch.testing.assert_close(gw.double(), g.double().reshape(-1, 70).t() @ x_s, rtol=1e-5, atol=1e-5)
 
 
@@ -124,12 +135,9 @@ def test_linear_weight_gradient_from_the_compressed_input_equals_float64():
     (4, 6, 3, 2, 1, 9),    # the plain direct kernels, stride 2
     (3, 70, 1, 1, 0, 5),   # 1x1, batch innermost, a tail block of output channels in dW
 ])
-def test_swat_on_the_direct_kernels_equals_float64(cin, cout, k, stride, padding, size):
+def test_swat_on_the_direct_kernels_equals_float64(cin, cout, k, stride, padding, size, compressed_kernel_calls):
     """backend "direct": W_s listed from the threshold, forward and input gradient on the direct kernels, dW from
     the NCHW-compressed input; the same numbers as float64 autograd on the masked tensors."""
-    from sparsetrain.execution import native
-    if not native.available():
-        pytest.skip("native kernels unavailable")
     torch.manual_seed(cin * cout)
     holder = nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding))
     convert(holder, {"0.weight": 0.2}, 0.15)
@@ -147,12 +155,37 @@ def test_swat_on_the_direct_kernels_equals_float64(cin, cout, k, stride, padding
     torch.testing.assert_close(gx.double(), torch.autograd.grad(ref, x64, g.double())[0], rtol=1e-5, atol=1e-5)
     x_s = (x * (x.abs() >= layer.a_thresh)).detach().double()
     ref_gw = torch.nn.grad.conv2d_weight(x_s, w64.shape, g.double(), stride, padding)
+    assert compressed_kernel_calls
     torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gb.double(), g.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
     # channels-last inputs, structured layers and dense budgets keep the dense products
     assert not layer.runs_direct(x.contiguous(memory_format=torch.channels_last)) or size * size == 1 or cin == 1
     with pytest.raises(ValueError, match="unknown SWAT backend 'csr'"):
         layer.fix_backend("csr")
+
+
+def test_compressed_weight_gradient_runs_where_it_pays():
+    """The kernel sums blocks of 64 output channels at every kernel tap: layers with whole blocks at stride 1 and few
+    kept inputs take it; a 16-channel layer, a strided one, or a dense input rebuild and run the dense product."""
+    from sparsetrain.execution import native
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    calls, kernel = [], native.compressed_weight_grad
+    native.compressed_weight_grad = lambda *a, **k: calls.append(a[3].shape[-1]) or kernel(*a, **k)
+    try:
+        for cout, stride, act in ((64, 1, 0.1), (16, 1, 0.1), (128, 2, 0.1), (128, 1, 0.5)):
+            torch.manual_seed(cout)
+            x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+            w = torch.randn(cout, 8, 3, 3, requires_grad=True)
+            wt, at = _thresholds(w, x, act)
+            out = swat_conv2d(x, w, None, None, wt, at, stride, 1)
+            gw = torch.autograd.grad(out, w, torch.ones_like(out))[0]
+            x_s = (x * (x.abs() >= at)).detach()
+            torch.testing.assert_close(gw, torch.nn.grad.conv2d_weight(x_s, w.shape, torch.ones_like(out), stride, 1),
+                                       rtol=1e-4, atol=1e-4)
+    finally:
+        native.compressed_weight_grad = kernel
+    assert calls == [64]
 
 
 def test_compressed_weight_gradient_refuses_a_mismatched_bitmask():
@@ -359,7 +392,7 @@ def test_swat_training_reports_sparsities_flops_and_exports_a_plain_sparse_model
     assert (w != 0).float().mean().item() == pytest.approx(0.2, abs=0.01)
 
 
-def test_swat_training_on_the_direct_kernels_matches_the_dense_products(tmp_path):
+def test_swat_training_on_the_direct_kernels_matches_the_dense_products(tmp_path, compressed_kernel_calls):
     """backend direct (NCHW, 32 x 32 planes: the tiled kernels, dW from the compressed input) takes the same
     training step as backend masked, thresholds and optimizer included. One step: the top-K sets depend on which
     entry sits at the K-th place, and float sums in another order can move that boundary by one entry on later
@@ -378,7 +411,10 @@ def test_swat_training_on_the_direct_kernels_matches_the_dense_products(tmp_path
         trainer.fit()
         return trainer
 
-    masked, direct = run("masked"), run("direct")
+    masked = run("masked")
+    calls_masked = len(compressed_kernel_calls)  # the classifier's only: masked NCHW convolutions rebuild the input
+    direct = run("direct")
+    assert len(compressed_kernel_calls) > 2 * calls_masked
     layers = [m for m in direct.model.modules() if isinstance(m, SWATConv2d) and m.density < 1]
     assert layers and all(m.ran == "direct" for m in layers)
     for k, v in masked.model.state_dict().items():

@@ -9,9 +9,9 @@ For each converted Conv2d/Linear:
 * backward computes dx from W_s and the dense output gradient, and dW from the sparse
   saved input and the dense output gradient. dW is dense: the update reaches every weight, so
   pruned weights can return. Where the kept share of the input is at most
-  :data:`COMPRESSED_WGRAD_MAX_DENSITY` (float32 on the CPU, a channels-last or Linear input), dW is computed
-  from the bitmask and values directly (``native.compressed_weight_grad``: work in proportion to the kept
-  inputs, the dense input never rebuilt); otherwise the input is rebuilt and one
+  :data:`COMPRESSED_WGRAD_MAX_DENSITY` (float32 on the CPU, a channels-last or Linear input, whole blocks of
+  64 output channels at stride 1), dW is computed from the bitmask and values directly
+  (``native.compressed_weight_grad``: work in proportion to the kept inputs, the dense input never rebuilt); otherwise the input is rebuilt and one
   ``aten.convolution_backward`` call (two matrix products for Linear) computes both gradients.
 
 Thresholds are exact top-K values recomputed every ``topk_period`` training forward
@@ -130,11 +130,22 @@ def _scratch(numel: int) -> torch.Tensor:
 # is faster than the compressed kernel (measured on VGG-16's shapes, batch 128, one core: the kernel takes
 # 0.39-0.13 of the rebuild-and-dense time at 5% kept, 0.67-0.26 at 20%, 0.85-1.03 at 30%, 1.07-1.58 at 50%).
 COMPRESSED_WGRAD_MAX_DENSITY = 0.25
+# The kernel sums whole blocks of this many output channels and visits every kernel tap of each kept input, so it
+# pays only on layers with whole blocks at stride 1. Measured at batch 128, one core, 10-20% kept: 16 output
+# channels (ResNet-20's 32 x 32 stage; padded to a block) 4-10x the rebuild-and-dense time, stride 2 2-5x,
+# 16 -> 64 at stride 1 1.0-1.1x, 128 -> 128 at stride 1 0.45-0.7x.
+COMPRESSED_WGRAD_BLOCK = 64
 
 
-def _compressed_wgrad(values: torch.Tensor, numel: int, grad_out: torch.Tensor) -> bool:
-    """Whether dW comes straight from the compressed input: the kernel applies, and few enough inputs were kept."""
-    return (grad_out.dtype == torch.float32 and native.available(values)
+def _wgrad_pays(cout: int, stride) -> bool:
+    """Whether the compressed kernel beats rebuild-and-dense on this layer's shape (see above)."""
+    return cout % COMPRESSED_WGRAD_BLOCK == 0 and all(s == 1 for s in _pair(stride))
+
+
+def _compressed_wgrad(values: torch.Tensor, numel: int, grad_out: torch.Tensor, cout: int, stride=1) -> bool:
+    """Whether dW comes straight from the compressed input: the kernel applies, pays on this shape, and few
+    enough inputs were kept."""
+    return (grad_out.dtype == torch.float32 and native.available(values) and _wgrad_pays(cout, stride)
             and values.numel() <= COMPRESSED_WGRAD_MAX_DENSITY * numel)
 
 
@@ -165,7 +176,8 @@ class _SWATConv2dFn(torch.autograd.Function):
         shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
         need = ctx.needs_input_grad
         nhwc_order = cl or shape[1] == 1 or shape[2] * shape[3] == 1  # the saved bits run pixel by pixel
-        if need[1] and groups == 1 and nhwc_order and _compressed_wgrad(values, math.prod(shape), grad_out):
+        if need[1] and groups == 1 and nhwc_order and _compressed_wgrad(values, math.prod(shape), grad_out,
+                                                                          weight.shape[0], stride):
             # the input gradient (and bias) from the dense product; dW from the kept inputs alone
             w_s = _weights(weight, w_mask, w_thresh)
             gx, _, gb = torch.ops.aten.convolution_backward(
@@ -201,7 +213,7 @@ class _SWATLinearFn(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = (g2 @ _weights(weight, w_mask, w_thresh)).view(shape)
-        if ctx.needs_input_grad[1] and _compressed_wgrad(values, math.prod(shape), g2):
+        if ctx.needs_input_grad[1] and _compressed_wgrad(values, math.prod(shape), g2, g2.shape[1]):
             tokens = g2.shape[0]
             gw = native.compressed_weight_grad(packed, values, (tokens, 1, 1, shape[-1]),
                                                g2.contiguous().view(tokens, 1, 1, -1), (1, 1)).view(shape[-1], -1).t()
@@ -238,7 +250,7 @@ class _SWATDirectConv2dFn(torch.autograd.Function):
             gx = direct_input_grad(grad_out, kept, s, geom, plan)
         if need[1]:
             n, c, h, w = shape
-            if _compressed_wgrad(values, math.prod(shape), grad_out):
+            if _compressed_wgrad(values, math.prod(shape), grad_out, s.shape[0], stride):
                 gwt = native.compressed_weight_grad(packed, values, (n, h, w, c), grad_out.permute(0, 2, 3, 1).contiguous(),
                                                     s.shape[2:], _pair(stride), _pair(padding), _pair(dilation),
                                                     channels_first=True)
