@@ -10,7 +10,8 @@ static random 98% and static random 98% with the ToST recipe. Each run is one ``
 (records in results/protocol_a_budget.jsonl, each with its device); ``--parallel`` runs that many side by
 side, at one thread each on the CPU. Both levels resume: a recorded run is skipped, an unfinished one
 continues from its checkpoint in benchmarks/runs/. The plot sets each method's gap to dense at 15 epochs
-(results/protocol_a.jsonl) beside the longer budgets (results/protocol_a_budget.png).
+(results/protocol_a.jsonl) beside the longer budgets (results/protocol_a_budget.png, and the same figures as
+a table in results/protocol_a_budget.md).
 """
 
 from __future__ import annotations
@@ -50,21 +51,27 @@ def sweep(args) -> None:
         p.wait()
 
 
-def plot() -> Path:
+def accuracies() -> dict[tuple[str, int], float]:
+    """Seed-0 test accuracy by (run, epochs): 15 epochs from protocol_a.jsonl, longer budgets from the sweep's file."""
+    accs: dict[tuple[str, int], float] = {}
+    short_to_name = {short: name for name, short in RUNS.items()}
+    for r in read_records("protocol_a.jsonl"):
+        name = short_to_name.get(r.get("run") or r["method"])  # the oldest records name the method only
+        if name and r["seed"] == 0 and r["epochs"] == 15 and r.get("model", "resnet20") == "resnet20":
+            accs[(name, 15)] = r["test_acc"]
+    for r in read_records(BUDGET_FILE):
+        if r["seed"] == 0:
+            accs[(r["run"], r["epochs"])] = r["test_acc"]
+    return accs
+
+
+def plot(accs: dict[tuple[str, int], float]) -> Path:
     """Gap to dense (points of test accuracy) against the training budget, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    accs: dict[tuple[str, int], float] = {}
-    for r in read_records("protocol_a.jsonl"):
-        for name, short in RUNS.items():
-            if r.get("run") == short and r["seed"] == 0 and r["epochs"] == 15:
-                accs[(name, 15)] = r["test_acc"]
-    for r in read_records(BUDGET_FILE):
-        if r["seed"] == 0:
-            accs[(r["run"], r["epochs"])] = r["test_acc"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in RUNS:
         if name == "dense":
@@ -78,6 +85,27 @@ def plot() -> Path:
     fig.tight_layout()
     out = RESULTS / "protocol_a_budget.png"
     fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def table(accs: dict[tuple[str, int], float]) -> Path:
+    """A Markdown table of each run's accuracy and gap to dense at every budget recorded (results/protocol_a_budget.md)."""
+    budgets = sorted({e for _, e in accs})
+    head = "| run | " + " | ".join(f"{e} epochs | gap" for e in budgets) + " |"
+    lines = ["# Accuracy against training budget (protocol A, ResNet-20, CIFAR-10, seed 0)", "",
+             "Produced by `python benchmarks/budget_sweep.py --plot` from protocol_a.jsonl (15 epochs) and "
+             f"{BUDGET_FILE}. Gap: test accuracy minus dense at the same budget, in points; blank: not run yet.", "",
+             head, "|---|" + "---|---|" * len(budgets)]
+    for name in RUNS:
+        cells = []
+        for e in budgets:
+            acc, dense = accs.get((name, e)), accs.get(("dense", e))
+            gap = "" if acc is None or dense is None or name == "dense" else f"{acc - dense:+.2f}"
+            cells += ["" if acc is None else f"{acc:.2f}", gap]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    out = RESULTS / "protocol_a_budget.md"
+    out.write_text("\n".join(lines) + "\n")
     return out
 
 
@@ -95,7 +123,8 @@ def main(argv=None) -> None:
         if args.parallel < 1:
             ap.error(f"--parallel must be >= 1, got {args.parallel}")
         sweep(args)
-    print(f"wrote {plot()}")
+    accs = accuracies()
+    print(f"wrote {plot(accs)} and {table(accs)}")
 
 
 if __name__ == "__main__":
