@@ -164,27 +164,24 @@ def test_swat_on_the_direct_kernels_equals_float64(cin, cout, k, stride, padding
         layer.fix_backend("csr")
 
 
-def test_compressed_weight_gradient_runs_where_it_pays():
+def test_compressed_weight_gradient_runs_where_it_pays(monkeypatch):
     """The kernel sums blocks of 64 output channels at every kernel tap: layers with whole blocks at stride 1 and few
     kept inputs take it; a 16-channel layer, a strided one, or a dense input rebuild and run the dense product."""
     from sparsetrain.execution import native
     if not native.available():
         pytest.skip("native kernels unavailable")
     calls, kernel = [], native.compressed_weight_grad
-    native.compressed_weight_grad = lambda *a, **k: calls.append(a[3].shape[-1]) or kernel(*a, **k)
-    try:
-        for cout, stride, act in ((64, 1, 0.1), (16, 1, 0.1), (128, 2, 0.1), (128, 1, 0.5)):
-            torch.manual_seed(cout)
-            x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
-            w = torch.randn(cout, 8, 3, 3, requires_grad=True)
-            wt, at = _thresholds(w, x, act)
-            out = swat_conv2d(x, w, None, None, wt, at, stride, 1)
-            gw = torch.autograd.grad(out, w, torch.ones_like(out))[0]
-            x_s = (x * (x.abs() >= at)).detach()
-            torch.testing.assert_close(gw, torch.nn.grad.conv2d_weight(x_s, w.shape, torch.ones_like(out), stride, 1),
-                                       rtol=1e-4, atol=1e-4)
-    finally:
-        native.compressed_weight_grad = kernel
+    monkeypatch.setattr(native, "compressed_weight_grad", lambda *a, **k: calls.append(a[3].shape[-1]) or kernel(*a, **k))
+    for cout, stride, act in ((64, 1, 0.1), (16, 1, 0.1), (128, 2, 0.1), (128, 1, 0.5)):
+        torch.manual_seed(cout)
+        x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(cout, 8, 3, 3, requires_grad=True)
+        wt, at = _thresholds(w, x, act)
+        out = swat_conv2d(x, w, None, None, wt, at, stride, 1)
+        gw = torch.autograd.grad(out, w, torch.ones_like(out))[0]
+        x_s = (x * (x.abs() >= at)).detach()
+        torch.testing.assert_close(gw, torch.nn.grad.conv2d_weight(x_s, w.shape, torch.ones_like(out), stride, 1),
+                                   rtol=1e-4, atol=1e-4)
     assert calls == [64]
 
 

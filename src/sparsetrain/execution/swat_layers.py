@@ -11,8 +11,9 @@ For each converted Conv2d/Linear:
   pruned weights can return. Where the kept share of the input is at most
   :data:`COMPRESSED_WGRAD_MAX_DENSITY` (float32 on the CPU, a channels-last or Linear input, whole blocks of
   64 output channels at stride 1), dW is computed from the bitmask and values directly
-  (``native.compressed_weight_grad``: work in proportion to the kept inputs, the dense input never rebuilt); otherwise the input is rebuilt and one
-  ``aten.convolution_backward`` call (two matrix products for Linear) computes both gradients.
+  (``native.compressed_weight_grad``: work in proportion to the kept inputs, the dense input never rebuilt);
+  otherwise the input is rebuilt and one ``aten.convolution_backward`` call (two matrix products for Linear)
+  computes both gradients.
 
 Thresholds are exact top-K values recomputed every ``topk_period`` training forward
 passes and reused in between, held in module buffers (so they are checkpointed).
