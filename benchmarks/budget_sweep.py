@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, read_records  # noqa: E402
+from common import RESULTS, ROOT, by_run, read_records  # noqa: E402
 
 BUDGET_FILE = "protocol_a_budget.jsonl"
 # run name -> its 15-epoch counterpart in protocol_a.jsonl (MEST's interval is scaled with the budget)
@@ -53,12 +53,9 @@ def sweep(args) -> None:
 
 def accuracies() -> dict[tuple[str, int], float]:
     """Seed-0 test accuracy by (run, epochs): 15 epochs from protocol_a.jsonl, longer budgets from the sweep's file."""
-    accs: dict[tuple[str, int], float] = {}
-    short_to_name = {short: name for name, short in RUNS.items()}
-    for r in read_records("protocol_a.jsonl"):
-        name = short_to_name.get(r.get("run") or r["method"])  # the oldest records name the method only
-        if name and r["seed"] == 0 and r["epochs"] == 15 and r.get("model", "resnet20") == "resnet20":
-            accs[(name, 15)] = r["test_acc"]
+    at15 = by_run([r for r in read_records("protocol_a.jsonl")
+                   if r["seed"] == 0 and r["epochs"] == 15 and r.get("model", "resnet20") == "resnet20"])
+    accs = {(name, 15): at15[short][-1]["test_acc"] for name, short in RUNS.items() if short in at15}
     for r in read_records(BUDGET_FILE):
         if r["seed"] == 0:
             accs[(r["run"], r["epochs"])] = r["test_acc"]
