@@ -38,9 +38,11 @@ def sweep(args) -> None:
     threads = 1 if args.device != "cuda" else 0
     running: list[subprocess.Popen] = []
     for name in todo:
-        while len(running) >= args.parallel:  # a slot frees when any run ends
-            time.sleep(5)
+        while True:  # a slot frees when any run ends
             running = [p for p in running if p.poll() is None]
+            if len(running) < args.parallel:
+                break
+            time.sleep(5)
         log = open(ROOT / "benchmarks" / "runs" / f"budget-{name}-e{args.epochs}.log", "a")
         running.append(subprocess.Popen(
             [sys.executable, str(ROOT / "benchmarks" / "protocol_a.py"), "--data", args.data, "--runs", name,
