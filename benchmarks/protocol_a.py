@@ -4,7 +4,8 @@
 
 Resumable twice over: a run with a record in benchmarks/results/protocol_a.jsonl is
 skipped, and an unfinished run continues from its checkpoint in benchmarks/runs/.
-Each finished run appends one record and writes its accuracy curve as a PNG.
+Each finished run appends one record and writes its accuracy curve as a PNG
+(protocol_a-RUN-MODEL-sSEED.png; at a budget other than 15 epochs, -eEPOCHS before the seed).
 
 With ``--val-fraction F`` the run trains on the rest of the training set, holds F of it out, and
 appends to protocol_a_validation.jsonl instead (with ``val_acc``): the place to choose between
@@ -28,6 +29,7 @@ from sparsetrain.train import Trainer
 RESULTS_FILE = "protocol_a.jsonl"
 VALIDATION_FILE = "protocol_a_validation.jsonl"
 RERUN_FILE = "protocol_a_rerun.jsonl"  # runs repeated after a change of the engine, beside their first records
+EPOCHS = 15  # the protocol's budget; a run at another budget names its curve with it, so neither overwrites the other
 
 # name -> (method label in the record, config overrides). Sparse runs: 90%, first conv and classifier dense.
 # MEST as in its paper's code: uniform distribution (first conv and classifier dense); it mutates every epoch here
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="CIFAR-10 source (e.g. ../shared/data/cifar10-jpeg.tar)")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=sorted(RUNS))
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--val-fraction", type=float, default=0.0,
@@ -147,8 +149,14 @@ def main(argv=None) -> None:
                                        "activation_sparsity") if k in summary},
         }
         append_record(results_file, record)
-        plot_curves([out], RESULTS / f"protocol_a-{name}-{args.model}-s{args.seed}{split}.png")
+        plot_curves([out], RESULTS / curve_name(name, args.model, args.seed, args.epochs, split))
         print(json.dumps(record))
+
+
+def curve_name(run: str, model: str, seed: int, epochs: int, split: str = "") -> str:
+    """The file name of a run's accuracy curve: the budget appears only where it is not the protocol's 15 epochs."""
+    budget = "" if epochs == EPOCHS else f"-e{epochs}"
+    return f"protocol_a-{run}-{model}{budget}-s{seed}{split}.png"
 
 
 def _recipe_label(components: str | None) -> str | None:

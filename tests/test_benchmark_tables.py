@@ -45,6 +45,15 @@ def test_recipe_label_names_tost_only_for_its_default_components():
     assert "recipe.ghost_skip=true" in RUNS["snip98-tost-skips"][1]
 
 
+def test_a_longer_budget_writes_its_own_curve_beside_the_protocols():
+    from protocol_a import curve_name
+
+    at15 = curve_name("rigl", "resnet20", 0, 15)
+    assert at15 == "protocol_a-rigl-resnet20-s0.png"  # the name the 15-epoch curves were committed under
+    assert curve_name("rigl", "resnet20", 0, 60) == "protocol_a-rigl-resnet20-e60-s0.png" != at15
+    assert curve_name("rigl", "resnet20", 1, 60, "-val10") == "protocol_a-rigl-resnet20-e60-s1-val10.png"
+
+
 def test_a_validation_fraction_outside_0_1_is_refused(capsys):
     from protocol_a import main
 
