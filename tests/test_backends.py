@@ -68,8 +68,11 @@ def _check_direct_against_float64(mask, x, stride, padding, dilation=1):
         torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
 
 
-TILED = [  # (cin, cout, k, padding, size): stride 1 on planes 16, 32 (and 64 with AVX-512) columns wide
-    (5, 7, 3, 1, 16), (3, 4, 3, 1, 32), (6, 3, 1, 0, 16), (4, 5, 3, 0, 18), (2, 3, 5, 2, 32), (3, 2, 3, 2, 14),
+TILED = [  # (cin, cout, k, padding, (h, w)): stride 1 on planes 16 or 32 columns wide (8 with AVX2, 64 with AVX-512)
+    (5, 7, 3, 1, (16, 16)), (3, 4, 3, 1, (32, 32)), (6, 3, 1, 0, (16, 16)), (4, 5, 3, 0, (18, 18)),
+    (2, 3, 5, 2, (32, 32)), (3, 2, 3, 2, (14, 14)),
+    # heights that leave rows after the last whole tile with either vector width: the tail tiles
+    (3, 4, 3, 1, (13, 16)), (2, 3, 3, 1, (7, 32)), (4, 2, 1, 0, (31, 16)),
 ]
 
 
@@ -78,11 +81,11 @@ TILED = [  # (cin, cout, k, padding, size): stride 1 on planes 16, 32 (and 64 wi
 def test_tiled_direct_conv_equals_float64(cin, cout, k, padding, size):
     """The register-tiled kernels (forward, input gradient as a flipped convolution, kept-weight gradient)."""
     torch.manual_seed(1)
-    n = 2
-    ho = size + 2 * padding - k + 1
-    geom = [n, cin, size, size, cout, ho, ho, 1, 1, padding, padding, 1, 1]
+    n, (h, w) = 2, size
+    ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+    geom = [n, cin, h, w, cout, ho, wo, 1, 1, padding, padding, 1, 1]
     assert any(backends._tiled(torch.tensor(geom).numpy(), (k, k)))  # the shapes really take a tiled path
-    _check_direct_against_float64(torch.rand(cout, cin, k, k) > 0.6, torch.randn(n, cin, size, size), 1, padding)
+    _check_direct_against_float64(torch.rand(cout, cin, k, k) > 0.6, torch.randn(n, cin, h, w), 1, padding)
 
 
 @needs_native
@@ -319,7 +322,12 @@ def test_auto_keeps_the_faster_whole_step_layout_and_leaves_the_model_as_it_was(
     fmt = settle_layout(model, layers, loss_of, repeats=2)
     if slow_format == "channels_last":  # the per-layer choices in NCHW win
         assert fmt == torch.contiguous_format
-        assert all(m.backend == min(m.timings, key=m.timings.get) for m in layers.values())  # each layer's own choice
+        # each layer on its own choice, or (the second plan timed) every layer whose kernels came near a tie on them
+        own = {n: min(m.timings, key=m.timings.get) for n, m in layers.items()}
+        near = {n for n, m in layers.items() if own[n] != "direct" and "direct" in m.timings
+                and m.timings["direct"] <= backends.NEAR_TIE * m.timings[own[n]]}
+        got = {n: m.backend for n, m in layers.items()}
+        assert got in (own, {**own, **{n: "direct" for n in near}})
     else:  # every layer masked dense, channels-last
         assert fmt == torch.channels_last and all(m.backend == "masked" for m in layers.values())
         assert model[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -63,13 +63,25 @@ static inline __attribute__((always_inline)) void plane_tile(const struct tiled_
         for (int j = 0; j < V; j++) store_tv(dst + r * a->wo + j * TL, acc[r][j]);
 }
 
+/* Every row of a plane: whole tiles of R rows, then the rows left (fewer than R) as tiles of 8, 4, 2 and 1 rows,
+ * so any height is covered with a constant tile size per call (the compiler keeps each tile in registers). */
+#define EACH_ROW_TILE(TILE, V, R, ...)                                                  \
+    do {                                                                                \
+        int64_t r0 = 0;                                                                 \
+        for (; r0 + (R) <= a->ho; r0 += (R)) TILE(__VA_ARGS__, r0, V, R);               \
+        if ((R) > 8 && a->ho - r0 >= 8) { TILE(__VA_ARGS__, r0, V, 8); r0 += 8; }       \
+        if ((R) > 4 && a->ho - r0 >= 4) { TILE(__VA_ARGS__, r0, V, 4); r0 += 4; }       \
+        if ((R) > 2 && a->ho - r0 >= 2) { TILE(__VA_ARGS__, r0, V, 2); r0 += 2; }       \
+        if ((R) > 1 && a->ho - r0 >= 1) { TILE(__VA_ARGS__, r0, V, 1); r0 += 1; }       \
+    } while (0)
+
 static void plane_item(void *p, int64_t item) {
     const struct tiled_args *a = (const struct tiled_args *)p;
     const int64_t n = item / a->cout, co = item % a->cout;
     const int V = (int)(a->wo / TL);
-    if (V == 1) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC) plane_tile(a, n, co, r0, 1, ACC);
-    else if (V == 2) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 2) plane_tile(a, n, co, r0, 2, ACC / 2);
-    else for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 4) plane_tile(a, n, co, r0, 4, ACC / 4);
+    if (V == 1) EACH_ROW_TILE(plane_tile, 1, ACC, a, n, co);
+    else if (V == 2) EACH_ROW_TILE(plane_tile, 2, ACC / 2, a, n, co);
+    else EACH_ROW_TILE(plane_tile, 4, ACC / 4, a, n, co);
 }
 
 /* ---- the weight gradient over planes: a tile of the output gradient in registers, one dot product per kept
@@ -104,9 +116,9 @@ static void grad_part(void *p, int64_t t) {
     const int V = (int)(a->wo / TL);
     for (int64_t n = n0; n < n1; n++)
         for (int64_t co = 0; co < a->cout; co++) {
-            if (V == 1) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC) grad_tile(a, ga->grad, gw, n, co, r0, 1, ACC);
-            else if (V == 2) for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 2) grad_tile(a, ga->grad, gw, n, co, r0, 2, ACC / 2);
-            else for (int64_t r0 = 0; r0 < a->ho; r0 += ACC / 4) grad_tile(a, ga->grad, gw, n, co, r0, 4, ACC / 4);
+            if (V == 1) EACH_ROW_TILE(grad_tile, 1, ACC, a, ga->grad, gw, n, co);
+            else if (V == 2) EACH_ROW_TILE(grad_tile, 2, ACC / 2, a, ga->grad, gw, n, co);
+            else EACH_ROW_TILE(grad_tile, 4, ACC / 4, a, ga->grad, gw, n, co);
         }
 }
 
@@ -129,12 +141,10 @@ void tiled_conv_forward(const int64_t *dims, const float *x, const float *values
     parallel_workers(plane_item, &a, a.n * a.cout, nthreads);
 }
 
-/* 1 where the kernels cover an output plane of Ho x Wo: TL, 2 TL or 4 TL columns, whole tiles of rows. */
+/* 1 where the kernels cover an output plane of Ho x Wo: TL, 2 TL or 4 TL columns (TL = 8 floats with AVX2, 16 with
+ * AVX-512), any number of rows. */
 int tiled_conv_supported(int64_t ho, int64_t wo) {
-    if (wo == TL) return ho % ACC == 0;
-    if (wo == 2 * TL) return ho % (ACC / 2) == 0;
-    if (wo == 4 * TL) return ho % (ACC / 4) == 0;
-    return 0;
+    return ho >= 1 && (wo == TL || wo == 2 * TL || wo == 4 * TL);
 }
 
 
