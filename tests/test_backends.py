@@ -324,8 +324,7 @@ def test_auto_keeps_the_faster_whole_step_layout_and_leaves_the_model_as_it_was(
         assert fmt == torch.contiguous_format
         # each layer on its own choice, or (the second plan timed) every layer whose kernels came near a tie on them
         own = {n: min(m.timings, key=m.timings.get) for n, m in layers.items()}
-        near = {n for n, m in layers.items() if own[n] != "direct" and "direct" in m.timings
-                and m.timings["direct"] <= backends.NEAR_TIE * m.timings[own[n]]}
+        near = {n for n, m in layers.items() if backends.near_tie(m, own[n])}
         got = {n: m.backend for n, m in layers.items()}
         assert got in (own, {**own, **{n: "direct" for n in near}})
     else:  # every layer masked dense, channels-last

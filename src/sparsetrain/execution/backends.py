@@ -58,7 +58,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["direct_plan", "direct_geometry", "direct_forward", "direct_input_grad", "settle_layout", "choose_now", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
+__all__ = ["direct_plan", "direct_geometry", "direct_forward", "direct_input_grad", "settle_layout", "near_tie", "choose_now", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure", "csr_linear", "csr_conv2d", "direct_conv2d", "condensed_linear", "SparseLinear",
            "SparseConv2d",
            "apply_backend", "check_two_four", "kept_channels", "semi_structured_available", "BACKENDS"]
 
@@ -688,6 +688,13 @@ TIMING_SHARE = 4  # auto's timing passes run on 1/TIMING_SHARE of a batch (see s
 NEAR_TIE = 1.1  # settle_layout also tries on the kernels the layers whose kernels came within this factor
 
 
+def near_tie(layer: nn.Module, chosen: str) -> bool:
+    """Whether ``layer``'s kernels ("direct") came within :data:`NEAR_TIE` of its ``chosen`` path in its own
+    timings: the layers :func:`settle_layout` also times on the kernels in a second plan."""
+    timings = getattr(layer, "timings", {})
+    return chosen != "direct" and "direct" in timings and timings["direct"] <= NEAR_TIE * timings[chosen]
+
+
 def choose_now(model: nn.Module, loss_of) -> None:
     """Let every undecided ``auto`` layer of ``model`` time its paths now, on one forward and backward pass of
     ``loss_of()`` (before compaction, which needs the choice), leaving no gradient behind."""
@@ -722,8 +729,7 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     plans = [choices]
     # layers whose kernels came within 10% of their chosen path: per-layer timings on a part of a batch miss
     # what the layout around them costs, so the whole step is also timed with those on the kernels
-    near = {n: "direct" for n, m in layers.items() if m.backend != "direct" and "direct" in getattr(m, "timings", {})
-            and m.timings["direct"] <= NEAR_TIE * m.timings[m.backend]}
+    near = {n: "direct" for n, m in layers.items() if near_tie(m, m.backend)}
     if near:
         plans.append({**choices, **near})
     timed(None)
