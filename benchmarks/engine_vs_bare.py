@@ -28,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_record, command_line, commit, environment  # noqa: E402
 
-from sparsetrain.config import load_config
-from sparsetrain.data import DATASETS, load_dataset
-from sparsetrain.train import Trainer
+from sparsetrain.app.config import load_config
+from sparsetrain.data.images import DATASETS, load_dataset
+from sparsetrain.app import Trainer
 
 
 def bare_epoch(ref, model, opt, sched, xtr, ytr, batch, limit):

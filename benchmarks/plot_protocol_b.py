@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, read_records  # noqa: E402
 
-from sparsetrain.bench import BenchResult, plot_bench
+from sparsetrain.app.bench import BenchResult, plot_bench
 
 
 def _label(r: dict) -> str:

@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, append_record, command_line, commit, environment, read_records  # noqa: E402
 
-from sparsetrain.config import RecipeConfig, load_config
-from sparsetrain.report import plot_curves
-from sparsetrain.train import Trainer
+from sparsetrain.app.config import RecipeConfig, load_config
+from sparsetrain.app.report import plot_curves
+from sparsetrain.app import Trainer
 
 RESULTS_FILE = "protocol_a.jsonl"
 VALIDATION_FILE = "protocol_a_validation.jsonl"

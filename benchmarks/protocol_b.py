@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_record, command_line, commit, environment  # noqa: E402
 
-from sparsetrain.accounting import saved_tensor_bytes_by_module
-from sparsetrain.bench import CONFIGS, PEAK_ENV, build, make_step, peak_memory, time_pairs
+from sparsetrain.core.accounting import saved_tensor_bytes_by_module
+from sparsetrain.app.bench import CONFIGS, PEAK_ENV, build, make_step, peak_memory, time_pairs
 from sparsetrain.models import SEQUENCE_MODELS, model_input_shape
 
 

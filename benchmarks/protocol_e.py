@@ -56,10 +56,11 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
     import torch.nn.functional as F
 
     import sparsetrain
-    from sparsetrain.execution import apply_backend, compact_layers
+    from sparsetrain.execution.backends import apply_backend
+    from sparsetrain.execution.backends.compact import compact_layers
     from sparsetrain.models import build_model
-    from sparsetrain.sharding import local
-    from sparsetrain.train.distributed import shard_model
+    from sparsetrain.core.sharding import local
+    from sparsetrain.app.distributed import shard_model
 
     sharded = parallel == "fsdp"
     if sharded:
@@ -109,7 +110,7 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
     if not sharded or dist.get_rank() == 0:
         Path(out).write_text(json.dumps(everyone))
     if sharded:
-        from sparsetrain.train.distributed import leave, shutdown
+        from sparsetrain.app.distributed import leave, shutdown
 
         shutdown()
         leave()

@@ -50,7 +50,7 @@ def cifar_tensors(data: str, limit: int) -> TensorDataset:
     if data == "synthetic":
         g = torch.Generator().manual_seed(0)
         return TensorDataset(torch.randn(limit, 3, 32, 32, generator=g), torch.randint(0, 10, (limit,), generator=g))
-    from sparsetrain.data import DATASETS
+    from sparsetrain.data.images import DATASETS
 
     train = st.load_dataset("cifar10", data)["train"]
     info = DATASETS["cifar10"]

@@ -59,7 +59,7 @@ def shared_cifar() -> Path:
 
 def tiny_datasets(n_train=256, n_test=64, shape=(1, 28, 28), classes=10, seed=0):
     """In-memory datasets for engine tests (no files)."""
-    from sparsetrain.data import ArrayDataset
+    from sparsetrain.data.images import ArrayDataset
 
     g = torch.Generator().manual_seed(seed)
     out = {}

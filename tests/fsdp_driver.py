@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 import sparsetrain
 from sparsetrain.models import build_model
-from sparsetrain.sharding import Part, is_sharded, top_k
-from sparsetrain.train.checkpoint import load_sharded, save_sharded
-from sparsetrain.train.distributed import shard_model
+from sparsetrain.core.sharding import Part, is_sharded, top_k
+from sparsetrain.app.checkpoint import load_sharded, save_sharded
+from sparsetrain.app.distributed import shard_model
 
 SPARSITY = 0.8
 METHODS = ("static", "set", "rigl", "mest", "swat", "swat-m")
@@ -144,7 +144,7 @@ def main() -> None:
     if not sharded or torch.distributed.get_rank() == 0:
         torch.save(result, args.out)
     if sharded:
-        from sparsetrain.train.distributed import leave, shutdown
+        from sparsetrain.app.distributed import leave, shutdown
 
         shutdown()
         leave()

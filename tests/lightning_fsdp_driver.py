@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import sparsetrain as st
 from sparsetrain.integrations.lightning import SparsityCallback
-from sparsetrain.sharding import is_sharded
+from sparsetrain.core.sharding import is_sharded
 
 
 class Net(L.LightningModule):

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparsetrain.accounting import FlopMeter, measure_layer_costs, saved_tensor_bytes
+from sparsetrain.core.accounting import FlopMeter, measure_layer_costs, saved_tensor_bytes
 from sparsetrain.models import build_model
 
 
@@ -77,11 +77,11 @@ def test_peak_memory_is_the_process_own_not_its_parents():
     import subprocess
     import sys
 
-    from sparsetrain.accounting import peak_memory_bytes
+    from sparsetrain.core.accounting import peak_memory_bytes
 
     big = torch.ones(100_000_000)  # 400 MB, touched
     parent = peak_memory_bytes()
-    child = int(subprocess.run([sys.executable, "-c", "from sparsetrain.accounting import peak_memory_bytes; print(peak_memory_bytes())"],
+    child = int(subprocess.run([sys.executable, "-c", "from sparsetrain.core.accounting import peak_memory_bytes; print(peak_memory_bytes())"],
                                capture_output=True, text=True, check=True).stdout)
     del big
     assert parent >= 400e6

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 import sparsetrain as st
 from conftest import tiny_datasets
-from sparsetrain.config import ConfigError, load_config
-from sparsetrain.data import DATASETS, BatchLoader
-from sparsetrain.train import Trainer, method_seed
+from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.data.images import DATASETS, BatchLoader
+from sparsetrain.app import Trainer, method_seed
 
 EPOCHS, BATCH, LR = 2, 32, 1e-3
 INFO = dataclasses.replace(DATASETS["mnist"], crop_padding=0, flip=False)

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 
 from conftest import tiny_datasets
 import sparsetrain.execution.backends as backends
+from sparsetrain.execution.backends import direct
 from sparsetrain.execution import native
 from sparsetrain.execution.backends import CSRStructure, DirectStructure, SparseConv2d, apply_backend, csr_conv2d, csr_linear, direct_conv2d
-from sparsetrain.config import ConfigError, load_config
-from sparsetrain.masks import MaskSet, random_masks
-from sparsetrain.train import Trainer
+from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.core.masks import MaskSet, random_masks
+from sparsetrain.app import Trainer
 
 CONVS = [  # (cin, cout, k, stride, padding, dilation)
     (4, 6, 3, 1, 1, 1), (4, 6, 3, 2, 1, 1), (3, 5, 1, 1, 0, 1), (3, 5, 1, 2, 0, 1), (4, 4, 3, 1, 2, 2), (2, 3, 5, 1, 2, 1),
@@ -44,7 +45,7 @@ needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler 
 @pytest.mark.parametrize("batch_inner", [False, True])
 @pytest.mark.parametrize("cin, cout, k, stride, padding, dilation", CONVS)
 def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation, batch_inner, monkeypatch):
-    monkeypatch.setattr(backends, "_BATCH_INNER_BELOW", 10**9 if batch_inner else 0)
+    monkeypatch.setattr(direct, "_BATCH_INNER_BELOW", 10**9 if batch_inner else 0)
     torch.manual_seed(0)
     mask = torch.rand(cout, cin, k, k) > 0.7
     _check_direct_against_float64(mask, torch.randn(3, cin, 9, 9), stride, padding, dilation)
@@ -84,7 +85,7 @@ def test_tiled_direct_conv_equals_float64(cin, cout, k, padding, size):
     n, (h, w) = 2, size
     ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     geom = [n, cin, h, w, cout, ho, wo, 1, 1, padding, padding, 1, 1]
-    assert any(backends._tiled(torch.tensor(geom).numpy(), (k, k)))  # the shapes really take a tiled path
+    assert any(direct._tiled(torch.tensor(geom).numpy(), (k, k)))  # the shapes really take a tiled path
     _check_direct_against_float64(torch.rand(cout, cin, k, k) > 0.6, torch.randn(n, cin, h, w), 1, padding)
 
 
@@ -187,7 +188,7 @@ def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend, 
     assert {ran[n] for n in convs} == {backend}
     assert {ran[n] for n in set(ran) - convs} <= ({"csr"} if backend == "direct" else {backend})
     if "sparsity.method=set" in method:
-        assert sparse.backend_layers["0.weight"].rebuilds > 1  # SET changed the masks during training
+        assert sparse.method.execution_layers["0.weight"].rebuilds > 1  # SET changed the masks during training
     for k, v in dense.model.state_dict().items():
         torch.testing.assert_close(sparse.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
@@ -222,7 +223,7 @@ def test_semi_structured_needs_its_scheme_and_a_capable_gpu():
 @pytest.mark.skipif(backends.semi_structured_available() is not None,
                     reason=f"2:4 semi-structured path not runnable here: {backends.semi_structured_available()}")
 def test_semi_structured_linear_equals_masked_dense():
-    from sparsetrain.schemes import parse_scheme
+    from sparsetrain.core.schemes import parse_scheme
 
     torch.manual_seed(0)
     layer = nn.Linear(128, 64).cuda().half()
@@ -303,7 +304,7 @@ def test_channel_backend_recompacts_when_the_mask_changes():
 def test_auto_keeps_the_faster_whole_step_layout_and_leaves_the_model_as_it_was(slow_format):
     import time as _time
 
-    from sparsetrain.execution import settle_layout
+    from sparsetrain.execution.backends import settle_layout
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
@@ -340,9 +341,9 @@ def _channel_pair(model_name: str, width: float):
     definition: the same model where a removed filter's BatchNorm gamma and beta are zero too."""
     import copy
 
-    from sparsetrain.execution import shrink_both_sides
+    from sparsetrain.execution.backends.channel_pairs import shrink_both_sides
     from sparsetrain.models import build_model
-    from sparsetrain.schemes import parse_scheme
+    from sparsetrain.core.schemes import parse_scheme
 
     torch.manual_seed(0)
     model = build_model(model_name, 10, width).double()
@@ -418,7 +419,7 @@ def test_channel_both_sides_needs_the_channel_backend_and_a_static_mask():
 def test_compact_channel_blocks_train_like_the_uncompacted_layers_and_export_dense_weights():
     import copy
 
-    from sparsetrain.execution import compact_layers
+    from sparsetrain.execution.backends.compact import compact_layers
 
     model, _, ms, chains = _channel_pair("vgg16", 0.25)
     small = copy.deepcopy(model)

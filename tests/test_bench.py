@@ -5,8 +5,8 @@ import json
 import pytest
 
 from sparsetrain.execution import native
-from sparsetrain.bench import build, peak_memory, run_bench
-from sparsetrain.cli import main
+from sparsetrain.app.bench import build, peak_memory, run_bench
+from sparsetrain.app.cli import main
 
 
 def test_bench_reports_every_configuration_and_sparsity(tmp_path):

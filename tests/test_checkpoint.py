@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from sparsetrain.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sparsetrain.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_round_trip(tmp_path):

@@ -11,10 +11,10 @@ import torch.nn as nn
 from conftest import full_and_resumed, tiny_datasets
 from sparsetrain.execution import native
 from sparsetrain.execution.backends import apply_backend
-from sparsetrain.execution.compact import CompactConv2d, compact_layers
-from sparsetrain.config import ConfigError, load_config
-from sparsetrain.masks import MaskSet, random_masks
-from sparsetrain.train import Trainer
+from sparsetrain.execution.backends.compact import CompactConv2d, compact_layers
+from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.core.masks import MaskSet, random_masks
+from sparsetrain.app import Trainer
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the direct kernels")
 

@@ -5,12 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsetrain.config import ConfigError, load_config
+from sparsetrain.app.config import ConfigError, load_config
 from sparsetrain.execution import native
 from sparsetrain.execution.backends import CondensedStructure, apply_backend, condensed_linear
-from sparsetrain.execution.compact import CompactLinear, compact_layers
-from sparsetrain.masks import MaskSet, random_masks
-from sparsetrain.schemes import parse_scheme
+from sparsetrain.execution.backends.compact import CompactLinear, compact_layers
+from sparsetrain.core.masks import MaskSet, random_masks
+from sparsetrain.core.schemes import parse_scheme
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the condensed kernels")
 

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from sparsetrain.config import Config, ConfigError, load_config, parse_overrides
+from sparsetrain.app.config import Config, ConfigError, load_config, parse_overrides
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsetrain import data as D
-from sparsetrain.data import DATASETS, BatchLoader, DatasetError, augment_batch, load_dataset, read_idx, split_validation
+from sparsetrain.data import images as D
+from sparsetrain.data.images import DATASETS, BatchLoader, DatasetError, augment_batch, load_dataset, read_idx, split_validation
 
 
 def make_cifar_archive(path: Path, n_per_batch: int = 20) -> Path:

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from sparsetrain.distributions import layer_densities
-from sparsetrain.masks import select_parameters
+from sparsetrain.core.distributions import layer_densities
+from sparsetrain.core.masks import select_parameters
 from sparsetrain.models import build_model
-from sparsetrain.schemes import KERNEL_PATTERNS, parse_scheme
+from sparsetrain.core.schemes import KERNEL_PATTERNS, parse_scheme
 
 
 def _shapes(name, dense=("first", "last")):
@@ -133,7 +133,7 @@ def _fan_in(mask):
 
 @pytest.mark.parametrize("shape", [(64, 100), (16, 8, 3, 3)])
 def test_fan_in_masks_keep_the_same_inputs_per_row_by_score(shape):
-    from sparsetrain.schemes import parse_scheme
+    from sparsetrain.core.schemes import parse_scheme
 
     score = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     m = parse_scheme("fan_in").mask(score, 0.1)
@@ -173,7 +173,7 @@ def test_fan_in_stays_constant_through_every_update(factory):
 
 
 def test_srigl_neuron_ablation_empties_weak_neurons_and_spreads_their_weights():
-    from sparsetrain.schemes import parse_scheme
+    from sparsetrain.core.schemes import parse_scheme
 
     scheme = parse_scheme("fan_in")
     g = torch.Generator().manual_seed(0)

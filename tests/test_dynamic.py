@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 from conftest import full_and_resumed, tiny_datasets
 import sparsetrain as st
-from sparsetrain.config import load_config
+from sparsetrain.app.config import load_config
 from sparsetrain.methods import METHODS
 from sparsetrain.methods.mest import phase_value
 from sparsetrain.recipes.data_efficiency import ForgettingTracker
 from sparsetrain.models import build_model
-from sparsetrain.train import Trainer
+from sparsetrain.app import Trainer
 
 BASE = ["model.name=mlp", "data.dataset=mnist", "optim.batch_size=32", "optim.lr=0.1", "run.threads=1",
         "run.progress=false", "model.channels_last=false", "sparsity.dense_layers=[]"]

@@ -100,12 +100,12 @@ CLI = ["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "opt
 
 ONE_EPOCH = """
 import sys
-from sparsetrain.config import load_config
-from sparsetrain.train import Trainer
+from sparsetrain.app.config import load_config
+from sparsetrain.app import Trainer
 t = Trainer(load_config(overrides=sys.argv[1:]))
-t._prepare_run_directory()
+t.out.prepare()
 t.end_epoch(t.train_epoch())  # checkpoints at the epoch's end; then the process ends, as a killed run
-from sparsetrain.train.distributed import leave, shutdown
+from sparsetrain.app.distributed import leave, shutdown
 shutdown()
 leave()
 """
@@ -125,8 +125,8 @@ def _final_weights(run: Path) -> dict:
                          ids=["masked", "compact"])
 def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extra):
     base = [*CLI, f"data.data_dir={tiny_mnist_tar}", *extra]
-    _torchrun("-m", "sparsetrain.cli", "train", *base, "run.parallel=fsdp", f"run.out_dir={tmp_path / 'fsdp'}")
-    _torchrun("-m", "sparsetrain.cli", "train", *base, "run.parallel=ddp", "model.channels_last=false",
+    _torchrun("-m", "sparsetrain.app.cli", "train", *base, "run.parallel=fsdp", f"run.out_dir={tmp_path / 'fsdp'}")
+    _torchrun("-m", "sparsetrain.app.cli", "train", *base, "run.parallel=ddp", "model.channels_last=false",
               f"run.out_dir={tmp_path / 'ddp'}")
     fsdp, ddp = _final_weights(tmp_path / "fsdp"), _final_weights(tmp_path / "ddp")
     assert fsdp.keys() == ddp.keys()
@@ -139,7 +139,7 @@ def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extr
     cut = [*base, "run.parallel=fsdp", f"run.out_dir={tmp_path / 'cut'}"]
     _torchrun(str(driver), *cut)
     assert not (tmp_path / "cut" / "model.pt").exists()
-    _torchrun("-m", "sparsetrain.cli", "train", *cut)
+    _torchrun("-m", "sparsetrain.app.cli", "train", *cut)
     resumed = _final_weights(tmp_path / "cut")
     for k in fsdp:
         assert torch.equal(resumed[k], fsdp[k]), k
@@ -157,7 +157,7 @@ def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extr
     ("sparsity.scheme=channel_out sparsity.backend=channel", "backend 'channel' traces chains of whole layers"),
 ])
 def test_fsdp_refuses_what_cannot_run_sharded_before_training(override, reason):
-    from sparsetrain.config import ConfigError, load_config
+    from sparsetrain.app.config import ConfigError, load_config
 
     static = ["model.name=small_cnn", "data.dataset=mnist", "sparsity.method=static", "sparsity.sparsity=0.8"]
     with pytest.raises(ConfigError) as err:
@@ -166,8 +166,8 @@ def test_fsdp_refuses_what_cannot_run_sharded_before_training(override, reason):
 
 
 def test_fsdp_without_torchrun_says_how_to_start_it(tmp_path, tiny_mnist_tar):
-    from sparsetrain.config import ConfigError, load_config
-    from sparsetrain.train import Trainer
+    from sparsetrain.app.config import ConfigError, load_config
+    from sparsetrain.app import Trainer
 
     cfg = load_config(overrides=[*CLI, f"data.data_dir={tiny_mnist_tar}", "run.parallel=fsdp", f"run.out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
@@ -190,7 +190,7 @@ def test_lightning_fsdp2_strategy_keeps_the_masks_of_one_process(tmp_path):
 
 
 def test_fsdp_compact_refuses_mest_soft_bound():
-    from sparsetrain.config import ConfigError, load_config
+    from sparsetrain.app.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="MEST's soft bound changes how many weights a layer keeps"):
         load_config(overrides=["model.name=mlp", "data.dataset=mnist", "sparsity.method=mest", "sparsity.sparsity=0.9",
@@ -199,8 +199,8 @@ def test_fsdp_compact_refuses_mest_soft_bound():
 
 
 def test_units_that_would_span_ranks_are_refused_with_the_reason():
-    from sparsetrain.schemes import parse_scheme
-    from sparsetrain.sharding import Part
+    from sparsetrain.core.schemes import parse_scheme
+    from sparsetrain.core.sharding import Part
 
     rows_3_to_5 = Part(start=3, rows=3, shape=(8, 16), mesh=None, placements=())
     with pytest.raises(ValueError, match="scheme channel_in groups weights across output rows"):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetrain.distributions import layer_densities
-from sparsetrain.masks import select_parameters
+from sparsetrain.core.distributions import layer_densities
+from sparsetrain.core.masks import select_parameters
 from sparsetrain.models import build_model, model_input_shape
-from sparsetrain.schemes import parse_scheme
-from sparsetrain.scores import SCORERS, grasp_scores, masks_from_scores, snip_scores, synflow_masks
+from sparsetrain.core.schemes import parse_scheme
+from sparsetrain.core.scores import SCORERS, grasp_scores, masks_from_scores, snip_scores, synflow_masks
 
 
 def _setup(name):

@@ -104,17 +104,27 @@ class _Kill(Exception):
     pass
 
 
+def _no_timing(monkeypatch):
+    """From here on, a plan that would be timed fails the test: a resumed run must apply the plan it saved."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the resumed run timed its execution plan again")
+
+    monkeypatch.setattr("sparsetrain.execution.plan.Planner.choose", fail)
+
+
 @pytest.mark.parametrize("name", sorted(HF_METHODS))
-def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path):
+def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, monkeypatch):
+    """With ``execution="auto"``: the full run times its plan; the cut run takes that plan (so both compute alike);
+    the resumed run asks for ``auto`` again and gets the saved plan back without timing."""
     from sparsetrain.integrations.huggingface import STATE_FILE, SparsityCallback
 
-    def run(out, kill_at=None, resume=False):
+    def run(out, kill_at=None, resume=False, execution="auto"):
         torch.manual_seed(0)
         model = _MLP()
         args = transformers.TrainingArguments(
             output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-2, save_steps=5,
             logging_steps=5, report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
-        callback = SparsityCallback(HF_METHODS[name])
+        callback = SparsityCallback(HF_METHODS[name], execution=execution)
         callbacks = [callback]
         if kill_at:
             class Kill(transformers.TrainerCallback):
@@ -132,9 +142,12 @@ def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path):
         return model, callback.sparsifier
 
     full, sp = run(tmp_path / "full")
-    run(tmp_path / "cut", kill_at=13)  # 8 steps an epoch: killed in epoch 2, after the checkpoint at step 10
+    assert sp.plan is not None and sp.plan.requested == "auto"
+    run(tmp_path / "cut", kill_at=13, execution=sp.plan)  # 8 steps an epoch: killed in epoch 2, after step 10's checkpoint
     assert (tmp_path / "cut" / "checkpoint-10" / STATE_FILE).exists()
+    _no_timing(monkeypatch)
     resumed, sp2 = run(tmp_path / "cut", resume=True)
+    assert sp2.plan == sp.plan  # restored, not timed again
     assert sp2.clock.step == sp.clock.step == 24
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -186,17 +199,18 @@ LIGHTNING_METHODS = {
 
 
 @pytest.mark.parametrize("name", sorted(LIGHTNING_METHODS))
-def test_lightning_resume_from_ckpt_path_is_bit_identical(name, tmp_path):
+def test_lightning_resume_from_ckpt_path_is_bit_identical(name, tmp_path, monkeypatch):
+    """As the Hugging Face test: ``execution="auto"``, the cut run on the full run's plan, the resumed run not timing."""
     from sparsetrain.integrations.lightning import SparsityCallback
     from sparsetrain.recipes import KeptSampler
 
     g = torch.Generator().manual_seed(0)
     ds = torch.utils.data.TensorDataset(torch.randn(128, 3, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g))
 
-    def run(out, kill_in_epoch=None, ckpt=None):
+    def run(out, kill_in_epoch=None, ckpt=None, execution="auto"):
         L.seed_everything(0, verbose=False)
         module = _LitCNN()
-        callback = SparsityCallback(LIGHTNING_METHODS[name])
+        callback = SparsityCallback(LIGHTNING_METHODS[name], execution=execution)
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out, save_last=True, save_top_k=1, save_on_train_epoch_end=True)
         callbacks = [callback, checkpoints]
         if kill_in_epoch is not None:
@@ -217,8 +231,11 @@ def test_lightning_resume_from_ckpt_path_is_bit_identical(name, tmp_path):
         return module, callback.sparsifier
 
     full, sp = run(tmp_path / "full")
-    run(tmp_path / "cut", kill_in_epoch=2)  # the last checkpoint is the end of epoch 2 (step 16)
+    assert sp.plan is not None and sp.plan.requested == "auto"
+    run(tmp_path / "cut", kill_in_epoch=2, execution=sp.plan)  # the last checkpoint is the end of epoch 2 (step 16)
+    _no_timing(monkeypatch)
     resumed, sp2 = run(tmp_path / "cut2", ckpt=str(tmp_path / "cut" / "last.ckpt"))
+    assert sp2.plan == sp.plan  # restored, not timed again
     assert sp2.clock.step == sp.clock.step == 24
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k

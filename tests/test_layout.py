@@ -67,12 +67,38 @@ def test_no_import_cycles():
             visit(m)
 
 
+# each layer of the package and the layers it may import (besides itself); the application may import anything
+LAYERS = {
+    "core": set(),
+    "data": {"core"},
+    "models": set(),
+    "execution": {"core"},
+    "methods": {"core", "execution"},
+    "recipes": {"core", "execution", "methods"},
+    "integrations": {"core", "methods"},
+}
+
+
+def test_the_layers_import_only_downward():
+    wrong = []
+    for path in SRC.rglob("*.py"):
+        mod = _module_name(path)
+        layer = mod.split(".")[1] if "." in mod else None
+        if layer not in LAYERS:
+            continue
+        for dep in _imports(path):
+            target = dep.split(".")[1] if "." in dep else None
+            if target is not None and target != layer and target not in LAYERS[layer]:
+                wrong.append(f"{mod} -> {dep}")
+    assert not wrong, wrong
+
+
 def test_one_registry_per_concept_read_by_config_and_api():
-    from sparsetrain import config
-    from sparsetrain.data import DATASETS
+    from sparsetrain.app import config
+    from sparsetrain.data.images import DATASETS
     from sparsetrain.execution.backends import BACKENDS
     from sparsetrain.models import MODELS
-    from sparsetrain.scores import SCORERS
+    from sparsetrain.core.scores import SCORERS
 
     assert config.METHODS is st.METHODS and set(st.METHODS) == {"dense", "static", "lottery", "set", "rigl", "mest", "swat"}
     assert all(callable(f) and f.__doc__ for f in st.METHODS.values())
@@ -88,6 +114,8 @@ def test_the_custom_loop_example_runs(tmp_path, monkeypatch):
     out = example.main(["2"])
     assert out["sparsity"] == pytest.approx(0.9, abs=1e-3) and out["updates"] > 0 and out["loss"] < 1.0
     assert not any(type(m).__module__.startswith("sparsetrain") for m in out["model"].modules())
+    assert out["plan"].requested == "auto" and list(out["plan"].layers) == ["2.weight"]
+    assert not any(tmp_path.iterdir()) and out["checkpoint"].exists()  # nothing written where it ran
 
 
 def test_every_public_name_has_a_docstring():
@@ -112,3 +140,9 @@ def test_every_public_name_has_a_docstring():
                 if not any(getattr(getattr(base, attr, None), "__doc__", None) for base in obj.__mro__[1:]):
                     missing.append(f"{info.name}.{name}.{attr}")
     assert not missing, missing
+
+
+def test_the_trainer_stays_a_thin_client():
+    """The engine's loop reads on its own: tasks, run directory, resume and accounting live in modules of their own."""
+    lines = (SRC / "app" / "trainer.py").read_text().count("\n")
+    assert lines < 300, f"app/trainer.py has {lines} lines"

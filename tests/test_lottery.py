@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_datasets
-from sparsetrain.config import load_config
+from sparsetrain.app.config import load_config
 from sparsetrain.models import build_model
-from sparsetrain.train.lottery import lottery_ticket, round_sparsities
-from sparsetrain.train import load_checkpoint
+from sparsetrain.app.lottery import lottery_ticket, round_sparsities
+from sparsetrain.app import load_checkpoint
 
 BASE = ["model.name=mlp", "data.dataset=mnist", "optim.batch_size=32", "optim.lr=0.1", "run.threads=1",
         "run.progress=false", "model.channels_last=false", "sparsity.dense_layers=[]", "optim.epochs=2"]

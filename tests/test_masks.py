@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsetrain.masks import MaskSet, random_masks, select_parameters
+from sparsetrain.core.masks import MaskSet, random_masks, select_parameters
 from sparsetrain.models import build_model
 
 
@@ -96,7 +96,7 @@ def test_bad_sparsity_is_refused():
 
 
 def test_masks_of_compact_layers_are_held_at_one_bit_and_read_back_exactly():
-    from sparsetrain.masks import MaskDict
+    from sparsetrain.core.masks import MaskDict
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(7, 13, generator=g) > 0.5, torch.rand(3, 5, generator=g) > 0.9

@@ -58,7 +58,7 @@ def test_the_vit_attends_over_every_patch_and_its_linears_are_the_sparse_layers(
 
 
 def test_depth_and_heads_are_for_transformers_only():
-    from sparsetrain.config import ConfigError, load_config
+    from sparsetrain.app.config import ConfigError, load_config
 
     assert load_config(overrides=["model.name=vit", "model.depth=2", "model.heads=2"]).model.depth == 2
     with pytest.raises(ConfigError, match=r"model.depth and model.heads shape the transformers \(\['gpt', 'vit'\]\)"):

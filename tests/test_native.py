@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsetrain.execution import native, swat_layers as swat
+from sparsetrain.execution import native
+from sparsetrain.execution.backends import swat
 from sparsetrain.execution.activations import BitReLU
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the numpy path is used and tested elsewhere")

@@ -1,9 +1,9 @@
 
 import pytest
 
-from sparsetrain.config import load_config
+from sparsetrain.app.config import load_config
 from sparsetrain.models import build_model
-from sparsetrain.train.optim import build_optimizer, lr_factor
+from sparsetrain.app.optim import build_optimizer, lr_factor
 
 
 def _cfg(*o):

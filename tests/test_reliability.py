@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from conftest import make_image_tar, tiny_datasets
-from sparsetrain import data as D
-from sparsetrain.cli import format_error, main
-from sparsetrain.config import ConfigError, load_config
-from sparsetrain.data import DatasetError, load_dataset, read_idx
+from sparsetrain.data import images as D
+from sparsetrain.app.cli import format_error, main
+from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.data.images import DatasetError, load_dataset, read_idx
 from sparsetrain.execution import native
-from sparsetrain.train import CheckpointError, Trainer, TrainingError, load_checkpoint, save_checkpoint
+from sparsetrain.app import CheckpointError, Trainer, TrainingError, load_checkpoint, save_checkpoint
 
 TINY = ["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2", "run.progress=false",
         "run.threads=1", "model.channels_last=false"]
@@ -138,7 +138,7 @@ def _idx_case(kind):
 def _idx_labels_out_of_range(tmp, files):
     d = _write_idx_set(tmp)
     (d / "train-labels-idx1-ubyte").write_bytes(_idx(np.full(30, 12, np.uint8)))
-    import sparsetrain.data as data
+    import sparsetrain.data.images as data
 
     old = dict(data.SPLIT_SIZES)
     data.SPLIT_SIZES["mnist"] = (30, 10)
@@ -413,7 +413,7 @@ def test_the_compiler_and_its_version_key_the_cache(monkeypatch):
 
 
 def test_a_direct_run_that_fell_back_records_csr(tmp_path, monkeypatch):
-    monkeypatch.setattr("sparsetrain.execution.backends._direct_ok", lambda x, w: False)  # as without a C compiler
+    monkeypatch.setattr(native, "available", lambda: False)  # as without a C compiler
     cfg = load_config(overrides=[*TINY, "optim.epochs=1", f"run.out_dir={tmp_path}", "sparsity.method=static",
                                  "sparsity.sparsity=0.8", "sparsity.backend=direct", "sparsity.dense_layers=[]"])
     summary = Trainer(cfg, datasets=tiny_datasets()).fit()
@@ -422,7 +422,7 @@ def test_a_direct_run_that_fell_back_records_csr(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- kills and ranks
 def _cli(args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "sparsetrain.cli", "train", *args],
+    return subprocess.Popen([sys.executable, "-m", "sparsetrain.app.cli", "train", *args],
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -458,12 +458,12 @@ def test_killed_five_times_at_random_points_then_finished_equals_an_uninterrupte
 
 DRIVER = """
 import json, sys, torch.distributed as dist
-from sparsetrain.config import load_config
-from sparsetrain.train import Trainer
+from sparsetrain.app.config import load_config
+from sparsetrain.app import Trainer
 cfg = load_config(overrides=sys.argv[1:])
 trainer = Trainer(cfg)
 trainer.fit()
-json.dump({n: m.backend for n, m in trainer.backend_layers.items()}, open(f"{cfg.run.out_dir}/choice{dist.get_rank()}.json", "w"))
+json.dump({n: m.backend for n, m in trainer.method.execution_layers.items()}, open(f"{cfg.run.out_dir}/choice{dist.get_rank()}.json", "w"))
 """
 
 
@@ -510,8 +510,8 @@ def test_evaluating_an_unfinished_swat_run_says_so(tmp_path, tiny_mnist_tar, cap
     cfg = load_config(overrides=[*TINY, "optim.epochs=2", f"run.out_dir={tmp_path}", f"data.data_dir={tiny_mnist_tar}",
                                  "sparsity.method=swat", "sparsity.sparsity=0.8", f"data.cache_dir={tmp_path / 'c'}"])
     trainer = Trainer(cfg)
-    trainer.out.mkdir(parents=True, exist_ok=True)
-    (trainer.out / "config.yaml").write_text(cfg.to_yaml())
+    trainer.out.prepare()
+    trainer.out.start(cfg)
     trainer.end_epoch(trainer.train_epoch())  # one epoch of two: a checkpoint, no model.pt yet
     assert main(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -519,8 +519,8 @@ def test_evaluating_an_unfinished_swat_run_says_so(tmp_path, tiny_mnist_tar, cap
 
 
 def test_a_key_added_by_a_later_version_at_its_default_is_no_change_on_resume():
-    from sparsetrain.config import Config
-    from sparsetrain.train.trainer import config_changes
+    from sparsetrain.app.config import Config
+    from sparsetrain.app.resume import config_changes
 
     now = Config().model_dump(mode="json")
     saved = Config().model_dump(mode="json")

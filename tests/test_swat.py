@@ -9,15 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import tiny_datasets
-from sparsetrain.accounting import saved_tensor_bytes_by_module
+from sparsetrain.core.accounting import saved_tensor_bytes_by_module
 from sparsetrain.execution.activations import BitReLU, replace_activations
-from sparsetrain.config import ConfigError, load_config
+from sparsetrain.app.config import ConfigError, load_config
 from sparsetrain.models import build_model
-from sparsetrain.execution import swat_layers as swat_module
+from sparsetrain.execution.backends import swat as swat_module
 from sparsetrain.execution.bits import pack_bits, unpack_bits
-from sparsetrain.execution.swat_layers import (SWATConv2d, convert, harden, revert, swat_conv2d, swat_layers, swat_linear,
+from sparsetrain.execution.backends.swat import (SWATConv2d, convert, harden, revert, swat_conv2d, swat_layers, swat_linear,
                                                threshold_and_share, topk_threshold)
-from sparsetrain.train import Trainer, load_checkpoint
+from sparsetrain.app import Trainer, load_checkpoint
 
 CONV_CASES = [  # (cin, cout, k, stride, padding, dilation, groups)
     (4, 6, 3, 1, 1, 1, 1),
@@ -439,7 +439,7 @@ def test_flops_cli_gives_swat_reductions_by_the_formulas():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
+    out = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
                           "--method", "swat", "--sparsity", "0.9", "--activation-sparsity", "0.5", "--json"],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout)

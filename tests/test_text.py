@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from sparsetrain.cli import main
-from sparsetrain.config import ConfigError, load_config
-from sparsetrain.data import DatasetError
+from sparsetrain.app.cli import main
+from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.data.images import DatasetError
 from sparsetrain.models import build_model
-from sparsetrain.text import CharVocab, load_text
-from sparsetrain.train import Trainer
+from sparsetrain.data.text import CharVocab, load_text
+from sparsetrain.app import Trainer
 
 WORDS = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind"]
 
@@ -139,7 +139,7 @@ def test_training_windows_move_each_epoch_and_a_resume_sees_the_same(text, tmp_p
 
 
 def test_the_cosine_floor_and_step_warmup(tmp_path):
-    from sparsetrain.train.optim import lr_factor
+    from sparsetrain.app.optim import lr_factor
 
     o = load_config(overrides=["optim.warmup_steps=100", "optim.min_lr_ratio=0.1"]).optim
     assert lr_factor(o, 0, 3000, 490) == pytest.approx(0.01) and lr_factor(o, 99, 3000, 490) == pytest.approx(1.0)

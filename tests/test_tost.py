@@ -8,11 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import full_and_resumed, tiny_datasets
-from sparsetrain.config import RecipeConfig, load_config
-from sparsetrain.masks import MaskSet, random_masks
+from sparsetrain.app.config import RecipeConfig, load_config
+from sparsetrain.core.masks import MaskSet, random_masks
 from sparsetrain.models import build_model
 from sparsetrain.recipes.tost import GhostSkips, GhostSoftActivation, ToST, find_conv_pairs, gradinit_scales, rescale_fan_in
-from sparsetrain.train import Trainer
+from sparsetrain.app import Trainer
 
 BASE = ["model.name=resnet20", "data.dataset=cifar10", "optim.batch_size=32", "optim.lr=0.05", "run.threads=1",
         "run.progress=false", "model.channels_last=false", "sparsity.method=static", "sparsity.sparsity=0.9"]

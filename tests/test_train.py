@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import tiny_datasets
-from sparsetrain.config import load_config
-from sparsetrain.train import Trainer, load_checkpoint
+from sparsetrain.app.config import load_config
+from sparsetrain.app import Trainer, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = ["model.name=mlp", "data.dataset=mnist", "optim.batch_size=32", "optim.lr=0.05", "run.threads=1",
@@ -44,8 +44,8 @@ def test_training_learns_keeps_masks_and_logs(tmp_path):
 KILLING_DRIVER = textwrap.dedent("""
     # Runs `sparsetrain train`, and SIGKILLs itself halfway through writing checkpoint number KILL_AT.
     import os, signal, sys
-    from sparsetrain.train import trainer
-    from sparsetrain.cli import main
+    from sparsetrain.app import persistence as trainer  # the module that writes checkpoints
+    from sparsetrain.app.cli import main
     kill_at, count, real_save = int(os.environ["KILL_AT"]), [0], trainer.save_checkpoint
     def save(state, path):
         count[0] += 1
@@ -61,7 +61,7 @@ KILLING_DRIVER = textwrap.dedent("""
 
 def _train_cli(args, env_extra=None, driver=None):
     env = {**os.environ, **(env_extra or {})}
-    cmd = [sys.executable, str(driver)] if driver else [sys.executable, "-m", "sparsetrain.cli"]
+    cmd = [sys.executable, str(driver)] if driver else [sys.executable, "-m", "sparsetrain.app.cli"]
     return subprocess.run(cmd + ["train", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -93,8 +93,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, ti
 DDP_DRIVER = textwrap.dedent("""
     # Trains under torchrun and saves each rank's final weights and masks as rank<R>.pt.
     import sys, torch, torch.distributed as dist
-    from sparsetrain.config import load_config
-    from sparsetrain.train import Trainer
+    from sparsetrain.app.config import load_config
+    from sparsetrain.app import Trainer
     cfg = load_config(overrides=sys.argv[1:])
     trainer = Trainer(cfg)
     trainer.fit()
@@ -139,31 +139,31 @@ def test_two_process_ddp_matches_single_process(tmp_path, tiny_mnist_tar):
 
 def test_cli_help_eval_report_and_flops(tmp_path, tiny_mnist_tar):
     for sub in ("train", "eval", "report", "flops"):
-        out = subprocess.run([sys.executable, "-m", "sparsetrain.cli", sub, "--help"], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", sub, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: sparsetrain " + sub in out.stdout
     run = tmp_path / "run"
     assert _train_cli([*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=1", f"run.out_dir={run}"]).returncode == 0
-    ev = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "eval", str(run)], capture_output=True, text=True)
+    ev = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "eval", str(run)], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     final = json.loads((run / "final.json").read_text())
     assert json.loads(ev.stdout)["test_acc"] == pytest.approx(final["test_acc"])
-    rep = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "report", str(run), "--layers", "--png", str(tmp_path / "c.png")],
+    rep = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "report", str(run), "--layers", "--png", str(tmp_path / "c.png")],
                          capture_output=True, text=True)
     assert rep.returncode == 0 and "run" in rep.stdout and (tmp_path / "c.png").stat().st_size > 1000
-    fl = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
+    fl = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
                          "--method", "static", "--sparsity", "0.9", "--json"], capture_output=True, text=True)
     data = json.loads(fl.stdout)
     assert data["forward_macs_dense"] == pytest.approx(40.8e6, rel=0.01)
     assert 0.1 < data["forward_flops"] / data["forward_flops_dense"] < 0.12
-    bad = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "train", "optim.epochs=0"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "train", "optim.epochs=0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.epochs" in bad.stderr and "(got 0)" in bad.stderr
 
 
 DDP_DYNAMIC_DRIVER = textwrap.dedent("""
     # MEST with soft bound and data efficiency under torchrun; saves each rank's masks and removed examples.
     import sys, torch, torch.distributed as dist
-    from sparsetrain.config import load_config
-    from sparsetrain.train import Trainer
+    from sparsetrain.app.config import load_config
+    from sparsetrain.app import Trainer
     cfg = load_config(overrides=sys.argv[1:])
     trainer = Trainer(cfg)
     trainer.fit()

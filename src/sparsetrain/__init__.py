@@ -8,20 +8,20 @@ one lifecycle (:mod:`sparsetrain.methods.base`)::
     ...  # your loop, unchanged: updates happen inside optimizer.step()
     plain = sp.remove()
 
-The pieces, one concept per subpackage or module: :mod:`~sparsetrain.masks` (the sparse core),
+The pieces, one concept per subpackage or module: :mod:`~sparsetrain.core.masks` (the sparse core),
 :mod:`~sparsetrain.methods` (the factories and their registry), the axes
-(:mod:`~sparsetrain.distributions`, :mod:`~sparsetrain.schemes`, :mod:`~sparsetrain.scores`),
+(:mod:`~sparsetrain.core.distributions`, :mod:`~sparsetrain.core.schemes`, :mod:`~sparsetrain.core.scores`),
 :mod:`~sparsetrain.recipes` (ToST, data efficiency), :mod:`~sparsetrain.execution` (backends,
-compact and SWAT layers, native kernels), :mod:`~sparsetrain.data`, :mod:`~sparsetrain.models`,
-:mod:`~sparsetrain.accounting`, :mod:`~sparsetrain.train` (our Trainer, a client of the same
-factories), :mod:`~sparsetrain.integrations` (Hugging Face, Lightning), :mod:`~sparsetrain.config`
-and :mod:`~sparsetrain.cli`.
+compact and SWAT layers, native kernels), :mod:`~sparsetrain.data.images`, :mod:`~sparsetrain.models`,
+:mod:`~sparsetrain.core.accounting`, :mod:`~sparsetrain.app` (our Trainer, a client of the same
+factories), :mod:`~sparsetrain.integrations` (Hugging Face, Lightning), :mod:`~sparsetrain.app.config`
+and :mod:`~sparsetrain.app.cli`.
 """
 
-from .accounting import FlopMeter, measure_layer_costs, saved_tensor_bytes
-from .config import Config, ConfigError, load_config
-from .data import load_dataset
-from .masks import LayerSparsity, MaskSet
+from .core.accounting import FlopMeter, measure_layer_costs, saved_tensor_bytes
+from .app.config import Config, ConfigError, load_config
+from .data.images import load_dataset
+from .core.masks import LayerSparsity, MaskSet
 from .methods import METHODS, Sparsifier, make_masks, round_sparsities
 from .methods.base import dense
 from .methods.dynamic import rigl
@@ -33,7 +33,7 @@ from .methods.swat import swat
 from .models import build_model
 from .recipes import DataEfficiency, WithIndices
 from .recipes.tost import tost
-from .train import Trainer
+from .app import Trainer
 
 __version__ = "0.1.0"
 

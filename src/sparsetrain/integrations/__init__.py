@@ -4,8 +4,11 @@
 * :mod:`.lightning`: a Lightning ``Callback`` (``pip install "sparsetrain[lightning]"``).
 
 Both take a factory ``make(model, optimizer, *, total_steps, steps_per_epoch, epochs)`` returning a
-sparsifier (or a list of them, e.g. a method and the ToST recipe), build it when training starts,
-save its state with the framework's checkpoints and restore it on resume without user code.
+sparsifier (or a list of them, e.g. a method and the ToST recipe: anything that satisfies
+:class:`~sparsetrain.core.lifecycle.Lifecycle`), build it when training starts, save its state with the
+framework's checkpoints and restore it on resume without user code. Their ``execution`` and ``compact_state``
+run the method's layers really sparse (:meth:`sparsetrain.methods.base.Sparsifier.use_execution`): ``auto``
+times its plan on the first training batch, and a resumed run applies the plan it saved instead.
 Importing this package imports neither framework.
 """
 
@@ -17,18 +20,33 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..core.lifecycle import Lifecycle
+from ..methods.base import Sparsifier
+
 __all__ = ["Factory", "build_all", "restore_all", "snapshot"]
 
 Factory = Callable[..., object]
 
 
-def build_all(make: Factory, model: nn.Module, optimizer: torch.optim.Optimizer, **length) -> list:
-    """``make(model, optimizer, **length)`` as a list of sparsifiers (a single one or a sequence)."""
+def build_all(make: Factory, model: nn.Module, optimizer: torch.optim.Optimizer, *, execution=None,
+              compact_state: bool = False, **length) -> list[Lifecycle]:
+    """``make(model, optimizer, **length)`` as a list of sparsifiers (a single one or a sequence); with
+    ``execution``, the method among them (the first :class:`~sparsetrain.methods.base.Sparsifier`) runs on it."""
     made = make(model, optimizer, **length)
-    return list(made) if isinstance(made, (list, tuple)) else [made]
+    made = list(made) if isinstance(made, (list, tuple)) else [made]
+    odd = [type(m).__name__ for m in made if not isinstance(m, Lifecycle)]
+    if odd:
+        raise TypeError(f"the factory made {odd}, which lack the sparsifier lifecycle (pre_step, post_step, "
+                        "state_dict, load_state_dict, model_state_keys, remove, manual_pre_step)")
+    if execution is not None or compact_state:
+        methods = [m for m in made if isinstance(m, Sparsifier)]
+        if not methods:
+            raise ValueError("execution= runs a method's layers, but the factory made no method (only recipes)")
+        methods[0].use_execution(execution or "masked", compact_state=compact_state)
+    return made
 
 
-def restore_all(sparsifiers: Sequence, states: Sequence[dict], model: nn.Module, weights: dict) -> None:
+def restore_all(sparsifiers: Sequence[Lifecycle], states: Sequence[dict], model: nn.Module, weights: dict) -> None:
     """Load ``states`` into freshly built ``sparsifiers``, then put back the model ``weights`` the framework had
     restored before the sparsifiers were built (building a method applies a new mask to them)."""
     if len(states) != len(sparsifiers):
@@ -36,7 +54,7 @@ def restore_all(sparsifiers: Sequence, states: Sequence[dict], model: nn.Module,
     for sp, state in zip(sparsifiers, states):
         sp.load_state_dict(state)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    owned = {k for sp in sparsifiers for k in getattr(sp, "model_state_keys", lambda: [])()}
+    owned = {k for sp in sparsifiers for k in sp.model_state_keys()}
     if set(missing) - owned or unexpected:
         raise ValueError(f"the restored weights do not fit the model: missing {sorted(set(missing) - owned)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..methods.base import Sparsifier
 from . import Factory, build_all, restore_all, snapshot
 
 __all__ = ["SparsityCallback", "STATE_FILE"]
@@ -46,10 +47,13 @@ class SparsityCallback(TrainerCallback):
     ``make(model, optimizer, *, total_steps, steps_per_epoch, epochs)``: e.g.
     ``functools.partial(sparsetrain.rigl, sparsity=0.9)``, or a function returning a list
     (a method and ``sparsetrain.tost`` around it).
+
+    ``execution`` (a backend's name, ``"auto"`` or an ``ExecutionPlan``) and ``compact_state`` run the method's
+    layers really sparse; the plan is saved with the checkpoints and a resumed run applies it without timing again.
     """
 
-    def __init__(self, make: Factory):
-        self.make = make
+    def __init__(self, make: Factory, *, execution=None, compact_state: bool = False):
+        self.make, self.execution, self.compact_state = make, execution, compact_state
         self.sparsifiers: list = []
 
     @property
@@ -65,7 +69,8 @@ class SparsityCallback(TrainerCallback):
         resumed = state.global_step > 0
         weights = snapshot(model) if resumed else None
         self.sparsifiers = build_all(self.make, model, _torch_optimizer(optimizer), total_steps=state.max_steps,
-                                     steps_per_epoch=steps_per_epoch, epochs=epochs)
+                                     steps_per_epoch=steps_per_epoch, epochs=epochs, execution=self.execution,
+                                     compact_state=self.compact_state)
         if resumed:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
             if not path.exists():
@@ -82,5 +87,5 @@ class SparsityCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         sp = self.sparsifier
-        if logs is not None and sp is not None and hasattr(sp, "sparsity"):
+        if logs is not None and isinstance(sp, Sparsifier):
             logs["sparsity"] = round(sp.sparsity(), 6)

@@ -38,10 +38,13 @@ class SparsityCallback(Callback):
 
     ``make(module, optimizer, *, total_steps, steps_per_epoch, epochs)``: e.g.
     ``functools.partial(sparsetrain.mest, sparsity=0.9)``, or a function returning a list.
+
+    ``execution`` (a backend's name, ``"auto"`` or an ``ExecutionPlan``) and ``compact_state`` run the method's
+    layers really sparse; the plan is saved with the checkpoints and a resumed run applies it without timing again.
     """
 
-    def __init__(self, make: Factory):
-        self.make = make
+    def __init__(self, make: Factory, *, execution=None, compact_state: bool = False):
+        self.make, self.execution, self.compact_state = make, execution, compact_state
         self.sparsifiers: list = []
         self._pending: list[dict] | None = None
 
@@ -62,22 +65,21 @@ class SparsityCallback(Callback):
         steps_per_epoch = max(math.ceil(total / epochs), 1)
         weights = snapshot(pl_module) if self._pending is not None else None
         self.sparsifiers = build_all(self.make, pl_module, trainer.optimizers[0], total_steps=total,
-                                     steps_per_epoch=steps_per_epoch, epochs=epochs)
+                                     steps_per_epoch=steps_per_epoch, epochs=epochs, execution=self.execution,
+                                     compact_state=self.compact_state)
         for sp in self.sparsifiers:
-            if hasattr(sp, "pre_step"):
-                sp.manual_pre_step = True  # backward runs inside optimizer.step(closure)
+            sp.manual_pre_step = True  # backward runs inside optimizer.step(closure)
         if self._pending is not None:
             restore_all(self.sparsifiers, self._pending, pl_module, weights)
             self._pending = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         for sp in self.sparsifiers:
-            if hasattr(sp, "pre_step"):
-                sp.pre_step()
+            sp.pre_step()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint[CHECKPOINT_KEY] = [sp.state_dict() for sp in self.sparsifiers]
-        owned = {k for sp in self.sparsifiers for k in getattr(sp, "model_state_keys", lambda: [])()}
+        owned = {k for sp in self.sparsifiers for k in sp.model_state_keys()}
         for k in owned:  # the method restores these itself; without them the plain module loads strictly
             checkpoint["state_dict"].pop(k, None)
 

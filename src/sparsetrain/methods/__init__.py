@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..core.lifecycle import MethodTraits
 from . import dynamic, lottery, mest, static, swat
 from .base import Clock, Dense, Sparsifier, dense
 from .dynamic import SET, RigL
@@ -19,7 +20,7 @@ from .static import Static, make_masks
 from .swat import SWAT
 
 # The factories are ``sparsetrain.static``, ``.set``, ``.rigl``, ...; here the names are the modules.
-__all__ = ["METHODS", "DESCRIPTIONS", "Sparsifier", "Clock", "Dense", "Static", "SET", "RigL", "MEST", "SWAT", "Lottery",
+__all__ = ["METHODS", "DESCRIPTIONS", "TRAITS", "Sparsifier", "Clock", "Dense", "Static", "SET", "RigL", "MEST", "SWAT", "Lottery",
            "make_masks", "round_sparsities"]
 
 METHODS: dict[str, Callable[..., Sparsifier]] = {
@@ -31,6 +32,9 @@ METHODS: dict[str, Callable[..., Sparsifier]] = {
     "mest": mest.mest,
     "swat": swat.swat,
 }
+
+# what each method is, for execution: the backends accept or refuse a method by these (the config asks them too)
+TRAITS: dict[str, MethodTraits] = {cls.name: cls.traits for cls in (Dense, Static, Lottery, SET, RigL, MEST, SWAT)}
 
 DESCRIPTIONS: dict[str, str] = {
     "dense": "no sparsity: every weight trains",

@@ -41,14 +41,20 @@ length changes during training (MEST data efficiency removes examples), set
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from ..masks import LayerSparsity, MaskSet
+from ..core.lifecycle import MethodTraits
+from ..core.masks import LayerSparsity, MaskSet
+from ..execution.backends import ExecutionRequest, get_backend
+from ..execution.plan import ExecutionPlan, Planner
 
-__all__ = ["Sparsifier", "Dense", "dense", "Clock", "check_fraction"]
+__all__ = ["Sparsifier", "Dense", "dense", "Clock", "check_fraction", "executes"]
 
 
 def check_fraction(name: str, value: float, low_open: bool = False) -> float:
@@ -125,6 +131,7 @@ class Sparsifier:
     """
 
     name = "dense"
+    traits = MethodTraits()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
                  steps_per_epoch: int | None = None, epochs: int | None = None):
@@ -141,6 +148,8 @@ class Sparsifier:
         self._bumps = 0
         self._paused = False
         self._hooks: list = []
+        self._planner: Planner | None = None
+        self.removed = False  # True after remove(): the sparsifier no longer acts on the model
 
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
@@ -160,6 +169,8 @@ class Sparsifier:
         self.optimizer = optimizer
         if self.maskset is not None:
             self.maskset.rebind(self.model)
+        if self._planner is not None:
+            self._planner.optimizer = optimizer
         self._attach()
 
     def _pre_hook(self) -> None:
@@ -227,6 +238,45 @@ class Sparsifier:
         """Moves whenever the weights in use change shape or set (mask updates, SWAT threshold refreshes)."""
         return self._bumps + (self.maskset.version if self.maskset is not None else 0)
 
+    # ------------------------------------------------------------------ execution
+    def use_execution(self, execution: "str | ExecutionPlan" = "masked", *, compact_state: bool = False,
+                      example_inputs: Any = None, channel_both_sides: bool = False) -> "ExecutionPlan | None":
+        """Run the method's layers on ``execution``: ``"masked"`` (a simulation), a backend's name, ``"auto"``,
+        or an :class:`~sparsetrain.execution.plan.ExecutionPlan` (one saved before: nothing is timed).
+        ``compact_state`` stores only the kept weights (and their gradients and optimizer state) where the backend
+        allows it; ``channel_both_sides`` lets a ``channel`` layer's cut reach its BatchNorm and the next layer.
+        ``auto`` times its choices on ``example_inputs`` (a tensor, or a tuple of the model's positional inputs)
+        when given, else on the first training forward pass. Returns the plan, or None while it waits for a batch.
+        The factories call this for their ``execution`` argument; call it before training."""
+        if self._planner is not None and self._planner.backend.swaps_layers:
+            raise ValueError(f"execution is already {self._planner.backend.name!r}; choose it once, before training")
+        if self.optimizer.state and compact_state:
+            raise ValueError("compact_state changes the optimizer's parameters: choose execution before training")
+        scheme = getattr(getattr(self, "scheme", None), "name", "unstructured")
+        request = ExecutionRequest(self.name, self.traits, scheme, bool(compact_state), bool(channel_both_sides))
+        self._planner = Planner(self.model, self.optimizer, self.maskset, request, execution, compact_state)
+        if example_inputs is not None and self._planner.pending:
+            inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            self._planner.choose(*inputs)
+        return self._planner.plan
+
+    @property
+    def plan(self) -> "ExecutionPlan | None":
+        """How the layers run (per layer: backend, compact storage; the model's layout); None while ``auto``
+        waits for its first batch. ``print(sp.plan)`` shows it as a table."""
+        return self._planner.plan if self._planner is not None else None
+
+    @property
+    def execution_layers(self) -> dict[str, nn.Module]:
+        """The layers the plan runs, by weight name (empty under masked dense)."""
+        return dict(self._planner.layers) if self._planner is not None else {}
+
+    def choose_execution(self, *inputs, **kw_inputs) -> "ExecutionPlan | None":
+        """Make a pending plan now, timing ``auto`` on these model inputs (no-op when the plan is made)."""
+        if self._planner is not None and self._planner.pending:
+            self._planner.choose(*inputs, **kw_inputs)
+        return self.plan
+
     # ------------------------------------------------------------------ reporting
     def weight_density(self) -> dict[str, float] | None:
         """Kept share of each sparse weight (None for dense training)."""
@@ -237,8 +287,20 @@ class Sparsifier:
         return self.weight_density()
 
     def report(self) -> list[LayerSparsity]:
-        """Per-layer kept and total weights of the model as it would be exported."""
+        """Per-layer kept and total weights of the model as it would be exported (after :meth:`remove`: as the
+        plain model holds them, nonzeros counted)."""
+        if self.removed:
+            return self._plain_report()
         return self.maskset.layers() if self.maskset else []
+
+    def _sparse_weight_names(self) -> list[str]:
+        """The weights this method makes sparse."""
+        return list(self.maskset.masks) if self.maskset is not None else []
+
+    def _plain_report(self) -> list[LayerSparsity]:
+        params = dict(self.model.named_parameters())
+        return [LayerSparsity(n, tuple(params[n].shape), params[n].numel(), int(params[n].count_nonzero()))
+                for n in self._sparse_weight_names() if n in params]
 
     def sparsity(self) -> float:
         """Share of zero weights over all sparse layers."""
@@ -259,6 +321,8 @@ class Sparsifier:
         return ""
 
     def __repr__(self) -> str:
+        if self.removed:
+            return f"{type(self).__name__}(removed: the model is a plain nn.Module again)"
         knobs = self._knobs()
         layers = len(self.report())
         total = self.clock.total_steps if self.clock.total_steps is not None else "?"
@@ -267,20 +331,40 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        """Everything the method needs to continue exactly: clock, masks, method state."""
+        """Everything the method needs to continue exactly: clock, masks, method state, the execution plan."""
+        self._check_attached("state_dict")
         state = {"method": self.name, "clock": self.clock.state_dict(), "bumps": self._bumps}
         if self.maskset is not None:
             state["masks"] = self.maskset.state_dict()
+        if self.plan is not None:
+            state["plan"] = self.plan.to_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; load it before the model's and the optimizer's state."""
         if state.get("method") != self.name:
             raise ValueError(f"this state is from method {state.get('method')!r}; this sparsifier is {self.name!r}")
+        self._check_attached("load_state_dict")
         self.clock.load_state_dict(state["clock"])
         self._bumps = int(state["bumps"])
         if self.maskset is not None:
             self.maskset.load_state_dict(state["masks"])
+        self._load_plan(state.get("plan"))
+
+    def _load_plan(self, saved: dict | None) -> None:
+        """Run the saved plan (a resumed run keeps its choices, without timing again)."""
+        if saved is None or self._planner is None:
+            return
+        plan = ExecutionPlan.from_dict(saved)
+        if get_backend(plan.requested) is not self._planner.backend:
+            raise ValueError(f"this state ran with execution={plan.requested!r}; build the sparsifier with "
+                             f"execution={plan.requested!r} to continue it (now {self._planner.backend.name!r})")
+        self._planner.apply(plan)
+
+    def _check_attached(self, what: str) -> None:
+        if self.removed:
+            raise RuntimeError(f"{type(self).__name__}.{what}(): the sparsifier was removed (sp.remove()); "
+                               "its model is a plain nn.Module now")
 
     def model_state_keys(self) -> list[str]:
         """Keys this method adds to the model's state dict and restores itself from :meth:`state_dict`
@@ -294,26 +378,70 @@ class Sparsifier:
         return self.model.state_dict()
 
     def remove(self) -> nn.Module:
-        """Take the hooks off, apply the masks for good, and return the model as an ordinary ``nn.Module``."""
+        """Take the hooks off, apply the masks for good, turn every swapped layer back into a plain one, and return
+        the model as an ordinary ``nn.Module`` (its weights equal :meth:`export_state`'s)."""
+        if self.removed:
+            return self.model
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         if self.maskset is not None:
             self.maskset.apply(self.optimizer)
+        if self._planner is not None:
+            self._planner.remove()
+        self.removed = True
         return self.model
+
+
+_EXECUTION_DOC = """
+
+    Execution (every factory): ``execution`` is ``"masked"`` (the default: a simulation at dense cost), a backend's
+    name (``"csr"``, ``"direct"``, ``"condensed"``, ``"channel"``, ``"semi_structured"``), ``"auto"`` (the fastest
+    path per layer and the faster layout, timed on ``example_inputs`` if given, else on the first training forward
+    pass), or an :class:`~sparsetrain.execution.plan.ExecutionPlan`. ``compact_state`` stores only kept weights
+    where the backend allows it; ``channel_both_sides`` (backend ``channel``, static masks) cuts a removed
+    filter's BatchNorm channel and the next layer's inputs too. The plan is ``sp.plan``, saved in
+    ``sp.state_dict()``."""
+
+
+def executes(factory: Callable[..., Sparsifier]) -> Callable[..., Sparsifier]:
+    """Give a method's factory the execution arguments (``execution``, ``compact_state``, ``example_inputs``,
+    ``channel_both_sides``): it builds the sparsifier, then :meth:`Sparsifier.use_execution` runs its layers so.
+    One definition for every factory, so their signatures and docstrings say it alike."""
+
+    @functools.wraps(factory)
+    def make(*args, execution: "str | ExecutionPlan" = "masked", compact_state: bool = False,
+             example_inputs: Any = None, channel_both_sides: bool = False, **kwargs) -> Sparsifier:
+        sp = factory(*args, **kwargs)
+        sp.use_execution(execution, compact_state=compact_state, example_inputs=example_inputs,
+                         channel_both_sides=channel_both_sides)
+        return sp
+
+    sig = inspect.signature(factory)
+    extra = [inspect.Parameter("execution", inspect.Parameter.KEYWORD_ONLY, default="masked",
+                               annotation="str | ExecutionPlan"),
+             inspect.Parameter("compact_state", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
+             inspect.Parameter("example_inputs", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"),
+             inspect.Parameter("channel_both_sides", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")]
+    make.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    make.__doc__ = (factory.__doc__ or "") + _EXECUTION_DOC
+    return make
 
 
 class Dense(Sparsifier):
     """Dense training: every weight trains; the clock still counts, so records and resume look the same."""
 
     name = "dense"
+    traits = MethodTraits(masks=False)
 
     def __init__(self, model, optimizer, *, total_steps=None, steps_per_epoch=None, epochs=None):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
         self._attach()
 
 
+@executes
 def dense(model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
           steps_per_epoch: int | None = None, epochs: int | None = None) -> Dense:
     """Dense training through the same contract (a baseline with the same records and resume)."""
     return Dense(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
+

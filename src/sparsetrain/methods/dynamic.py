@@ -23,7 +23,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .base import Sparsifier, check_fraction
+from ..core.lifecycle import MethodTraits
+from .base import Sparsifier, check_fraction, executes
 from .static import make_masks
 
 __all__ = ["PruneAndGrow", "SET", "RigL", "set_sparsifier", "rigl", "UPDATE_DECAYS"]
@@ -33,6 +34,8 @@ UPDATE_DECAYS = ("cosine", "constant")
 
 class PruneAndGrow(Sparsifier):
     """Shared machinery: a random initial mask, unit counts per layer, the growth generator, broadcast."""
+
+    traits = MethodTraits(compactable=True)
 
     def __init__(self, model, optimizer, *, sparsity: float, distribution: str, custom_sparsity, scheme: str,
                  dense_layers: Iterable[str], seed: int, total_steps, steps_per_epoch, epochs):
@@ -181,6 +184,7 @@ class RigL(_Scheduled):
         return bool(f)
 
 
+@executes
 def set_sparsifier(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
     steps_per_epoch: int | None = None, epochs: int | None = None, distribution: str = "uniform",
@@ -197,6 +201,7 @@ def set_sparsifier(
                update_decay=update_decay, update_end=update_end, seed=seed)
 
 
+@executes
 def rigl(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
     steps_per_epoch: int | None = None, epochs: int | None = None, distribution: str = "uniform",

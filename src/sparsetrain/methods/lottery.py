@@ -3,7 +3,7 @@
 A round takes the weights a previous round trained, keeps the largest magnitudes of each
 layer (per the distribution and scheme), rewinds the model to earlier weights (its
 initialisation, or step k of the first round) and trains that mask fixed. The search over
-rounds, each an ordinary run, is :func:`sparsetrain.train.lottery.lottery_ticket`
+rounds, each an ordinary run, is :func:`sparsetrain.app.lottery.lottery_ticket`
 (``sparsetrain train`` with ``sparsity.method=lottery``); from Python, call :func:`lottery`
 once per round.
 """
@@ -15,10 +15,12 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ..distributions import layer_densities
-from ..masks import select_parameters
-from ..schemes import parse_scheme
-from ..scores import masks_from_scores
+from ..core.distributions import layer_densities
+from ..core.masks import select_parameters
+from ..core.schemes import parse_scheme
+from ..core.scores import masks_from_scores
+from ..core.lifecycle import MethodTraits
+from .base import executes
 from .static import Static
 
 __all__ = ["Lottery", "lottery", "round_sparsities", "magnitude_ticket"]
@@ -50,12 +52,14 @@ class Lottery(Static):
     """A lottery-ticket round: a static mask from trained magnitudes on rewound weights (see :func:`lottery`)."""
 
     name = "lottery"
+    traits = MethodTraits(fixed_mask=True)
 
     @property
     def label(self) -> str:
         return "lottery"
 
 
+@executes
 def lottery(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, trained: Mapping[str, torch.Tensor],
     rewind: Mapping[str, torch.Tensor] | None = None, distribution: str = "uniform",

@@ -16,7 +16,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .. import sharding
+from ..core import sharding
+from .base import executes
 from .dynamic import PruneAndGrow
 
 __all__ = ["MEST", "mest", "phase_value", "check_phases"]
@@ -119,6 +120,7 @@ class MEST(PruneAndGrow):
         return {**super().summary(), "peak_active": self.peak_active, "peak_density": self.peak_active / total}
 
 
+@executes
 def mest(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, steps_per_epoch: int, epochs: int,
     total_steps: int | None = None, distribution: str = "uniform", custom_sparsity: dict[str, float] | None = None,

@@ -13,11 +13,12 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from ..distributions import layer_densities
-from ..masks import MaskSet
-from ..schemes import Scheme, parse_scheme
-from ..scores import SCORERS, masks_from_scores, synflow_masks
-from .base import Sparsifier, check_fraction
+from ..core.distributions import layer_densities
+from ..core.masks import MaskSet
+from ..core.schemes import Scheme, parse_scheme
+from ..core.scores import SCORERS, masks_from_scores, synflow_masks
+from ..core.lifecycle import MethodTraits
+from .base import Sparsifier, check_fraction, executes
 
 __all__ = ["Static", "static", "make_masks", "INITS", "DISTRIBUTIONS"]
 
@@ -91,6 +92,7 @@ class Static(Sparsifier):
     """A mask fixed at initialisation and kept exact through training (see :func:`static`)."""
 
     name = "static"
+    traits = MethodTraits(fixed_mask=True, compactable=True)
 
     def __init__(self, model, optimizer, *, total_steps=None, steps_per_epoch=None, epochs=None, seed: int = 0,
                  masks: dict[str, torch.Tensor] | None = None, **mask_kw):
@@ -108,6 +110,7 @@ class Static(Sparsifier):
         return f"init={self.init!r}, scheme={self.scheme.name!r}"
 
 
+@executes
 def static(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

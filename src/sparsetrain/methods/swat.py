@@ -1,7 +1,7 @@
 """SWAT (Raihan & Aamodt, NeurIPS 2020) as a method: budgets per layer, the SWAT layers, SWAT-M's rebalancing.
 
 The layers themselves (top-K weights in both passes, top-K inputs saved compressed for a
-dense weight gradient) are in :mod:`sparsetrain.execution.swat_layers`; this module decides
+dense weight gradient) are in :mod:`sparsetrain.execution.backends.swat`; this module decides
 their budgets. SWAT-U gives every selected layer the same budget; SWAT-ERK takes ERK budgets
 once; SWAT-M re-distributes the budgets at every epoch end but the last in proportion to the
 mean momentum magnitude of each layer's kept weights (capped at ``m_max_density``, so no layer
@@ -16,12 +16,13 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..distributions import layer_densities
+from ..core.distributions import layer_densities
 from ..execution.activations import BitReLU, compact_pools, replace_activations
-from ..execution.swat_layers import SWAT_BUFFERS, convert, harden, swat_layers
-from ..masks import LayerSparsity, select_parameters
-from ..sharding import local, sum_over_ranks
-from .base import Sparsifier, check_fraction
+from ..execution.backends.swat import SWAT_BUFFERS, convert, harden, swat_layers
+from ..core.masks import LayerSparsity, select_parameters
+from ..core.sharding import local, sum_over_ranks
+from ..core.lifecycle import MethodTraits
+from .base import Sparsifier, check_fraction, executes
 
 __all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES"]
 
@@ -33,6 +34,7 @@ class SWAT(Sparsifier):
     """SWAT-U, SWAT-ERK, SWAT-M or structured SWAT (see :func:`swat`)."""
 
     name = "swat"
+    traits = MethodTraits(own_layers=True)
 
     def __init__(self, model, optimizer, *, sparsity: float, variant: str, activation_sparsity: float | None,
                  topk_period: int, structure: str, m_max_density: float, compact_relu: bool,
@@ -132,7 +134,12 @@ class SWAT(Sparsifier):
         total = sum(self.numel.values())
         return 1.0 - sum(kept[n] * self.numel[n] for n in kept) / total
 
+    def _sparse_weight_names(self) -> list[str]:
+        return list(self.layers)
+
     def report(self) -> list[LayerSparsity]:
+        if self.removed:
+            return self._plain_report()
         return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), m.kept_weights()) for n, m in self.layers.items()]
 
     def model_state_keys(self) -> list[str]:
@@ -174,6 +181,7 @@ class SWAT(Sparsifier):
         return harden(self.model)
 
 
+@executes
 def swat(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
     steps_per_epoch: int | None = None, epochs: int | None = None, variant: str = "u",

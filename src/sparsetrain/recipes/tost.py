@@ -211,7 +211,7 @@ RESCALES = ("none", "fan_in", "gradinit")
 class ToST:
     """The ToST recipe around a model, its optimizer and (optionally) the sparsifier that masks it.
 
-    Same lifecycle as a sparsifier (:mod:`sparsetrain.methods.base`): its schedules advance inside
+    Same lifecycle as a sparsifier (it satisfies :class:`sparsetrain.core.lifecycle.Lifecycle`): its schedules advance inside
     ``optimizer.step()`` (the ghost activations blend towards ReLU and the ghost skips decay by
     the fraction of ``total_steps`` done; the ghost skips' own optimizer steps there too), and it
     has ``state_dict``/``load_state_dict`` and ``remove``. The loss part is :meth:`loss` (label
@@ -219,6 +219,7 @@ class ToST:
     """
 
     name = "tost"
+    manual_pre_step = False  # nothing runs before the update, so the switch changes nothing
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
                  steps_per_epoch: int | None = None, epochs: int | None = None, sparsifier: Sparsifier | None = None,
@@ -302,6 +303,13 @@ class ToST:
                                 ("label-smoothing", bool(self.label_smoothing)), ("teacher", self.teacher is not None)) if on]
 
     # ------------------------------------------------------------------ schedule
+    def pre_step(self) -> None:
+        """Nothing before the update: the recipe acts after it."""
+
+    def model_state_keys(self) -> list[str]:
+        """None: the ghosts are modules of the recipe's own, restored from :meth:`state_dict`."""
+        return []
+
     def post_step(self) -> None:
         """After each optimizer step: the ghost skips' own step, then the schedules move on."""
         self._step_skips(self.optimizer.param_groups[0]["lr"])

@@ -118,7 +118,7 @@ def _compiler_version(cc: list[str]) -> str:
 def library_path() -> Path:
     """Where the compiled library for these sources, this compiler (and its version) and this CPU lives
     (a shared cache may serve several CPUs and compilers)."""
-    from ...data import default_cache_dir
+    from ...core.paths import default_cache_dir
 
     cc = compiler()
     ident = " ".join([*cc, _compiler_version(cc), *_FLAGS, _cpu_identity()])

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import SparseConv2d, _expand_channels
+from .channel import expand_channels
+from .layers import SparseConv2d
 
 __all__ = ["shrink_both_sides", "ChannelBatchNorm2d", "ChannelBlock"]
 
@@ -130,7 +131,7 @@ class ChannelBlock:
 
 
 def _expand(small, kept, width, bias):
-    return _expand_channels(small, kept, width, bias, 1)
+    return expand_channels(small, kept, width, bias, 1)
 
 
 @torch.no_grad()

@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import inspect
 
-from .data import DATASETS
-from .methods import METHODS
-from .methods.static import INITS
-from .models import MODELS
+from ..data.images import DATASETS
+from ..execution.backends import BACKENDS, ExecutionRequest, not_supported_reasons, sharding_reasons
+from ..methods import METHODS, TRAITS
+from ..methods.static import INITS
+from ..models import MODELS
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "METHODS"]
 
@@ -115,7 +116,7 @@ class MestConfig(_Section):
     @field_validator("mutation_ratio", "excess")
     @classmethod
     def _check_phases(cls, v, info):
-        from .methods.mest import check_phases
+        from ..methods.mest import check_phases
 
         return check_phases(info.field_name, v)
 
@@ -187,7 +188,7 @@ class SparsityConfig(_Section):
     update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
     neuron_ablation: float = Field(0.0, ge=0, lt=1, description="RigL with scheme fan_in: SRigL's neuron ablation "
                                                               "threshold (0: off; the paper uses 0.3)")
-    backend: Literal["masked", "csr", "direct", "condensed", "channel", "semi_structured", "auto"] = Field(
+    backend: str = Field(
         "masked", description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, "
                               "condensed Linear kernels (rows of kept inputs; convolutions direct), compacted channels, "
                               "2:4 semi-structured (CUDA), or the fastest per layer; method swat: masked (dense products "
@@ -204,12 +205,13 @@ class SparsityConfig(_Section):
     data_efficiency: DataEfficiencyConfig = Field(default_factory=DataEfficiencyConfig)
 
     _known_method = field_validator("method")(classmethod(lambda cls, v: _one_of(v, METHODS, "method")))
+    _known_backend = field_validator("backend")(classmethod(lambda cls, v: _one_of(v, BACKENDS, "backend")))
     _known_init = field_validator("init")(classmethod(lambda cls, v: _one_of(v, INITS, "init")))
 
     @field_validator("scheme")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        from .schemes import parse_scheme
+        from ..core.schemes import parse_scheme
 
         parse_scheme(v)
         return v
@@ -252,28 +254,10 @@ class SparsityConfig(_Section):
             raise ValueError(f"method {m!r} needs sparsity.sparsity > 0")
         if m == "swat" and self.sparsity == 0:
             raise ValueError("method 'swat' needs sparsity.sparsity > 0")
-        if self.backend != "masked" and m == "dense":
-            raise ValueError(f"backend {self.backend!r} runs masked layers sparse; method 'dense' has no masks "
-                             "(use static, lottery, set, rigl, mest or swat)")
-        if m == "swat" and self.backend not in ("masked", "direct", "auto"):
-            raise ValueError(f"method 'swat' runs under backend 'masked', 'direct' or 'auto' (its convolutions on the "
-                             f"direct kernels), got {self.backend!r}")
-        channel_ok = self.backend == "channel" and m in ("static", "lottery")  # kept blocks of static channel masks
-        if self.compact_state and not channel_ok and (self.backend not in ("direct", "condensed", "auto")
-                                                      or m not in ("static", "set", "rigl", "mest")):
-            raise ValueError(f"compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto' (the "
-                             f"layers it puts on those) for methods static, set, rigl and mest (RigL's layers compute "
-                             f"their full weight gradient on its update steps only), or under 'channel' for static "
-                             f"masks; got backend {self.backend!r}, method {m!r}")
-        if self.backend == "channel" and self.scheme != "channel_out":
-            raise ValueError(f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out "
-                             f"(got {self.scheme!r})")
-        if self.channel_both_sides and (self.backend != "channel" or m not in ("static", "lottery")):
-            raise ValueError(f"channel_both_sides removes a filter's BatchNorm channel and the next layer's inputs for good: "
-                             f"it needs backend 'channel' and a static mask (static or lottery); got backend "
-                             f"{self.backend!r}, method {m!r}")
-        if self.backend == "semi_structured" and self.scheme != "nm_2:4":
-            raise ValueError(f"backend 'semi_structured' runs 2:4 masks; set sparsity.scheme=nm_2:4 (got {self.scheme!r})")
+        request = ExecutionRequest(m, TRAITS[m], self.scheme, self.compact_state, self.channel_both_sides)
+        reasons = not_supported_reasons(self.backend, request)  # the backends say what combines
+        if reasons:
+            raise ValueError(reasons[0])
         if m in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):
             raise ValueError(f"method {m!r} prunes and grows; N:M scheme {self.scheme!r} supports static masks only")
         return self
@@ -315,6 +299,13 @@ class RecipeConfig(_Section):
             raise ValueError(f"soft_blend_end ({self.soft_blend_end}) must not come before soft_hold ({self.soft_hold})")
         return self
 
+    def tost_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``sparsetrain.tost`` these switches set (the model, the data and the teacher's
+        weights are the engine's to add)."""
+        keys = ("ghost_soft", "soft_activation", "soft_hold", "soft_blend_end", "ghost_skip", "skip_end", "rescale_init",
+                "gradinit_steps", "teacher_weight", "teacher_temperature")
+        return {**{k: getattr(self, k) for k in keys}, "label_smoothing": self.label_smoothing or 0.0}
+
     def components(self) -> list[str]:
         """Names of the components switched on (for records)."""
         return [n for n, on in (("ghost-soft", self.ghost_soft), ("ghost-skip", self.ghost_skip),
@@ -351,8 +342,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _model_fits_data(self):
-        from .data import TEXT_DATASETS
-        from .models import SEQUENCE_MODELS, TRANSFORMER_MODELS
+        from ..data.images import TEXT_DATASETS
+        from ..models import SEQUENCE_MODELS, TRANSFORMER_MODELS
 
         text, seq = self.data.dataset in TEXT_DATASETS, self.model.name in SEQUENCE_MODELS
         if text != seq:
@@ -376,13 +367,7 @@ class Config(_Section):
         reasons = []
         if sp.method == "lottery":
             reasons.append("method 'lottery' rewinds whole weights from files between rounds; train its rounds unsharded")
-        if sp.backend != "masked" and not sp.compact_state:
-            reasons.append(f"sparsity.backend={sp.backend!r} reads whole masks in its layers, but a sharded rank holds "
-                           "only its rows of them; use sparsity.backend=masked, or compact_state=true, whose layers "
-                           "shard their kept weights")
-        if sp.backend == "channel":
-            reasons.append("backend 'channel' traces chains of whole layers (and re-expands whole outputs); it is not "
-                           "sharded; use run.parallel=ddp")
+        reasons += sharding_reasons(sp.backend, sp.compact_state)
         if sp.compact_state and sp.method == "mest" and sp.mest.soft_bound:
             reasons.append("MEST's soft bound changes how many weights a layer keeps, but FSDP shards a compact layer's "
                            "kept weights at a fixed count; use sparsity.mest.soft_bound=false or compact_state=false")

@@ -13,7 +13,7 @@ rows in one input column), ``nm_N:M`` (e.g. ``nm_2:4``), ``fan_in`` (every outpu
 the same number of inputs).
 
 Under sharded training (FSDP2) a scheme sees each rank's rows of the weight: units that lie within rows are
-chosen exactly as one process would choose them (:mod:`sparsetrain.sharding`); ``rows_per_unit`` says how
+chosen exactly as one process would choose them (:mod:`sparsetrain.core.sharding`); ``rows_per_unit`` says how
 many output rows a unit spans (None: all of them, as for ``channel_in``, which cannot be sharded).
 """
 

@@ -326,7 +326,7 @@ class MaskSet:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for n in self.masks:
                 if Part.of(self.masks[n]) is not None:
-                    continue  # each rank holds its own rows, chosen exactly (see sparsetrain.sharding)
+                    continue  # each rank holds its own rows, chosen exactly (see sparsetrain.core.sharding)
                 buf = self.masks[n].to(torch.uint8)
                 dist.broadcast(buf, src)
                 if n in self.owners and not torch.equal(buf.bool(), self.masks[n]):

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..config import OptimConfig
+from .config import OptimConfig
 
 __all__ = ["build_optimizer", "lr_factor", "set_lr"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .data import DatasetError
+from .images import DatasetError
 
 __all__ = ["CharVocab", "CharWindows", "load_text"]
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.paths import default_cache_dir
+
 __all__ = [
     "DATASETS",
     "ArrayDataset",
@@ -65,7 +67,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True),
     "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 0, False),
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), 0, False),
-    # any UTF-8 file as characters (sparsetrain.text): classes are the vocabulary, read from the file
+    # any UTF-8 file as characters (sparsetrain.data.text): classes are the vocabulary, read from the file
     "text": DatasetInfo("text", 0, (0,), (), (), 0, False),
 }
 TEXT_DATASETS = {"text"}
@@ -371,11 +373,6 @@ def check_splits(splits: dict[str, ArrayDataset], name: str, source: Path, offic
         if sizes != SPLIT_SIZES[name]:
             raise DatasetError(f"{source}: {sizes[0]} training and {sizes[1]} test examples; the official {name} has "
                                f"{SPLIT_SIZES[name][0]} and {SPLIT_SIZES[name][1]} (truncated or partial files?)")
-
-
-def default_cache_dir() -> Path:
-    """$SPARSETRAIN_CACHE, or ~/.cache/sparsetrain."""
-    return Path(os.environ.get("SPARSETRAIN_CACHE", Path.home() / ".cache" / "sparsetrain"))
 
 
 def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: str | None) -> Path:

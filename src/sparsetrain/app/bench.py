@@ -30,14 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .accounting import peak_memory_bytes
+from ..core.accounting import peak_memory_bytes
 from .config import load_config
-from .execution.backends import TIMING_SHARE, apply_backend, choose_now, settle_layout
-from .execution.swat_layers import swat_backend
-from .execution.channel_pairs import shrink_both_sides
-from .execution.compact import compact_layers
-from .methods import METHODS
-from .models import SEQUENCE_MODELS, build_model, model_input_shape
+from ..execution.backends import get_backend
+from ..execution.plan import LAYOUTS
+from ..methods import METHODS
+from ..models import SEQUENCE_MODELS, build_model, model_input_shape
 from .report import save_figure
 
 __all__ = ["CONFIGS", "PEAK_ENV", "BenchResult", "build", "make_step", "memory_format", "time_pairs", "peak_memory",
@@ -76,17 +74,20 @@ PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def memory_format(config: str) -> torch.memory_format:
-    """Each configuration in its faster layout: the direct kernels work on NCHW; oneDNN's dense
-    convolutions (dense, masked, SWAT, the CSR path's unfolding) are faster channels-last on CPUs."""
-    return torch.contiguous_format if config in ("direct", "compact", "rigl-compact", "mest-compact", "condensed",
-                                                 "condensed-compact", "auto", "auto-compact",
-                                                 "rigl-auto-compact", "swat-auto") else torch.channels_last
+    """The layout a configuration's model starts in: channels-last where its backend runs it (oneDNN's dense
+    convolutions are faster so on CPUs: dense, masked, SWAT, CSR's unfolding, channel), NCHW for the kernels
+    (direct, condensed); ``auto`` then takes the layout its plan chose."""
+    if config == "dense":
+        return torch.channels_last
+    backend = get_backend(load_config(overrides=[*CONFIGS[config], "sparsity.sparsity=0.5"]).sparsity.backend)
+    return torch.channels_last if "channels_last" in backend.layouts else torch.contiguous_format
 
 
 def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] = (), model_args: dict | None = None):
     """(model, optimizer, method or None) for ``config``: "dense" or a key of :data:`CONFIGS`; the model
     takes the input of its usual dataset (CIFAR-size for the CIFAR zoo); ``model_args`` go to the zoo
-    (e.g. a GPT's ``width`` and ``context``)."""
+    (e.g. a GPT's ``width`` and ``context``). The method is built by its public factory, with the config's
+    execution as the factory's ``execution=`` (``auto`` chooses on :func:`make_step`'s batch)."""
     if config != "dense" and config not in CONFIGS:
         raise ValueError(f"unknown configuration {config!r}; choose dense or one of {sorted(CONFIGS)}")
     torch.manual_seed(0)
@@ -105,23 +106,16 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
         layers_default = ["sparsity.dense_layers=[last]"] if sequence else []  # embeddings, LayerNorms, head dense
         cfg = load_config(overrides=[*CONFIGS[config], f"sparsity.sparsity={sparsity}", *layers_default, *extra])
         sc = cfg.sparsity
-        method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs())
-        if sc.method == "swat":
-            swat_backend(model, sc.backend)
-        elif cfg.sparsity.backend != "masked":
-            layers = apply_backend(model, method.maskset, cfg.sparsity.backend)
-            if cfg.sparsity.channel_both_sides:
-                shrink_both_sides(model, layers)
-            if cfg.sparsity.compact_state and cfg.sparsity.backend == "auto":
-                model.deferred_compact = (layers, method.maskset, opt)  # after make_step's layout check decided
-            elif cfg.sparsity.compact_state:
-                compact_layers(layers, method.maskset, opt)
+        method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs(),
+                                    execution=sc.backend, compact_state=sc.compact_state,
+                                    channel_both_sides=sc.channel_both_sides)
     return model, opt, method
 
 
 def make_step(model, opt, method, batch: int, config: str = "dense", input_shape: tuple[int, ...] = (3, 32, 32)):
     """A function running one training step on a fixed random batch of ``input_shape`` images, or, for a model
-    with a ``context`` (the GPT), of random token windows with next-token targets."""
+    with a ``context`` (the GPT), of random token windows with next-token targets. A method whose plan waits
+    for a batch (``auto``) makes it on this one."""
     g = torch.Generator().manual_seed(1)
     context = getattr(model, "context", None)
     if context is not None:
@@ -135,16 +129,10 @@ def make_step(model, opt, method, batch: int, config: str = "dense", input_shape
             num_classes = model(x[:2]).shape[-1]
         model.train()
         y = torch.randint(0, num_classes, (batch,), generator=g)
-        layers = {n: m for n, m in model.named_modules() if hasattr(m, "fix_backend")}
-        if layers and all(m.backend == "auto" for m in layers.values()):  # the whole-step layout check, as the Trainer's
-            part = max(1, batch // TIMING_SHARE)
-            fmt = settle_layout(model, layers, lambda f: F.cross_entropy(model(x[:part].contiguous(memory_format=f)), y[:part]))
-            x = x.contiguous(memory_format=fmt)
-    if getattr(model, "deferred_compact", None) is not None:
-        if context is not None:  # token models: the layers choose on a first pass
-            choose_now(model, lambda: F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1)))
-        compact_layers(*model.deferred_compact)
-        model.deferred_compact = None
+    if method is not None and method.plan is None:
+        method.choose_execution(x)
+    if method is not None and method.plan.layout is not None:
+        x = x.contiguous(memory_format=LAYOUTS[method.plan.layout])  # once here, not in the model's input hook
 
     def step():
         out = model(x)
@@ -173,7 +161,7 @@ def time_pairs(dense_step, sparse_step, pairs: int, warmup: int) -> tuple[list[f
 def peak_memory(model_name: str, config: str, sparsity: float, batch: int, extra: list[str] = (), steps: int = 3,
                 model_args: dict | None = None) -> dict:
     """Peak resident bytes of a fresh process training ``steps`` steps of ``config``, and its bytes before the model."""
-    cmd = [sys.executable, "-m", "sparsetrain.bench", "--peak", model_name, config, str(sparsity), str(batch), str(steps),
+    cmd = [sys.executable, "-m", "sparsetrain.app.bench", "--peak", model_name, config, str(sparsity), str(batch), str(steps),
            json.dumps(model_args or {}), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PEAK_ENV})
     if done.returncode != 0:

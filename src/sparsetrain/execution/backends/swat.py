@@ -25,10 +25,10 @@ rows, and :meth:`current_mask` is laid out the same way.
 
 Execution: under ``backend="masked"`` (the default) the forward pass and the input gradient are dense products
 on W_s in whatever layout the model runs. Under ``"direct"`` or ``"auto"`` a convolution whose input comes in
-NCHW runs them on the direct sparse kernels instead (:mod:`sparsetrain.execution.backends`): W_s is listed
+NCHW runs them on the direct sparse kernels instead (:mod:`sparsetrain.execution.backends.direct`): W_s is listed
 every step from the period's threshold (two passes over the weight, in C), the forward pass and the input gradient
 cost the kept weights only, and dW comes from the compressed input in NCHW order. ``"auto"`` lets the
-Trainer's whole-step check (:func:`~sparsetrain.execution.backends.settle_layout`) keep NCHW with the kernels
+Trainer's whole-step check (:func:`~sparsetrain.execution.backends.auto.settle_layout`) keep NCHW with the kernels
 only where the step is faster than dense channels-last.
 
 ``convert(model, ...)`` swaps layers in place (same parameter objects, so an existing
@@ -48,13 +48,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..schemes import parse_scheme
-from ..sharding import Part, local, sum_over_ranks, whole
-from . import native
-from .backends import DirectStructure, direct_forward, direct_geometry, direct_input_grad, direct_plan
-from .bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
+from ...core.schemes import parse_scheme
+from ...core.sharding import Part, local, sum_over_ranks, whole
+from .. import native
+from ..bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
+from .direct import DirectStructure, direct_forward, direct_geometry, direct_input_grad, direct_plan
+from .registry import BACKENDS
 
-__all__ = ["COMPRESSED_WGRAD_MAX_DENSITY", "DIRECT_MAX_DENSITY", "SWAT_BACKENDS", "swat_backend", "SWATConv2d",
+__all__ = ["COMPRESSED_WGRAD_MAX_DENSITY", "DIRECT_MAX_DENSITY", "swat_backends", "swat_backend", "SWATConv2d",
            "SWATLinear", "convert", "revert", "harden", "swat_layers", "SWAT_BUFFERS", "swat_conv2d", "swat_linear",
            "topk_threshold", "threshold_and_share"]
 
@@ -280,7 +281,9 @@ def swat_linear(x, weight, bias, w_mask, w_thresh, a_thresh):
 
 
 # how SWAT convolutions compute (see the module docstring)
-SWAT_BACKENDS = ("masked", "direct", "auto")
+def swat_backends() -> tuple[str, ...]:
+    """The backends SWAT's layers run under (those that declare ``own_layers``)."""
+    return tuple(n for n, b in BACKENDS.items() if b.own_layers)
 
 # Above this share of kept weights a layer keeps the dense products on W_s: the direct kernels' advantage is the
 # FLOPs they skip (at 10% they take 0.37-0.71 of a dense channels-last step on VGG-16's shapes, one core).
@@ -350,9 +353,9 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
     ran: str | None = None  # the path the last training forward took ("direct" or "masked")
 
     def fix_backend(self, backend: str) -> None:
-        """Compute with ``backend`` from now on (one of :data:`SWAT_BACKENDS`)."""
-        if backend not in SWAT_BACKENDS:
-            raise ValueError(f"unknown SWAT backend {backend!r}; choose one of {list(SWAT_BACKENDS)}")
+        """Compute with ``backend`` from now on (one of :func:`swat_backends`)."""
+        if backend not in swat_backends():
+            raise ValueError(f"unknown SWAT backend {backend!r}; choose one of {list(swat_backends())}")
         self.backend = backend
 
     def runs_direct(self, x: torch.Tensor) -> bool:
@@ -430,10 +433,10 @@ def swat_layers(model: nn.Module) -> dict[str, _SWATMixin]:
 
 
 def swat_backend(model: nn.Module, backend: str) -> dict[str, "SWATConv2d"]:
-    """Set how the SWAT convolutions of ``model`` compute (one of :data:`SWAT_BACKENDS`); returns them by weight
+    """Set how the SWAT convolutions of ``model`` compute (one of :func:`swat_backends`); returns them by weight
     name when they may run the direct kernels (for the whole-step layout check), else an empty dict."""
-    if backend not in SWAT_BACKENDS:
-        raise ValueError(f"unknown SWAT backend {backend!r}; choose one of {list(SWAT_BACKENDS)}")
+    if backend not in swat_backends():
+        raise ValueError(f"unknown SWAT backend {backend!r}; choose one of {list(swat_backends())}")
     convs = {n: m for n, m in swat_layers(model).items() if isinstance(m, SWATConv2d)}
     for m in convs.values():
         m.fix_backend(backend)
@@ -451,8 +454,8 @@ def revert(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def harden(model: nn.Module) -> nn.Module:
-    """Prune every SWAT layer's weights to its top-K budget and return a plain model with sparse weights."""
+    """Prune every SWAT layer's weights to the weights it uses now (:meth:`current_mask`: the period's threshold,
+    as the last forward pass did) and return a plain model with sparse weights."""
     for m in swat_layers(model).values():
-        m.refresh_weights()
         m.weight.mul_(m.current_mask())
     return revert(model)

@@ -24,12 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..sharding import Part, local, whole
-from .backends import (CondensedStructure, DirectStructure, SparseConv2d, SparseLinear, _direct_ok, condensed_linear,
-                       direct_conv2d, kept_channels)
+from ...core.sharding import Part, local, whole
+from .channel import kept_channels
+from .condensed import CondensedStructure, condensed_linear
+from .direct import DirectStructure, direct_conv2d
+from .layers import SparseConv2d, SparseLinear
+from .registry import direct_ok
 from .channel_pairs import ChannelBlock, InputChannelConv2d, _expand
 
-__all__ = ["CompactConv2d", "CompactLinear", "CompactChannelConv2d", "compact_layers"]
+__all__ = ["CompactConv2d", "CompactLinear", "CompactChannelConv2d", "compact_layers", "is_compact"]
 
 
 class _CompactStorage:
@@ -157,11 +160,16 @@ class CompactChannelConv2d(_CompactStorage, InputChannelConv2d):
         return small if getattr(self, "shrink_out", False) else _expand(small, blk.rows, self.out_channels, self.bias)
 
 
+def is_compact(m: nn.Module) -> bool:
+    """Whether ``m`` stores only its kept weights (a compact layer)."""
+    return isinstance(m, _CompactStorage)
+
+
 def _compactable(m: nn.Module) -> type | None:
     """The compact class for a swapped layer whose kernels return kept-weight gradients, else None."""
     if isinstance(m, SparseConv2d) and m.backend == "channel":
         return CompactChannelConv2d
-    if not _direct_ok(m.weight, m.weight):
+    if not direct_ok(m.weight, m.weight):
         return None
     if type(m) is SparseConv2d and m.backend == "direct":
         return CompactConv2d
@@ -172,9 +180,9 @@ def _compactable(m: nn.Module) -> type | None:
 
 def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim.Optimizer | None) -> list[str]:
     """Give every ``direct``- or ``channel``-backend convolution and ``condensed``-backend Linear in ``layers`` (from
-    :func:`~sparsetrain.backends.apply_backend`) compact storage; returns the names compacted. The optimizer is
-    pointed at the new parameters (its state for the old dense ones is dropped: call this before training, or
-    after loading nothing)."""
+    :func:`~sparsetrain.execution.backends.apply_backend`) compact storage; returns the names compacted. The
+    optimizer is pointed at the new parameters (its state for the old dense ones is dropped, unless it already has
+    the kept values' shape: restored from a compact run)."""
     done = []
     for name, m in layers.items():
         cls = _compactable(m)
@@ -188,7 +196,11 @@ def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim
         if optimizer is not None:
             for group in optimizer.param_groups:
                 group["params"] = [m.values if p is old else p for p in group["params"]]
-            optimizer.state.pop(old, None)
+            state = optimizer.state.pop(old, None)
+            if state and all(v.shape == m.values.shape for v in state.values() if torch.is_tensor(v) and v.dim()):
+                # state saved from a compact layer and restored into the dense one before compaction (a framework
+                # that loads the optimizer before the callbacks run): it follows the values it was saved for
+                optimizer.state[m.values] = state
         maskset.release(name, m)
         done.append(name)
     return done

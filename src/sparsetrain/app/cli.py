@@ -12,7 +12,7 @@ __all__ = ["main", "format_error"]
 
 def _train(args) -> int:
     from .config import load_config
-    from .train import Trainer
+    from .trainer import Trainer
 
     overrides = list(args.overrides)
     if args.data_dir:
@@ -23,12 +23,12 @@ def _train(args) -> int:
         overrides.append("run.resume_with_changes=true")
     cfg = load_config(args.config, overrides)
     if cfg.sparsity.method == "lottery":
-        from .train import lottery_ticket
+        from .lottery import lottery_ticket
 
         summary = lottery_ticket(cfg)
     else:
         summary = Trainer(cfg).fit()
-    from .train.distributed import leave, shutdown
+    from .distributed import leave, shutdown
 
     distributed = shutdown()
     print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
@@ -39,10 +39,11 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .config import load_config
-    from .data import DATASETS, BatchLoader, load_dataset
-    from .models import build_configured
-    from .train import CheckpointError, evaluate, load_checkpoint
-    from .train.distributed import pick_device
+    from ..data.images import DATASETS, BatchLoader, load_dataset
+    from ..models import build_configured
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .evaluation import evaluate
+    from .distributed import pick_device
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").exists():
@@ -73,9 +74,9 @@ def _sample(args) -> int:
     import torch
 
     from .config import load_config
-    from .models import SEQUENCE_MODELS, build_configured
-    from .text import CharVocab
-    from .train import CheckpointError, load_checkpoint
+    from ..models import SEQUENCE_MODELS, build_configured
+    from ..data.text import CharVocab
+    from .checkpoint import CheckpointError, load_checkpoint
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").exists():
@@ -111,11 +112,11 @@ def _report(args) -> int:
 
 
 def _flops(args) -> int:
-    from .accounting import measure_layer_costs
-    from .data import DATASETS
-    from .distributions import layer_densities
-    from .masks import select_parameters
-    from .models import build_model, model_input_shape
+    from ..core.accounting import measure_layer_costs
+    from ..data.images import DATASETS
+    from ..core.distributions import layer_densities
+    from ..core.masks import select_parameters
+    from ..models import build_model, model_input_shape
 
     for flag, value in (("--sparsity", args.sparsity), ("--activation-sparsity", args.activation_sparsity)):
         if value is not None and not 0 <= value < 1:
@@ -191,9 +192,9 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsetrain`` argument parser with its commands."""
     from .bench import CONFIGS
-    from .methods import DESCRIPTIONS as METHODS
-    from .data import DATASETS
-    from .models import MODELS
+    from ..methods import DESCRIPTIONS as METHODS
+    from ..data.images import DATASETS
+    from ..models import MODELS
 
     p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse neural-network training in PyTorch. "
                                 "Errors print one line; add --debug (anywhere) for the traceback.")
@@ -267,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 def format_error(e: BaseException) -> str | None:
     """The one line the CLI prints for an error it reports (None: not one of those, so a bug: let it raise)."""
     from .config import ConfigError
-    from .data import DatasetError
-    from .train import CheckpointError, TrainingError
+    from ..data.images import DatasetError
+    from .checkpoint import CheckpointError
+    from .trainer import TrainingError
 
     if isinstance(e, (ConfigError, DatasetError, CheckpointError, TrainingError)):
         text = str(e)

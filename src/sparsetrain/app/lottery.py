@@ -14,12 +14,13 @@ import functools
 import json
 from pathlib import Path
 
-from ..config import Config
+from .config import Config
 from ..methods.lottery import lottery, round_sparsities
 from .checkpoint import load_checkpoint, save_checkpoint
-from .trainer import CHECKPOINT_FORMAT, FINAL_MODEL, Trainer
+from .rundir import CHECKPOINT_FORMAT, FINAL_MODEL
+from .trainer import Trainer
 
-__all__ = ["lottery_ticket", "round_sparsities"]
+__all__ = ["lottery_ticket", "round_sparsities", "rewind_at"]
 
 # keys of the sparsity section that shape the ticket's masks (kept for rounds > 0)
 _MASK_KEYS = ("distribution", "custom_sparsity", "scheme", "dense_layers", "global_ranking")
@@ -32,6 +33,18 @@ def _round_config(cfg: Config, r: int, sparsity: float) -> Config:
     masks = {k: d["sparsity"][k] for k in _MASK_KEYS} if r > 0 else {}
     d["sparsity"] = {"method": "dense" if r == 0 else "static", "sparsity": sparsity, **masks, **engine}
     return Config.model_validate(d)
+
+
+def rewind_at(trainer: Trainer, step: int, path: Path):
+    """Save the model's weights once, right after optimizer step ``step`` (the weights later rounds rewind to): an
+    optimizer step hook, after the method's own (whose clock then has counted the step). Returns the hook's handle."""
+    clock = trainer.method.clock
+
+    def after_step(optimizer, args, kwargs):
+        if clock.step == step and trainer.is_main:
+            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.model.state_dict()}, path)
+
+    return trainer.optimizer.register_step_post_hook(after_step)
 
 
 def lottery_ticket(cfg: Config, datasets=None) -> dict:
@@ -59,7 +72,8 @@ def lottery_ticket(cfg: Config, datasets=None) -> dict:
         if r == 0:
             if lcfg.rewind_step == 0 and not rewind_file.exists():
                 save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.model.state_dict()}, rewind_file)
-            trainer.snapshot = (lcfg.rewind_step, rewind_file) if lcfg.rewind_step else None
+            if lcfg.rewind_step:
+                rewind_at(trainer, lcfg.rewind_step, rewind_file)
         summaries.append(trainer.fit())
     spent = sum(s["train_flops_rel"] for s in summaries)
     final = {**summaries[-1], "method": "lottery", "rounds": lcfg.rounds, "train_flops_rel": spent,

@@ -1,0 +1,107 @@
+"""``auto``: per layer, whichever path is fastest, timed once on the layer's real input shape when training starts
+(a layer never runs slower than masked dense because of us); then :func:`settle_layout` checks the whole step.
+
+The sparse kernels want NCHW, dense convolutions channels-last, and what lies between layers (BatchNorm, pooling,
+the residual adds) follows the layout, so the per-layer choices in NCHW are timed against every layer masked
+dense in channels-last, and the faster whole step is kept. Data-parallel ranks take rank 0's choices.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .registry import BACKENDS, Backend, register
+
+__all__ = ["Auto", "TIMING_SHARE", "NEAR_TIE", "near_tie", "choose_now", "settle_layout"]
+
+
+@register
+class Auto(Backend):
+    """The fastest path per layer, timed on the first training batch, and the faster layout for the whole step."""
+
+    name = "auto"
+    summary = "the fastest of the paths that can run each layer, timed on a real batch; the faster layout for the step"
+    compact = True
+    timed = True
+    own_layers = True  # SWAT's convolutions: the direct kernels where the whole step is faster
+    # until a layer has chosen (evaluation before training), it runs masked dense: the base class's run methods
+
+
+TIMING_SHARE = 4  # auto's timing passes run on 1/TIMING_SHARE of a batch (see settle_layout)
+NEAR_TIE = 1.1  # settle_layout also tries on the kernels the layers whose kernels came within this factor
+
+
+def near_tie(layer: nn.Module, chosen: str) -> bool:
+    """Whether ``layer``'s kernels ("direct") came within :data:`NEAR_TIE` of its ``chosen`` path in its own
+    timings: the layers :func:`settle_layout` also times on the kernels in a second plan."""
+    timings = getattr(layer, "timings", {})
+    return chosen != "direct" and "direct" in timings and timings["direct"] <= NEAR_TIE * timings[chosen]
+
+
+def choose_now(model: nn.Module, loss_of) -> None:
+    """Let every undecided ``auto`` layer of ``model`` time its paths now, on one forward and backward pass of
+    ``loss_of()`` (before compaction, which needs the choice), leaving no gradient behind."""
+    loss_of().backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4) -> torch.memory_format:
+    """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
+    given in memory format ``fmt``) with every layer on the path it chooses in NCHW, with the layers near a tie
+    (:data:`NEAR_TIE`) on the kernels as well, and with every layer masked dense in channels-last; keep the
+    fastest, so ``auto`` is never slower than its dense layers would be.
+    Returns the memory format the model's inputs must take from now on (the model is converted to it).
+    Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
+    choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
+    and the timing passes, which hold every path's activations in turn, stay below a training step's peak."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def timed(plan: dict[str, str] | None) -> float:
+        """One forward + backward with the layers on ``plan`` in NCHW, or (None) all masked in channels-last."""
+        for n, m in layers.items():
+            m.fix_backend(plan.get(n, m.backend) if plan is not None else "masked")
+        fmt = torch.contiguous_format if plan is not None else torch.channels_last
+        model.to(memory_format=fmt)
+        t = time.perf_counter()
+        loss_of(fmt).backward()
+        return time.perf_counter() - t
+
+    timed({})  # warm-up; undecided layers time their paths here
+    choices = {n: m.backend for n, m in layers.items()}
+    plans = [choices]
+    # layers whose kernels came within 10% of their chosen path: per-layer timings on a part of a batch miss
+    # what the layout around them costs, so the whole step is also timed with those on the kernels
+    near = {n: "direct" for n, m in layers.items() if near_tie(m, m.backend)}
+    if near:
+        plans.append({**choices, **near})
+    timed(None)
+    # the layouts alternate, so that a slow stretch of the machine does not fall on one of them alone
+    times = [float("inf")] * (len(plans) + 1)
+    for _ in range(repeats):
+        for i, plan in enumerate([*plans, None]):
+            times[i] = min(times[i], timed(plan))
+    best = min(range(len(times)), key=times.__getitem__)
+    dense = best == len(plans)
+    names = sorted(layers)
+    # rank 0 decides for all: its layout and every layer's path (timings, and so the plans tried, differ by rank)
+    pick = torch.tensor([int(dense)] + [list(BACKENDS).index("masked" if dense else plans[best][n]) for n in names])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(pick, 0)
+    dense = bool(pick[0])
+    for n, code in zip(names, pick[1:].tolist()):
+        layers[n].fix_backend(list(BACKENDS)[code])
+    t_sparse, t_dense = min(times[:-1]), times[-1]
+    fmt = torch.channels_last if dense else torch.contiguous_format
+    model.to(memory_format=fmt)
+    model.load_state_dict(saved)
+    for p in model.parameters():
+        p.grad = None
+    for m in layers.values():
+        m.step_timings = {"sparse_nchw": t_sparse, "masked_channels_last": t_dense}
+    return fmt
+

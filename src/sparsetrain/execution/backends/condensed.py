@@ -1,0 +1,115 @@
+"""``condensed``: our C kernels for Linear layers (:mod:`sparsetrain.execution.native`, ``condensed.c``).
+
+The kept weights are listed row by row (for a constant fan-in mask, ``[out, k]`` values and input indices), and
+tokens are taken in blocks of 64, transposed in cache so that every kept weight is one vector multiply-add over
+the block. Forward, input gradient and kept-weight gradient all cost nnz x tokens multiply-adds; the row lists
+are rebuilt only when the mask changes. Any mask runs (constant fan-in keeps rows even); convolutions under it
+take the ``direct`` kernels. Float32 on the CPU; elsewhere CSR.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from .. import native
+from .csr import csr_linear
+from .registry import Backend, direct_ok, register
+
+__all__ = ["Condensed", "CondensedStructure", "condensed_linear"]
+
+
+@dataclass
+class CondensedStructure:
+    """The kept entries of a Linear weight [out, in], listed row by row in the values' order, as the condensed
+    kernels read them: row pointers (int64) and each entry's input (int32), nothing else (compact layers keep
+    only this beside their values: at 90% sparsity, 4 bytes per kept weight)."""
+
+    shape: tuple[int, int]
+    rows: tuple[torch.Tensor, torch.Tensor]  # row_ptr [out + 1], col [nnz]
+    _index: torch.Tensor | None = None  # flat_index, cached for layers that gather from a dense weight every step
+
+    @classmethod
+    def from_mask(cls, mask2d: torch.Tensor) -> "CondensedStructure":
+        n_rows, n_cols = mask2d.shape
+        idx = mask2d.reshape(-1).nonzero().squeeze(1).cpu()
+        row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64)
+        row_ptr[1:] = torch.bincount(idx // n_cols, minlength=n_rows).cumsum(0)
+        return cls((n_rows, n_cols), (row_ptr, (idx % n_cols).to(torch.int32)))
+
+    @property
+    def flat_index(self) -> torch.Tensor:
+        """Positions of the kept entries in the row-major weight, in the values' order (computed when asked)."""
+        row_ptr, col = self.rows
+        rows = torch.repeat_interleave(torch.arange(self.shape[0]), row_ptr.diff())
+        return rows * self.shape[1] + col.long()
+
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept values of a dense ``weight``, in row order (differentiable)."""
+        if self._index is None:
+            self._index = self.flat_index
+        return weight.reshape(-1)[self._index]
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The matrix with ``values`` at the kept positions and zeros elsewhere."""
+        out = values.new_zeros(math.prod(self.shape))
+        out[self.flat_index.to(values.device)] = values
+        return out.view(self.shape)
+
+
+
+class _CondensedLinearFn(torch.autograd.Function):
+    """Linear over the kept weights given as ``values`` (in the structure's row order); their gradient comes back
+    in the same compact form, so a layer may store nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, structure: CondensedStructure):
+        x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+        values = values.detach().contiguous()
+        out = native.condensed_forward(x2, values, None if bias is None else bias.detach().contiguous(), structure.rows,
+                                       structure.shape[0])
+        ctx.save_for_backward(x, values)
+        ctx.structure, ctx.has_bias = structure, bias is not None
+        return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, values = ctx.saved_tensors
+        s = ctx.structure
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        gx, gv = native.condensed_backward(x.reshape(-1, x.shape[-1]).contiguous(), g2, values, s.rows,
+                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return None if gx is None else gx.reshape(x.shape), gv, gb, None
+
+
+def condensed_linear(x, weight, bias, structure: CondensedStructure):
+    """Linear (float32, CPU) computing only the kept weights in ``structure``, nnz x tokens multiply-adds through
+    the condensed C kernels. ``weight`` is the dense weight, or (compact storage) just the kept values in the
+    structure's row order."""
+    values = weight if weight.dim() == 1 else structure.gather(weight)
+    return _CondensedLinearFn.apply(x, values, bias, structure)
+
+
+@register
+class Condensed(Backend):
+    """The condensed Linear kernels; convolutions under it take the direct kernels."""
+
+    name = "condensed"
+    summary = "C kernels over the kept weights of Linear layers, rows of kept inputs (float32, CPU); convolutions direct"
+    compact = True
+    conv_backend = "direct"
+    layouts = ("nchw",)  # its convolutions run the direct kernels
+
+    def path(self, layer: nn.Module, x: torch.Tensor) -> str:
+        return "condensed" if direct_ok(x, layer.weight) else "csr"
+
+    def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if direct_ok(x, layer.weight):
+            return condensed_linear(x, layer.weight, layer.bias, layer.structure("condensed"))
+        return csr_linear(x, layer.weight, layer.bias, layer.structure())

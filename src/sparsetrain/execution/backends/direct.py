@@ -1,0 +1,241 @@
+"""``direct``: our C kernels for convolutions (:mod:`sparsetrain.execution.native`).
+
+Every kept weight is one shifted multiply-add over an output plane (or, for feature maps of 16 x 16 and smaller,
+over the batch laid innermost), in forward, input gradient and kept-weight gradient alike. Work is in proportion
+to the kept weights and there is no unfolded copy of the input. Float32 on the CPU in NCHW; Linear layers, and
+whatever the kernels do not cover, take the CSR path.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .. import native
+from .csr import conv_out_size, csr_conv2d, csr_linear
+from .registry import Backend, direct_ok, register
+
+__all__ = ["Direct", "DirectStructure", "direct_plan", "direct_geometry", "direct_forward", "direct_input_grad",
+           "direct_conv2d"]
+
+
+@dataclass
+class DirectStructure:
+    """The kept entries of a conv weight [Cout, Cin, KH, KW], listed by output and by input channel.
+
+    ``flat_index`` gives each entry's position in the weight (row-major, so grouped by output
+    channel); the by-input-channel lists carry each entry's index into that order.
+    """
+
+    shape: tuple[int, int, int, int]
+    flat_index: torch.Tensor | None  # None for lists made from a threshold (SWAT's W_s), which carry their values
+    by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
+    by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int64 (numpy)
+    _flipped: tuple | None = None
+
+    @classmethod
+    def from_mask(cls, mask4d: torch.Tensor) -> "DirectStructure":
+        cout, cin, kh, kw = mask4d.shape
+        idx = mask4d.reshape(-1).nonzero().squeeze(1).cpu()
+        co, rest = idx // (cin * kh * kw), idx % (cin * kh * kw)
+        ci, r = rest // (kh * kw), rest % (kh * kw)
+        h, w = r // kw, r % kw
+        co_ptr = torch.zeros(cout + 1, dtype=torch.int64)
+        co_ptr[1:] = torch.bincount(co, minlength=cout).cumsum(0)
+        order = torch.argsort(ci * cout + co, stable=True)
+        ci_ptr = torch.zeros(cin + 1, dtype=torch.int64)
+        ci_ptr[1:] = torch.bincount(ci, minlength=cin).cumsum(0)
+        np_ = lambda t, dt: np.ascontiguousarray(t.numpy().astype(dt))  # noqa: E731
+        by_out = (np_(co_ptr, np.int64), np_(ci, np.int32), np_(h, np.int16), np_(w, np.int16))
+        by_in = (np_(ci_ptr, np.int64), np_(co[order], np.int32), np_(h[order], np.int16), np_(w[order], np.int16),
+                 np_(order, np.int64))
+        return cls(tuple(mask4d.shape), idx, by_out, by_in)
+
+    def by_in_flipped(self) -> tuple:
+        """The by-input lists with the kernel flipped (kh -> KH-1-kh, kw -> KW-1-kw) and each entry's value index:
+        the input gradient of a stride-1 convolution is the convolution of the padded output gradient with them."""
+        if self._flipped is None:
+            ptr, co, kh, kw, vidx = self.by_in
+            kh_n, kw_n = self.shape[2:]
+            self._flipped = (ptr, co, (kh_n - 1 - kh).astype(np.int16), (kw_n - 1 - kw).astype(np.int16),
+                             torch.from_numpy(vidx))
+        return self._flipped
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The weight with ``values`` at the kept entries and zeros elsewhere."""
+        out = values.new_zeros(math.prod(self.shape))
+        out[self.flat_index] = values
+        return out.view(self.shape)
+
+
+_BATCH_INNER_BELOW = 512  # output planes of 16 x 16 and smaller run with the batch innermost
+
+
+def _kernel_layout(t: torch.Tensor, batch_inner: bool) -> torch.Tensor:
+    """``t`` as the kernels read it: contiguous NCHW, or [C, H, W, N] with the batch innermost."""
+    return t.permute(1, 2, 3, 0).contiguous() if batch_inner else t.contiguous()
+
+
+def _tiled(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool]:
+    """Which products run on the register-tiled kernels: (forward and weight gradient, input gradient). Both need
+    stride 1 and dilation 1; the first an output, the second an input, of planes 1, 2 or 4 vectors wide (8, 16 or
+    32 columns with AVX2, 16, 32 or 64 with AVX-512; any height); the second also padding within the kernel (so that
+    the input gradient is a convolution too)."""
+    _, _, h, w, _, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    if not sh == sw == dh == dw == 1:
+        return False, False
+    return native.tiled_supported(ho, wo), 0 <= ph < kernel[0] and 0 <= pw < kernel[1] and native.tiled_supported(h, w)
+
+
+_pad_buffer = threading.local()
+
+
+def _padded(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """``x`` [N, C, H, W] zero-padded by (ph, pw), in one reused buffer per thread (valid until the next call):
+    the tiled kernels read it and let go before returning. A fresh ``F.pad`` would fault in and fill a new
+    tensor every time, which costs as much as a small layer's kernel; here only the border is zeroed. Backward
+    passes use it; the forward pass releases it (:func:`_release_padded`), so that it is not held through the
+    step's peak, when every saved activation is alive."""
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    size = n * c * hp * wp
+    buf = getattr(_pad_buffer, "buf", None)
+    if buf is None or buf.numel() < size or buf.dtype != x.dtype:
+        buf = _pad_buffer.buf = torch.empty(size, dtype=x.dtype)
+    xp = buf[:size].view(n, c, hp, wp)
+    if ph:
+        xp[:, :, :ph].zero_()
+        xp[:, :, hp - ph:].zero_()
+    if pw:
+        xp[:, :, :, :pw].zero_()
+        xp[:, :, :, wp - pw:].zero_()
+    xp[:, :, ph:ph + h, pw:pw + w].copy_(x)
+    return xp
+
+
+def _release_padded() -> None:
+    _pad_buffer.buf = None
+
+
+def direct_plan(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool, bool]:
+    """How the direct kernels run a convolution of geometry ``geom``: (batch innermost, forward and weight gradient
+    tiled, input gradient tiled)."""
+    tiled, tiled_in = _tiled(geom, kernel)
+    return not (tiled or tiled_in) and int(geom[5]) * int(geom[6]) < _BATCH_INNER_BELOW, tiled, tiled_in
+
+
+def direct_geometry(x_shape, kernel_shape, stride, padding, dilation) -> np.ndarray:
+    """N, Cin, H, W, Cout, Ho, Wo, strides, paddings, dilations (int64), as the direct kernels read them."""
+    n, cin, h, w = x_shape
+    cout, _, kh, kw = kernel_shape
+    ho, wo = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
+    return np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
+
+
+def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, structure: DirectStructure,
+                   geom: np.ndarray, plan: tuple[bool, bool, bool]) -> torch.Tensor:
+    """The convolution over the kept weights (``values`` in the structure's order), NCHW out."""
+    bi, tiled, _ = plan
+    n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
+    out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
+    if tiled:
+        ph, pw = int(geom[9]), int(geom[10])
+        _release_padded()
+        native.tiled_conv(F.pad(x.detach().contiguous(), (pw, pw, ph, ph)), values, bias, structure.by_out, out)
+    else:
+        native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values, bias, structure.by_out, out,
+                                   batch_inner=bi)
+    return out.permute(3, 0, 1, 2) if bi else out
+
+
+def direct_input_grad(grad_out: torch.Tensor, values: torch.Tensor, structure: DirectStructure, geom: np.ndarray,
+                      plan: tuple[bool, bool, bool]) -> torch.Tensor:
+    """The input gradient of :func:`direct_forward`, NCHW."""
+    bi, _, tiled_in = plan
+    n, cin, h, w = (int(v) for v in geom[:4])
+    g = _kernel_layout(grad_out, bi)
+    gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
+    if tiled_in:  # the padded output gradient convolved with the flipped kernel, listed by input channel
+        kh, kw = structure.shape[2:]
+        ph, pw = int(geom[9]), int(geom[10])
+        ptr, co, fkh, fkw, vidx = structure.by_in_flipped()
+        native.tiled_conv(_padded(g, kh - 1 - ph, kw - 1 - pw), values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+    else:
+        native.sparse_conv_backward_input(geom, g, values, structure.by_in, gx, batch_inner=bi)
+    return gx.permute(3, 0, 1, 2) if bi else gx
+
+
+class _DirectConv2dFn(torch.autograd.Function):
+    """Convolution over the kept weights given as ``values`` (in the structure's order); their gradient comes
+    back in the same compact form, so a layer may store nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, structure: DirectStructure, stride, padding, dilation):
+        geom = direct_geometry(x.shape, structure.shape, stride, padding, dilation)
+        plan = direct_plan(geom, structure.shape[2:])
+        values = values.detach().contiguous()
+        out = direct_forward(x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan)
+        # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
+        ctx.save_for_backward(x, values)
+        ctx.conf = (structure, geom, bias is not None, plan)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, values = ctx.saved_tensors
+        s, geom, has_bias, plan = ctx.conf
+        bi, tiled, _ = plan
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = direct_input_grad(grad_out, values, s, geom, plan)
+        if ctx.needs_input_grad[1]:
+            if tiled:
+                ph, pw = int(geom[9]), int(geom[10])
+                gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad_out.contiguous(),
+                                                   s.by_out, values.numel())
+            else:
+                gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), _kernel_layout(grad_out, bi),
+                                                        s.by_out, values.numel(), batch_inner=bi)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = grad_out.sum((0, 2, 3))
+        return gx, gv, gb, None, None, None, None
+
+
+def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """Conv2d (groups=1, float32, CPU) computing only the kept weights in ``structure``: no unfolded copy,
+    work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`). ``weight`` is the
+    dense weight, or (compact storage) just the kept values in the structure's order."""
+    values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
+    return _DirectConv2dFn.apply(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
+
+
+
+@register
+class Direct(Backend):
+    """The direct sparse-convolution kernels; Linear layers on CSR products."""
+
+    name = "direct"
+    summary = "C kernels over the kept weights of convolutions (float32, CPU, NCHW); Linear layers on CSR"
+    compact = True
+    layouts = ("nchw",)
+    own_layers = True  # SWAT's convolutions on the kernels, over the top-K weights
+
+    def path(self, layer: nn.Module, x: torch.Tensor) -> str:
+        return "direct" if isinstance(layer, nn.Conv2d) and direct_ok(x, layer.weight) else "csr"
+
+    def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return csr_linear(x, layer.weight, layer.bias, layer.structure())  # a Linear is a matrix product: CSR
+
+    def run_conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if direct_ok(x, layer.weight):
+            return direct_conv2d(x, layer.weight, layer.bias, layer.structure("direct"), layer.stride, layer.padding,
+                                 layer.dilation)
+        return csr_conv2d(x, layer.weight, layer.bias, layer.structure(), layer.stride, layer.padding, layer.dilation)

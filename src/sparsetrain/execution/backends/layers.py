@@ -1,0 +1,172 @@
+"""The swapped layers: a Conv2d or Linear that computes with the backend chosen for it.
+
+:func:`apply_backend` swaps the masked layers of a model in place (same parameters, so optimizers and state dicts
+are untouched); each layer follows the masks of a :class:`~sparsetrain.core.masks.MaskSet`, caches the sparse
+structures its backend reads, and rebuilds them only when the masks change. What a layer computes is its
+backend object's business (:data:`~.registry.BACKENDS`); the layer holds only the backend's name.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .channel import kept_channels
+from .condensed import CondensedStructure
+from .csr import CSRStructure
+from .direct import DirectStructure
+from .registry import BACKENDS, direct_ok, get_backend
+
+__all__ = ["SparseLinear", "SparseConv2d", "apply_backend"]
+
+_STRUCTURES = {"direct": DirectStructure.from_mask, "condensed": CondensedStructure.from_mask,
+               "csr": lambda mask: CSRStructure.from_mask(mask.reshape(mask.shape[0], -1))}
+
+
+class _SparseExec:
+    """What the swapped layers share: the MaskSet they follow, the cached structure, the chosen path."""
+
+    def _init_exec(self, maskset, name: str, backend: str):
+        self.maskset, self.mask_name = maskset, name
+        self.backend = backend  # a backend's name; "auto" until the first training forward decides
+        self.ran: str | None = None  # the path the last training forward took (a fallback shows here)
+        self._structures: dict[str, object] = {}
+        self._version_seen = -1
+        self.rebuilds = 0
+
+    def structure(self, kind: str = "csr"):
+        """The CSR (``"csr"``), direct-kernel (``"direct"``), condensed (``"condensed"``) or kept-channel
+        (``"channel"``) structure of the current mask, rebuilt only when the MaskSet's masks changed."""
+        if self._version_seen != self.maskset.version:
+            self._structures.clear()
+            self._version_seen = self.maskset.version
+        if kind not in self._structures:
+            mask = self.maskset.masks[self.mask_name]
+            if kind == "channel":
+                self._structures[kind] = kept_channels(mask, self.mask_name)
+            else:
+                self._structures[kind] = _STRUCTURES[kind](mask)
+            self.rebuilds += 1
+        return self._structures[kind]
+
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        """The backends that can run this layer on ``x``."""
+        return ("masked", "csr")
+
+    def _choose(self, x: torch.Tensor) -> None:
+        """Time every candidate backend (forward + backward) on this input; keep the fastest."""
+        timings = {}
+        for name in self.candidates(x):
+            self.backend = name
+            best = float("inf")
+            for _ in range(5):  # the minimum of five: three let a noisy moment flip layers that differ by 10%
+                xi = x.detach().requires_grad_(x.requires_grad)
+                t = time.perf_counter()
+                out = self._run(xi)
+                out.backward(torch.ones_like(out))
+                best = min(best, time.perf_counter() - t)
+            timings[name] = best
+        self.weight.grad = None
+        if self.bias is not None:
+            self.bias.grad = None
+        self.timings = timings
+        self.backend = min(timings, key=timings.get)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            names = list(timings)  # the same candidates on every rank: same layer, same input shape
+            choice = torch.tensor([names.index(self.backend)])
+            dist.broadcast(choice, 0)  # timings differ by rank; the choice must not
+            self.backend = names[int(choice)]
+
+    def fix_backend(self, backend: str) -> None:
+        """Use ``backend`` from now on (a resumed run keeps the choice it made, instead of timing again)."""
+        self.backend = get_backend(backend).name
+
+    @property
+    def decided(self) -> bool:
+        """Whether the layer runs one path (False while an ``auto`` layer has not timed its paths yet)."""
+        return not BACKENDS[self.backend].timed
+
+    def forward(self, x):
+        if not self.decided and self.training and torch.is_grad_enabled():
+            self._choose(x)
+        if self.training:
+            self.ran = self._path(x)
+        out = self._run(x)
+        if self.training and out.requires_grad and self.maskset.capture_dense_grad and BACKENDS[self.ran].swaps_layers:
+            # the sparse paths compute the kept weights' gradient only; a step whose update grows by the dense
+            # gradient (RigL's) computes the full one as well, with one dense product, kept until it is read
+            out.register_hook(lambda g, x=x.detach(): self.maskset.captured.__setitem__(
+                self.mask_name, self._dense_weight_grad(x, g)))
+        return out
+
+    def _path(self, x: torch.Tensor) -> str:
+        """The path :meth:`_run` takes for ``x`` under the chosen backend."""
+        return BACKENDS[self.backend].path(self, x)
+
+
+class SparseLinear(_SparseExec, nn.Linear):
+    """A Linear that computes with the backend chosen for it (made by :func:`apply_backend`)."""
+
+    def _dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The full weight gradient [out, in] of this layer for input ``x`` and output gradient ``grad_out``."""
+        return grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        return ("masked", "csr", "condensed") if direct_ok(x, self.weight) else ("masked", "csr")
+
+    def _run(self, x):
+        return BACKENDS[self.backend].run_linear(self, x)
+
+
+class SparseConv2d(_SparseExec, nn.Conv2d):
+    """A Conv2d that computes with the backend chosen for it (made by :func:`apply_backend`)."""
+
+    def _dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The full weight gradient of this (ungrouped) convolution for input ``x`` and output gradient ``grad_out``."""
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        return torch.nn.grad.conv2d_weight(x, shape, grad_out, self.stride, self.padding, self.dilation, self.groups)
+
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        # where the direct kernels run, CSR (an unfolded copy of the input) is slower and far larger: not tried
+        found = ("masked", "direct") if direct_ok(x, self.weight) else ("masked", "csr")
+        return (*found, "channel") if self._channel_structured() else found
+
+    def _channel_structured(self) -> bool:
+        try:
+            self.structure("channel")
+            return True
+        except ValueError:
+            return False
+
+    def _run(self, x):
+        return BACKENDS[self.backend].run_conv(self, x)
+
+
+def apply_backend(model: nn.Module, maskset, backend: str) -> dict[str, nn.Module]:
+    """Swap the masked layers of ``model`` to compute with ``backend``; returns them by weight name.
+
+    Grouped convolutions, non-zero padding modes and layer types the backend does not declare stay masked dense.
+    Layers read their masks from the MaskSet and rebuild their structures when its ``version`` moves.
+    """
+    chosen = get_backend(backend)
+    modules = dict(model.named_modules())
+    swapped = {}
+    for wname, mask in maskset.masks.items():
+        m = modules[wname.rsplit(".", 1)[0] if "." in wname else ""]
+        if type(m) not in (nn.Linear, nn.Conv2d):
+            continue
+        runs = isinstance(m, chosen.layer_types)
+        if runs:
+            chosen.prepare(mask, wname, mask.device)
+        if type(m) is nn.Linear:
+            m.__class__ = SparseLinear
+        else:
+            m.__class__ = SparseConv2d
+            runs = runs and m.padding_mode == "zeros" and not isinstance(m.padding, str) and m.groups == 1
+        on = (chosen.conv_backend if isinstance(m, nn.Conv2d) else None) or chosen.name
+        m._init_exec(maskset, wname, on if runs else "masked")
+        swapped[wname] = m
+    return swapped

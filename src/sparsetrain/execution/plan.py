@@ -1,0 +1,291 @@
+"""The execution plan: per layer its backend, the model's layout, and which layers store only kept weights.
+
+Every sparsifier can run its layers really sparse: ``st.rigl(model, optimizer, ..., execution="auto",
+compact_state=True)``. :class:`Planner` is the one place that assembles execution (swap the masked layers onto a
+backend, cut channels on both sides, time ``auto``'s paths and the layout, compact the layers); the factories,
+the Trainer and ``bench`` all go through it. What it decided is an :class:`ExecutionPlan`: printable as a table,
+saved in the sparsifier's state dict (a resumed run applies it instead of timing again), broadcast from rank 0
+under data parallelism (``auto``'s timings differ by rank, its choices must not), and reusable
+(``execution=plan``, or :meth:`ExecutionPlan.load` from a JSON file).
+
+Choosing needs a batch. ``auto`` times on ``example_inputs`` when given, else on the first training forward pass
+(``model.training`` and gradients enabled; evaluation passes before it run masked dense). The layout it picks
+(NCHW for the sparse kernels, or channels-last where the dense layers win) is applied to the inputs by a forward
+pre-hook on the model, so the loop feeds data as before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .backends import (BACKENDS, TIMING_SHARE, ExecutionRequest, apply_backend, check_execution, choose_now,
+                       get_backend, settle_layout)
+from .backends.channel_pairs import shrink_both_sides
+from .backends.compact import compact_layers, is_compact
+from .backends.plain import restore_plain
+from .backends.swat import swat_backend
+
+__all__ = ["ExecutionPlan", "LayerPlan", "Planner", "LAYOUTS"]
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's execution: the backend's path it runs, and whether it stores only its kept weights."""
+
+    backend: str
+    compact: bool = False
+
+
+@dataclass
+class ExecutionPlan:
+    """What runs where: ``requested`` (the ``execution`` asked for), each layer's :class:`LayerPlan` by weight name,
+    the model's ``layout`` (``"nchw"``, ``"channels_last"``, or None: the inputs as given), and whether channel
+    cuts reach the next layer (``channel_both_sides``)."""
+
+    requested: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    layout: str | None = None
+    channel_both_sides: bool = False
+
+    def to_dict(self) -> dict:
+        """Plain data (for state dicts and JSON)."""
+        return {"requested": self.requested, "layout": self.layout, "channel_both_sides": self.channel_both_sides,
+                "layers": {n: asdict(lp) for n, lp in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExecutionPlan":
+        """The plan of :meth:`to_dict`; refuses unknown backends and layouts by name."""
+        try:
+            get_backend(d["requested"])
+            layers = {str(n): LayerPlan(get_backend(lp["backend"]).name, bool(lp.get("compact", False)))
+                      for n, lp in d["layers"].items()}
+            layout = d.get("layout")
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not an execution plan (missing or malformed field: {e})") from None
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r} in the plan; allowed: {sorted(LAYOUTS)} or null")
+        return cls(d["requested"], layers, layout, bool(d.get("channel_both_sides", False)))
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON (``ExecutionPlan.load`` reads it back)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExecutionPlan":
+        """A plan written by :meth:`save`."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not an execution plan: not JSON ({e})") from None
+
+    def counts(self) -> dict[str, int]:
+        """How many layers run each path."""
+        out: dict[str, int] = {}
+        for lp in self.layers.values():
+            out[lp.backend] = out.get(lp.backend, 0) + 1
+        return dict(sorted(out.items()))
+
+    def __str__(self) -> str:
+        width = max([len("layer"), *map(len, self.layers)])
+        head = (f"execution plan: {self.requested}, layout {self.layout or 'as given'}"
+                f"{', channels cut on both sides' if self.channel_both_sides else ''}")
+        rows = [head, f"{'layer':<{width}}  {'backend':<15}  compact", f"{'-' * width}  {'-' * 15}  -------"]
+        rows += [f"{n:<{width}}  {lp.backend:<15}  {'yes' if lp.compact else 'no'}" for n, lp in self.layers.items()]
+        return "\n".join(rows)
+
+
+def _first_tensor(obj):
+    """The first tensor in a model's output (a tensor, a tuple, a dict, or an output object with ``loss``/``logits``)."""
+    if torch.is_tensor(obj):
+        return obj
+    for key in ("loss", "logits"):
+        value = getattr(obj, key, None) if not isinstance(obj, dict) else obj.get(key)
+        if torch.is_tensor(value):
+            return value
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in items:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _map_tensors(obj, fn):
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _in_layout(fmt: torch.memory_format):
+    """A function putting 4-D floating tensors into memory format ``fmt`` (others pass unchanged)."""
+    return lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 and t.is_floating_point() else t
+
+
+class Planner:
+    """Makes and applies a sparsifier's execution plan (see the module docstring).
+
+    Built by :meth:`sparsetrain.methods.base.Sparsifier.use_execution`; ``maskset`` is None for methods with
+    layers of their own (SWAT), whose layers the backends run directly.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, maskset, request: ExecutionRequest,
+                 execution: "str | ExecutionPlan", compact_state: bool = False):
+        given = execution if isinstance(execution, ExecutionPlan) else None
+        name = given.requested if given else execution
+        if not isinstance(name, str):
+            raise TypeError(f"execution must be a backend name, 'auto' or an ExecutionPlan, got {type(execution).__name__}")
+        self.backend = check_execution(name, request)
+        self.model, self.optimizer, self.maskset, self.request = model, optimizer, maskset, request
+        self.compact_state = compact_state
+        self.plan: ExecutionPlan | None = None
+        self._hooks: list = []
+        self._layout_hooks: list = []
+        if request.traits.own_layers:
+            self.layers = swat_backend(model, self.backend.name)
+        else:
+            self.layers = apply_backend(model, maskset, self.backend.name) if self.backend.swaps_layers else {}
+        if request.channel_both_sides:
+            shrink_both_sides(model, self.layers)
+        if given is not None:
+            self.apply(given)
+        elif not self.backend.timed:
+            self._finish(layout=None)  # nothing to time: the plan is what the backend runs
+        else:  # the first module of the chain a training step calls brings the batch
+            self._hooks += [m.register_forward_pre_hook(self._on_first_forward, with_kwargs=True) for m in self._chain()]
+
+    @property
+    def pending(self) -> bool:
+        """True until the plan is made (``auto`` before its first batch)."""
+        return self.plan is None
+
+    # ------------------------------------------------------------------ choosing
+    def _chain(self) -> list[nn.Module]:
+        """The model and its submodules down to the smallest one that holds every planned layer: whichever of them
+        a training step calls first (a Lightning module's ``training_step`` calls an inner network, not its own
+        forward) brings the batch, and the layout is applied to the inputs of each."""
+        parents = [n.split(".")[:-2] for n in self.layers]  # "block.conv.weight": the layer's parent is "block"
+        chain = [self.model]
+        for level in zip(*parents):  # the parents' common path, one module at a time
+            if len(set(level)) != 1:
+                break
+            chain.append(getattr(chain[-1], level[0]))
+        return chain
+
+    def _on_first_forward(self, module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()) or not self.pending:
+            return None
+        self._choose_with(module, args, kwargs)
+        return _map_tensors(args, self._to_layout), kwargs
+
+    def _to_layout(self, t):
+        fmt = LAYOUTS.get(self.plan.layout) if self.plan is not None and self.plan.layout else None
+        return _in_layout(fmt)(t) if fmt is not None else t
+
+    def choose(self, *args, **kwargs) -> ExecutionPlan:
+        """Time ``auto``'s choices on one batch (the model's positional and keyword inputs) and make the plan. The
+        parameters, BatchNorm statistics and random number streams are left as they were."""
+        return self._choose_with(self.model, args, kwargs)
+
+    def _choose_with(self, model: nn.Module, args: tuple, kwargs: dict) -> ExecutionPlan:
+        """:meth:`choose` on the inputs of ``model`` (the planned model or the submodule that was called)."""
+        if not self.pending:
+            return self.plan
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        image = bool(args) and torch.is_tensor(args[0]) and args[0].dim() == 4 and args[0].is_floating_point()
+        layout = None
+        devices = [args[0].device.index or 0] if args and torch.is_tensor(args[0]) and args[0].is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            if image and self.layers:
+                # per-layer choices ignore the layout between layers: the whole step against masked channels-last
+                part = max(1, args[0].shape[0] // TIMING_SHARE)
+                small = _map_tensors((args, kwargs), lambda t: t[:part] if t.dim() and t.shape[0] == args[0].shape[0] else t)
+
+                def loss_of(fmt):
+                    a, k = small
+                    return _first_tensor(model(*_map_tensors(a, _in_layout(fmt)), **k)).float().mean()
+
+                fmt = settle_layout(model, self.layers, loss_of)
+                layout = "channels_last" if fmt == torch.channels_last else "nchw"
+            elif self.layers:
+                choose_now(model, lambda: _first_tensor(model(*args, **kwargs)).float().mean())
+                model.load_state_dict(saved)
+        for p in model.parameters():
+            p.grad = None
+        if self.maskset is not None:
+            self.maskset.captured.clear()
+        return self._finish(layout)
+
+    def _finish(self, layout: str | None, compact: set[str] | None = None) -> ExecutionPlan:
+        """Compact the layers that may store only kept weights (``compact``: those named; None: every one the
+        backends allow, under ``compact_state``), set the layout, and record the plan."""
+        if self.maskset is not None:
+            fresh = {n: m for n, m in self.layers.items() if not is_compact(m)
+                     and (n in compact if compact is not None else self.compact_state)}
+            compact_layers(fresh, self.maskset, self.optimizer)
+        self.plan = ExecutionPlan(self.backend.name,
+                                  {n: LayerPlan(m.backend, is_compact(m)) for n, m in self.layers.items()},
+                                  layout, self.request.channel_both_sides)
+        self._set_layout(layout)
+        return self.plan
+
+    def _set_layout(self, layout: str | None) -> None:
+        for h in self._layout_hooks:
+            h.remove()
+        self._layout_hooks.clear()
+        if layout is None:
+            return
+        self.model.to(memory_format=LAYOUTS[layout])
+        to_layout = _in_layout(LAYOUTS[layout])
+        self._layout_hooks = [m.register_forward_pre_hook(lambda module, args: _map_tensors(args, to_layout))
+                              for m in self._chain()]
+
+    # ------------------------------------------------------------------ applying a plan
+    def apply(self, plan: ExecutionPlan) -> ExecutionPlan:
+        """Run ``plan`` from now on, without timing (a resumed run, or a plan made elsewhere). The layers must be
+        the same; a layer already compacted cannot change its path."""
+        if set(plan.layers) != set(self.layers):
+            diff = sorted(set(plan.layers) ^ set(self.layers))
+            raise ValueError(f"the execution plan is for other layers than this model's (differing: {diff[:5]})")
+        if plan.channel_both_sides != self.request.channel_both_sides:
+            raise ValueError(f"the execution plan was made with channel_both_sides={plan.channel_both_sides}; this "
+                             f"sparsifier has channel_both_sides={self.request.channel_both_sides}")
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.plan is not None:
+            changed = [n for n, lp in plan.layers.items() if lp != self.plan.layers[n]]
+            stuck = [n for n in changed if self.plan.layers[n].compact or plan.layers[n].compact]
+            if stuck:
+                raise ValueError(f"layers {stuck[:4]} were compacted under another plan already; build the sparsifier "
+                                 "without example_inputs when loading a saved plan, so that the plan is applied first")
+        for n, lp in plan.layers.items():
+            self.layers[n].fix_backend(lp.backend)
+        return self._finish(plan.layout, {n for n, lp in plan.layers.items() if lp.compact})
+
+    def remove(self) -> None:
+        """Hooks off and every swapped layer back to a plain ``torch.nn`` layer with its dense weight."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._set_layout(None)
+        restore_plain(self.model)
+        self.layers = {}
+
+
+def describe_backends() -> str:
+    """One line per registered backend: its name and what it does."""
+    return "\n".join(f"{n:<16} {b.summary}" for n, b in BACKENDS.items())

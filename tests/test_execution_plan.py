@@ -1,0 +1,199 @@
+"""Execution inside every sparsifier: ``execution=`` on the factories, the plan (a table, in the state dict,
+restored without timing, reusable), exact resume, export back to plain layers, refusals asked of the backends,
+and the architecture rules that keep backend names inside the registry."""
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsetrain as st
+from sparsetrain.execution import native
+from sparsetrain.execution.backends import BACKENDS, auto
+from sparsetrain.execution.plan import ExecutionPlan
+
+needs_native = pytest.mark.skipif(not native.available(), reason="C kernels not built here")
+SRC = Path(st.__file__).parent
+
+
+class Net(nn.Module):
+    """A small CNN: convs with BatchNorm and pooling, and two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv3, self.bn3 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc1, self.fc2 = nn.Linear(32 * 4 * 4, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def _batches(n=6, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 16, 16, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def _build(factory, **kw):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return model, opt, factory(model, opt, **kw)
+
+
+def _train(model, opt, batches):
+    losses = []
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+STATIC = dict(sparsity=0.9, dense_layers=["conv1.weight", "fc2.weight"])
+RIGL = dict(sparsity=0.9, dense_layers=["conv1.weight", "fc2.weight"], total_steps=12, update_every_steps=2)
+
+
+@needs_native
+def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
+    model, opt, sp = _build(st.static, **STATIC, execution="auto", compact_state=True)
+    assert sp.plan is None  # waits for a batch
+    with torch.no_grad():
+        model.eval()
+        model(torch.randn(2, 3, 16, 16))  # evaluation before training does not choose
+        model.train()
+    assert sp.plan is None
+    ref_model, ref_opt, _ = _build(st.static, **STATIC)
+    batches = _batches()
+    losses = _train(model, opt, batches)
+    assert sp.plan is not None and set(sp.plan.layers) == {"conv2.weight", "conv3.weight", "fc1.weight"}
+    assert sp.plan.layout in ("nchw", "channels_last")
+    assert all(lp.backend in BACKENDS for lp in sp.plan.layers.values())
+    assert torch.allclose(torch.tensor(losses), torch.tensor(_train(ref_model, ref_opt, batches)), atol=1e-4)
+    table = str(sp.plan)
+    assert "execution plan: auto" in table and "conv2.weight" in table and "compact" in table
+    assert abs(sp.sparsity() - 0.9) < 0.01
+
+
+@needs_native
+@pytest.mark.parametrize("factory, kw", [(st.static, STATIC), (st.rigl, RIGL)])
+def test_resume_applies_the_saved_plan_without_timing_and_is_bit_identical(factory, kw, monkeypatch):
+    batches = _batches(n=8)
+    model, opt, sp = _build(factory, **kw, execution="auto", compact_state=True)
+    _train(model, opt, batches[:4])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()})
+    assert saved["sp"]["plan"] == sp.plan.to_dict()
+    full = _train(model, opt, batches[4:])
+
+    def no_timing(*a, **k):
+        raise AssertionError("a resumed run timed its choices again")
+
+    monkeypatch.setattr(auto, "settle_layout", no_timing)
+    monkeypatch.setattr("sparsetrain.execution.plan.settle_layout", no_timing)
+    monkeypatch.setattr("sparsetrain.execution.backends.layers._SparseExec._choose", no_timing)
+    model2, opt2, sp2 = _build(factory, **kw, execution="auto", compact_state=True)
+    sp2.load_state_dict(saved["sp"])
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert sp2.plan == sp.plan
+    resumed = _train(model2, opt2, batches[4:])
+    assert full == resumed
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+@needs_native
+def test_a_plan_is_reusable_from_a_file_and_checked_against_the_model(tmp_path):
+    model, opt, sp = _build(st.static, **STATIC, execution="auto", example_inputs=_batches(1)[0][0])
+    assert sp.plan is not None  # chosen at build time on the example
+    sp.plan.save(tmp_path / "plan.json")
+    plan = ExecutionPlan.load(tmp_path / "plan.json")
+    assert plan == sp.plan
+    _, _, again = _build(st.static, **STATIC, execution=plan)
+    assert again.plan == plan
+    other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="the execution plan is for other layers than this model's"):
+        st.static(other, torch.optim.SGD(other.parameters(), lr=0.1), sparsity=0.5, execution=plan)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="is not an execution plan: not JSON"):
+        ExecutionPlan.load(tmp_path / "bad.json")
+
+
+def test_the_factories_refuse_through_the_backends_declarations():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="unknown backend 'fast'; choose one of"):
+        st.static(model, opt, sparsity=0.5, execution="fast")
+    with pytest.raises(ValueError, match="backend 'channel' runs masks of whole output channels; set sparsity.scheme="):
+        st.static(Net(), opt, sparsity=0.5, execution="channel")
+    with pytest.raises(ValueError, match="method 'swat' runs under backend 'masked', 'direct' or 'auto'"):
+        st.swat(Net(), opt, sparsity=0.5, execution="csr")
+    with pytest.raises(ValueError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or"):
+        st.lottery(Net(), opt, sparsity=0.5, trained=dict(Net().named_parameters()), execution="direct",
+                   compact_state=True)
+    with pytest.raises(ValueError, match="backend 'direct' runs masked layers sparse; method 'dense' has no masks"):
+        st.dense(Net(), opt, execution="direct")
+    with pytest.raises(TypeError, match="execution must be a backend name, 'auto' or an ExecutionPlan"):
+        st.static(Net(), opt, sparsity=0.5, execution=3)
+
+
+@needs_native
+def test_remove_gives_plain_layers_with_the_exported_weights():
+    model, opt, sp = _build(st.static, **STATIC, execution="direct", compact_state=True)
+    _train(model, opt, _batches(n=2))
+    exported = {k: v.clone() for k, v in sp.export_state().items()}
+    plain = sp.remove()
+    assert not any(type(m).__module__.startswith("sparsetrain") for m in plain.modules())
+    assert {k: v for k, v in plain.state_dict().items()}.keys() == exported.keys()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, exported[k]), k
+    assert "removed" in repr(sp)
+    assert [ls.name for ls in sp.report()] == ["conv2.weight", "conv3.weight", "fc1.weight"]
+    with pytest.raises(RuntimeError, match="the sparsifier was removed"):
+        sp.state_dict()
+
+
+def test_swat_remove_equals_export_state_and_reports_after_removal():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = st.swat(model, opt, sparsity=0.8, topk_period=3)
+    _train(model, opt, _batches(n=4))  # the weights move after the period's threshold was taken
+    exported = {k: v.clone() for k, v in sp.export_state().items()}
+    plain = sp.remove()
+    state = plain.state_dict()
+    assert state.keys() == exported.keys()
+    for k in state:
+        assert torch.equal(state[k], exported[k]), k
+    assert "removed" in repr(sp)
+    assert {ls.name for ls in sp.report()} == {n for n, _ in plain.named_parameters() if n.endswith("weight")
+                                                and n != "conv1.weight" and not n.startswith("bn")}
+
+
+def test_no_code_outside_the_backend_registry_compares_backend_names():
+    names = set(BACKENDS)
+    found = []
+    for path in SRC.rglob("*.py"):
+        if "execution/backends" in path.as_posix():
+            continue
+        tree = ast.parse(path.read_text())
+        devices = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and "device" in f.name
+                   for n in ast.walk(f)}  # run.device=auto is a device, not a backend
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare) or id(node) in devices:
+                continue
+            for side in [node.left, *node.comparators]:
+                consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not found, found
