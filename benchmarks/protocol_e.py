@@ -56,8 +56,6 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
     import torch.nn.functional as F
 
     import sparsetrain
-    from sparsetrain.execution.backends import apply_backend
-    from sparsetrain.execution.backends.compact import compact_layers
     from sparsetrain.models import build_model
     from sparsetrain.core.sharding import local
     from sparsetrain.app.distributed import shard_model
@@ -68,14 +66,15 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
     torch.manual_seed(0)
     model = build_model("gpt", 65, MODEL["width"], context=MODEL["context"], depth=MODEL["depth"], heads=MODEL["heads"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # compact layers exist before sharding, which then shards their kept values
+    execution = dict(execution="condensed", compact_state=True) if compact else {}
     if method == "dense":
         sp = sparsetrain.dense(model, opt)
     elif method == "static":
-        sp = sparsetrain.static(model, opt, sparsity=0.9, distribution="erk")
+        sp = sparsetrain.static(model, opt, sparsity=0.9, distribution="erk", **execution)
     else:
-        sp = sparsetrain.rigl(model, opt, sparsity=0.9, distribution="erk", total_steps=1000, update_every_steps=2)
-    if compact:  # compact layers exist before sharding, which then shards their kept values
-        compact_layers(apply_backend(model, sp.maskset, "condensed"), sp.maskset, opt)
+        sp = sparsetrain.rigl(model, opt, sparsity=0.9, distribution="erk", total_steps=1000, update_every_steps=2,
+                              **execution)
     if sharded:
         shard_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -49,7 +49,7 @@ def build(args) -> tuple[Trainer, SparsityCallback]:
     model = GPT2LMHeadModel(config)
     # MEST on every projection of the blocks; the output head (tied to the embedding) stays dense
     make = functools.partial(st.mest, sparsity=args.sparsity, every_epochs=1, dense_layers=["last"], distribution="erk")
-    callback = SparsityCallback(make)
+    callback = SparsityCallback(make, execution=args.execution)  # auto: GPT-2's Conv1D layers have no sparse backend yet
     training = TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=args.steps // 20, weight_decay=0.01, logging_steps=args.log_every,
@@ -78,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--execution", default="auto", help="masked, a backend's name, or auto (the fastest per layer)")
     return p
 
 

@@ -66,7 +66,8 @@ def build(args):
     # a sampler seeded by the epoch (Lightning calls set_epoch): a resumed run sees the same order
     loader = DataLoader(ds, batch_size=args.batch, sampler=KeptSampler(len(ds), seed=args.seed), drop_last=True)
     callback = SparsityCallback(functools.partial(st.rigl, sparsity=args.sparsity, distribution="erk",
-                                                  update_every_steps=args.update_every))
+                                                  update_every_steps=args.update_every),
+                                execution=args.execution)  # auto: each layer's fastest path, timed on the first batch
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=args.out, save_last=True, save_top_k=1,
                                                       save_on_train_epoch_end=True)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[callback, checkpoints],
@@ -89,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --out/last.ckpt")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--execution", default="auto", help="masked, a backend's name, or auto (the fastest per layer)")
     return p
 
 

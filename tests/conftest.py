@@ -98,3 +98,10 @@ def full_and_resumed(make_trainer, out_dir, stop_at_step: int):
     resumed = make_trainer(Path(out_dir) / "cut")
     resumed.fit()
     return full, resumed
+
+
+def keep_masked(maskset, optimizer) -> None:
+    """The MaskSet's own exactness through ``optimizer.step()``, without a method around it: gradients masked before
+    the update, weights and optimizer state after it (what every sparsifier's step hooks do)."""
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: maskset.mask_gradients())
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: maskset.apply(opt))

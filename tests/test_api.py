@@ -255,7 +255,7 @@ def test_refused_inputs_say_what_and_what_is_allowed():
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
             call()
-    sp = st.static(_fresh()[0], opt, sparsity=0.5)
+    sp = st.static(*_fresh(), sparsity=0.5)
     with pytest.raises(ValueError, match="this state is from method 'rigl'; this sparsifier is 'static'"):
         sp.load_state_dict({"method": "rigl"})
 

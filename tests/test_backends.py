@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny_datasets
+from conftest import keep_masked, tiny_datasets
 import sparsetrain.execution.backends as backends
 from sparsetrain.execution.backends import direct
 from sparsetrain.execution import native
@@ -366,7 +366,7 @@ def _channel_pair(model_name: str, width: float):
 def _train_side_by_side(nets, masksets, opts, seed: int, steps: int = 3) -> None:
     """``steps`` SGD steps of each net on the same float64 CIFAR-size batches, each with its masks attached."""
     for ms, opt in zip(masksets, opts):
-        ms.attach(opt)
+        keep_masked(ms, opt)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)

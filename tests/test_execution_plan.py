@@ -130,21 +130,24 @@ def test_a_plan_is_reusable_from_a_file_and_checked_against_the_model(tmp_path):
 
 
 def test_the_factories_refuse_through_the_backends_declarations():
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    def fresh():
+        model = Net()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
     with pytest.raises(ValueError, match="unknown backend 'fast'; choose one of"):
-        st.static(model, opt, sparsity=0.5, execution="fast")
+        st.static(*fresh(), sparsity=0.5, execution="fast")
     with pytest.raises(ValueError, match="backend 'channel' runs masks of whole output channels; set sparsity.scheme="):
-        st.static(Net(), opt, sparsity=0.5, execution="channel")
+        st.static(*fresh(), sparsity=0.5, execution="channel")
     with pytest.raises(ValueError, match="method 'swat' runs under backend 'masked', 'direct' or 'auto'"):
-        st.swat(Net(), opt, sparsity=0.5, execution="csr")
+        st.swat(*fresh(), sparsity=0.5, execution="csr")
+    model, opt = fresh()
     with pytest.raises(ValueError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or"):
-        st.lottery(Net(), opt, sparsity=0.5, trained=dict(Net().named_parameters()), execution="direct",
+        st.lottery(model, opt, sparsity=0.5, trained=dict(Net().named_parameters()), execution="direct",
                    compact_state=True)
     with pytest.raises(ValueError, match="backend 'direct' runs masked layers sparse; method 'dense' has no masks"):
-        st.dense(Net(), opt, execution="direct")
+        st.dense(*fresh(), execution="direct")
     with pytest.raises(TypeError, match="execution must be a backend name, 'auto' or an ExecutionPlan"):
-        st.static(Net(), opt, sparsity=0.5, execution=3)
+        st.static(*fresh(), sparsity=0.5, execution=3)
 
 
 @needs_native

@@ -108,14 +108,12 @@ def _resume_check(name):
 @pytest.mark.parametrize("backend, scheme", [("masked", "unstructured"), ("csr", "unstructured"), ("channel", "channel_out"),
                                              ("auto", "unstructured")])
 def test_backends_on_cuda_match_masked_dense(backend, scheme):
-    from sparsetrain.execution.backends import apply_backend
-
     data = _data((3, 16, 16), 1)
     ref = _cnn()
     model = _cnn()
     st.static(ref, torch.optim.SGD(ref.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[])  # the same mask (same seed)
-    sp = st.static(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[])
-    apply_backend(model, sp.maskset, backend)
+    sp = st.static(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[],
+                   execution=backend)
     x, y = data[0]
     F.cross_entropy(ref(x), y).backward()
     F.cross_entropy(model(x), y).backward()
@@ -126,7 +124,7 @@ def test_backends_on_cuda_match_masked_dense(backend, scheme):
 
 
 def test_two_four_semi_structured_on_cuda():
-    from sparsetrain.execution.backends import apply_backend, semi_structured_available
+    from sparsetrain.execution.backends import semi_structured_available
 
     why = semi_structured_available("cuda")
     if why:
@@ -134,8 +132,7 @@ def test_two_four_semi_structured_on_cuda():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128)).cuda().half()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sp = st.static(model, opt, sparsity=0.5, scheme="nm_2:4", dense_layers=[])
-    apply_backend(model, sp.maskset, "semi_structured")
+    sp = st.static(model, opt, sparsity=0.5, scheme="nm_2:4", dense_layers=[], execution="semi_structured")
     x = torch.randn(64, 128, device="cuda", dtype=torch.half)
     for _ in range(3):
         loss = model(x).float().pow(2).mean()

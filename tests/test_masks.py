@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import keep_masked
 from sparsetrain.core.masks import MaskSet, random_masks, select_parameters
 from sparsetrain.models import build_model
 
@@ -42,7 +43,7 @@ def test_masked_weights_stay_exactly_zero_through_optimizer_steps(make_opt):
     ms = MaskSet.for_model(model, [])
     random_masks(ms, 0.8, torch.Generator().manual_seed(1))
     opt = make_opt(model.parameters())
-    ms.attach(opt)
+    keep_masked(ms, opt)
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     before = {n: p.detach().clone() for n, p in ms.params.items()}
     for _ in range(5):
@@ -62,7 +63,7 @@ def test_set_mask_resets_optimizer_state_of_changed_weights():
     model = nn.Linear(8, 4)
     ms = MaskSet({"weight": model.weight})
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ms.attach(opt)
+    keep_masked(ms, opt)
     model(torch.randn(3, 8)).sum().backward()
     opt.step()
     buf = opt.state[model.weight]["momentum_buffer"]

@@ -90,8 +90,10 @@ def test_every_method_trains_the_gpt_with_attention_and_mlp_sparse(method, text,
                                  "sparsity.sparsity=0.9", "sparsity.dense_layers=[last]", "sparsity.distribution=uniform"
                                  if "swat" not in method[0] else "sparsity.sparsity=0.9"])
     summary = Trainer(cfg).fit()
-    layers = {ls["name"]: ls for ls in summary["layers"]}
+    layers = {ls["name"]: ls for ls in summary["layers"] if not ls["dense"]}
     assert set(layers) == {f"blocks.0.{n}.weight" for n in ("qkv", "proj", "fc", "out")}  # the head stays dense
+    dense = {ls["name"] for ls in summary["layers"] if ls["dense"]}  # listed too, marked dense
+    assert {"head.weight", "tok.weight", "pos.weight"} <= dense
     # SWAT reuses its top-K thresholds for topk_period steps while the weights move, so its density drifts a little
     assert summary["sparsity"] == pytest.approx(0.9, abs=0.05 if "swat" in method[0] else 5e-3)
     assert math.isfinite(summary["val_loss"])

@@ -37,8 +37,9 @@ from .app import Trainer
 
 __version__ = "0.1.0"
 
+# ``set`` (SET's factory) stays out of __all__: ``from sparsetrain import *`` must not shadow the builtin
 __all__ = [
-    "dense", "static", "set", "rigl", "mest", "swat", "lottery", "tost", "METHODS", "Sparsifier", "make_masks",
+    "dense", "static", "rigl", "mest", "swat", "lottery", "tost", "METHODS", "Sparsifier", "make_masks",
     "round_sparsities", "DataEfficiency", "WithIndices", "MaskSet", "LayerSparsity",
     "Config", "ConfigError", "load_config", "load_dataset", "build_model",
     "Trainer", "FlopMeter", "measure_layer_costs", "saved_tensor_bytes", "__version__",

@@ -10,7 +10,9 @@ into any number of ranks, one unsharded process included (:func:`load_sharded`).
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -18,27 +20,49 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded"]
+__all__ = ["CheckpointError", "write_atomic", "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read (corrupted, truncated, or not a sparsetrain checkpoint)."""
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+def _umask_mode() -> int:
+    """The mode a new file takes under the user's umask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """Create ``path`` through a new temporary file in its folder, renamed over it: never written through an existing
+    file or link (a link at ``path`` is replaced, its target untouched), never left half-written, with the mode the
+    user's umask gives. ``write(f)`` fills the binary file ``f``. A full disk raises ``OSError`` naming ``path``,
+    and whatever ``path`` held before stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; what it held before is "
+                                        "intact: free some space and run the same command again to resume") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically (:func:`write_atomic`): a crash or a full disk leaves the previous
+    checkpoint whole."""
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -49,10 +73,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated zip / bad pickle
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted or truncated and was not loaded ({type(e).__name__}: {e}). "
-            "Delete it to start over, or restore a copy."
-        ) from None
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in text:  # a payload of code, not damage
+            raise CheckpointError(f"{path} holds objects other than tensors and plain data (code could run if it were "
+                                  "unpickled), so it was not loaded: it is not a checkpoint sparsetrain wrote") from None
+        # torch's own advice here is to load unsafely: not given, a damaged file is damaged
+        detail = "its contents do not unpickle" if "Weights only load failed" in text else (text.splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated and was not loaded ({type(e).__name__}: "
+                              f"{detail}). Delete it to start over, or restore a copy.") from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path} is not a sparsetrain checkpoint")
     return state

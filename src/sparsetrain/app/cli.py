@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 __all__ = ["main", "format_error"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what a rerun resumes from."""
+
+
+def _interrupted_at(out: Path) -> str:
+    """What the same command resumes from after an interrupt in run folder ``out`` (the newest checkpoint)."""
+    found = sorted(out.rglob("checkpoint.pt"), key=lambda p: p.stat().st_mtime) if out.is_dir() else []
+    if not found:
+        return f"interrupted before the first checkpoint: nothing in {out} to resume; the same command starts over"
+    return f"interrupted: the same command resumes from {found[-1]}"
 
 
 def _train(args) -> int:
@@ -22,12 +35,15 @@ def _train(args) -> int:
     if args.resume_with_changes:
         overrides.append("run.resume_with_changes=true")
     cfg = load_config(args.config, overrides)
-    if cfg.sparsity.method == "lottery":
-        from .lottery import lottery_ticket
+    try:
+        if cfg.sparsity.method == "lottery":
+            from .lottery import lottery_ticket
 
-        summary = lottery_ticket(cfg)
-    else:
-        summary = Trainer(cfg).fit()
+            summary = lottery_ticket(cfg)
+        else:
+            summary = Trainer(cfg).fit()
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_at(Path(cfg.run.out_dir))) from None
     from .distributed import leave, shutdown
 
     distributed = shutdown()
@@ -70,6 +86,9 @@ def _eval(args) -> int:
     return 0
 
 
+MAX_SAMPLE_CHARS = 100_000  # sample: more is a mistake, not a request
+
+
 def _sample(args) -> int:
     import torch
 
@@ -87,9 +106,21 @@ def _sample(args) -> int:
                               f"{sorted(SEQUENCE_MODELS)})")
     if not (run / "model.pt").exists() or not (run / "vocab.json").exists():
         raise CheckpointError(f"{run} has no model.pt and vocab.json yet: the run is unfinished; finish it first")
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise ValueError(f"--temperature must be a finite number > 0 (lower: closer to the most likely character), "
+                         f"got {args.temperature}")
+    if not 1 <= args.chars <= MAX_SAMPLE_CHARS:
+        raise ValueError(f"--chars must be between 1 and {MAX_SAMPLE_CHARS}, got {args.chars}")
+    if not args.prompt:
+        raise ValueError("--prompt must hold at least one character (the default is a newline)")
     vocab = CharVocab.load(run / "vocab.json")
     model = build_configured(cfg.model, len(vocab), cfg.data.context)
-    model.load_state_dict(load_checkpoint(run / "model.pt")["model"])
+    saved = load_checkpoint(run / "model.pt")["model"]
+    width = next((v.shape[0] for k, v in saved.items() if k.endswith("tok.weight")), len(vocab))
+    if width != len(vocab):
+        raise CheckpointError(f"{run / 'vocab.json'} holds {len(vocab)} characters but the model was trained on {width}: "
+                              "the vocabulary is not this run's")
+    model.load_state_dict(saved)
     prompt = vocab.encode(args.prompt)[None]
     out = model.generate(prompt, args.chars, args.temperature, torch.Generator().manual_seed(args.seed))
     print(vocab.decode(out[0]))
@@ -129,7 +160,11 @@ def _flops(args) -> int:
         shape = model_input_shape(args.model)
     classes = DATASETS[args.dataset].num_classes if args.dataset else None
     model = build_model(args.model, classes)
-    costs = measure_layer_costs(model, shape)
+    try:
+        costs = measure_layer_costs(model, shape)
+    except RuntimeError as e:  # the model's first layer does not take this input
+        raise ValueError(f"model {args.model!r} does not take inputs of shape {shape} ({str(e).splitlines()[0]}); "
+                         "give --input-size C H W that fits it, or --dataset") from None
     density: dict[str, float] = {}
     grad_density: dict[str, float] = {}
     if args.method != "dense":
@@ -195,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..methods import DESCRIPTIONS as METHODS
     from ..data.images import DATASETS
     from ..models import MODELS
+    from ..core.distributions import DISTRIBUTIONS
 
     p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse neural-network training in PyTorch. "
                                 "Errors print one line; add --debug (anywhere) for the traceback.")
@@ -230,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", default="dense", choices=sorted(METHODS),
                    help="any masked method: forward, input and weight gradient scale with each layer's density")
     f.add_argument("--sparsity", type=float, default=0.0)
-    f.add_argument("--distribution", default="uniform", choices=["uniform", "er", "erk"])
+    f.add_argument("--distribution", default="uniform", choices=sorted(DISTRIBUTIONS))
     f.add_argument("--activation-sparsity", type=float, help="swat: share of layer inputs dropped for the weight gradient "
                                                                  "(default: the weight sparsity)")
     f.add_argument("--dense-layers", nargs="*", help="layers left dense (default: first last; swat: first)")
@@ -291,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         line = format_error(e)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import inspect
 
 from ..data.images import DATASETS
+from ..core.distributions import DISTRIBUTION_NAMES
 from ..execution.backends import BACKENDS, ExecutionRequest, not_supported_reasons, sharding_reasons
 from ..methods import METHODS, TRAITS
 from ..methods.static import INITS
@@ -175,7 +176,7 @@ class SparsityConfig(_Section):
         description="parameters left dense: 'first', 'last' (the first conv, the classifier) or fnmatch patterns of names; "
                     "default ['first', 'last'], and ['first'] for swat (its classifier is sparse)",
     )
-    distribution: Literal["uniform", "er", "erk", "custom"] = "uniform"
+    distribution: str = "uniform"
     custom_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer sparsity for distribution custom")
     scheme: str = "unstructured"
     init: str = "random"
@@ -205,6 +206,8 @@ class SparsityConfig(_Section):
     data_efficiency: DataEfficiencyConfig = Field(default_factory=DataEfficiencyConfig)
 
     _known_method = field_validator("method")(classmethod(lambda cls, v: _one_of(v, METHODS, "method")))
+    _known_distribution = field_validator("distribution")(
+        classmethod(lambda cls, v: _one_of(v, DISTRIBUTION_NAMES, "distribution")))
     _known_backend = field_validator("backend")(classmethod(lambda cls, v: _one_of(v, BACKENDS, "backend")))
     _known_init = field_validator("init")(classmethod(lambda cls, v: _one_of(v, INITS, "init")))
 
@@ -434,12 +437,25 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Read a YAML config (safe loader), apply overrides, validate; raise ConfigError naming every bad key."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError as e:
             raise ConfigError(f"config file {path} does not exist") from e
         except yaml.YAMLError as e:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .config import Config
 from ..methods.lottery import lottery, round_sparsities
-from .checkpoint import load_checkpoint, save_checkpoint
-from .rundir import CHECKPOINT_FORMAT, FINAL_MODEL
+from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from .rundir import CHECKPOINT_FORMAT, FINAL_MODEL, RunDirectory
 from .trainer import Trainer
 
 __all__ = ["lottery_ticket", "round_sparsities", "rewind_at"]
@@ -52,8 +52,9 @@ def lottery_ticket(cfg: Config, datasets=None) -> dict:
     sc, lcfg = cfg.sparsity, cfg.sparsity.lottery
     levels = round_sparsities(sc.sparsity, lcfg.rounds)
     out = Path(cfg.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    folder = RunDirectory(out)
+    folder.prepare()  # locked for the search; each round's run folder is locked by its own Trainer
+    folder.write_text("config.yaml", cfg.to_yaml())
     rewind_file = out / "rewind.pt"
     summaries: list[dict] = []
     for r, sparsity in enumerate(levels):
@@ -79,8 +80,10 @@ def lottery_ticket(cfg: Config, datasets=None) -> dict:
     final = {**summaries[-1], "method": "lottery", "rounds": lcfg.rounds, "train_flops_rel": spent,
              "train_flops_rel_last_round": summaries[-1]["train_flops_rel"],
              "round_sparsities": levels, "round_test_acc": [s.get("test_acc") for s in summaries]}
-    (out / "final.json").write_text(json.dumps(final, indent=2))
+    folder.write_text("final.json", json.dumps(final, indent=2))
     last_dir = out / f"round{lcfg.rounds}"
     for name in ("metrics.jsonl", FINAL_MODEL):
-        (out / name).write_bytes((last_dir / name).read_bytes())
+        data = (last_dir / name).read_bytes()
+        write_atomic(out / name, lambda f, data=data: f.write(data))
+    folder.unlock()
     return final

@@ -19,7 +19,11 @@ from .resume import changes_refused, config_changes, data_fingerprint
 from .run_accounting import saved_bytes_per_step
 from .rundir import CHECKPOINT, CHECKPOINT_FORMAT, SHARDED_CHECKPOINT
 
-__all__ = ["Resumable", "Progress"]
+__all__ = ["Resumable", "Progress", "TrainingError"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or weights); the message names the step and what to change."""
 
 
 @dataclass
@@ -37,6 +41,18 @@ class Progress:
 
 class Resumable:
     """Checkpoints, resume and the final summary of a Trainer (which holds every attribute used here)."""
+
+    def _layer_records(self) -> list[dict]:
+        """Every weight matrix or kernel of the model: the method's sparse layers, then the ones it leaves dense."""
+        sparse = self.method.report()
+        out = [{"name": ls.name, "shape": list(ls.shape), "numel": ls.numel, "nonzeros": ls.nonzeros,
+                "density": ls.density, "dense": False} for ls in sparse]
+        seen = {ls.name for ls in sparse}
+        for n, p in self.model.named_parameters():
+            if n.endswith("weight") and p.dim() >= 2 and n not in seen:
+                out.append({"name": n, "shape": list(p.shape), "numel": p.numel(), "nonzeros": int(p.count_nonzero()),
+                            "density": 1.0, "dense": True})
+        return out
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs: model, optimizer, method, recipe, data position, RNG, accounting."""
@@ -133,7 +149,7 @@ class Resumable:
         summary = {
             "method": self.method.label, "model": self.cfg.model.name, "dataset": self.cfg.data.dataset,
             "epochs": self.cfg.optim.epochs, "seed": self.cfg.run.seed, "sparsity": self.method.sparsity(),
-            "train_flops_rel": self.accounting.relative(self._dense_samples()), "infer_flops_rel": infer_rel,
+            "train_flops_rel": self.accounting.relative(), "infer_flops_rel": infer_rel,
             "train_flops": self.flops.spent["total"], "steps": self.progress.step, "steps_full_data": self.total_steps,
             "examples_removed": int(self.forgetting.removed.numel()) if self.forgetting else 0,
             "recipe": "+".join(rc.components()) if rc else None,
@@ -142,11 +158,15 @@ class Resumable:
             "backends": {n: m.ran or m.backend for n, m in self.method.execution_layers.items()} or None,  # what ran
             **self.method.summary(), "infer_flops_per_sample": infer, "wall_s": round(self.progress.elapsed, 2),
             "saved_bytes_per_step": saved, "peak_memory_bytes": peak_memory_bytes(self.device),
-            "layers": [{"name": ls.name, "shape": list(ls.shape), "numel": ls.numel, "nonzeros": ls.nonzeros,
-                        "density": ls.density} for ls in self.method.report()],
+            "layers": self._layer_records(),
         }
         last = self.out.last_record()
         summary.update({k: last[k] for k in ("test_acc", "test_loss", "val_acc", "val_loss", "val_ppl", "train_loss") if k in last})
-        self.out.finish({k: whole(v) for k, v in self.method.export_state().items()}, summary)  # every rank gathers
+        weights = {k: whole(v) for k, v in self.method.export_state().items()}  # every rank gathers alike
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise TrainingError(f"the final weights hold non-finite values ({bad[:3]}) after step {self.progress.step}; "
+                                "nothing was written as the final model. Lower optim.lr (or check the data) and train again")
+        self.out.finish(weights, summary)
         barrier()
         return summary

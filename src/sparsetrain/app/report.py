@@ -48,8 +48,9 @@ def format_layers(run: dict) -> str:
     if not layers:
         return f"{run['dir']}: all layers dense"
     lines = [f"{run['dir']}:", f"  {'layer':<40} {'shape':<20} {'nonzeros':>10} {'sparsity':>8}"]
-    for ly in layers:
-        lines.append(f"  {ly['name']:<40} {str(tuple(ly['shape'])):<20} {ly['nonzeros']:>10} {1 - ly['density']:>8.4f}")
+    for ly in layers:  # every layer; those the method left dense say so
+        kind = "  dense" if ly.get("dense") else ""
+        lines.append(f"  {ly['name']:<40} {str(tuple(ly['shape'])):<20} {ly['nonzeros']:>10} {1 - ly['density']:>8.4f}{kind}")
     return "\n".join(lines)
 
 

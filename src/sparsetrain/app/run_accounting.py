@@ -18,8 +18,8 @@ class RunAccounting:
     """The FLOP meter of a run, kept at the method's current densities."""
 
     def __init__(self, model: nn.Module, method: Sparsifier, input_shape: tuple[int, ...], device: torch.device,
-                 example: torch.Tensor | None = None):
-        self.method = method
+                 examples_per_epoch: int, epochs: int, example: torch.Tensor | None = None):
+        self.method, self.examples_per_epoch, self.epochs = method, examples_per_epoch, epochs
         self.flops = FlopMeter(measure_layer_costs(model, input_shape, device, example=example))
         self._densities_at = -1
         self.refresh()
@@ -37,9 +37,9 @@ class RunAccounting:
             extra += samples * sum(lc.weight_grad * (1 - gd.get(lc.name, 1.0)) for lc in self.flops.costs.layers)
         self.flops.step(samples, extra)
 
-    def relative(self, dense_samples: int) -> float:
-        """FLOPs spent relative to a dense run over ``dense_samples`` examples."""
-        return self.flops.relative(dense_samples)
+    def relative(self, epochs: int | None = None) -> float:
+        """FLOPs spent relative to a dense run over the whole training set for ``epochs`` (default: all) epochs."""
+        return self.flops.relative(self.examples_per_epoch * (self.epochs if epochs is None else epochs))
 
     def inference(self) -> tuple[float, float]:
         """Inference FLOPs per example at the method's densities, and relative to dense."""

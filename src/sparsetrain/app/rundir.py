@@ -3,8 +3,10 @@ and how it is prepared, trimmed on resume, and read back (:func:`load_run_model`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import torch.nn as nn
 
 from ..data.images import DATASETS
 from ..models import build_configured
-from .checkpoint import load_checkpoint, save_checkpoint
+from filelock import FileLock, Timeout
+
+from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config
 
 __all__ = ["RunDirectory", "CHECKPOINT", "SHARDED_CHECKPOINT", "FINAL_MODEL", "CHECKPOINT_FORMAT", "strict_json",
@@ -50,16 +54,26 @@ def _records(path: Path) -> list[str]:
 
 
 class RunDirectory:
-    """``run.out_dir``: only the main process (``is_main``) writes; every method says what it writes."""
+    """``run.out_dir``: only the main process (``is_main``) writes; every method says what it writes.
+
+    Every file is created by :func:`~sparsetrain.app.checkpoint.write_atomic` (a temporary file renamed into place,
+    so never written through a link), a folder holding links that lead outside it is refused, and one lock per
+    folder (:meth:`lock`) keeps a second run out while the first holds it."""
 
     def __init__(self, path: str | Path, is_main: bool = True):
         self.path, self.is_main = Path(path), is_main
+        self._lock: FileLock | None = None
+
+    def write_text(self, name: str, text: str) -> None:
+        """Create the file ``name`` holding ``text`` (atomically; never through a link)."""
+        write_atomic(self.path / name, lambda f: f.write(text.encode()))
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
     def prepare(self) -> None:
-        """The directory exists and is writable, or a ConfigError names run.out_dir and why not."""
+        """The directory exists, is writable, holds no link leading outside it, and is this run's alone (:meth:`lock`);
+        or a ConfigError names run.out_dir and why not."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"run.out_dir={self.path} is a file, not a directory")
         try:
@@ -68,11 +82,50 @@ class RunDirectory:
                 pass
         except OSError as e:
             raise ConfigError(f"run.out_dir={self.path} cannot be written ({e.strerror or e})") from None
+        here = self.path.resolve()
+        outside = sorted(p.name for p in self.path.iterdir()
+                         if p.is_symlink() and here not in Path(os.path.realpath(p)).parents)
+        if outside:
+            raise ConfigError(f"run.out_dir={self.path} holds links that lead outside it ({', '.join(outside[:5])}); a run "
+                              "writes only its own files: remove the links, or choose another run.out_dir")
+        self.lock()
+
+    def lock(self) -> None:
+        """Hold this folder's lock for the life of the process (the main process only): a second run on the same
+        folder stops at once with a ConfigError naming the holder's process id. The lock is the kernel's, so a
+        killed run leaves none behind."""
+        if not self.is_main or self._lock is not None:
+            return
+        lock = FileLock(str(self.path / ".lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = (self.path / ".lock.pid").read_text().strip() if (self.path / ".lock.pid").exists() else "unknown"
+            raise ConfigError(f"run.out_dir={self.path} is in use by another run (process {holder}); wait for it to "
+                              "end, or choose another run.out_dir") from None
+        self._lock = lock
+        self.write_text(".lock.pid", str(os.getpid()))
+
+    def unlock(self) -> None:
+        """Let go of the folder's lock (another run may use the folder from now on)."""
+        if self._lock is not None:
+            (self.path / ".lock.pid").unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    @contextlib.contextmanager
+    def session(self):
+        """The folder prepared and locked (:meth:`prepare`) for the block, and unlocked after it, however it ends."""
+        self.prepare()
+        try:
+            yield self
+        finally:
+            self.unlock()
 
     def start(self, cfg: Config) -> None:
         """A new run: its configuration, and no metrics of an earlier one."""
         if self.is_main:
-            (self.path / "config.yaml").write_text(cfg.to_yaml())
+            self.write_text("config.yaml", cfg.to_yaml())
             (self.path / METRICS).unlink(missing_ok=True)
 
     def resumed(self, cfg: Config, epoch: int, changed: bool) -> None:
@@ -80,18 +133,20 @@ class RunDirectory:
         the run as it goes on."""
         if self.is_main:
             kept = [ln for ln in _records(self.path / METRICS) if json.loads(ln)["epoch"] <= epoch]
-            (self.path / METRICS).write_text("".join(ln + "\n" for ln in kept))
+            self.write_text(METRICS, "".join(ln + "\n" for ln in kept))
             if changed:
-                (self.path / "config.yaml").write_text(cfg.to_yaml())
+                self.write_text("config.yaml", cfg.to_yaml())
 
     def write_json(self, name: str, obj) -> None:
         """Write ``obj`` as the JSON file ``name``."""
         if self.is_main:
-            (self.path / name).write_text(json.dumps(strict_json(obj)))
+            self.write_text(name, json.dumps(strict_json(obj)))
 
     def log(self, record: dict) -> None:
         """Append one metrics record (strict JSON)."""
         if self.is_main:
+            if (self.path / METRICS).is_symlink():  # appending would write through it
+                raise ConfigError(f"{self.path / METRICS} became a link during the run; the run writes only its own files")
             with open(self.path / METRICS, "a") as f:
                 f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
@@ -104,7 +159,7 @@ class RunDirectory:
         """The final model (plain architecture's weights) and ``final.json``."""
         if self.is_main:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "model": weights}, self.path / FINAL_MODEL)
-            (self.path / "final.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
+            self.write_text("final.json", json.dumps(strict_json(summary), indent=2, allow_nan=False))
 
 
 def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> nn.Module:

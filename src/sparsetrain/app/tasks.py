@@ -4,6 +4,7 @@ the figures an epoch reports, and refuses what its inputs cannot take; the Train
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -76,7 +77,7 @@ class LanguageModelling(Task):
 
     def start(self, rundir: RunDirectory) -> None:
         if rundir.is_main:
-            self.vocab.save(rundir / "vocab.json")  # what `sparsetrain sample` decodes with
+            rundir.write_text("vocab.json", json.dumps({"chars": self.vocab.chars}))  # what `sparsetrain sample` reads
 
     def check_method(self, kw: dict) -> None:
         if kw.get("init") == "synflow":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import time
 from dataclasses import replace
 from typing import Callable
@@ -37,14 +38,10 @@ from .evaluation import TokenCrossEntropy, evaluate
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_accounting import RunAccounting
 from .rundir import CHECKPOINT, RunDirectory, load_run_model
-from .persistence import Progress, Resumable
+from .persistence import Progress, Resumable, TrainingError
 from .tasks import make_task
 
 __all__ = ["Trainer", "TrainingError", "method_seed"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step and what to change."""
 
 
 def method_seed(run_seed: int) -> int:
@@ -79,8 +76,8 @@ class Trainer(Resumable):
         self._setup_model(model, loss_fn)  # model on its device and layout, optimizer, loss
         self.method: Sparsifier = self._build_method(method)  # the same factory a user calls
         try:  # FLOP costs of the model as the method made it, before execution swaps layers
-            self.accounting = RunAccounting(self.model, self.method, self.input_shape, self.device,
-                                            self.task.accounting_example(self.train_set))
+            self.accounting = RunAccounting(self.model, self.method, self.input_shape, self.device, len(self.train_set),
+                                            cfg.optim.epochs, self.task.accounting_example(self.train_set))
         except RuntimeError as e:  # the first forward pass: a model that does not take the data's input
             raise ConfigError(f"model {cfg.model.name!r} does not take {cfg.data.dataset}'s input of shape "
                               f"{self.input_shape}: {str(e).splitlines()[0]}") from None
@@ -195,16 +192,18 @@ class Trainer(Resumable):
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
         """Train to the configured number of epochs (resuming from the run directory if a checkpoint is there)."""
-        self.out.prepare()
-        if (self.out / CHECKPOINT).exists():
-            self.load_state_dict(load_checkpoint(self.out / CHECKPOINT, self.device))
-            self.out.resumed(self.cfg, self.progress.epoch, changed=bool(getattr(self, "_changes", None)))
-        else:
-            self.out.start(self.cfg)
-            self.task.start(self.out)
-        while self.progress.epoch < self.cfg.optim.epochs:
-            self.end_epoch(self.train_epoch())
-        return self.finish()
+        with self.out.session():  # a writable folder with no links outside it, and this run the only one in it
+            if (self.out / CHECKPOINT).exists():
+                self.load_state_dict(load_checkpoint(self.out / CHECKPOINT, self.device))
+                self.out.resumed(self.cfg, self.progress.epoch, changed=bool(getattr(self, "_changes", None)))
+            else:
+                self.out.start(self.cfg)
+                self.task.start(self.out)
+            if self.is_main and self.cfg.run.progress:  # the thread count decides the speed on a shared CPU: say it
+                tqdm.write(f"training on {self.device} with {torch.get_num_threads()} threads (run.threads)", file=sys.stderr)
+            while self.progress.epoch < self.cfg.optim.epochs:
+                self.end_epoch(self.train_epoch())
+            return self.finish()
 
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (all of it, or what is left after a resume)."""
@@ -261,10 +260,6 @@ class Trainer(Resumable):
         return {"train_loss": float(loss_sum) / prog.seen if prog.seen else math.nan,
                 "train_acc": 100.0 * int(correct) / prog.seen if prog.seen else math.nan}
 
-    def _dense_samples(self, epochs: int | None = None) -> int:
-        """Examples a dense run on the whole training set sees in ``epochs`` (default: all) epochs."""
-        return len(self.train_loader.dataset) * (self.cfg.optim.epochs if epochs is None else epochs)
-
     def _scoring_batches(self, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for data-driven choices (SNIP, GraSP, auto's timing), drawn apart from the training order."""
         loader = BatchLoader(self.train_set, self.train_loader.info, self.cfg.optim.batch_size, train=True,
@@ -290,7 +285,11 @@ class Trainer(Resumable):
         if self.val_loader is not None:
             val = evaluate(self.model, self.val_loader, self.device, eval_loss)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
-        record.update(sparsity=self.method.sparsity(), train_flops_rel=self.accounting.relative(self._dense_samples(self.progress.epoch)),
+        if bad := [k for k in ("test_loss", "val_loss") if not math.isfinite(record.get(k, 0.0))]:  # diverged at the end
+            raise TrainingError(f"the {bad[0].replace('_', ' ')} is {record[bad[0]]} after step {self.progress.step} (epoch "
+                                f"{self.progress.epoch}): the weights diverged; the checkpoint of {self.out.path} holds the "
+                                "last good state. Lower optim.lr (or check the data) and run again to resume")
+        record.update(sparsity=self.method.sparsity(), train_flops_rel=self.accounting.relative(self.progress.epoch),
                       wall_s=round(self.progress.elapsed, 2))
         self.out.log(record)
         if self.is_main and self.cfg.run.progress:

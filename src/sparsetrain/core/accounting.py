@@ -56,10 +56,6 @@ class CostModel:
     total_forward: int  # everything the counter saw in the forward pass, per sample
     total_backward: int  # input and weight gradients of the layers, per sample
 
-    def by_name(self) -> dict[str, LayerCost]:
-        """The layer costs keyed by weight name."""
-        return {lc.name: lc for lc in self.layers}
-
     def forward_flops(self, weight_density: dict[str, float] | None = None) -> float:
         """Per-sample inference FLOPs with the given weight densities (absent layers are dense)."""
         wd = weight_density or {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-__all__ = ["DISTRIBUTIONS", "layer_densities", "uniform", "er", "erk"]
+__all__ = ["DISTRIBUTIONS", "DISTRIBUTION_NAMES", "layer_densities", "uniform", "er", "erk"]
 
 
 def uniform(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, float]:
@@ -56,6 +56,7 @@ def erk(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, flo
 
 
 DISTRIBUTIONS = {"uniform": uniform, "er": er, "erk": erk}
+DISTRIBUTION_NAMES = (*DISTRIBUTIONS, "custom")  # custom: a per-layer map given by the user
 
 
 def layer_densities(
@@ -78,5 +79,5 @@ def layer_densities(
             raise ValueError(f"custom sparsity values must be in [0, 1): {bad}")
         return {n: 1.0 - custom.get(n, sparsity) for n in shapes}
     if kind not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {kind!r}; choose one of {sorted([*DISTRIBUTIONS, 'custom'])}")
+        raise ValueError(f"unknown distribution {kind!r}; choose one of {sorted(DISTRIBUTION_NAMES)}")
     return DISTRIBUTIONS[kind](shapes, sparsity)

@@ -14,6 +14,7 @@ enforces the mask of its own rows, on its shards of the weight, the gradient and
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -23,7 +24,15 @@ import torch.nn as nn
 
 from .sharding import Part, local, whole
 
-__all__ = ["MaskSet", "LayerSparsity", "select_parameters", "random_masks"]
+__all__ = ["MaskSet", "LayerSparsity", "select_parameters", "random_masks", "dense_from_values"]
+
+
+def dense_from_values(values: torch.Tensor, flat_index: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor of ``shape`` holding ``values`` at the row-major positions ``flat_index`` and zeros elsewhere (a
+    layer's kept weights, or their gradient, laid back into the dense weight)."""
+    out = values.new_zeros(math.prod(shape))
+    out[flat_index.to(values.device)] = values
+    return out.view(tuple(shape))
 
 SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -124,7 +133,15 @@ def select_parameters(model: nn.Module, dense_layers: Iterable[str] = ("first", 
     if "last" in patterns:
         skip.add(found[-1][0])
     globs = [p for p in patterns if p not in ("first", "last")]
-    return {n: p for n, p in found if n not in skip and not any(fnmatch.fnmatchcase(n, g) for g in globs)}
+    names: dict[int, list[str]] = {}  # a tensor shared by several layers (tied weights) is one parameter, masked once
+    for n, p in found:
+        names.setdefault(id(p), []).append(n)
+    dense = lambda n: n in skip or any(fnmatch.fnmatchcase(n, g) for g in globs)  # noqa: E731
+    out = {n: p for n, p in found if n == names[id(p)][0] and not any(dense(m) for m in names[id(p)])}
+    if not out:
+        raise ValueError(f"dense_layers={patterns!r} leaves no layer sparse (the model's Conv/Linear weights: "
+                         f"{[n for n, _ in found][:6]}{' ...' if len(found) > 6 else ''}); name fewer layers in dense_layers")
+    return out
 
 
 def _mul_all(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
@@ -145,7 +162,6 @@ class MaskSet:
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = dict(params)
         self.masks = MaskDict({n: self._layout(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()})
-        self._hooks: list = []
         self.owners: dict[str, object] = {}  # layers that store only their kept weights (see compact.py), by name
         # a step whose update reads dense gradients (RigL's) sets this: layers whose sparse paths compute only the
         # kept weights' gradient then put the full one in ``captured`` (see execution/backends.py)
@@ -262,17 +278,6 @@ class MaskSet:
         pairs = [(local(p.grad), local(self.masks[n])) for n, p in self.params.items() if p.grad is not None]
         _mul_all([g for g, _ in pairs], [m for _, m in pairs])
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep masked weights at zero through ``optimizer.step()`` (any torch optimizer)."""
-        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.mask_gradients()))
-        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply(opt)))
-
-    def detach(self) -> None:
-        """Take the step hooks off the optimizer."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
     # ----------------------------------------------------------------- reporting
     def layers(self) -> list[LayerSparsity]:
         """Kept and total weights of every masked layer."""
@@ -292,12 +297,6 @@ class MaskSet:
         """Kept share of each masked weight, by name."""
         return {ls.name: ls.density for ls in self.layers()}
 
-    def global_sparsity(self) -> float:
-        """Share of zero weights over all masked layers."""
-        layers = self.layers()
-        total = sum(ls.numel for ls in layers)
-        return 1.0 - sum(ls.nonzeros for ls in layers) / total if total else 0.0
-
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         """The masks and their version (for checkpoints)."""
@@ -308,6 +307,12 @@ class MaskSet:
         missing = set(self.masks) ^ set(state["masks"])
         if missing:
             raise ValueError(f"checkpoint masks do not match the model's sparse parameters: {sorted(missing)[:5]}")
+        shapes = {n: (tuple(whole(m).shape), tuple(whole(self.masks[n]).shape)) for n, m in state["masks"].items()}
+        wrong = {n: s for n, s in shapes.items() if s[0] != s[1]}
+        if wrong:
+            n, (saved, now) = next(iter(wrong.items()))
+            raise ValueError(f"checkpoint masks have other shapes than the model's weights ({len(wrong)} layer(s); "
+                             f"{n}: {saved} saved, {now} here): the state is from another model or width")
         for n, m in state["masks"].items():
             if n in self.params:
                 self.masks[n] = self._layout(n, m)

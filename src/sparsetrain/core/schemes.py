@@ -54,6 +54,7 @@ class Scheme:
 
     name = "unstructured"
     kept_per_unit = 1
+    whole_units = False  # True: units are equal shares of the tensor, counted as such (channels, kernels, blocks)
     supports_update = True
     rows_per_unit: int | None = 1
 
@@ -100,7 +101,8 @@ class Scheme:
 
     def units_for(self, numel: int, density: float, n_units: int) -> int:
         """Units to keep for ``density`` of ``numel`` weights in ``n_units`` units."""
-        return max(0, min(n_units, round(density * numel / self.kept_per_unit)))
+        want = density * n_units if self.whole_units else density * numel / self.kept_per_unit
+        return max(0, min(n_units, round(want)))
 
     def mask(self, score: torch.Tensor, density: float, layer: str = "") -> torch.Tensor:
         """Keep the best units of ``score`` at ``density``; exact to one unit."""
@@ -168,8 +170,7 @@ class ChannelOut(Scheme):
     def group(self, t):
         return t.reshape(t.shape[0], -1)
 
-    def units_for(self, numel, density, n_units):
-        return max(0, min(n_units, round(density * n_units)))
+    whole_units = True  # every unit is the same share of the tensor: keep round(density * units)
 
 
 class ChannelIn(Scheme):
@@ -188,8 +189,7 @@ class ChannelIn(Scheme):
     def ungroup(self, u, shape):
         return u.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous()
 
-    def units_for(self, numel, density, n_units):
-        return max(0, min(n_units, round(density * n_units)))
+    whole_units = True  # every unit is the same share of the tensor: keep round(density * units)
 
 
 class Kernel(Scheme):
@@ -204,8 +204,7 @@ class Kernel(Scheme):
     def group(self, t):
         return t.reshape(t.shape[0] * t.shape[1], -1)
 
-    def units_for(self, numel, density, n_units):
-        return max(0, min(n_units, round(density * n_units)))
+    whole_units = True  # every unit is the same share of the tensor: keep round(density * units)
 
 
 class Pattern(Kernel):
@@ -256,8 +255,7 @@ class Block(Scheme):
         m = u.reshape(rows // self.r, cols // self.c, self.r, self.c).permute(0, 2, 1, 3).reshape(rows, cols)
         return m.reshape(shape)
 
-    def units_for(self, numel, density, n_units):
-        return max(0, min(n_units, round(density * n_units)))
+    whole_units = True  # every unit is the same share of the tensor: keep round(density * units)
 
 
 class NM(Scheme):
@@ -385,6 +383,8 @@ class FanIn(Scheme):
 
 def parse_scheme(name: str) -> Scheme:
     """A scheme from its config name; see the module docstring for the names."""
+    if not isinstance(name, str):
+        raise ValueError(f"unknown scheme {name!r}; choose one of: {SCHEME_NAMES}")
     simple = {"unstructured": Scheme, "channel_out": ChannelOut, "channel_in": ChannelIn, "kernel": Kernel, "pattern": Pattern,
               "fan_in": FanIn}
     if name in simple:

@@ -313,10 +313,17 @@ def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file (the MNIST format), gzip-compressed or raw."""
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DatasetError(f"{path}: damaged gzip file ({e}); download it again") from None
+    if len(raw) < 4:
+        raise DatasetError(f"{path}: not an IDX file ({len(raw)} bytes, shorter than its header)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
+    if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
         raise DatasetError(f"{path}: not a uint8 IDX file (magic {raw[:4].hex()})")
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: truncated IDX file (its header names {ndim} dimensions, the file ends before them)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -428,9 +435,10 @@ def load_dataset(
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     data_dir = Path(data_dir) if data_dir is not None else default_cache_dir() / "data" / name
     if not data_dir.exists():
-        if data_dir.suffix:  # looks like a file path that is absent
-            raise DatasetError(f"data path {data_dir} does not exist; pass an existing file or folder with --data-dir")
-        data_dir.mkdir(parents=True, exist_ok=True)
+        if data_dir.suffix or not download:  # a misspelled path is never created
+            raise DatasetError(f"data path {data_dir} does not exist; pass an existing file or folder with --data-dir"
+                               f"{'' if data_dir.suffix else ' (or allow downloading with data.download=true)'}")
+        data_dir.mkdir(parents=True, exist_ok=True)  # downloading into it
     source = _locate_source(name, data_dir, download, url_base)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache / f"{name}-{_cache_key(source)}.pt"

@@ -48,8 +48,16 @@ class CharVocab:
 
     @classmethod
     def load(cls, path: str | Path) -> "CharVocab":
-        """Read a vocabulary written by :meth:`save`."""
-        return cls(json.loads(Path(path).read_text())["chars"])
+        """Read a vocabulary written by :meth:`save`; a file of another shape is a DatasetError naming it."""
+        try:
+            chars = json.loads(Path(path).read_text(encoding="utf-8"))["chars"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{path} is not a vocabulary file ({type(e).__name__}: {e}); it holds "
+                               '{"chars": [one character per id]}') from None
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars) \
+                or len(set(chars)) != len(chars):
+            raise DatasetError(f"{path} is not a vocabulary file: 'chars' must list distinct single characters")
+        return cls(chars)
 
 
 class CharWindows(Dataset):
@@ -103,4 +111,8 @@ def load_text(path: str | Path, context: int, val_fraction: float = 0.1, stride:
     ids = vocab.encode(text)
     cut = int(len(ids) * (1 - val_fraction))
     train = CharWindows(ids[:cut], context, stride, shift=True, seed=seed)
+    if len(ids) - cut < context + 1:
+        raise DatasetError(f"the validation tail of {path} (data.val_fraction={val_fraction}: {len(ids) - cut} characters) "
+                           f"cannot fill one window of data.context={context} + 1; raise data.val_fraction, lower "
+                           "data.context, or use a longer text")
     return {"train": train, "test": CharWindows(ids[cut:], context)}, vocab

@@ -43,6 +43,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import numbers
+import warnings
+import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -54,11 +58,28 @@ from ..core.masks import LayerSparsity, MaskSet
 from ..execution.backends import ExecutionRequest, get_backend
 from ..execution.plan import ExecutionPlan, Planner
 
-__all__ = ["Sparsifier", "Dense", "dense", "Clock", "check_fraction", "executes"]
+__all__ = ["Sparsifier", "Dense", "dense", "Clock", "check_fraction", "executes", "warn_caller"]
+
+
+_CARRIERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()  # model -> its sparsifier
+
+
+def warn_caller(message: str) -> None:
+    """A UserWarning attributed to the first frame outside this package (the user's call, however deep the
+    factories and constructors that raised it)."""
+    import sys
+
+    package = str(Path(__file__).resolve().parents[1])
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level + 1)
 
 
 def check_fraction(name: str, value: float, low_open: bool = False) -> float:
     """``value`` as a float in [0, 1) (or (0, 1) with ``low_open``), or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in {'(0, 1)' if low_open else '[0, 1)'}, got {value!r}")
     v = float(value)
     if not ((0 < v if low_open else 0 <= v) and v < 1):
         raise ValueError(f"{name} must be in {'(0, 1)' if low_open else '[0, 1)'}, got {value!r}")
@@ -139,6 +160,15 @@ class Sparsifier:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        owner = _CARRIERS.get(model)
+        owner = owner() if owner is not None else None
+        if owner is not None and not owner.removed:
+            raise ValueError(f"the model already carries a sparsifier ({type(owner).__name__}); two would each enforce "
+                             "their own masks on the same weights: call .remove() on the first, or build on a fresh model")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in held for p in model.parameters()):
+            raise ValueError("the optimizer holds none of the model's parameters (it was built over another model?): "
+                             "build it over this model's parameters, e.g. torch.optim.SGD(model.parameters(), ...)")
         self.model, self.optimizer = model, optimizer
         self.clock = Clock.make(total_steps, steps_per_epoch, epochs)
         self.maskset: MaskSet | None = None
@@ -153,9 +183,28 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
-        """Put the step hooks on the optimizer (constructors call this last)."""
+        """Check the model and the optimizer, then put the step hooks on the optimizer (constructors call this
+        last, once the masks exist, so that a refusal changes nothing a caller would keep)."""
+        self._check_optimizer()
+        _CARRIERS[self.model] = weakref.ref(self)
         self._hooks.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_hook()))
         self._hooks.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_hook()))
+
+    def _check_optimizer(self) -> None:
+        """Refuse an optimizer that does not hold the method's sparse weights: they would never train, and their
+        masks would never be enforced."""
+        names = self._sparse_weight_names()
+        if not names:
+            return
+        params = dict(self.model.named_parameters())
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [n for n in names if n in params and id(params[n]) not in held]
+        if len(missing) == len(names):
+            raise ValueError(f"the optimizer holds none of the model's sparse weights ({missing[:3]}...): build it over "
+                             "this model's parameters, e.g. torch.optim.SGD(model.parameters(), ...)")
+        if missing:
+            raise ValueError(f"the optimizer does not hold the sparse weights {missing[:4]}{' ...' if len(missing) > 4 else ''}: "
+                             "they would never train; build it over all of the model's parameters")
 
     def rebind(self, optimizer: torch.optim.Optimizer) -> None:
         """Move to ``optimizer``, built over the model's parameters after they were replaced by ones of the same
@@ -302,8 +351,17 @@ class Sparsifier:
         return [LayerSparsity(n, tuple(params[n].shape), params[n].numel(), int(params[n].count_nonzero()))
                 for n in self._sparse_weight_names() if n in params]
 
+    def zero_fraction(self) -> float:
+        """Share of entries that are exactly zero in the sparse layers' weights as they would be exported (a kept
+        weight may be zero too, so this can exceed :meth:`sparsity`)."""
+        state = self.export_state()
+        names = [n for n in self._sparse_weight_names() if n in state]
+        total = sum(state[n].numel() for n in names)
+        return sum(int((state[n] == 0).sum()) for n in names) / total if total else 0.0
+
     def sparsity(self) -> float:
-        """Share of zero weights over all sparse layers."""
+        """Share of the sparse layers' weights that the method removed, counted from its masks (or, for SWAT, the
+        weights under each layer's top-K threshold); :meth:`zero_fraction` counts the zeros the weights hold."""
         layers = self.report()
         total = sum(ls.numel for ls in layers)
         return 1.0 - sum(ls.nonzeros for ls in layers) / total if total else 0.0
@@ -333,7 +391,8 @@ class Sparsifier:
     def state_dict(self) -> dict:
         """Everything the method needs to continue exactly: clock, masks, method state, the execution plan."""
         self._check_attached("state_dict")
-        state = {"method": self.name, "clock": self.clock.state_dict(), "bumps": self._bumps}
+        state = {"method": self.name, "clock": self.clock.state_dict(), "bumps": self._bumps,
+                 "sparsity": getattr(self, "target", None)}
         if self.maskset is not None:
             state["masks"] = self.maskset.state_dict()
         if self.plan is not None:
@@ -345,21 +404,30 @@ class Sparsifier:
         if state.get("method") != self.name:
             raise ValueError(f"this state is from method {state.get('method')!r}; this sparsifier is {self.name!r}")
         self._check_attached("load_state_dict")
-        self.clock.load_state_dict(state["clock"])
-        self._bumps = int(state["bumps"])
+        saved, mine = state.get("sparsity"), getattr(self, "target", None)
+        if saved is not None and mine is not None and abs(float(saved) - float(mine)) > 1e-9:
+            raise ValueError(f"this state is from sparsity {saved}; this sparsifier is at sparsity {mine}: build it with "
+                             f"sparsity={saved} to continue that run")
+        plan = self._saved_plan(state.get("plan"))  # checked before anything changes, as the masks are
         if self.maskset is not None:
             self.maskset.load_state_dict(state["masks"])
-        self._load_plan(state.get("plan"))
+        self.clock.load_state_dict(state["clock"])
+        self._bumps = int(state["bumps"])
+        if plan is not None:  # a resumed run keeps its choices, without timing again
+            self._planner.apply(plan)
 
-    def _load_plan(self, saved: dict | None) -> None:
-        """Run the saved plan (a resumed run keeps its choices, without timing again)."""
+    def _saved_plan(self, saved: dict | None) -> "ExecutionPlan | None":
+        """The saved execution plan, refused when this sparsifier runs another execution or other layers."""
         if saved is None or self._planner is None:
-            return
+            return None
         plan = ExecutionPlan.from_dict(saved)
         if get_backend(plan.requested) is not self._planner.backend:
             raise ValueError(f"this state ran with execution={plan.requested!r}; build the sparsifier with "
                              f"execution={plan.requested!r} to continue it (now {self._planner.backend.name!r})")
-        self._planner.apply(plan)
+        if set(plan.layers) != set(self._planner.layers):
+            raise ValueError(f"the execution plan is for other layers than this model's "
+                             f"(differing: {sorted(set(plan.layers) ^ set(self._planner.layers))[:5]})")
+        return plan
 
     def _check_attached(self, what: str) -> None:
         if self.removed:
@@ -382,6 +450,7 @@ class Sparsifier:
         the model as an ordinary ``nn.Module`` (its weights equal :meth:`export_state`'s)."""
         if self.removed:
             return self.model
+        _CARRIERS.pop(self.model, None)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

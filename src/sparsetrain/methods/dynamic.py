@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..core.lifecycle import MethodTraits
-from .base import Sparsifier, check_fraction, executes
+from .base import Sparsifier, check_fraction, executes, warn_caller
 from .static import make_masks
 
 __all__ = ["PruneAndGrow", "SET", "RigL", "set_sparsifier", "rigl", "UPDATE_DECAYS"]
@@ -36,11 +36,12 @@ class PruneAndGrow(Sparsifier):
     """Shared machinery: a random initial mask, unit counts per layer, the growth generator, broadcast."""
 
     traits = MethodTraits(compactable=True)
+    reads_gradients = True  # prunes or grows by the weights' gradients (RigL, MEST); SET does not
 
     def __init__(self, model, optimizer, *, sparsity: float, distribution: str, custom_sparsity, scheme: str,
                  dense_layers: Iterable[str], seed: int, total_steps, steps_per_epoch, epochs):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
-        if scheme.startswith("nm_"):
+        if isinstance(scheme, str) and scheme.startswith("nm_"):
             raise ValueError(f"{self.name} prunes and grows whole units; N:M scheme {scheme!r} supports static masks only")
         self.target = sparsity
         start = torch.Generator().manual_seed(seed)
@@ -49,6 +50,10 @@ class PruneAndGrow(Sparsifier):
         self.maskset, self.scheme = make_masks(model, sparsity=sparsity, distribution=distribution,
                                                custom_sparsity=custom_sparsity, scheme=scheme,
                                                dense_layers=dense_layers, init="random", generator=start)
+        frozen = [n for n, p in self.maskset.params.items() if not p.requires_grad]
+        if frozen and self.reads_gradients:
+            raise ValueError(f"{self.name} reads the gradients of its sparse weights, but {frozen[:4]} are frozen "
+                             "(requires_grad=False): unfreeze them, or keep them dense with dense_layers")
         self.target_units = {n: self._active_units(n) for n in self.maskset.masks}
         self.updates = 0
 
@@ -109,6 +114,11 @@ class _Scheduled(PruneAndGrow):
         self.update_every_steps, self.update_decay, self.update_end = update_every_steps, update_decay, update_end
         self.update_fraction = check_fraction("update_fraction", update_fraction)
         self.clock.require_total(self.name)
+        last = int(self.update_end * self.clock.total_steps)  # no update at or after it
+        if update_every_steps >= max(last, 1) or not self.update_fraction:
+            warn_caller(f"{self.name} updates its mask every {update_every_steps} steps until step {last} of "
+                        f"{self.clock.total_steps} (update_end={update_end}): no update will happen and the mask stays "
+                        f"static; set update_every_steps below {max(last, 1)}")
         self._attach()
 
     def _update_fraction(self, step: int) -> float:
@@ -128,6 +138,7 @@ class SET(_Scheduled):
     """SET: magnitude prune and random grow after the step (see :func:`set_sparsifier`)."""
 
     name = "set"
+    reads_gradients = False
 
     def _after_update(self) -> None:
         f = self._update_fraction(self.clock.step)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..core import sharding
-from .base import executes
+from .base import executes, warn_caller
 from .dynamic import PruneAndGrow
 
 __all__ = ["MEST", "mest", "phase_value", "check_phases"]
@@ -59,6 +59,9 @@ class MEST(PruneAndGrow):
         if prune_lambda < 0:
             raise ValueError(f"prune_lambda must be >= 0, got {prune_lambda!r}")
         self.every_epochs, self.soft_bound, self.prune_lambda = every_epochs, bool(soft_bound), float(prune_lambda)
+        if self.clock.epochs <= every_epochs:  # mutations happen at epoch ends before the last one
+            warn_caller(f"mest mutates every {every_epochs} epoch(s), but training lasts {self.clock.epochs}: no mutation "
+                        f"will happen and the mask stays static; set every_epochs below {self.clock.epochs}")
         self.mutation_ratio = check_phases("mutation_ratio", mutation_ratio)
         self.excess = check_phases("excess", excess)
         self.expanded = False

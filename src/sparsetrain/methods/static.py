@@ -13,17 +13,16 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from ..core.distributions import layer_densities
+from ..core.distributions import DISTRIBUTION_NAMES, layer_densities
 from ..core.masks import MaskSet
 from ..core.schemes import Scheme, parse_scheme
 from ..core.scores import SCORERS, masks_from_scores, synflow_masks
 from ..core.lifecycle import MethodTraits
 from .base import Sparsifier, check_fraction, executes
 
-__all__ = ["Static", "static", "make_masks", "INITS", "DISTRIBUTIONS"]
+__all__ = ["Static", "static", "make_masks", "INITS"]
 
 INITS = ("random", "magnitude", "snip", "grasp", "synflow")
-DISTRIBUTIONS = ("uniform", "er", "erk", "custom")
 
 
 def make_masks(
@@ -49,8 +48,8 @@ def make_masks(
     when not given). ``masks`` installs given masks instead of scoring (lottery tickets).
     """
     check_fraction("sparsity", sparsity)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; allowed: {list(DISTRIBUTIONS)}")
+    if distribution not in DISTRIBUTION_NAMES:
+        raise ValueError(f"unknown distribution {distribution!r}; allowed: {list(DISTRIBUTION_NAMES)}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; allowed: {list(INITS)}")
     if sparsity == 0 and distribution != "custom":

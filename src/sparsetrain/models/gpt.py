@@ -74,4 +74,15 @@ class GPT(nn.Module):
 
 def gpt(num_classes: int = 65, width: float = 1.0, context: int = 64, depth: int = 4, heads: int = 4) -> GPT:
     """The zoo's GPT: ``num_classes`` is the vocabulary, ``width`` multiplies 128 (4.0: width 512)."""
-    return GPT(num_classes, context, max(heads, int(round(128 * width / heads)) * heads), depth, heads)
+    return GPT(num_classes, context, _channels(width, heads), depth, heads)
+
+
+def _channels(width: float, heads: int) -> int:
+    """``128 * width`` channels, refused (with the nearest widths that work) unless whole and divisible by ``heads``."""
+    channels = 128 * width
+    if channels != int(channels) or int(channels) < heads or int(channels) % heads:
+        step = heads / 128
+        low, high = max(step, step * (channels // heads)), step * (channels // heads + 1)
+        raise ValueError(f"model width {width:g} gives {channels:g} channels, which {heads} heads do not divide; use "
+                         f"width {low:g} or {high:g} (multiples of heads/128 = {step:g})")
+    return int(channels)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .gpt import Block
+from .gpt import Block, _channels
 
 __all__ = ["ViT", "vit"]
 
@@ -43,5 +43,5 @@ class ViT(nn.Module):
 
 
 def vit(num_classes: int = 10, width: float = 1.0, depth: int = 6, heads: int = 4, patch: int = 4) -> ViT:
-    """The zoo's ViT for CIFAR-size images: ``width`` multiplies 128 (rounded to a multiple of ``heads``)."""
-    return ViT(num_classes, 32, patch, 3, max(heads, int(round(128 * width / heads)) * heads), depth, heads)
+    """The zoo's ViT for CIFAR-size images: ``width`` multiplies 128 (the channels must divide by ``heads``)."""
+    return ViT(num_classes, 32, patch, 3, _channels(width, heads), depth, heads)

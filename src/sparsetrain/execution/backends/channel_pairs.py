@@ -23,13 +23,13 @@ that would read a removed channel are not stored (they multiply zeros). State di
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...core.masks import dense_from_values
 from .channel import expand_channels
 from .layers import SparseConv2d
 
@@ -125,9 +125,7 @@ class ChannelBlock:
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The weight with the block's ``values`` in place and zeros elsewhere."""
-        out = values.new_zeros(math.prod(self.shape))
-        out[self.flat_index] = values
-        return out.view(self.shape)
+        return dense_from_values(values, self.flat_index, self.shape)
 
 
 def _expand(small, kept, width, bias):

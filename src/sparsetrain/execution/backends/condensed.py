@@ -9,13 +9,13 @@ take the ``direct`` kernels. Float32 on the CPU; elsewhere CSR.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from ...core.masks import dense_from_values
 from .. import native
 from .csr import csr_linear
 from .registry import Backend, direct_ok, register
@@ -56,9 +56,7 @@ class CondensedStructure:
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The matrix with ``values`` at the kept positions and zeros elsewhere."""
-        out = values.new_zeros(math.prod(self.shape))
-        out[self.flat_index.to(values.device)] = values
-        return out.view(self.shape)
+        return dense_from_values(values, self.flat_index, self.shape)
 
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...core.masks import dense_from_values
 from .registry import Backend, register
 
 __all__ = ["CSR", "CSRStructure", "csr_linear", "csr_conv2d", "conv_out_size"]
@@ -63,9 +64,7 @@ class CSRStructure:
 
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere."""
-        out = torch.zeros(like.numel(), dtype=values.dtype, device=values.device)
-        out[self.flat_index] = values
-        return out.view_as(like)
+        return dense_from_values(values, self.flat_index, like.shape)
 
 
 

@@ -8,7 +8,6 @@ whatever the kernels do not cover, take the CSR path.
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ...core.masks import dense_from_values
 from .. import native
 from .csr import conv_out_size, csr_conv2d, csr_linear
 from .registry import Backend, direct_ok, register
@@ -70,9 +70,7 @@ class DirectStructure:
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The weight with ``values`` at the kept entries and zeros elsewhere."""
-        out = values.new_zeros(math.prod(self.shape))
-        out[self.flat_index] = values
-        return out.view(self.shape)
+        return dense_from_values(values, self.flat_index, self.shape)
 
 
 _BATCH_INNER_BELOW = 512  # output planes of 16 x 16 and smaller run with the batch innermost

@@ -123,7 +123,38 @@ def library_path() -> Path:
     cc = compiler()
     ident = " ".join([*cc, _compiler_version(cc), *_FLAGS, _cpu_identity()])
     key = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + ident.encode()).hexdigest()[:16]
-    return default_cache_dir() / "native" / f"sparsetrain_kernels-{key}.so"
+    return _private(default_cache_dir() / "native") / f"sparsetrain_kernels-{key}.so"
+
+
+_fallback_dir: Path | None = None
+
+
+def _trusted(path: Path) -> str | None:
+    """None when ``path`` (a folder or a library) belongs to this user and no one else may write it; else why not."""
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (mode {oct(st.st_mode & 0o777)})"
+    return None
+
+
+def _private(folder: Path) -> Path:
+    """``folder``, created 0700, when it is this user's alone; else a private folder of this process's, with one
+    warning (a library in a folder others can write could be replaced by theirs, and loading runs its code)."""
+    global _fallback_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        why = _trusted(folder)
+    except OSError as e:
+        why = f"{folder} cannot be used ({e.strerror or e})"
+    if why is None:
+        return folder
+    if _fallback_dir is None:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix="sparsetrain-native-"))
+        warnings.warn(f"sparsetrain: the kernel cache is not private ({why}); building in {_fallback_dir} instead. "
+                      "Set SPARSETRAIN_CACHE to a folder of your own", RuntimeWarning, stacklevel=4)
+    return _fallback_dir
 
 
 def _digest(path: Path) -> str:
@@ -150,17 +181,28 @@ def _build(target: Path, portable: bool = False) -> None:
         else:
             raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[:500]}")
         digest = _digest(Path(tmp))
+        os.chmod(tmp, 0o700)
         os.replace(tmp, target)
-        target.with_suffix(".sha1").write_text(digest)  # checked before every load: a damaged file is rebuilt  # atomic: concurrent builders (DDP ranks) never load a half-written file
+        # atomic: concurrent builders (DDP ranks) never load a half-written file; the digest is checked before every
+        # load, so a damaged file is rebuilt
+        target.with_suffix(".sha1").write_text(digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def _open(path: Path) -> ctypes.CDLL:
+    """Load the library at ``path`` and declare its functions; OSError when it is not this user's alone, does not
+    load, or lacks one of them."""
+    why = _trusted(path)
+    if why:
+        raise OSError(why)
     lib = ctypes.CDLL(str(path))
     for name, (args, res) in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise OSError(f"{path} lacks the function {name}") from None
         fn.argtypes, fn.restype = args, res
     return lib
 
@@ -180,9 +222,16 @@ def _load() -> ctypes.CDLL | None:
             _lib = _open(path)
             if _lib.chunk_count(1) != 1:
                 raise OSError("self-test failed")
-        except OSError:  # a library that does not load or answer is rebuilt once
+        except OSError:  # a library that is not ours alone, does not load, lacks a function or fails: rebuilt once
+            path.unlink(missing_ok=True)
             _build(path)
-            _lib = _open(path)
+            # loaded from a name of its own: the dynamic loader would hand back the library it already opened at `path`
+            fresh = path.with_name(f"{path.stem}.{os.getpid()}.so")
+            shutil.copy2(path, fresh)
+            try:
+                _lib = _open(fresh)
+            finally:
+                fresh.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:
         warnings.warn(f"sparsetrain: native kernels unavailable ({e}); using the slower numpy path", RuntimeWarning, stacklevel=3)
     return _lib

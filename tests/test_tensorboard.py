@@ -1,0 +1,56 @@
+"""TensorBoard: a run with ``run.tensorboard=true`` writes its figures as scalars, and any loop can write the
+sparsifier's own (``sp.log_to(writer)``); both read back with TensorBoard's own event reader."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsetrain as st
+from conftest import tiny_datasets
+from sparsetrain.app import Trainer
+from sparsetrain.app.config import load_config
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+
+def _scalars(folder):
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_a_run_writes_its_figures_to_tensorboard(tmp_path):
+    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2",
+                                 "run.progress=false", "run.threads=1", "model.channels_last=false",
+                                 "sparsity.method=rigl", "sparsity.sparsity=0.8", "sparsity.update_every_steps=2",
+                                 f"run.out_dir={tmp_path}", "run.tensorboard=true"])
+    summary = Trainer(cfg, datasets=tiny_datasets(n_train=128, n_test=32)).fit()
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["train/train_loss"]] == [4, 8]  # one point per epoch, at its last step
+    assert {"train/test_acc", "train/lr", "train/train_flops_rel", "train/wall_s", "sparsity/overall"} <= set(scalars)
+    assert scalars["train/test_acc"][-1][1] == pytest.approx(summary["test_acc"])
+    assert scalars["sparsity/overall"][-1][1] == pytest.approx(summary["sparsity"], abs=1e-6)
+    assert any(tag.startswith("sparsity/") and tag.endswith(".weight") for tag in scalars)
+    assert scalars["method/mask_updates"][-1][1] > 0
+
+
+def test_any_loop_writes_the_sparsifiers_figures(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.rigl(model, opt, sparsity=0.75, total_steps=6, update_every_steps=2)
+    writer = SummaryWriter(str(tmp_path))
+    for _ in range(6):
+        loss = F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 4, (16,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.log_to(writer)
+    writer.close()
+    scalars = _scalars(tmp_path)
+    assert [s for s, _ in scalars["sparsity/overall"]] == [1, 2, 3, 4, 5, 6]
+    assert scalars["sparsity/2.weight"][-1][1] == pytest.approx(0.75, abs=1 / 1024)
+    assert scalars["method/mask_updates"][-1][1] == sp.updates > 0
