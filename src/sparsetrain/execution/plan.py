@@ -204,7 +204,6 @@ class Planner:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         image = bool(args) and torch.is_tensor(args[0]) and args[0].dim() == 4 and args[0].is_floating_point()
         layout = None
         devices = [args[0].device.index or 0] if args and torch.is_tensor(args[0]) and args[0].is_cuda else []
@@ -220,7 +219,8 @@ class Planner:
 
                 fmt = settle_layout(model, self.layers, loss_of)
                 layout = "channels_last" if fmt == torch.channels_last else "nchw"
-            elif self.layers:
+            elif self.layers:  # (settle_layout keeps its own copy of the state; here one is made only when needed)
+                saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 choose_now(model, lambda: _first_tensor(model(*args, **kwargs)).float().mean())
                 model.load_state_dict(saved)
         for p in model.parameters():
