@@ -11,6 +11,7 @@ and restores it with ``trainer.train(resume_from_checkpoint=True)``.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import functools
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="any UTF-8 text file")
     p.add_argument("--chars", type=int, default=200_000, help="characters of the text used")
-    p.add_argument("--out", default="runs/hf-gpt2-mest")
+    p.add_argument("--out", help="output folder (default: a new temporary one, printed; --resume needs it)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=64)
@@ -84,6 +85,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    if args.out is None:
+        if args.resume:
+            raise SystemExit("--resume continues the run in --out: give the folder")
+        args.out = tempfile.mkdtemp(prefix="sparsetrain-hf-gpt2-mest-")
+        print(f"writing to {args.out}")
     trainer, callback = build(args)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     sp = callback.sparsifier

@@ -12,6 +12,7 @@ in Lightning's checkpoints: ``--resume`` continues from ``--out/last.ckpt`` exac
 from __future__ import annotations
 
 import argparse
+import tempfile
 import functools
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar"))
     p.add_argument("--limit", type=int, default=50_000, help="training images used")
-    p.add_argument("--out", default="runs/lightning-resnet20-rigl")
+    p.add_argument("--out", help="output folder (default: a new temporary one, printed; --resume needs it)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=float, default=1.0)
@@ -96,6 +97,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    if args.out is None:
+        if args.resume:
+            raise SystemExit("--resume continues the run in --out: give the folder")
+        args.out = tempfile.mkdtemp(prefix="sparsetrain-lightning-resnet20-rigl-")
+        print(f"writing to {args.out}")
     trainer, module, loader, callback = build(args)
     trainer.fit(module, loader, ckpt_path=str(Path(args.out) / "last.ckpt") if args.resume else None)
     sp = callback.sparsifier

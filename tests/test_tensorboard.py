@@ -1,15 +1,14 @@
 """TensorBoard: a run with ``run.tensorboard=true`` writes its figures as scalars, and any loop can write the
 sparsifier's own (``sp.log_to(writer)``); both read back with TensorBoard's own event reader."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsetrain as st
-from conftest import tiny_datasets
-from sparsetrain.app import Trainer
-from sparsetrain.app.config import load_config
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -22,15 +21,20 @@ def _scalars(folder):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_a_run_writes_its_figures_to_tensorboard(tmp_path):
-    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2",
-                                 "run.progress=false", "run.threads=1", "model.channels_last=false",
-                                 "sparsity.method=rigl", "sparsity.sparsity=0.8", "sparsity.update_every_steps=2",
-                                 f"run.out_dir={tmp_path}", "run.tensorboard=true"])
-    summary = Trainer(cfg, datasets=tiny_datasets(n_train=128, n_test=32)).fit()
-    scalars = _scalars(tmp_path / "tensorboard")
+def test_a_cli_run_writes_its_figures_to_tensorboard(tmp_path, capsys):
+    from conftest import make_image_tar
+    from sparsetrain.app.cli import main
+
+    data = make_image_tar(tmp_path / "mnist.tar", 128, 32)
+    run = tmp_path / "run"
+    assert main(["train", "model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2",
+                 "run.progress=false", "run.threads=1", "model.channels_last=false", "sparsity.method=rigl",
+                 "sparsity.sparsity=0.8", "sparsity.update_every_steps=2", f"data.data_dir={data}",
+                 f"data.cache_dir={tmp_path / 'c'}", f"run.out_dir={run}", "run.tensorboard=true"]) == 0
+    summary = json.loads((run / "final.json").read_text())
+    scalars = _scalars(run / "tensorboard")
     assert [s for s, _ in scalars["train/train_loss"]] == [4, 8]  # one point per epoch, at its last step
-    assert {"train/test_acc", "train/lr", "train/train_flops_rel", "train/wall_s", "sparsity/overall"} <= set(scalars)
+    assert {"train/test_acc", "train/lr", "train/train_flops_rel", "train/step_s", "sparsity/overall"} <= set(scalars)
     assert scalars["train/test_acc"][-1][1] == pytest.approx(summary["test_acc"])
     assert scalars["sparsity/overall"][-1][1] == pytest.approx(summary["sparsity"], abs=1e-6)
     assert any(tag.startswith("sparsity/") and tag.endswith(".weight") for tag in scalars)

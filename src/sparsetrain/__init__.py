@@ -18,24 +18,40 @@ factories), :mod:`~sparsetrain.integrations` (Hugging Face, Lightning), :mod:`~s
 and :mod:`~sparsetrain.app.cli`.
 """
 
-from .core.accounting import FlopMeter, measure_layer_costs, saved_tensor_bytes
-from .app.config import Config, ConfigError, load_config
-from .data.images import load_dataset
-from .core.masks import LayerSparsity, MaskSet
-from .methods import METHODS, Sparsifier, make_masks, round_sparsities
-from .methods.base import dense
-from .methods.dynamic import rigl
-from .methods.dynamic import set_sparsifier as set  # noqa: A001 - the method is called SET: `sparsetrain.set(...)`
-from .methods.lottery import lottery
-from .methods.mest import mest
-from .methods.static import static
-from .methods.swat import swat
-from .models import build_model
-from .recipes import DataEfficiency, WithIndices
-from .recipes.tost import tost
-from .app import Trainer
+import importlib
 
 __version__ = "0.1.0"
+
+# name -> (module, attribute): imported on first use (PEP 562), so that `sparsetrain --help` and other light uses
+# import no torch; `import sparsetrain as st; st.rigl(...)` works as if everything were imported here
+_LAZY = {
+    "FlopMeter": ("core.accounting", "FlopMeter"), "measure_layer_costs": ("core.accounting", "measure_layer_costs"),
+    "saved_tensor_bytes": ("core.accounting", "saved_tensor_bytes"), "Config": ("app.config", "Config"),
+    "ConfigError": ("app.config", "ConfigError"), "load_config": ("app.config", "load_config"),
+    "load_dataset": ("data.images", "load_dataset"), "LayerSparsity": ("core.masks", "LayerSparsity"),
+    "MaskSet": ("core.masks", "MaskSet"), "METHODS": ("methods", "METHODS"), "Sparsifier": ("methods", "Sparsifier"),
+    "make_masks": ("methods", "make_masks"), "round_sparsities": ("methods", "round_sparsities"),
+    "dense": ("methods.base", "dense"), "rigl": ("methods.dynamic", "rigl"),
+    "set": ("methods.dynamic", "set_sparsifier"),  # the method is called SET: `sparsetrain.set(...)`
+    "lottery": ("methods.lottery", "lottery"), "mest": ("methods.mest", "mest"), "static": ("methods.static", "static"),
+    "swat": ("methods.swat", "swat"), "build_model": ("models", "build_model"),
+    "DataEfficiency": ("recipes", "DataEfficiency"), "WithIndices": ("recipes", "WithIndices"),
+    "tost": ("recipes.tost", "tost"), "Trainer": ("app.trainer", "Trainer"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})
+
 
 # ``set`` (SET's factory) stays out of __all__: ``from sparsetrain import *`` must not shadow the builtin
 __all__ = [

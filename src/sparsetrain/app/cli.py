@@ -224,14 +224,25 @@ def _bench(args) -> int:
     return 0
 
 
+class _Names:
+    """An argparse ``type`` that accepts the names of a registry, read when a value is first checked: help imports
+    no torch (`sparsetrain --help` stays instant), and a bad value says what is allowed, as argparse's choices do."""
+
+    def __init__(self, module: str, registry: str):
+        self.module, self.registry = module, registry
+
+    def __call__(self, value: str) -> str:
+        import importlib
+
+        names = sorted(getattr(importlib.import_module(self.module), self.registry))
+        if value not in names:
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(map(repr, names))})")
+        return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsetrain`` argument parser with its commands."""
-    from .bench import CONFIGS
-    from ..methods import DESCRIPTIONS as METHODS
-    from ..data.images import DATASETS
-    from ..models import MODELS
-    from ..core.distributions import DISTRIBUTIONS
-
+    models = _Names("sparsetrain.models", "MODELS")
     p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse neural-network training in PyTorch. "
                                 "Errors print one line; add --debug (anywhere) for the traceback.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -260,13 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_report)
 
     f = sub.add_parser("flops", help="FLOPs of a model for a method and sparsity, without training")
-    f.add_argument("--model", required=True, choices=sorted(MODELS))
-    f.add_argument("--dataset", choices=sorted(DATASETS), help="sets input size and classes")
+    f.add_argument("--model", required=True, type=models, metavar="MODEL", help="a model of the zoo, e.g. resnet20")
+    f.add_argument("--dataset", type=_Names("sparsetrain.data.images", "DATASETS"), metavar="DATASET",
+                   help="sets input size and classes, e.g. cifar10")
     f.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    f.add_argument("--method", default="dense", choices=sorted(METHODS),
+    f.add_argument("--method", default="dense", type=_Names("sparsetrain.methods", "METHODS"), metavar="METHOD",
                    help="any masked method: forward, input and weight gradient scale with each layer's density")
     f.add_argument("--sparsity", type=float, default=0.0)
-    f.add_argument("--distribution", default="uniform", choices=sorted(DISTRIBUTIONS))
+    f.add_argument("--distribution", default="uniform", type=_Names("sparsetrain.core.distributions", "DISTRIBUTIONS"),
+                   metavar="DISTRIBUTION", help="uniform, er or erk")
     f.add_argument("--activation-sparsity", type=float, help="swat: share of layer inputs dropped for the weight gradient "
                                                                  "(default: the weight sparsity)")
     f.add_argument("--dense-layers", nargs="*", help="layers left dense (default: first last; swat: first)")
@@ -287,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Alternates dense and sparse training steps (A B A B) in one process and reports "
                                    "the median ratio; peak memory of each configuration in a fresh process. "
                                    "Example: sparsetrain bench --model vgg16 --configs direct auto --sparsity 0.9 0.95 0.98")
-    b.add_argument("--model", default="vgg16", choices=sorted(MODELS))
-    b.add_argument("--configs", nargs="+", default=["auto"], help="of: " + " ".join(CONFIGS))
+    b.add_argument("--model", default="vgg16", type=models, metavar="MODEL", help="a model of the zoo")
+    b.add_argument("--configs", nargs="+", default=["auto"], metavar="CONFIG",
+                   help="configurations of sparsetrain.app.bench.CONFIGS, e.g. direct auto-compact")
     b.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--pairs", type=int, default=10, help="timed dense/sparse step pairs")

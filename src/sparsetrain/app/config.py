@@ -328,6 +328,8 @@ class RunConfig(_Section):
     resume_with_changes: bool = Field(False, description="resume although the schedule keys (optim.epochs, optim.lr, ...) "
                                                          "changed; the changes are recorded in final.json")
     progress: bool = True
+    tensorboard: bool = Field(False, description="also write the metrics, learning rate, per-layer sparsity and FLOPs as "
+                                                  "TensorBoard scalars in <out_dir>/tensorboard (needs the tensorboard package)")
     eval_batch_size: int = Field(500, gt=0)
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp replicates the model on every rank; "
                                                                 "fsdp shards weights, gradients, optimizer state and masks "

@@ -12,7 +12,7 @@ __all__ = ["config_changes", "data_fingerprint", "changes_refused"]
 
 # config keys a resume may change freely (how the run is watched and where things are, not what it computes)
 HARMLESS = ("run.progress", "run.threads", "run.device", "run.eval_batch_size", "run.checkpoint_every_steps",
-            "run.checkpoint_every_seconds", "run.out_dir", "run.resume_with_changes", "data.data_dir",
+            "run.checkpoint_every_seconds", "run.out_dir", "run.resume_with_changes", "run.tensorboard", "data.data_dir",
             "data.cache_dir", "data.download")
 # and those it may change with run.resume_with_changes (the schedule of the rest of the run, recorded)
 SAFE_TO_CHANGE = ("optim.epochs", "optim.lr", "optim.schedule", "optim.warmup_epochs", "optim.milestones",

@@ -60,9 +60,10 @@ class RunDirectory:
     so never written through a link), a folder holding links that lead outside it is refused, and one lock per
     folder (:meth:`lock`) keeps a second run out while the first holds it."""
 
-    def __init__(self, path: str | Path, is_main: bool = True):
-        self.path, self.is_main = Path(path), is_main
+    def __init__(self, path: str | Path, is_main: bool = True, tensorboard: bool = False):
+        self.path, self.is_main, self.tensorboard = Path(path), is_main, tensorboard
         self._lock: FileLock | None = None
+        self._writer = None
 
     def write_text(self, name: str, text: str) -> None:
         """Create the file ``name`` holding ``text`` (atomically; never through a link)."""
@@ -107,7 +108,10 @@ class RunDirectory:
         self.write_text(".lock.pid", str(os.getpid()))
 
     def unlock(self) -> None:
-        """Let go of the folder's lock (another run may use the folder from now on)."""
+        """Let go of the folder's lock (another run may use the folder from now on); close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._lock is not None:
             (self.path / ".lock.pid").unlink(missing_ok=True)
             self._lock.release()
@@ -142,8 +146,32 @@ class RunDirectory:
         if self.is_main:
             self.write_text(name, json.dumps(strict_json(obj)))
 
-    def log(self, record: dict) -> None:
-        """Append one metrics record (strict JSON)."""
+    def writer(self):
+        """The TensorBoard ``SummaryWriter`` of ``<out_dir>/tensorboard`` (main process, ``run.tensorboard``), else None."""
+        if not (self.tensorboard and self.is_main):
+            return None
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install "
+                                  '"sparsetrain[tensorboard]" (or run.tensorboard=false)') from None
+            self._writer = SummaryWriter(str(self.path / "tensorboard"))
+        return self._writer
+
+    def log(self, record: dict, method=None) -> None:
+        """Append one metrics record (strict JSON); with ``run.tensorboard`` its figures, and the ``method``'s
+        per-layer sparsity (:meth:`~sparsetrain.methods.base.Sparsifier.log_to`), go to TensorBoard too."""
+        if (writer := self.writer()) is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step") and math.isfinite(value):
+                    writer.add_scalar(f"train/{key}", value, step)
+            if record.get("wall_s") and step:  # mean seconds per step so far
+                writer.add_scalar("train/step_s", record["wall_s"] / step, step)
+            if method is not None:
+                method.log_to(writer, step)
+            writer.flush()
         if self.is_main:
             if (self.path / METRICS).is_symlink():  # appending would write through it
                 raise ConfigError(f"{self.path / METRICS} became a link during the run; the run writes only its own files")

@@ -71,7 +71,7 @@ class Trainer(Resumable):
         self.cfg, self._explicit_loss = cfg, loss_fn is not None  # a loss of the user's is also the evaluation loss
         # The set-up order is part of the engine's meaning: each stage uses what the ones before made.
         self._setup_runtime()              # threads, device, process group, the global seed (model initialisation)
-        self.out = RunDirectory(cfg.run.out_dir, self.is_main)
+        self.out = RunDirectory(cfg.run.out_dir, self.is_main, cfg.run.tensorboard)
         self._setup_data(datasets)         # the task, its splits and resumable loaders; the length of an epoch
         self._setup_model(model, loss_fn)  # model on its device and layout, optimizer, loss
         self.method: Sparsifier = self._build_method(method)  # the same factory a user calls
@@ -291,7 +291,7 @@ class Trainer(Resumable):
                                 "last good state. Lower optim.lr (or check the data) and run again to resume")
         record.update(sparsity=self.method.sparsity(), train_flops_rel=self.accounting.relative(self.progress.epoch),
                       wall_s=round(self.progress.elapsed, 2))
-        self.out.log(record)
+        self.out.log(record, self.method)
         if self.is_main and self.cfg.run.progress:
             tqdm.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {self.task.shown(record)}  ({record['wall_s']:.0f}s)")
         self.save()

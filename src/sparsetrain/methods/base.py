@@ -366,6 +366,18 @@ class Sparsifier:
         total = sum(ls.numel for ls in layers)
         return 1.0 - sum(ls.nonzeros for ls in layers) / total if total else 0.0
 
+    def log_to(self, writer, step: int | None = None) -> None:
+        """Write the sparsifier's figures as TensorBoard scalars (any ``add_scalar`` writer, e.g.
+        ``torch.utils.tensorboard.SummaryWriter``): overall and per-layer sparsity, and the method's summary
+        figures (mask updates, ...), at ``step`` (default: the optimizer steps taken)."""
+        step = self.clock.step if step is None else step
+        writer.add_scalar("sparsity/overall", self.sparsity(), step)
+        for ls in self.report():
+            writer.add_scalar(f"sparsity/{ls.name}", 1.0 - ls.density, step)
+        for key, value in self.summary().items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"method/{key}", value, step)
+
     @property
     def label(self) -> str:
         """The name records use (a static mask says which score made it)."""
