@@ -50,3 +50,19 @@ def test_the_configuration_reference_is_generated_from_the_model():
     for section, model in Config.model_fields.items():
         for key in model.annotation.model_fields:
             assert f"`{section}.{key}`" in reference or f"`{section}.{key}." in reference, f"{section}.{key}"
+
+
+def test_the_readme_cifar_command_runs_as_written_at_a_tiny_size(tmp_path):
+    from conftest import make_image_tar
+
+    data = make_image_tar(tmp_path / "cifar.tar", 64, 32, size=32, channels=3)
+    run = tmp_path / "r20-static90"
+    out = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "train", "--config",
+                          str(REPO / "configs" / "resnet20_cifar10.yaml"), "--data-dir", str(data),
+                          "sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=auto", f"run.out_dir={run}",
+                          "optim.epochs=1", "optim.batch_size=32", "run.threads=1", "run.progress=false",
+                          f"data.cache_dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["method"] == "static" and summary["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert summary["backends"] and set(summary["backends"].values()) <= {"masked", "direct", "csr"}
