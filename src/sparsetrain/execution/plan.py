@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .backends import (BACKENDS, TIMING_SHARE, ExecutionRequest, apply_backend, check_execution, choose_now,
+from .backends import (TIMING_SHARE, ExecutionRequest, apply_backend, check_execution, choose_now,
                        get_backend, settle_layout)
 from .backends.channel_pairs import shrink_both_sides
 from .backends.compact import compact_layers, is_compact
@@ -284,8 +284,3 @@ class Planner:
         self._set_layout(None)
         restore_plain(self.model)
         self.layers = {}
-
-
-def describe_backends() -> str:
-    """One line per registered backend: its name and what it does."""
-    return "\n".join(f"{n:<16} {b.summary}" for n, b in BACKENDS.items())
