@@ -105,3 +105,17 @@ def keep_masked(maskset, optimizer) -> None:
     the update, weights and optimizer state after it (what every sparsifier's step hooks do)."""
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: maskset.mask_gradients())
     optimizer.register_step_post_hook(lambda opt, args, kwargs: maskset.apply(opt))
+
+
+def train_steps(model, optimizer, batches) -> list[float]:
+    """One cross-entropy training step per ``(x, y)`` of ``batches``; the losses."""
+    import torch.nn.functional as F
+
+    losses = []
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsetrain as st
+from conftest import train_steps
 from sparsetrain.execution import native
 from sparsetrain.execution.backends import BACKENDS, auto
 from sparsetrain.execution.plan import ExecutionPlan
@@ -49,17 +50,6 @@ def _build(factory, **kw):
     return model, opt, factory(model, opt, **kw)
 
 
-def _train(model, opt, batches):
-    losses = []
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 STATIC = dict(sparsity=0.9, dense_layers=["conv1.weight", "fc2.weight"])
 RIGL = dict(sparsity=0.9, dense_layers=["conv1.weight", "fc2.weight"], total_steps=12, update_every_steps=2)
 
@@ -75,11 +65,11 @@ def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
     assert sp.plan is None
     ref_model, ref_opt, _ = _build(st.static, **STATIC)
     batches = _batches()
-    losses = _train(model, opt, batches)
+    losses = train_steps(model, opt, batches)
     assert sp.plan is not None and set(sp.plan.layers) == {"conv2.weight", "conv3.weight", "fc1.weight"}
     assert sp.plan.layout in ("nchw", "channels_last")
     assert all(lp.backend in BACKENDS for lp in sp.plan.layers.values())
-    assert torch.allclose(torch.tensor(losses), torch.tensor(_train(ref_model, ref_opt, batches)), atol=1e-4)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(train_steps(ref_model, ref_opt, batches)), atol=1e-4)
     table = str(sp.plan)
     assert "execution plan: auto" in table and "conv2.weight" in table and "compact" in table
     assert abs(sp.sparsity() - 0.9) < 0.01
@@ -90,10 +80,10 @@ def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
 def test_resume_applies_the_saved_plan_without_timing_and_is_bit_identical(factory, kw, monkeypatch):
     batches = _batches(n=8)
     model, opt, sp = _build(factory, **kw, execution="auto", compact_state=True)
-    _train(model, opt, batches[:4])
+    train_steps(model, opt, batches[:4])
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()})
     assert saved["sp"]["plan"] == sp.plan.to_dict()
-    full = _train(model, opt, batches[4:])
+    full = train_steps(model, opt, batches[4:])
 
     def no_timing(*a, **k):
         raise AssertionError("a resumed run timed its choices again")
@@ -106,7 +96,7 @@ def test_resume_applies_the_saved_plan_without_timing_and_is_bit_identical(facto
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     assert sp2.plan == sp.plan
-    resumed = _train(model2, opt2, batches[4:])
+    resumed = train_steps(model2, opt2, batches[4:])
     assert full == resumed
     for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), n
@@ -153,7 +143,7 @@ def test_the_factories_refuse_through_the_backends_declarations():
 @needs_native
 def test_remove_gives_plain_layers_with_the_exported_weights():
     model, opt, sp = _build(st.static, **STATIC, execution="direct", compact_state=True)
-    _train(model, opt, _batches(n=2))
+    train_steps(model, opt, _batches(n=2))
     exported = {k: v.clone() for k, v in sp.export_state().items()}
     plain = sp.remove()
     assert not any(type(m).__module__.startswith("sparsetrain") for m in plain.modules())
@@ -171,7 +161,7 @@ def test_swat_remove_equals_export_state_and_reports_after_removal():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sp = st.swat(model, opt, sparsity=0.8, topk_period=3)
-    _train(model, opt, _batches(n=4))  # the weights move after the period's threshold was taken
+    train_steps(model, opt, _batches(n=4))  # the weights move after the period's threshold was taken
     exported = {k: v.clone() for k, v in sp.export_state().items()}
     plain = sp.remove()
     state = plain.state_dict()

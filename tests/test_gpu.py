@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsetrain as st
+from conftest import train_steps
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -36,15 +37,7 @@ def _cnn():
 
 
 def _steps(model, opt, data, n, start=0):
-    losses = []
-    for i in range(start, start + n):
-        x, y = data[i % len(data)]
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, opt, [data[i % len(data)] for i in range(start, start + n)])
 
 
 def _data(shape, n=6):

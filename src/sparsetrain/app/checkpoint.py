@@ -65,13 +65,14 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     write_atomic(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with the safe (weights-only) unpickler; raise CheckpointError if it is damaged."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Read a checkpoint with the safe (weights-only) unpickler; raise CheckpointError if it is damaged. ``mmap``
+    maps the tensors instead of reading them (to look at small entries of a large checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for truncated zip / bad pickle
         text = str(e)
         if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in text:  # a payload of code, not damage

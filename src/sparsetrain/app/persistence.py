@@ -133,7 +133,8 @@ class Resumable:
     def _saved_plan(self) -> ExecutionPlan | None:
         """The execution plan of the run directory's checkpoint, if there is one for the configured backend."""
         try:
-            saved = load_checkpoint(self.out / CHECKPOINT, self.device).get("plan") if (self.out / CHECKPOINT).exists() else None
+            path = self.out / CHECKPOINT  # mapped, not read: only its plan is needed before the resume loads it
+            saved = load_checkpoint(path, self.device, mmap=True).get("plan") if path.exists() else None
             plan = ExecutionPlan.from_dict(saved) if saved else None
         except (CheckpointError, ValueError):
             return None  # the resume itself says what is wrong with the checkpoint

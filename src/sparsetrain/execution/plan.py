@@ -254,24 +254,31 @@ class Planner:
                               for m in self._chain()]
 
     # ------------------------------------------------------------------ applying a plan
-    def apply(self, plan: ExecutionPlan) -> ExecutionPlan:
-        """Run ``plan`` from now on, without timing (a resumed run, or a plan made elsewhere). The layers must be
-        the same; a layer already compacted cannot change its path."""
+    def check(self, plan: ExecutionPlan) -> None:
+        """Refuse a plan this planner cannot run, naming why: another execution, other layers, another
+        ``channel_both_sides``, or a path change for a layer already compacted."""
+        if get_backend(plan.requested) is not self.backend:
+            raise ValueError(f"this state ran with execution={plan.requested!r}; build the sparsifier with "
+                             f"execution={plan.requested!r} to continue it (now {self.backend.name!r})")
         if set(plan.layers) != set(self.layers):
             diff = sorted(set(plan.layers) ^ set(self.layers))
             raise ValueError(f"the execution plan is for other layers than this model's (differing: {diff[:5]})")
         if plan.channel_both_sides != self.request.channel_both_sides:
             raise ValueError(f"the execution plan was made with channel_both_sides={plan.channel_both_sides}; this "
                              f"sparsifier has channel_both_sides={self.request.channel_both_sides}")
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
         if self.plan is not None:
             changed = [n for n, lp in plan.layers.items() if lp != self.plan.layers[n]]
             stuck = [n for n in changed if self.plan.layers[n].compact or plan.layers[n].compact]
             if stuck:
                 raise ValueError(f"layers {stuck[:4]} were compacted under another plan already; build the sparsifier "
                                  "without example_inputs when loading a saved plan, so that the plan is applied first")
+
+    def apply(self, plan: ExecutionPlan) -> ExecutionPlan:
+        """Run ``plan`` from now on, without timing (a resumed run, or a plan made elsewhere); :meth:`check` first."""
+        self.check(plan)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
         for n, lp in plan.layers.items():
             self.layers[n].fix_backend(lp.backend)
         return self._finish(plan.layout, {n for n, lp in plan.layers.items() if lp.compact})

@@ -55,13 +55,18 @@ import torch.nn as nn
 
 from ..core.lifecycle import MethodTraits
 from ..core.masks import LayerSparsity, MaskSet
-from ..execution.backends import ExecutionRequest, get_backend
+from ..execution.backends import ExecutionRequest
 from ..execution.plan import ExecutionPlan, Planner
 
 __all__ = ["Sparsifier", "Dense", "dense", "Clock", "check_fraction", "executes", "warn_caller"]
 
 
 _CARRIERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()  # model -> its sparsifier
+
+
+def _held(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Identities of the parameters ``optimizer`` updates."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def warn_caller(message: str) -> None:
@@ -165,7 +170,7 @@ class Sparsifier:
         if owner is not None and not owner.removed:
             raise ValueError(f"the model already carries a sparsifier ({type(owner).__name__}); two would each enforce "
                              "their own masks on the same weights: call .remove() on the first, or build on a fresh model")
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = _held(optimizer)
         if not any(id(p) in held for p in model.parameters()):
             raise ValueError("the optimizer holds none of the model's parameters (it was built over another model?): "
                              "build it over this model's parameters, e.g. torch.optim.SGD(model.parameters(), ...)")
@@ -197,7 +202,7 @@ class Sparsifier:
         if not names:
             return
         params = dict(self.model.named_parameters())
-        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        held = _held(self.optimizer)
         missing = [n for n in names if n in params and id(params[n]) not in held]
         if len(missing) == len(names):
             raise ValueError(f"the optimizer holds none of the model's sparse weights ({missing[:3]}...): build it over "
@@ -429,16 +434,11 @@ class Sparsifier:
             self._planner.apply(plan)
 
     def _saved_plan(self, saved: dict | None) -> "ExecutionPlan | None":
-        """The saved execution plan, refused when this sparsifier runs another execution or other layers."""
+        """The saved execution plan, refused (:meth:`Planner.check`) when this sparsifier cannot run it."""
         if saved is None or self._planner is None:
             return None
         plan = ExecutionPlan.from_dict(saved)
-        if get_backend(plan.requested) is not self._planner.backend:
-            raise ValueError(f"this state ran with execution={plan.requested!r}; build the sparsifier with "
-                             f"execution={plan.requested!r} to continue it (now {self._planner.backend.name!r})")
-        if set(plan.layers) != set(self._planner.layers):
-            raise ValueError(f"the execution plan is for other layers than this model's "
-                             f"(differing: {sorted(set(plan.layers) ^ set(self._planner.layers))[:5]})")
+        self._planner.check(plan)
         return plan
 
     def _check_attached(self, what: str) -> None:
