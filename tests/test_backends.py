@@ -51,9 +51,9 @@ def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation
     _check_direct_against_float64(mask, torch.randn(3, cin, 9, 9), stride, padding, dilation)
 
 
-def _check_direct_against_float64(mask, x, stride, padding, dilation=1):
+def _check_direct_against_float64(mask, x, stride, padding, dilation=1, layout=None):
     """direct_conv2d's output and gradients (input, kept weights, bias) against float64 autograd: the kernels sum
-    in another order than any dense float32 path."""
+    in another order than any dense float32 path. ``layout``: the output and input gradient keep it."""
     cout, cin, k, _ = mask.shape
     w = (torch.randn(cout, cin, k, k) * mask).requires_grad_()
     b = torch.randn(cout, requires_grad=True)
@@ -67,6 +67,8 @@ def _check_direct_against_float64(mask, x, stride, padding, dilation=1):
     want = torch.autograd.grad(ref, (x64, w64, b64), g)
     for a, r, m in zip(got, want, (1, mask, 1)):
         torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
+    if layout is not None:
+        assert out.is_contiguous(memory_format=layout) and got[0].is_contiguous(memory_format=layout)
 
 
 TILED = [  # (cin, cout, k, padding, (h, w)): stride 1 on planes 16 or 32 columns wide (8 with AVX2, 64 with AVX-512)
@@ -75,6 +77,30 @@ TILED = [  # (cin, cout, k, padding, (h, w)): stride 1 on planes 16 or 32 column
     # heights that leave rows after the last whole tile with either vector width: the tail tiles
     (3, 4, 3, 1, (13, 16)), (2, 3, 3, 1, (7, 32)), (4, 2, 1, 0, (31, 16)),
 ]
+
+
+CHANNELS_LAST = [  # (n, cin, cout, k, stride, padding, dilation, (h, w)): blocks of 1-16 images, a last block short
+    (3, 5, 7, 3, 1, 1, 1, (8, 8)), (5, 16, 32, 3, 1, 1, 1, (32, 32)), (2, 8, 6, 3, 2, 1, 1, (7, 7)),
+    (4, 6, 8, 1, 2, 0, 1, (13, 11)), (3, 4, 5, 7, 2, 3, 1, (9, 9)), (17, 12, 10, 3, 1, 1, 1, (4, 4)),
+    (6, 5, 5, 3, 1, 2, 2, (10, 10)), (9, 3, 4, 3, 1, 1, 1, (2, 2)), (2, 4, 4, 3, 1, 0, 1, (12, 12)),
+    (3, 4, 6, 3, 1, 3, 1, (5, 6)),  # padding beyond the kernel's reach: the input gradient scatters
+]
+
+
+@needs_native
+@pytest.mark.parametrize("n, cin, cout, k, stride, padding, dilation, size", CHANNELS_LAST)
+def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, padding, dilation, size, monkeypatch):
+    """The channels-last kernels (``nhwc_conv.c``): a channels-last input is computed in its layout, forward, input
+    gradient (flipped convolution at stride 1, scatter otherwise) and kept-weight gradient, with no NCHW copy."""
+    torch.manual_seed(n * cin)
+    x = torch.randn(n, cin, *size).contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(cout, cin, k, k) > 0.6
+    mask[0] = False  # an output channel with no kept weight: its bias alone
+    calls, kernels = [], ("nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad")
+    for name in kernels:
+        monkeypatch.setattr(native, name, lambda *a, _fn=getattr(native, name), _name=name: calls.append(_name) or _fn(*a))
+    _check_direct_against_float64(mask, x, stride, padding, dilation, layout=torch.channels_last)
+    assert {"nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad"} <= set(calls)
 
 
 @needs_native
@@ -169,12 +195,20 @@ def test_auto_considers_the_direct_kernels_for_convolutions():
 SET_EVERY_2 = ["sparsity.method=set", "sparsity.update_every_steps=2"]
 
 
-@pytest.mark.parametrize("backend, method", [("csr", SET_EVERY_2), pytest.param("direct", SET_EVERY_2, marks=needs_native),
-                                             ("channel", ["sparsity.method=static", "sparsity.scheme=channel_out"])])
-def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend, method):
+@pytest.mark.parametrize("backend, method, channels_last", [
+    ("csr", SET_EVERY_2, False), pytest.param("direct", SET_EVERY_2, False, marks=needs_native),
+    pytest.param("direct", SET_EVERY_2, True, marks=needs_native),
+    ("channel", ["sparsity.method=static", "sparsity.scheme=channel_out"], False)])
+def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend, method, channels_last, monkeypatch):
+    nhwc_calls = []
+    if channels_last and native.available():
+        kernel = native.nhwc_conv_forward
+        monkeypatch.setattr(native, "nhwc_conv_forward", lambda *a: nhwc_calls.append(1) or kernel(*a))
+
     def run(backend):
         cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
-                                     "run.progress=false", "model.channels_last=false", "optim.epochs=1",
+                                     "run.progress=false", f"model.channels_last={str(channels_last).lower()}",
+                                     "optim.epochs=1",
                                      f"run.out_dir={tmp_path / backend}", *method, "sparsity.sparsity=0.8",
                                      "sparsity.dense_layers=[]", f"sparsity.backend={backend}"])
         trainer = Trainer(cfg, datasets=tiny_datasets(n_train=128))
@@ -187,6 +221,7 @@ def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend, 
     convs = {n for n in ran if sparse.method.maskset.masks[n].dim() == 4}
     assert {ran[n] for n in convs} == {backend}
     assert {ran[n] for n in set(ran) - convs} <= ({"csr"} if backend == "direct" else {backend})
+    assert bool(nhwc_calls) == (channels_last and backend == "direct")  # channels-last layers ran in their layout
     if "sparsity.method=set" in method:
         assert sparse.method.execution_layers["0.weight"].rebuilds > 1  # SET changed the masks during training
     for k, v in dense.model.state_dict().items():
@@ -300,8 +335,9 @@ def test_channel_backend_recompacts_when_the_mask_changes():
     torch.testing.assert_close(out, F.conv2d(x, layer.weight * new, layer.bias, padding=1))
 
 
-@pytest.mark.parametrize("slow_format", ["channels_last", "contiguous_format"])
-def test_auto_keeps_the_faster_whole_step_layout_and_leaves_the_model_as_it_was(slow_format):
+@pytest.mark.parametrize("fast", [("channels_last", "choices"), ("contiguous_format", "choices"),
+                                  ("channels_last", "masked")])
+def test_auto_keeps_the_fastest_whole_step_and_leaves_the_model_as_it_was(fast):
     import time as _time
 
     from sparsetrain.execution.backends import settle_layout
@@ -314,23 +350,26 @@ def test_auto_keeps_the_faster_whole_step_layout_and_leaves_the_model_as_it_was(
     layers = apply_backend(model, ms, "auto")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))
+    fast_format, fast_kind = getattr(torch, fast[0]), fast[1]
 
     def loss_of(fmt):
-        if fmt == getattr(torch, slow_format):
-            _time.sleep(0.02)  # this layout's whole step is the slower one
+        masked = all(m.backend == "masked" for m in layers.values())
+        if not (fmt == fast_format and masked == (fast_kind == "masked")):
+            _time.sleep(0.02)  # every other candidate's whole step is the slower one
         return F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
 
     fmt = settle_layout(model, layers, loss_of, repeats=2)
-    if slow_format == "channels_last":  # the per-layer choices in NCHW win
-        assert fmt == torch.contiguous_format
+    assert fmt == fast_format
+    assert model[0].weight.is_contiguous(memory_format=fast_format)
+    if fast_kind == "choices":  # the per-layer choices (made in channels-last) win, in the fast layout
         # each layer on its own choice, or (the second plan timed) every layer whose kernels came near a tie on them
         own = {n: min(m.timings, key=m.timings.get) for n, m in layers.items()}
         near = {n for n, m in layers.items() if backends.near_tie(m, own[n])}
         got = {n: m.backend for n, m in layers.items()}
         assert got in (own, {**own, **{n: "direct" for n in near}})
+        assert not all(v == "masked" for v in got.values())
     else:  # every layer masked dense, channels-last
-        assert fmt == torch.channels_last and all(m.backend == "masked" for m in layers.values())
-        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert all(m.backend == "masked" for m in layers.values())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
     assert all(p.grad is None for p in model.parameters())

@@ -1,9 +1,9 @@
 """``auto``: per layer, whichever path is fastest, timed once on the layer's real input shape when training starts
 (a layer never runs slower than masked dense because of us); then :func:`settle_layout` checks the whole step.
 
-The sparse kernels want NCHW, dense convolutions channels-last, and what lies between layers (BatchNorm, pooling,
-the residual adds) follows the layout, so the per-layer choices in NCHW are timed against every layer masked
-dense in channels-last, and the faster whole step is kept. Data-parallel ranks take rank 0's choices.
+The sparse kernels run in NCHW and in channels-last, dense convolutions fastest in channels-last, and what lies
+between layers (BatchNorm, pooling, the residual adds) follows the layout, so the per-layer choices are timed as a
+whole step in both layouts against every layer masked dense in channels-last, and the fastest is kept. Data-parallel ranks take rank 0's choices.
 """
 
 from __future__ import annotations
@@ -52,26 +52,27 @@ def choose_now(model: nn.Module, loss_of) -> None:
 
 def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4) -> torch.memory_format:
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
-    given in memory format ``fmt``) with every layer on the path it chooses in NCHW, with the layers near a tie
-    (:data:`NEAR_TIE`) on the kernels as well, and with every layer masked dense in channels-last; keep the
-    fastest, so ``auto`` is never slower than its dense layers would be.
+    given in memory format ``fmt``) with every layer on the path it chooses, with the layers near a tie
+    (:data:`NEAR_TIE`) on the kernels as well, each in channels-last and in NCHW (the kernels run in both; what lies
+    between layers runs faster in one or the other), and with every layer masked dense in channels-last; keep the
+    fastest, so ``auto`` is never slower than its dense layers would be. Layers choose their paths in channels-last.
     Returns the memory format the model's inputs must take from now on (the model is converted to it).
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
     and the timing passes, which hold every path's activations in turn, stay below a training step's peak."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    formats = (torch.channels_last, torch.contiguous_format)
 
-    def timed(plan: dict[str, str] | None) -> float:
-        """One forward + backward with the layers on ``plan`` in NCHW, or (None) all masked in channels-last."""
+    def timed(plan: dict[str, str] | None, fmt: torch.memory_format) -> float:
+        """One forward + backward with the layers on ``plan``, or (None) all masked, in memory format ``fmt``."""
         for n, m in layers.items():
             m.fix_backend(plan.get(n, m.backend) if plan is not None else "masked")
-        fmt = torch.contiguous_format if plan is not None else torch.channels_last
         model.to(memory_format=fmt)
         t = time.perf_counter()
         loss_of(fmt).backward()
         return time.perf_counter() - t
 
-    timed({})  # warm-up; undecided layers time their paths here
+    timed({}, torch.channels_last)  # warm-up; undecided layers time their paths here
     choices = {n: m.backend for n, m in layers.items()}
     plans = [choices]
     # layers whose kernels came within 10% of their chosen path: per-layer timings on a part of a batch miss
@@ -79,29 +80,28 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     near = {n: "direct" for n, m in layers.items() if near_tie(m, m.backend)}
     if near:
         plans.append({**choices, **near})
-    timed(None)
-    # the layouts alternate, so that a slow stretch of the machine does not fall on one of them alone
-    times = [float("inf")] * (len(plans) + 1)
+    tries = [(plan, fmt) for plan in plans for fmt in formats] + [(None, torch.channels_last)]
+    timed(None, torch.channels_last)
+    # the candidates alternate, so that a slow stretch of the machine does not fall on one of them alone
+    times = [float("inf")] * len(tries)
     for _ in range(repeats):
-        for i, plan in enumerate([*plans, None]):
-            times[i] = min(times[i], timed(plan))
-    best = min(range(len(times)), key=times.__getitem__)
-    dense = best == len(plans)
+        for i, (plan, fmt) in enumerate(tries):
+            times[i] = min(times[i], timed(plan, fmt))
+    best = min(range(len(tries)), key=times.__getitem__)
     names = sorted(layers)
-    # rank 0 decides for all: its layout and every layer's path (timings, and so the plans tried, differ by rank)
-    pick = torch.tensor([int(dense)] + [list(BACKENDS).index("masked" if dense else plans[best][n]) for n in names])
+    # rank 0 decides for all: the candidate and every layer's path (timings, and so the plans tried, differ by rank)
+    plan, _ = tries[best]
+    pick = torch.tensor([best] + [list(BACKENDS).index("masked" if plan is None else plan[n]) for n in names])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(pick, 0)
-    dense = bool(pick[0])
+    _, fmt = tries[int(pick[0])]
     for n, code in zip(names, pick[1:].tolist()):
         layers[n].fix_backend(list(BACKENDS)[code])
     t_sparse, t_dense = min(times[:-1]), times[-1]
-    fmt = torch.channels_last if dense else torch.contiguous_format
     model.to(memory_format=fmt)
     model.load_state_dict(saved)
     for p in model.parameters():
         p.grad = None
     for m in layers.values():
-        m.step_timings = {"sparse_nchw": t_sparse, "masked_channels_last": t_dense}
+        m.step_timings = {"sparse": t_sparse, "masked_channels_last": t_dense}
     return fmt
-

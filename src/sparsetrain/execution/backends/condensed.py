@@ -102,7 +102,6 @@ class Condensed(Backend):
     summary = "C kernels over the kept weights of Linear layers, rows of kept inputs (float32, CPU); convolutions direct"
     compact = True
     conv_backend = "direct"
-    layouts = ("nchw",)  # its convolutions run the direct kernels
 
     def path(self, layer: nn.Module, x: torch.Tensor) -> str:
         return "condensed" if direct_ok(x, layer.weight) else "csr"

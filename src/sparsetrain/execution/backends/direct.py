@@ -2,8 +2,10 @@
 
 Every kept weight is one shifted multiply-add over an output plane (or, for feature maps of 16 x 16 and smaller,
 over the batch laid innermost), in forward, input gradient and kept-weight gradient alike. Work is in proportion
-to the kept weights and there is no unfolded copy of the input. Float32 on the CPU in NCHW; Linear layers, and
-whatever the kernels do not cover, take the CSR path.
+to the kept weights and there is no unfolded copy of the input. Float32 on the CPU, in the layout the input comes
+in: NCHW planes (``direct_conv.c``, ``tiled_conv.c``) or channels-last (``nhwc_conv.c``, which transposes blocks
+of images in cache, so a channels-last network keeps BatchNorm, ReLU and pooling in its layout with no copies).
+Linear layers, and whatever the kernels do not cover, take the CSR path.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .. import native
 from .csr import conv_out_size, csr_conv2d, csr_linear
 from .registry import Backend, direct_ok, register
 
-__all__ = ["Direct", "DirectStructure", "direct_plan", "direct_geometry", "direct_forward", "direct_input_grad",
+__all__ = ["Direct", "DirectStructure", "channels_last", "direct_plan", "direct_geometry", "direct_forward", "direct_input_grad",
            "direct_conv2d"]
 
 
@@ -137,10 +139,28 @@ def direct_geometry(x_shape, kernel_shape, stride, padding, dilation) -> np.ndar
     return np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (and not also plainly contiguous, as with one channel or a
+    1 x 1 map, where the NCHW kernels read it as it is)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [N, C, H, W] as the channels-last kernels read it: its NHWC memory, contiguous (no copy when it is
+    channels-last already)."""
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
 def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, structure: DirectStructure,
                    geom: np.ndarray, plan: tuple[bool, bool, bool]) -> torch.Tensor:
-    """The convolution over the kept weights (``values`` in the structure's order), NCHW out."""
+    """The convolution over the kept weights (``values`` in the structure's order), out in ``x``'s layout (NCHW
+    or channels-last)."""
     bi, tiled, _ = plan
+    if channels_last(x):
+        n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
+        out = torch.empty((n, ho, wo, cout), dtype=x.dtype)
+        native.nhwc_conv_forward(geom, _nhwc(x.detach()), values, bias, structure.by_out, out)
+        return out.permute(0, 3, 1, 2)
     n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
     out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
     if tiled:
@@ -154,10 +174,15 @@ def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | N
 
 
 def direct_input_grad(grad_out: torch.Tensor, values: torch.Tensor, structure: DirectStructure, geom: np.ndarray,
-                      plan: tuple[bool, bool, bool]) -> torch.Tensor:
-    """The input gradient of :func:`direct_forward`, NCHW."""
+                      plan: tuple[bool, bool, bool], nhwc: bool = False) -> torch.Tensor:
+    """The input gradient of :func:`direct_forward`, NCHW (``nhwc``: channels-last, as the input was)."""
     bi, _, tiled_in = plan
     n, cin, h, w = (int(v) for v in geom[:4])
+    if nhwc:
+        gx = torch.empty((n, h, w, cin), dtype=grad_out.dtype)
+        native.nhwc_conv_input_grad(geom, structure.shape[2:], _nhwc(grad_out), values, structure.by_in,
+                                    structure.by_in_flipped(), gx)
+        return gx.permute(0, 3, 1, 2)
     g = _kernel_layout(grad_out, bi)
     gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
     if tiled_in:  # the padded output gradient convolved with the flipped kernel, listed by input channel
@@ -182,20 +207,22 @@ class _DirectConv2dFn(torch.autograd.Function):
         out = direct_forward(x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan)
         # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
         ctx.save_for_backward(x, values)
-        ctx.conf = (structure, geom, bias is not None, plan)
+        ctx.conf = (structure, geom, bias is not None, plan, channels_last(x))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, values = ctx.saved_tensors
-        s, geom, has_bias, plan = ctx.conf
+        s, geom, has_bias, plan, nhwc = ctx.conf
         bi, tiled, _ = plan
         gx = gv = gb = None
         if ctx.needs_input_grad[0]:
-            gx = direct_input_grad(grad_out, values, s, geom, plan)
+            gx = direct_input_grad(grad_out, values, s, geom, plan, nhwc)
         if ctx.needs_input_grad[1]:
-            if tiled:
+            if nhwc:
+                gv = native.nhwc_conv_weight_grad(geom, _nhwc(x), _nhwc(grad_out), s.by_out, values.numel())
+            elif tiled:
                 ph, pw = int(geom[9]), int(geom[10])
                 gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad_out.contiguous(),
                                                    s.by_out, values.numel())
@@ -221,9 +248,8 @@ class Direct(Backend):
     """The direct sparse-convolution kernels; Linear layers on CSR products."""
 
     name = "direct"
-    summary = "C kernels over the kept weights of convolutions (float32, CPU, NCHW); Linear layers on CSR"
+    summary = "C kernels over the kept weights of convolutions (float32, CPU, NCHW or channels-last); Linear layers on CSR"
     compact = True
-    layouts = ("nchw",)
     own_layers = True  # SWAT's convolutions on the kernels, over the top-K weights
 
     def path(self, layer: nn.Module, x: torch.Tensor) -> str:

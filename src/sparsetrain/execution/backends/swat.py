@@ -52,7 +52,7 @@ from ...core.schemes import parse_scheme
 from ...core.sharding import Part, local, sum_over_ranks, whole
 from .. import native
 from ..bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
-from .direct import DirectStructure, direct_forward, direct_geometry, direct_input_grad, direct_plan
+from .direct import DirectStructure, channels_last, direct_forward, direct_geometry, direct_input_grad, direct_plan
 from .registry import BACKENDS
 
 __all__ = ["COMPRESSED_WGRAD_MAX_DENSITY", "DIRECT_MAX_DENSITY", "swat_backends", "swat_backend", "SWATConv2d",
@@ -231,34 +231,34 @@ class _SWATDirectConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w_thresh, a_thresh, stride, padding, dilation):
-        packed, values, _ = _compress(x, a_thresh)
+        packed, values, cl = _compress(x, a_thresh)
         kept, by_out, by_in = native.threshold_lists(weight, float(w_thresh))
         s = DirectStructure(tuple(weight.shape), None, by_out, by_in)
         geom = direct_geometry(x.shape, s.shape, stride, padding, dilation)
         plan = direct_plan(geom, s.shape[2:])
         out = direct_forward(x, kept, None if bias is None else bias.detach().contiguous(), s, geom, plan)
         ctx.save_for_backward(packed, values, kept)
-        ctx.conf = (s, geom, plan, tuple(x.shape), bias is not None, stride, padding, dilation)
+        ctx.conf = (s, geom, plan, tuple(x.shape), cl, bias is not None, stride, padding, dilation)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         packed, values, kept = ctx.saved_tensors
-        s, geom, plan, shape, has_bias, stride, padding, dilation = ctx.conf
+        s, geom, plan, shape, cl, has_bias, stride, padding, dilation = ctx.conf
         need = ctx.needs_input_grad
         gx = gw = gb = None
         if need[0]:
-            gx = direct_input_grad(grad_out, kept, s, geom, plan)
+            gx = direct_input_grad(grad_out, kept, s, geom, plan, nhwc=cl)
         if need[1]:
             n, c, h, w = shape
             if _compressed_wgrad(values, math.prod(shape), grad_out, s.shape[0], stride):
                 gwt = native.compressed_weight_grad(packed, values, (n, h, w, c), grad_out.permute(0, 2, 3, 1).contiguous(),
                                                     s.shape[2:], _pair(stride), _pair(padding), _pair(dilation),
-                                                    channels_first=True)
+                                                    channels_first=not cl)
                 gw = gwt.permute(3, 0, 1, 2)
             else:
-                gw = torch.nn.grad.conv2d_weight(_decompress(packed, values, shape, False), s.shape, grad_out,
+                gw = torch.nn.grad.conv2d_weight(_decompress(packed, values, shape, cl), s.shape, grad_out,
                                                  stride, padding, dilation)
         if has_bias and need[2]:
             gb = grad_out.sum((0, 2, 3))
@@ -360,9 +360,9 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
 
     def runs_direct(self, x: torch.Tensor) -> bool:
         """Whether this pass takes the direct kernels: asked for, unstructured, at most :data:`DIRECT_MAX_DENSITY`
-        of the weights kept, and an NCHW float32 input on the CPU with the kernels built."""
+        of the weights kept, and an NCHW or channels-last float32 input on the CPU with the kernels built."""
         return (self.backend != "masked" and not self.structure and self.groups == 1 and self.density <= DIRECT_MAX_DENSITY
-                and x.dim() == 4 and x.is_contiguous() and x.dtype == self.weight.dtype == torch.float32
+                and x.dim() == 4 and (x.is_contiguous() or channels_last(x)) and x.dtype == self.weight.dtype == torch.float32
                 and x.device.type == "cpu" and native.available() and not isinstance(self.padding, str))
 
     def forward(self, x):

@@ -37,12 +37,13 @@ import torch.nn.functional as F
 __all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
            "sparse_conv_backward_input", "sparse_conv_backward_weight", "compressed_weight_grad", "tiled_supported",
            "tiled_conv", "tiled_conv_weight_grad", "threshold_lists", "max_pool2", "max_pool2_grad",
-           "condensed_forward", "condensed_backward", "library_path"]
+           "condensed_forward", "condensed_backward", "library_path", "nhwc_block", "nhwc_conv_forward",
+           "nhwc_conv_input_grad", "nhwc_conv_weight_grad"]
 
 _DIR = Path(__file__).parent
 # one library, its sources split by family: compressed activations, direct convolution, condensed Linear
 _SOURCES = [_DIR / "compressed.c", _DIR / "compressed_grad.c", _DIR / "direct_conv.c", _DIR / "tiled_conv.c",
-            _DIR / "compact_pool.c", _DIR / "condensed.c"]
+            _DIR / "compact_pool.c", _DIR / "condensed.c", _DIR / "nhwc_conv.c"]
 _HEADERS = [_DIR / "parallel.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
@@ -77,6 +78,10 @@ _SIGNATURES = {
     "threshold_lists": ([_p, _i64, _i64, _i64, _i64, _f32] + [_p] * 10 + [_int], None),
     "condensed_forward": ([_p] * 7 + [_int], _int),
     "condensed_backward": ([_p] * 8 + [_int, _int], _int),
+    "nhwc_conv_forward": ([_p] * 9 + [_i64, _int], _int),
+    "nhwc_conv_weight_grad": ([_p] * 8 + [_i64, _i64, _int], _int),
+    "nhwc_conv_input_grad_scatter": ([_p] * 9 + [_i64, _int], _int),
+    "nhwc_lanes": ([], _int),
 }
 
 
@@ -363,6 +368,70 @@ def sparse_conv_backward_weight(geom: np.ndarray, x: torch.Tensor, grad: torch.T
     partial = torch.empty(parts, nnz, dtype=torch.float32)
     lib.sparse_conv_backward_weight(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw),
                                     _ptr(partial), parts, threads)
+    return partial.sum(0)
+
+
+def nhwc_block(n: int, wo: int) -> int:
+    """Images per block for the channels-last kernels (``nhwc_conv.c``): the output row of ``wo * B`` floats that
+    wastes the fewest vector lanes, the smaller block on a tie (more blocks to share out, smaller buffers)."""
+    lanes = _load().nhwc_lanes()
+    best, waste = 1, 1.0
+    for b in (1, 2, 4, 8, 16):
+        if b > 1 and b > n:
+            break
+        padded = -(-wo * b // lanes) * lanes
+        if (padded - wo * b) / padded < waste - 1e-9:
+            best, waste = b, (padded - wo * b) / padded
+    return best
+
+
+def _nhwc_check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the channels-last sparse convolution kernels could not allocate their block buffers")
+
+
+def nhwc_conv_forward(geom: np.ndarray, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                      by_out: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Direct sparse convolution in channels-last: ``x`` and ``out`` are NHWC in memory (a channels-last tensor's
+    ``permute(0, 2, 3, 1)``, contiguous); ``geom`` and ``by_out`` as for :func:`sparse_conv_forward`."""
+    co_ptr, ci, kh, kw = by_out
+    block = nhwc_block(int(geom[0]), int(geom[6]))
+    _nhwc_check(_load().nhwc_conv_forward(_ptr(geom), _ptr(x), _ptr(values), _ptr(bias) if bias is not None else None,
+                                          _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(out), block,
+                                          torch.get_num_threads()))
+    return out
+
+
+def nhwc_conv_input_grad(geom: np.ndarray, kernel: tuple[int, int], grad: torch.Tensor, values: torch.Tensor,
+                         by_in: tuple, flipped: tuple, gx: torch.Tensor) -> torch.Tensor:
+    """The input gradient of :func:`nhwc_conv_forward` into ``gx`` (NHWC) from ``grad`` (NHWC). A stride-1
+    convolution whose padding is within the kernel's reach takes the forward kernel: the output gradient padded
+    by ``dilation * (kernel - 1) - padding``, convolved with the flipped kernel (``flipped``: ptr, co, kh, kw, value
+    index, by input channel, taps flipped); other strides scatter each kept entry (``by_in``, taps as they are)."""
+    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    pad_h, pad_w = dh * (kernel[0] - 1) - ph, dw * (kernel[1] - 1) - pw
+    if sh == sw == 1 and pad_h >= 0 and pad_w >= 0:
+        ptr, co, fkh, fkw, vidx = flipped
+        back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
+        return nhwc_conv_forward(back, grad, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+    ptr, co, kh, kw, vidx = by_in
+    vidx = vidx.numpy() if isinstance(vidx, torch.Tensor) else vidx
+    _nhwc_check(_load().nhwc_conv_input_grad_scatter(_ptr(geom), _ptr(grad), _ptr(values), _ptr(ptr), _ptr(co),
+                                                     _ptr(kh), _ptr(kw), _ptr(vidx), _ptr(gx), nhwc_block(n, wo),
+                                                     torch.get_num_threads()))
+    return gx
+
+
+def nhwc_conv_weight_grad(geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple,
+                          nnz: int) -> torch.Tensor:
+    """The gradient of the kept weights of :func:`nhwc_conv_forward` (NHWC ``x`` and ``grad``), in ``by_out`` order."""
+    co_ptr, ci, kh, kw = by_out
+    threads = torch.get_num_threads()
+    block = nhwc_block(int(geom[0]), int(geom[6]))
+    parts = max(1, min(threads, -(-int(geom[0]) // block)))
+    partial = torch.empty(parts, nnz, dtype=torch.float32)
+    _nhwc_check(_load().nhwc_conv_weight_grad(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh),
+                                              _ptr(kw), _ptr(partial), parts, block, threads))
     return partial.sum(0)
 
 

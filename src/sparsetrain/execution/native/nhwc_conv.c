@@ -1,0 +1,339 @@
+/* Direct sparse convolution in channels-last (NHWC), float32, groups 1: forward, input gradient, kept-weight
+ * gradient.
+ *
+ * A dense channels-last network keeps BatchNorm, ReLU, pooling and its residual adds in NHWC; the kernels of
+ * direct_conv.c and tiled_conv.c read planes (NCHW), so a sparse layer there costs two whole-tensor layout copies
+ * (and the memory of the copies). Here each block of B images is transposed, inside the kernel and in a buffer that
+ * stays in cache, into planes with the batch innermost, zero-padded and split by stride phase:
+ *
+ *     xt[ci][py][px][hq][wq][b]    (input row ih = hq * sh + py - ph, column iw = wq * sw + px - pw)
+ *
+ * so that every kernel tap (kh, kw) of any stride and dilation reads, for output row oh, the contiguous run of
+ * Wo * B floats at plane (kh*dh % sh, kw*dw % sw), row oh + kh*dh / sh, column kw*dw / sw. An output row of a
+ * channel is then one vector run, and a tile of rows stays in registers while every kept weight of the channel
+ * streams past (as in tiled_conv.c). Each output channel's tile is written back to NHWC with a stride of Cout.
+ *
+ * B (images per block) is chosen by the caller so that a row of Wo * B floats fills whole vectors; rows are padded
+ * to whole vectors (the padding lanes compute values that are never written back, and hold zeros in the output
+ * gradient, so they add nothing to weight gradients).
+ *
+ * The input gradient of a stride-1 convolution is the forward convolution of the output gradient (padded by
+ * dh*(KH-1) - ph) with the flipped kernel listed by input channel; strided convolutions scatter instead.
+ *
+ * geom: N, Cin, H, W, Cout, Ho, Wo, stride h/w, padding h/w, dilation h/w (as direct_conv.c). */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "parallel.h"
+
+#if defined(__AVX512F__)
+enum { NL = 16, NACC = 16 };
+#else
+enum { NL = 8, NACC = 12 };
+#endif
+typedef float nv __attribute__((vector_size(NL * 4)));
+
+static inline nv load_nv(const float *p) { nv v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_nv(float *p, nv v) { memcpy(p, &v, sizeof v); }
+
+typedef float n4f __attribute__((vector_size(16)));
+static inline float nv_sum(nv v) {
+    float lanes[NL];
+    memcpy(lanes, &v, sizeof v);
+    n4f q[NL / 4];
+    memcpy(q, lanes, sizeof q);
+    for (int w = NL / 4; w > 1; w /= 2)
+        for (int i = 0; i < w / 2; i++) q[i] += q[i + w / 2];
+    return (q[0][0] + q[0][1]) + (q[0][2] + q[0][3]);
+}
+
+/* ---- per-thread scratch, kept between calls (a fresh buffer per block would fault its pages in every time) ---- */
+enum { NSCRATCH = 3 };
+struct scratch { float *buf[NSCRATCH]; size_t cap[NSCRATCH]; };
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *p) {
+    struct scratch *s = (struct scratch *)p;
+    for (int i = 0; i < NSCRATCH; i++) free(s->buf[i]);
+    free(s);
+}
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+/* buffer i of this thread, at least n floats (64-byte aligned); NULL when memory runs out */
+static float *scratch_get(int i, size_t n) {
+    pthread_once(&scratch_once, scratch_init);
+    struct scratch *s = (struct scratch *)pthread_getspecific(scratch_key);
+    if (!s) {
+        s = (struct scratch *)calloc(1, sizeof *s);
+        if (!s) return 0;
+        pthread_setspecific(scratch_key, s);
+    }
+    if (s->cap[i] < n) {
+        free(s->buf[i]);
+        s->buf[i] = 0;
+        s->cap[i] = 0;
+        if (posix_memalign((void **)&s->buf[i], 64, n * sizeof(float)) != 0) return 0;
+        s->cap[i] = n;
+    }
+    return s->buf[i];
+}
+
+struct nhwc_geom {
+    int64_t n, cin, h, w, cout, ho, wo;
+    int64_t sh, sw, ph, pw, dh, dw;
+    int64_t b;        /* images per block */
+    int64_t hq, wq;   /* rows and columns of one stride phase of the padded input */
+    int64_t row;      /* floats in a row of a phase plane: wq * b */
+    int64_t plane;    /* floats in a phase plane: hq * row */
+    int64_t lp;       /* an output row, wo * b floats, padded to whole vectors */
+    int64_t xt_size;  /* floats of the transposed input block (with slack for the padding lanes) */
+};
+
+static struct nhwc_geom nhwc_read(const int64_t *geom, int64_t block) {
+    struct nhwc_geom g = {geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
+                          geom[7], geom[8], geom[9], geom[10], geom[11], geom[12], block};
+    const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
+    g.hq = (hp + g.sh - 1) / g.sh;
+    g.wq = (wp + g.sw - 1) / g.sw;
+    g.row = g.wq * g.b;
+    g.plane = g.hq * g.row;
+    g.lp = (g.wo * g.b + NL - 1) / NL * NL;
+    g.xt_size = g.cin * g.sh * g.sw * g.plane + g.lp + NL;
+    return g;
+}
+
+/* where each kept entry's tap starts in xt (entry e: input channel ci[e], tap kh[e], kw[e]) */
+static int64_t *tap_offsets(const struct nhwc_geom *g, int64_t nnz, const int32_t *ci, const int16_t *kh,
+                            const int16_t *kw) {
+    int64_t *off = (int64_t *)malloc((nnz ? nnz : 1) * sizeof(int64_t));
+    if (!off) return 0;
+    for (int64_t e = 0; e < nnz; e++) {
+        const int64_t th = kh[e] * g->dh, tw = kw[e] * g->dw;
+        off[e] = ((ci[e] * g->sh + th % g->sh) * g->sw + tw % g->sw) * g->plane + (th / g->sh) * g->row
+                 + (tw / g->sw) * g->b;
+    }
+    return off;
+}
+
+/* block k of the NHWC input x into xt: zero-padded, split by stride phase, batch innermost (missing images zero) */
+static void transpose_in(const struct nhwc_geom *g, const float *x, int64_t k, float *xt) {
+    memset(xt, 0, g->xt_size * sizeof(float));
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
+    const int64_t cstride = g->sh * g->sw * g->plane;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t ih = 0; ih < g->h; ih++) {
+            const int64_t hp = ih + g->ph;
+            for (int64_t iw = 0; iw < g->w; iw++) {
+                const int64_t wp = iw + g->pw;
+                const float *restrict src = x + (((n0 + b) * g->h + ih) * g->w + iw) * g->cin;
+                float *restrict dst = xt + ((hp % g->sh) * g->sw + wp % g->sw) * g->plane + (hp / g->sh) * g->row
+                                      + (wp / g->sw) * g->b + b;
+                for (int64_t c = 0; c < g->cin; c++) dst[c * cstride] = src[c];
+            }
+        }
+}
+
+/* ---- forward: a tile of R rows x C vectors of output channel co in registers ---- */
+static inline __attribute__((always_inline)) void fwd_tile(const struct nhwc_geom *g, const float *xt,
+                                                           const float *values, const int64_t *off, int64_t e0,
+                                                           int64_t e1, float b0, float *obuf, int64_t c0, int64_t r0,
+                                                           const int C, const int R) {
+    nv acc[R][C];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < C; j++) acc[r][j] = (nv){} + b0;
+    const int64_t row = g->row;
+    const float *base = xt + r0 * row + c0 * NL;
+    for (int64_t e = e0; e < e1; e++) {
+        const float w = values[e];
+        const float *src = base + off[e];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < C; j++) acc[r][j] += w * load_nv(src + r * row + j * NL);
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < C; j++) store_nv(obuf + (r0 + r) * g->lp + (c0 + j) * NL, acc[r][j]);
+}
+
+/* every row of the output, tiles of R rows then 8, 4, 2, 1 (constant tile sizes keep each tile in registers) */
+#define NHWC_EACH_ROW(TILE, C, R, ...)                                                  \
+    do {                                                                                \
+        int64_t r0 = 0;                                                                 \
+        for (; r0 + (R) <= g->ho; r0 += (R)) TILE(__VA_ARGS__, r0, C, R);               \
+        if ((R) > 8 && g->ho - r0 >= 8) { TILE(__VA_ARGS__, r0, C, 8); r0 += 8; }       \
+        if ((R) > 4 && g->ho - r0 >= 4) { TILE(__VA_ARGS__, r0, C, 4); r0 += 4; }       \
+        if ((R) > 2 && g->ho - r0 >= 2) { TILE(__VA_ARGS__, r0, C, 2); r0 += 2; }       \
+        if ((R) > 1 && g->ho - r0 >= 1) { TILE(__VA_ARGS__, r0, C, 1); r0 += 1; }       \
+    } while (0)
+
+/* every column chunk (of up to 4 vectors) of every row */
+#define NHWC_EACH_TILE(TILE, ...)                                                        \
+    do {                                                                                 \
+        const int64_t nvec = g->lp / NL;                                                 \
+        int64_t c0 = 0;                                                                  \
+        for (; c0 + 4 <= nvec; c0 += 4) NHWC_EACH_ROW(TILE, 4, NACC / 4, __VA_ARGS__, c0); \
+        if (nvec - c0 == 3) NHWC_EACH_ROW(TILE, 3, NACC / 4, __VA_ARGS__, c0);           \
+        else if (nvec - c0 == 2) NHWC_EACH_ROW(TILE, 2, NACC / 2, __VA_ARGS__, c0);      \
+        else if (nvec - c0 == 1) NHWC_EACH_ROW(TILE, 1, NACC, __VA_ARGS__, c0);          \
+    } while (0)
+
+struct nhwc_fwd_args {
+    const struct nhwc_geom *g; const float *x; const float *values; const float *bias; const int64_t *ptr;
+    const int64_t *off; float *out; int failed;
+};
+
+static void fwd_block(void *p, int64_t k) {
+    struct nhwc_fwd_args *a = (struct nhwc_fwd_args *)p;
+    const struct nhwc_geom *g = a->g;
+    float *xt = scratch_get(0, g->xt_size), *obuf = scratch_get(1, g->ho * g->lp);
+    if (!xt || !obuf) { a->failed = 1; return; }
+    transpose_in(g, a->x, k, xt);
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
+    for (int64_t co = 0; co < g->cout; co++) {
+        const float b0 = a->bias ? a->bias[co] : 0.0f;
+        const int64_t e0 = a->ptr[co], e1 = a->ptr[co + 1];
+        NHWC_EACH_TILE(fwd_tile, g, xt, a->values, a->off, e0, e1, b0, obuf);
+        /* back to NHWC: position (oh, ow) of image b is lane ow * B + b of row oh */
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t oh = 0; oh < g->ho; oh++) {
+                const float *restrict src = obuf + oh * g->lp + b;
+                float *restrict dst = a->out + (((n0 + b) * g->ho + oh) * g->wo) * g->cout + co;
+                for (int64_t ow = 0; ow < g->wo; ow++) dst[ow * g->cout] = src[ow * g->b];
+            }
+    }
+}
+
+/* out[N, Ho, Wo, Cout] (NHWC) <- the convolution of x[N, H, W, Cin] with the kept entries listed by output channel
+ * (ptr[Cout + 1]; ci, kh, kw; values). Returns 0, or -1 when memory ran out. */
+int nhwc_conv_forward(const int64_t *geom, const float *x, const float *values, const float *bias,
+                      const int64_t *ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw, float *out,
+                      int64_t block, int nthreads) {
+    const struct nhwc_geom g = nhwc_read(geom, block);
+    int64_t *off = tap_offsets(&g, ptr[g.cout], ci, kh, kw);
+    if (!off) return -1;
+    struct nhwc_fwd_args a = {&g, x, values, bias, ptr, off, out, 0};
+    parallel_workers(fwd_block, &a, (g.n + g.b - 1) / g.b, nthreads);
+    free(off);
+    return a.failed ? -1 : 0;
+}
+
+/* ---- weight gradient: a tile of the transposed output gradient in registers, a dot product per kept entry ---- */
+static inline __attribute__((always_inline)) void wgrad_tile(const struct nhwc_geom *g, const float *xt,
+                                                             const float *gt, const int64_t *off, int64_t e0,
+                                                             int64_t e1, float *gw, int64_t c0, int64_t r0,
+                                                             const int C, const int R) {
+    nv gv[R][C];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < C; j++) gv[r][j] = load_nv(gt + (r0 + r) * g->lp + (c0 + j) * NL);
+    const int64_t row = g->row;
+    const float *base = xt + r0 * row + c0 * NL;
+    for (int64_t e = e0; e < e1; e++) {
+        const float *src = base + off[e];
+        nv s[4] = {};
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < C; j++) s[(r * C + j) & 3] += gv[r][j] * load_nv(src + r * row + j * NL);
+        gw[e] += nv_sum((s[0] + s[1]) + (s[2] + s[3]));
+    }
+}
+
+/* block k of the NHWC output gradient as rows [Cout][Ho][Lp] (lane ow * B + b), padding lanes zero */
+static void transpose_grad(const struct nhwc_geom *g, const float *grad, int64_t k, float *gt) {
+    memset(gt, 0, g->cout * g->ho * g->lp * sizeof(float));
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t oh = 0; oh < g->ho; oh++)
+            for (int64_t ow = 0; ow < g->wo; ow++) {
+                const float *restrict src = grad + (((n0 + b) * g->ho + oh) * g->wo + ow) * g->cout;
+                float *restrict dst = gt + oh * g->lp + ow * g->b + b;
+                for (int64_t c = 0; c < g->cout; c++) dst[c * g->ho * g->lp] = src[c];
+            }
+}
+
+struct nhwc_wgrad_args {
+    const struct nhwc_geom *g; const float *x; const float *grad; const int64_t *ptr; const int64_t *off;
+    float *partial; int64_t parts; int failed;
+};
+
+static void wgrad_part(void *p, int64_t t) {
+    struct nhwc_wgrad_args *a = (struct nhwc_wgrad_args *)p;
+    const struct nhwc_geom *g = a->g;
+    const int64_t nnz = a->ptr[g->cout], blocks = (g->n + g->b - 1) / g->b;
+    float *gw = a->partial + t * nnz;
+    memset(gw, 0, nnz * sizeof(float));
+    float *xt = scratch_get(0, g->xt_size), *gt = scratch_get(2, g->cout * g->ho * g->lp);
+    if (!xt || !gt) { a->failed = 1; return; }
+    for (int64_t k = blocks * t / a->parts; k < blocks * (t + 1) / a->parts; k++) {
+        transpose_in(g, a->x, k, xt);
+        transpose_grad(g, a->grad, k, gt);
+        for (int64_t co = 0; co < g->cout; co++) {
+            const int64_t e0 = a->ptr[co], e1 = a->ptr[co + 1];
+            const float *gco = gt + co * g->ho * g->lp;
+            NHWC_EACH_TILE(wgrad_tile, g, xt, gco, a->off, e0, e1, gw);
+        }
+    }
+}
+
+/* partial[parts, nnz] <- the gradient of the kept entries (in list order), one row per part of the batch (sum them),
+ * from x[N, H, W, Cin] and grad[N, Ho, Wo, Cout]. Returns 0, or -1 when memory ran out. */
+int nhwc_conv_weight_grad(const int64_t *geom, const float *x, const float *grad, const int64_t *ptr,
+                          const int32_t *ci, const int16_t *kh, const int16_t *kw, float *partial, int64_t parts,
+                          int64_t block, int nthreads) {
+    const struct nhwc_geom g = nhwc_read(geom, block);
+    int64_t *off = tap_offsets(&g, ptr[g.cout], ci, kh, kw);
+    if (!off) return -1;
+    struct nhwc_wgrad_args a = {&g, x, grad, ptr, off, partial, parts, 0};
+    parallel_workers(wgrad_part, &a, parts, nthreads);
+    free(off);
+    return a.failed ? -1 : 0;
+}
+
+/* ---- input gradient of a strided convolution: each kept entry scatters the output gradient into the padded input
+ * positions it read, one input channel at a time (stride-1 convolutions take the forward kernel instead) ---- */
+struct nhwc_scatter_args {
+    const struct nhwc_geom *g; const float *grad; const float *values; const int64_t *ptr; const int32_t *co;
+    const int16_t *kh; const int16_t *kw; const int64_t *vidx; float *gx; int failed;
+};
+
+static void scatter_block(void *p, int64_t k) {
+    struct nhwc_scatter_args *a = (struct nhwc_scatter_args *)p;
+    const struct nhwc_geom *g = a->g;
+    const int64_t hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw, B = g->b;
+    float *gt = scratch_get(2, g->cout * g->ho * g->lp), *acc = scratch_get(1, hp * wp * B);
+    if (!gt || !acc) { a->failed = 1; return; }
+    transpose_grad(g, a->grad, k, gt);
+    const int64_t n0 = k * B, nb = g->n - n0 < B ? g->n - n0 : B;
+    for (int64_t c = 0; c < g->cin; c++) {
+        memset(acc, 0, hp * wp * B * sizeof(float));
+        for (int64_t e = a->ptr[c]; e < a->ptr[c + 1]; e++) {
+            const float w = a->values[a->vidx[e]];
+            const float *gco = gt + a->co[e] * g->ho * g->lp;
+            const int64_t th = a->kh[e] * g->dh, tw = a->kw[e] * g->dw;
+            for (int64_t oh = 0; oh < g->ho; oh++) {
+                float *restrict dst = acc + ((oh * g->sh + th) * wp + tw) * B;
+                const float *restrict src = gco + oh * g->lp;
+                for (int64_t ow = 0; ow < g->wo; ow++)
+                    for (int64_t b = 0; b < B; b++) dst[ow * g->sw * B + b] += w * src[ow * B + b];
+            }
+        }
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t ih = 0; ih < g->h; ih++) {
+                const float *restrict src = acc + ((ih + g->ph) * wp + g->pw) * B + b;
+                float *restrict dst = a->gx + (((n0 + b) * g->h + ih) * g->w) * g->cin + c;
+                for (int64_t iw = 0; iw < g->w; iw++) dst[iw * g->cin] = src[iw * B];
+            }
+    }
+}
+
+/* gx[N, H, W, Cin] <- the input gradient from grad[N, Ho, Wo, Cout], the kept entries listed by input channel
+ * (ptr[Cin + 1]; co, kh, kw, value index). Any stride. Returns 0, or -1 when memory ran out. */
+int nhwc_conv_input_grad_scatter(const int64_t *geom, const float *grad, const float *values, const int64_t *ptr,
+                                 const int32_t *co, const int16_t *kh, const int16_t *kw, const int64_t *vidx,
+                                 float *gx, int64_t block, int nthreads) {
+    const struct nhwc_geom g = nhwc_read(geom, block);
+    struct nhwc_scatter_args a = {&g, grad, values, ptr, co, kh, kw, vidx, gx, 0};
+    parallel_workers(scatter_block, &a, (g.n + g.b - 1) / g.b, nthreads);
+    return a.failed ? -1 : 0;
+}
+
+/* the vector width in floats (the caller picks blocks of images whose output rows fill whole vectors) */
+int nhwc_lanes(void) { return NL; }
