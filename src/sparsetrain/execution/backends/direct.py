@@ -140,9 +140,11 @@ def direct_geometry(x_shape, kernel_shape, stride, padding, dilation) -> np.ndar
 
 
 def channels_last(x: torch.Tensor) -> bool:
-    """Whether a 4-D tensor is laid out channels-last (and not also plainly contiguous, as with one channel or a
-    1 x 1 map, where the NCHW kernels read it as it is)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """Whether a 4-D tensor is laid out channels-last. A tensor that is both that and plainly contiguous (one
+    channel, or a 1 x 1 map) counts by its strides, as PyTorch reads a weight made channels-last: the channel's
+    stride below the row's."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and (not x.is_contiguous() or x.stride(1) < x.stride(2)))
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -152,11 +154,11 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 
 
 def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, structure: DirectStructure,
-                   geom: np.ndarray, plan: tuple[bool, bool, bool]) -> torch.Tensor:
+                   geom: np.ndarray, plan: tuple[bool, bool, bool], nhwc: bool | None = None) -> torch.Tensor:
     """The convolution over the kept weights (``values`` in the structure's order), out in ``x``'s layout (NCHW
-    or channels-last)."""
+    or channels-last; ``nhwc`` decides for an input that is both, as a one-channel image is)."""
     bi, tiled, _ = plan
-    if channels_last(x):
+    if channels_last(x) if nhwc is None else nhwc:
         n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
         out = torch.empty((n, ho, wo, cout), dtype=x.dtype)
         native.nhwc_conv_forward(geom, _nhwc(x.detach()), values, bias, structure.by_out, out)
@@ -200,14 +202,16 @@ class _DirectConv2dFn(torch.autograd.Function):
     back in the same compact form, so a layer may store nothing else."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, structure: DirectStructure, stride, padding, dilation):
+    def forward(ctx, x, values, bias, structure: DirectStructure, stride, padding, dilation, channels_last_model):
         geom = direct_geometry(x.shape, structure.shape, stride, padding, dilation)
         plan = direct_plan(geom, structure.shape[2:])
         values = values.detach().contiguous()
-        out = direct_forward(x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan)
+        nhwc = channels_last(x) or (channels_last_model and x.is_contiguous(memory_format=torch.channels_last))
+        out = direct_forward(x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan,
+                             nhwc)
         # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
         ctx.save_for_backward(x, values)
-        ctx.conf = (structure, geom, bias is not None, plan, channels_last(x))
+        ctx.conf = (structure, geom, bias is not None, plan, nhwc)
         return out
 
     @staticmethod
@@ -231,7 +235,7 @@ class _DirectConv2dFn(torch.autograd.Function):
                                                         s.by_out, values.numel(), batch_inner=bi)
         if has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3))
-        return gx, gv, gb, None, None, None, None
+        return gx, gv, gb, None, None, None, None, None
 
 
 def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
@@ -239,7 +243,10 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`). ``weight`` is the
     dense weight, or (compact storage) just the kept values in the structure's order."""
     values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
-    return _DirectConv2dFn.apply(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
+    # an input that is both NCHW and channels-last (one channel) comes out in the layout of a channels-last weight,
+    # as PyTorch's own convolution does (a compact layer's weight has no layout: NCHW)
+    model_cl = weight.dim() == 4 and channels_last(weight)
+    return _DirectConv2dFn.apply(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation), model_cl)
 
 
 

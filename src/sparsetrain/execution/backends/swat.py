@@ -236,7 +236,8 @@ class _SWATDirectConv2dFn(torch.autograd.Function):
         s = DirectStructure(tuple(weight.shape), None, by_out, by_in)
         geom = direct_geometry(x.shape, s.shape, stride, padding, dilation)
         plan = direct_plan(geom, s.shape[2:])
-        out = direct_forward(x, kept, None if bias is None else bias.detach().contiguous(), s, geom, plan)
+        # in the layout the input was compressed in (its memory order), which backward reads back
+        out = direct_forward(x, kept, None if bias is None else bias.detach().contiguous(), s, geom, plan, nhwc=cl)
         ctx.save_for_backward(packed, values, kept)
         ctx.conf = (s, geom, plan, tuple(x.shape), cl, bias is not None, stride, padding, dilation)
         return out
