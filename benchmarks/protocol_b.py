@@ -28,6 +28,7 @@ from common import append_record, command_line, commit, environment  # noqa: E40
 
 from sparsetrain.core.accounting import saved_tensor_bytes_by_module
 from sparsetrain.app.bench import CONFIGS, PEAK_ENV, build, make_step, peak_memory, time_pairs
+from sparsetrain.app.config import load_config
 from sparsetrain.models import SEQUENCE_MODELS, model_input_shape
 
 
@@ -66,12 +67,21 @@ def main(argv=None):
              "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape)}
     saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)
     saved_sparse = saved_tensor_bytes_by_module(steps["sparse"], sparse)
+    # with the lossless activation savings on, dense training with the same savings is the second baseline
+    lossless = load_config(overrides=[*CONFIGS[args.config], "sparsity.sparsity=0.5", *args.extra]).sparsity.lossless_activations
+    if lossless:
+        ldense, lopt, lmethod = build(args.model, "dense-lossless", model_args=margs)
+        saved_lossless = saved_tensor_bytes_by_module(make_step(ldense, lopt, lmethod, args.batch, "dense-lossless", shape),
+                                                      ldense)
+        del ldense, lopt, lmethod
     t_dense, t_sparse = time_pairs(steps["dense"], steps["sparse"], args.pairs, args.warmup)
     ratios = [s / d for d, s in zip(t_dense, t_sparse)]
     chosen = {n: m.ran for n, m in sparse.named_modules() if hasattr(m, "maskset") and hasattr(m, "ran")}
     del dense, dopt, sparse, sopt, method, steps
     peaks = {"dense": peak_memory(args.model, "dense", 0.0, args.batch, model_args=margs),
              args.config: peak_memory(args.model, args.config, args.sparsity, args.batch, args.extra, model_args=margs)}
+    if lossless:
+        peaks["dense-lossless"] = peak_memory(args.model, "dense-lossless", 0.0, args.batch, model_args=margs)
     layer_in = lambda s: s.get("Conv2d", 0) + s.get("Linear", 0)  # noqa: E731
     sequence = args.model in SEQUENCE_MODELS
     record = {
@@ -88,6 +98,10 @@ def main(argv=None):
         "saved_bytes_dense": saved_dense, "saved_bytes_sparse": saved_sparse,
         "step_s_dense_median": round(statistics.median(t_dense), 4),
         "step_s_sparse_median": round(statistics.median(t_sparse), 4),
+        "lossless_activations": lossless,
+        **({"mem_ratio_vs_lossless_dense": round(peaks[args.config]["peak"] / peaks["dense-lossless"]["peak"], 4),
+            "saved_bytes_ratio_vs_lossless_dense": round(saved_sparse["total"] / saved_lossless["total"], 4),
+            "saved_bytes_dense_lossless": saved_lossless["total"]} if lossless else {}),
         "pairs": args.pairs, "extra": args.extra, "paths": dict(sorted(collections.Counter(chosen.values()).items())),
         "command": command_line(), "commit": commit(), **environment(),
     }

@@ -66,6 +66,8 @@ CONFIGS: dict[str, list[str]] = {
                           "sparsity.compact_state=true"],
     "swat": ["sparsity.method=swat"],
     "swat-auto": ["sparsity.method=swat", "sparsity.backend=auto"],
+    # dense training with the lossless activation savings: the baseline that shows what sparsity itself saves
+    "dense-lossless": ["sparsity.method=dense", "sparsity.lossless_activations=true"],
 }
 
 # glibc keeps freed blocks below its (self-raising) mmap threshold resident; a fixed threshold
@@ -73,13 +75,18 @@ CONFIGS: dict[str, list[str]] = {
 PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
+def _overrides(config: str, sparsity: float) -> list[str]:
+    """The config overrides of ``config`` at ``sparsity`` (a dense method takes no sparsity)."""
+    return CONFIGS[config] + ([] if "sparsity.method=dense" in CONFIGS[config] else [f"sparsity.sparsity={sparsity}"])
+
+
 def memory_format(config: str) -> torch.memory_format:
     """The layout a configuration's model starts in: channels-last where its backend runs it (oneDNN's dense
-    convolutions are faster so on CPUs: dense, masked, SWAT, CSR's unfolding, channel), NCHW for the kernels
-    (direct, condensed); ``auto`` then takes the layout its plan chose."""
+    convolutions and the direct kernels' channels-last form are fastest so on CPUs), else NCHW; ``auto`` then
+    takes the layout its plan chose."""
     if config == "dense":
         return torch.channels_last
-    backend = get_backend(load_config(overrides=[*CONFIGS[config], "sparsity.sparsity=0.5"]).sparsity.backend)
+    backend = get_backend(load_config(overrides=_overrides(config, 0.5)).sparsity.backend)
     return torch.channels_last if "channels_last" in backend.layouts else torch.contiguous_format
 
 
@@ -104,11 +111,13 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
     method = None
     if config != "dense":
         layers_default = ["sparsity.dense_layers=[last]"] if sequence else []  # embeddings, LayerNorms, head dense
-        cfg = load_config(overrides=[*CONFIGS[config], f"sparsity.sparsity={sparsity}", *layers_default, *extra])
+        sparse = "sparsity.method=dense" not in CONFIGS[config]
+        cfg = load_config(overrides=[*_overrides(config, sparsity), *(layers_default if sparse else []), *extra])
         sc = cfg.sparsity
         method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs(),
                                     execution=sc.backend, compact_state=sc.compact_state,
-                                    channel_both_sides=sc.channel_both_sides)
+                                    channel_both_sides=sc.channel_both_sides,
+                                    lossless_activations=sc.lossless_activations)
     return model, opt, method
 
 

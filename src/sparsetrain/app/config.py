@@ -154,7 +154,8 @@ class SwatConfig(_Section):
 
 
 # keys of the sparsity section that configure the engine, not the method's factory
-_ENGINE_KEYS = {"method", "backend", "compact_state", "channel_both_sides", "init_batches", "lottery", "data_efficiency"}
+_ENGINE_KEYS = {"method", "backend", "compact_state", "channel_both_sides", "lossless_activations", "init_batches",
+                "lottery", "data_efficiency"}
 # sections of the sparsity section that hold one method's own knobs
 _METHOD_SECTIONS = {"mest": "mest", "swat": "swat", "lottery": "lottery"}
 _HINTS = {("swat", "distribution"): "SWAT's budgets come from sparsity.swat.variant (u, erk, m, structured)",
@@ -200,6 +201,9 @@ class SparsityConfig(_Section):
     channel_both_sides: bool = Field(False, description="backend channel, static masks: a removed filter also leaves its "
                                                         "BatchNorm channel and the next layer's inputs (both layers run "
                                                         "smaller; the channel carries zero, not ReLU(beta))")
+    lossless_activations: bool = Field(False, description="any method (dense too): keep activations for backward in exact "
+                                                          "compact forms: ReLU bits, max-pool bytes, BatchNorm-ReLU "
+                                                          "outputs recomputed in backward instead of kept")
     mest: MestConfig = Field(default_factory=MestConfig)
     swat: SwatConfig = Field(default_factory=SwatConfig)
     lottery: LotteryConfig = Field(default_factory=LotteryConfig)
@@ -257,7 +261,8 @@ class SparsityConfig(_Section):
             raise ValueError(f"method {m!r} needs sparsity.sparsity > 0")
         if m == "swat" and self.sparsity == 0:
             raise ValueError("method 'swat' needs sparsity.sparsity > 0")
-        request = ExecutionRequest(m, TRAITS[m], self.scheme, self.compact_state, self.channel_both_sides)
+        request = ExecutionRequest(m, TRAITS[m], self.scheme, self.compact_state, self.channel_both_sides,
+                                   self.lossless_activations)
         reasons = not_supported_reasons(self.backend, request)  # the backends say what combines
         if reasons:
             raise ValueError(reasons[0])

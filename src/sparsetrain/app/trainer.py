@@ -162,7 +162,8 @@ class Trainer(Resumable):
         rescaling writes dense weights, which compact layers no longer hold."""
         sc, saved = self.cfg.sparsity, self._saved_plan()
         self.method.use_execution(saved or sc.backend, compact_state=sc.compact_state,
-                                  channel_both_sides=sc.channel_both_sides)
+                                  channel_both_sides=sc.channel_both_sides,
+                                  lossless_activations=sc.lossless_activations)
         if self.method.plan is None:  # auto: time on a training batch drawn apart from the training order
             self.method.choose_execution(self._scoring_batches(count=1)[0][0])
         if self.method.plan.layout is not None:  # batches come in the plan's layout (no copy in the model's hook)

@@ -32,6 +32,7 @@ __all__ = [
     "measure_layer_costs",
     "saved_tensor_bytes",
     "saved_tensor_bytes_by_module",
+    "observe_saved",
     "peak_memory_bytes",
 ]
 
@@ -190,6 +191,16 @@ def saved_tensor_bytes(fn, model: nn.Module | None = None) -> int:
     return saved_tensor_bytes_by_module(fn, model)["total"]
 
 
+_SAVED_OBSERVERS: list = []  # the measurements of saved_tensor_bytes_by_module running now
+
+
+def observe_saved(t: torch.Tensor) -> None:
+    """Report a tensor kept for backward to the measurements running now. Saved-tensor hooks that change what is
+    kept (the lossless activation savings) shadow an outer measurement's hooks, so they report what they keep."""
+    for observe in _SAVED_OBSERVERS:
+        observe(t)
+
+
 def saved_tensor_bytes_by_module(fn, model: nn.Module | None = None) -> dict[str, int]:
     """Saved-for-backward bytes, in total (each storage once, parameters left out) and per kind of
     module whose forward saved them (``"Conv2d"``, ``"BatchNorm2d"``, ...; ``"other"`` outside any leaf
@@ -215,10 +226,12 @@ def saved_tensor_bytes_by_module(fn, model: nn.Module | None = None) -> dict[str
                 kind = "Conv2d" if isinstance(m, nn.Conv2d) else "Linear" if isinstance(m, nn.Linear) else type(m).__name__
                 hooks.append(m.register_forward_pre_hook(lambda mod, args, k=kind: current.append(k)))
                 hooks.append(m.register_forward_hook(lambda mod, args, out: current.pop() and None))
+    _SAVED_OBSERVERS.append(pack)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
     finally:
+        _SAVED_OBSERVERS.remove(pack)
         for h in hooks:
             h.remove()
     return {"total": sum(seen.values()), **by_kind}

@@ -24,11 +24,12 @@ import torch
 import torch.nn as nn
 
 from .backends import (TIMING_SHARE, ExecutionRequest, apply_backend, check_execution, choose_now,
-                       get_backend, settle_layout)
+                       get_backend, keep_buffers, settle_layout)
 from .backends.channel_pairs import shrink_both_sides
 from .backends.compact import compact_layers, is_compact
 from .backends.plain import restore_plain
 from .backends.swat import swat_backend
+from .memory import LosslessActivations
 
 __all__ = ["ExecutionPlan", "LayerPlan", "Planner", "LAYOUTS"]
 
@@ -46,17 +47,20 @@ class LayerPlan:
 @dataclass
 class ExecutionPlan:
     """What runs where: ``requested`` (the ``execution`` asked for), each layer's :class:`LayerPlan` by weight name,
-    the model's ``layout`` (``"nchw"``, ``"channels_last"``, or None: the inputs as given), and whether channel
-    cuts reach the next layer (``channel_both_sides``)."""
+    the model's ``layout`` (``"nchw"``, ``"channels_last"``, or None: the inputs as given), whether channel
+    cuts reach the next layer (``channel_both_sides``), and whether activations are kept the lossless compact way
+    (``lossless_activations``)."""
 
     requested: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     layout: str | None = None
     channel_both_sides: bool = False
+    lossless_activations: bool = False
 
     def to_dict(self) -> dict:
         """Plain data (for state dicts and JSON)."""
         return {"requested": self.requested, "layout": self.layout, "channel_both_sides": self.channel_both_sides,
+                "lossless_activations": self.lossless_activations,
                 "layers": {n: asdict(lp) for n, lp in self.layers.items()}}
 
     @classmethod
@@ -71,7 +75,8 @@ class ExecutionPlan:
             raise ValueError(f"not an execution plan (missing or malformed field: {e})") from None
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r} in the plan; allowed: {sorted(LAYOUTS)} or null")
-        return cls(d["requested"], layers, layout, bool(d.get("channel_both_sides", False)))
+        return cls(d["requested"], layers, layout, bool(d.get("channel_both_sides", False)),
+                   bool(d.get("lossless_activations", False)))
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (``ExecutionPlan.load`` reads it back)."""
@@ -95,7 +100,8 @@ class ExecutionPlan:
     def __str__(self) -> str:
         width = max([len("layer"), *map(len, self.layers)])
         head = (f"execution plan: {self.requested}, layout {self.layout or 'as given'}"
-                f"{', channels cut on both sides' if self.channel_both_sides else ''}")
+                f"{', channels cut on both sides' if self.channel_both_sides else ''}"
+                f"{', lossless activations' if self.lossless_activations else ''}")
         rows = [head, f"{'layer':<{width}}  {'backend':<15}  compact", f"{'-' * width}  {'-' * 15}  -------"]
         rows += [f"{n:<{width}}  {lp.backend:<15}  {'yes' if lp.compact else 'no'}" for n, lp in self.layers.items()]
         return "\n".join(rows)
@@ -157,6 +163,8 @@ class Planner:
             self.layers = apply_backend(model, maskset, self.backend.name) if self.backend.swaps_layers else {}
         if request.channel_both_sides:
             shrink_both_sides(model, self.layers)
+        # before any timing, so that auto times the step as it will run
+        self.memory = LosslessActivations(model) if request.lossless_activations else None
         if given is not None:
             self.apply(given)
         elif not self.backend.timed:
@@ -220,9 +228,9 @@ class Planner:
                 fmt = settle_layout(model, self.layers, loss_of)
                 layout = "channels_last" if fmt == torch.channels_last else "nchw"
             elif self.layers:  # (settle_layout keeps its own copy of the state; here one is made only when needed)
-                saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                restore = keep_buffers(model)
                 choose_now(model, lambda: _first_tensor(model(*args, **kwargs)).float().mean())
-                model.load_state_dict(saved)
+                restore()
         for p in model.parameters():
             p.grad = None
         if self.maskset is not None:
@@ -238,7 +246,7 @@ class Planner:
             compact_layers(fresh, self.maskset, self.optimizer)
         self.plan = ExecutionPlan(self.backend.name,
                                   {n: LayerPlan(m.backend, is_compact(m)) for n, m in self.layers.items()},
-                                  layout, self.request.channel_both_sides)
+                                  layout, self.request.channel_both_sides, self.request.lossless_activations)
         self._set_layout(layout)
         return self.plan
 
@@ -266,6 +274,9 @@ class Planner:
         if plan.channel_both_sides != self.request.channel_both_sides:
             raise ValueError(f"the execution plan was made with channel_both_sides={plan.channel_both_sides}; this "
                              f"sparsifier has channel_both_sides={self.request.channel_both_sides}")
+        if plan.lossless_activations != self.request.lossless_activations:
+            raise ValueError(f"the execution plan was made with lossless_activations={plan.lossless_activations}; "
+                             f"this sparsifier has lossless_activations={self.request.lossless_activations}")
         if self.plan is not None:
             changed = [n for n, lp in plan.layers.items() if lp != self.plan.layers[n]]
             stuck = [n for n in changed if self.plan.layers[n].compact or plan.layers[n].compact]
@@ -289,5 +300,8 @@ class Planner:
             h.remove()
         self._hooks.clear()
         self._set_layout(None)
+        if self.memory is not None:
+            self.memory.remove()
+            self.memory = None
         restore_plain(self.model)
         self.layers = {}

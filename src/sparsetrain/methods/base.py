@@ -294,11 +294,14 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ execution
     def use_execution(self, execution: "str | ExecutionPlan" = "masked", *, compact_state: bool = False,
-                      example_inputs: Any = None, channel_both_sides: bool = False) -> "ExecutionPlan | None":
+                      example_inputs: Any = None, channel_both_sides: bool = False,
+                      lossless_activations: bool = False) -> "ExecutionPlan | None":
         """Run the method's layers on ``execution``: ``"masked"`` (a simulation), a backend's name, ``"auto"``,
         or an :class:`~sparsetrain.execution.plan.ExecutionPlan` (one saved before: nothing is timed).
         ``compact_state`` stores only the kept weights (and their gradients and optimizer state) where the backend
-        allows it; ``channel_both_sides`` lets a ``channel`` layer's cut reach its BatchNorm and the next layer.
+        allows it; ``channel_both_sides`` lets a ``channel`` layer's cut reach its BatchNorm and the next layer;
+        ``lossless_activations`` keeps activations for backward in exact compact forms (ReLU bits, max-pool bytes,
+        BatchNorm-ReLU outputs recomputed: :mod:`sparsetrain.execution.memory`).
         ``auto`` times its choices on ``example_inputs`` (a tensor, or a tuple of the model's positional inputs)
         when given, else on the first training forward pass. Returns the plan, or None while it waits for a batch.
         The factories call this for their ``execution`` argument; call it before training."""
@@ -307,7 +310,8 @@ class Sparsifier:
         if self.optimizer.state and compact_state:
             raise ValueError("compact_state changes the optimizer's parameters: choose execution before training")
         scheme = getattr(getattr(self, "scheme", None), "name", "unstructured")
-        request = ExecutionRequest(self.name, self.traits, scheme, bool(compact_state), bool(channel_both_sides))
+        request = ExecutionRequest(self.name, self.traits, scheme, bool(compact_state), bool(channel_both_sides),
+                                   bool(lossless_activations))
         self._planner = Planner(self.model, self.optimizer, self.maskset, request, execution, compact_state)
         if example_inputs is not None and self._planner.pending:
             inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -481,8 +485,9 @@ _EXECUTION_DOC = """
     path per layer and the faster layout, timed on ``example_inputs`` if given, else on the first training forward
     pass), or an :class:`~sparsetrain.execution.plan.ExecutionPlan`. ``compact_state`` stores only kept weights
     where the backend allows it; ``channel_both_sides`` (backend ``channel``, static masks) cuts a removed
-    filter's BatchNorm channel and the next layer's inputs too. The plan is ``sp.plan``, saved in
-    ``sp.state_dict()``."""
+    filter's BatchNorm channel and the next layer's inputs too; ``lossless_activations`` keeps what the forward pass
+    saves for backward in exact compact forms (ReLU bits, max-pool bytes, BatchNorm-ReLU outputs recomputed), for
+    any method and backend. The plan is ``sp.plan``, saved in ``sp.state_dict()``."""
 
 
 def executes(factory: Callable[..., Sparsifier]) -> Callable[..., Sparsifier]:
@@ -492,10 +497,11 @@ def executes(factory: Callable[..., Sparsifier]) -> Callable[..., Sparsifier]:
 
     @functools.wraps(factory)
     def make(*args, execution: "str | ExecutionPlan" = "masked", compact_state: bool = False,
-             example_inputs: Any = None, channel_both_sides: bool = False, **kwargs) -> Sparsifier:
+             example_inputs: Any = None, channel_both_sides: bool = False, lossless_activations: bool = False,
+             **kwargs) -> Sparsifier:
         sp = factory(*args, **kwargs)
         sp.use_execution(execution, compact_state=compact_state, example_inputs=example_inputs,
-                         channel_both_sides=channel_both_sides)
+                         channel_both_sides=channel_both_sides, lossless_activations=lossless_activations)
         return sp
 
     sig = inspect.signature(factory)
@@ -503,7 +509,9 @@ def executes(factory: Callable[..., Sparsifier]) -> Callable[..., Sparsifier]:
                                annotation="str | ExecutionPlan"),
              inspect.Parameter("compact_state", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
              inspect.Parameter("example_inputs", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"),
-             inspect.Parameter("channel_both_sides", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")]
+             inspect.Parameter("channel_both_sides", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
+             inspect.Parameter("lossless_activations", inspect.Parameter.KEYWORD_ONLY, default=False,
+                               annotation="bool")]
     make.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
     make.__doc__ = (factory.__doc__ or "") + _EXECUTION_DOC
     return make

@@ -17,7 +17,7 @@ backend names.
 """
 
 from . import masked, csr, direct, condensed, channel, semi_structured, auto  # noqa: F401 - registration order
-from .auto import TIMING_SHARE, choose_now, near_tie, settle_layout
+from .auto import TIMING_SHARE, choose_now, keep_buffers, near_tie, settle_layout
 from .channel import expand_channels, kept_channels
 from .condensed import CondensedStructure, condensed_linear
 from .csr import CSRStructure, csr_conv2d, csr_linear
@@ -28,7 +28,7 @@ from .registry import (BACKENDS, Backend, ExecutionRequest, check_execution, dir
 from .semi_structured import check_two_four, semi_structured_available
 
 __all__ = ["BACKENDS", "Backend", "ExecutionRequest", "check_execution", "get_backend", "not_supported_reasons",
-           "sharding_reasons", "direct_ok", "apply_backend", "SparseLinear", "SparseConv2d", "settle_layout",
+           "sharding_reasons", "direct_ok", "apply_backend", "SparseLinear", "SparseConv2d", "settle_layout", "keep_buffers",
            "choose_now", "near_tie", "TIMING_SHARE", "CSRStructure", "CondensedStructure", "DirectStructure",
            "csr_linear", "csr_conv2d", "condensed_linear", "direct_conv2d", "direct_forward", "direct_input_grad",
            "direct_geometry", "direct_plan", "kept_channels", "expand_channels", "check_two_four",

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .registry import BACKENDS, Backend, register
 
-__all__ = ["Auto", "TIMING_SHARE", "NEAR_TIE", "near_tie", "choose_now", "settle_layout"]
+__all__ = ["Auto", "TIMING_SHARE", "NEAR_TIE", "near_tie", "choose_now", "settle_layout", "keep_buffers"]
 
 
 @register
@@ -42,6 +42,21 @@ def near_tie(layer: nn.Module, chosen: str) -> bool:
     return chosen != "direct" and "direct" in timings and timings["direct"] <= NEAR_TIE * timings[chosen]
 
 
+def keep_buffers(model: nn.Module):
+    """A copy of ``model``'s buffers (BatchNorm statistics: the only state a forward and backward pass changes) and
+    a function that puts them back. Parameters are not copied: timing passes never step them, and a copy of a dense
+    model's weights would set the run's peak memory."""
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    @torch.no_grad()
+    def restore() -> None:
+        for n, b in model.named_buffers():
+            if n in saved:
+                b.copy_(saved[n])
+
+    return restore
+
+
 def choose_now(model: nn.Module, loss_of) -> None:
     """Let every undecided ``auto`` layer of ``model`` time its paths now, on one forward and backward pass of
     ``loss_of()`` (before compaction, which needs the choice), leaving no gradient behind."""
@@ -60,7 +75,7 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
     and the timing passes, which hold every path's activations in turn, stay below a training step's peak."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    restore = keep_buffers(model)
     formats = (torch.channels_last, torch.contiguous_format)
 
     def timed(plan: dict[str, str] | None, fmt: torch.memory_format) -> float:
@@ -99,7 +114,7 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
         layers[n].fix_backend(list(BACKENDS)[code])
     t_sparse, t_dense = min(times[:-1]), times[-1]
     model.to(memory_format=fmt)
-    model.load_state_dict(saved)
+    restore()
     for p in model.parameters():
         p.grad = None
     for m in layers.values():

@@ -34,13 +34,15 @@ def direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class ExecutionRequest:
     """What a configuration asks of execution: the method (its name for messages, its traits for decisions), the
-    mask scheme, whether layers store only kept weights, and whether channel cuts reach the next layer."""
+    mask scheme, whether layers store only kept weights, whether channel cuts reach the next layer, and whether
+    activations are kept for backward the lossless compact way (:mod:`sparsetrain.execution.memory`)."""
 
     method: str
     traits: MethodTraits
     scheme: str = "unstructured"
     compact_state: bool = False
     channel_both_sides: bool = False
+    lossless_activations: bool = False
 
 
 class Backend:
