@@ -33,18 +33,21 @@ class DirectStructure:
     """The kept entries of a conv weight [Cout, Cin, KH, KW], listed by output and by input channel.
 
     ``flat_index`` gives each entry's position in the weight (row-major, so grouped by output
-    channel); the by-input-channel lists carry each entry's index into that order.
+    channel); the by-input-channel lists carry each entry's index into that order. Indices per kept weight are
+    int32 (a weight's positions fit), channel and tap numbers int32/int16: 16 bytes a kept weight for all the lists.
     """
 
     shape: tuple[int, int, int, int]
     flat_index: torch.Tensor | None  # None for lists made from a threshold (SWAT's W_s), which carry their values
     by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
-    by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int64 (numpy)
+    by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int32 (numpy)
     _flipped: tuple | None = None
 
     @classmethod
     def from_mask(cls, mask4d: torch.Tensor) -> "DirectStructure":
         cout, cin, kh, kw = mask4d.shape
+        if mask4d.numel() >= 2**31:
+            raise ValueError(f"a conv weight of {mask4d.numel()} entries is beyond the direct kernels' int32 indices")
         idx = mask4d.reshape(-1).nonzero().squeeze(1).cpu()
         co, rest = idx // (cin * kh * kw), idx % (cin * kh * kw)
         ci, r = rest // (kh * kw), rest % (kh * kw)
@@ -57,8 +60,8 @@ class DirectStructure:
         np_ = lambda t, dt: np.ascontiguousarray(t.numpy().astype(dt))  # noqa: E731
         by_out = (np_(co_ptr, np.int64), np_(ci, np.int32), np_(h, np.int16), np_(w, np.int16))
         by_in = (np_(ci_ptr, np.int64), np_(co[order], np.int32), np_(h[order], np.int16), np_(w[order], np.int16),
-                 np_(order, np.int64))
-        return cls(tuple(mask4d.shape), idx, by_out, by_in)
+                 np_(order, np.int32))
+        return cls(tuple(mask4d.shape), idx.to(torch.int32), by_out, by_in)
 
     def by_in_flipped(self) -> tuple:
         """The by-input lists with the kernel flipped (kh -> KH-1-kh, kw -> KW-1-kw) and each entry's value index:

@@ -483,7 +483,7 @@ def threshold_lists(weight: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     values = torch.empty(nnz, dtype=torch.float32)
     ci, co = np.empty(nnz, dtype=np.int32), np.empty(nnz, dtype=np.int32)
     khs, kws, kh_t, kw_t = (np.empty(nnz, dtype=np.int16) for _ in range(4))
-    ci_ptr, vidx = np.empty(2 * cin + 1, dtype=np.int64), np.empty(nnz, dtype=np.int64)
+    ci_ptr, vidx = np.empty(2 * cin + 1, dtype=np.int64), np.empty(nnz, dtype=np.int32)
     lib.threshold_lists(_ptr(w), cout, cin, kh, kw, float(threshold), _ptr(co_ptr), _ptr(ci), _ptr(khs), _ptr(kws),
                         _ptr(values), _ptr(ci_ptr), _ptr(co), _ptr(kh_t), _ptr(kw_t), _ptr(vidx), threads)
     return values, (co_ptr, ci, khs, kws), (ci_ptr[:cin + 1], co, kh_t, kw_t, vidx)

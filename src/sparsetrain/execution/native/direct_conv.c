@@ -81,7 +81,7 @@ void sparse_conv_forward(const int64_t *geom, const float *x, const float *value
 
 struct conv_bwd_in_args {
     const struct conv_geom *g; const float *grad; const float *values;
-    const int64_t *ci_ptr; const int32_t *co; const int16_t *kh; const int16_t *kw; const int64_t *vidx; float *gx;
+    const int64_t *ci_ptr; const int32_t *co; const int16_t *kh; const int16_t *kw; const int32_t *vidx; float *gx;
 };
 
 static void conv_bwd_in_item(void *p, int64_t item) {
@@ -106,7 +106,7 @@ static void conv_bwd_in_item(void *p, int64_t item) {
 
 void sparse_conv_backward_input(const int64_t *geom, const float *grad, const float *values,
                                 const int64_t *ci_ptr, const int32_t *co, const int16_t *kh, const int16_t *kw,
-                                const int64_t *vidx, float *gx, int nthreads) {
+                                const int32_t *vidx, float *gx, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
     parallel_workers(conv_bwd_in_item, &a, g.n * g.cin, nthreads);
@@ -225,7 +225,7 @@ static void conv_bwd_in_bi_item(void *p, int64_t ci) {
 
 void sparse_conv_backward_input_bi(const int64_t *geom, const float *grad, const float *values,
                                    const int64_t *ci_ptr, const int32_t *co, const int16_t *kh, const int16_t *kw,
-                                   const int64_t *vidx, float *gx, int nthreads) {
+                                   const int32_t *vidx, float *gx, int nthreads) {
     struct conv_geom g = read_geom(geom);
     struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
     parallel_workers(conv_bwd_in_bi_item, &a, g.cin, nthreads);

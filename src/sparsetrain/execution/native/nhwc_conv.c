@@ -291,7 +291,7 @@ int nhwc_conv_weight_grad(const int64_t *geom, const float *x, const float *grad
  * positions it read, one input channel at a time (stride-1 convolutions take the forward kernel instead) ---- */
 struct nhwc_scatter_args {
     const struct nhwc_geom *g; const float *grad; const float *values; const int64_t *ptr; const int32_t *co;
-    const int16_t *kh; const int16_t *kw; const int64_t *vidx; float *gx; int failed;
+    const int16_t *kh; const int16_t *kw; const int32_t *vidx; float *gx; int failed;
 };
 
 static void scatter_block(void *p, int64_t k) {
@@ -327,7 +327,7 @@ static void scatter_block(void *p, int64_t k) {
 /* gx[N, H, W, Cin] <- the input gradient from grad[N, Ho, Wo, Cout], the kept entries listed by input channel
  * (ptr[Cin + 1]; co, kh, kw, value index). Any stride. Returns 0, or -1 when memory ran out. */
 int nhwc_conv_input_grad_scatter(const int64_t *geom, const float *grad, const float *values, const int64_t *ptr,
-                                 const int32_t *co, const int16_t *kh, const int16_t *kw, const int64_t *vidx,
+                                 const int32_t *co, const int16_t *kh, const int16_t *kw, const int32_t *vidx,
                                  float *gx, int64_t block, int nthreads) {
     const struct nhwc_geom g = nhwc_read(geom, block);
     struct nhwc_scatter_args a = {&g, grad, values, ptr, co, kh, kw, vidx, gx, 0};

@@ -199,7 +199,7 @@ static void fill_out(void *p, int64_t co) {
  * input channel (ci_ptr[Cin + 1]; co_t, kh_t, kw_t and vidx, each entry's index in the first lists). */
 void threshold_lists(const float *w, int64_t cout, int64_t cin, int64_t khn, int64_t kwn, float thr,
                      const int64_t *co_ptr, int32_t *ci, int16_t *kh, int16_t *kw, float *values,
-                     int64_t *ci_ptr, int32_t *co_t, int16_t *kh_t, int16_t *kw_t, int64_t *vidx, int nthreads) {
+                     int64_t *ci_ptr, int32_t *co_t, int16_t *kh_t, int16_t *kw_t, int32_t *vidx, int nthreads) {
     struct fill_args a = {w, cin, khn, kwn, thr, co_ptr, ci, kh, kw, values};
     parallel_workers(fill_out, &a, cout, nthreads);
     const int64_t nnz = co_ptr[cout];
@@ -214,6 +214,6 @@ void threshold_lists(const float *w, int64_t cout, int64_t cin, int64_t khn, int
             co_t[t] = (int32_t)co;
             kh_t[t] = kh[e];
             kw_t[t] = kw[e];
-            vidx[t] = e;
+            vidx[t] = (int32_t)e;
         }
 }
