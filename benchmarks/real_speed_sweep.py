@@ -55,10 +55,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="run only rows whose command contains this text")
     ap.add_argument("--dry-run", action="store_true", help="list the rows to run and stop")
+    ap.add_argument("--done-at", nargs="*", default=[], metavar="COMMIT",
+                    help="also count rows recorded at these commits as done (their code paths unchanged since)")
     args = ap.parse_args(argv)
     head = commit()
     done = {r["command"] for f in ("protocol_b.jsonl", "protocol_d_speed.jsonl") for r in read_records(f)
-            if r.get("commit") == head}
+            if r.get("commit") in (head, *args.done_at)}
     todo = [row for row in ROWS if command_of(row) not in done and (args.only is None or args.only in command_of(row))]
     print(f"{len(ROWS) - len(todo)} rows recorded at {head}; {len(todo)} to run", flush=True)
     for i, row in enumerate(todo, 1):

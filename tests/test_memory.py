@@ -54,6 +54,9 @@ def test_lossless_activations_give_the_same_bits_and_keep_fewer_bytes(name, layo
     (st.rigl, {"sparsity": 0.9, "distribution": "erk", "update_every_steps": 1}),
     (st.swat, {"sparsity": 0.8}),
     (st.dense, {}),
+    # BatchNorms shrunk to their producers' kept channels recompute with those channels' scale and shift
+    (st.static, {"sparsity": 0.5, "scheme": "channel_out", "execution": "channel", "channel_both_sides": True,
+                 "compact_state": True}),
 ])
 def test_every_method_takes_lossless_activations_and_trains_the_same(factory, kwargs):
     def run(lossless):

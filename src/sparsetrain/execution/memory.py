@@ -45,8 +45,10 @@ class _Recompute:
 
     def value(self) -> torch.Tensor:
         bn = self.bn
+        # the scale and shift it applied (a BatchNorm shrunk to a producer's kept channels says which: affine_for)
+        weight, bias = bn.affine_for(self.z) if hasattr(bn, "affine_for") else (bn.weight, bn.bias)
         # training-mode statistics of the same input, without moving the running ones: the forward's exact output
-        return torch.relu_(F.batch_norm(self.z, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+        return torch.relu_(F.batch_norm(self.z, None, None, weight, bias, True, 0.0, bn.eps))
 
 
 class LosslessActivations:

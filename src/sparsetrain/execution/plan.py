@@ -10,7 +10,7 @@ under data parallelism (``auto``'s timings differ by rank, its choices must not)
 
 Choosing needs a batch. ``auto`` times on ``example_inputs`` when given, else on the first training forward pass
 (``model.training`` and gradients enabled; evaluation passes before it run masked dense). The layout it picks
-(NCHW for the sparse kernels, or channels-last where the dense layers win) is applied to the inputs by a forward
+(channels-last or NCHW, whichever made the whole step fastest) is applied to the inputs by a forward
 pre-hook on the model, so the loop feeds data as before.
 """
 

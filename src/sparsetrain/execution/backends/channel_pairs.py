@@ -48,6 +48,13 @@ class ChannelBatchNorm2d(nn.BatchNorm2d):
 
     producer: SparseConv2d
 
+    def affine_for(self, x: torch.Tensor) -> tuple:
+        """The (weight, bias) this layer applies to ``x``: its own, or its kept channels' when handed fewer."""
+        if x.shape[1] == self.num_features or not self.affine:
+            return self.weight, self.bias
+        kept = self.producer.structure("channel")
+        return self.weight[kept], self.bias[kept]
+
     def forward(self, x):
         if x.shape[1] == self.num_features:
             return super().forward(x)
@@ -58,8 +65,8 @@ class ChannelBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        out = F.batch_norm(x, mean, var, self.weight[kept] if self.affine else None, self.bias[kept] if self.affine else None,
-                           self.training or not self.track_running_stats, momentum, self.eps)
+        out = F.batch_norm(x, mean, var, *self.affine_for(x), self.training or not self.track_running_stats, momentum,
+                           self.eps)
         if self.training and self.track_running_stats:  # the kept channels' statistics go back into the buffers
             self.running_mean.index_copy_(0, kept, mean)
             self.running_var.index_copy_(0, kept, var)

@@ -24,12 +24,13 @@ sees the whole weight, so every rank computes the same thresholds; outside it th
 rows, and :meth:`current_mask` is laid out the same way.
 
 Execution: under ``backend="masked"`` (the default) the forward pass and the input gradient are dense products
-on W_s in whatever layout the model runs. Under ``"direct"`` or ``"auto"`` a convolution whose input comes in
-NCHW runs them on the direct sparse kernels instead (:mod:`sparsetrain.execution.backends.direct`): W_s is listed
-every step from the period's threshold (two passes over the weight, in C), the forward pass and the input gradient
-cost the kept weights only, and dW comes from the compressed input in NCHW order. ``"auto"`` lets the
-Trainer's whole-step check (:func:`~sparsetrain.execution.backends.auto.settle_layout`) keep NCHW with the kernels
-only where the step is faster than dense channels-last.
+on W_s in whatever layout the model runs. Under ``"direct"`` or ``"auto"`` a convolution keeping at most
+:data:`DIRECT_MAX_DENSITY` of its weights runs them on the direct sparse kernels instead
+(:mod:`sparsetrain.execution.backends.direct`), in the layout its input comes in (channels-last or NCHW): W_s is
+listed every step from the period's threshold (two passes over the weight, in C), the forward pass and the input
+gradient cost the kept weights only, and dW comes from the compressed input in the same memory order. ``"auto"``
+keeps the kernels only where the whole step is faster than dense products on W_s
+(:func:`~sparsetrain.execution.backends.auto.settle_layout`).
 
 ``convert(model, ...)`` swaps layers in place (same parameter objects, so an existing
 optimizer keeps working); ``revert`` swaps them back; ``harden`` writes W_s into the
@@ -227,7 +228,8 @@ class _SWATLinearFn(torch.autograd.Function):
 
 
 class _SWATDirectConv2dFn(torch.autograd.Function):
-    """SWAT's convolution on the direct kernels: W_s listed from the threshold, the input NCHW and compressed."""
+    """SWAT's convolution on the direct kernels: W_s listed from the threshold, the input compressed (NCHW or
+    channels-last, as it comes)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, w_thresh, a_thresh, stride, padding, dilation):

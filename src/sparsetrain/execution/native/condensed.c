@@ -15,8 +15,13 @@
  * FLOP count, and nothing but the block is ever re-laid. Threads take whole token blocks. */
 
 #define TB 64
-#define NV (TB / 8)
-typedef float v8 __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
+#define VL 16  /* a block of 64 tokens is four 16-float vectors with AVX-512 */
+#else
+#define VL 8
+#endif
+#define NV (TB / VL)
+typedef float v8 __attribute__((vector_size(VL * 4)));
 
 static float *block_buffer(int64_t rows) {
     void *p = 0;
@@ -24,20 +29,36 @@ static float *block_buffer(int64_t rows) {
     return (float *)p;
 }
 
+/* The transposes go in tiles of 16 x 16, so that the lines a tile reads and writes stay in the first-level cache
+ * (row by row, every write of a column lands on another line: the transposes cost as much as the products). */
+#define TT 16
+
 /* buf[c][j] = src[(t0 + j) * ld + c] for j < nb, zero for nb <= j < TB */
 static void load_block(const float *src, int64_t ld, int64_t cols, int64_t t0, int64_t nb, float *buf) {
     if (nb < TB) memset(buf, 0, (size_t)cols * TB * sizeof(float));
-    for (int64_t j = 0; j < nb; j++) {
-        const float *row = src + (t0 + j) * ld;
-        for (int64_t c = 0; c < cols; c++) buf[c * TB + j] = row[c];
+    for (int64_t c0 = 0; c0 < cols; c0 += TT) {
+        const int64_t c1 = c0 + TT < cols ? c0 + TT : cols;
+        for (int64_t j0 = 0; j0 < nb; j0 += TT) {
+            const int64_t j1 = j0 + TT < nb ? j0 + TT : nb;
+            for (int64_t j = j0; j < j1; j++) {
+                const float *row = src + (t0 + j) * ld;
+                for (int64_t c = c0; c < c1; c++) buf[c * TB + j] = row[c];
+            }
+        }
     }
 }
 
 /* dst[(t0 + j) * ld + c] = buf[c][j] for j < nb */
 static void store_block(const float *buf, int64_t cols, int64_t t0, int64_t nb, float *dst, int64_t ld) {
-    for (int64_t j = 0; j < nb; j++) {
-        float *row = dst + (t0 + j) * ld;
-        for (int64_t c = 0; c < cols; c++) row[c] = buf[c * TB + j];
+    for (int64_t c0 = 0; c0 < cols; c0 += TT) {
+        const int64_t c1 = c0 + TT < cols ? c0 + TT : cols;
+        for (int64_t j0 = 0; j0 < nb; j0 += TT) {
+            const int64_t j1 = j0 + TT < nb ? j0 + TT : nb;
+            for (int64_t j = j0; j < j1; j++) {
+                float *row = dst + (t0 + j) * ld;
+                for (int64_t c = c0; c < c1; c++) row[c] = buf[c * TB + j];
+            }
+        }
     }
 }
 
@@ -47,7 +68,7 @@ static void rows_times_block(const int64_t *ptr, const int32_t *idx, const float
     for (int64_t r = 0; r < rows; r++) {
         v8 acc[NV];
         float b0 = bias ? bias[r] : 0.0f;
-        for (int i = 0; i < NV; i++) acc[i] = (v8){b0, b0, b0, b0, b0, b0, b0, b0};
+        for (int i = 0; i < NV; i++) acc[i] = (v8){} + b0;
         for (int64_t q = ptr[r]; q < ptr[r + 1]; q++) {
             float w = values[q];
             const v8 *s = (const v8 *)(src + (int64_t)idx[q] * TB);
@@ -58,6 +79,8 @@ static void rows_times_block(const int64_t *ptr, const int32_t *idx, const float
     }
 }
 
+typedef float v4 __attribute__((vector_size(16)));
+
 static inline float dot_block(const v8 *g, const v8 *s) {
     v8 a = g[0] * s[0], b = g[1] * s[1];
     for (int i = 2; i < NV; i += 2) {
@@ -65,7 +88,12 @@ static inline float dot_block(const v8 *g, const v8 *s) {
         b += g[i + 1] * s[i + 1];
     }
     a += b;
-    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    /* the lanes summed as a tree of halvings down to four, then pairwise */
+    v4 q[VL / 4];
+    memcpy(q, &a, sizeof q);
+    for (int w = VL / 4; w > 1; w /= 2)
+        for (int i = 0; i < w / 2; i++) q[i] += q[i + w / 2];
+    return (q[0][0] + q[0][1]) + (q[0][2] + q[0][3]);
 }
 
 /* Both gradients of one token block in one pass over the kept entries, row by row (the gradient of row r held
