@@ -68,16 +68,18 @@ def speed() -> None:
     records = read_records("protocol_d_speed.jsonl")
     if not records:
         return
-    lines = ["| configuration | scheme | sparsity | step / dense | peak memory / dense | (training part) | saved for backward | dense step (s) | threads |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    cell = lambda r, k: f"{r[k]:.3f}" if k in r else "—"  # noqa: E731 (factory-API records time only)
+    lines = ["| configuration | width | scheme | sparsity | step / dense | peak memory / dense | (training part) | saved for backward | dense step (s) | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         scheme = "fan-in" if "sparsity.scheme=fan_in" in r.get("extra", []) else "unstructured"
-        lines.append(f"| {r['config']} | {scheme} | {r['sparsity']:.2f} | {r['step_ratio']:.3f} | {r['mem_ratio']:.3f} | "
-                     f"{r['mem_ratio_training']:.3f} | {r['saved_bytes_ratio']:.3f} | {r['step_s_dense_median']:.3f} | "
-                     f"{r.get('threads', '')} |")
+        width = int(128 * float((r.get("model_args") or {}).get("width", 4.0)))
+        lines.append(f"| {r['config']} | {width} | {scheme} | {r['sparsity']:.2f} | {r['step_ratio']:.3f} | "
+                     f"{cell(r, 'mem_ratio')} | {cell(r, 'mem_ratio_training')} | {cell(r, 'saved_bytes_ratio')} | "
+                     f"{cell(r, 'step_s_dense_median')} | {r.get('threads', '')} |")
     table = "\n".join(lines) + "\n"
     (RESULTS / "protocol_d_speed.md").write_text(
-        "# D-speed (protocol D's GPT at width 512, context 128, batch 16; AdamW)\n\n"
+        "# D-speed (protocol D's GPT at width 512 (and 1024 where the width says so), context 128, batch 16; AdamW)\n\n"
         "Produced by `python benchmarks/plot_protocol_d.py` from protocol_d_speed.jsonl; each record holds its command "
         "(`benchmarks/protocol_b.py --model gpt ...`). Step: the whole training step against dense, alternating, median "
         "of 20 pairs. Memory: peak resident memory of a process per configuration (the training part subtracts each "
@@ -87,7 +89,7 @@ def speed() -> None:
     labels = [_speed_label(r) for r in records]
     xs = range(len(records))
     ax.bar([x - 0.2 for x in xs], [r["step_ratio"] for r in records], 0.4, label="step time / dense")
-    ax.bar([x + 0.2 for x in xs], [r["mem_ratio"] for r in records], 0.4, label="peak memory / dense")
+    ax.bar([x + 0.2 for x in xs], [r.get("mem_ratio", 0.0) for r in records], 0.4, label="peak memory / dense")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="against dense", title="D-speed: GPT width 512, 2 CPU cores (lower is better)")
