@@ -44,7 +44,7 @@ _DIR = Path(__file__).parent
 # one library, its sources split by family: compressed activations, direct convolution, condensed Linear
 _SOURCES = [_DIR / "compressed.c", _DIR / "compressed_grad.c", _DIR / "direct_conv.c", _DIR / "tiled_conv.c",
             _DIR / "compact_pool.c", _DIR / "condensed.c", _DIR / "nhwc_conv.c"]
-_HEADERS = [_DIR / "parallel.h"]
+_HEADERS = [_DIR / "parallel.h", _DIR / "vectors.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -415,7 +415,6 @@ def nhwc_conv_input_grad(geom: np.ndarray, kernel: tuple[int, int], grad: torch.
         back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
         return nhwc_conv_forward(back, grad, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
     ptr, co, kh, kw, vidx = by_in
-    vidx = vidx.numpy() if isinstance(vidx, torch.Tensor) else vidx
     _nhwc_check(_load().nhwc_conv_input_grad_scatter(_ptr(geom), _ptr(grad), _ptr(values), _ptr(ptr), _ptr(co),
                                                      _ptr(kh), _ptr(kw), _ptr(vidx), _ptr(gx), nhwc_block(n, wo),
                                                      torch.get_num_threads()))

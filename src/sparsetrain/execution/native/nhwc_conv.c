@@ -26,27 +26,8 @@
 #include <string.h>
 
 #include "parallel.h"
+#include "vectors.h"
 
-#if defined(__AVX512F__)
-enum { NL = 16, NACC = 16 };
-#else
-enum { NL = 8, NACC = 12 };
-#endif
-typedef float nv __attribute__((vector_size(NL * 4)));
-
-static inline nv load_nv(const float *p) { nv v; memcpy(&v, p, sizeof v); return v; }
-static inline void store_nv(float *p, nv v) { memcpy(p, &v, sizeof v); }
-
-typedef float n4f __attribute__((vector_size(16)));
-static inline float nv_sum(nv v) {
-    float lanes[NL];
-    memcpy(lanes, &v, sizeof v);
-    n4f q[NL / 4];
-    memcpy(q, lanes, sizeof q);
-    for (int w = NL / 4; w > 1; w /= 2)
-        for (int i = 0; i < w / 2; i++) q[i] += q[i + w / 2];
-    return (q[0][0] + q[0][1]) + (q[0][2] + q[0][3]);
-}
 
 /* ---- per-thread scratch, kept between calls (a fresh buffer per block would fault its pages in every time) ---- */
 enum { NSCRATCH = 3 };
@@ -99,8 +80,8 @@ static struct nhwc_geom nhwc_read(const int64_t *geom, int64_t block) {
     g.wq = (wp + g.sw - 1) / g.sw;
     g.row = g.wq * g.b;
     g.plane = g.hq * g.row;
-    g.lp = (g.wo * g.b + NL - 1) / NL * NL;
-    g.xt_size = g.cin * g.sh * g.sw * g.plane + g.lp + NL;
+    g.lp = (g.wo * g.b + TL - 1) / TL * TL;
+    g.xt_size = g.cin * g.sh * g.sw * g.plane + g.lp + TL;
     return g;
 }
 
@@ -140,19 +121,19 @@ static inline __attribute__((always_inline)) void fwd_tile(const struct nhwc_geo
                                                            const float *values, const int64_t *off, int64_t e0,
                                                            int64_t e1, float b0, float *obuf, int64_t c0, int64_t r0,
                                                            const int C, const int R) {
-    nv acc[R][C];
+    tv acc[R][C];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) acc[r][j] = (nv){} + b0;
+        for (int j = 0; j < C; j++) acc[r][j] = (tv){} + b0;
     const int64_t row = g->row;
-    const float *base = xt + r0 * row + c0 * NL;
+    const float *base = xt + r0 * row + c0 * TL;
     for (int64_t e = e0; e < e1; e++) {
         const float w = values[e];
         const float *src = base + off[e];
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < C; j++) acc[r][j] += w * load_nv(src + r * row + j * NL);
+            for (int j = 0; j < C; j++) acc[r][j] += w * load_tv(src + r * row + j * TL);
     }
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) store_nv(obuf + (r0 + r) * g->lp + (c0 + j) * NL, acc[r][j]);
+        for (int j = 0; j < C; j++) store_tv(obuf + (r0 + r) * g->lp + (c0 + j) * TL, acc[r][j]);
 }
 
 /* every row of the output, tiles of R rows then 8, 4, 2, 1 (constant tile sizes keep each tile in registers) */
@@ -169,12 +150,12 @@ static inline __attribute__((always_inline)) void fwd_tile(const struct nhwc_geo
 /* every column chunk (of up to 4 vectors) of every row */
 #define NHWC_EACH_TILE(TILE, ...)                                                        \
     do {                                                                                 \
-        const int64_t nvec = g->lp / NL;                                                 \
+        const int64_t nvec = g->lp / TL;                                                 \
         int64_t c0 = 0;                                                                  \
-        for (; c0 + 4 <= nvec; c0 += 4) NHWC_EACH_ROW(TILE, 4, NACC / 4, __VA_ARGS__, c0); \
-        if (nvec - c0 == 3) NHWC_EACH_ROW(TILE, 3, NACC / 4, __VA_ARGS__, c0);           \
-        else if (nvec - c0 == 2) NHWC_EACH_ROW(TILE, 2, NACC / 2, __VA_ARGS__, c0);      \
-        else if (nvec - c0 == 1) NHWC_EACH_ROW(TILE, 1, NACC, __VA_ARGS__, c0);          \
+        for (; c0 + 4 <= nvec; c0 += 4) NHWC_EACH_ROW(TILE, 4, ACC / 4, __VA_ARGS__, c0); \
+        if (nvec - c0 == 3) NHWC_EACH_ROW(TILE, 3, ACC / 4, __VA_ARGS__, c0);           \
+        else if (nvec - c0 == 2) NHWC_EACH_ROW(TILE, 2, ACC / 2, __VA_ARGS__, c0);      \
+        else if (nvec - c0 == 1) NHWC_EACH_ROW(TILE, 1, ACC, __VA_ARGS__, c0);          \
     } while (0)
 
 struct nhwc_fwd_args {
@@ -222,17 +203,17 @@ static inline __attribute__((always_inline)) void wgrad_tile(const struct nhwc_g
                                                              const float *gt, const int64_t *off, int64_t e0,
                                                              int64_t e1, float *gw, int64_t c0, int64_t r0,
                                                              const int C, const int R) {
-    nv gv[R][C];
+    tv gv[R][C];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) gv[r][j] = load_nv(gt + (r0 + r) * g->lp + (c0 + j) * NL);
+        for (int j = 0; j < C; j++) gv[r][j] = load_tv(gt + (r0 + r) * g->lp + (c0 + j) * TL);
     const int64_t row = g->row;
-    const float *base = xt + r0 * row + c0 * NL;
+    const float *base = xt + r0 * row + c0 * TL;
     for (int64_t e = e0; e < e1; e++) {
         const float *src = base + off[e];
-        nv s[4] = {};
+        tv s[4] = {};
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < C; j++) s[(r * C + j) & 3] += gv[r][j] * load_nv(src + r * row + j * NL);
-        gw[e] += nv_sum((s[0] + s[1]) + (s[2] + s[3]));
+            for (int j = 0; j < C; j++) s[(r * C + j) & 3] += gv[r][j] * load_tv(src + r * row + j * TL);
+        gw[e] += lane_sum((s[0] + s[1]) + (s[2] + s[3]));
     }
 }
 
@@ -336,4 +317,4 @@ int nhwc_conv_input_grad_scatter(const int64_t *geom, const float *grad, const f
 }
 
 /* the vector width in floats (the caller picks blocks of images whose output rows fill whole vectors) */
-int nhwc_lanes(void) { return NL; }
+int nhwc_lanes(void) { return TL; }

@@ -14,13 +14,8 @@
 #include <string.h>
 
 #include "parallel.h"
+#include "vectors.h"
 
-#if defined(__AVX512F__)
-enum { TL = 16, ACC = 16 };
-#else
-enum { TL = 8, ACC = 12 };
-#endif
-typedef float tv __attribute__((vector_size(TL * 4)));
 
 struct tiled_args {
     int64_t n, cin, hp, wp, cout, ho, wo;  /* padded input [N, Cin, Hp, Wp] (or [Cin, Hp, Wp, N]), output size */
@@ -28,20 +23,6 @@ struct tiled_args {
     const int64_t *ptr; const int32_t *ch; const int16_t *kh; const int16_t *kw; float *out;
 };
 
-static inline tv load_tv(const float *p) { tv v; memcpy(&v, p, sizeof v); return v; }
-
-typedef float v4f __attribute__((vector_size(16)));
-/* the sum of a vector's lanes as a tree of halvings (a short dependency chain, unlike a lane-by-lane sum) */
-static inline float lane_sum(tv v) {
-    float lanes[TL];
-    memcpy(lanes, &v, sizeof v);
-    v4f q[TL / 4];
-    memcpy(q, lanes, sizeof q);
-    for (int w = TL / 4; w > 1; w /= 2)
-        for (int i = 0; i < w / 2; i++) q[i] += q[i + w / 2];
-    return (q[0][0] + q[0][1]) + (q[0][2] + q[0][3]);
-}
-static inline void store_tv(float *p, tv v) { memcpy(p, &v, sizeof v); }
 
 /* ---- planes: output [N, Cout, Ho, Wo], a tile of R rows x V vectors (Wo = V * TL) ---- */
 static inline __attribute__((always_inline)) void plane_tile(const struct tiled_args *a, int64_t n, int64_t co,
