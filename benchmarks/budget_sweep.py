@@ -27,8 +27,15 @@ from common import RESULTS, ROOT, by_run, read_records  # noqa: E402
 
 BUDGET_FILE = "protocol_a_budget.jsonl"
 # run name -> its 15-epoch counterpart in protocol_a.jsonl (MEST's interval is scaled with the budget)
-RUNS = {"dense": "dense", "rigl": "rigl", "mest-ems-erk-every4": "mest-ems-erk", "swat-u80": "swat-u80",
-        "swat-erk90": "swat-erk90", "random98": "random98", "random98-tost": "random98-tost"}
+RUNS = {
+    "dense": "dense",
+    "rigl": "rigl",
+    "mest-ems-erk-every4": "mest-ems-erk",
+    "swat-u80": "swat-u80",
+    "swat-erk90": "swat-erk90",
+    "random98": "random98",
+    "random98-tost": "random98-tost",
+}
 
 
 def sweep(args) -> None:
@@ -44,10 +51,28 @@ def sweep(args) -> None:
                 break
             time.sleep(5)
         log = open(ROOT / "benchmarks" / "runs" / f"budget-{name}-e{args.epochs}.log", "a")
-        running.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "protocol_a.py"), "--data", args.data, "--runs", name,
-             "--epochs", str(args.epochs), "--threads", str(threads), "--device", args.device, "--results", BUDGET_FILE],
-            stdout=log, stderr=subprocess.STDOUT))
+        running.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "benchmarks" / "protocol_a.py"),
+                    "--data",
+                    args.data,
+                    "--runs",
+                    name,
+                    "--epochs",
+                    str(args.epochs),
+                    "--threads",
+                    str(threads),
+                    "--device",
+                    args.device,
+                    "--results",
+                    BUDGET_FILE,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         print(f"started {name} ({args.epochs} epochs, {args.device})", flush=True)
     for p in running:
         p.wait()
@@ -55,8 +80,13 @@ def sweep(args) -> None:
 
 def accuracies() -> dict[tuple[str, int], float]:
     """Seed-0 test accuracy by (run, epochs): 15 epochs from protocol_a.jsonl, longer budgets from the sweep's file."""
-    at15 = by_run([r for r in read_records("protocol_a.jsonl")
-                   if r["seed"] == 0 and r["epochs"] == 15 and r.get("model", "resnet20") == "resnet20"])
+    at15 = by_run(
+        [
+            r
+            for r in read_records("protocol_a.jsonl")
+            if r["seed"] == 0 and r["epochs"] == 15 and r.get("model", "resnet20") == "resnet20"
+        ]
+    )
     accs = {(name, 15): at15[short][-1]["test_acc"] for name, short in RUNS.items() if short in at15}
     for r in read_records(BUDGET_FILE):
         if r["seed"] == 0:
@@ -92,10 +122,15 @@ def table(accs: dict[tuple[str, int], float]) -> Path:
     """A Markdown table of each run's accuracy and gap to dense at every budget recorded (results/protocol_a_budget.md)."""
     budgets = sorted({e for _, e in accs})
     head = "| run | " + " | ".join(f"{e} epochs | gap" for e in budgets) + " |"
-    lines = ["# Accuracy against training budget (protocol A, ResNet-20, CIFAR-10, seed 0)", "",
-             "Produced by `python benchmarks/budget_sweep.py --plot` from protocol_a.jsonl (15 epochs) and "
-             f"{BUDGET_FILE}. Gap: test accuracy minus dense at the same budget, in points; blank: not run yet.", "",
-             head, "|---|" + "---|---|" * len(budgets)]
+    lines = [
+        "# Accuracy against training budget (protocol A, ResNet-20, CIFAR-10, seed 0)",
+        "",
+        "Produced by `python benchmarks/budget_sweep.py --plot` from protocol_a.jsonl (15 epochs) and "
+        f"{BUDGET_FILE}. Gap: test accuracy minus dense at the same budget, in points; blank: not run yet.",
+        "",
+        head,
+        "|---|" + "---|---|" * len(budgets),
+    ]
     for name in RUNS:
         cells = []
         for e in budgets:

@@ -38,8 +38,14 @@ def main() -> None:
         name = " ".join(["sparsetrain", *sub, "--help"])
         rows[name] = round(statistics.median(process_seconds([exe, *sub, "--help"]) for _ in range(10)), 4)
         print(f"{name:<32} {rows[name]:.3f} s")
-    out = {"what": "process seconds (user + system) of --help, median of 10", "seconds": rows,
-           "worst": max(rows.values()), "command": command_line(), "commit": commit(), **environment()}
+    out = {
+        "what": "process seconds (user + system) of --help, median of 10",
+        "seconds": rows,
+        "worst": max(rows.values()),
+        "command": command_line(),
+        "commit": commit(),
+        **environment(),
+    }
     (RESULTS / "cli_startup.json").write_text(json.dumps(out, indent=1) + "\n")
 
 

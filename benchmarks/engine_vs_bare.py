@@ -28,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_record, command_line, commit, environment  # noqa: E402
 
+from sparsetrain.app import Trainer
 from sparsetrain.app.config import load_config
 from sparsetrain.data.images import DATASETS, load_dataset
-from sparsetrain.app import Trainer
 
 
 def bare_epoch(ref, model, opt, sched, xtr, ytr, batch, limit):
@@ -39,7 +39,7 @@ def bare_epoch(ref, model, opt, sched, xtr, ytr, batch, limit):
     perm = torch.randperm(len(xtr))
     steps = min(math.ceil(len(xtr) / batch), limit)
     for k in range(steps):
-        b = perm[k * batch:(k + 1) * batch]
+        b = perm[k * batch : (k + 1) * batch]
         loss = F.cross_entropy(model(ref.augment(xtr[b]).contiguous(memory_format=torch.channels_last)), ytr[b])
         opt.zero_grad()
         loss.backward()
@@ -72,8 +72,14 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(overrides=[f"data.data_dir={args.data}", f"run.out_dir={tmp}", "run.checkpoint_every_steps=100",
-                                     f"optim.epochs={args.pairs + 1}"])
+        cfg = load_config(
+            overrides=[
+                f"data.data_dir={args.data}",
+                f"run.out_dir={tmp}",
+                "run.checkpoint_every_steps=100",
+                f"optim.epochs={args.pairs + 1}",
+            ]
+        )
         engine = Trainer(cfg, datasets=splits)
         engine.out.mkdir(parents=True, exist_ok=True)
         if args.steps:
@@ -87,13 +93,27 @@ def main(argv=None):
             t = time.perf_counter()
             bare_epoch(ref, bare, opt, sched, xtr, ytr, batch, limit)
             times["bare"].append(time.perf_counter() - t)
-            print(json.dumps({"pair": pair, "engine_s": round(times["engine"][-1], 2), "bare_s": round(times["bare"][-1], 2)}), flush=True)
+            print(
+                json.dumps(
+                    {"pair": pair, "engine_s": round(times["engine"][-1], 2), "bare_s": round(times["bare"][-1], 2)}
+                ),
+                flush=True,
+            )
     ratios = [e / b for e, b in zip(times["engine"], times["bare"])]
     record = {
-        "protocol": "B", "model": "resnet20", "batch": batch, "config": "engine-vs-bare", "sparsity": 0.0,
-        "step_ratio": round(statistics.median(ratios), 4), "pairs": args.pairs, "steps_per_epoch": min(391, limit),
-        "engine_epoch_s": [round(t, 2) for t in times["engine"]], "bare_epoch_s": [round(t, 2) for t in times["bare"]],
-        "command": command_line(), "commit": commit(), **environment(),
+        "protocol": "B",
+        "model": "resnet20",
+        "batch": batch,
+        "config": "engine-vs-bare",
+        "sparsity": 0.0,
+        "step_ratio": round(statistics.median(ratios), 4),
+        "pairs": args.pairs,
+        "steps_per_epoch": min(391, limit),
+        "engine_epoch_s": [round(t, 2) for t in times["engine"]],
+        "bare_epoch_s": [round(t, 2) for t in times["bare"]],
+        "command": command_line(),
+        "commit": commit(),
+        **environment(),
     }
     print(json.dumps(record))
     if not args.no_record:

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_record, command_line, commit, environment  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import append_record, command_line, commit, environment  # noqa: E402
 
 import sparsetrain as st  # noqa: E402
 from sparsetrain.models import build_model  # noqa: E402
@@ -38,19 +37,45 @@ STEPS_PER_EPOCH = 391  # CIFAR-10 at batch 128: RigL's schedule (an update every
 
 # case -> (model, factory call on (model, optimizer, sparsity), Trainer overrides or None)
 CASES = {
-    "static-auto-compact": ("vgg16", lambda m, o, s: st.static(m, o, sparsity=s, execution="auto", compact_state=True),
-                            ["sparsity.method=static", "sparsity.backend=auto", "sparsity.compact_state=true"]),
-    "rigl-erk-auto-compact": ("vgg16", lambda m, o, s: st.rigl(m, o, sparsity=s, distribution="erk",
-                                                               steps_per_epoch=STEPS_PER_EPOCH, epochs=1,
-                                                               execution="auto", compact_state=True),
-                              ["sparsity.method=rigl", "sparsity.distribution=erk", "sparsity.backend=auto",
-                               "sparsity.compact_state=true"]),
-    "swat-u": ("vgg16", lambda m, o, s: st.swat(m, o, sparsity=s, steps_per_epoch=STEPS_PER_EPOCH, epochs=1),
-               ["sparsity.method=swat"]),
+    "static-auto-compact": (
+        "vgg16",
+        lambda m, o, s: st.static(m, o, sparsity=s, execution="auto", compact_state=True),
+        ["sparsity.method=static", "sparsity.backend=auto", "sparsity.compact_state=true"],
+    ),
+    "rigl-erk-auto-compact": (
+        "vgg16",
+        lambda m, o, s: st.rigl(
+            m,
+            o,
+            sparsity=s,
+            distribution="erk",
+            steps_per_epoch=STEPS_PER_EPOCH,
+            epochs=1,
+            execution="auto",
+            compact_state=True,
+        ),
+        ["sparsity.method=rigl", "sparsity.distribution=erk", "sparsity.backend=auto", "sparsity.compact_state=true"],
+    ),
+    "swat-u": (
+        "vgg16",
+        lambda m, o, s: st.swat(m, o, sparsity=s, steps_per_epoch=STEPS_PER_EPOCH, epochs=1),
+        ["sparsity.method=swat"],
+    ),
     "gpt-rigl-fanin-condensed-compact": (
-        "gpt", lambda m, o, s: st.rigl(m, o, sparsity=s, scheme="fan_in", dense_layers=["last"],
-                                       steps_per_epoch=STEPS_PER_EPOCH, epochs=1, execution="condensed",
-                                       compact_state=True), None),
+        "gpt",
+        lambda m, o, s: st.rigl(
+            m,
+            o,
+            sparsity=s,
+            scheme="fan_in",
+            dense_layers=["last"],
+            steps_per_epoch=STEPS_PER_EPOCH,
+            epochs=1,
+            execution="condensed",
+            compact_state=True,
+        ),
+        None,
+    ),
 }
 
 
@@ -58,8 +83,9 @@ def _optimizer(model, sequence: bool):
     if sequence:  # protocol D: AdamW, weight decay on matrices only
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95),
-                                 weight_decay=0.1)
+        return torch.optim.AdamW(
+            [{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1
+        )
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
@@ -77,13 +103,27 @@ def _trainer(overrides: list[str], sparsity: float, batch: int, out: Path):
 
     g = torch.Generator().manual_seed(2)
     n = STEPS_PER_EPOCH * batch
-    train = ArrayDataset(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                         torch.randint(0, 10, (n,), generator=g))
+    train = ArrayDataset(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
     test = ArrayDataset(train.images[:batch], train.labels[:batch])
-    cfg = load_config(overrides=["model.name=vgg16", "data.dataset=cifar10", f"optim.batch_size={batch}", "optim.epochs=1",
-                                 "optim.name=sgd", "optim.momentum=0.9", "optim.nesterov=true",
-                                 "optim.weight_decay=5e-4", "optim.lr=0.01", f"run.out_dir={out}", "run.progress=false",
-                                 f"sparsity.sparsity={sparsity}", *overrides])
+    cfg = load_config(
+        overrides=[
+            "model.name=vgg16",
+            "data.dataset=cifar10",
+            f"optim.batch_size={batch}",
+            "optim.epochs=1",
+            "optim.name=sgd",
+            "optim.momentum=0.9",
+            "optim.nesterov=true",
+            "optim.weight_decay=5e-4",
+            "optim.lr=0.01",
+            f"run.out_dir={out}",
+            "run.progress=false",
+            f"sparsity.sparsity={sparsity}",
+            *overrides,
+        ]
+    )
     return Trainer(cfg, datasets={"train": train, "test": test})
 
 
@@ -145,14 +185,23 @@ def main(argv=None):
         ratios = [s / d for s, d in zip(times[api], times["dense"])]
         plan = plans[api]
         record = {
-            "protocol": "D-speed" if sequence else "B", "api": api, "model": name, "batch": batch,
-            "config": args.case, "sparsity": args.sparsity,
+            "protocol": "D-speed" if sequence else "B",
+            "api": api,
+            "model": name,
+            "batch": batch,
+            "config": args.case,
+            "sparsity": args.sparsity,
             "step_ratio": round(statistics.median(ratios), 4),
             "step_ratio_mean": round(sum(times[api]) / sum(times["dense"]), 4),
-            "step_s_dense_median": round(dense_med, 4), "step_s_sparse_median": round(statistics.median(times[api]), 4),
-            "pairs": args.pairs, "layout": plan.layout if plan else None, "paths": plan.counts() if plan else {},
+            "step_s_dense_median": round(dense_med, 4),
+            "step_s_sparse_median": round(statistics.median(times[api]), 4),
+            "pairs": args.pairs,
+            "layout": plan.layout if plan else None,
+            "paths": plan.counts() if plan else {},
             "compact_layers": sum(lp.compact for lp in plan.layers.values()) if plan else 0,
-            "command": command_line(), "commit": commit(), **environment(),
+            "command": command_line(),
+            "commit": commit(),
+            **environment(),
         }
         print(json.dumps(record))
         if not args.no_record:

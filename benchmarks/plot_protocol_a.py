@@ -35,19 +35,30 @@ def main(argv=None):
     colours = plt.get_cmap("tab20").colors
     seen: dict[str, int] = {}
     points = []
-    lines = ["| run | method | recipe | sparsity | test acc | vs dense | train FLOPs | inference FLOPs | wall (min) | threads |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | method | recipe | sparsity | test acc | vs dense | train FLOPs | inference FLOPs | wall (min) | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, rs in sorted(runs.items(), key=lambda kv: kv[1][0]["train_flops_rel"]):
         r = rs[0]
         # a legend, not labels beside the points: the 90% runs sit too close together to label.
         # One marker per family (SWAT, 98% masks, the rest), colours counted within the family, so none repeat.
         family = "^" if r["method"].startswith("swat") else "s" if r["sparsity"] >= 0.98 else "o"
         seen[family] = seen.get(family, -1) + 1
-        points.append((mean_acc(rs), r["train_flops_rel"], family, colours[seen[family] % len(colours)],
-                       f"{name} ({mean_acc(rs):.2f})"))
-        lines.append(f"| {name} | {r['method']} | {r.get('recipe') or ''} | {r['sparsity']:.3f} | {acc_cell(rs)} | "
-                     f"{gap_cell(rs, dense)} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
-                     f"{r['wall_s'] / 60:.1f} | {r.get('threads', '')} |")
+        points.append(
+            (
+                mean_acc(rs),
+                r["train_flops_rel"],
+                family,
+                colours[seen[family] % len(colours)],
+                f"{name} ({mean_acc(rs):.2f})",
+            )
+        )
+        lines.append(
+            f"| {name} | {r['method']} | {r.get('recipe') or ''} | {r['sparsity']:.3f} | {acc_cell(rs)} | "
+            f"{gap_cell(rs, dense)} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
+            f"{r['wall_s'] / 60:.1f} | {r.get('threads', '')} |"
+        )
     for acc, flops, marker, colour, label in sorted(points, reverse=True):  # legend in order of accuracy
         ax.scatter(flops, acc, s=50, marker=marker, color=colour, label=label)
     table = "\n".join(lines) + "\n"
@@ -57,10 +68,14 @@ def main(argv=None):
         "in its record. Accuracy: the mean over the seeds run (each seed in brackets); vs dense: the mean of the "
         "per-seed differences over the seeds both runs have. FLOPs and wall time: the first seed. Runs on one thread "
         "ran two at a time side by side, so their wall times compare with each other, not with two-thread runs.\n\n"
-        + table)
+        + table
+    )
     print(table)
-    ax.set(xlabel="training FLOPs relative to dense", ylabel="final test accuracy (%)",
-           title=f"Protocol A: {records[0]['model']} on {records[0]['dataset']}, {records[0]['epochs']} epochs")
+    ax.set(
+        xlabel="training FLOPs relative to dense",
+        ylabel="final test accuracy (%)",
+        title=f"Protocol A: {records[0]['model']} on {records[0]['dataset']}, {records[0]['epochs']} epochs",
+    )
     ax.set_xscale("log")
     ax.set_xticks([0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], ["0.03", "0.05", "0.1", "0.2", "0.3", "0.5", "1"])
     ax.grid(alpha=0.3, which="both")

@@ -28,9 +28,21 @@ def main() -> None:
     for r in read_records("protocol_b.jsonl", current=True):
         newest[(r["model"], _label(r), r["sparsity"])] = r
     for model in sorted({k[0] for k in newest}):
-        rows = [BenchResult(r["model"], k[1], r["sparsity"], r["batch"], r["step_ratio"], r["step_s_dense_median"],
-                            r["step_s_sparse_median"], r["pairs"], r.get("mem_ratio"))
-                for k, r in newest.items() if k[0] == model]
+        rows = [
+            BenchResult(
+                r["model"],
+                k[1],
+                r["sparsity"],
+                r["batch"],
+                r["step_ratio"],
+                r["step_s_dense_median"],
+                r["step_s_sparse_median"],
+                r["pairs"],
+                r.get("mem_ratio"),
+            )
+            for k, r in newest.items()
+            if k[0] == model
+        ]
         print(plot_bench(rows, RESULTS / f"protocol_b-{model}.png"))
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_record, command_line, commit, environment  # noqa: E402
 
-from sparsetrain.core.accounting import saved_tensor_bytes_by_module
 from sparsetrain.app.bench import CONFIGS, PEAK_ENV, build, make_step, peak_memory, time_pairs
 from sparsetrain.app.config import load_config
+from sparsetrain.core.accounting import saved_tensor_bytes_by_module
 from sparsetrain.models import SEQUENCE_MODELS, model_input_shape
 
 
@@ -54,7 +54,12 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--extra", nargs="*", default=[], help="config overrides for the sparse method, e.g. sparsity.swat.topk_period=20")
+    ap.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="config overrides for the sparse method, e.g. sparsity.swat.topk_period=20",
+    )
     ap.add_argument("--model-args", nargs="*", default=[], help="zoo keyword arguments, e.g. width=4.0 context=128")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
@@ -63,47 +68,73 @@ def main(argv=None):
     margs = _model_args(args.model_args)
     dense, dopt, _ = build(args.model, "dense", model_args=margs)
     sparse, sopt, method = build(args.model, args.config, args.sparsity, args.extra, margs)
-    steps = {"dense": make_step(dense, dopt, None, args.batch, "dense", shape),
-             "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape)}
+    steps = {
+        "dense": make_step(dense, dopt, None, args.batch, "dense", shape),
+        "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape),
+    }
     saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)
     saved_sparse = saved_tensor_bytes_by_module(steps["sparse"], sparse)
     # with the lossless activation savings on, dense training with the same savings is the second baseline
-    lossless = load_config(overrides=[*CONFIGS[args.config], "sparsity.sparsity=0.5", *args.extra]).sparsity.lossless_activations
+    lossless = load_config(
+        overrides=[*CONFIGS[args.config], "sparsity.sparsity=0.5", *args.extra]
+    ).sparsity.lossless_activations
     if lossless:
         ldense, lopt, lmethod = build(args.model, "dense-lossless", model_args=margs)
-        saved_lossless = saved_tensor_bytes_by_module(make_step(ldense, lopt, lmethod, args.batch, "dense-lossless", shape),
-                                                      ldense)
+        saved_lossless = saved_tensor_bytes_by_module(
+            make_step(ldense, lopt, lmethod, args.batch, "dense-lossless", shape), ldense
+        )
         del ldense, lopt, lmethod
     t_dense, t_sparse = time_pairs(steps["dense"], steps["sparse"], args.pairs, args.warmup)
     ratios = [s / d for d, s in zip(t_dense, t_sparse)]
     chosen = {n: m.ran for n, m in sparse.named_modules() if hasattr(m, "maskset") and hasattr(m, "ran")}
     del dense, dopt, sparse, sopt, method, steps
-    peaks = {"dense": peak_memory(args.model, "dense", 0.0, args.batch, model_args=margs),
-             args.config: peak_memory(args.model, args.config, args.sparsity, args.batch, args.extra, model_args=margs)}
+    peaks = {
+        "dense": peak_memory(args.model, "dense", 0.0, args.batch, model_args=margs),
+        args.config: peak_memory(args.model, args.config, args.sparsity, args.batch, args.extra, model_args=margs),
+    }
     if lossless:
         peaks["dense-lossless"] = peak_memory(args.model, "dense-lossless", 0.0, args.batch, model_args=margs)
     layer_in = lambda s: s.get("Conv2d", 0) + s.get("Linear", 0)  # noqa: E731
     sequence = args.model in SEQUENCE_MODELS
     record = {
-        "protocol": "D-speed" if sequence else "B", "model": args.model, "model_args": margs, "batch": args.batch,
-        "config": args.config, "sparsity": args.sparsity,
+        "protocol": "D-speed" if sequence else "B",
+        "model": args.model,
+        "model_args": margs,
+        "batch": args.batch,
+        "config": args.config,
+        "sparsity": args.sparsity,
         "step_ratio": round(statistics.median(ratios), 4),
         "step_ratio_mean": round(sum(t_sparse) / sum(t_dense), 4),  # every step's cost, mask updates included
         "mem_ratio": round(peaks[args.config]["peak"] / peaks["dense"]["peak"], 4),
-        "mem_ratio_training": round((peaks[args.config]["peak"] - peaks[args.config]["base"])
-                                    / (peaks["dense"]["peak"] - peaks["dense"]["base"]), 4),
-        "peak_bytes": {k: v["peak"] for k, v in peaks.items()}, "peak_env": PEAK_ENV,
+        "mem_ratio_training": round(
+            (peaks[args.config]["peak"] - peaks[args.config]["base"])
+            / (peaks["dense"]["peak"] - peaks["dense"]["base"]),
+            4,
+        ),
+        "peak_bytes": {k: v["peak"] for k, v in peaks.items()},
+        "peak_env": PEAK_ENV,
         "saved_bytes_ratio": round(saved_sparse["total"] / saved_dense["total"], 4),
         "layer_input_saved_bytes_ratio": round(layer_in(saved_sparse) / layer_in(saved_dense), 4),
-        "saved_bytes_dense": saved_dense, "saved_bytes_sparse": saved_sparse,
+        "saved_bytes_dense": saved_dense,
+        "saved_bytes_sparse": saved_sparse,
         "step_s_dense_median": round(statistics.median(t_dense), 4),
         "step_s_sparse_median": round(statistics.median(t_sparse), 4),
         "lossless_activations": lossless,
-        **({"mem_ratio_vs_lossless_dense": round(peaks[args.config]["peak"] / peaks["dense-lossless"]["peak"], 4),
-            "saved_bytes_ratio_vs_lossless_dense": round(saved_sparse["total"] / saved_lossless["total"], 4),
-            "saved_bytes_dense_lossless": saved_lossless["total"]} if lossless else {}),
-        "pairs": args.pairs, "extra": args.extra, "paths": dict(sorted(collections.Counter(chosen.values()).items())),
-        "command": command_line(), "commit": commit(), **environment(),
+        **(
+            {
+                "mem_ratio_vs_lossless_dense": round(peaks[args.config]["peak"] / peaks["dense-lossless"]["peak"], 4),
+                "saved_bytes_ratio_vs_lossless_dense": round(saved_sparse["total"] / saved_lossless["total"], 4),
+                "saved_bytes_dense_lossless": saved_lossless["total"],
+            }
+            if lossless
+            else {}
+        ),
+        "pairs": args.pairs,
+        "extra": args.extra,
+        "paths": dict(sorted(collections.Counter(chosen.values()).items())),
+        "command": command_line(),
+        "commit": commit(),
+        **environment(),
     }
     print(json.dumps(record))
     if not args.no_record:

@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_record, command_line, commit, environment, read_records  # noqa: E402
 
+from sparsetrain.app import Trainer
 from sparsetrain.app.config import load_config
 from sparsetrain.app.report import plot_curves
-from sparsetrain.app import Trainer
 
 RESULTS_FILE = "protocol_d.jsonl"
 TUNING_FILE = "protocol_d_tuning.jsonl"
@@ -42,10 +42,21 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "rigl": ("rigl", ["sparsity.method=rigl", *S90, "sparsity.distribution=erk"]),
     "rigl-fanin": ("rigl-fanin", ["sparsity.method=rigl", *S90, "sparsity.distribution=erk", "sparsity.scheme=fan_in"]),
     "set": ("set", ["sparsity.method=set", *S90, "sparsity.distribution=erk"]),
-    "mest-ems": ("mest-ems", ["sparsity.method=mest", *S90, "sparsity.distribution=erk", "sparsity.mest.every_epochs=1",
-                              "sparsity.mest.soft_bound=true"]),
+    "mest-ems": (
+        "mest-ems",
+        [
+            "sparsity.method=mest",
+            *S90,
+            "sparsity.distribution=erk",
+            "sparsity.mest.every_epochs=1",
+            "sparsity.mest.soft_bound=true",
+        ],
+    ),
     "swat-u": ("swat-u", ["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.dense_layers=[last]"]),
-    "static-random-tost": ("static-random", ["sparsity.method=static", *S90, "sparsity.distribution=erk", "recipe.name=tost"]),
+    "static-random-tost": (
+        "static-random",
+        ["sparsity.method=static", *S90, "sparsity.distribution=erk", "recipe.name=tost"],
+    ),
 }
 
 
@@ -83,16 +94,39 @@ def main(argv=None) -> None:
             print(f"{name}: already recorded, skipped")
             continue
         out = ROOT / "benchmarks" / "runs" / f"d{'-tune' if args.tune else ''}-{name}-s{args.seed}"
-        cfg = load_config(ROOT / "configs" / "gpt_shakespeare.yaml", [
-            f"data.data_dir={data}", f"run.seed={args.seed}", f"run.out_dir={out}", f"run.threads={args.threads}",
-            "run.checkpoint_every_steps=200", *BASE, *overrides, *args.extra])
+        cfg = load_config(
+            ROOT / "configs" / "gpt_shakespeare.yaml",
+            [
+                f"data.data_dir={data}",
+                f"run.seed={args.seed}",
+                f"run.out_dir={out}",
+                f"run.threads={args.threads}",
+                "run.checkpoint_every_steps=200",
+                *BASE,
+                *overrides,
+                *args.extra,
+            ],
+        )
         summary = Trainer(cfg).fit()
         record = {
-            "protocol": "D", "run": name, "model": "gpt", "dataset": "tinyshakespeare", "method": method,
-            "recipe": summary.get("recipe"), "sparsity": round(summary["sparsity"], 4), "steps": summary["steps"],
-            "seed": args.seed, "val_loss": round(summary["val_loss"], 4), "val_ppl": round(summary["val_ppl"], 3),
-            "train_flops_rel": round(summary["train_flops_rel"], 4), "wall_s": summary["wall_s"],
-            "extra": args.extra, "tuning": args.tune, "command": command_line(), "commit": started_at, **environment(),
+            "protocol": "D",
+            "run": name,
+            "model": "gpt",
+            "dataset": "tinyshakespeare",
+            "method": method,
+            "recipe": summary.get("recipe"),
+            "sparsity": round(summary["sparsity"], 4),
+            "steps": summary["steps"],
+            "seed": args.seed,
+            "val_loss": round(summary["val_loss"], 4),
+            "val_ppl": round(summary["val_ppl"], 3),
+            "train_flops_rel": round(summary["train_flops_rel"], 4),
+            "wall_s": summary["wall_s"],
+            "extra": args.extra,
+            "tuning": args.tune,
+            "command": command_line(),
+            "commit": started_at,
+            **environment(),
             **{k: summary[k] for k in ("mask_updates", "peak_density", "activation_sparsity") if k in summary},
         }
         append_record(results, record)

@@ -56,9 +56,9 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
     import torch.nn.functional as F
 
     import sparsetrain
-    from sparsetrain.models import build_model
-    from sparsetrain.core.sharding import local
     from sparsetrain.app.distributed import shard_model
+    from sparsetrain.core.sharding import local
+    from sparsetrain.models import build_model
 
     sharded = parallel == "fsdp"
     if sharded:
@@ -73,8 +73,9 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
     elif method == "static":
         sp = sparsetrain.static(model, opt, sparsity=0.9, distribution="erk", **execution)
     else:
-        sp = sparsetrain.rigl(model, opt, sparsity=0.9, distribution="erk", total_steps=1000, update_every_steps=2,
-                              **execution)
+        sp = sparsetrain.rigl(
+            model, opt, sparsity=0.9, distribution="erk", total_steps=1000, update_every_steps=2, **execution
+        )
     if sharded:
         shard_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -100,8 +101,14 @@ def worker(method: str, compact: bool, parallel: str, out: str) -> None:
         for owner in sp.maskset.owners.values():
             st = owner.compact
             index += sum(nbytes(getattr(st, k)) for k in ("row_ptr", "col") if getattr(st, k, None) is not None)
-    mine = {"params": params, "grads": grads, "optim": optim, "index": index,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "sparsity": sp.sparsity()}
+    mine = {
+        "params": params,
+        "grads": grads,
+        "optim": optim,
+        "index": index,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "sparsity": sp.sparsity(),
+    }
     everyone = [mine]
     if sharded:
         everyone = [None] * dist.get_world_size()
@@ -122,8 +129,11 @@ def run_config(name: str) -> list[dict]:
         args = [str(Path(__file__).resolve()), "--worker", method, "--parallel", parallel, "--out", str(out)]
         if compact:
             args.append("--compact")
-        launch = [sys.executable] if parallel == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                               f"--nproc_per_node={ranks}"]
+        launch = (
+            [sys.executable]
+            if parallel == "none"
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([*launch, *args], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
@@ -149,18 +159,33 @@ def main() -> None:
             ranks, parallel, method, compact = CONFIGS[name]
             top = max(measured[name], key=lambda r: r["params"] + r["grads"] + r["optim"] + r["index"])
             state = top["params"] + top["grads"] + top["optim"]
-            append_record(RESULTS_FILE, {
-                "protocol": "E", "model": "gpt", "model_args": MODEL, "method": method,
-                "sparsity": round(top["sparsity"], 4), "parallel": parallel if parallel != "none" else "single",
-                "ranks": ranks, "compact_state": compact, "config": name,
-                "state_ratio": round(state / ref_state, 4),
-                "state_index_ratio": round((state + top["index"]) / ref_state, 4),
-                "mem_ratio": round(top["peak_rss"] / ref["peak_rss"], 4),
-                "bytes": {k: top[k] for k in ("params", "grads", "optim", "index", "peak_rss")},
-                "dense_state_bytes": ref_state, "command": command_line(), "commit": commit(), **environment(),
-            })
-            print(f"{name:24s} state {state / ref_state:.3f}  +index {(state + top['index']) / ref_state:.3f}  "
-                  f"peak rss {top['peak_rss'] / ref['peak_rss']:.3f}", flush=True)
+            append_record(
+                RESULTS_FILE,
+                {
+                    "protocol": "E",
+                    "model": "gpt",
+                    "model_args": MODEL,
+                    "method": method,
+                    "sparsity": round(top["sparsity"], 4),
+                    "parallel": parallel if parallel != "none" else "single",
+                    "ranks": ranks,
+                    "compact_state": compact,
+                    "config": name,
+                    "state_ratio": round(state / ref_state, 4),
+                    "state_index_ratio": round((state + top["index"]) / ref_state, 4),
+                    "mem_ratio": round(top["peak_rss"] / ref["peak_rss"], 4),
+                    "bytes": {k: top[k] for k in ("params", "grads", "optim", "index", "peak_rss")},
+                    "dense_state_bytes": ref_state,
+                    "command": command_line(),
+                    "commit": commit(),
+                    **environment(),
+                },
+            )
+            print(
+                f"{name:24s} state {state / ref_state:.3f}  +index {(state + top['index']) / ref_state:.3f}  "
+                f"peak rss {top['peak_rss'] / ref['peak_rss']:.3f}",
+                flush=True,
+            )
     plot()
 
 

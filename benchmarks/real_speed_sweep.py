@@ -35,12 +35,38 @@ ROWS: list[list[str]] = [
     *[["--model", "resnet18", "--config", "auto-compact", "--sparsity", s] for s in ("0.9", "0.95", "0.98")],
     ["--model", "resnet18", "--config", "swat-auto", "--sparsity", "0.9"],
     # ImageNet-sized layers: ResNet-50 at 224 x 224, batch 32, synthetic input
-    ["--model", "resnet50", "--batch", "32", "--config", "auto-compact", "--sparsity", "0.9",
-     "--extra", "sparsity.distribution=erk"],
+    [
+        "--model",
+        "resnet50",
+        "--batch",
+        "32",
+        "--config",
+        "auto-compact",
+        "--sparsity",
+        "0.9",
+        "--extra",
+        "sparsity.distribution=erk",
+    ],
     ["--model", "resnet50", "--batch", "32", "--config", "swat-auto", "--sparsity", "0.8"],
     # D-speed: GPT width 512 and 1024, context 128, batch 16, fan-in 90% on the condensed kernels
-    *[["--model", "gpt", "--model-args", f"width={w}", "context=128", "--batch", "16", "--config", "condensed-compact",
-       "--sparsity", "0.9", "--extra", "sparsity.scheme=fan_in"] for w in ("4.0", "8.0")],
+    *[
+        [
+            "--model",
+            "gpt",
+            "--model-args",
+            f"width={w}",
+            "context=128",
+            "--batch",
+            "16",
+            "--config",
+            "condensed-compact",
+            "--sparsity",
+            "0.9",
+            "--extra",
+            "sparsity.scheme=fan_in",
+        ]
+        for w in ("4.0", "8.0")
+    ],
 ]
 
 
@@ -55,12 +81,21 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="run only rows whose command contains this text")
     ap.add_argument("--dry-run", action="store_true", help="list the rows to run and stop")
-    ap.add_argument("--done-at", nargs="*", default=[], metavar="COMMIT",
-                    help="also count rows recorded at these commits as done (their code paths unchanged since)")
+    ap.add_argument(
+        "--done-at",
+        nargs="*",
+        default=[],
+        metavar="COMMIT",
+        help="also count rows recorded at these commits as done (their code paths unchanged since)",
+    )
     args = ap.parse_args(argv)
     head = commit()
-    done = {r["command"] for f in ("protocol_b.jsonl", "protocol_d_speed.jsonl") for r in read_records(f)
-            if r.get("commit") in (head, *args.done_at)}
+    done = {
+        r["command"]
+        for f in ("protocol_b.jsonl", "protocol_d_speed.jsonl")
+        for r in read_records(f)
+        if r.get("commit") in (head, *args.done_at)
+    }
     todo = [row for row in ROWS if command_of(row) not in done and (args.only is None or args.only in command_of(row))]
     print(f"{len(ROWS) - len(todo)} rows recorded at {head}; {len(todo)} to run", flush=True)
     for i, row in enumerate(todo, 1):

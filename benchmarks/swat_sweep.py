@@ -26,8 +26,10 @@ TARGETS = {"swat-u80": 1.5, "swat-erk90": 2.5}
 def main() -> None:
     runs = by_run([r for r in read_records("protocol_a.jsonl", current=True) if r["model"] == "resnet20"])
     dense = runs.get("dense")
-    lines = ["| run | sparsity | test acc | vs dense | target | train FLOPs | inference FLOPs | activation sparsity | wall (min) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | sparsity | test acc | vs dense | target | train FLOPs | inference FLOPs | activation sparsity | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in (n for n in RUNS if n.startswith("swat-")):
         rs = runs.get(name)
         if rs is None:
@@ -39,10 +41,12 @@ def main() -> None:
         target = ""
         if name in TARGETS and gap is not None:
             target = f"within {TARGETS[name]}: {'met' if -gap <= TARGETS[name] else 'missed'}"
-        lines.append(f"| {name} | {r['sparsity']:.2f} | {acc_cell(rs)} | {'' if gap is None else f'{gap:+.2f}'} | {target} "
-                     f"| {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | {r.get('activation_sparsity', float('nan')):.3f} "
-                     f"| {r['wall_s'] / 60:.1f} |")
-    head = (f"Dense: {acc_cell(dense)}.\n\n" if dense else "")
+        lines.append(
+            f"| {name} | {r['sparsity']:.2f} | {acc_cell(rs)} | {'' if gap is None else f'{gap:+.2f}'} | {target} "
+            f"| {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | {r.get('activation_sparsity', float('nan')):.3f} "
+            f"| {r['wall_s'] / 60:.1f} |"
+        )
+    head = f"Dense: {acc_cell(dense)}.\n\n" if dense else ""
     table = "\n".join(lines) + "\n"
     (RESULTS / "swat_sweep.md").write_text(
         "# SWAT sweep, protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"
@@ -50,7 +54,8 @@ def main() -> None:
         "Accuracy: the mean over the seeds run (each seed in brackets); the gap to dense is the mean "
         "of the per-seed differences over the seeds both runs have. "
         "FLOPs, activation sparsity and wall time: the first seed. "
-        "Structured runs: the share of weights removed, as whole kernels ranked by L1 norm.\n\n" + head + table)
+        "Structured runs: the share of weights removed, as whole kernels ranked by L1 norm.\n\n" + head + table
+    )
     print(head + table)
 
 

@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, acc_cell, by_run, gap_cell, mean_acc, paired_gap, read_records  # noqa: E402
 from protocol_a import COMPONENTS, MASKS98  # noqa: E402
 
-
 # the ToST variants per mask, as (run suffix, label): the default first, then the earlier defaults
-VARIANTS = [("tost", "ToST"), ("tost-rescale-gradinit", "ToST + GradInit"),
-            ("tost-skips", "ToST + ghost skips + GradInit")]
+VARIANTS = [
+    ("tost", "ToST"),
+    ("tost-rescale-gradinit", "ToST + GradInit"),
+    ("tost-skips", "ToST + ghost skips + GradInit"),
+]
 
 
 def main() -> None:
@@ -44,8 +46,10 @@ def main() -> None:
         lines.append(row)
         if base:
             pairs.append((mask, mean_acc(base), [mean_acc(rs) if rs else None for rs in variants]))
-    lines.append("| mean gain | |" + "".join(
-        f" | {sum(g) / len(g):+.2f} ({len(g)} masks) |" if g else " | |" for g in gains.values()))
+    lines.append(
+        "| mean gain | |"
+        + "".join(f" | {sum(g) / len(g):+.2f} ({len(g)} masks) |" if g else " | |" for g in gains.values())
+    )
     lines += ["", "| random mask, one component | test acc | vs default |", "|---|---|---|"]
     base = runs.get("random98")
     parts = []
@@ -56,16 +60,23 @@ def main() -> None:
         lines.append(f"| {name} | {acc_cell(rs)} | {gap_cell(rs, base)} |" if rs else f"| {name} | not run | |")
     validation = read_records("protocol_a_validation.jsonl")
     if validation:
-        lines += ["", "| validation run (not the test set) | held out | val acc | test acc, not used to choose |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['run']} (seed {r['seed']}) | {r['val_fraction']:.0%} of train | {r['val_acc']:.2f} "
-                  f"| {r['test_acc']:.2f} |" for r in validation]
+        lines += [
+            "",
+            "| validation run (not the test set) | held out | val acc | test acc, not used to choose |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['run']} (seed {r['seed']}) | {r['val_fraction']:.0%} of train | {r['val_acc']:.2f} "
+            f"| {r['test_acc']:.2f} |"
+            for r in validation
+        ]
     table = "\n".join(lines) + "\n"
     (RESULTS / "tost_ablation.md").write_text(
         "# ToST ablation, protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"
         "Produced by `python benchmarks/tost_ablation.py` from the records in protocol_a.jsonl. "
         "Accuracy: the mean over the seeds run (each seed in brackets); gains: the mean of the per-seed "
-        "differences over the seeds both runs have.\n\n" + table)
+        "differences over the seeds both runs have.\n\n" + table
+    )
     print(table)
 
     import matplotlib
@@ -88,7 +99,11 @@ def main() -> None:
         right.bar(range(len(names)), [mean_acc(base), *[p[1] for p in parts]], color="grey")
         right.set_xticks(range(len(names)), names, rotation=20)
         right.set(title="random 98% mask: one component each")
-    lows = [v for p in pairs for v in (p[1], *p[2]) if v is not None] + [p[1] for p in parts] + ([mean_acc(base)] if base else [])
+    lows = (
+        [v for p in pairs for v in (p[1], *p[2]) if v is not None]
+        + [p[1] for p in parts]
+        + ([mean_acc(base)] if base else [])
+    )
     for ax in (left, right):
         if lows:
             ax.set_ylim(min(lows) - 3, max(lows) + 2)

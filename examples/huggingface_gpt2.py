@@ -11,8 +11,8 @@ and restores it with ``trainer.train(resume_from_checkpoint=True)``.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import functools
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ class CharWindows(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        chunk = self.windows[i * self.context: (i + 1) * self.context]
+        chunk = self.windows[i * self.context : (i + 1) * self.context]
         return {"input_ids": chunk, "labels": chunk}  # GPT-2 shifts the labels itself
 
 
@@ -45,19 +45,42 @@ def build(args) -> tuple[Trainer, SparsityCallback]:
     text = Path(args.text).read_text(encoding="utf-8")[: args.chars]
     vocab = {c: i for i, c in enumerate(sorted(set(text)))}
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(vocab), n_positions=args.context, n_embd=args.width, n_layer=args.depth,
-                        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=args.context,
+        n_embd=args.width,
+        n_layer=args.depth,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(config)
     # MEST on every projection of the blocks; the output head (tied to the embedding) stays dense
     make = functools.partial(st.mest, sparsity=args.sparsity, every_epochs=1, dense_layers=["last"], distribution="erk")
-    callback = SparsityCallback(make, execution=args.execution)  # auto: GPT-2's Conv1D layers have no sparse backend yet
+    callback = SparsityCallback(
+        make, execution=args.execution
+    )  # auto: GPT-2's Conv1D layers have no sparse backend yet
     training = TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
-        lr_scheduler_type="cosine", warmup_steps=args.steps // 20, weight_decay=0.01, logging_steps=args.log_every,
-        save_steps=args.save_every, save_strategy="steps", report_to="none", use_cpu=True, seed=args.seed,
-        dataloader_num_workers=0, disable_tqdm=not args.progress,
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.steps // 20,
+        weight_decay=0.01,
+        logging_steps=args.log_every,
+        save_steps=args.save_every,
+        save_strategy="steps",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not args.progress,
     )
-    trainer = Trainer(model=model, args=training, train_dataset=CharWindows(text, vocab, args.context), callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=training, train_dataset=CharWindows(text, vocab, args.context), callbacks=[callback]
+    )
     return trainer, callback
 
 

@@ -12,8 +12,8 @@ in Lightning's checkpoints: ``--resume`` continues from ``--out/last.ckpt`` exac
 from __future__ import annotations
 
 import argparse
-import tempfile
 import functools
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -66,14 +66,24 @@ def build(args):
     ds = cifar_tensors(args.data, args.limit)
     # a sampler seeded by the epoch (Lightning calls set_epoch): a resumed run sees the same order
     loader = DataLoader(ds, batch_size=args.batch, sampler=KeptSampler(len(ds), seed=args.seed), drop_last=True)
-    callback = SparsityCallback(functools.partial(st.rigl, sparsity=args.sparsity, distribution="erk",
-                                                  update_every_steps=args.update_every),
-                                execution=args.execution)  # auto: each layer's fastest path, timed on the first batch
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=args.out, save_last=True, save_top_k=1,
-                                                      save_on_train_epoch_end=True)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[callback, checkpoints],
-                        logger=False, enable_progress_bar=args.progress, enable_model_summary=False,
-                        default_root_dir=args.out, deterministic=True)
+    callback = SparsityCallback(
+        functools.partial(st.rigl, sparsity=args.sparsity, distribution="erk", update_every_steps=args.update_every),
+        execution=args.execution,
+    )  # auto: each layer's fastest path, timed on the first batch
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=args.out, save_last=True, save_top_k=1, save_on_train_epoch_end=True
+    )
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback, checkpoints],
+        logger=False,
+        enable_progress_bar=args.progress,
+        enable_model_summary=False,
+        default_root_dir=args.out,
+        deterministic=True,
+    )
     return trainer, module, loader, callback
 
 

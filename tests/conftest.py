@@ -21,7 +21,9 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path / "cache"))
 
 
-def make_image_tar(path: Path, n_train: int, n_test: int, size: int = 28, channels: int = 1, classes: int = 10, seed: int = 0) -> Path:
+def make_image_tar(
+    path: Path, n_train: int, n_test: int, size: int = 28, channels: int = 1, classes: int = 10, seed: int = 0
+) -> Path:
     """A .tar of ROOT/{train,test}/<class>/NNNN.png; each class has a bright square in its own place (learnable)."""
     rng = np.random.default_rng(seed)
     with tarfile.open(path, "w") as tar:
@@ -30,7 +32,7 @@ def make_image_tar(path: Path, n_train: int, n_test: int, size: int = 28, channe
                 c = i % classes
                 arr = rng.integers(0, 60, (size, size, channels))
                 r, q = 7 * (c % 4), 7 * (c // 4)
-                arr[r:r + 7, q:q + 7] += 180  # a bright square whose place names the class
+                arr[r : r + 7, q : q + 7] += 180  # a bright square whose place names the class
                 arr = np.clip(arr, 0, 255).astype(np.uint8)
                 img = Image.fromarray(arr[..., 0] if channels == 1 else arr)
                 buf = io.BytesIO()
@@ -67,7 +69,7 @@ def tiny_datasets(n_train=256, n_test=64, shape=(1, 28, 28), classes=10, seed=0)
         y = torch.arange(n) % classes
         x = torch.randint(0, 60, (n, *shape), generator=g)
         for i, c in enumerate(y.tolist()):
-            x[i, :, 7 * (c % 4):7 * (c % 4) + 7, 7 * (c // 4):7 * (c // 4) + 7] += 180
+            x[i, :, 7 * (c % 4) : 7 * (c % 4) + 7, 7 * (c // 4) : 7 * (c // 4) + 7] += 180
         x = x.clamp(0, 255).to(torch.uint8)
         out[split] = ArrayDataset(x, y, [str(c) for c in range(classes)])
     return out

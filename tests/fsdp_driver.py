@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import sparsetrain
-from sparsetrain.models import build_model
-from sparsetrain.core.sharding import Part, is_sharded, top_k
 from sparsetrain.app.checkpoint import load_sharded, save_sharded
 from sparsetrain.app.distributed import shard_model
+from sparsetrain.core.sharding import Part, is_sharded, top_k
+from sparsetrain.models import build_model
 
 SPARSITY = 0.8
 METHODS = ("static", "set", "rigl", "mest", "swat", "swat-m")
@@ -57,13 +57,23 @@ def sparsifier(method: str, kind: str, model, opt, steps: int):
         extra = {"neuron_ablation": 0.3} if scheme == "fan_in" else {}
         return sparsetrain.rigl(model, opt, total_steps=steps, update_every_steps=10, scheme=scheme, **extra, **common)
     if method == "mest":
-        return sparsetrain.mest(model, opt, steps_per_epoch=10, epochs=steps // 10, every_epochs=1, soft_bound=True,
-                                mutation_ratio=[[0, 0.2]], excess=[[0, 0.05]], **common)
+        return sparsetrain.mest(
+            model,
+            opt,
+            steps_per_epoch=10,
+            epochs=steps // 10,
+            every_epochs=1,
+            soft_bound=True,
+            mutation_ratio=[[0, 0.2]],
+            excess=[[0, 0.05]],
+            **common,
+        )
     if method == "swat":
         return sparsetrain.swat(model, opt, sparsity=SPARSITY, total_steps=steps, topk_period=5)
     if method == "swat-m":  # budgets follow the momentum of each layer's kept weights (sums over ranks) at epoch ends
-        return sparsetrain.swat(model, opt, sparsity=SPARSITY, variant="m", steps_per_epoch=20, epochs=steps // 20,
-                                topk_period=5)
+        return sparsetrain.swat(
+            model, opt, sparsity=SPARSITY, variant="m", steps_per_epoch=20, epochs=steps // 20, topk_period=5
+        )
     raise ValueError(method)
 
 
@@ -73,8 +83,15 @@ def masks_now(sp) -> dict[str, torch.Tensor]:
     return {n: whole(m) for n, m in sp.maskset.masks.items()}
 
 
-def train(kind: str, method: str, steps: int, sharded: bool, save: str | None = None, save_at: int | None = None,
-          resume: str | None = None) -> dict:
+def train(
+    kind: str,
+    method: str,
+    steps: int,
+    sharded: bool,
+    save: str | None = None,
+    save_at: int | None = None,
+    resume: str | None = None,
+) -> dict:
     model = build(kind)
     if sharded:
         shard_model(model)
@@ -99,14 +116,19 @@ def train(kind: str, method: str, steps: int, sharded: bool, save: str | None = 
             return {"history": history, "saved_at": step + 1}
     weights = {n: whole(p) for n, p in model.named_parameters()}
     held = [m.current_mask() for m in sp.layers.values()] if sp.name == "swat" else list(sp.maskset.masks.values())
-    return {"history": history, "weights": weights, "updates": sp.summary().get("mask_updates"),
-            "sharded_masks": sum(is_sharded(m) for m in held), "masks": len(held)}
+    return {
+        "history": history,
+        "weights": weights,
+        "updates": sp.summary().get("mask_updates"),
+        "sharded_masks": sum(is_sharded(m) for m in held),
+        "masks": len(held),
+    }
 
 
 def tie_selections(sharded: bool) -> list[torch.Tensor]:
     """top_k on integer scores (many ties), over a 7-row and a 1-row tensor (one rank's shard then is empty)."""
-    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     out = []
     mesh = init_device_mesh("cpu", (int(os.environ.get("WORLD_SIZE", "1")),)) if sharded else None

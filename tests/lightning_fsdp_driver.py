@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsetrain as st
-from sparsetrain.integrations.lightning import SparsityCallback
 from sparsetrain.core.sharding import is_sharded
+from sparsetrain.integrations.lightning import SparsityCallback
 
 
 class Net(L.LightningModule):
@@ -49,8 +49,18 @@ def main(out: str, ranks: int) -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         kw = {"strategy": ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)}
-    trainer = L.Trainer(accelerator="cpu", devices=ranks, max_epochs=2, callbacks=[cb], use_distributed_sampler=False,
-                        enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False, **kw)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=ranks,
+        max_epochs=2,
+        callbacks=[cb],
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **kw,
+    )
     module = Net()
     trainer.fit(module, loader)
     sp = cb.sparsifier

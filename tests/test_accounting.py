@@ -81,8 +81,18 @@ def test_peak_memory_is_the_process_own_not_its_parents():
 
     big = torch.ones(100_000_000)  # 400 MB, touched
     parent = peak_memory_bytes()
-    child = int(subprocess.run([sys.executable, "-c", "from sparsetrain.core.accounting import peak_memory_bytes; print(peak_memory_bytes())"],
-                               capture_output=True, text=True, check=True).stdout)
+    child = int(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from sparsetrain.core.accounting import peak_memory_bytes; print(peak_memory_bytes())",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     del big
     assert parent >= 400e6
     assert child < parent - 300e6

@@ -2,21 +2,21 @@
 objects (bit-identical), exact resume of a killed loop, export, and the messages of refused inputs."""
 
 import copy
-import json
 import dataclasses
 import functools
 import io
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import tiny_datasets
 
 import sparsetrain as st
-from conftest import tiny_datasets
+from sparsetrain.app import Trainer, method_seed
 from sparsetrain.app.config import ConfigError, load_config
 from sparsetrain.data.images import DATASETS, BatchLoader
-from sparsetrain.app import Trainer, method_seed
 
 EPOCHS, BATCH, LR = 2, 32, 1e-3
 INFO = dataclasses.replace(DATASETS["mnist"], crop_padding=0, flip=False)
@@ -71,16 +71,31 @@ def _train(model, opt, loader, sp, epochs=EPOCHS, stop_at=None, loss_fn=F.cross_
 
 # name -> (factory with its knobs, the same as config overrides)
 METHOD_CASES = {
-    "static": (functools.partial(st.static, sparsity=0.9, distribution="erk", init="snip"),
-               ["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.distribution=erk", "sparsity.init=snip"]),
-    "set": (functools.partial(st.set, sparsity=0.8, update_every_steps=3, distribution="erk"),
-            ["sparsity.method=set", "sparsity.sparsity=0.8", "sparsity.update_every_steps=3", "sparsity.distribution=erk"]),
-    "rigl": (functools.partial(st.rigl, sparsity=0.9, update_every_steps=3, distribution="erk"),
-             ["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.update_every_steps=3", "sparsity.distribution=erk"]),
-    "mest": (functools.partial(st.mest, sparsity=0.9, every_epochs=1, soft_bound=True),
-             ["sparsity.method=mest", "sparsity.sparsity=0.9", "sparsity.mest.every_epochs=1", "sparsity.mest.soft_bound=true"]),
-    "swat": (functools.partial(st.swat, sparsity=0.8, topk_period=3),
-             ["sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.topk_period=3"]),
+    "static": (
+        functools.partial(st.static, sparsity=0.9, distribution="erk", init="snip"),
+        ["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.distribution=erk", "sparsity.init=snip"],
+    ),
+    "set": (
+        functools.partial(st.set, sparsity=0.8, update_every_steps=3, distribution="erk"),
+        ["sparsity.method=set", "sparsity.sparsity=0.8", "sparsity.update_every_steps=3", "sparsity.distribution=erk"],
+    ),
+    "rigl": (
+        functools.partial(st.rigl, sparsity=0.9, update_every_steps=3, distribution="erk"),
+        ["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.update_every_steps=3", "sparsity.distribution=erk"],
+    ),
+    "mest": (
+        functools.partial(st.mest, sparsity=0.9, every_epochs=1, soft_bound=True),
+        [
+            "sparsity.method=mest",
+            "sparsity.sparsity=0.9",
+            "sparsity.mest.every_epochs=1",
+            "sparsity.mest.soft_bound=true",
+        ],
+    ),
+    "swat": (
+        functools.partial(st.swat, sparsity=0.8, topk_period=3),
+        ["sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.topk_period=3"],
+    ),
 }
 
 
@@ -102,10 +117,24 @@ def _plain(name, data):
 
 
 def _trainer_config(tmp_path, overrides):
-    return load_config(overrides=[
-        "data.dataset=mnist", "data.augment=false", "model.channels_last=false", f"optim.epochs={EPOCHS}",
-        f"optim.batch_size={BATCH}", "optim.name=adamw", f"optim.lr={LR}", "optim.schedule=constant", "optim.warmup_epochs=0",
-        "run.progress=false", "run.threads=1", "run.eval_batch_size=64", f"run.out_dir={tmp_path}", *overrides])
+    return load_config(
+        overrides=[
+            "data.dataset=mnist",
+            "data.augment=false",
+            "model.channels_last=false",
+            f"optim.epochs={EPOCHS}",
+            f"optim.batch_size={BATCH}",
+            "optim.name=adamw",
+            f"optim.lr={LR}",
+            "optim.schedule=constant",
+            "optim.warmup_epochs=0",
+            "run.progress=false",
+            "run.threads=1",
+            "run.eval_batch_size=64",
+            f"run.out_dir={tmp_path}",
+            *overrides,
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_CASES))
@@ -152,8 +181,10 @@ def test_the_trainer_runs_tost_and_a_lottery_round_as_a_plain_loop_does(data, tm
     recipe = st.tost(model, opt, sparsifier=sp, soft_blend_end=0.5, **length)
     _train(model, opt, loader, sp, loss_fn=recipe.loss)
     user_model, _ = _fresh()
-    cfg = _trainer_config(tmp_path / "tost", ["sparsity.method=static", "sparsity.sparsity=0.9", "recipe.name=tost",
-                                              "recipe.soft_blend_end=0.5"])
+    cfg = _trainer_config(
+        tmp_path / "tost",
+        ["sparsity.method=static", "sparsity.sparsity=0.9", "recipe.name=tost", "recipe.soft_blend_end=0.5"],
+    )
     trainer = Trainer(cfg, model=user_model, datasets=data)
     trainer.fit()
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in model.state_dict().items())
@@ -187,8 +218,15 @@ def test_a_killed_plain_loop_resumes_bit_identical(name, stop_at, data):
     sp2 = make(model2, opt2, steps_per_epoch=len(loader2), epochs=3, **extra)
     _train(model2, opt2, loader2, sp2, epochs=3, stop_at=stop_at)
     buf = io.BytesIO()
-    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "sparsity": sp2.state_dict(),
-                "loader": loader2.state_dict()}, buf)
+    torch.save(
+        {
+            "model": model2.state_dict(),
+            "opt": opt2.state_dict(),
+            "sparsity": sp2.state_dict(),
+            "loader": loader2.state_dict(),
+        },
+        buf,
+    )
     del model2, opt2, sp2, loader2
     buf.seek(0)
     state = torch.load(buf, weights_only=False)
@@ -209,16 +247,24 @@ def test_a_killed_plain_loop_resumes_bit_identical(name, stop_at, data):
 
 
 def test_remove_leaves_a_plain_module_with_the_masks_applied(data):
-    for make in (functools.partial(st.rigl, sparsity=0.9, update_every_steps=2),
-                 functools.partial(st.swat, sparsity=0.9)):
+    for make in (
+        functools.partial(st.rigl, sparsity=0.9, update_every_steps=2),
+        functools.partial(st.swat, sparsity=0.9),
+    ):
         model, opt = _fresh()
         loader = _loader(data)
         sp = make(model, opt, steps_per_epoch=len(loader), epochs=1)
         _train(model, opt, loader, sp, epochs=1)
         kept, names = sp.sparsity(), [ls.name for ls in sp.report()]
         plain = sp.remove()
-        assert plain is model and {type(m) for m in plain.modules()} <= {UserNet, nn.Conv2d, nn.BatchNorm2d, nn.ReLU,
-                                                                          nn.AvgPool2d, nn.Linear}
+        assert plain is model and {type(m) for m in plain.modules()} <= {
+            UserNet,
+            nn.Conv2d,
+            nn.BatchNorm2d,
+            nn.ReLU,
+            nn.AvgPool2d,
+            nn.Linear,
+        }
         weights = [dict(plain.named_parameters())[n] for n in names]
         zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
         assert zeros >= kept - 0.01
@@ -240,10 +286,19 @@ def test_refused_inputs_say_what_and_what_is_allowed():
         (lambda: st.static(model, opt, sparsity=0.9, distribution="erx"), "unknown distribution 'erx'; allowed"),
         (lambda: st.static(model, opt, sparsity=0.9, init="snip"), "pass batches"),
         (lambda: st.static(model, opt, sparsity=0.9, init="synflow"), "needs input_shape"),
-        (lambda: st.mest(model, opt, sparsity=0.9, steps_per_epoch=4, epochs=2, every_epochs=0), "every_epochs must be"),
-        (lambda: st.mest(model, opt, sparsity=0.9, steps_per_epoch=4, epochs=2, mutation_ratio=[[0.5, 0.1]]), "start at 0"),
+        (
+            lambda: st.mest(model, opt, sparsity=0.9, steps_per_epoch=4, epochs=2, every_epochs=0),
+            "every_epochs must be",
+        ),
+        (
+            lambda: st.mest(model, opt, sparsity=0.9, steps_per_epoch=4, epochs=2, mutation_ratio=[[0.5, 0.1]]),
+            "start at 0",
+        ),
         (lambda: st.set(model, opt, sparsity=0.9, total_steps=10, scheme="nm_2:4"), "N:M"),
-        (lambda: st.set(model, opt, sparsity=0.9, total_steps=10, update_decay="linear"), "unknown update_decay 'linear'"),
+        (
+            lambda: st.set(model, opt, sparsity=0.9, total_steps=10, update_decay="linear"),
+            "unknown update_decay 'linear'",
+        ),
         (lambda: st.swat(model, opt, sparsity=0.9, variant="x"), "unknown swat variant 'x'"),
         (lambda: st.swat(model, opt, sparsity=0.9, variant="m"), "steps_per_epoch and epochs"),
         (lambda: st.rigl(model, opt, sparsity=0.9, steps_per_epoch=4), "together"),
@@ -267,24 +322,30 @@ def test_rigl_says_when_the_gradient_is_missing_at_an_update():
         opt.step()  # no backward before the step
 
 
-@pytest.mark.parametrize("overrides, keys", [
-    (["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.distribution=erk"], "sparsity.distribution"),
-    (["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.init=snip"], "sparsity.init"),
-    (["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.scheme=kernel"], "sparsity.scheme"),
-    (["sparsity.method=set", "sparsity.sparsity=0.9", "sparsity.init=magnitude"], "sparsity.init"),
-    (["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.init=synflow"], "sparsity.init"),
-    (["sparsity.method=set", "sparsity.sparsity=0.9", "sparsity.neuron_ablation=0.3"], "sparsity.neuron_ablation"),
-    (["sparsity.method=mest", "sparsity.sparsity=0.9", "sparsity.init=snip"], "sparsity.init"),
-    (["sparsity.method=dense", "sparsity.sparsity=0.5"], "sparsity.sparsity"),
-    (["sparsity.method=dense", "sparsity.distribution=erk"], "sparsity.distribution"),
-    (["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.update_every_steps=10"], "sparsity.update_every_steps"),
-    (["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.mest.soft_bound=true"], "sparsity.mest"),
-    (["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.swat.variant=erk"], "sparsity.swat"),
-    (["sparsity.method=mest", "sparsity.sparsity=0.9", "sparsity.update_fraction=0.1"], "sparsity.update_fraction"),
-    (["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.init_batches=4"], "sparsity.init_batches"),
-    (["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.lottery.rounds=2"], "sparsity.lottery"),
-    (["optim.name=adamw", "optim.momentum=0.5"], "optim.momentum"),
-])
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        (["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.distribution=erk"], "sparsity.distribution"),
+        (["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.init=snip"], "sparsity.init"),
+        (["sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.scheme=kernel"], "sparsity.scheme"),
+        (["sparsity.method=set", "sparsity.sparsity=0.9", "sparsity.init=magnitude"], "sparsity.init"),
+        (["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.init=synflow"], "sparsity.init"),
+        (["sparsity.method=set", "sparsity.sparsity=0.9", "sparsity.neuron_ablation=0.3"], "sparsity.neuron_ablation"),
+        (["sparsity.method=mest", "sparsity.sparsity=0.9", "sparsity.init=snip"], "sparsity.init"),
+        (["sparsity.method=dense", "sparsity.sparsity=0.5"], "sparsity.sparsity"),
+        (["sparsity.method=dense", "sparsity.distribution=erk"], "sparsity.distribution"),
+        (
+            ["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.update_every_steps=10"],
+            "sparsity.update_every_steps",
+        ),
+        (["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.mest.soft_bound=true"], "sparsity.mest"),
+        (["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.swat.variant=erk"], "sparsity.swat"),
+        (["sparsity.method=mest", "sparsity.sparsity=0.9", "sparsity.update_fraction=0.1"], "sparsity.update_fraction"),
+        (["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.init_batches=4"], "sparsity.init_batches"),
+        (["sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.lottery.rounds=2"], "sparsity.lottery"),
+        (["optim.name=adamw", "optim.momentum=0.5"], "optim.momentum"),
+    ],
+)
 def test_the_config_refuses_keys_the_method_does_not_use(overrides, keys):
     with pytest.raises(ConfigError, match=keys.replace(".", r"\.")):
         load_config(overrides=overrides)
@@ -297,8 +358,14 @@ def test_the_plain_trainer_refuses_lottery_and_points_to_the_search(tmp_path, da
 
 
 def test_config_builds_exactly_the_factory_with_those_keys():
-    cfg = load_config(overrides=["sparsity.method=mest", "sparsity.sparsity=0.9", "sparsity.mest.prune_lambda=0.5",
-                                 "sparsity.distribution=erk"])
+    cfg = load_config(
+        overrides=[
+            "sparsity.method=mest",
+            "sparsity.sparsity=0.9",
+            "sparsity.mest.prune_lambda=0.5",
+            "sparsity.distribution=erk",
+        ]
+    )
     kw = cfg.sparsity.method_kwargs()
     assert st.METHODS["mest"] is st.mest and kw["prune_lambda"] == 0.5 and kw["distribution"] == "erk"
     model, opt = _fresh()
@@ -334,9 +401,8 @@ def test_data_efficiency_skips_removed_examples_in_any_data_loader(data):
 
 
 def test_the_trainer_takes_any_dataset_and_loss_and_resumes_exactly(tmp_path):
-    from torch.utils.data import TensorDataset
-
     from conftest import full_and_resumed
+    from torch.utils.data import TensorDataset
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(160, 1, 28, 28, generator=g), torch.randint(0, 10, (160,), generator=g)
@@ -350,8 +416,16 @@ def test_the_trainer_takes_any_dataset_and_loss_and_resumes_exactly(tmp_path):
 
     def make(out):
         torch.manual_seed(0)
-        cfg = _trainer_config(out, ["sparsity.method=rigl", "sparsity.sparsity=0.8", "sparsity.update_every_steps=3",
-                                    "run.checkpoint_every_steps=3", "data.val_fraction=0.25"])
+        cfg = _trainer_config(
+            out,
+            [
+                "sparsity.method=rigl",
+                "sparsity.sparsity=0.8",
+                "sparsity.update_every_steps=3",
+                "run.checkpoint_every_steps=3",
+                "data.val_fraction=0.25",
+            ],
+        )
         return Trainer(cfg, model=UserNet(), datasets=datasets, loss_fn=loss_fn)
 
     full, resumed = full_and_resumed(make, tmp_path, 5)

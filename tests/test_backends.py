@@ -4,18 +4,31 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import keep_masked, tiny_datasets
+
 import sparsetrain.execution.backends as backends
-from sparsetrain.execution.backends import direct
-from sparsetrain.execution import native
-from sparsetrain.execution.backends import CSRStructure, DirectStructure, SparseConv2d, apply_backend, csr_conv2d, csr_linear, direct_conv2d
+from sparsetrain.app import Trainer
 from sparsetrain.app.config import ConfigError, load_config
 from sparsetrain.core.masks import MaskSet, random_masks
-from sparsetrain.app import Trainer
+from sparsetrain.execution import native
+from sparsetrain.execution.backends import (
+    CSRStructure,
+    DirectStructure,
+    SparseConv2d,
+    apply_backend,
+    csr_conv2d,
+    csr_linear,
+    direct,
+    direct_conv2d,
+)
 
 CONVS = [  # (cin, cout, k, stride, padding, dilation)
-    (4, 6, 3, 1, 1, 1), (4, 6, 3, 2, 1, 1), (3, 5, 1, 1, 0, 1), (3, 5, 1, 2, 0, 1), (4, 4, 3, 1, 2, 2), (2, 3, 5, 1, 2, 1),
+    (4, 6, 3, 1, 1, 1),
+    (4, 6, 3, 2, 1, 1),
+    (3, 5, 1, 1, 0, 1),
+    (3, 5, 1, 2, 0, 1),
+    (4, 4, 3, 1, 2, 2),
+    (2, 3, 5, 1, 2, 1),
 ]
 
 
@@ -58,7 +71,9 @@ def _check_direct_against_float64(mask, x, stride, padding, dilation=1, layout=N
     w = (torch.randn(cout, cin, k, k) * mask).requires_grad_()
     b = torch.randn(cout, requires_grad=True)
     x = x.requires_grad_()
-    out = direct_conv2d(x, w, b, DirectStructure.from_mask(mask), (stride, stride), (padding, padding), (dilation, dilation))
+    out = direct_conv2d(
+        x, w, b, DirectStructure.from_mask(mask), (stride, stride), (padding, padding), (dilation, dilation)
+    )
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     ref = F.conv2d(x64, w64, b64, stride, padding, dilation)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -72,17 +87,29 @@ def _check_direct_against_float64(mask, x, stride, padding, dilation=1, layout=N
 
 
 TILED = [  # (cin, cout, k, padding, (h, w)): stride 1 on planes 16 or 32 columns wide (8 with AVX2, 64 with AVX-512)
-    (5, 7, 3, 1, (16, 16)), (3, 4, 3, 1, (32, 32)), (6, 3, 1, 0, (16, 16)), (4, 5, 3, 0, (18, 18)),
-    (2, 3, 5, 2, (32, 32)), (3, 2, 3, 2, (14, 14)),
+    (5, 7, 3, 1, (16, 16)),
+    (3, 4, 3, 1, (32, 32)),
+    (6, 3, 1, 0, (16, 16)),
+    (4, 5, 3, 0, (18, 18)),
+    (2, 3, 5, 2, (32, 32)),
+    (3, 2, 3, 2, (14, 14)),
     # heights that leave rows after the last whole tile with either vector width: the tail tiles
-    (3, 4, 3, 1, (13, 16)), (2, 3, 3, 1, (7, 32)), (4, 2, 1, 0, (31, 16)),
+    (3, 4, 3, 1, (13, 16)),
+    (2, 3, 3, 1, (7, 32)),
+    (4, 2, 1, 0, (31, 16)),
 ]
 
 
 CHANNELS_LAST = [  # (n, cin, cout, k, stride, padding, dilation, (h, w)): blocks of 1-16 images, a last block short
-    (3, 5, 7, 3, 1, 1, 1, (8, 8)), (5, 16, 32, 3, 1, 1, 1, (32, 32)), (2, 8, 6, 3, 2, 1, 1, (7, 7)),
-    (4, 6, 8, 1, 2, 0, 1, (13, 11)), (3, 4, 5, 7, 2, 3, 1, (9, 9)), (17, 12, 10, 3, 1, 1, 1, (4, 4)),
-    (6, 5, 5, 3, 1, 2, 2, (10, 10)), (9, 3, 4, 3, 1, 1, 1, (2, 2)), (2, 4, 4, 3, 1, 0, 1, (12, 12)),
+    (3, 5, 7, 3, 1, 1, 1, (8, 8)),
+    (5, 16, 32, 3, 1, 1, 1, (32, 32)),
+    (2, 8, 6, 3, 2, 1, 1, (7, 7)),
+    (4, 6, 8, 1, 2, 0, 1, (13, 11)),
+    (3, 4, 5, 7, 2, 3, 1, (9, 9)),
+    (17, 12, 10, 3, 1, 1, 1, (4, 4)),
+    (6, 5, 5, 3, 1, 2, 2, (10, 10)),
+    (9, 3, 4, 3, 1, 1, 1, (2, 2)),
+    (2, 4, 4, 3, 1, 0, 1, (12, 12)),
     (3, 4, 6, 3, 1, 3, 1, (5, 6)),  # padding beyond the kernel's reach: the input gradient scatters
 ]
 
@@ -98,7 +125,9 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
     mask[0] = False  # an output channel with no kept weight: its bias alone
     calls, kernels = [], ("nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad")
     for name in kernels:
-        monkeypatch.setattr(native, name, lambda *a, _fn=getattr(native, name), _name=name: calls.append(_name) or _fn(*a))
+        monkeypatch.setattr(
+            native, name, lambda *a, _fn=getattr(native, name), _name=name: calls.append(_name) or _fn(*a)
+        )
     _check_direct_against_float64(mask, x, stride, padding, dilation, layout=torch.channels_last)
     assert {"nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad"} <= set(calls)
 
@@ -120,6 +149,7 @@ def test_tiled_direct_conv_equals_float64(cin, cout, k, padding, size):
 def test_lists_from_a_threshold_equal_the_structure_of_the_mask(shape):
     """SWAT's per-step lists (C, from |w| >= threshold) are exactly DirectStructure.from_mask's, values included."""
     import numpy as np
+
     torch.manual_seed(0)
     w = torch.randn(shape)
     thr = float(w.abs().flatten().kthvalue(int(0.8 * w.numel())).values)
@@ -195,10 +225,15 @@ def test_auto_considers_the_direct_kernels_for_convolutions():
 SET_EVERY_2 = ["sparsity.method=set", "sparsity.update_every_steps=2"]
 
 
-@pytest.mark.parametrize("backend, method, channels_last", [
-    ("csr", SET_EVERY_2, False), pytest.param("direct", SET_EVERY_2, False, marks=needs_native),
-    pytest.param("direct", SET_EVERY_2, True, marks=needs_native),
-    ("channel", ["sparsity.method=static", "sparsity.scheme=channel_out"], False)])
+@pytest.mark.parametrize(
+    "backend, method, channels_last",
+    [
+        ("csr", SET_EVERY_2, False),
+        pytest.param("direct", SET_EVERY_2, False, marks=needs_native),
+        pytest.param("direct", SET_EVERY_2, True, marks=needs_native),
+        ("channel", ["sparsity.method=static", "sparsity.scheme=channel_out"], False),
+    ],
+)
 def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend, method, channels_last, monkeypatch):
     nhwc_calls = []
     if channels_last and native.available():
@@ -206,11 +241,22 @@ def test_training_with_a_sparse_backend_matches_masked_dense(tmp_path, backend, 
         monkeypatch.setattr(native, "nhwc_conv_forward", lambda *a: nhwc_calls.append(1) or kernel(*a))
 
     def run(backend):
-        cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
-                                     "run.progress=false", f"model.channels_last={str(channels_last).lower()}",
-                                     "optim.epochs=1",
-                                     f"run.out_dir={tmp_path / backend}", *method, "sparsity.sparsity=0.8",
-                                     "sparsity.dense_layers=[]", f"sparsity.backend={backend}"])
+        cfg = load_config(
+            overrides=[
+                "model.name=small_cnn",
+                "data.dataset=mnist",
+                "optim.batch_size=32",
+                "run.threads=1",
+                "run.progress=false",
+                f"model.channels_last={str(channels_last).lower()}",
+                "optim.epochs=1",
+                f"run.out_dir={tmp_path / backend}",
+                *method,
+                "sparsity.sparsity=0.8",
+                "sparsity.dense_layers=[]",
+                f"sparsity.backend={backend}",
+            ]
+        )
         trainer = Trainer(cfg, datasets=tiny_datasets(n_train=128))
         summary = trainer.fit()
         return trainer, summary
@@ -255,8 +301,10 @@ def test_semi_structured_needs_its_scheme_and_a_capable_gpu():
         apply_backend(model, ms, "semi_structured")
 
 
-@pytest.mark.skipif(backends.semi_structured_available() is not None,
-                    reason=f"2:4 semi-structured path not runnable here: {backends.semi_structured_available()}")
+@pytest.mark.skipif(
+    backends.semi_structured_available() is not None,
+    reason=f"2:4 semi-structured path not runnable here: {backends.semi_structured_available()}",
+)
 def test_semi_structured_linear_equals_masked_dense():
     from sparsetrain.core.schemes import parse_scheme
 
@@ -280,16 +328,24 @@ def _channel_mask(shape, keep_every=2):
     return mask
 
 
-@pytest.mark.parametrize("layer, x", [
-    (nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)),
-    (nn.Conv2d(4, 6, 1, bias=False), torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)),
-    (nn.Linear(5, 7), torch.randn(3, 2, 5)),
-])
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)),
+        (nn.Conv2d(4, 6, 1, bias=False), torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)),
+        (nn.Linear(5, 7), torch.randn(3, 2, 5)),
+    ],
+)
 def test_channel_backend_equals_masked_dense(layer, x):
     torch.manual_seed(0)
-    ref = type(layer)(*([layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding]
-                        if isinstance(layer, nn.Conv2d) else [layer.in_features, layer.out_features]),
-                      bias=layer.bias is not None)
+    ref = type(layer)(
+        *(
+            [layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding]
+            if isinstance(layer, nn.Conv2d)
+            else [layer.in_features, layer.out_features]
+        ),
+        bias=layer.bias is not None,
+    )
     ref.load_state_dict(layer.state_dict())
     ms = MaskSet.for_model(nn.Sequential(layer), [])
     ms.set_mask("0.weight", _channel_mask(layer.weight.shape))
@@ -335,16 +391,23 @@ def test_channel_backend_recompacts_when_the_mask_changes():
     torch.testing.assert_close(out, F.conv2d(x, layer.weight * new, layer.bias, padding=1))
 
 
-@pytest.mark.parametrize("fast", [("channels_last", "choices"), ("contiguous_format", "choices"),
-                                  ("channels_last", "masked")])
+@pytest.mark.parametrize(
+    "fast", [("channels_last", "choices"), ("contiguous_format", "choices"), ("channels_last", "masked")]
+)
 def test_auto_keeps_the_fastest_whole_step_and_leaves_the_model_as_it_was(fast):
     import time as _time
 
     from sparsetrain.execution.backends import settle_layout
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 4),
+    )
     ms = MaskSet.for_model(model, [])
     random_masks(ms, 0.9, torch.Generator().manual_seed(0))
     layers = apply_backend(model, ms, "auto")
@@ -380,9 +443,9 @@ def _channel_pair(model_name: str, width: float):
     definition: the same model where a removed filter's BatchNorm gamma and beta are zero too."""
     import copy
 
+    from sparsetrain.core.schemes import parse_scheme
     from sparsetrain.execution.backends.channel_pairs import shrink_both_sides
     from sparsetrain.models import build_model
-    from sparsetrain.core.schemes import parse_scheme
 
     torch.manual_seed(0)
     model = build_model(model_name, 10, width).double()
@@ -451,8 +514,16 @@ def test_channels_shrunk_on_both_sides_train_like_masked_dense_and_keep_residual
 
 def test_channel_both_sides_needs_the_channel_backend_and_a_static_mask():
     with pytest.raises(ValueError, match="channel_both_sides removes a filter's BatchNorm channel"):
-        load_config(overrides=["model.name=vgg16", "sparsity.method=rigl", "sparsity.sparsity=0.5",
-                               "sparsity.scheme=channel_out", "sparsity.backend=channel", "sparsity.channel_both_sides=true"])
+        load_config(
+            overrides=[
+                "model.name=vgg16",
+                "sparsity.method=rigl",
+                "sparsity.sparsity=0.5",
+                "sparsity.scheme=channel_out",
+                "sparsity.backend=channel",
+                "sparsity.channel_both_sides=true",
+            ]
+        )
 
 
 def test_compact_channel_blocks_train_like_the_uncompacted_layers_and_export_dense_weights():

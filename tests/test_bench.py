@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from sparsetrain.execution import native
 from sparsetrain.app.bench import build, peak_memory, run_bench
 from sparsetrain.app.cli import main
+from sparsetrain.execution import native
 
 
 def test_bench_reports_every_configuration_and_sparsity(tmp_path):
@@ -27,8 +27,30 @@ def test_peak_memory_runs_in_a_fresh_process_and_grows_with_the_batch():
 
 def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert main(["bench", "--model", "small_cnn", "--configs", "masked", "--sparsity", "0.8", "--batch", "4",
-                 "--pairs", "2", "--warmup", "1", "--json", str(out), "--png", str(png)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "small_cnn",
+                "--configs",
+                "masked",
+                "--sparsity",
+                "0.8",
+                "--batch",
+                "4",
+                "--pairs",
+                "2",
+                "--warmup",
+                "1",
+                "--json",
+                str(out),
+                "--png",
+                str(png),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())
     assert rows[0]["config"] == "masked" and rows[0]["sparsity"] == 0.8
     assert 0 < rows[0]["mem_ratio"] < 2 and set(rows[0]["peak_bytes"]) == {"dense", "masked"}
@@ -36,10 +58,13 @@ def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
     assert "masked" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--configs", "sparse"], "unknown configuration 'sparse'"),
-    (["--sparsity", "1.5"], "sparsity must be in (0, 1), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--configs", "sparse"], "unknown configuration 'sparse'"),
+        (["--sparsity", "1.5"], "sparsity must be in (0, 1), got 1.5"),
+    ],
+)
 def test_cli_bench_refuses_bad_input(args, message, capsys):
     assert main(["bench", "--model", "small_cnn", "--no-memory", *args]) == 2
     assert message in capsys.readouterr().err

@@ -107,24 +107,37 @@ def test_the_budget_sweep_starts_only_unrecorded_runs_at_one_thread_each(monkeyp
     budget_sweep.sweep(type("Args", (), {"data": "d", "epochs": 60, "parallel": 2, "device": "cpu"})())
     names = [cmd[cmd.index("--runs") + 1] for cmd in started]
     assert names == [n for n in budget_sweep.RUNS if n != "dense"]  # dense is recorded at 60 epochs; rigl only at 15
-    assert all(cmd[cmd.index("--threads") + 1] == "1" and cmd[cmd.index("--results") + 1] == budget_sweep.BUDGET_FILE
-               for cmd in started)
+    assert all(
+        cmd[cmd.index("--threads") + 1] == "1" and cmd[cmd.index("--results") + 1] == budget_sweep.BUDGET_FILE
+        for cmd in started
+    )
 
 
 def test_the_budget_table_pairs_each_budget_with_dense_and_leaves_missing_runs_blank(monkeypatch, tmp_path):
     import budget_sweep
 
-    files = {"protocol_a.jsonl": [_rec(None, 0, 85.0, "dense"), _rec("rigl", 0, 80.0), _rec("rigl", 1, 99.0),
-                                  _rec("swat-u80", 0, 83.0)],
-             budget_sweep.BUDGET_FILE: [_rec("dense", 0, 88.0), _rec("rigl", 0, 84.5)]}
+    files = {
+        "protocol_a.jsonl": [
+            _rec(None, 0, 85.0, "dense"),
+            _rec("rigl", 0, 80.0),
+            _rec("rigl", 1, 99.0),
+            _rec("swat-u80", 0, 83.0),
+        ],
+        budget_sweep.BUDGET_FILE: [_rec("dense", 0, 88.0), _rec("rigl", 0, 84.5)],
+    }
     for recs in files.values():
         for r in recs:
             r.setdefault("epochs", 60 if recs is files[budget_sweep.BUDGET_FILE] else 15)
     monkeypatch.setattr(budget_sweep, "read_records", lambda path: files[path])
     monkeypatch.setattr(budget_sweep, "RESULTS", tmp_path)
     accs = budget_sweep.accuracies()
-    assert accs == {("dense", 15): 85.0, ("rigl", 15): 80.0, ("swat-u80", 15): 83.0, ("dense", 60): 88.0,
-                    ("rigl", 60): 84.5}  # seed 0 only; the oldest dense record names its method only
+    assert accs == {
+        ("dense", 15): 85.0,
+        ("rigl", 15): 80.0,
+        ("swat-u80", 15): 83.0,
+        ("dense", 60): 88.0,
+        ("rigl", 60): 84.5,
+    }  # seed 0 only; the oldest dense record names its method only
     rows = {line.split(" | ")[0].strip("| "): line for line in budget_sweep.table(accs).read_text().splitlines()}
     assert rows["rigl"] == "| rigl | 80.00 | -5.00 | 84.50 | -3.50 |"
     assert rows["swat-u80"] == "| swat-u80 | 83.00 | -2.00 |  |  |"

@@ -7,22 +7,27 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import full_and_resumed, tiny_datasets
+
+from sparsetrain.app import Trainer
+from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.core.masks import MaskSet, random_masks
 from sparsetrain.execution import native
 from sparsetrain.execution.backends import apply_backend
 from sparsetrain.execution.backends.compact import CompactConv2d, compact_layers
-from sparsetrain.app.config import ConfigError, load_config
-from sparsetrain.core.masks import MaskSet, random_masks
-from sparsetrain.app import Trainer
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the direct kernels")
 
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(),
-                         nn.Linear(8 * 5 * 5, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 5 * 5, 4),
+    )
 
 
 def test_compact_layer_holds_only_kept_weights_and_matches_masked_dense():
@@ -56,8 +61,10 @@ def test_compact_layer_holds_only_kept_weights_and_matches_masked_dense():
     assert opt.state[model[0].values]["momentum_buffer"].shape == model[0].values.shape
 
     # a mask change re-lays weights and momentum: kept by both masks keep theirs, grown ones start at zero
-    before_w, before_m = model[0].weight.clone(), ms.owners["0.weight"].compact.dense(
-        opt.state[model[0].values]["momentum_buffer"])
+    before_w, before_m = (
+        model[0].weight.clone(),
+        ms.owners["0.weight"].compact.dense(opt.state[model[0].values]["momentum_buffer"]),
+    )
     new = kept.clone()
     new.view(-1)[kept.view(-1).nonzero()[:5]] = False
     new.view(-1)[(~kept).view(-1).nonzero()[:5]] = True
@@ -84,10 +91,23 @@ def test_loading_a_plain_state_dict_fills_the_kept_weights():
 
 
 def _config(out, extra=()):
-    return load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
-                                  "run.progress=false", "model.channels_last=false", "optim.epochs=2",
-                                  "run.checkpoint_every_steps=3", f"run.out_dir={out}", "sparsity.method=static",
-                                  "sparsity.sparsity=0.8", "sparsity.dense_layers=[last]", *extra])
+    return load_config(
+        overrides=[
+            "model.name=small_cnn",
+            "data.dataset=mnist",
+            "optim.batch_size=32",
+            "run.threads=1",
+            "run.progress=false",
+            "model.channels_last=false",
+            "optim.epochs=2",
+            "run.checkpoint_every_steps=3",
+            f"run.out_dir={out}",
+            "sparsity.method=static",
+            "sparsity.sparsity=0.8",
+            "sparsity.dense_layers=[last]",
+            *extra,
+        ]
+    )
 
 
 def test_training_with_compact_state_matches_masked_dense_and_resumes(tmp_path):
@@ -95,7 +115,9 @@ def test_training_with_compact_state_matches_masked_dense_and_resumes(tmp_path):
     masked = Trainer(_config(tmp_path / "masked"), datasets=data)
     masked.fit()
     compact = ["sparsity.backend=direct", "sparsity.compact_state=true"]
-    full, resumed = full_and_resumed(lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=4)
+    full, resumed = full_and_resumed(
+        lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=4
+    )
     assert isinstance(full.model[3], CompactConv2d) and isinstance(resumed.model[3], CompactConv2d)
     for k, v in masked.model.state_dict().items():
         torch.testing.assert_close(full.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
@@ -108,7 +130,9 @@ def test_mest_with_compact_state_matches_masked_dense_and_resumes_across_a_mutat
     masked = Trainer(_config(tmp_path / "masked", mest), datasets=data)
     masked.fit()
     compact = [*mest, "sparsity.backend=direct", "sparsity.compact_state=true"]
-    full, resumed = full_and_resumed(lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=5)
+    full, resumed = full_and_resumed(
+        lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=5
+    )
     assert full.method.updates >= 2 and isinstance(full.model[3], CompactConv2d)
     for n, m in masked.method.maskset.masks.items():
         assert torch.equal(full.method.maskset.masks[n], m)
@@ -125,7 +149,9 @@ def test_rigl_and_set_with_compact_state_match_masked_dense_and_resume(tmp_path,
     masked = Trainer(_config(tmp_path / "masked", dst), datasets=data)
     masked.fit()
     compact = [*dst, "sparsity.backend=direct", "sparsity.compact_state=true"]
-    full, resumed = full_and_resumed(lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=5)
+    full, resumed = full_and_resumed(
+        lambda out: Trainer(_config(out, compact), datasets=data), tmp_path / "c", stop_at_step=5
+    )
     assert full.method.updates >= 4 and isinstance(full.model[3], CompactConv2d)
     assert not full.method.maskset.captured  # the full weight gradients live only until the update read them
     for n, m in masked.method.maskset.masks.items():
@@ -137,8 +163,16 @@ def test_rigl_and_set_with_compact_state_match_masked_dense_and_resume(tmp_path,
 
 
 def test_compact_state_needs_the_direct_backend_and_a_method_without_dense_gradients():
-    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto'"):
+    with pytest.raises(
+        ConfigError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto'"
+    ):
         load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"])
     with pytest.raises(ConfigError, match="method 'lottery'"):
-        load_config(overrides=["sparsity.method=lottery", "sparsity.sparsity=0.5", "sparsity.backend=direct",
-                               "sparsity.compact_state=true"])
+        load_config(
+            overrides=[
+                "sparsity.method=lottery",
+                "sparsity.sparsity=0.5",
+                "sparsity.backend=direct",
+                "sparsity.compact_state=true",
+            ]
+        )

@@ -6,17 +6,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.core.masks import MaskSet, random_masks
+from sparsetrain.core.schemes import parse_scheme
 from sparsetrain.execution import native
 from sparsetrain.execution.backends import CondensedStructure, apply_backend, condensed_linear
 from sparsetrain.execution.backends.compact import CompactLinear, compact_layers
-from sparsetrain.core.masks import MaskSet, random_masks
-from sparsetrain.core.schemes import parse_scheme
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the condensed kernels")
 
 SHAPES = [  # (tokens, in, out, density, fan_in)
-    (1, 5, 3, 0.4, False), (63, 37, 23, 0.3, True), (64, 16, 64, 0.1, True), (65, 64, 16, 0.5, False),
-    (130, 48, 96, 0.1, True), (200, 96, 40, 0.05, False),
+    (1, 5, 3, 0.4, False),
+    (63, 37, 23, 0.3, True),
+    (64, 16, 64, 0.1, True),
+    (65, 64, 16, 0.5, False),
+    (130, 48, 96, 0.1, True),
+    (200, 96, 40, 0.05, False),
 ]
 
 
@@ -62,7 +66,7 @@ def test_batched_inputs_empty_rows_and_compact_values():
     torch.testing.assert_close(y[..., 3], b[3].expand(3, 5))
     g = torch.randn_like(y)
     gx, gv = torch.autograd.grad(y, (x, values), g)
-    gw = (g.reshape(-1, 12).t() @ x.detach().reshape(-1, 20))
+    gw = g.reshape(-1, 12).t() @ x.detach().reshape(-1, 20)
     torch.testing.assert_close(gv, gw.reshape(-1)[s.flat_index], rtol=1e-5, atol=1e-5)  # kept weights, in row order
     torch.testing.assert_close(gx, g @ w, rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(gx[..., 7]) == 0 and gv.shape == (int(mask.sum()),)
@@ -110,8 +114,11 @@ def _train(backend: str, compact: bool, method: str, steps: int = 6):
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     kw = dict(sparsity=0.8, scheme="fan_in", dense_layers=["last"], steps_per_epoch=2, epochs=steps // 2)
-    sp = {"static": lambda: st.static(model, opt, **kw), "mest": lambda: st.mest(model, opt, every_epochs=1, **kw),
-          "rigl": lambda: st.rigl(model, opt, update_every_steps=2, update_end=1.0, **kw)}[method]()
+    sp = {
+        "static": lambda: st.static(model, opt, **kw),
+        "mest": lambda: st.mest(model, opt, every_epochs=1, **kw),
+        "rigl": lambda: st.rigl(model, opt, update_every_steps=2, update_end=1.0, **kw),
+    }[method]()
     if backend != "masked":
         layers = apply_backend(model, sp.maskset, backend)
         if compact:
@@ -161,11 +168,25 @@ def test_compact_state_holds_only_the_kept_weights_and_their_adam_moments():
 
 
 def test_the_config_takes_condensed_with_compact_state_and_refuses_it_elsewhere():
-    cfg = load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=condensed",
-                                 "sparsity.compact_state=true"])
+    cfg = load_config(
+        overrides=[
+            "sparsity.method=static",
+            "sparsity.sparsity=0.9",
+            "sparsity.backend=condensed",
+            "sparsity.compact_state=true",
+        ]
+    )
     assert cfg.sparsity.backend == "condensed"
-    with pytest.raises(ConfigError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto'"):
-        load_config(overrides=["sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=csr",
-                               "sparsity.compact_state=true"])
+    with pytest.raises(
+        ConfigError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or 'auto'"
+    ):
+        load_config(
+            overrides=[
+                "sparsity.method=static",
+                "sparsity.sparsity=0.9",
+                "sparsity.backend=csr",
+                "sparsity.compact_state=true",
+            ]
+        )
     with pytest.raises(ConfigError, match="condensed"):
         load_config(overrides=["sparsity.backend=fast"])

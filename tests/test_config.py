@@ -52,8 +52,16 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_overrides_merge_over_the_file_and_parse_as_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.05\n  epochs: 3\nmodel:\n  name: vgg16\n")
-    cfg = load_config(path, ["optim.lr=0.2", "sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.dense_layers=[first]",
-                             "run.progress=false"])
+    cfg = load_config(
+        path,
+        [
+            "optim.lr=0.2",
+            "sparsity.method=static",
+            "sparsity.sparsity=0.5",
+            "sparsity.dense_layers=[first]",
+            "run.progress=false",
+        ],
+    )
     assert cfg.optim.lr == 0.2 and cfg.optim.epochs == 3 and cfg.model.name == "vgg16"
     assert cfg.sparsity.dense_layers == ["first"] and cfg.run.progress is False
     with pytest.raises(ConfigError, match="section.key=value"):

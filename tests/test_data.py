@@ -13,24 +13,44 @@ import pytest
 import torch
 
 from sparsetrain.data import images as D
-from sparsetrain.data.images import DATASETS, BatchLoader, DatasetError, augment_batch, load_dataset, read_idx, split_validation
+from sparsetrain.data.images import (
+    DATASETS,
+    BatchLoader,
+    DatasetError,
+    augment_batch,
+    load_dataset,
+    read_idx,
+    split_validation,
+)
 
 
 def make_cifar_archive(path: Path, n_per_batch: int = 20) -> Path:
     """A miniature of the official cifar-10-python.tar.gz: 5 data batches, a test batch, meta."""
     rng = np.random.default_rng(1)
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name, obj):
             raw = pickle.dumps(obj)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
+
         add("batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
         for i in range(1, 6):
-            add(f"data_batch_{i}", {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                                    b"labels": list(rng.integers(0, 10, n_per_batch))})
-        add("test_batch", {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                           b"labels": list(rng.integers(0, 10, n_per_batch))})
+            add(
+                f"data_batch_{i}",
+                {
+                    b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                    b"labels": list(rng.integers(0, 10, n_per_batch)),
+                },
+            )
+        add(
+            "test_batch",
+            {
+                b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                b"labels": list(rng.integers(0, 10, n_per_batch)),
+            },
+        )
     return path
 
 
@@ -149,7 +169,7 @@ def test_augmentation_is_batched_deterministic_and_a_crop():
     # every output is a shifted (and possibly flipped) window of the zero-padded input
     xp = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for k in range(8):
-        windows = [xp[k, :, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+        windows = [xp[k, :, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
         assert any(torch.equal(a[k], w) or torch.equal(a[k], w.flip(2)) for w in windows)
 
 

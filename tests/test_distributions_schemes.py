@@ -5,8 +5,8 @@ import torch
 
 from sparsetrain.core.distributions import layer_densities
 from sparsetrain.core.masks import select_parameters
-from sparsetrain.models import build_model
 from sparsetrain.core.schemes import KERNEL_PATTERNS, parse_scheme
+from sparsetrain.models import build_model
 
 
 def _shapes(name, dense=("first", "last")):
@@ -64,13 +64,18 @@ def test_schemes_reach_their_target_to_one_unit(model, scheme_name):
             assert int(on.sum()) == round(density * w.numel() / 4)
             assert all(any(torch.equal(u, p) for p in KERNEL_PATTERNS) for u in units[on][:50])
         else:
-            expected = round(density * (w.numel() if scheme_name in ("unstructured",) or scheme_name.startswith("block_") else n_units)
-                             / (1 if not scheme_name.startswith("block_") else units.shape[1]))
+            expected = round(
+                density
+                * (w.numel() if scheme_name in ("unstructured",) or scheme_name.startswith("block_") else n_units)
+                / (1 if not scheme_name.startswith("block_") else units.shape[1])
+            )
             if scheme_name.startswith("block_"):
                 expected = round(density * n_units)
             assert abs(int(on.sum()) - expected) <= 1
             assert bool(units[on].all())  # whole units kept
-        assert abs(mask.float().mean().item() - density) <= (units.shape[1] / w.numel()) + 0.12 * (scheme_name == "pattern")
+        assert abs(mask.float().mean().item() - density) <= (units.shape[1] / w.numel()) + 0.12 * (
+            scheme_name == "pattern"
+        )
 
 
 def test_schemes_keep_the_best_units():
@@ -96,12 +101,15 @@ def test_nm_keeps_n_of_every_m_along_the_input():
         parse_scheme("nm_2:4").mask(w, 0.1)
 
 
-@pytest.mark.parametrize("scheme, shape, message", [
-    ("block_4x1", (10, 3, 3, 3), "does not divide into 4x1 blocks"),
-    ("nm_2:4", (8, 6), "does not divide into groups of 4"),
-    ("kernel", (8, 6), "Conv2d weights only"),
-    ("pattern", (8, 4, 5, 5), "needs 3x3 kernels"),
-])
+@pytest.mark.parametrize(
+    "scheme, shape, message",
+    [
+        ("block_4x1", (10, 3, 3, 3), "does not divide into 4x1 blocks"),
+        ("nm_2:4", (8, 6), "does not divide into groups of 4"),
+        ("kernel", (8, 6), "Conv2d weights only"),
+        ("pattern", (8, 4, 5, 5), "needs 3x3 kernels"),
+    ],
+)
 def test_shapes_that_do_not_fit_are_refused(scheme, shape, message):
     with pytest.raises(ValueError, match=message):
         parse_scheme(scheme).mask(torch.rand(shape), 0.25, "some.layer")
@@ -150,13 +158,16 @@ def test_fan_in_stays_constant_through_every_update(factory):
     import sparsetrain as st
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     kw = dict(sparsity=0.8, scheme="fan_in", dense_layers=["last"], steps_per_epoch=4, epochs=4)
-    sp = {"set": lambda: st.set(model, opt, update_every_steps=2, update_end=1.0, **kw),
-          "rigl": lambda: st.rigl(model, opt, update_every_steps=2, update_end=1.0, **kw),
-          "mest": lambda: st.mest(model, opt, every_epochs=1, mutation_ratio=[[0, 0.3]], **kw)}[factory]()
+    sp = {
+        "set": lambda: st.set(model, opt, update_every_steps=2, update_end=1.0, **kw),
+        "rigl": lambda: st.rigl(model, opt, update_every_steps=2, update_end=1.0, **kw),
+        "mest": lambda: st.mest(model, opt, every_epochs=1, mutation_ratio=[[0, 0.3]], **kw),
+    }[factory]()
     start = {n: _fan_in(m) for n, m in sp.maskset.masks.items()}
     x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
     changed = 0
@@ -202,8 +213,17 @@ def test_rigl_with_neuron_ablation_keeps_a_constant_fan_in_on_live_neurons():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with torch.no_grad():
         model[0].weight[:8] *= 1e-4  # eight neurons with no salient weight
-    sp = st.rigl(model, opt, sparsity=0.8, scheme="fan_in", dense_layers=["last"], total_steps=8, update_every_steps=2,
-                 update_end=1.0, neuron_ablation=0.3)
+    sp = st.rigl(
+        model,
+        opt,
+        sparsity=0.8,
+        scheme="fan_in",
+        dense_layers=["last"],
+        total_steps=8,
+        update_every_steps=2,
+        update_end=1.0,
+        neuron_ablation=0.3,
+    )
     assert "neuron_ablation=0.3" in repr(sp)
     x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
     for _ in range(8):
@@ -216,9 +236,24 @@ def test_rigl_with_neuron_ablation_keeps_a_constant_fan_in_on_live_neurons():
     dead = (fans == 0).nonzero().squeeze(1).tolist()
     assert len(dead) >= 4 and max(dead) < 8  # only weakened neurons were ablated
     assert int(fans.max()) * (64 - len(dead)) <= round(0.2 * 32) * 64  # no more weights than the budget
-    with pytest.raises(ValueError, match="neuron_ablation is SRigL's rule for constant fan-in masks; it needs scheme 'fan_in'"):
-        st.rigl(torch.nn.Sequential(torch.nn.Linear(4, 4)), None, sparsity=0.5, total_steps=4, dense_layers=[],
-                neuron_ablation=0.3)
+    with pytest.raises(
+        ValueError, match="neuron_ablation is SRigL's rule for constant fan-in masks; it needs scheme 'fan_in'"
+    ):
+        st.rigl(
+            torch.nn.Sequential(torch.nn.Linear(4, 4)),
+            None,
+            sparsity=0.5,
+            total_steps=4,
+            dense_layers=[],
+            neuron_ablation=0.3,
+        )
     with pytest.raises(ValueError, match=r"neuron_ablation must be in \[0, 1\)"):
-        st.rigl(torch.nn.Sequential(torch.nn.Linear(4, 4)), None, sparsity=0.5, total_steps=4, dense_layers=[],
-                scheme="fan_in", neuron_ablation=1.5)
+        st.rigl(
+            torch.nn.Sequential(torch.nn.Linear(4, 4)),
+            None,
+            sparsity=0.5,
+            total_steps=4,
+            dense_layers=[],
+            scheme="fan_in",
+            neuron_ablation=1.5,
+        )

@@ -5,18 +5,26 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import full_and_resumed, tiny_datasets
+
 import sparsetrain as st
+from sparsetrain.app import Trainer
 from sparsetrain.app.config import load_config
 from sparsetrain.methods import METHODS
 from sparsetrain.methods.mest import phase_value
-from sparsetrain.recipes.data_efficiency import ForgettingTracker
 from sparsetrain.models import build_model
-from sparsetrain.app import Trainer
+from sparsetrain.recipes.data_efficiency import ForgettingTracker
 
-BASE = ["model.name=mlp", "data.dataset=mnist", "optim.batch_size=32", "optim.lr=0.1", "run.threads=1",
-        "run.progress=false", "model.channels_last=false", "sparsity.dense_layers=[]"]
+BASE = [
+    "model.name=mlp",
+    "data.dataset=mnist",
+    "optim.batch_size=32",
+    "optim.lr=0.1",
+    "run.threads=1",
+    "run.progress=false",
+    "model.channels_last=false",
+    "sparsity.dense_layers=[]",
+]
 
 
 def _manual(method_overrides, steps=12):
@@ -25,7 +33,9 @@ def _manual(method_overrides, steps=12):
     torch.manual_seed(0)
     model = build_model("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    method = METHODS[cfg.sparsity.method](model, opt, steps_per_epoch=steps, epochs=1, seed=1, **cfg.sparsity.method_kwargs())
+    method = METHODS[cfg.sparsity.method](
+        model, opt, steps_per_epoch=steps, epochs=1, seed=1, **cfg.sparsity.method_kwargs()
+    )
     data = tiny_datasets(n_train=64)["train"]
     x, y = data.images.float() / 255, data.labels
     for step in range(steps):
@@ -41,8 +51,13 @@ def _manual(method_overrides, steps=12):
 
 @pytest.mark.parametrize("name, check_phase", [("set", "after"), ("rigl", "pre-step")])
 def test_set_and_rigl_keep_the_budget_and_start_grown_weights_fresh(name, check_phase):
-    overrides = [f"sparsity.method={name}", "sparsity.sparsity=0.8", "sparsity.update_every_steps=3",
-                 "sparsity.update_end=1.0", "sparsity.distribution=erk"]
+    overrides = [
+        f"sparsity.method={name}",
+        "sparsity.sparsity=0.8",
+        "sparsity.update_every_steps=3",
+        "sparsity.update_end=1.0",
+        "sparsity.distribution=erk",
+    ]
     counts, previous, updates = None, None, 0
     for step, method, opt, phase in _manual(overrides):
         ms = method.maskset
@@ -65,8 +80,9 @@ def test_set_and_rigl_keep_the_budget_and_start_grown_weights_fresh(name, check_
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest():
-    for step, method, opt, phase in _manual(["sparsity.method=rigl", "sparsity.sparsity=0.8", "sparsity.update_every_steps=3",
-                                             "sparsity.update_end=1.0"]):
+    for step, method, opt, phase in _manual(
+        ["sparsity.method=rigl", "sparsity.sparsity=0.8", "sparsity.update_every_steps=3", "sparsity.update_end=1.0"]
+    ):
         if phase == "before" and (step + 1) % 3 == 0:
             ms = method.maskset
             n = next(iter(ms.masks))
@@ -80,8 +96,17 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
 
 
 def _mest_trainer(tmp_path, extra, epochs=4):
-    cfg = load_config(overrides=[*BASE, f"optim.epochs={epochs}", f"run.out_dir={tmp_path}", "sparsity.method=mest",
-                                 "sparsity.sparsity=0.8", "sparsity.mest.every_epochs=1", *extra])
+    cfg = load_config(
+        overrides=[
+            *BASE,
+            f"optim.epochs={epochs}",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=mest",
+            "sparsity.sparsity=0.8",
+            "sparsity.mest.every_epochs=1",
+            *extra,
+        ]
+    )
     return Trainer(cfg, datasets=tiny_datasets())
 
 
@@ -115,8 +140,14 @@ def test_mest_prune_score_uses_weights_and_last_gradient():
 
 
 def test_mest_soft_bound_grows_first_then_prunes_back(tmp_path):
-    trainer = _mest_trainer(tmp_path, ["sparsity.mest.soft_bound=true", "sparsity.mest.mutation_ratio=[[0,0.2],[0.5,0.1],[0.75,0]]",
-                                       "sparsity.mest.excess=[[0,0.05],[0.5,0.025],[0.75,0]]"])
+    trainer = _mest_trainer(
+        tmp_path,
+        [
+            "sparsity.mest.soft_bound=true",
+            "sparsity.mest.mutation_ratio=[[0,0.2],[0.5,0.1],[0.75,0]]",
+            "sparsity.mest.excess=[[0,0.05],[0.5,0.025],[0.75,0]]",
+        ],
+    )
     ms = trainer.method.maskset
     target = sum(int(m.sum()) for m in ms.masks.values())
     numel = sum(m.numel() for m in ms.masks.values())
@@ -142,8 +173,16 @@ def test_mest_soft_bound_grows_first_then_prunes_back(tmp_path):
 
 def test_rigl_accounting_includes_its_dense_gradient_steps(tmp_path):
     def rel(method, extra=()):
-        cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path / method}", f"sparsity.method={method}",
-                                     "sparsity.sparsity=0.9", *extra])
+        cfg = load_config(
+            overrides=[
+                *BASE,
+                "optim.epochs=1",
+                f"run.out_dir={tmp_path / method}",
+                f"sparsity.method={method}",
+                "sparsity.sparsity=0.9",
+                *extra,
+            ]
+        )
         return Trainer(cfg, datasets=tiny_datasets()).fit()["train_flops_rel"]
 
     static, rigl = rel("static"), rel("rigl", ["sparsity.update_every_steps=2"])
@@ -173,9 +212,18 @@ def test_forgetting_statistics_and_removal():
 
 
 def test_data_efficiency_trains_fewer_steps_with_the_same_schedule(tmp_path):
-    cfg = load_config(overrides=[*BASE, "optim.epochs=3", f"run.out_dir={tmp_path}", "sparsity.method=mest",
-                                 "sparsity.sparsity=0.5", "sparsity.data_efficiency.enabled=true",
-                                 "sparsity.data_efficiency.remove_epoch=1", "sparsity.data_efficiency.remove_fraction=0.25"])
+    cfg = load_config(
+        overrides=[
+            *BASE,
+            "optim.epochs=3",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=mest",
+            "sparsity.sparsity=0.5",
+            "sparsity.data_efficiency.enabled=true",
+            "sparsity.data_efficiency.remove_epoch=1",
+            "sparsity.data_efficiency.remove_fraction=0.25",
+        ]
+    )
     trainer = Trainer(cfg, datasets=tiny_datasets())
     summary = trainer.fit()
     assert summary["steps_full_data"] == 24 and summary["steps"] == 8 + 6 + 6
@@ -188,16 +236,35 @@ def test_data_efficiency_trains_fewer_steps_with_the_same_schedule(tmp_path):
     assert records[-1]["lr"] < 0.01  # the cosine still reaches its end with fewer steps per epoch
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("mest", ["sparsity.mest.soft_bound=true", "sparsity.data_efficiency.enabled=true", "sparsity.data_efficiency.remove_epoch=1",
-              "sparsity.mest.every_epochs=1"]),
-    ("rigl", ["sparsity.update_every_steps=3"]),
-    ("set", ["sparsity.update_every_steps=3", "sparsity.scheme=channel_out"]),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        (
+            "mest",
+            [
+                "sparsity.mest.soft_bound=true",
+                "sparsity.data_efficiency.enabled=true",
+                "sparsity.data_efficiency.remove_epoch=1",
+                "sparsity.mest.every_epochs=1",
+            ],
+        ),
+        ("rigl", ["sparsity.update_every_steps=3"]),
+        ("set", ["sparsity.update_every_steps=3", "sparsity.scheme=channel_out"]),
+    ],
+)
 def test_resume_mid_training_reproduces_masks_and_weights(tmp_path, method, extra):
     def config(out):
-        return load_config(overrides=[*BASE, "optim.epochs=3", f"run.out_dir={out}", f"sparsity.method={method}",
-                                      "sparsity.sparsity=0.8", "run.checkpoint_every_steps=5", *extra])
+        return load_config(
+            overrides=[
+                *BASE,
+                "optim.epochs=3",
+                f"run.out_dir={out}",
+                f"sparsity.method={method}",
+                "sparsity.sparsity=0.8",
+                "run.checkpoint_every_steps=5",
+                *extra,
+            ]
+        )
 
     # stopped mid-epoch 2 (step 13), after the checkpoint at step 10
     full, resumed = full_and_resumed(lambda out: Trainer(config(out), datasets=tiny_datasets()), tmp_path, 13)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import train_steps
 
 import sparsetrain as st
-from conftest import train_steps
 from sparsetrain.execution import native
 from sparsetrain.execution.backends import BACKENDS, auto
 from sparsetrain.execution.plan import ExecutionPlan
@@ -131,9 +131,12 @@ def test_the_factories_refuse_through_the_backends_declarations():
     with pytest.raises(ValueError, match="method 'swat' runs under backend 'masked', 'direct' or 'auto'"):
         st.swat(*fresh(), sparsity=0.5, execution="csr")
     model, opt = fresh()
-    with pytest.raises(ValueError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or"):
-        st.lottery(model, opt, sparsity=0.5, trained=dict(Net().named_parameters()), execution="direct",
-                   compact_state=True)
+    with pytest.raises(
+        ValueError, match="compact_state stores only kept weights under backend 'direct', 'condensed' or"
+    ):
+        st.lottery(
+            model, opt, sparsity=0.5, trained=dict(Net().named_parameters()), execution="direct", compact_state=True
+        )
     with pytest.raises(ValueError, match="backend 'direct' runs masked layers sparse; method 'dense' has no masks"):
         st.dense(*fresh(), execution="direct")
     with pytest.raises(TypeError, match="execution must be a backend name, 'auto' or an ExecutionPlan"):
@@ -169,8 +172,11 @@ def test_swat_remove_equals_export_state_and_reports_after_removal():
     for k in state:
         assert torch.equal(state[k], exported[k]), k
     assert "removed" in repr(sp)
-    assert {ls.name for ls in sp.report()} == {n for n, _ in plain.named_parameters() if n.endswith("weight")
-                                                and n != "conv1.weight" and not n.startswith("bn")}
+    assert {ls.name for ls in sp.report()} == {
+        n
+        for n, _ in plain.named_parameters()
+        if n.endswith("weight") and n != "conv1.weight" and not n.startswith("bn")
+    }
 
 
 def test_no_code_outside_the_backend_registry_compares_backend_names():
@@ -180,8 +186,9 @@ def test_no_code_outside_the_backend_registry_compares_backend_names():
         if "execution/backends" in path.as_posix():
             continue
         tree = ast.parse(path.read_text())
-        devices = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and "device" in f.name
-                   for n in ast.walk(f)}  # run.device=auto is a device, not a backend
+        devices = {
+            id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and "device" in f.name for n in ast.walk(f)
+        }  # run.device=auto is a device, not a backend
         for node in ast.walk(tree):
             if not isinstance(node, ast.Compare) or id(node) in devices:
                 continue

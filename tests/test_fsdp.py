@@ -22,10 +22,18 @@ METHODS = ("static", "set", "rigl", "mest", "swat", "swat-m")
 
 def run_driver(out: Path, *args: str, ranks: int = 1, timeout: int = 600) -> dict:
     """Run the driver alone (``ranks=1``) or under torchrun on ``ranks`` CPU processes; return what rank 0 saved."""
-    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                   f"--nproc_per_node={ranks}"]
-    proc = subprocess.run([*launch, str(DRIVER), str(out), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch = (
+        [sys.executable]
+        if ranks == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    )
+    proc = subprocess.run(
+        [*launch, str(DRIVER), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
@@ -72,7 +80,15 @@ def checkpoints(tmp_path_factory):
         args = ["--model", model, "--methods", method, "--steps", "60"]
         out[method] = {"full": run_driver(tmp / f"{method}-full.pt", *args)[method], "args": args}
         for ranks in (1, 2):
-            run_driver(tmp / f"{method}-save{ranks}.pt", *args, "--save", str(tmp / f"ck{ranks}"), "--save-at", "30", ranks=ranks)
+            run_driver(
+                tmp / f"{method}-save{ranks}.pt",
+                *args,
+                "--save",
+                str(tmp / f"ck{ranks}"),
+                "--save-at",
+                "30",
+                ranks=ranks,
+            )
             out[method][f"ck{ranks}"] = tmp / f"ck{ranks}"
     out["tmp"] = tmp
     return out
@@ -82,8 +98,13 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("saved,resumed", [(2, 2), (2, 1), (1, 2)])
 def test_sharded_checkpoint_resumes_equal_to_an_uninterrupted_run(checkpoints, method, saved, resumed):
     ref = checkpoints[method]
-    got = run_driver(checkpoints["tmp"] / f"{method}-{saved}to{resumed}.pt", *ref["args"], "--resume", str(ref[f"ck{saved}"]),
-                     ranks=resumed)[method]
+    got = run_driver(
+        checkpoints["tmp"] / f"{method}-{saved}to{resumed}.pt",
+        *ref["args"],
+        "--resume",
+        str(ref[f"ck{saved}"]),
+        ranks=resumed,
+    )[method]
     full = ref["full"]
     assert got["history"], "the resumed run must change its masks again"
     tail = [h for h in full["history"] if h[0] >= 30]
@@ -95,8 +116,17 @@ def test_sharded_checkpoint_resumes_equal_to_an_uninterrupted_run(checkpoints, m
 
 
 # ---------------------------------------------------------------- the training engine under torchrun
-CLI = ["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2", "sparsity.method=rigl",
-       "sparsity.sparsity=0.8", "sparsity.distribution=erk", "sparsity.update_every_steps=3", "run.progress=false"]
+CLI = [
+    "model.name=small_cnn",
+    "data.dataset=mnist",
+    "optim.batch_size=32",
+    "optim.epochs=2",
+    "sparsity.method=rigl",
+    "sparsity.sparsity=0.8",
+    "sparsity.distribution=erk",
+    "sparsity.update_every_steps=3",
+    "run.progress=false",
+]
 
 ONE_EPOCH = """
 import sys
@@ -112,8 +142,13 @@ leave()
 
 
 def _torchrun(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -121,13 +156,23 @@ def _final_weights(run: Path) -> dict:
     return torch.load(run / "model.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.name=mlp", "sparsity.backend=condensed", "sparsity.compact_state=true"]],
-                         ids=["masked", "compact"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["model.name=mlp", "sparsity.backend=condensed", "sparsity.compact_state=true"]],
+    ids=["masked", "compact"],
+)
 def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extra):
     base = [*CLI, f"data.data_dir={tiny_mnist_tar}", *extra]
     _torchrun("-m", "sparsetrain.app.cli", "train", *base, "run.parallel=fsdp", f"run.out_dir={tmp_path / 'fsdp'}")
-    _torchrun("-m", "sparsetrain.app.cli", "train", *base, "run.parallel=ddp", "model.channels_last=false",
-              f"run.out_dir={tmp_path / 'ddp'}")
+    _torchrun(
+        "-m",
+        "sparsetrain.app.cli",
+        "train",
+        *base,
+        "run.parallel=ddp",
+        "model.channels_last=false",
+        f"run.out_dir={tmp_path / 'ddp'}",
+    )
     fsdp, ddp = _final_weights(tmp_path / "fsdp"), _final_weights(tmp_path / "ddp")
     assert fsdp.keys() == ddp.keys()
     for k in ddp:  # the same data on each rank, the same averaged gradients: the same run
@@ -147,15 +192,18 @@ def test_cli_fsdp_matches_ddp_and_resumes_exactly(tmp_path, tiny_mnist_tar, extr
     assert final["sparsity"] == pytest.approx(0.8, abs=1e-3) and final["mask_updates"] > 0
 
 
-@pytest.mark.parametrize("override,reason", [
-    ("sparsity.backend=csr", "sparsity.backend='csr' reads whole masks in its layers"),
-    ("sparsity.init=snip", "sparsity.init='snip' scores weights with gradients taken outside"),
-    ("sparsity.scheme=channel_in", "scheme 'channel_in' groups weights across output rows"),
-    ("recipe.ghost_skip=true", "the recipe's ghost-skip change the model after it is sharded"),
-    ("sparsity.method=lottery", "method 'lottery' rewinds whole weights"),
-    ("sparsity.global_ranking=true", "sparsity.global_ranking ranks all layers at once"),
-    ("sparsity.scheme=channel_out sparsity.backend=channel", "backend 'channel' traces chains of whole layers"),
-])
+@pytest.mark.parametrize(
+    "override,reason",
+    [
+        ("sparsity.backend=csr", "sparsity.backend='csr' reads whole masks in its layers"),
+        ("sparsity.init=snip", "sparsity.init='snip' scores weights with gradients taken outside"),
+        ("sparsity.scheme=channel_in", "scheme 'channel_in' groups weights across output rows"),
+        ("recipe.ghost_skip=true", "the recipe's ghost-skip change the model after it is sharded"),
+        ("sparsity.method=lottery", "method 'lottery' rewinds whole weights"),
+        ("sparsity.global_ranking=true", "sparsity.global_ranking ranks all layers at once"),
+        ("sparsity.scheme=channel_out sparsity.backend=channel", "backend 'channel' traces chains of whole layers"),
+    ],
+)
 def test_fsdp_refuses_what_cannot_run_sharded_before_training(override, reason):
     from sparsetrain.app.config import ConfigError, load_config
 
@@ -166,10 +214,12 @@ def test_fsdp_refuses_what_cannot_run_sharded_before_training(override, reason):
 
 
 def test_fsdp_without_torchrun_says_how_to_start_it(tmp_path, tiny_mnist_tar):
-    from sparsetrain.app.config import ConfigError, load_config
     from sparsetrain.app import Trainer
+    from sparsetrain.app.config import ConfigError, load_config
 
-    cfg = load_config(overrides=[*CLI, f"data.data_dir={tiny_mnist_tar}", "run.parallel=fsdp", f"run.out_dir={tmp_path}"])
+    cfg = load_config(
+        overrides=[*CLI, f"data.data_dir={tiny_mnist_tar}", "run.parallel=fsdp", f"run.out_dir={tmp_path}"]
+    )
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
         Trainer(cfg)
 
@@ -178,8 +228,13 @@ def test_lightning_fsdp2_strategy_keeps_the_masks_of_one_process(tmp_path):
     pytest.importorskip("lightning")
     driver = Path(__file__).resolve().parent / "lightning_fsdp_driver.py"
     for ranks in (1, 2):
-        proc = subprocess.run([sys.executable, str(driver), str(tmp_path / f"r{ranks}.pt"), str(ranks)], capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            [sys.executable, str(driver), str(tmp_path / f"r{ranks}.pt"), str(ranks)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (1, 2))
     assert two["sharded"] and not one["sharded"] and one["updates"] == two["updates"] > 0
@@ -193,9 +248,18 @@ def test_fsdp_compact_refuses_mest_soft_bound():
     from sparsetrain.app.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="MEST's soft bound changes how many weights a layer keeps"):
-        load_config(overrides=["model.name=mlp", "data.dataset=mnist", "sparsity.method=mest", "sparsity.sparsity=0.9",
-                               "sparsity.mest.soft_bound=true", "sparsity.backend=condensed", "sparsity.compact_state=true",
-                               "run.parallel=fsdp"])
+        load_config(
+            overrides=[
+                "model.name=mlp",
+                "data.dataset=mnist",
+                "sparsity.method=mest",
+                "sparsity.sparsity=0.9",
+                "sparsity.mest.soft_bound=true",
+                "sparsity.backend=condensed",
+                "sparsity.compact_state=true",
+                "run.parallel=fsdp",
+            ]
+        )
 
 
 def test_units_that_would_span_ranks_are_refused_with_the_reason():
@@ -207,6 +271,8 @@ def test_units_that_would_span_ranks_are_refused_with_the_reason():
         rows_3_to_5.check_rows(parse_scheme("channel_in").rows_per_unit, "channel_in", "fc.weight")
     with pytest.raises(ValueError, match="rows 3..5, which cuts a block"):
         rows_3_to_5.check_rows(parse_scheme("block_4x1").rows_per_unit, "block_4x1", "fc.weight")
-    Part(start=4, rows=4, shape=(8, 16), mesh=None, placements=()).check_rows(4, "block_4x1", "fc.weight")  # aligned: fine
+    Part(start=4, rows=4, shape=(8, 16), mesh=None, placements=()).check_rows(
+        4, "block_4x1", "fc.weight"
+    )  # aligned: fine
     for name in ("unstructured", "channel_out", "fan_in", "nm_2:4"):
         rows_3_to_5.check_rows(parse_scheme(name).rows_per_unit, name, "fc.weight")

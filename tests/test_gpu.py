@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import train_steps
 
 import sparsetrain as st
-from conftest import train_steps
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -32,8 +32,16 @@ def _mlp():
 
 def _cnn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).cuda()
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).cuda()
 
 
 def _steps(model, opt, data, n, start=0):
@@ -42,8 +50,10 @@ def _steps(model, opt, data, n, start=0):
 
 def _data(shape, n=6):
     g = torch.Generator(device="cuda").manual_seed(0)
-    return [(torch.randn(16, *shape, device="cuda", generator=g), torch.randint(0, 10, (16,), device="cuda", generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, *shape, device="cuda", generator=g), torch.randint(0, 10, (16,), device="cuda", generator=g))
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -98,15 +108,25 @@ def _resume_check(name):
         torch.testing.assert_close(v, model3.state_dict()[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend, scheme", [("masked", "unstructured"), ("csr", "unstructured"), ("channel", "channel_out"),
-                                             ("auto", "unstructured")])
+@pytest.mark.parametrize(
+    "backend, scheme",
+    [("masked", "unstructured"), ("csr", "unstructured"), ("channel", "channel_out"), ("auto", "unstructured")],
+)
 def test_backends_on_cuda_match_masked_dense(backend, scheme):
     data = _data((3, 16, 16), 1)
     ref = _cnn()
     model = _cnn()
-    st.static(ref, torch.optim.SGD(ref.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[])  # the same mask (same seed)
-    sp = st.static(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[],
-                   execution=backend)
+    st.static(
+        ref, torch.optim.SGD(ref.parameters(), lr=0.1), sparsity=0.5, scheme=scheme, dense_layers=[]
+    )  # the same mask (same seed)
+    sp = st.static(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        sparsity=0.5,
+        scheme=scheme,
+        dense_layers=[],
+        execution=backend,
+    )
     x, y = data[0]
     F.cross_entropy(ref(x), y).backward()
     F.cross_entropy(model(x), y).backward()

@@ -13,8 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("sub", [[], ["train"], ["eval"], ["report"], ["flops"], ["sample"], ["bench"]])
 def test_help_imports_no_torch(sub):
-    code = ("import sys\nfrom sparsetrain.app.cli import main\ntry:\n    main([*sys.argv[1:], '--help'])\n"
-            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    code = (
+        "import sys\nfrom sparsetrain.app.cli import main\ntry:\n    main([*sys.argv[1:], '--help'])\n"
+        "except SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code, *sub], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage: sparsetrain" in out.stdout and out.stdout.strip().splitlines()[-1] == "False"
@@ -25,10 +27,33 @@ def test_the_quickstart_config_runs_and_reports(tmp_path):
     text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40)
     run = tmp_path / "quick"
     cmd = [sys.executable, "-m", "sparsetrain.app.cli"]
-    tiny = ["model.width=0.25", "model.depth=1", "model.heads=2", "data.context=16", "data.stride=15",
-            "optim.batch_size=8", "sparsity.update_every_steps=5", "run.threads=1", "run.progress=false"]
-    train = subprocess.run([*cmd, "train", "--config", str(REPO / "configs" / "quick.yaml"), "--data-dir", str(text),
-                            "--out", str(run), *tiny], capture_output=True, text=True, timeout=300)
+    tiny = [
+        "model.width=0.25",
+        "model.depth=1",
+        "model.heads=2",
+        "data.context=16",
+        "data.stride=15",
+        "optim.batch_size=8",
+        "sparsity.update_every_steps=5",
+        "run.threads=1",
+        "run.progress=false",
+    ]
+    train = subprocess.run(
+        [
+            *cmd,
+            "train",
+            "--config",
+            str(REPO / "configs" / "quick.yaml"),
+            "--data-dir",
+            str(text),
+            "--out",
+            str(run),
+            *tiny,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert train.returncode == 0, train.stderr
     summary = json.loads(train.stdout)
     assert summary["method"] == "rigl" and summary["sparsity"] == pytest.approx(0.9, abs=0.01)
@@ -57,11 +82,30 @@ def test_the_readme_cifar_command_runs_as_written_at_a_tiny_size(tmp_path):
 
     data = make_image_tar(tmp_path / "cifar.tar", 64, 32, size=32, channels=3)
     run = tmp_path / "r20-static90"
-    out = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "train", "--config",
-                          str(REPO / "configs" / "resnet20_cifar10.yaml"), "--data-dir", str(data),
-                          "sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.backend=auto", f"run.out_dir={run}",
-                          "optim.epochs=1", "optim.batch_size=32", "run.threads=1", "run.progress=false",
-                          f"data.cache_dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsetrain.app.cli",
+            "train",
+            "--config",
+            str(REPO / "configs" / "resnet20_cifar10.yaml"),
+            "--data-dir",
+            str(data),
+            "sparsity.method=static",
+            "sparsity.sparsity=0.9",
+            "sparsity.backend=auto",
+            f"run.out_dir={run}",
+            "optim.epochs=1",
+            "optim.batch_size=32",
+            "run.threads=1",
+            "run.progress=false",
+            f"data.cache_dir={tmp_path / 'c'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["method"] == "static" and summary["sparsity"] == pytest.approx(0.9, abs=0.01)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from sparsetrain.core.distributions import layer_densities
 from sparsetrain.core.masks import select_parameters
-from sparsetrain.models import build_model, model_input_shape
 from sparsetrain.core.schemes import parse_scheme
 from sparsetrain.core.scores import SCORERS, grasp_scores, masks_from_scores, snip_scores, synflow_masks
+from sparsetrain.models import build_model, model_input_shape
 
 
 def _setup(name):

@@ -25,8 +25,11 @@ from sparsetrain.models import build_model
 # bounded for the suite; the long run (README, failure behaviour): SPARSETRAIN_PROPERTY_EXAMPLES=2000 pytest tests/test_input_surface.py
 EXAMPLES = int(os.environ.get("SPARSETRAIN_PROPERTY_EXAMPLES", "40"))
 
-numbers = s.one_of(s.floats(allow_nan=True, allow_infinity=True, width=32), s.integers(-3, 3),
-                   s.sampled_from(["0.9", None, True, [0.5]]))
+numbers = s.one_of(
+    s.floats(allow_nan=True, allow_infinity=True, width=32),
+    s.integers(-3, 3),
+    s.sampled_from(["0.9", None, True, [0.5]]),
+)
 distributions = s.sampled_from(["uniform", "er", "erk", "custom", "zipf", "", 3])
 schemes = s.sampled_from(["unstructured", "channel_out", "kernel", "block_2x2", "nm_2:4", "fan_in", "blocky", None])
 executions = s.sampled_from(["masked", "csr", "direct", "condensed", "channel", "auto", "fast", None])
@@ -39,12 +42,22 @@ def _net():
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(method=s.sampled_from(["static", "set", "rigl", "mest"]), sparsity=numbers, distribution=distributions,
-       scheme=schemes, execution=executions, dense_layers=dense)
-def test_a_factory_trains_exactly_or_refuses_in_one_line(method, sparsity, distribution, scheme, execution, dense_layers):
+@given(
+    method=s.sampled_from(["static", "set", "rigl", "mest"]),
+    sparsity=numbers,
+    distribution=distributions,
+    scheme=schemes,
+    execution=executions,
+    dense_layers=dense,
+)
+def test_a_factory_trains_exactly_or_refuses_in_one_line(
+    method, sparsity, distribution, scheme, execution, dense_layers
+):
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    kw = dict(sparsity=sparsity, distribution=distribution, scheme=scheme, execution=execution, dense_layers=dense_layers)
+    kw = dict(
+        sparsity=sparsity, distribution=distribution, scheme=scheme, execution=execution, dense_layers=dense_layers
+    )
     if method == "mest":
         kw.update(steps_per_epoch=2, epochs=2, every_epochs=1)
     elif method != "static":
@@ -98,8 +111,11 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 
 
 def test_transformer_widths_that_the_heads_do_not_divide_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"model width 0.3 gives 38.4 channels, which 4 heads do not divide; use width "
-                                         r"0.28125 or 0.3125"):
+    with pytest.raises(
+        ValueError,
+        match=r"model width 0.3 gives 38.4 channels, which 4 heads do not divide; use width "
+        r"0.28125 or 0.3125",
+    ):
         build_model("gpt", width=0.3)
     with pytest.raises(ValueError, match="which 3 heads do not divide"):
         build_model("vit", width=1.0, heads=3)
@@ -109,7 +125,9 @@ def test_a_missing_data_folder_is_not_created(tmp_path):
     from sparsetrain.data.images import load_dataset
 
     missing = tmp_path / "mnsit"
-    with pytest.raises(DatasetError, match=r"does not exist; pass an existing file or folder with --data-dir \(or allow"):
+    with pytest.raises(
+        DatasetError, match=r"does not exist; pass an existing file or folder with --data-dir \(or allow"
+    ):
         load_dataset("mnist", missing, download=False)
     assert not missing.exists()
 
@@ -122,11 +140,13 @@ def test_sample_refuses_bad_flags_in_one_line(tmp_path, capsys):
     (run / "config.yaml").write_text(load_config(overrides=["model.name=gpt", "data.dataset=text"]).to_yaml())
     (run / "model.pt").write_bytes(b"")
     (run / "vocab.json").write_text(json.dumps({"chars": ["a", "b"]}))
-    for flags, message in ((["--temperature", "-1"], "--temperature must be a finite number > 0"),
-                           (["--temperature", "nan"], "--temperature must be a finite number > 0"),
-                           (["--chars", "-5"], "--chars must be between 1 and 100000, got -5"),
-                           (["--chars", "100000000"], "--chars must be between 1 and 100000"),
-                           (["--prompt", ""], "--prompt must hold at least one character")):
+    for flags, message in (
+        (["--temperature", "-1"], "--temperature must be a finite number > 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+        (["--chars", "-5"], "--chars must be between 1 and 100000, got -5"),
+        (["--chars", "100000000"], "--chars must be between 1 and 100000"),
+        (["--prompt", ""], "--prompt must hold at least one character"),
+    ):
         assert main(["sample", str(run), *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
@@ -143,11 +163,16 @@ def test_flops_with_an_input_the_model_does_not_take_is_one_line(capsys):
 def test_a_schedule_that_cannot_fire_warns_with_the_numbers_and_the_fix():
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match=r"rigl updates its mask every 100 steps until step 37 of 50 \(update_end=0.75\): "
-                                         r"no update will happen and the mask stays static; set update_every_steps below 37"):
+    with pytest.warns(
+        UserWarning,
+        match=r"rigl updates its mask every 100 steps until step 37 of 50 \(update_end=0.75\): "
+        r"no update will happen and the mask stays static; set update_every_steps below 37",
+    ):
         st.rigl(model, opt, sparsity=0.5, total_steps=50)
     model = _net()
-    with pytest.warns(UserWarning, match=r"mest mutates every 5 epoch\(s\), but training lasts 3: no mutation will happen"):
+    with pytest.warns(
+        UserWarning, match=r"mest mutates every 5 epoch\(s\), but training lasts 3: no mutation will happen"
+    ):
         st.mest(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, steps_per_epoch=4, epochs=3)
 
 

@@ -47,8 +47,9 @@ HF_SMALL = ["--chars", "6000", "--context", "16", "--width", "32", "--heads", "2
 
 def test_hugging_face_example_trains_mest_with_exact_masks_at_every_log(text, tmp_path):
     hf = _example("huggingface_gpt2")
-    args = hf.parser().parse_args(["--text", str(text), "--out", str(tmp_path), "--steps", "300", "--save-every", "1000",
-                                   *HF_SMALL])
+    args = hf.parser().parse_args(
+        ["--text", str(text), "--out", str(tmp_path), "--steps", "300", "--save-every", "1000", *HF_SMALL]
+    )
     trainer, callback = hf.build(args)
     logged = []
 
@@ -106,6 +107,7 @@ class _Kill(Exception):
 
 def _no_timing(monkeypatch):
     """From here on, a plan that would be timed fails the test: a resumed run must apply the plan it saved."""
+
     def fail(*args, **kwargs):
         raise AssertionError("the resumed run timed its execution plan again")
 
@@ -122,11 +124,22 @@ def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, mo
         torch.manual_seed(0)
         model = _MLP()
         args = transformers.TrainingArguments(
-            output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-2, save_steps=5,
-            logging_steps=5, report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+            output_dir=str(out),
+            num_train_epochs=3,
+            per_device_train_batch_size=32,
+            learning_rate=1e-2,
+            save_steps=5,
+            logging_steps=5,
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
         callback = SparsityCallback(HF_METHODS[name], execution=execution)
         callbacks = [callback]
         if kill_at:
+
             class Kill(transformers.TrainerCallback):
                 def on_step_end(self, args, state, control, **kwargs):
                     if state.global_step == kill_at:
@@ -143,7 +156,9 @@ def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, mo
 
     full, sp = run(tmp_path / "full")
     assert sp.plan is not None and sp.plan.requested == "auto"
-    run(tmp_path / "cut", kill_at=13, execution=sp.plan)  # 8 steps an epoch: killed in epoch 2, after step 10's checkpoint
+    run(
+        tmp_path / "cut", kill_at=13, execution=sp.plan
+    )  # 8 steps an epoch: killed in epoch 2, after step 10's checkpoint
     assert (tmp_path / "cut" / "checkpoint-10" / STATE_FILE).exists()
     _no_timing(monkeypatch)
     resumed, sp2 = run(tmp_path / "cut", resume=True)
@@ -158,8 +173,24 @@ def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, mo
 
 def test_lightning_example_trains_rigl_with_exact_masks_at_every_logged_step(tmp_path):
     lx = _example("lightning_resnet")
-    args = lx.parser().parse_args(["--data", "synthetic", "--limit", "512", "--batch", "16", "--width", "0.25",
-                                   "--epochs", "8", "--update-every", "10", "--out", str(tmp_path)])
+    args = lx.parser().parse_args(
+        [
+            "--data",
+            "synthetic",
+            "--limit",
+            "512",
+            "--batch",
+            "16",
+            "--width",
+            "0.25",
+            "--epochs",
+            "8",
+            "--update-every",
+            "10",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     trainer, module, loader, callback = lx.build(args)
     seen = []
 
@@ -180,8 +211,18 @@ def test_lightning_example_trains_rigl_with_exact_masks_at_every_logged_step(tmp
 class _LitCNN(L.LightningModule):
     def __init__(self):
         super().__init__()
-        self.model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
-                                   nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -205,23 +246,37 @@ def test_lightning_resume_from_ckpt_path_is_bit_identical(name, tmp_path, monkey
     from sparsetrain.recipes import KeptSampler
 
     g = torch.Generator().manual_seed(0)
-    ds = torch.utils.data.TensorDataset(torch.randn(128, 3, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g))
+    ds = torch.utils.data.TensorDataset(
+        torch.randn(128, 3, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g)
+    )
 
     def run(out, kill_in_epoch=None, ckpt=None, execution="auto"):
         L.seed_everything(0, verbose=False)
         module = _LitCNN()
         callback = SparsityCallback(LIGHTNING_METHODS[name], execution=execution)
-        checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out, save_last=True, save_top_k=1, save_on_train_epoch_end=True)
+        checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=out, save_last=True, save_top_k=1, save_on_train_epoch_end=True
+        )
         callbacks = [callback, checkpoints]
         if kill_in_epoch is not None:
+
             class Kill(L.pytorch.callbacks.Callback):
                 def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                     if trainer.current_epoch == kill_in_epoch and batch_idx == 2:
                         raise _Kill
 
             callbacks.append(Kill())
-        trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, deterministic=True)
+        trainer = L.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            devices=1,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=out,
+            deterministic=True,
+        )
         loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=KeptSampler(len(ds), seed=0))
         if kill_in_epoch is not None:
             with pytest.raises(_Kill):

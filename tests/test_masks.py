@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import keep_masked
+
 from sparsetrain.core.masks import MaskSet, random_masks, select_parameters
 from sparsetrain.models import build_model
 
@@ -103,7 +103,9 @@ def test_masks_of_compact_layers_are_held_at_one_bit_and_read_back_exactly():
     a, b = torch.rand(7, 13, generator=g) > 0.5, torch.rand(3, 5, generator=g) > 0.9
     masks = MaskDict({"a": a.clone(), "b": b.clone()})
     masks.pack("a")
-    assert dict.__getitem__(masks, "a").dtype == torch.uint8 and dict.__getitem__(masks, "a").numel() == (7 * 13 + 7) // 8
+    assert (
+        dict.__getitem__(masks, "a").dtype == torch.uint8 and dict.__getitem__(masks, "a").numel() == (7 * 13 + 7) // 8
+    )
     assert torch.equal(masks["a"], a) and torch.equal(masks.get("a"), a) and masks.get("c") is None
     assert [n for n, _ in masks.items()] == ["a", "b"] and all(m.dtype == torch.bool for m in masks.values())
     masks["a"] = ~a  # setting a packed mask packs it again

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import train_steps
 
 import sparsetrain as st
-from conftest import train_steps
 from sparsetrain.core.accounting import saved_tensor_bytes_by_module
 from sparsetrain.execution.activations import BitReLU, CompactMaxPool2d
 from sparsetrain.execution.memory import LosslessActivations
@@ -19,11 +19,13 @@ from sparsetrain.models import build_model
 def _step(model, x, y):
     def run():
         F.cross_entropy(model(x), y).backward()
+
     return run
 
 
-@pytest.mark.parametrize("name, layout", [("vgg16", "channels_last"), ("vgg16", "contiguous_format"),
-                                          ("resnet18", "channels_last")])
+@pytest.mark.parametrize(
+    "name, layout", [("vgg16", "channels_last"), ("vgg16", "contiguous_format"), ("resnet18", "channels_last")]
+)
 def test_lossless_activations_give_the_same_bits_and_keep_fewer_bytes(name, layout):
     torch.manual_seed(0)
     fmt = getattr(torch, layout)
@@ -49,15 +51,26 @@ def test_lossless_activations_give_the_same_bits_and_keep_fewer_bytes(name, layo
     assert kept_after["total"] == kept_plain["total"]
 
 
-@pytest.mark.parametrize("factory, kwargs", [
-    (st.static, {"sparsity": 0.9, "execution": "direct", "compact_state": True}),
-    (st.rigl, {"sparsity": 0.9, "distribution": "erk", "update_every_steps": 1}),
-    (st.swat, {"sparsity": 0.8}),
-    (st.dense, {}),
-    # BatchNorms shrunk to their producers' kept channels recompute with those channels' scale and shift
-    (st.static, {"sparsity": 0.5, "scheme": "channel_out", "execution": "channel", "channel_both_sides": True,
-                 "compact_state": True}),
-])
+@pytest.mark.parametrize(
+    "factory, kwargs",
+    [
+        (st.static, {"sparsity": 0.9, "execution": "direct", "compact_state": True}),
+        (st.rigl, {"sparsity": 0.9, "distribution": "erk", "update_every_steps": 1}),
+        (st.swat, {"sparsity": 0.8}),
+        (st.dense, {}),
+        # BatchNorms shrunk to their producers' kept channels recompute with those channels' scale and shift
+        (
+            st.static,
+            {
+                "sparsity": 0.5,
+                "scheme": "channel_out",
+                "execution": "channel",
+                "channel_both_sides": True,
+                "compact_state": True,
+            },
+        ),
+    ],
+)
 def test_every_method_takes_lossless_activations_and_trains_the_same(factory, kwargs):
     def run(lossless):
         torch.manual_seed(0)
@@ -65,8 +78,17 @@ def test_every_method_takes_lossless_activations_and_trains_the_same(factory, kw
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         sp = factory(model, opt, total_steps=3, lossless_activations=lossless, **kwargs)
         g = torch.Generator().manual_seed(1)
-        train_steps(model, opt, [(torch.randn(4, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last),
-                                  torch.randint(0, 10, (4,), generator=g)) for _ in range(3)])
+        train_steps(
+            model,
+            opt,
+            [
+                (
+                    torch.randn(4, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last),
+                    torch.randint(0, 10, (4,), generator=g),
+                )
+                for _ in range(3)
+            ],
+        )
         return sp, model
 
     sp_plain, plain = run(False)
@@ -84,8 +106,11 @@ def test_a_plan_made_with_lossless_activations_is_refused_by_a_sparsifier_withou
     plan = ExecutionPlan.from_dict(sp.plan.to_dict())
     assert plan.lossless_activations
     other = build_model("vgg16", width=0.125)
-    with pytest.raises(ValueError, match="the execution plan was made with lossless_activations=True; this "
-                                         "sparsifier has lossless_activations=False"):
+    with pytest.raises(
+        ValueError,
+        match="the execution plan was made with lossless_activations=True; this "
+        "sparsifier has lossless_activations=False",
+    ):
         st.static(other, torch.optim.SGD(other.parameters(), lr=0.1), sparsity=0.9, total_steps=10, execution=plan)
     sp.remove()
     assert not any(isinstance(m, (BitReLU, CompactMaxPool2d)) for m in model.modules())

@@ -12,8 +12,18 @@ def test_every_zoo_model_runs_forward_and_backward(name):
     out.sum().backward()
 
 
-@pytest.mark.parametrize("name, params", [("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet56", 0.85e6),
-                                          ("resnet18", 11.2e6), ("vgg16", 14.7e6), ("wrn16_8", 11.0e6), ("resnet50", 25.6e6)])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("resnet20", 0.27e6),
+        ("resnet32", 0.46e6),
+        ("resnet56", 0.85e6),
+        ("resnet18", 11.2e6),
+        ("vgg16", 14.7e6),
+        ("wrn16_8", 11.0e6),
+        ("resnet50", 25.6e6),
+    ],
+)
 def test_parameter_counts_match_the_literature(name, params):
     n = sum(p.numel() for p in build_model(name).parameters())
     assert n == pytest.approx(params, rel=0.03)
@@ -52,7 +62,9 @@ def test_the_vit_attends_over_every_patch_and_its_linears_are_the_sparse_layers(
     assert g[:, :, -4:, -4:].abs().sum() > 0
     opt = torch.optim.AdamW(model.parameters())
     sp = st.static(model, opt, sparsity=0.9, total_steps=1)  # dense_layers default: the patch embedding and the head
-    assert sorted(sp.maskset.masks) == sorted(f"blocks.{b}.{m}.weight" for b in range(2) for m in ("qkv", "proj", "fc", "out"))
+    assert sorted(sp.maskset.masks) == sorted(
+        f"blocks.{b}.{m}.weight" for b in range(2) for m in ("qkv", "proj", "fc", "out")
+    )
     with pytest.raises(ValueError, match="does not give the 64 patches"):
         model(torch.randn(1, 3, 28, 28))
 

@@ -6,10 +6,12 @@ import torch
 import torch.nn as nn
 
 from sparsetrain.execution import native
-from sparsetrain.execution.backends import swat
 from sparsetrain.execution.activations import BitReLU
+from sparsetrain.execution.backends import swat
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the numpy path is used and tested elsewhere")
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason="no C compiler: the numpy path is used and tested elsewhere"
+)
 
 # sizes around byte and chunk (65536) boundaries
 SIZES = [1, 7, 8, 9, 65535, 65536, 65537, 3 * 65536 + 13]
@@ -97,8 +99,14 @@ def test_decompress_refuses_mismatched_values():
 def _swat_step(use_native: bool, monkeypatch):
     monkeypatch.setattr(native, "_lib", native._lib if use_native else None)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BitReLU(), nn.Conv2d(8, 8, 3, stride=2), BitReLU(),
-                          nn.Flatten(), nn.Linear(8 * 15 * 15, 10)).to(memory_format=torch.channels_last)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        BitReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        BitReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 15 * 15, 10),
+    ).to(memory_format=torch.channels_last)
     swat.convert(model, {"0.weight": 0.5, "2.weight": 0.3, "5.weight": 0.2}, period=1)
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     out = model(x)
@@ -127,9 +135,11 @@ def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
 @pytest.mark.parametrize("n", SIZES)
 def test_kth_largest_magnitude_is_exact_with_ties(n, threads):
     g = torch.Generator().manual_seed(n)
-    cases = [torch.randn(n, generator=g),
-             torch.randint(-3, 4, (n,), generator=g).float(),  # heavy ties, zeros of both signs
-             -torch.zeros(n)]
+    cases = [
+        torch.randn(n, generator=g),
+        torch.randint(-3, 4, (n,), generator=g).float(),  # heavy ties, zeros of both signs
+        -torch.zeros(n),
+    ]
     for x in cases:
         for k in sorted({1, max(1, n // 10), max(1, n // 2), n}):
             thr, count = native.kth_largest_abs(x, k)

@@ -1,9 +1,8 @@
-
 import pytest
 
 from sparsetrain.app.config import load_config
-from sparsetrain.models import build_model
 from sparsetrain.app.optim import build_optimizer, lr_factor
+from sparsetrain.models import build_model
 
 
 def _cfg(*o):

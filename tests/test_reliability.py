@@ -15,17 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_image_tar, tiny_datasets
-from sparsetrain.data import images as D
+
+from sparsetrain.app import CheckpointError, Trainer, TrainingError, load_checkpoint, save_checkpoint
 from sparsetrain.app.cli import format_error, main
 from sparsetrain.app.config import ConfigError, load_config
+from sparsetrain.data import images as D
 from sparsetrain.data.images import DatasetError, load_dataset, read_idx
 from sparsetrain.execution import native
-from sparsetrain.app import CheckpointError, Trainer, TrainingError, load_checkpoint, save_checkpoint
 
-TINY = ["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2", "run.progress=false",
-        "run.threads=1", "model.channels_last=false"]
+TINY = [
+    "model.name=small_cnn",
+    "data.dataset=mnist",
+    "optim.batch_size=32",
+    "optim.epochs=2",
+    "run.progress=false",
+    "run.threads=1",
+    "model.channels_last=false",
+]
 
 
 # --------------------------------------------------------------------------- inputs the cases use
@@ -98,14 +105,16 @@ def _cfg(*overrides):
 
 
 def _data(source, name="mnist", **kw):
-    return lambda tmp, files: load_dataset(name, files[source] if isinstance(source, str) and source in files else source,
-                                           cache_dir=tmp / "cache", **kw)
+    return lambda tmp, files: load_dataset(
+        name, files[source] if isinstance(source, str) and source in files else source, cache_dir=tmp / "cache", **kw
+    )
 
 
 def _config_file(text):
     def run(tmp, files):
         (tmp / "c.yaml").write_text(text)
         return load_config(tmp / "c.yaml")
+
     return run
 
 
@@ -113,6 +122,7 @@ def _checkpoint_bytes(content):
     def run(tmp, files):
         (tmp / "ck.pt").write_bytes(content) if isinstance(content, bytes) else torch.save(content, tmp / "ck.pt")
         return load_checkpoint(tmp / "ck.pt")
+
     return run
 
 
@@ -132,6 +142,7 @@ def _idx_case(kind):
         if kind == "magic":
             (d / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
         return load_dataset("mnist", d, cache_dir=tmp / "cache")  # "sizes": 30/10 are not MNIST's 60000/10000
+
     return run
 
 
@@ -161,7 +172,10 @@ def _crafted_cifar(archive: Path, marker: Path):
             return (os.system, (f"touch {marker}",))
 
     with tarfile.open(archive, "w:gz") as tar:
-        for name, obj in (("cifar-10-batches-py/batches.meta", Payload()), ("cifar-10-batches-py/data_batch_1", Payload())):
+        for name, obj in (
+            ("cifar-10-batches-py/batches.meta", Payload()),
+            ("cifar-10-batches-py/data_batch_1", Payload()),
+        ):
             blob = pickle.dumps(obj)
             info = tarfile.TarInfo(name)
             info.size = len(blob)
@@ -204,6 +218,7 @@ def _native_build(cc):
             return native._build(tmp / "k.so")
         finally:
             os.environ.pop("CC")
+
     return run
 
 
@@ -211,23 +226,48 @@ def _native_build(cc):
 CASES = [
     # config
     ("unknown-key", _cfg("optim.lrr=0.1"), ConfigError, r"optim\.lrr.*unknown key"),
-    ("sparsity-range", _cfg("sparsity.method=static", "sparsity.sparsity=1.5"), ConfigError, r"sparsity\.sparsity.*1\.5"),
+    (
+        "sparsity-range",
+        _cfg("sparsity.method=static", "sparsity.sparsity=1.5"),
+        ConfigError,
+        r"sparsity\.sparsity.*1\.5",
+    ),
     ("epochs-zero", _cfg("optim.epochs=0"), ConfigError, r"optim\.epochs.*0"),
     ("batch-negative", _cfg("optim.batch_size=-1"), ConfigError, r"optim\.batch_size.*-1"),
     ("unknown-model", _cfg("model.name=resnet7"), ConfigError, r"model\.name.*resnet7"),
     ("unknown-dataset", _cfg("data.dataset=imagenet7"), ConfigError, r"data\.dataset.*imagenet7"),
     ("unknown-method", _cfg("sparsity.method=magic"), ConfigError, r"sparsity\.method.*magic"),
-    ("unknown-scheme", _cfg("sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.scheme=hexagon"), ConfigError,
-     r"sparsity\.scheme.*hexagon"),
-    ("bad-phases", _cfg("sparsity.method=mest", "sparsity.sparsity=0.5", "sparsity.mest.mutation_ratio=[[0.5,0.1]]"),
-     ConfigError, r"mutation_ratio.*start at 0"),
-    ("swat-distribution", _cfg("sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.distribution=erk"), ConfigError,
-     r"sparsity\.distribution"),
+    (
+        "unknown-scheme",
+        _cfg("sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.scheme=hexagon"),
+        ConfigError,
+        r"sparsity\.scheme.*hexagon",
+    ),
+    (
+        "bad-phases",
+        _cfg("sparsity.method=mest", "sparsity.sparsity=0.5", "sparsity.mest.mutation_ratio=[[0.5,0.1]]"),
+        ConfigError,
+        r"mutation_ratio.*start at 0",
+    ),
+    (
+        "swat-distribution",
+        _cfg("sparsity.method=swat", "sparsity.sparsity=0.9", "sparsity.distribution=erk"),
+        ConfigError,
+        r"sparsity\.distribution",
+    ),
     ("dense-sparsity", _cfg("sparsity.sparsity=0.5"), ConfigError, r"sparsity\.sparsity"),
-    ("compact-masked", _cfg("sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"), ConfigError,
-     r"compact_state.*'masked'"),
-    ("channel-backend", _cfg("sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.backend=channel"), ConfigError,
-     r"scheme=channel_out"),
+    (
+        "compact-masked",
+        _cfg("sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.compact_state=true"),
+        ConfigError,
+        r"compact_state.*'masked'",
+    ),
+    (
+        "channel-backend",
+        _cfg("sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.backend=channel"),
+        ConfigError,
+        r"scheme=channel_out",
+    ),
     ("override-shape", _cfg("optim.lr"), ConfigError, r"'optim\.lr'.*section\.key=value"),
     ("override-yaml", _cfg("optim.milestones=[0.5,"), ConfigError, r"optim\.milestones.*not valid YAML"),
     ("config-missing", lambda tmp, files: load_config(tmp / "nope.yaml"), ConfigError, r"nope\.yaml does not exist"),
@@ -238,8 +278,12 @@ CASES = [
     ("val-fraction", _cfg("data.val_fraction=1.0"), ConfigError, r"data\.val_fraction.*1\.0"),
     # data
     ("dataset-name", lambda tmp, files: load_dataset("imagenet7"), DatasetError, r"imagenet7"),
-    ("data-path-missing", lambda tmp, files: load_dataset("mnist", tmp / "nothing.tar"), DatasetError,
-     r"nothing\.tar does not exist"),
+    (
+        "data-path-missing",
+        lambda tmp, files: load_dataset("mnist", tmp / "nothing.tar"),
+        DatasetError,
+        r"nothing\.tar does not exist",
+    ),
     ("tar-cut-at-member", _data("cut_tar"), DatasetError, r"cut\.tar: truncated tar"),
     ("tar-junk", _data("junk_tar"), DatasetError, r"junk\.tar: not a readable tar"),
     ("image-corrupt", _data("bad_image"), DatasetError, r"train/c1/3\.png: not a readable image"),
@@ -253,36 +297,96 @@ CASES = [
     ("archive-checksum", _official_name_wrong_checksum, DatasetError, r"cifar-10-python\.tar\.gz: checksum mismatch"),
     ("archive-pickle", _crafted_under_other_name, DatasetError, r"batches\.meta: not a data pickle.*refusing.*system"),
     ("download-off", _download_off, DatasetError, r"cifar-10-python\.tar\.gz not found and downloading is off"),
-    ("download-off-damaged", lambda tmp, files: (tmp / "cifar-10-python.tar.gz").write_bytes(b"x" * 10) and _download_off(tmp, files),
-     DatasetError, r"cifar-10-python\.tar\.gz: checksum mismatch .* downloading is off"),
+    (
+        "download-off-damaged",
+        lambda tmp, files: (tmp / "cifar-10-python.tar.gz").write_bytes(b"x" * 10) and _download_off(tmp, files),
+        DatasetError,
+        r"cifar-10-python\.tar\.gz: checksum mismatch .* downloading is off",
+    ),
     # checkpoints
-    ("checkpoint-garbage", _checkpoint_bytes(b"\x00garbage" * 50), CheckpointError, r"ck\.pt is corrupted or truncated"),
+    (
+        "checkpoint-garbage",
+        _checkpoint_bytes(b"\x00garbage" * 50),
+        CheckpointError,
+        r"ck\.pt is corrupted or truncated",
+    ),
     ("checkpoint-truncated", _truncated_checkpoint, CheckpointError, r"ck\.pt is corrupted or truncated"),
-    ("checkpoint-foreign", _checkpoint_bytes({"weights": torch.ones(2)}), CheckpointError, r"ck\.pt is not a sparsetrain"),
-    ("checkpoint-missing", lambda tmp, files: load_checkpoint(tmp / "none.pt"), CheckpointError, r"none\.pt does not exist"),
-    ("resume-other-lr", lambda tmp, files: _resume(tmp, [], ["optim.lr=0.5"]), CheckpointError,
-     r"optim\.lr: 0\.1 -> 0\.5.*resume_with_changes"),
-    ("resume-other-model", lambda tmp, files: _resume(tmp, [], ["model.name=mlp", "run.resume_with_changes=true"]),
-     CheckpointError, r"model\.name: 'small_cnn' -> 'mlp'.*cannot change"),
-    ("resume-other-data", lambda tmp, files: _resume(tmp, [], [], tiny_datasets(seed=1)), CheckpointError,
-     r"training data differ"),
-    ("resume-other-method", lambda tmp, files: _resume(tmp, [], ["sparsity.method=static", "sparsity.sparsity=0.5"]),
-     CheckpointError, r"sparsity\.method: 'dense' -> 'static'"),
+    (
+        "checkpoint-foreign",
+        _checkpoint_bytes({"weights": torch.ones(2)}),
+        CheckpointError,
+        r"ck\.pt is not a sparsetrain",
+    ),
+    (
+        "checkpoint-missing",
+        lambda tmp, files: load_checkpoint(tmp / "none.pt"),
+        CheckpointError,
+        r"none\.pt does not exist",
+    ),
+    (
+        "resume-other-lr",
+        lambda tmp, files: _resume(tmp, [], ["optim.lr=0.5"]),
+        CheckpointError,
+        r"optim\.lr: 0\.1 -> 0\.5.*resume_with_changes",
+    ),
+    (
+        "resume-other-model",
+        lambda tmp, files: _resume(tmp, [], ["model.name=mlp", "run.resume_with_changes=true"]),
+        CheckpointError,
+        r"model\.name: 'small_cnn' -> 'mlp'.*cannot change",
+    ),
+    (
+        "resume-other-data",
+        lambda tmp, files: _resume(tmp, [], [], tiny_datasets(seed=1)),
+        CheckpointError,
+        r"training data differ",
+    ),
+    (
+        "resume-other-method",
+        lambda tmp, files: _resume(tmp, [], ["sparsity.method=static", "sparsity.sparsity=0.5"]),
+        CheckpointError,
+        r"sparsity\.method: 'dense' -> 'static'",
+    ),
     ("state-other-method", _other_method_state, ValueError, r"from method 'rigl'; this sparsifier is 'static'"),
     # run directories and training
-    ("out-dir-file", lambda tmp, files: (tmp / "f").write_text("x") and _trainer(tmp / "f").fit(), ConfigError,
-     r"run\.out_dir=.*/f is a file"),
-    ("out-dir-unwritable", lambda tmp, files: _trainer(Path("/proc/sparsetrain-run")).fit(), ConfigError,
-     r"run\.out_dir=/proc/sparsetrain-run cannot be written"),
-    ("no-training-batch", lambda tmp, files: _trainer(tmp, ["data.val_fraction=0.999"], tiny_datasets(n_train=200)),
-     ConfigError, r"no training batch.*data\.val_fraction=0\.999"),
-    ("model-input", lambda tmp, files: _trainer(tmp, ["model.name=resnet20"]), ConfigError,
-     r"model 'resnet20' does not take mnist's input of shape \(1, 28, 28\)"),
-    ("nonfinite-loss", lambda tmp, files: _trainer(tmp, ["optim.lr=1e30", "optim.warmup_epochs=0", "optim.schedule=constant"]).fit(), TrainingError,
-     r"training loss is (nan|inf) at step \d+ \(epoch 1, learning rate 1e\+30\)"),
+    (
+        "out-dir-file",
+        lambda tmp, files: (tmp / "f").write_text("x") and _trainer(tmp / "f").fit(),
+        ConfigError,
+        r"run\.out_dir=.*/f is a file",
+    ),
+    (
+        "out-dir-unwritable",
+        lambda tmp, files: _trainer(Path("/proc/sparsetrain-run")).fit(),
+        ConfigError,
+        r"run\.out_dir=/proc/sparsetrain-run cannot be written",
+    ),
+    (
+        "no-training-batch",
+        lambda tmp, files: _trainer(tmp, ["data.val_fraction=0.999"], tiny_datasets(n_train=200)),
+        ConfigError,
+        r"no training batch.*data\.val_fraction=0\.999",
+    ),
+    (
+        "model-input",
+        lambda tmp, files: _trainer(tmp, ["model.name=resnet20"]),
+        ConfigError,
+        r"model 'resnet20' does not take mnist's input of shape \(1, 28, 28\)",
+    ),
+    (
+        "nonfinite-loss",
+        lambda tmp, files: _trainer(tmp, ["optim.lr=1e30", "optim.warmup_epochs=0", "optim.schedule=constant"]).fit(),
+        TrainingError,
+        r"training loss is (nan|inf) at step \d+ \(epoch 1, learning rate 1e\+30\)",
+    ),
     ("layer-left-empty", _empty_layer, ValueError, r"sparsity 0\.99999 leaves .* with no weight"),
     # native builds
-    ("cc-missing", _native_build("no-such-cc -O2"), RuntimeError, r"no C compiler \('no-such-cc', from CC='no-such-cc -O2'\)"),
+    (
+        "cc-missing",
+        _native_build("no-such-cc -O2"),
+        RuntimeError,
+        r"no C compiler \('no-such-cc', from CC='no-such-cc -O2'\)",
+    ),
     ("cc-fails", _native_build("cc -no-such-flag-xyz"), RuntimeError, r"cc -no-such-flag-xyz failed"),
 ]
 
@@ -304,20 +408,30 @@ def test_bad_input_is_refused_with_its_type_and_a_message_naming_it(case, files,
         assert line is not None and line.startswith("error: ") and "\n" not in line
 
 
-@pytest.mark.parametrize("argv, pattern", [
-    (["train", "optim.lrr=1"], r"optim\.lrr"),
-    (["train", "optim.milestones=[0.5,"], r"not valid YAML"),
-    (["train", "--data-dir", "/no/such/cifar.tar"], r"/no/such/cifar\.tar does not exist"),
-    (["eval", "/no/such/run"], r"/no/such/run is not a run directory"),
-    (["train", "model.name=small_cnn", "data.dataset=mnist", "run.out_dir=/proc/x-run", "run.progress=false"], None),
-])
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["train", "optim.lrr=1"], r"optim\.lrr"),
+        (["train", "optim.milestones=[0.5,"], r"not valid YAML"),
+        (["train", "--data-dir", "/no/such/cifar.tar"], r"/no/such/cifar\.tar does not exist"),
+        (["eval", "/no/such/run"], r"/no/such/run is not a run directory"),
+        (
+            ["train", "model.name=small_cnn", "data.dataset=mnist", "run.out_dir=/proc/x-run", "run.progress=false"],
+            None,
+        ),
+    ],
+)
 def test_the_cli_prints_one_line_and_exits_2(argv, pattern, capsys, files):
     if pattern is None:  # the run directory is checked after the data load: give it data
         argv = [*argv, "--data-dir", str(files["good_tar"])]
         pattern = r"run\.out_dir=/proc/x-run cannot be written"
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and __import__("re").search(pattern, err, flags=__import__("re").S)
+    assert (
+        err.startswith("error: ")
+        and "Traceback" not in err
+        and __import__("re").search(pattern, err, flags=__import__("re").S)
+    )
 
 
 def test_debug_shows_the_traceback():
@@ -331,7 +445,9 @@ def test_a_crafted_archive_runs_no_code_through_eval_of_a_shared_run(tmp_path, c
     _crafted_cifar(archive, tmp_path / "pwned")
     run = tmp_path / "shared-run"
     run.mkdir()
-    (run / "config.yaml").write_text(load_config(overrides=[f"data.data_dir={archive}", "data.download=false"]).to_yaml())
+    (run / "config.yaml").write_text(
+        load_config(overrides=[f"data.data_dir={archive}", "data.download=false"]).to_yaml()
+    )
     from sparsetrain.models import build_model
 
     save_checkpoint({"format": 2, "model": build_model("resnet20").state_dict()}, run / "model.pt")
@@ -414,24 +530,46 @@ def test_the_compiler_and_its_version_key_the_cache(monkeypatch):
 
 def test_a_direct_run_that_fell_back_records_csr(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)  # as without a C compiler
-    cfg = load_config(overrides=[*TINY, "optim.epochs=1", f"run.out_dir={tmp_path}", "sparsity.method=static",
-                                 "sparsity.sparsity=0.8", "sparsity.backend=direct", "sparsity.dense_layers=[]"])
+    cfg = load_config(
+        overrides=[
+            *TINY,
+            "optim.epochs=1",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=static",
+            "sparsity.sparsity=0.8",
+            "sparsity.backend=direct",
+            "sparsity.dense_layers=[]",
+        ]
+    )
     summary = Trainer(cfg, datasets=tiny_datasets()).fit()
     assert summary["backends"] and set(summary["backends"].values()) == {"csr"}
 
 
 # --------------------------------------------------------------------------- kills and ranks
 def _cli(args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "sparsetrain.app.cli", "train", *args],
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparsetrain.app.cli", "train", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
 def test_killed_at_random_points_then_finished_equals_an_uninterrupted_run(tmp_path, tiny_mnist_tar):
-    args = ["--data-dir", str(tiny_mnist_tar), "model.name=small_cnn", "data.dataset=mnist", "optim.epochs=4",
-            "optim.batch_size=32", "run.progress=false", "run.threads=1", "model.channels_last=false",
-            f"data.cache_dir={tmp_path / 'cache'}"]
+    args = [
+        "--data-dir",
+        str(tiny_mnist_tar),
+        "model.name=small_cnn",
+        "data.dataset=mnist",
+        "optim.epochs=4",
+        "optim.batch_size=32",
+        "run.progress=false",
+        "run.threads=1",
+        "model.channels_last=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     start = time.perf_counter()
     assert _cli([*args, f"run.out_dir={tmp_path / 'whole'}"]).wait(timeout=300) == 0
     span = time.perf_counter() - start  # kill points spread over a run's whole length, start-up included
@@ -460,7 +598,10 @@ def test_killed_at_random_points_then_finished_equals_an_uninterrupted_run(tmp_p
     assert all(torch.equal(v, resumed[k]) for k, v in whole.items())
 
     def records(d):  # wall time differs between the runs; everything else must not
-        return [{k: v for k, v in json.loads(ln).items() if k != "wall_s"} for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(ln).items() if k != "wall_s"}
+            for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert records("whole") == records("cut")
 
@@ -486,16 +627,41 @@ def test_two_ranks_agree_on_the_auto_backend_and_a_resume_keeps_it(tmp_path, tin
 
     def launch(extra, env=None):
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", str(driver),
-             f"data.data_dir={tiny_mnist_tar}", "model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32",
-             "run.progress=false", "model.channels_last=false", "sparsity.method=static", "sparsity.sparsity=0.9",
-             "sparsity.backend=auto", "sparsity.dense_layers=[]", f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'c'}", *extra],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={_free_port()}",
+                str(driver),
+                f"data.data_dir={tiny_mnist_tar}",
+                "model.name=small_cnn",
+                "data.dataset=mnist",
+                "optim.batch_size=32",
+                "run.progress=false",
+                "model.channels_last=false",
+                "sparsity.method=static",
+                "sparsity.sparsity=0.9",
+                "sparsity.backend=auto",
+                "sparsity.dense_layers=[]",
+                f"run.out_dir={out}",
+                f"data.cache_dir={tmp_path / 'c'}",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads((out / f"choice{r}.json").read_text()) for r in (0, 1)]
 
     first = launch(["optim.epochs=1"])
-    assert first[0] == first[1] and set(first[0].values()) <= {"masked", "direct", "csr", "condensed"} and "auto" not in first[0].values()
+    assert (
+        first[0] == first[1]
+        and set(first[0].values()) <= {"masked", "direct", "csr", "condensed"}
+        and "auto" not in first[0].values()
+    )
     again = launch(["optim.epochs=2", "run.resume_with_changes=true"])
     assert again[0] == again[1] == first[0]
 
@@ -510,14 +676,26 @@ def test_time_based_checkpoints_resume_mid_epoch_with_exact_epoch_metrics(tmp_pa
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
 
     def records(d):
-        return [{k: v for k, v in json.loads(ln).items() if k != "wall_s"} for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(ln).items() if k != "wall_s"}
+            for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert records("full") == records("cut")  # the epoch's loss and accuracy span the resume
 
 
 def test_evaluating_an_unfinished_swat_run_says_so(tmp_path, tiny_mnist_tar, capsys):
-    cfg = load_config(overrides=[*TINY, "optim.epochs=2", f"run.out_dir={tmp_path}", f"data.data_dir={tiny_mnist_tar}",
-                                 "sparsity.method=swat", "sparsity.sparsity=0.8", f"data.cache_dir={tmp_path / 'c'}"])
+    cfg = load_config(
+        overrides=[
+            *TINY,
+            "optim.epochs=2",
+            f"run.out_dir={tmp_path}",
+            f"data.data_dir={tiny_mnist_tar}",
+            "sparsity.method=swat",
+            "sparsity.sparsity=0.8",
+            f"data.cache_dir={tmp_path / 'c'}",
+        ]
+    )
     trainer = Trainer(cfg)
     trainer.out.prepare()
     trainer.out.start(cfg)

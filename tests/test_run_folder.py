@@ -12,21 +12,30 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_datasets
 
 import sparsetrain as st
-from conftest import tiny_datasets
 from sparsetrain.app import Trainer
 from sparsetrain.app.checkpoint import save_checkpoint
 from sparsetrain.app.cli import main
 from sparsetrain.app.config import ConfigError, load_config
 from sparsetrain.execution import native
 
-TINY = ["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=1", "run.progress=false",
-        "run.threads=1", "model.channels_last=false"]
+TINY = [
+    "model.name=small_cnn",
+    "data.dataset=mnist",
+    "optim.batch_size=32",
+    "optim.epochs=1",
+    "run.progress=false",
+    "run.threads=1",
+    "model.channels_last=false",
+]
 
 
 def _trainer(out, *extra):
-    return Trainer(load_config(overrides=[*TINY, f"run.out_dir={out}", *extra]), datasets=tiny_datasets(n_train=64, n_test=32))
+    return Trainer(
+        load_config(overrides=[*TINY, f"run.out_dir={out}", *extra]), datasets=tiny_datasets(n_train=64, n_test=32)
+    )
 
 
 def test_a_link_to_outside_in_the_run_folder_is_refused_and_its_target_untouched(tmp_path):
@@ -36,7 +45,9 @@ def test_a_link_to_outside_in_the_run_folder_is_refused_and_its_target_untouched
     run = tmp_path / "run"
     run.mkdir()
     (run / "final.json").symlink_to(outside)
-    with pytest.raises(ConfigError, match=r"holds links that lead outside it \(final.json\); a run writes only its own"):
+    with pytest.raises(
+        ConfigError, match=r"holds links that lead outside it \(final.json\); a run writes only its own"
+    ):
         _trainer(run).fit()
     assert (outside.read_bytes(), outside.stat().st_mtime_ns) == before
 
@@ -72,8 +83,9 @@ time.sleep(60)
 def test_a_second_run_on_the_same_folder_stops_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, *TINY, f"run.out_dir={run}"], stdout=subprocess.PIPE, text=True,
-                              env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, *TINY, f"run.out_dir={run}"], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         t0 = time.monotonic()
@@ -156,7 +168,9 @@ def _net():
 
 def test_an_optimizer_over_another_model_is_refused():
     model, other = _net(), _net()
-    with pytest.raises(ValueError, match=r"the optimizer holds none of the model's parameters \(it was built over another"):
+    with pytest.raises(
+        ValueError, match=r"the optimizer holds none of the model's parameters \(it was built over another"
+    ):
         st.rigl(model, torch.optim.SGD(other.parameters(), lr=0.1), sparsity=0.5, total_steps=10)
 
 
@@ -188,8 +202,11 @@ def test_tied_weights_are_masked_once():
 
 def test_dense_layers_that_leave_nothing_sparse_are_refused():
     model = _net()
-    with pytest.raises(ValueError, match=r"dense_layers=\['\*'\] leaves no layer sparse \(the model's Conv/Linear weights: "
-                                         r"\['0.weight', '2.weight', '4.weight'\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"dense_layers=\['\*'\] leaves no layer sparse \(the model's Conv/Linear weights: "
+        r"\['0.weight', '2.weight', '4.weight'\]\)",
+    ):
         st.static(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.9, dense_layers=["*"])
 
 
@@ -202,7 +219,9 @@ def test_a_string_sparsity_is_refused_by_name():
 def test_a_frozen_layer_under_a_method_that_reads_gradients_is_refused():
     model = _net()
     model[2].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"rigl reads the gradients of its sparse weights, but \['2.weight'\] are frozen"):
+    with pytest.raises(
+        ValueError, match=r"rigl reads the gradients of its sparse weights, but \['2.weight'\] are frozen"
+    ):
         st.rigl(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=10)
 
 
@@ -217,8 +236,11 @@ def test_a_state_of_another_sparsity_or_width_is_refused_before_anything_changes
         sp.load_state_dict(other.state_dict())
     wide = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
     wide_sp = st.static(wide, torch.optim.SGD(wide.parameters(), lr=0.1), sparsity=0.5)
-    with pytest.raises(ValueError, match=r"checkpoint masks have other shapes than the model's weights \(1 layer\(s\); "
-                                         r"2.weight: \(16, 32\) saved, \(16, 16\) here\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint masks have other shapes than the model's weights \(1 layer\(s\); "
+        r"2.weight: \(16, 32\) saved, \(16, 16\) here\)",
+    ):
         sp.load_state_dict(wide_sp.state_dict())
     assert all(torch.equal(m, sp.maskset.masks[n]) for n, m in masks.items()) and sp.clock.step == 0
 
@@ -229,8 +251,11 @@ def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint(tmp_path, m
 
     trainer = _trainer(tmp_path / "run", "optim.epochs=2")
     monkeypatch.setattr(trainer_module, "evaluate", lambda *a, **k: {"loss": float("nan"), "acc": 10.0})
-    with pytest.raises(TrainingError, match=r"the test loss is nan after step 2 \(epoch 1\): the weights diverged; the "
-                                            r"checkpoint of .* holds the last good state"):
+    with pytest.raises(
+        TrainingError,
+        match=r"the test loss is nan after step 2 \(epoch 1\): the weights diverged; the "
+        r"checkpoint of .* holds the last good state",
+    ):
         trainer.fit()
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "final.json").exists()
 
@@ -247,7 +272,9 @@ def test_non_finite_final_weights_are_not_written(tmp_path, monkeypatch):
         return state
 
     monkeypatch.setattr(trainer.method, "export_state", poisoned)
-    with pytest.raises(TrainingError, match=r"the final weights hold non-finite values \(\['0.weight'\]\) after step 2"):
+    with pytest.raises(
+        TrainingError, match=r"the final weights hold non-finite values \(\['0.weight'\]\) after step 2"
+    ):
         trainer.fit()
     assert not (tmp_path / "run" / "model.pt").exists()
 
@@ -257,8 +284,11 @@ def test_a_text_whose_validation_tail_cannot_fill_a_window_names_the_option(tmp_
     from sparsetrain.data.text import load_text
 
     (tmp_path / "t.txt").write_text("abcdefghij" * 20)
-    with pytest.raises(DatasetError, match=r"the validation tail of .* \(data.val_fraction=0.05: 10 characters\) cannot fill "
-                                           r"one window of data.context=16 \+ 1; raise data.val_fraction"):
+    with pytest.raises(
+        DatasetError,
+        match=r"the validation tail of .* \(data.val_fraction=0.05: 10 characters\) cannot fill "
+        r"one window of data.context=16 \+ 1; raise data.val_fraction",
+    ):
         load_text(tmp_path / "t.txt", 16, 0.05)
 
 
@@ -280,11 +310,15 @@ def test_ctrl_c_says_what_a_rerun_resumes_from(tmp_path, monkeypatch, capsys):
 
     interrupt_at(1)
     assert main([*args, f"run.out_dir={tmp_path / 'a'}"]) == 130
-    assert capsys.readouterr().err.strip() == (f"interrupted before the first checkpoint: nothing in {tmp_path / 'a'} to "
-                                               "resume; the same command starts over")
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted before the first checkpoint: nothing in {tmp_path / 'a'} to resume; the same command starts over"
+    )
     interrupt_at(2)
     assert main([*args, f"run.out_dir={tmp_path / 'b'}"]) == 130
-    assert capsys.readouterr().err.strip() == f"interrupted: the same command resumes from {tmp_path / 'b' / 'checkpoint.pt'}"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"interrupted: the same command resumes from {tmp_path / 'b' / 'checkpoint.pt'}"
+    )
 
 
 def test_a_state_refused_for_its_masks_leaves_the_clock_as_it_was():
@@ -311,8 +345,11 @@ def test_a_checkpoint_holding_code_is_refused_as_such(tmp_path):
 
     with open(tmp_path / "ck.pt", "wb") as f:
         torch.save({"format": 2, "x": Payload()}, f, pickle_module=pickle)
-    with pytest.raises(CheckpointError, match=r"holds objects other than tensors and plain data \(code could run if it "
-                                              r"were unpickled\), so it was not loaded") as e:
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds objects other than tensors and plain data \(code could run if it "
+        r"were unpickled\), so it was not loaded",
+    ) as e:
         load_checkpoint(tmp_path / "ck.pt")
     assert "weights_only=False" not in str(e.value)
 
@@ -322,8 +359,11 @@ def test_sample_refuses_a_vocabulary_of_another_run(tmp_path, capsys):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(load_config(overrides=["model.name=gpt", "data.dataset=text", "model.width=0.25",
-                                                            "model.depth=1", "model.heads=2"]).to_yaml())
+    (run / "config.yaml").write_text(
+        load_config(
+            overrides=["model.name=gpt", "data.dataset=text", "model.width=0.25", "model.depth=1", "model.heads=2"]
+        ).to_yaml()
+    )
     model = build_model("gpt", 5, width=0.25, depth=1, heads=2)
     save_checkpoint({"format": 2, "model": model.state_dict()}, run / "model.pt")
     (run / "vocab.json").write_text('{"chars": ["a", "b", "c"]}')

@@ -7,17 +7,26 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import tiny_datasets
+
+from sparsetrain.app import Trainer, load_checkpoint
+from sparsetrain.app.config import ConfigError, load_config
 from sparsetrain.core.accounting import saved_tensor_bytes_by_module
 from sparsetrain.execution.activations import BitReLU, replace_activations
-from sparsetrain.app.config import ConfigError, load_config
-from sparsetrain.models import build_model
 from sparsetrain.execution.backends import swat as swat_module
+from sparsetrain.execution.backends.swat import (
+    SWATConv2d,
+    convert,
+    harden,
+    revert,
+    swat_conv2d,
+    swat_layers,
+    swat_linear,
+    threshold_and_share,
+    topk_threshold,
+)
 from sparsetrain.execution.bits import pack_bits, unpack_bits
-from sparsetrain.execution.backends.swat import (SWATConv2d, convert, harden, revert, swat_conv2d, swat_layers, swat_linear,
-                                               threshold_and_share, topk_threshold)
-from sparsetrain.app import Trainer, load_checkpoint
+from sparsetrain.models import build_model
 
 CONV_CASES = [  # (cin, cout, k, stride, padding, dilation, groups)
     (4, 6, 3, 1, 1, 1, 1),
@@ -41,7 +50,8 @@ def test_conv_gradients_equal_masked_dense_autograd(cin, cout, k, stride, paddin
     wt, at = _thresholds(w, x, 0.4)
     # dx: the forward really is conv(x, W_s), so gradcheck (numerical vs analytical) in float64
     assert torch.autograd.gradcheck(
-        lambda xx: swat_conv2d(xx, w.detach(), b.detach(), None, wt, at, stride, padding, dilation, groups), (x,))
+        lambda xx: swat_conv2d(xx, w.detach(), b.detach(), None, wt, at, stride, padding, dilation, groups), (x,)
+    )
     out = swat_conv2d(x, w, b, None, wt, at, stride, padding, dilation, groups)
     g = torch.randn_like(out)
     gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
@@ -79,6 +89,7 @@ def compressed_kernel_calls(monkeypatch):
     """Send every shape to the compressed weight-gradient kernel (the dispatch keeps it to those where it pays,
     see ``test_compressed_weight_gradient_runs_where_it_pays``) and count its calls, so a test can check it ran."""
     from sparsetrain.execution import native
+
     if not native.available():
         pytest.skip("native kernels unavailable")
     calls, kernel = [], native.compressed_weight_grad
@@ -88,18 +99,19 @@ def compressed_kernel_calls(monkeypatch):
 
 
 COMPRESSED_CASES = [  # (cin, cout, k, stride, padding, dilation, h): stride 1 kernels up to 3 wide take the fast path
-    (5, 70, 3, 1, 1, 1, 9),    # a tail block of 6 output channels
-    (16, 64, 3, 1, 1, 1, 7),   # one full block
-    (8, 130, 3, 2, 1, 1, 9),   # stride 2: the general path
-    (6, 9, 3, 1, 2, 2, 8),     # dilation
-    (67, 20, 1, 1, 0, 1, 5),   # 1x1, an input tile that is not a multiple of 64
-    (4, 12, 5, 1, 2, 1, 6),    # a kernel wider than 3: the general path
+    (5, 70, 3, 1, 1, 1, 9),  # a tail block of 6 output channels
+    (16, 64, 3, 1, 1, 1, 7),  # one full block
+    (8, 130, 3, 2, 1, 1, 9),  # stride 2: the general path
+    (6, 9, 3, 1, 2, 2, 8),  # dilation
+    (67, 20, 1, 1, 0, 1, 5),  # 1x1, an input tile that is not a multiple of 64
+    (4, 12, 5, 1, 2, 1, 6),  # a kernel wider than 3: the general path
 ]
 
 
 @pytest.mark.parametrize("cin, cout, k, stride, padding, dilation, h", COMPRESSED_CASES)
-def test_weight_gradient_from_the_compressed_input_equals_float64(cin, cout, k, stride, padding, dilation, h,
-                                                                   compressed_kernel_calls):
+def test_weight_gradient_from_the_compressed_input_equals_float64(
+    cin, cout, k, stride, padding, dilation, h, compressed_kernel_calls
+):
     """dW read straight from the bitmask and values (no rebuilt input) against float64 autograd on x_s."""
     torch.manual_seed(cin + cout)
     x = torch.randn(3, cin, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -130,13 +142,18 @@ def test_linear_weight_gradient_from_the_compressed_input_equals_float64(compres
     torch.testing.assert_close(gw.double(), g.double().reshape(-1, 70).t() @ x_s, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cin, cout, k, stride, padding, size", [
-    (5, 7, 3, 1, 1, 16),   # tiled forward and input gradient
-    (4, 6, 3, 2, 1, 9),    # the plain direct kernels, stride 2
-    (3, 70, 1, 1, 0, 5),   # 1x1, batch innermost, a tail block of output channels in dW
-])
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, padding, size",
+    [
+        (5, 7, 3, 1, 1, 16),  # tiled forward and input gradient
+        (4, 6, 3, 2, 1, 9),  # the plain direct kernels, stride 2
+        (3, 70, 1, 1, 0, 5),  # 1x1, batch innermost, a tail block of output channels in dW
+    ],
+)
 @pytest.mark.parametrize("layout", ["contiguous_format", "channels_last"])
-def test_swat_on_the_direct_kernels_equals_float64(cin, cout, k, stride, padding, size, layout, compressed_kernel_calls):
+def test_swat_on_the_direct_kernels_equals_float64(
+    cin, cout, k, stride, padding, size, layout, compressed_kernel_calls
+):
     """backend "direct": W_s listed from the threshold, forward and input gradient on the direct kernels (NCHW or
     channels-last, as the input comes), dW from the compressed input; the same numbers as float64 autograd on the
     masked tensors, and the input's layout kept."""
@@ -172,10 +189,13 @@ def test_compressed_weight_gradient_runs_where_it_pays(monkeypatch):
     """The kernel sums blocks of 64 output channels at every kernel tap: layers with whole blocks at stride 1 and few
     kept inputs take it; a 16-channel layer, a strided one, or a dense input rebuild and run the dense product."""
     from sparsetrain.execution import native
+
     if not native.available():
         pytest.skip("native kernels unavailable")
     calls, kernel = [], native.compressed_weight_grad
-    monkeypatch.setattr(native, "compressed_weight_grad", lambda *a, **k: calls.append(a[3].shape[-1]) or kernel(*a, **k))
+    monkeypatch.setattr(
+        native, "compressed_weight_grad", lambda *a, **k: calls.append(a[3].shape[-1]) or kernel(*a, **k)
+    )
     for cout, stride, act in ((64, 1, 0.1), (16, 1, 0.1), (128, 2, 0.1), (128, 1, 0.5)):
         torch.manual_seed(cout)
         x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -184,13 +204,15 @@ def test_compressed_weight_gradient_runs_where_it_pays(monkeypatch):
         out = swat_conv2d(x, w, None, None, wt, at, stride, 1)
         gw = torch.autograd.grad(out, w, torch.ones_like(out))[0]
         x_s = (x * (x.abs() >= at)).detach()
-        torch.testing.assert_close(gw, torch.nn.grad.conv2d_weight(x_s, w.shape, torch.ones_like(out), stride, 1),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            gw, torch.nn.grad.conv2d_weight(x_s, w.shape, torch.ones_like(out), stride, 1), rtol=1e-4, atol=1e-4
+        )
     assert calls == [64]
 
 
 def test_compressed_weight_gradient_refuses_a_mismatched_bitmask():
     from sparsetrain.execution import native
+
     if not native.available():
         pytest.skip("native kernels unavailable")
     x = torch.randn(2, 3, 3, 4)
@@ -261,9 +283,10 @@ def test_bit_relu_returns_the_gradient_in_the_layout_of_its_input():
 @pytest.mark.parametrize("shape", [(2, 3, 6, 8), (2, 20, 7, 9), (1, 1, 4, 4)])
 def test_compact_max_pool_is_an_exact_max_pool_saving_a_byte_per_output(shape, fmt):
     from sparsetrain.execution.activations import CompactMaxPool2d, compact_pools
+
     torch.manual_seed(0)
     x = torch.randn(shape)
-    x[0, 0, 0, 0] = float("nan")       # NaN wins its window, as in PyTorch
+    x[0, 0, 0, 0] = float("nan")  # NaN wins its window, as in PyTorch
     x[-1, -1, 0, 1] = x[-1, -1, 0, 0]  # a tie: the first position wins
     x = x.contiguous(memory_format=fmt).requires_grad_()
     ref_x = x.detach().clone().requires_grad_()
@@ -277,8 +300,12 @@ def test_compact_max_pool_is_an_exact_max_pool_saving_a_byte_per_output(shape, f
     assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, ref_x, g)[0])
     assert [t.dtype for t in saved] == [torch.uint8] and saved[0].numel() == ref.numel()
     model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(3), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, 2))
-    assert compact_pools(model) == 2 and [type(m).__name__ for m in model] == ["CompactMaxPool2d", "MaxPool2d",
-                                                                             "MaxPool2d", "CompactMaxPool2d"]
+    assert compact_pools(model) == 2 and [type(m).__name__ for m in model] == [
+        "CompactMaxPool2d",
+        "MaxPool2d",
+        "MaxPool2d",
+        "CompactMaxPool2d",
+    ]
     assert compact_pools(model, undo=True) == 2 and all(type(m) is nn.MaxPool2d for m in model)
 
 
@@ -293,7 +320,15 @@ def test_thresholds_refresh_every_period_and_are_checkpointed():
         with torch.no_grad():
             model[0].weight.add_(torch.randn(10, 10) * 0.1)
         thresholds.append(float(layer.a_thresh))
-    assert thresholds[0] == thresholds[1] == thresholds[2] != thresholds[3] == thresholds[4] == thresholds[5] != thresholds[6]
+    assert (
+        thresholds[0]
+        == thresholds[1]
+        == thresholds[2]
+        != thresholds[3]
+        == thresholds[4]
+        == thresholds[5]
+        != thresholds[6]
+    )
     assert {"0.w_thresh", "0.a_thresh", "0.steps", "0.w_mask"} <= set(model.state_dict())
 
 
@@ -346,14 +381,28 @@ def test_structured_swat_keeps_every_class_of_the_classifier():
     conv_units = model[0].current_mask().reshape(8, -1)
     assert int(conv_units.all(1).sum()) == 4  # convolution: whole output channels
     kept = model[2].current_mask()
-    assert int(kept.sum()) == kept.numel() // 2 and bool(kept.any(1).all())  # classifier: single weights, no class dropped
+    assert int(kept.sum()) == kept.numel() // 2 and bool(
+        kept.any(1).all()
+    )  # classifier: single weights, no class dropped
 
 
 def test_swat_m_follows_momentum_and_respects_its_cap(tmp_path):
-    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
-                                 "run.progress=false", "model.channels_last=false", "optim.epochs=1", f"run.out_dir={tmp_path}",
-                                 "sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.variant=m",
-                                 "sparsity.swat.m_max_density=0.6"])
+    cfg = load_config(
+        overrides=[
+            "model.name=small_cnn",
+            "data.dataset=mnist",
+            "optim.batch_size=32",
+            "run.threads=1",
+            "run.progress=false",
+            "model.channels_last=false",
+            "optim.epochs=1",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=swat",
+            "sparsity.sparsity=0.8",
+            "sparsity.swat.variant=m",
+            "sparsity.swat.m_max_density=0.6",
+        ]
+    )
     trainer = Trainer(cfg, datasets=tiny_datasets())
     trainer.fit()
     method = trainer.method
@@ -364,9 +413,21 @@ def test_swat_m_follows_momentum_and_respects_its_cap(tmp_path):
 
 
 def test_swat_m_rebalances_between_epochs_but_not_after_the_last(tmp_path):
-    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
-                                 "run.progress=false", "model.channels_last=false", "optim.epochs=2", f"run.out_dir={tmp_path}",
-                                 "sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.variant=m"])
+    cfg = load_config(
+        overrides=[
+            "model.name=small_cnn",
+            "data.dataset=mnist",
+            "optim.batch_size=32",
+            "run.threads=1",
+            "run.progress=false",
+            "model.channels_last=false",
+            "optim.epochs=2",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=swat",
+            "sparsity.sparsity=0.8",
+            "sparsity.swat.variant=m",
+        ]
+    )
     trainer = Trainer(cfg, datasets=tiny_datasets())
     method = trainer.method
     calls = []
@@ -377,10 +438,22 @@ def test_swat_m_rebalances_between_epochs_but_not_after_the_last(tmp_path):
 
 
 def test_swat_training_reports_sparsities_flops_and_exports_a_plain_sparse_model(tmp_path):
-    cfg = load_config(overrides=["model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "run.threads=1",
-                                 "run.progress=false", "model.channels_last=false", "optim.epochs=2", f"run.out_dir={tmp_path}",
-                                 "sparsity.method=swat", "sparsity.sparsity=0.8", "sparsity.swat.activation_sparsity=0.5",
-                                 "sparsity.swat.topk_period=4"])
+    cfg = load_config(
+        overrides=[
+            "model.name=small_cnn",
+            "data.dataset=mnist",
+            "optim.batch_size=32",
+            "run.threads=1",
+            "run.progress=false",
+            "model.channels_last=false",
+            "optim.epochs=2",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=swat",
+            "sparsity.sparsity=0.8",
+            "sparsity.swat.activation_sparsity=0.5",
+            "sparsity.swat.topk_period=4",
+        ]
+    )
     summary = Trainer(cfg, datasets=tiny_datasets()).fit()
     assert summary["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert summary["activation_sparsity"] == pytest.approx(0.5, abs=0.02)
@@ -399,15 +472,28 @@ def test_swat_training_on_the_direct_kernels_matches_the_dense_products(tmp_path
     entry sits at the K-th place, and float sums in another order can move that boundary by one entry on later
     steps (the layers' own products are checked against float64 above). An unknown backend is refused."""
     from sparsetrain.execution import native
+
     if not native.available():
         pytest.skip("native kernels unavailable")
 
     def run(backend):
-        cfg = load_config(overrides=["model.name=resnet20", "data.dataset=cifar10", "optim.batch_size=32", "run.threads=1",
-                                     "run.progress=false", "model.channels_last=false", "optim.epochs=1",
-                                     f"run.out_dir={tmp_path / backend}", "sparsity.method=swat", "sparsity.sparsity=0.9",
-                                     "sparsity.swat.activation_sparsity=0.9", "sparsity.swat.topk_period=2",
-                                     f"sparsity.backend={backend}"])
+        cfg = load_config(
+            overrides=[
+                "model.name=resnet20",
+                "data.dataset=cifar10",
+                "optim.batch_size=32",
+                "run.threads=1",
+                "run.progress=false",
+                "model.channels_last=false",
+                "optim.epochs=1",
+                f"run.out_dir={tmp_path / backend}",
+                "sparsity.method=swat",
+                "sparsity.sparsity=0.9",
+                "sparsity.swat.activation_sparsity=0.9",
+                "sparsity.swat.topk_period=2",
+                f"sparsity.backend={backend}",
+            ]
+        )
         trainer = Trainer(cfg, datasets=tiny_datasets(n_train=32, shape=(3, 32, 32)))
         trainer.fit()
         return trainer
@@ -443,13 +529,34 @@ def test_flops_cli_gives_swat_reductions_by_the_formulas():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
-                          "--method", "swat", "--sparsity", "0.9", "--activation-sparsity", "0.5", "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsetrain.app.cli",
+            "flops",
+            "--model",
+            "resnet20",
+            "--dataset",
+            "cifar10",
+            "--method",
+            "swat",
+            "--sparsity",
+            "0.9",
+            "--activation-sparsity",
+            "0.5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     r = json.loads(out.stdout)
     dense, sparse = r["train_flops_dense"], r["train_flops"]
     first = next(ly for ly in r["layers"] if ly["name"] == "conv1.weight")
-    assert first["density"] == 1.0 and next(ly for ly in r["layers"] if ly["name"] == "fc.weight")["density"] == pytest.approx(0.1)
+    assert first["density"] == 1.0 and next(ly for ly in r["layers"] if ly["name"] == "fc.weight")[
+        "density"
+    ] == pytest.approx(0.1)
     rest_fwd = dense["forward"] - first["forward_flops"]
     assert sparse["forward"] == pytest.approx(first["forward_flops"] + 0.1 * rest_fwd)
     assert sparse["input_grad"] == pytest.approx(0.1 * dense["input_grad"])  # the first layer has none
@@ -479,8 +586,13 @@ def test_removed_filters_get_inflated_gradients_under_channel_out_but_not_kernel
     """Why structured SWAT keeps kernels by default: a removed filter's output is constant, and BatchNorm
     scales the gradient of a constant channel by 1/sqrt(eps), so the dense update inflates removed filters."""
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+    base = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+    )
     x, r = torch.randn(8, 16, 8, 8), torch.randn(8, 32, 8, 8)
     ratios = {}
     for structure in ("channel_out", "kernel"):

@@ -23,14 +23,33 @@ def _scalars(folder):
 
 def test_a_cli_run_writes_its_figures_to_tensorboard(tmp_path, capsys):
     from conftest import make_image_tar
+
     from sparsetrain.app.cli import main
 
     data = make_image_tar(tmp_path / "mnist.tar", 128, 32)
     run = tmp_path / "run"
-    assert main(["train", "model.name=small_cnn", "data.dataset=mnist", "optim.batch_size=32", "optim.epochs=2",
-                 "run.progress=false", "run.threads=1", "model.channels_last=false", "sparsity.method=rigl",
-                 "sparsity.sparsity=0.8", "sparsity.update_every_steps=2", f"data.data_dir={data}",
-                 f"data.cache_dir={tmp_path / 'c'}", f"run.out_dir={run}", "run.tensorboard=true"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model.name=small_cnn",
+                "data.dataset=mnist",
+                "optim.batch_size=32",
+                "optim.epochs=2",
+                "run.progress=false",
+                "run.threads=1",
+                "model.channels_last=false",
+                "sparsity.method=rigl",
+                "sparsity.sparsity=0.8",
+                "sparsity.update_every_steps=2",
+                f"data.data_dir={data}",
+                f"data.cache_dir={tmp_path / 'c'}",
+                f"run.out_dir={run}",
+                "run.tensorboard=true",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "final.json").read_text())
     scalars = _scalars(run / "tensorboard")
     assert [s for s, _ in scalars["train/train_loss"]] == [4, 8]  # one point per epoch, at its last step

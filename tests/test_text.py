@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
+from sparsetrain.app import Trainer
 from sparsetrain.app.cli import main
 from sparsetrain.app.config import ConfigError, load_config
 from sparsetrain.data.images import DatasetError
-from sparsetrain.models import build_model
 from sparsetrain.data.text import CharVocab, load_text
-from sparsetrain.app import Trainer
+from sparsetrain.models import build_model
 
 WORDS = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind"]
 
@@ -25,8 +25,20 @@ def text(tmp_path_factory):
     return path
 
 
-TINY = ["data.dataset=text", "model.name=gpt", "model.width=0.25", "model.depth=1", "model.heads=2", "data.context=16",
-        "optim.name=adamw", "optim.lr=3e-3", "optim.batch_size=16", "optim.epochs=2", "run.progress=false", "run.threads=1"]
+TINY = [
+    "data.dataset=text",
+    "model.name=gpt",
+    "model.width=0.25",
+    "model.depth=1",
+    "model.heads=2",
+    "data.context=16",
+    "optim.name=adamw",
+    "optim.lr=3e-3",
+    "optim.batch_size=16",
+    "optim.epochs=2",
+    "run.progress=false",
+    "run.threads=1",
+]
 
 
 def test_windows_split_by_position_and_shift_targets(text):
@@ -70,7 +82,9 @@ def test_the_engine_trains_a_language_model_and_samples_from_it(text, tmp_path, 
     cfg = load_config(overrides=[*TINY, f"data.data_dir={text}", f"run.out_dir={tmp_path}"])
     summary = Trainer(cfg).fit()
     vocab_size = len(CharVocab.load(tmp_path / "vocab.json"))
-    assert summary["val_loss"] < math.log(vocab_size) - 0.5 and summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
+    assert summary["val_loss"] < math.log(vocab_size) - 0.5 and summary["val_ppl"] == pytest.approx(
+        math.exp(summary["val_loss"])
+    )
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["val_loss"] < records[0]["val_loss"] and "test_acc" not in records[-1]
     assert main(["sample", str(tmp_path), "--prompt", "to be", "--chars", "40"]) == 0
@@ -78,17 +92,32 @@ def test_the_engine_trains_a_language_model_and_samples_from_it(text, tmp_path, 
     assert out.startswith("to be") and len(out.rstrip("\n")) >= 45 and set(out) <= set(text.read_text()) | {"\n"}
 
 
-@pytest.mark.parametrize("method", [
-    ["sparsity.method=static"], ["sparsity.method=static", "sparsity.init=snip"],
-    ["sparsity.method=static", "sparsity.init=grasp", "sparsity.global_ranking=true"],
-    ["sparsity.method=set", "sparsity.update_every_steps=5"], ["sparsity.method=rigl", "sparsity.update_every_steps=5"],
-    ["sparsity.method=mest", "sparsity.mest.every_epochs=1", "sparsity.mest.soft_bound=true"],
-    ["sparsity.method=swat"], ["sparsity.method=static", "recipe.name=tost"],
-], ids=["random", "snip", "grasp", "set", "rigl", "mest", "swat", "tost"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["sparsity.method=static"],
+        ["sparsity.method=static", "sparsity.init=snip"],
+        ["sparsity.method=static", "sparsity.init=grasp", "sparsity.global_ranking=true"],
+        ["sparsity.method=set", "sparsity.update_every_steps=5"],
+        ["sparsity.method=rigl", "sparsity.update_every_steps=5"],
+        ["sparsity.method=mest", "sparsity.mest.every_epochs=1", "sparsity.mest.soft_bound=true"],
+        ["sparsity.method=swat"],
+        ["sparsity.method=static", "recipe.name=tost"],
+    ],
+    ids=["random", "snip", "grasp", "set", "rigl", "mest", "swat", "tost"],
+)
 def test_every_method_trains_the_gpt_with_attention_and_mlp_sparse(method, text, tmp_path):
-    cfg = load_config(overrides=[*TINY, f"data.data_dir={text}", f"run.out_dir={tmp_path}", *method,
-                                 "sparsity.sparsity=0.9", "sparsity.dense_layers=[last]", "sparsity.distribution=uniform"
-                                 if "swat" not in method[0] else "sparsity.sparsity=0.9"])
+    cfg = load_config(
+        overrides=[
+            *TINY,
+            f"data.data_dir={text}",
+            f"run.out_dir={tmp_path}",
+            *method,
+            "sparsity.sparsity=0.9",
+            "sparsity.dense_layers=[last]",
+            "sparsity.distribution=uniform" if "swat" not in method[0] else "sparsity.sparsity=0.9",
+        ]
+    )
     summary = Trainer(cfg).fit()
     layers = {ls["name"]: ls for ls in summary["layers"] if not ls["dense"]}
     assert set(layers) == {f"blocks.0.{n}.weight" for n in ("qkv", "proj", "fc", "out")}  # the head stays dense
@@ -99,20 +128,34 @@ def test_every_method_trains_the_gpt_with_attention_and_mlp_sparse(method, text,
     assert math.isfinite(summary["val_loss"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.name=gpt"], "model 'gpt' and dataset 'cifar10' do not fit"),
-    (["data.dataset=text"], "model 'resnet20' and dataset 'text' do not fit"),
-    (["model.depth=3"], "model.depth and model.heads shape the transformers"),
-    ([*TINY, "sparsity.method=mest", "sparsity.sparsity=0.5", "sparsity.data_efficiency.enabled=true"], "not defined for text"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=gpt"], "model 'gpt' and dataset 'cifar10' do not fit"),
+        (["data.dataset=text"], "model 'resnet20' and dataset 'text' do not fit"),
+        (["model.depth=3"], "model.depth and model.heads shape the transformers"),
+        (
+            [*TINY, "sparsity.method=mest", "sparsity.sparsity=0.5", "sparsity.data_efficiency.enabled=true"],
+            "not defined for text",
+        ),
+    ],
+)
 def test_models_and_data_that_do_not_fit_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
 
 
 def test_synflow_on_token_ids_is_refused(text, tmp_path):
-    cfg = load_config(overrides=[*TINY, f"data.data_dir={text}", f"run.out_dir={tmp_path}", "sparsity.method=static",
-                                 "sparsity.sparsity=0.9", "sparsity.init=synflow"])
+    cfg = load_config(
+        overrides=[
+            *TINY,
+            f"data.data_dir={text}",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=static",
+            "sparsity.sparsity=0.9",
+            "sparsity.init=synflow",
+        ]
+    )
     with pytest.raises(ConfigError, match="synflow.*token ids"):
         Trainer(cfg)
 
@@ -127,14 +170,24 @@ def test_training_windows_move_each_epoch_and_a_resume_sees_the_same(text, tmp_p
         train.set_epoch(epoch)
         x, _ = train[0]
         starts.append(train.offset)
-        assert len(train) == train.count and torch.equal(x, train.ids[train.offset:train.offset + 16])
+        assert len(train) == train.count and torch.equal(x, train.ids[train.offset : train.offset + 16])
     assert len(set(starts)) > 1 and all(0 <= s < 8 for s in starts)
     last = train[len(train) - 1][1]
     assert len(last) == 16  # every window fits whatever the offset
 
     def make(out):
-        return Trainer(load_config(overrides=[*TINY, f"data.data_dir={text}", f"run.out_dir={out}", "data.stride=8",
-                                              "optim.epochs=2", "run.checkpoint_every_steps=5"]))
+        return Trainer(
+            load_config(
+                overrides=[
+                    *TINY,
+                    f"data.data_dir={text}",
+                    f"run.out_dir={out}",
+                    "data.stride=8",
+                    "optim.epochs=2",
+                    "run.checkpoint_every_steps=5",
+                ]
+            )
+        )
 
     full, resumed = full_and_resumed(make, tmp_path, 23)  # mid-epoch 2 (about 17 steps an epoch)
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())

@@ -6,16 +6,32 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import full_and_resumed, tiny_datasets
+
+from sparsetrain.app import Trainer
 from sparsetrain.app.config import RecipeConfig, load_config
 from sparsetrain.core.masks import MaskSet, random_masks
 from sparsetrain.models import build_model
-from sparsetrain.recipes.tost import GhostSkips, GhostSoftActivation, ToST, find_conv_pairs, gradinit_scales, rescale_fan_in
-from sparsetrain.app import Trainer
+from sparsetrain.recipes.tost import (
+    GhostSkips,
+    GhostSoftActivation,
+    ToST,
+    find_conv_pairs,
+    gradinit_scales,
+    rescale_fan_in,
+)
 
-BASE = ["model.name=resnet20", "data.dataset=cifar10", "optim.batch_size=32", "optim.lr=0.05", "run.threads=1",
-        "run.progress=false", "model.channels_last=false", "sparsity.method=static", "sparsity.sparsity=0.9"]
+BASE = [
+    "model.name=resnet20",
+    "data.dataset=cifar10",
+    "optim.batch_size=32",
+    "optim.lr=0.05",
+    "run.threads=1",
+    "run.progress=false",
+    "model.channels_last=false",
+    "sparsity.method=static",
+    "sparsity.sparsity=0.9",
+]
 
 
 def _data():
@@ -23,9 +39,19 @@ def _data():
 
 
 def test_after_the_ghost_phase_the_model_is_the_plain_relu_network(tmp_path):
-    cfg = load_config(overrides=[*BASE, "optim.epochs=2", f"run.out_dir={tmp_path}", "recipe.name=tost",
-                                 "recipe.ghost_skip=true", "recipe.gradinit_steps=2", "recipe.soft_hold=0.2", "recipe.soft_blend_end=0.5",
-                                 "recipe.skip_end=0.5"])
+    cfg = load_config(
+        overrides=[
+            *BASE,
+            "optim.epochs=2",
+            f"run.out_dir={tmp_path}",
+            "recipe.name=tost",
+            "recipe.ghost_skip=true",
+            "recipe.gradinit_steps=2",
+            "recipe.soft_hold=0.2",
+            "recipe.soft_blend_end=0.5",
+            "recipe.skip_end=0.5",
+        ]
+    )
     trainer = Trainer(cfg, datasets=_data())
     assert trainer.recipe.ghost_acts and trainer.recipe.skips is not None
     n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -46,14 +72,20 @@ def test_tost_default_leaves_ghost_skips_and_rescaling_off_unless_switched_on():
     assert default.components() == ["ghost-soft", "label-smoothing"]
     assert default.rescale_init == "none" and not default.ghost_skip
     assert RecipeConfig(name="tost", ghost_skip=True, rescale_init="gradinit").components() == [
-        "ghost-soft", "ghost-skip", "rescale-init", "label-smoothing"]
+        "ghost-soft",
+        "ghost-skip",
+        "rescale-init",
+        "label-smoothing",
+    ]
     assert RecipeConfig(ghost_skip=True).components() == ["ghost-skip"]
 
 
 def test_blend_is_exactly_the_stated_mix():
     relu = nn.ReLU()
     model = nn.Sequential(nn.Linear(4, 4), relu)
-    recipe = ToST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=100, soft_hold=0.1, soft_blend_end=0.3)
+    recipe = ToST(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=100, soft_hold=0.1, soft_blend_end=0.3
+    )
     g = model[1]
     assert isinstance(g, GhostSoftActivation) and recipe.ghost_acts == [g]
     x = torch.randn(100)
@@ -117,8 +149,15 @@ def test_fan_in_rescaling_is_a_scalar_per_tensor_and_keeps_zeros():
 
 
 def test_gradinit_scales_each_tensor_by_a_scalar_and_keeps_zeros(tmp_path):
-    cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path}", "recipe.rescale_init=gradinit",
-                                 "recipe.gradinit_steps=5"])
+    cfg = load_config(
+        overrides=[
+            *BASE,
+            "optim.epochs=1",
+            f"run.out_dir={tmp_path}",
+            "recipe.rescale_init=gradinit",
+            "recipe.gradinit_steps=5",
+        ]
+    )
     torch.manual_seed(cfg.run.seed)
     reference = build_model("resnet20")
     trainer = Trainer(cfg, datasets=_data())
@@ -145,13 +184,23 @@ def test_gradinit_learns_on_the_network_that_will_train(tmp_path, monkeypatch):
     seen = {}
 
     def spy(model, batches, steps, masks=None, criterion=None):
-        seen.update(ghosts=sum(isinstance(m, GhostSoftActivation) for m in model.modules()), masks=masks,
-                    smoothing=criterion.label_smoothing)
+        seen.update(
+            ghosts=sum(isinstance(m, GhostSoftActivation) for m in model.modules()),
+            masks=masks,
+            smoothing=criterion.label_smoothing,
+        )
         return {}
 
     monkeypatch.setattr("sparsetrain.recipes.tost.gradinit_scales", spy)
-    cfg = load_config(overrides=[*BASE, "optim.epochs=1", f"run.out_dir={tmp_path}", "recipe.name=tost",
-                                 "recipe.rescale_init=gradinit"])
+    cfg = load_config(
+        overrides=[
+            *BASE,
+            "optim.epochs=1",
+            f"run.out_dir={tmp_path}",
+            "recipe.name=tost",
+            "recipe.rescale_init=gradinit",
+        ]
+    )
     trainer = Trainer(cfg, datasets=_data())
     assert seen["ghosts"] == 19 and seen["smoothing"] == pytest.approx(0.1)
     assert seen["masks"] is trainer.method.maskset.masks
@@ -182,20 +231,38 @@ def test_gradinit_look_ahead_step_moves_kept_weights_only(monkeypatch):
 def test_teacher_soft_labels_mix_kl_and_cross_entropy():
     teacher = nn.Linear(5, 3)
     student = nn.Linear(5, 3)
-    recipe = ToST(student, torch.optim.SGD(student.parameters(), lr=0.1), ghost_soft=False, label_smoothing=0.0,
-                  teacher=teacher, teacher_weight=0.3, teacher_temperature=2.0)
+    recipe = ToST(
+        student,
+        torch.optim.SGD(student.parameters(), lr=0.1),
+        ghost_soft=False,
+        label_smoothing=0.0,
+        teacher=teacher,
+        teacher_weight=0.3,
+        teacher_temperature=2.0,
+    )
     x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
     out = torch.randn(4, 3)
     ce = nn.CrossEntropyLoss()
-    expected = 0.7 * ce(out, y) + 0.3 * 4 * F.kl_div(F.log_softmax(out / 2, 1), F.softmax(teacher(x) / 2, 1), reduction="batchmean")
+    expected = 0.7 * ce(out, y) + 0.3 * 4 * F.kl_div(
+        F.log_softmax(out / 2, 1), F.softmax(teacher(x) / 2, 1), reduction="batchmean"
+    )
     torch.testing.assert_close(recipe.loss(out, y, x, ce), expected)
 
 
 def test_resume_inside_the_ghost_phase_matches_an_uninterrupted_run(tmp_path):
     def config(out):
-        return load_config(overrides=[*BASE, "optim.epochs=2", f"run.out_dir={out}", "recipe.ghost_skip=true",
-                                      "recipe.ghost_soft=true", "recipe.skip_end=0.9", "recipe.soft_blend_end=0.9",
-                                      "run.checkpoint_every_steps=2"])
+        return load_config(
+            overrides=[
+                *BASE,
+                "optim.epochs=2",
+                f"run.out_dir={out}",
+                "recipe.ghost_skip=true",
+                "recipe.ghost_soft=true",
+                "recipe.skip_end=0.9",
+                "recipe.soft_blend_end=0.9",
+                "run.checkpoint_every_steps=2",
+            ]
+        )
 
     full, resumed = full_and_resumed(lambda out: Trainer(config(out), datasets=_data()), tmp_path, 3)
     for k, v in full.model.state_dict().items():

@@ -10,14 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_datasets
-from sparsetrain.app.config import load_config
+
 from sparsetrain.app import Trainer, load_checkpoint
+from sparsetrain.app.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = ["model.name=mlp", "data.dataset=mnist", "optim.batch_size=32", "optim.lr=0.05", "run.threads=1",
-        "run.progress=false", "model.channels_last=false"]
+BASE = [
+    "model.name=mlp",
+    "data.dataset=mnist",
+    "optim.batch_size=32",
+    "optim.lr=0.05",
+    "run.threads=1",
+    "run.progress=false",
+    "model.channels_last=false",
+]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -25,16 +32,28 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_learns_keeps_masks_and_logs(tmp_path):
-    cfg = load_config(overrides=[*BASE, "optim.epochs=6", "optim.lr=0.1", f"run.out_dir={tmp_path}", "sparsity.method=static",
-                                 "sparsity.sparsity=0.7", "optim.label_smoothing=0.1", "data.val_fraction=0.25",
-                                 "sparsity.dense_layers=[]"])
+    cfg = load_config(
+        overrides=[
+            *BASE,
+            "optim.epochs=6",
+            "optim.lr=0.1",
+            f"run.out_dir={tmp_path}",
+            "sparsity.method=static",
+            "sparsity.sparsity=0.7",
+            "optim.label_smoothing=0.1",
+            "data.val_fraction=0.25",
+            "sparsity.dense_layers=[]",
+        ]
+    )
     trainer = Trainer(cfg, datasets=tiny_datasets())
     summary = trainer.fit()
     assert summary["test_acc"] > 50  # a bright square names the class: learnable in 6 epochs
     assert summary["sparsity"] == pytest.approx(0.7, abs=2e-3)
     for name, mask in trainer.method.maskset.masks.items():
         assert torch.count_nonzero(trainer.method.maskset.params[name][~mask]) == 0
-    assert summary["train_flops_rel"] == pytest.approx(0.3, abs=0.01) and summary["infer_flops_rel"] == pytest.approx(0.3, abs=0.01)
+    assert summary["train_flops_rel"] == pytest.approx(0.3, abs=0.01) and summary["infer_flops_rel"] == pytest.approx(
+        0.3, abs=0.01
+    )
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6] and "val_acc" in records[0]
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "model.pt").exists()
@@ -66,8 +85,14 @@ def _train_cli(args, env_extra=None, driver=None):
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_mnist_tar):
-    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=3", "run.checkpoint_every_steps=5",
-            "sparsity.method=static", "sparsity.sparsity=0.8"]
+    args = [
+        *BASE,
+        f"data.data_dir={tiny_mnist_tar}",
+        "optim.epochs=3",
+        "run.checkpoint_every_steps=5",
+        "sparsity.method=static",
+        "sparsity.sparsity=0.8",
+    ]
     full = _train_cli([*args, f"run.out_dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr
     driver = tmp_path / "driver.py"
@@ -114,17 +139,33 @@ def _torchrun(tmp_path, driver_text: str, args: list[str], out: Path) -> list[di
     driver = tmp_path / "driver_ddp.py"
     driver.write_text(driver_text)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         str(driver), *args, f"run.out_dir={out}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            str(driver),
+            *args,
+            f"run.out_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, tiny_mnist_tar):
-    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=2", "sparsity.method=static",
-            "sparsity.sparsity=0.5"]
+    args = [
+        *BASE,
+        f"data.data_dir={tiny_mnist_tar}",
+        "optim.epochs=2",
+        "sparsity.method=static",
+        "sparsity.sparsity=0.5",
+    ]
     r0, r1 = _torchrun(tmp_path, DDP_DRIVER, args, tmp_path / "ddp")
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
@@ -139,23 +180,49 @@ def test_two_process_ddp_matches_single_process(tmp_path, tiny_mnist_tar):
 
 def test_cli_help_eval_report_and_flops(tmp_path, tiny_mnist_tar):
     for sub in ("train", "eval", "report", "flops"):
-        out = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", sub, "--help"], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "sparsetrain.app.cli", sub, "--help"], capture_output=True, text=True
+        )
         assert out.returncode == 0 and "usage: sparsetrain " + sub in out.stdout
     run = tmp_path / "run"
-    assert _train_cli([*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=1", f"run.out_dir={run}"]).returncode == 0
+    assert (
+        _train_cli([*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=1", f"run.out_dir={run}"]).returncode == 0
+    )
     ev = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "eval", str(run)], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     final = json.loads((run / "final.json").read_text())
     assert json.loads(ev.stdout)["test_acc"] == pytest.approx(final["test_acc"])
-    rep = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "report", str(run), "--layers", "--png", str(tmp_path / "c.png")],
-                         capture_output=True, text=True)
+    rep = subprocess.run(
+        [sys.executable, "-m", "sparsetrain.app.cli", "report", str(run), "--layers", "--png", str(tmp_path / "c.png")],
+        capture_output=True,
+        text=True,
+    )
     assert rep.returncode == 0 and "run" in rep.stdout and (tmp_path / "c.png").stat().st_size > 1000
-    fl = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "flops", "--model", "resnet20", "--dataset", "cifar10",
-                         "--method", "static", "--sparsity", "0.9", "--json"], capture_output=True, text=True)
+    fl = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsetrain.app.cli",
+            "flops",
+            "--model",
+            "resnet20",
+            "--dataset",
+            "cifar10",
+            "--method",
+            "static",
+            "--sparsity",
+            "0.9",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     data = json.loads(fl.stdout)
     assert data["forward_macs_dense"] == pytest.approx(40.8e6, rel=0.01)
     assert 0.1 < data["forward_flops"] / data["forward_flops_dense"] < 0.12
-    bad = subprocess.run([sys.executable, "-m", "sparsetrain.app.cli", "train", "optim.epochs=0"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sparsetrain.app.cli", "train", "optim.epochs=0"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "optim.epochs" in bad.stderr and "(got 0)" in bad.stderr
 
 
@@ -174,9 +241,18 @@ DDP_DYNAMIC_DRIVER = textwrap.dedent("""
 
 
 def test_ddp_ranks_agree_on_dynamic_masks_and_forgetting_statistics(tmp_path, tiny_mnist_tar):
-    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=3", "sparsity.method=mest", "sparsity.sparsity=0.8",
-            "sparsity.mest.every_epochs=1", "sparsity.mest.soft_bound=true", "sparsity.data_efficiency.enabled=true",
-            "sparsity.data_efficiency.remove_epoch=2", "sparsity.dense_layers=[]"]
+    args = [
+        *BASE,
+        f"data.data_dir={tiny_mnist_tar}",
+        "optim.epochs=3",
+        "sparsity.method=mest",
+        "sparsity.sparsity=0.8",
+        "sparsity.mest.every_epochs=1",
+        "sparsity.mest.soft_bound=true",
+        "sparsity.data_efficiency.enabled=true",
+        "sparsity.data_efficiency.remove_epoch=2",
+        "sparsity.dense_layers=[]",
+    ]
     r0, r1 = _torchrun(tmp_path, DDP_DYNAMIC_DRIVER, args, tmp_path / "ddp")
     assert r0["removed"].numel() == round(0.2 * 512) and torch.equal(r0["removed"], r1["removed"])
     assert torch.equal(r0["forgets"], r1["forgets"])
@@ -188,9 +264,19 @@ def test_ddp_ranks_agree_on_dynamic_masks_and_forgetting_statistics(tmp_path, ti
 
 def test_ddp_ranks_agree_under_rigl_with_compact_state(tmp_path, tiny_mnist_tar):
     # each rank captures the full gradient of its own batch on RigL's update steps: they are averaged like .grad
-    args = [*BASE, f"data.data_dir={tiny_mnist_tar}", "optim.epochs=1", "sparsity.method=rigl", "sparsity.sparsity=0.8",
-            "sparsity.update_every_steps=2", "sparsity.update_end=1.0", "sparsity.dense_layers=[]",
-            "sparsity.backend=direct", "sparsity.compact_state=true", "model.channels_last=false"]
+    args = [
+        *BASE,
+        f"data.data_dir={tiny_mnist_tar}",
+        "optim.epochs=1",
+        "sparsity.method=rigl",
+        "sparsity.sparsity=0.8",
+        "sparsity.update_every_steps=2",
+        "sparsity.update_end=1.0",
+        "sparsity.dense_layers=[]",
+        "sparsity.backend=direct",
+        "sparsity.compact_state=true",
+        "model.channels_last=false",
+    ]
     r0, r1 = _torchrun(tmp_path, DDP_DRIVER, args, tmp_path / "ddp")
     for k in r0["masks"]:
         assert torch.equal(r0["masks"][k], r1["masks"][k]), k

@@ -4,12 +4,29 @@ needs none of it)."""
 
 import importlib
 
-_LAZY = {"Trainer": "trainer", "TrainingError": "persistence", "method_seed": "trainer", "evaluate": "evaluation",
-         "lottery_ticket": "lottery", "load_run_model": "rundir", "CheckpointError": "checkpoint",
-         "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint"}
+_LAZY = {
+    "Trainer": "trainer",
+    "TrainingError": "persistence",
+    "method_seed": "trainer",
+    "evaluate": "evaluation",
+    "lottery_ticket": "lottery",
+    "load_run_model": "rundir",
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+}
 
-__all__ = ["Trainer", "TrainingError", "evaluate", "lottery_ticket", "load_run_model", "method_seed", "CheckpointError",
-           "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Trainer",
+    "TrainingError",
+    "evaluate",
+    "lottery_ticket",
+    "load_run_model",
+    "method_seed",
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 def __getattr__(name: str):

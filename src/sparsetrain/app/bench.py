@@ -31,15 +31,26 @@ import torch
 import torch.nn.functional as F
 
 from ..core.accounting import peak_memory_bytes
-from .config import load_config
 from ..execution.backends import get_backend
 from ..execution.plan import LAYOUTS
 from ..methods import METHODS
 from ..models import SEQUENCE_MODELS, build_model, model_input_shape
+from .config import load_config
 from .report import save_figure
 
-__all__ = ["CONFIGS", "PEAK_ENV", "BenchResult", "build", "make_step", "memory_format", "time_pairs", "peak_memory",
-           "run_bench", "plot_bench", "results_json"]
+__all__ = [
+    "CONFIGS",
+    "PEAK_ENV",
+    "BenchResult",
+    "build",
+    "make_step",
+    "memory_format",
+    "time_pairs",
+    "peak_memory",
+    "run_bench",
+    "plot_bench",
+    "results_json",
+]
 
 # configuration -> config overrides (besides the sparsity); "dense" is the baseline
 CONFIGS: dict[str, list[str]] = {
@@ -49,21 +60,42 @@ CONFIGS: dict[str, list[str]] = {
     "compact": ["sparsity.method=static", "sparsity.backend=direct", "sparsity.compact_state=true"],
     # RigL (ERK, an update every 100 steps, full weight gradients on those steps only) and MEST with the soft
     # bound, both storing only kept weights; a window of over 100 pairs holds an update step
-    "rigl-compact": ["sparsity.method=rigl", "sparsity.distribution=erk", "sparsity.backend=direct",
-                     "sparsity.compact_state=true"],
-    "mest-compact": ["sparsity.method=mest", "sparsity.mest.soft_bound=true", "sparsity.backend=direct",
-                     "sparsity.compact_state=true"],
+    "rigl-compact": [
+        "sparsity.method=rigl",
+        "sparsity.distribution=erk",
+        "sparsity.backend=direct",
+        "sparsity.compact_state=true",
+    ],
+    "mest-compact": [
+        "sparsity.method=mest",
+        "sparsity.mest.soft_bound=true",
+        "sparsity.backend=direct",
+        "sparsity.compact_state=true",
+    ],
     "condensed": ["sparsity.method=static", "sparsity.backend=condensed"],
     "condensed-compact": ["sparsity.method=static", "sparsity.backend=condensed", "sparsity.compact_state=true"],
     "channel": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel"],
-    "channel-both": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel",
-                     "sparsity.channel_both_sides=true"],
-    "channel-both-compact": ["sparsity.method=static", "sparsity.scheme=channel_out", "sparsity.backend=channel",
-                             "sparsity.channel_both_sides=true", "sparsity.compact_state=true"],
+    "channel-both": [
+        "sparsity.method=static",
+        "sparsity.scheme=channel_out",
+        "sparsity.backend=channel",
+        "sparsity.channel_both_sides=true",
+    ],
+    "channel-both-compact": [
+        "sparsity.method=static",
+        "sparsity.scheme=channel_out",
+        "sparsity.backend=channel",
+        "sparsity.channel_both_sides=true",
+        "sparsity.compact_state=true",
+    ],
     "auto": ["sparsity.method=static", "sparsity.backend=auto"],
     "auto-compact": ["sparsity.method=static", "sparsity.backend=auto", "sparsity.compact_state=true"],
-    "rigl-auto-compact": ["sparsity.method=rigl", "sparsity.distribution=erk", "sparsity.backend=auto",
-                          "sparsity.compact_state=true"],
+    "rigl-auto-compact": [
+        "sparsity.method=rigl",
+        "sparsity.distribution=erk",
+        "sparsity.backend=auto",
+        "sparsity.compact_state=true",
+    ],
     "swat": ["sparsity.method=swat"],
     "swat-auto": ["sparsity.method=swat", "sparsity.backend=auto"],
     # dense training with the lossless activation savings: the baseline that shows what sparsity itself saves
@@ -103,8 +135,9 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
     if sequence:
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95),
-                                weight_decay=0.1)
+        opt = torch.optim.AdamW(
+            [{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1
+        )
     else:
         model = model.to(memory_format=memory_format(config))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -114,10 +147,17 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
         sparse = "sparsity.method=dense" not in CONFIGS[config]
         cfg = load_config(overrides=[*_overrides(config, sparsity), *(layers_default if sparse else []), *extra])
         sc = cfg.sparsity
-        method = METHODS[sc.method](model, opt, steps_per_epoch=391, epochs=1, **sc.method_kwargs(),
-                                    execution=sc.backend, compact_state=sc.compact_state,
-                                    channel_both_sides=sc.channel_both_sides,
-                                    lossless_activations=sc.lossless_activations)
+        method = METHODS[sc.method](
+            model,
+            opt,
+            steps_per_epoch=391,
+            epochs=1,
+            **sc.method_kwargs(),
+            execution=sc.backend,
+            compact_state=sc.compact_state,
+            channel_both_sides=sc.channel_both_sides,
+            lossless_activations=sc.lossless_activations,
+        )
     return model, opt, method
 
 
@@ -167,18 +207,38 @@ def time_pairs(dense_step, sparse_step, pairs: int, warmup: int) -> tuple[list[f
     return times
 
 
-def peak_memory(model_name: str, config: str, sparsity: float, batch: int, extra: list[str] = (), steps: int = 3,
-                model_args: dict | None = None) -> dict:
+def peak_memory(
+    model_name: str,
+    config: str,
+    sparsity: float,
+    batch: int,
+    extra: list[str] = (),
+    steps: int = 3,
+    model_args: dict | None = None,
+) -> dict:
     """Peak resident bytes of a fresh process training ``steps`` steps of ``config``, and its bytes before the model."""
-    cmd = [sys.executable, "-m", "sparsetrain.app.bench", "--peak", model_name, config, str(sparsity), str(batch), str(steps),
-           json.dumps(model_args or {}), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparsetrain.app.bench",
+        "--peak",
+        model_name,
+        config,
+        str(sparsity),
+        str(batch),
+        str(steps),
+        json.dumps(model_args or {}),
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PEAK_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"peak-memory run of {config} failed: {done.stderr.strip()[-800:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _peak_child(model_name: str, config: str, sparsity: str, batch: str, steps: str, model_args: str, *extra: str) -> None:
+def _peak_child(
+    model_name: str, config: str, sparsity: str, batch: str, steps: str, model_args: str, *extra: str
+) -> None:
     base = peak_memory_bytes()
     model, opt, method = build(model_name, config, float(sparsity), list(extra), json.loads(model_args))
     step = make_step(model, opt, method, int(batch), config, model_input_shape(model_name))
@@ -190,6 +250,7 @@ def _peak_child(model_name: str, config: str, sparsity: str, batch: str, steps: 
 @dataclass
 class BenchResult:
     """One configuration at one sparsity against dense."""
+
     model: str
     config: str
     sparsity: float
@@ -204,8 +265,17 @@ class BenchResult:
     backends: dict | None = None
 
 
-def run_bench(model_name: str, configs: list[str], sparsities: list[float], batch: int = 128, pairs: int = 10,
-              warmup: int = 3, extra: list[str] = (), memory: bool = True, progress: bool = True) -> list[BenchResult]:
+def run_bench(
+    model_name: str,
+    configs: list[str],
+    sparsities: list[float],
+    batch: int = 128,
+    pairs: int = 10,
+    warmup: int = 3,
+    extra: list[str] = (),
+    memory: bool = True,
+    progress: bool = True,
+) -> list[BenchResult]:
     """Every configuration at every sparsity against one dense baseline (see the module docstring)."""
     from tqdm import tqdm
 
@@ -223,8 +293,17 @@ def run_bench(model_name: str, configs: list[str], sparsities: list[float], batc
         model, opt, method = build(model_name, config, sparsity, list(extra))
         t_dense, t_sparse = time_pairs(dense_step, make_step(model, opt, method, batch, config, shape), pairs, warmup)
         chosen = {n: m.backend for n, m in model.named_modules() if hasattr(m, "backend") and hasattr(m, "maskset")}
-        r = BenchResult(model_name, config, sparsity, batch, statistics.median(s / d for d, s in zip(t_dense, t_sparse)),
-                        statistics.median(t_dense), statistics.median(t_sparse), pairs, backends=chosen or None)
+        r = BenchResult(
+            model_name,
+            config,
+            sparsity,
+            batch,
+            statistics.median(s / d for d, s in zip(t_dense, t_sparse)),
+            statistics.median(t_dense),
+            statistics.median(t_sparse),
+            pairs,
+            backends=chosen or None,
+        )
         del model, opt, method
         if memory:
             peak = peak_memory(model_name, config, sparsity, batch, list(extra))
@@ -246,7 +325,9 @@ def plot_bench(results: list[BenchResult], path: str | Path) -> Path:
     colors = plt.get_cmap("tab20").colors  # enough distinct colours for every configuration
     for i, config in enumerate(dict.fromkeys(r.config for r in results)):
         rows = sorted((r for r in results if r.config == config), key=lambda r: r.sparsity)
-        ax.plot([r.sparsity for r in rows], [r.step_ratio for r in rows], "o-", label=config, color=colors[i % len(colors)])
+        ax.plot(
+            [r.sparsity for r in rows], [r.step_ratio for r in rows], "o-", label=config, color=colors[i % len(colors)]
+        )
     xs = sorted({r.sparsity for r in results})
     ax.plot(xs, [1 - s for s in xs], "k--", lw=1, label="1 - s (FLOPs)")
     ax.axhline(1.0, color="grey", lw=0.8)

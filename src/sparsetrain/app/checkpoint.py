@@ -51,8 +51,11 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; what it held before is "
-                                        "intact: free some space and run the same command again to resume") from None
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device while writing {path}; what it held before is "
+                "intact: free some space and run the same command again to resume",
+            ) from None
         raise
     finally:
         if os.path.exists(tmp):
@@ -76,12 +79,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as e:  # torch raises several types for truncated zip / bad pickle
         text = str(e)
         if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in text:  # a payload of code, not damage
-            raise CheckpointError(f"{path} holds objects other than tensors and plain data (code could run if it were "
-                                  "unpickled), so it was not loaded: it is not a checkpoint sparsetrain wrote") from None
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain data (code could run if it were "
+                "unpickled), so it was not loaded: it is not a checkpoint sparsetrain wrote"
+            ) from None
         # torch's own advice here is to load unsafely: not given, a damaged file is damaged
-        detail = "its contents do not unpickle" if "Weights only load failed" in text else (text.splitlines() or [""])[0]
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated and was not loaded ({type(e).__name__}: "
-                              f"{detail}). Delete it to start over, or restore a copy.") from None
+        detail = (
+            "its contents do not unpickle" if "Weights only load failed" in text else (text.splitlines() or [""])[0]
+        )
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or truncated and was not loaded ({type(e).__name__}: "
+            f"{detail}). Delete it to start over, or restore a copy."
+        ) from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path} is not a sparsetrain checkpoint")
     return state
@@ -148,7 +157,8 @@ def load_sharded(path: str | os.PathLike, model, optimizer, sparsifier) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
     except Exception as e:  # a missing key, a shape that differs: the checkpoint is of another model or method
-        raise CheckpointError(f"{path} does not fit this model, optimizer and method ({type(e).__name__}: "
-                              f"{str(e)[:300]})") from None
+        raise CheckpointError(
+            f"{path} does not fit this model, optimizer and method ({type(e).__name__}: {str(e)[:300]})"
+        ) from None
     sparsifier.load_state_dict(state["method"])  # first: masks, and the layouts that depend on them
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -54,12 +54,12 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .config import load_config
     from ..data.images import DATASETS, BatchLoader, load_dataset
     from ..models import build_configured
     from .checkpoint import CheckpointError, load_checkpoint
-    from .evaluation import evaluate
+    from .config import load_config
     from .distributed import pick_device
+    from .evaluation import evaluate
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").exists():
@@ -73,16 +73,25 @@ def _eval(args) -> int:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
-        hint = ("the run is unfinished and its method changes the model's layers (SWAT, compact state): finish it with "
-                "`sparsetrain train` on the same directory, then evaluate its model.pt") if weights.name == "checkpoint.pt" \
+        hint = (
+            (
+                "the run is unfinished and its method changes the model's layers (SWAT, compact state): finish it with "
+                "`sparsetrain train` on the same directory, then evaluate its model.pt"
+            )
+            if weights.name == "checkpoint.pt"
             else "the weights do not fit the model its config names"
+        )
         raise CheckpointError(f"{run / weights.name}: {hint}") from None
     device = pick_device(cfg.run.device)
     model.to(device)
-    test = load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)["test"]
+    test = load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir)[
+        "test"
+    ]
     loader = BatchLoader(test, info, cfg.run.eval_batch_size, train=False)
     result = evaluate(model, loader, device)
-    print(json.dumps({"run": str(run), "weights": weights.name, "test_loss": result["loss"], "test_acc": result["acc"]}))
+    print(
+        json.dumps({"run": str(run), "weights": weights.name, "test_loss": result["loss"], "test_acc": result["acc"]})
+    )
     return 0
 
 
@@ -92,23 +101,27 @@ MAX_SAMPLE_CHARS = 100_000  # sample: more is a mistake, not a request
 def _sample(args) -> int:
     import torch
 
-    from .config import load_config
-    from ..models import SEQUENCE_MODELS, build_configured
     from ..data.text import CharVocab
+    from ..models import SEQUENCE_MODELS, build_configured
     from .checkpoint import CheckpointError, load_checkpoint
+    from .config import load_config
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").exists():
         raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
     cfg = load_config(run / "config.yaml")
     if cfg.model.name not in SEQUENCE_MODELS:
-        raise CheckpointError(f"{run} trained {cfg.model.name!r}, which does not generate text (sequence models: "
-                              f"{sorted(SEQUENCE_MODELS)})")
+        raise CheckpointError(
+            f"{run} trained {cfg.model.name!r}, which does not generate text (sequence models: "
+            f"{sorted(SEQUENCE_MODELS)})"
+        )
     if not (run / "model.pt").exists() or not (run / "vocab.json").exists():
         raise CheckpointError(f"{run} has no model.pt and vocab.json yet: the run is unfinished; finish it first")
     if not math.isfinite(args.temperature) or args.temperature <= 0:
-        raise ValueError(f"--temperature must be a finite number > 0 (lower: closer to the most likely character), "
-                         f"got {args.temperature}")
+        raise ValueError(
+            f"--temperature must be a finite number > 0 (lower: closer to the most likely character), "
+            f"got {args.temperature}"
+        )
     if not 1 <= args.chars <= MAX_SAMPLE_CHARS:
         raise ValueError(f"--chars must be between 1 and {MAX_SAMPLE_CHARS}, got {args.chars}")
     if not args.prompt:
@@ -118,8 +131,10 @@ def _sample(args) -> int:
     saved = load_checkpoint(run / "model.pt")["model"]
     width = next((v.shape[0] for k, v in saved.items() if k.endswith("tok.weight")), len(vocab))
     if width != len(vocab):
-        raise CheckpointError(f"{run / 'vocab.json'} holds {len(vocab)} characters but the model was trained on {width}: "
-                              "the vocabulary is not this run's")
+        raise CheckpointError(
+            f"{run / 'vocab.json'} holds {len(vocab)} characters but the model was trained on {width}: "
+            "the vocabulary is not this run's"
+        )
     model.load_state_dict(saved)
     prompt = vocab.encode(args.prompt)[None]
     out = model.generate(prompt, args.chars, args.temperature, torch.Generator().manual_seed(args.seed))
@@ -143,10 +158,11 @@ def _report(args) -> int:
 
 
 def _flops(args) -> int:
+    # long: one command's whole recipe (build, mask, count), read top to bottom
     from ..core.accounting import measure_layer_costs
-    from ..data.images import DATASETS
     from ..core.distributions import layer_densities
     from ..core.masks import select_parameters
+    from ..data.images import DATASETS
     from ..models import build_model, model_input_shape
 
     for flag, value in (("--sparsity", args.sparsity), ("--activation-sparsity", args.activation_sparsity)):
@@ -163,12 +179,18 @@ def _flops(args) -> int:
     try:
         costs = measure_layer_costs(model, shape)
     except RuntimeError as e:  # the model's first layer does not take this input
-        raise ValueError(f"model {args.model!r} does not take inputs of shape {shape} ({str(e).splitlines()[0]}); "
-                         "give --input-size C H W that fits it, or --dataset") from None
+        raise ValueError(
+            f"model {args.model!r} does not take inputs of shape {shape} ({str(e).splitlines()[0]}); "
+            "give --input-size C H W that fits it, or --dataset"
+        ) from None
     density: dict[str, float] = {}
     grad_density: dict[str, float] = {}
     if args.method != "dense":
-        dense_layers = args.dense_layers if args.dense_layers is not None else (["first"] if args.method == "swat" else ["first", "last"])
+        dense_layers = (
+            args.dense_layers
+            if args.dense_layers is not None
+            else (["first"] if args.method == "swat" else ["first", "last"])
+        )
         shapes = {n: tuple(p.shape) for n, p in select_parameters(model, dense_layers).items()}
         density = layer_densities(args.distribution, shapes, args.sparsity)
         grad_density = dict(density)
@@ -179,26 +201,51 @@ def _flops(args) -> int:
     dense_train = costs.training_flops()
     infer, dense_infer = costs.forward_flops(density), costs.forward_flops()
     if args.json:
-        print(json.dumps({
-            "model": args.model, "input": list(shape), "method": args.method, "sparsity": args.sparsity,
-            "forward_macs_dense": dense_infer / 2, "forward_flops": infer, "forward_flops_dense": dense_infer,
-            "train_flops": train, "train_flops_dense": dense_train,
-            "train_flops_rel": train["total"] / dense_train["total"], "infer_flops_rel": infer / dense_infer,
-            "layers": [{"name": lc.name, "params": lc.params, "density": density.get(lc.name, 1.0), "forward_flops": lc.forward}
-                       for lc in costs.layers],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "input": list(shape),
+                    "method": args.method,
+                    "sparsity": args.sparsity,
+                    "forward_macs_dense": dense_infer / 2,
+                    "forward_flops": infer,
+                    "forward_flops_dense": dense_infer,
+                    "train_flops": train,
+                    "train_flops_dense": dense_train,
+                    "train_flops_rel": train["total"] / dense_train["total"],
+                    "infer_flops_rel": infer / dense_infer,
+                    "layers": [
+                        {
+                            "name": lc.name,
+                            "params": lc.params,
+                            "density": density.get(lc.name, 1.0),
+                            "forward_flops": lc.forward,
+                        }
+                        for lc in costs.layers
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{args.model}, input {shape}, method {args.method}, sparsity {args.sparsity} (1 MAC = 2 FLOPs; per image)")
     print(f"{'layer':<36} {'params':>10} {'density':>8} {'fwd MFLOPs':>11} {'train MFLOPs':>13}")
     for lc in costs.layers:
         d = density.get(lc.name, 1.0)
-        print(f"{lc.name:<36} {lc.params:>10} {d:>8.3f} {lc.forward * d / 1e6:>11.2f} "
-              f"{(lc.forward + lc.input_grad + lc.weight_grad) * d / 1e6:>13.2f}")
-    print(f"\nforward (inference): {infer / 1e9:.4f} GFLOPs = {infer / 2e9:.4f} GMACs  "
-          f"(dense {dense_infer / 2e9:.4f} GMACs; {infer / dense_infer:.3f} of dense)")
-    print(f"training step: {train['total'] / 1e9:.4f} GFLOPs  (forward {train['forward'] / 1e9:.4f}, input grad "
-          f"{train['input_grad'] / 1e9:.4f}, weight grad {train['weight_grad'] / 1e9:.4f}; "
-          f"{train['total'] / dense_train['total']:.3f} of dense)")
+        print(
+            f"{lc.name:<36} {lc.params:>10} {d:>8.3f} {lc.forward * d / 1e6:>11.2f} "
+            f"{(lc.forward + lc.input_grad + lc.weight_grad) * d / 1e6:>13.2f}"
+        )
+    print(
+        f"\nforward (inference): {infer / 1e9:.4f} GFLOPs = {infer / 2e9:.4f} GMACs  "
+        f"(dense {dense_infer / 2e9:.4f} GMACs; {infer / dense_infer:.3f} of dense)"
+    )
+    print(
+        f"training step: {train['total'] / 1e9:.4f} GFLOPs  (forward {train['forward'] / 1e9:.4f}, input grad "
+        f"{train['input_grad'] / 1e9:.4f}, weight grad {train['weight_grad'] / 1e9:.4f}; "
+        f"{train['total'] / dense_train['total']:.3f} of dense)"
+    )
     return 0
 
 
@@ -206,8 +253,16 @@ def _bench(args) -> int:
     from .bench import plot_bench, results_json, run_bench
 
     try:
-        results = run_bench(args.model, args.configs, args.sparsity, args.batch, args.pairs, args.warmup, args.extra,
-                            memory=not args.no_memory)
+        results = run_bench(
+            args.model,
+            args.configs,
+            args.sparsity,
+            args.batch,
+            args.pairs,
+            args.warmup,
+            args.extra,
+            memory=not args.no_memory,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -215,7 +270,9 @@ def _bench(args) -> int:
     print(f"{'config':<8} {'sparsity':>8} {'step ratio':>10} {'dense s':>8} {'sparse s':>9} {'mem ratio':>9}")
     for r in results:
         mem = "" if r.mem_ratio is None else f"{r.mem_ratio:.3f}"
-        print(f"{r.config:<8} {r.sparsity:>8.3f} {r.step_ratio:>10.3f} {r.step_s_dense:>8.3f} {r.step_s_sparse:>9.3f} {mem:>9}")
+        print(
+            f"{r.config:<8} {r.sparsity:>8.3f} {r.step_ratio:>10.3f} {r.step_s_dense:>8.3f} {r.step_s_sparse:>9.3f} {mem:>9}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -242,20 +299,30 @@ class _Names:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsetrain`` argument parser with its commands."""
+    # long: a declarative table of the commands and their flags
     models = _Names("sparsetrain.models", "MODELS")
-    p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse neural-network training in PyTorch. "
-                                "Errors print one line; add --debug (anywhere) for the traceback.")
+    p = argparse.ArgumentParser(
+        prog="sparsetrain",
+        description="Sparse neural-network training in PyTorch. "
+        "Errors print one line; add --debug (anywhere) for the traceback.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (resumes if the run directory holds a checkpoint)",
-                       description="Train from a YAML config plus section.key=value overrides, e.g. "
-                                   "`sparsetrain train --config configs/resnet20_cifar10.yaml sparsity.method=static "
-                                   "sparsity.sparsity=0.9`. Launch with torchrun for data-parallel training.")
+    t = sub.add_parser(
+        "train",
+        help="train a model (resumes if the run directory holds a checkpoint)",
+        description="Train from a YAML config plus section.key=value overrides, e.g. "
+        "`sparsetrain train --config configs/resnet20_cifar10.yaml sparsity.method=static "
+        "sparsity.sparsity=0.9`. Launch with torchrun for data-parallel training.",
+    )
     t.add_argument("--config", help="YAML config file (see configs/)")
     t.add_argument("--data-dir", help="dataset file or folder (overrides data.data_dir)")
     t.add_argument("--out", help="run directory (overrides run.out_dir)")
-    t.add_argument("--resume-with-changes", action="store_true",
-                   help="resume although schedule keys (optim.epochs, optim.lr, ...) changed; recorded in final.json")
+    t.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume although schedule keys (optim.epochs, optim.lr, ...) changed; recorded in final.json",
+    )
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.05")
     t.set_defaults(func=_train)
 
@@ -272,23 +339,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("flops", help="FLOPs of a model for a method and sparsity, without training")
     f.add_argument("--model", required=True, type=models, metavar="MODEL", help="a model of the zoo, e.g. resnet20")
-    f.add_argument("--dataset", type=_Names("sparsetrain.data.images", "DATASETS"), metavar="DATASET",
-                   help="sets input size and classes, e.g. cifar10")
+    f.add_argument(
+        "--dataset",
+        type=_Names("sparsetrain.data.images", "DATASETS"),
+        metavar="DATASET",
+        help="sets input size and classes, e.g. cifar10",
+    )
     f.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    f.add_argument("--method", default="dense", type=_Names("sparsetrain.methods", "METHODS"), metavar="METHOD",
-                   help="any masked method: forward, input and weight gradient scale with each layer's density")
+    f.add_argument(
+        "--method",
+        default="dense",
+        type=_Names("sparsetrain.methods", "METHODS"),
+        metavar="METHOD",
+        help="any masked method: forward, input and weight gradient scale with each layer's density",
+    )
     f.add_argument("--sparsity", type=float, default=0.0)
-    f.add_argument("--distribution", default="uniform", type=_Names("sparsetrain.core.distributions", "DISTRIBUTIONS"),
-                   metavar="DISTRIBUTION", help="uniform, er or erk")
-    f.add_argument("--activation-sparsity", type=float, help="swat: share of layer inputs dropped for the weight gradient "
-                                                                 "(default: the weight sparsity)")
+    f.add_argument(
+        "--distribution",
+        default="uniform",
+        type=_Names("sparsetrain.core.distributions", "DISTRIBUTIONS"),
+        metavar="DISTRIBUTION",
+        help="uniform, er or erk",
+    )
+    f.add_argument(
+        "--activation-sparsity",
+        type=float,
+        help="swat: share of layer inputs dropped for the weight gradient (default: the weight sparsity)",
+    )
     f.add_argument("--dense-layers", nargs="*", help="layers left dense (default: first last; swat: first)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_flops)
 
-    g = sub.add_parser("sample", help="print text generated by a trained language model",
-                       description="Sample characters from a finished run of a sequence model (e.g. gpt on text): "
-                                   "sparsetrain sample runs/gpt --prompt 'ROMEO:' --chars 300")
+    g = sub.add_parser(
+        "sample",
+        help="print text generated by a trained language model",
+        description="Sample characters from a finished run of a sequence model (e.g. gpt on text): "
+        "sparsetrain sample runs/gpt --prompt 'ROMEO:' --chars 300",
+    )
     g.add_argument("run_dir")
     g.add_argument("--prompt", default="\n", help="text to continue (its characters must be in the vocabulary)")
     g.add_argument("--chars", type=int, default=500, help="characters to generate")
@@ -296,13 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_sample)
 
-    b = sub.add_parser("bench", help="training-step time and peak memory of sparse configurations against dense",
-                       description="Alternates dense and sparse training steps (A B A B) in one process and reports "
-                                   "the median ratio; peak memory of each configuration in a fresh process. "
-                                   "Example: sparsetrain bench --model vgg16 --configs direct auto --sparsity 0.9 0.95 0.98")
+    b = sub.add_parser(
+        "bench",
+        help="training-step time and peak memory of sparse configurations against dense",
+        description="Alternates dense and sparse training steps (A B A B) in one process and reports "
+        "the median ratio; peak memory of each configuration in a fresh process. "
+        "Example: sparsetrain bench --model vgg16 --configs direct auto --sparsity 0.9 0.95 0.98",
+    )
     b.add_argument("--model", default="vgg16", type=models, metavar="MODEL", help="a model of the zoo")
-    b.add_argument("--configs", nargs="+", default=["auto"], metavar="CONFIG",
-                   help="configurations of sparsetrain.app.bench.CONFIGS, e.g. direct auto-compact")
+    b.add_argument(
+        "--configs",
+        nargs="+",
+        default=["auto"],
+        metavar="CONFIG",
+        help="configurations of sparsetrain.app.bench.CONFIGS, e.g. direct auto-compact",
+    )
     b.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--pairs", type=int, default=10, help="timed dense/sparse step pairs")
@@ -317,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_error(e: BaseException) -> str | None:
     """The one line the CLI prints for an error it reports (None: not one of those, so a bug: let it raise)."""
-    from .config import ConfigError
     from ..data.images import DatasetError
     from .checkpoint import CheckpointError
+    from .config import ConfigError
     from .trainer import TrainingError
 
     if isinstance(e, (ConfigError, DatasetError, CheckpointError, TrainingError)):

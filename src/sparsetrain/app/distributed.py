@@ -15,6 +15,7 @@ __all__ = ["DistInfo", "init_distributed", "is_main", "barrier", "shutdown", "le
 @dataclass(frozen=True)
 class DistInfo:
     """This process's place in a data-parallel job (rank 0 of 1 when alone)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

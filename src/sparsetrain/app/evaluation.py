@@ -15,8 +15,12 @@ __all__ = ["evaluate", "token_cross_entropy", "TokenCrossEntropy"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device,
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Mean loss (``loss_fn``, default cross-entropy; per target) and accuracy (percent of targets) of ``model``
     over ``loader``. Targets are one label per example, or one per position for language models."""
     was_training = model.training

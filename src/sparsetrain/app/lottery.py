@@ -14,9 +14,9 @@ import functools
 import json
 from pathlib import Path
 
-from .config import Config
 from ..methods.lottery import lottery, round_sparsities
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from .config import Config
 from .rundir import CHECKPOINT_FORMAT, FINAL_MODEL, RunDirectory
 from .trainer import Trainer
 
@@ -29,7 +29,9 @@ _MASK_KEYS = ("distribution", "custom_sparsity", "scheme", "dense_layers", "glob
 def _round_config(cfg: Config, r: int, sparsity: float) -> Config:
     d = cfg.model_dump()
     d["run"]["out_dir"] = str(Path(cfg.run.out_dir) / f"round{r}")
-    engine = {k: d["sparsity"][k] for k in ("backend", "compact_state", "data_efficiency") if r > 0 or k == "data_efficiency"}
+    engine = {
+        k: d["sparsity"][k] for k in ("backend", "compact_state", "data_efficiency") if r > 0 or k == "data_efficiency"
+    }
     masks = {k: d["sparsity"][k] for k in _MASK_KEYS} if r > 0 else {}
     d["sparsity"] = {"method": "dense" if r == 0 else "static", "sparsity": sparsity, **masks, **engine}
     return Config.model_validate(d)
@@ -67,8 +69,13 @@ def lottery_ticket(cfg: Config, datasets=None) -> dict:
         if r > 0:
             trained = load_checkpoint(rdir.parent / f"round{r - 1}" / FINAL_MODEL)["model"]
             rewind = load_checkpoint(rewind_file)["model"]
-            method = functools.partial(lottery, sparsity=sparsity, trained=trained, rewind=rewind,
-                                       **{k: getattr(sc, k) for k in _MASK_KEYS if getattr(sc, k) is not None})
+            method = functools.partial(
+                lottery,
+                sparsity=sparsity,
+                trained=trained,
+                rewind=rewind,
+                **{k: getattr(sc, k) for k in _MASK_KEYS if getattr(sc, k) is not None},
+            )
         trainer = Trainer(rcfg, datasets=datasets, method=method)
         if r == 0:
             if lcfg.rewind_step == 0 and not rewind_file.exists():
@@ -77,9 +84,15 @@ def lottery_ticket(cfg: Config, datasets=None) -> dict:
                 rewind_at(trainer, lcfg.rewind_step, rewind_file)
         summaries.append(trainer.fit())
     spent = sum(s["train_flops_rel"] for s in summaries)
-    final = {**summaries[-1], "method": "lottery", "rounds": lcfg.rounds, "train_flops_rel": spent,
-             "train_flops_rel_last_round": summaries[-1]["train_flops_rel"],
-             "round_sparsities": levels, "round_test_acc": [s.get("test_acc") for s in summaries]}
+    final = {
+        **summaries[-1],
+        "method": "lottery",
+        "rounds": lcfg.rounds,
+        "train_flops_rel": spent,
+        "train_flops_rel_last_round": summaries[-1]["train_flops_rel"],
+        "round_sparsities": levels,
+        "round_test_acc": [s.get("test_acc") for s in summaries],
+    }
     folder.write_text("final.json", json.dumps(final, indent=2))
     last_dir = out / f"round{lcfg.rounds}"
     for name in ("metrics.jsonl", FINAL_MODEL):

@@ -50,7 +50,9 @@ def format_layers(run: dict) -> str:
     lines = [f"{run['dir']}:", f"  {'layer':<40} {'shape':<20} {'nonzeros':>10} {'sparsity':>8}"]
     for ly in layers:  # every layer; those the method left dense say so
         kind = "  dense" if ly.get("dense") else ""
-        lines.append(f"  {ly['name']:<40} {str(tuple(ly['shape'])):<20} {ly['nonzeros']:>10} {1 - ly['density']:>8.4f}{kind}")
+        lines.append(
+            f"  {ly['name']:<40} {str(tuple(ly['shape'])):<20} {ly['nonzeros']:>10} {1 - ly['density']:>8.4f}{kind}"
+        )
     return "\n".join(lines)
 
 
@@ -70,8 +72,11 @@ def plot_curves(run_dirs: list[str | Path], out_png: str | Path) -> Path:
         key = "val_loss" if text else "test_acc"
         ax_acc.plot(ep, [m.get(key) for m in run["metrics"]], marker="o", ms=3, label=label)
         ax_loss.plot(ep, [m["train_loss"] for m in run["metrics"]], marker="o", ms=3, label=label)
-        ax_acc.set(xlabel="epoch", ylabel="validation loss (nats/char)" if text else "test accuracy (%)",
-                   title="Validation loss" if text else "Test accuracy")
+        ax_acc.set(
+            xlabel="epoch",
+            ylabel="validation loss (nats/char)" if text else "test accuracy (%)",
+            title="Validation loss" if text else "Test accuracy",
+        )
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)

@@ -11,12 +11,30 @@ from .config import Config
 __all__ = ["config_changes", "data_fingerprint", "changes_refused"]
 
 # config keys a resume may change freely (how the run is watched and where things are, not what it computes)
-HARMLESS = ("run.progress", "run.threads", "run.device", "run.eval_batch_size", "run.checkpoint_every_steps",
-            "run.checkpoint_every_seconds", "run.out_dir", "run.resume_with_changes", "run.tensorboard", "data.data_dir",
-            "data.cache_dir", "data.download")
+HARMLESS = (
+    "run.progress",
+    "run.threads",
+    "run.device",
+    "run.eval_batch_size",
+    "run.checkpoint_every_steps",
+    "run.checkpoint_every_seconds",
+    "run.out_dir",
+    "run.resume_with_changes",
+    "run.tensorboard",
+    "data.data_dir",
+    "data.cache_dir",
+    "data.download",
+)
 # and those it may change with run.resume_with_changes (the schedule of the rest of the run, recorded)
-SAFE_TO_CHANGE = ("optim.epochs", "optim.lr", "optim.schedule", "optim.warmup_epochs", "optim.milestones",
-                  "optim.gamma", "optim.weight_decay")
+SAFE_TO_CHANGE = (
+    "optim.epochs",
+    "optim.lr",
+    "optim.schedule",
+    "optim.warmup_epochs",
+    "optim.milestones",
+    "optim.gamma",
+    "optim.weight_decay",
+)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -32,9 +50,13 @@ def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
     what it computed."""
     a, b = _flat(saved), _flat(now)
     defaults = _flat(Config().model_dump(mode="json"))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(HARMLESS)
-            and not (k not in a and k in defaults and b.get(k) == defaults[k])}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+        and not k.startswith(HARMLESS)
+        and not (k not in a and k in defaults and b.get(k) == defaults[k])
+    }
 
 
 def changes_refused(changes: dict[str, tuple], allowed: bool) -> str | None:
@@ -46,8 +68,10 @@ def changes_refused(changes: dict[str, tuple], allowed: bool) -> str | None:
     if unsafe:
         return f"another configuration ({diff}); these cannot change within a run: {', '.join(unsafe)}; start a new run directory"
     if not allowed:
-        return (f"another configuration ({diff}); to continue with them anyway, set run.resume_with_changes=true "
-                "(sparsetrain train --resume-with-changes)")
+        return (
+            f"another configuration ({diff}); to continue with them anyway, set run.resume_with_changes=true "
+            "(sparsetrain train --resume-with-changes)"
+        )
     return None
 
 

@@ -17,8 +17,16 @@ __all__ = ["RunAccounting", "saved_bytes_per_step"]
 class RunAccounting:
     """The FLOP meter of a run, kept at the method's current densities."""
 
-    def __init__(self, model: nn.Module, method: Sparsifier, input_shape: tuple[int, ...], device: torch.device,
-                 examples_per_epoch: int, epochs: int, example: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Sparsifier,
+        input_shape: tuple[int, ...],
+        device: torch.device,
+        examples_per_epoch: int,
+        epochs: int,
+        example: torch.Tensor | None = None,
+    ):
         self.method, self.examples_per_epoch, self.epochs = method, examples_per_epoch, epochs
         self.flops = FlopMeter(measure_layer_costs(model, input_shape, device, example=example))
         self._densities_at = -1

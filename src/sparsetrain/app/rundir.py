@@ -12,16 +12,22 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from filelock import FileLock, Timeout
 
 from ..data.images import DATASETS
 from ..models import build_configured
-from filelock import FileLock, Timeout
-
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config
 
-__all__ = ["RunDirectory", "CHECKPOINT", "SHARDED_CHECKPOINT", "FINAL_MODEL", "CHECKPOINT_FORMAT", "strict_json",
-           "load_run_model"]
+__all__ = [
+    "RunDirectory",
+    "CHECKPOINT",
+    "SHARDED_CHECKPOINT",
+    "FINAL_MODEL",
+    "CHECKPOINT_FORMAT",
+    "strict_json",
+    "load_run_model",
+]
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint.dcp"  # beside CHECKPOINT under run.parallel=fsdp: model, optimizer, method, by shard
@@ -79,16 +85,21 @@ class RunDirectory:
             raise ConfigError(f"run.out_dir={self.path} is a file, not a directory")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-"):  # unique per process (ranks share it)
+            with tempfile.NamedTemporaryFile(
+                dir=self.path, prefix=".write-test-"
+            ):  # unique per process (ranks share it)
                 pass
         except OSError as e:
             raise ConfigError(f"run.out_dir={self.path} cannot be written ({e.strerror or e})") from None
         here = self.path.resolve()
-        outside = sorted(p.name for p in self.path.iterdir()
-                         if p.is_symlink() and here not in Path(os.path.realpath(p)).parents)
+        outside = sorted(
+            p.name for p in self.path.iterdir() if p.is_symlink() and here not in Path(os.path.realpath(p)).parents
+        )
         if outside:
-            raise ConfigError(f"run.out_dir={self.path} holds links that lead outside it ({', '.join(outside[:5])}); a run "
-                              "writes only its own files: remove the links, or choose another run.out_dir")
+            raise ConfigError(
+                f"run.out_dir={self.path} holds links that lead outside it ({', '.join(outside[:5])}); a run "
+                "writes only its own files: remove the links, or choose another run.out_dir"
+            )
         self.lock()
 
     def lock(self) -> None:
@@ -102,8 +113,10 @@ class RunDirectory:
             lock.acquire()
         except Timeout:
             holder = (self.path / ".lock.pid").read_text().strip() if (self.path / ".lock.pid").exists() else "unknown"
-            raise ConfigError(f"run.out_dir={self.path} is in use by another run (process {holder}); wait for it to "
-                              "end, or choose another run.out_dir") from None
+            raise ConfigError(
+                f"run.out_dir={self.path} is in use by another run (process {holder}); wait for it to "
+                "end, or choose another run.out_dir"
+            ) from None
         self._lock = lock
         self.write_text(".lock.pid", str(os.getpid()))
 
@@ -154,8 +167,10 @@ class RunDirectory:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install "
-                                  '"sparsetrain[tensorboard]" (or run.tensorboard=false)') from None
+                raise ConfigError(
+                    "run.tensorboard=true needs the tensorboard package: pip install "
+                    '"sparsetrain[tensorboard]" (or run.tensorboard=false)'
+                ) from None
             self._writer = SummaryWriter(str(self.path / "tensorboard"))
         return self._writer
 
@@ -174,7 +189,9 @@ class RunDirectory:
             writer.flush()
         if self.is_main:
             if (self.path / METRICS).is_symlink():  # appending would write through it
-                raise ConfigError(f"{self.path / METRICS} became a link during the run; the run writes only its own files")
+                raise ConfigError(
+                    f"{self.path / METRICS} became a link during the run; the run writes only its own files"
+                )
             with open(self.path / METRICS, "a") as f:
                 f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 

@@ -81,8 +81,10 @@ class LanguageModelling(Task):
 
     def check_method(self, kw: dict) -> None:
         if kw.get("init") == "synflow":
-            raise ConfigError("sparsity.init=synflow scores weights with an all-ones input, which a model of token "
-                              "ids does not take; use random, magnitude, snip or grasp for text")
+            raise ConfigError(
+                "sparsity.init=synflow scores weights with an all-ones input, which a model of token "
+                "ids does not take; use random, magnitude, snip or grasp for text"
+            )
 
 
 def make_task(cfg: Config, datasets: dict | None) -> tuple[Task, dict]:
@@ -91,11 +93,13 @@ def make_task(cfg: Config, datasets: dict | None) -> tuple[Task, dict]:
     if datasets is None and cfg.data.dataset in TEXT_DATASETS:
         if cfg.data.data_dir is None:
             raise ConfigError("dataset 'text' reads a UTF-8 file: pass it with --data-dir (data.data_dir)")
-        splits, vocab = load_text(cfg.data.data_dir, cfg.data.context, cfg.data.val_fraction or 0.1, cfg.data.stride,
-                                  cfg.run.seed)
+        splits, vocab = load_text(
+            cfg.data.data_dir, cfg.data.context, cfg.data.val_fraction or 0.1, cfg.data.stride, cfg.run.seed
+        )
         return LanguageModelling(replace(info, num_classes=len(vocab), image_shape=(cfg.data.context,)), vocab), splits
-    splits = datasets or load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download,
-                                      cache_dir=cfg.data.cache_dir)
+    splits = datasets or load_dataset(
+        cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, cache_dir=cfg.data.cache_dir
+    )
     missing = {"train", "test"} - set(splits)
     if missing:
         raise ValueError(f"datasets must hold 'train' and 'test' splits; missing {sorted(missing)}")

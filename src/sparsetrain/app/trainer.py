@@ -36,9 +36,9 @@ from .config import Config, ConfigError
 from .distributed import DistInfo, init_distributed, pick_device, shard_model
 from .evaluation import TokenCrossEntropy, evaluate
 from .optim import build_optimizer, lr_factor, set_lr
+from .persistence import Progress, Resumable, TrainingError
 from .run_accounting import RunAccounting
 from .rundir import CHECKPOINT, RunDirectory, load_run_model
-from .persistence import Progress, Resumable, TrainingError
 from .tasks import make_task
 
 __all__ = ["Trainer", "TrainingError", "method_seed"]
@@ -61,30 +61,47 @@ class Trainer(Resumable):
     what the config would build.
     """
 
-    def __init__(self, cfg: Config, model: nn.Module | None = None, datasets: dict | None = None, *,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 method: Callable[..., Sparsifier] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module | None = None,
+        datasets: dict | None = None,
+        *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        method: Callable[..., Sparsifier] | None = None,
+    ):
         if cfg.sparsity.method == "lottery" and method is None:
-            raise ConfigError("method 'lottery' trains several rounds, each a run of its own: use "
-                              "sparsetrain.app.lottery_ticket(cfg) or `sparsetrain train` (the CLI runs the rounds), "
-                              "or pass method=partial(sparsetrain.lottery, ...) for one round")
+            raise ConfigError(
+                "method 'lottery' trains several rounds, each a run of its own: use "
+                "sparsetrain.app.lottery_ticket(cfg) or `sparsetrain train` (the CLI runs the rounds), "
+                "or pass method=partial(sparsetrain.lottery, ...) for one round"
+            )
         self.cfg, self._explicit_loss = cfg, loss_fn is not None  # a loss of the user's is also the evaluation loss
         # The set-up order is part of the engine's meaning: each stage uses what the ones before made.
-        self._setup_runtime()              # threads, device, process group, the global seed (model initialisation)
+        self._setup_runtime()  # threads, device, process group, the global seed (model initialisation)
         self.out = RunDirectory(cfg.run.out_dir, self.is_main, cfg.run.tensorboard)
-        self._setup_data(datasets)         # the task, its splits and resumable loaders; the length of an epoch
+        self._setup_data(datasets)  # the task, its splits and resumable loaders; the length of an epoch
         self._setup_model(model, loss_fn)  # model on its device and layout, optimizer, loss
         self.method: Sparsifier = self._build_method(method)  # the same factory a user calls
         try:  # FLOP costs of the model as the method made it, before execution swaps layers
-            self.accounting = RunAccounting(self.model, self.method, self.input_shape, self.device, len(self.train_set),
-                                            cfg.optim.epochs, self.task.accounting_example(self.train_set))
+            self.accounting = RunAccounting(
+                self.model,
+                self.method,
+                self.input_shape,
+                self.device,
+                len(self.train_set),
+                cfg.optim.epochs,
+                self.task.accounting_example(self.train_set),
+            )
         except RuntimeError as e:  # the first forward pass: a model that does not take the data's input
-            raise ConfigError(f"model {cfg.model.name!r} does not take {cfg.data.dataset}'s input of shape "
-                              f"{self.input_shape}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(
+                f"model {cfg.model.name!r} does not take {cfg.data.dataset}'s input of shape "
+                f"{self.input_shape}: {str(e).splitlines()[0]}"
+            ) from None
         self.flops = self.accounting.flops
         self.recipe: ToST | None = self._build_recipe()  # after the FLOP count: ghost skips are accounted apart
-        self._setup_execution()            # the method's plan: backends, layout, compact layers (a resume's own plan)
-        self._setup_parallel()             # data efficiency, the DDP wrapper or FSDP2 sharding, progress
+        self._setup_execution()  # the method's plan: backends, layout, compact layers (a resume's own plan)
+        self._setup_parallel()  # data efficiency, the DDP wrapper or FSDP2 sharding, progress
 
     def _setup_runtime(self) -> None:
         if self.cfg.run.threads:
@@ -107,26 +124,41 @@ class Trainer(Resumable):
             self.val_loader = loader(val, cfg.run.eval_batch_size, train=False)
         self.train_set = train
         info = self.info if cfg.data.augment else replace(self.info, crop_padding=0, flip=False)
-        self.train_loader = loader(train, cfg.optim.batch_size, info=info, train=True, seed=cfg.run.seed,
-                                   rank=self.dist.rank, world_size=self.dist.world_size)
+        self.train_loader = loader(
+            train,
+            cfg.optim.batch_size,
+            info=info,
+            train=True,
+            seed=cfg.run.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         self.test_loader = loader(splits["test"], cfg.run.eval_batch_size, train=False)
-        self.input_shape = tuple(train.images.shape[1:]) if hasattr(train, "images") else tuple(torch.as_tensor(train[0][0]).shape)
+        self.input_shape = (
+            tuple(train.images.shape[1:]) if hasattr(train, "images") else tuple(torch.as_tensor(train[0][0]).shape)
+        )
         if len(self.train_loader) == 0:
-            raise ConfigError(f"no training batch: {len(train)} training examples after data.val_fraction="
-                              f"{cfg.data.val_fraction}; lower data.val_fraction or use more data")
+            raise ConfigError(
+                f"no training batch: {len(train)} training examples after data.val_fraction="
+                f"{cfg.data.val_fraction}; lower data.val_fraction or use more data"
+            )
         self.steps_per_epoch = len(self.train_loader)  # on the full training set; the LR schedule counts in these
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
 
     def _setup_model(self, model: nn.Module | None, loss_fn) -> None:
         cfg = self.cfg
-        self.model = model if model is not None else build_configured(cfg.model, self.info.num_classes, cfg.data.context)
+        self.model = (
+            model if model is not None else build_configured(cfg.model, self.info.num_classes, cfg.data.context)
+        )
         self.model.to(self.device)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.sharded = cfg.run.parallel == "fsdp"  # sharded last, in _setup_parallel, once compact layers exist
         if self.sharded and not self.dist.enabled:
-            raise ConfigError("run.parallel=fsdp shards the model over the processes torchrun starts: run "
-                              "`torchrun --nproc_per_node N -m sparsetrain.app.cli train ...` with N >= 2")
+            raise ConfigError(
+                "run.parallel=fsdp shards the model over the processes torchrun starts: run "
+                "`torchrun --nproc_per_node N -m sparsetrain.app.cli train ...` with N >= 2"
+            )
         self.optimizer = build_optimizer(self.model, cfg.optim)
         smoothing = cfg.recipe.label_smoothing if cfg.recipe.label_smoothing is not None else cfg.optim.label_smoothing
         self.criterion = loss_fn if loss_fn is not None else TokenCrossEntropy(label_smoothing=smoothing)
@@ -151,19 +183,30 @@ class Trainer(Resumable):
         rc = self.cfg.recipe
         if not rc.components():
             return None
-        return tost(self.model, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=self.cfg.optim.epochs,
-                    sparsifier=self.method, teacher=load_run_model(rc.teacher, self.device) if rc.teacher else None,
-                    input_shape=self.input_shape, channels_last=self.channels_last, **rc.tost_kwargs(),
-                    batches=self._scoring_batches(count=1) if rc.rescale_init == "gradinit" else None)
+        return tost(
+            self.model,
+            self.optimizer,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=self.cfg.optim.epochs,
+            sparsifier=self.method,
+            teacher=load_run_model(rc.teacher, self.device) if rc.teacher else None,
+            input_shape=self.input_shape,
+            channels_last=self.channels_last,
+            **rc.tost_kwargs(),
+            batches=self._scoring_batches(count=1) if rc.rescale_init == "gradinit" else None,
+        )
 
     def _setup_execution(self) -> None:
         """The method's layers run as the config asks, through the plan a user gets from a factory's ``execution=``;
         a resumed run applies the plan it saved instead of timing again. Last of the model changes: the recipe's
         rescaling writes dense weights, which compact layers no longer hold."""
         sc, saved = self.cfg.sparsity, self._saved_plan()
-        self.method.use_execution(saved or sc.backend, compact_state=sc.compact_state,
-                                  channel_both_sides=sc.channel_both_sides,
-                                  lossless_activations=sc.lossless_activations)
+        self.method.use_execution(
+            saved or sc.backend,
+            compact_state=sc.compact_state,
+            channel_both_sides=sc.channel_both_sides,
+            lossless_activations=sc.lossless_activations,
+        )
         if self.method.plan is None:  # auto: time on a training batch drawn apart from the training order
             self.method.choose_execution(self._scoring_batches(count=1)[0][0])
         if self.method.plan.layout is not None:  # batches come in the plan's layout (no copy in the model's hook)
@@ -174,20 +217,27 @@ class Trainer(Resumable):
 
     def _setup_parallel(self) -> None:
         cfg, de = self.cfg, self.cfg.sparsity.data_efficiency
-        self.forgetting = ForgettingTracker(len(self.train_set), de.remove_epoch, de.remove_fraction, cfg.run.seed) if de.enabled else None
+        self.forgetting = (
+            ForgettingTracker(len(self.train_set), de.remove_epoch, de.remove_fraction, cfg.run.seed)
+            if de.enabled
+            else None
+        )
         self.net = self.model
         if self.sharded:
             loose = [n for n, lp in self.method.plan.layers.items() if not lp.compact]
             if loose:
-                raise ConfigError(f"run.parallel=fsdp with backend {cfg.sparsity.backend!r}: layers {loose[:4]} were not "
-                                  "made compact (their kernels need the whole mask); use a backend that compacts them "
-                                  "(condensed for Linear, direct for Conv2d) or sparsity.backend=masked")
+                raise ConfigError(
+                    f"run.parallel=fsdp with backend {cfg.sparsity.backend!r}: layers {loose[:4]} were not "
+                    "made compact (their kernels need the whole mask); use a backend that compacts them "
+                    "(condensed for Linear, direct for Conv2d) or sparsity.backend=masked"
+                )
             shard_model(self.model)  # FSDP2 replaces every parameter by its shard: a new optimizer, the method follows
             self.optimizer = build_optimizer(self.model, cfg.optim)
             self.method.rebind(self.optimizer)
         elif self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.progress = Progress()
 
     # ------------------------------------------------------------------ training
@@ -201,14 +251,22 @@ class Trainer(Resumable):
                 self.out.start(self.cfg)
                 self.task.start(self.out)
             if self.is_main and self.cfg.run.progress:  # the thread count decides the speed on a shared CPU: say it
-                tqdm.write(f"training on {self.device} with {torch.get_num_threads()} threads (run.threads)", file=sys.stderr)
+                tqdm.write(
+                    f"training on {self.device} with {torch.get_num_threads()} threads (run.threads)", file=sys.stderr
+                )
             while self.progress.epoch < self.cfg.optim.epochs:
                 self.end_epoch(self.train_epoch())
             return self.finish()
 
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (all of it, or what is left after a resume)."""
-        cfg, every, every_s, prog = self.cfg, self.cfg.run.checkpoint_every_steps, self.cfg.run.checkpoint_every_seconds, self.progress
+        # long: the training loop read top to bottom; checkpoints, progress and accounting are calls
+        cfg, every, every_s, prog = (
+            self.cfg,
+            self.cfg.run.checkpoint_every_steps,
+            self.cfg.run.checkpoint_every_seconds,
+            self.progress,
+        )
         epoch = prog.epoch
         if self.train_loader.epoch != epoch or self.train_loader.position == 0:
             self.train_loader.start_epoch(epoch)
@@ -216,13 +274,22 @@ class Trainer(Resumable):
         self.net.train()
         t0 = last_save = time.perf_counter()
         loss_sum, correct = prog.loss_sum.to(self.device), torch.tensor(prog.correct, device=self.device)
-        bar = tqdm(total=self.steps_per_epoch, initial=self.train_loader.position, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                   disable=not (cfg.run.progress and self.is_main), leave=False, mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.train_loader.position,
+            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            disable=not (cfg.run.progress and self.is_main),
+            leave=False,
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
         steps_now = len(self.train_loader)
         for x, y, idx in self.train_loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # the schedule runs on epochs: with fewer examples (data efficiency) each step covers more of it
-            virtual = epoch * self.steps_per_epoch + (self.train_loader.position - 1) * self.steps_per_epoch // steps_now
+            virtual = (
+                epoch * self.steps_per_epoch + (self.train_loader.position - 1) * self.steps_per_epoch // steps_now
+            )
             set_lr(self.optimizer, cfg.optim.lr, lr_factor(cfg.optim, virtual, self.total_steps, self.steps_per_epoch))
             self.accounting.refresh()  # the densities this step's passes run at (last step's updates included)
             out = self.net(x)
@@ -232,7 +299,8 @@ class Trainer(Resumable):
                 raise TrainingError(
                     f"the training loss is {loss.item()} at step {prog.step + 1} (epoch {epoch + 1}, learning rate "
                     f"{self.optimizer.param_groups[0]['lr']:.4g}): stopped before the weights changed; the checkpoint of "
-                    f"{self.out.path} holds the last good state. Lower optim.lr (or check the data) and run again to resume")
+                    f"{self.out.path} holds the last good state. Lower optim.lr (or check the data) and run again to resume"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             samples = len(y) * self.dist.world_size
@@ -258,13 +326,21 @@ class Trainer(Resumable):
         bar.close()
         prog.elapsed += time.perf_counter() - t0
         prog.loss_sum, prog.correct = loss_sum.detach().cpu(), int(correct)
-        return {"train_loss": float(loss_sum) / prog.seen if prog.seen else math.nan,
-                "train_acc": 100.0 * int(correct) / prog.seen if prog.seen else math.nan}
+        return {
+            "train_loss": float(loss_sum) / prog.seen if prog.seen else math.nan,
+            "train_acc": 100.0 * int(correct) / prog.seen if prog.seen else math.nan,
+        }
 
     def _scoring_batches(self, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for data-driven choices (SNIP, GraSP, auto's timing), drawn apart from the training order."""
-        loader = BatchLoader(self.train_set, self.train_loader.info, self.cfg.optim.batch_size, train=True,
-                             seed=self.cfg.run.seed + 1, channels_last=self.channels_last)
+        loader = BatchLoader(
+            self.train_set,
+            self.train_loader.info,
+            self.cfg.optim.batch_size,
+            train=True,
+            seed=self.cfg.run.seed + 1,
+            channels_last=self.channels_last,
+        )
         out = []
         for x, y, _ in loader:
             out.append((x.to(self.device), y.to(self.device)))
@@ -280,20 +356,34 @@ class Trainer(Resumable):
             self.train_loader.set_active(keep)
             self.method.steps_per_epoch = len(self.train_loader)  # epoch-based schedules stay on epochs
             self.out.write_json("removed_examples.json", self.forgetting.removed.tolist())
-        record = {"epoch": self.progress.epoch, "step": self.progress.step, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
+        record = {
+            "epoch": self.progress.epoch,
+            "step": self.progress.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **train_stats,
+        }
         eval_loss = self.criterion if self._explicit_loss else None  # a loss of the user's; else plain cross-entropy
         record.update(self.task.eval_figures(evaluate(self.model, self.test_loader, self.device, eval_loss)))
         if self.val_loader is not None:
             val = evaluate(self.model, self.val_loader, self.device, eval_loss)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
-        if bad := [k for k in ("test_loss", "val_loss") if not math.isfinite(record.get(k, 0.0))]:  # diverged at the end
-            raise TrainingError(f"the {bad[0].replace('_', ' ')} is {record[bad[0]]} after step {self.progress.step} (epoch "
-                                f"{self.progress.epoch}): the weights diverged; the checkpoint of {self.out.path} holds the "
-                                "last good state. Lower optim.lr (or check the data) and run again to resume")
-        record.update(sparsity=self.method.sparsity(), train_flops_rel=self.accounting.relative(self.progress.epoch),
-                      wall_s=round(self.progress.elapsed, 2))
+        if bad := [
+            k for k in ("test_loss", "val_loss") if not math.isfinite(record.get(k, 0.0))
+        ]:  # diverged at the end
+            raise TrainingError(
+                f"the {bad[0].replace('_', ' ')} is {record[bad[0]]} after step {self.progress.step} (epoch "
+                f"{self.progress.epoch}): the weights diverged; the checkpoint of {self.out.path} holds the "
+                "last good state. Lower optim.lr (or check the data) and run again to resume"
+            )
+        record.update(
+            sparsity=self.method.sparsity(),
+            train_flops_rel=self.accounting.relative(self.progress.epoch),
+            wall_s=round(self.progress.elapsed, 2),
+        )
         self.out.log(record, self.method)
         if self.is_main and self.cfg.run.progress:
-            tqdm.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {self.task.shown(record)}  ({record['wall_s']:.0f}s)")
+            tqdm.write(
+                f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {self.task.shown(record)}  ({record['wall_s']:.0f}s)"
+            )
         self.save()
         return record

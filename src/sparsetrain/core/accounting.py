@@ -78,8 +78,12 @@ class CostModel:
         return out
 
 
-def measure_layer_costs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu",
-                        example: torch.Tensor | None = None) -> CostModel:
+def measure_layer_costs(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    device: str | torch.device = "cpu",
+    example: torch.Tensor | None = None,
+) -> CostModel:
     """Count a model's dense per-sample FLOPs with torch's flop counter, per Conv/Linear layer.
 
     The counter gives each layer's forward FLOPs and the whole backward pass; a layer's
@@ -92,15 +96,20 @@ def measure_layer_costs(model: nn.Module, input_shape: tuple[int, ...], device: 
     for models whose input is no float tensor, such as token ids) and leaves parameters, buffers and
     gradients as they were.
     """
+    # long: most of it is the keyword signature and one hook per counted quantity
     batch = 2
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {n: p.grad for n, p in model.named_parameters()}
     was_training = model.training
     x = example[:batch].to(device) if example is not None else torch.randn(batch, *input_shape, device=device)
-    layer_modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
+    layer_modules = {
+        name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    }
     input_needs_grad: dict[str, bool] = {}
     hooks = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: input_needs_grad.__setitem__(name, args[0].requires_grad))
+        m.register_forward_pre_hook(
+            lambda mod, args, name=name: input_needs_grad.__setitem__(name, args[0].requires_grad)
+        )
         for name, m in layer_modules.items()
     ]
     try:
@@ -120,10 +129,16 @@ def measure_layer_costs(model: nn.Module, input_shape: tuple[int, ...], device: 
     layers = []
     for name, m in layer_modules.items():
         f = fwd.get(f"{root}.{name}" if name else root, 0) // batch
-        layers.append(LayerCost(
-            f"{name}.weight" if name else "weight", type(m).__name__, m.weight.numel(), f,
-            f if input_needs_grad.get(name, False) else 0, f if m.weight.requires_grad else 0,
-        ))
+        layers.append(
+            LayerCost(
+                f"{name}.weight" if name else "weight",
+                type(m).__name__,
+                m.weight.numel(),
+                f,
+                f if input_needs_grad.get(name, False) else 0,
+                f if m.weight.requires_grad else 0,
+            )
+        )
     return CostModel(layers, fwd.get("Global", 0) // batch, sum(lc.input_grad + lc.weight_grad for lc in layers))
 
 
@@ -136,11 +151,15 @@ class FlopMeter:
     """
 
     costs: CostModel
-    spent: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "input_grad": 0.0, "weight_grad": 0.0, "total": 0.0})
+    spent: dict[str, float] = field(
+        default_factory=lambda: {"forward": 0.0, "input_grad": 0.0, "weight_grad": 0.0, "total": 0.0}
+    )
     samples: int = 0
     _per_sample: dict[str, float] | None = None
 
-    def set_densities(self, weight_density: dict[str, float] | None, grad_density: dict[str, float] | None = None) -> None:
+    def set_densities(
+        self, weight_density: dict[str, float] | None, grad_density: dict[str, float] | None = None
+    ) -> None:
         """Use these weight and gradient densities for the steps that follow."""
         self._per_sample = self.costs.training_flops(weight_density, grad_density)
 
@@ -206,7 +225,9 @@ def saved_tensor_bytes_by_module(fn, model: nn.Module | None = None) -> dict[str
     module whose forward saved them (``"Conv2d"``, ``"BatchNorm2d"``, ...; ``"other"`` outside any leaf
     module). The per-kind figures count what each op holds, shared storages included, so that a
     layer's own input is charged to it even when the activation before it saved the same tensor."""
-    params = {(p.untyped_storage().data_ptr(), p.device.type) for p in model.parameters()} if model is not None else set()
+    params = (
+        {(p.untyped_storage().data_ptr(), p.device.type) for p in model.parameters()} if model is not None else set()
+    )
     seen: dict[tuple, int] = {}
     by_kind: dict[str, int] = {}
     current: list[str] = []
@@ -223,7 +244,9 @@ def saved_tensor_bytes_by_module(fn, model: nn.Module | None = None) -> dict[str
     if model is not None:
         for m in model.modules():
             if not any(True for _ in m.children()):
-                kind = "Conv2d" if isinstance(m, nn.Conv2d) else "Linear" if isinstance(m, nn.Linear) else type(m).__name__
+                kind = (
+                    "Conv2d" if isinstance(m, nn.Conv2d) else "Linear" if isinstance(m, nn.Linear) else type(m).__name__
+                )
                 hooks.append(m.register_forward_pre_hook(lambda mod, args, k=kind: current.append(k)))
                 hooks.append(m.register_forward_hook(lambda mod, args, out: current.pop() and None))
     _SAVED_OBSERVERS.append(pack)

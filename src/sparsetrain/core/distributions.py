@@ -35,7 +35,9 @@ def _solve_capped(shapes: Mapping[str, tuple[int, ...]], sparsity: float, kernel
         rest = [n for n in shapes if n not in dense]
         left = budget - sum(numel[n] for n in dense)
         if not rest or left <= 0:
-            raise ValueError(f"sparsity {sparsity} is too low for this distribution: the dense layers alone exceed the budget")
+            raise ValueError(
+                f"sparsity {sparsity} is too low for this distribution: the dense layers alone exceed the budget"
+            )
         eps = left / sum(raw[n] * numel[n] for n in rest)
         over = [n for n in rest if eps * raw[n] > 1.0]
         if not over:
@@ -73,7 +75,9 @@ def layer_densities(
             raise ValueError("distribution 'custom' needs a per-layer map of sparsities (sparsity.custom_sparsity)")
         unknown = sorted(set(custom) - set(shapes))
         if unknown:
-            raise ValueError(f"custom sparsity names layers that are not sparse parameters: {unknown}; known: {sorted(shapes)}")
+            raise ValueError(
+                f"custom sparsity names layers that are not sparse parameters: {unknown}; known: {sorted(shapes)}"
+            )
         bad = {n: s for n, s in custom.items() if not 0 <= s < 1}
         if bad:
             raise ValueError(f"custom sparsity values must be in [0, 1): {bad}")

@@ -34,6 +34,7 @@ def dense_from_values(values: torch.Tensor, flat_index: torch.Tensor, shape) -> 
     out[flat_index.to(values.device)] = values
     return out.view(tuple(shape))
 
+
 SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -100,6 +101,7 @@ def _unpackbits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 @dataclass(frozen=True)
 class LayerSparsity:
     """Kept and total weights of one layer."""
+
     name: str
     shape: tuple[int, ...]
     numel: int
@@ -123,7 +125,9 @@ def select_parameters(model: nn.Module, dense_layers: Iterable[str] = ("first", 
     ``"*.shortcut.*"``) and the words ``first`` and ``last`` for the first and the last
     such layer (usually the stem conv and the classifier).
     """
-    found = [(f"{name}.weight" if name else "weight", m.weight) for name, m in model.named_modules() if _sparsifiable(m)]
+    found = [
+        (f"{name}.weight" if name else "weight", m.weight) for name, m in model.named_modules() if _sparsifiable(m)
+    ]
     if not found:
         raise ValueError("the model has no Conv/Linear layers to sparsify")
     patterns = list(dense_layers)
@@ -139,8 +143,10 @@ def select_parameters(model: nn.Module, dense_layers: Iterable[str] = ("first", 
     dense = lambda n: n in skip or any(fnmatch.fnmatchcase(n, g) for g in globs)  # noqa: E731
     out = {n: p for n, p in found if n == names[id(p)][0] and not any(dense(m) for m in names[id(p)])}
     if not out:
-        raise ValueError(f"dense_layers={patterns!r} leaves no layer sparse (the model's Conv/Linear weights: "
-                         f"{[n for n, _ in found][:6]}{' ...' if len(found) > 6 else ''}); name fewer layers in dense_layers")
+        raise ValueError(
+            f"dense_layers={patterns!r} leaves no layer sparse (the model's Conv/Linear weights: "
+            f"{[n for n, _ in found][:6]}{' ...' if len(found) > 6 else ''}); name fewer layers in dense_layers"
+        )
     return out
 
 
@@ -161,7 +167,9 @@ class MaskSet:
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = dict(params)
-        self.masks = MaskDict({n: self._layout(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()})
+        self.masks = MaskDict(
+            {n: self._layout(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()}
+        )
         self.owners: dict[str, object] = {}  # layers that store only their kept weights (see compact.py), by name
         # a step whose update reads dense gradients (RigL's) sets this: layers whose sparse paths compute only the
         # kept weights' gradient then put the full one in ``captured`` (see execution/backends.py)
@@ -189,7 +197,9 @@ class MaskSet:
         reset their optimizer state (so regrown weights start with no stale momentum)."""
         if name in self.owners:  # stored compactly: the layer re-lays its kept weights (grown ones start at zero)
             if mask.shape != self.masks[name].shape:
-                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(self.masks[name].shape)}")
+                raise ValueError(
+                    f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(self.masks[name].shape)}"
+                )
             self.masks[name] = mask.to(device=self.masks[name].device, dtype=torch.bool)
             self.owners[name].remask(self.masks[name], optimizer)
             self.version += 1
@@ -311,8 +321,10 @@ class MaskSet:
         wrong = {n: s for n, s in shapes.items() if s[0] != s[1]}
         if wrong:
             n, (saved, now) = next(iter(wrong.items()))
-            raise ValueError(f"checkpoint masks have other shapes than the model's weights ({len(wrong)} layer(s); "
-                             f"{n}: {saved} saved, {now} here): the state is from another model or width")
+            raise ValueError(
+                f"checkpoint masks have other shapes than the model's weights ({len(wrong)} layer(s); "
+                f"{n}: {saved} saved, {now} here): the state is from another model or width"
+            )
         for n, m in state["masks"].items():
             if n in self.params:
                 self.masks[n] = self._layout(n, m)

@@ -27,8 +27,9 @@ from .sharding import Part, local, top_k
 
 __all__ = ["Scheme", "parse_scheme", "KERNEL_PATTERNS", "SCHEME_NAMES"]
 
-SCHEME_NAMES = ("unstructured, channel_out, channel_in, kernel, pattern, block_RxC (e.g. block_4x1), nm_N:M (e.g. nm_2:4), "
-                "fan_in")
+SCHEME_NAMES = (
+    "unstructured, channel_out, channel_in, kernel, pattern, block_RxC (e.g. block_4x1), nm_N:M (e.g. nm_2:4), fan_in"
+)
 
 
 def _patterns() -> torch.Tensor:
@@ -36,8 +37,14 @@ def _patterns() -> torch.Tensor:
     the centre with three of its four neighbours, and the centre with two neighbours and the corner between them."""
     up, down, left, right, centre = (0, 1), (2, 1), (1, 0), (1, 2), (1, 1)
     cells = [
-        [centre, down, left, right], [centre, up, left, right], [centre, up, down, right], [centre, up, down, left],
-        [centre, up, left, (0, 0)], [centre, up, right, (0, 2)], [centre, down, left, (2, 0)], [centre, down, right, (2, 2)],
+        [centre, down, left, right],
+        [centre, up, left, right],
+        [centre, up, down, right],
+        [centre, up, down, left],
+        [centre, up, left, (0, 0)],
+        [centre, up, right, (0, 2)],
+        [centre, down, left, (2, 0)],
+        [centre, down, right, (2, 2)],
     ]
     out = torch.zeros(len(cells), 9, dtype=torch.bool)
     for i, pattern in enumerate(cells):
@@ -84,7 +91,7 @@ class Scheme:
         whole = torch.rand(shape, generator=generator)
         if part is not None:  # units lie within rows: rows [a, b) hold units [a * units / rows, b * units / rows)
             units, rows = shape[0], part.shape[0]
-            whole = whole[part.start * units // rows:(part.start + part.rows) * units // rows]
+            whole = whole[part.start * units // rows : (part.start + part.rows) * units // rows]
         return whole.to(device)
 
     def group(self, t: torch.Tensor) -> torch.Tensor:
@@ -225,7 +232,9 @@ class Pattern(Kernel):
 
     def units_for(self, numel, density, n_units):
         if density > 4 / 9 + 1e-9:
-            raise ValueError(f"scheme pattern keeps at most 4 of 9 weights (density 0.444); density {density:.3f} asked")
+            raise ValueError(
+                f"scheme pattern keeps at most 4 of 9 weights (density 0.444); density {density:.3f} asked"
+            )
         return max(0, min(n_units, round(density * numel / 4)))
 
 
@@ -247,7 +256,9 @@ class Block(Scheme):
     def group(self, t):
         m = t.reshape(t.shape[0], -1)
         rows, cols = m.shape
-        return m.reshape(rows // self.r, self.r, cols // self.c, self.c).permute(0, 2, 1, 3).reshape(-1, self.r * self.c)
+        return (
+            m.reshape(rows // self.r, self.r, cols // self.c, self.c).permute(0, 2, 1, 3).reshape(-1, self.r * self.c)
+        )
 
     def ungroup(self, u, shape):
         rows = shape[0]
@@ -273,7 +284,9 @@ class NM(Scheme):
     def check(self, shape, layer=""):
         cols = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
         if cols % self.m:
-            raise ValueError(f"{layer}: input dimension {cols} does not divide into groups of {self.m} for {self.n}:{self.m}")
+            raise ValueError(
+                f"{layer}: input dimension {cols} does not divide into groups of {self.m} for {self.n}:{self.m}"
+            )
 
     def group(self, t):
         return t.reshape(-1, self.m)
@@ -284,8 +297,10 @@ class NM(Scheme):
 
     def units_for(self, numel, density, n_units):
         if abs(density - self.n / self.m) > 1e-6:
-            raise ValueError(f"scheme {self.name} has density {self.n / self.m:g}; density {density:.4f} asked "
-                             f"(set sparsity to {1 - self.n / self.m:g} with a uniform distribution)")
+            raise ValueError(
+                f"scheme {self.name} has density {self.n / self.m:g}; density {density:.4f} asked "
+                f"(set sparsity to {1 - self.n / self.m:g} with a uniform distribution)"
+            )
         return n_units
 
 
@@ -385,8 +400,14 @@ def parse_scheme(name: str) -> Scheme:
     """A scheme from its config name; see the module docstring for the names."""
     if not isinstance(name, str):
         raise ValueError(f"unknown scheme {name!r}; choose one of: {SCHEME_NAMES}")
-    simple = {"unstructured": Scheme, "channel_out": ChannelOut, "channel_in": ChannelIn, "kernel": Kernel, "pattern": Pattern,
-              "fan_in": FanIn}
+    simple = {
+        "unstructured": Scheme,
+        "channel_out": ChannelOut,
+        "channel_in": ChannelIn,
+        "kernel": Kernel,
+        "pattern": Pattern,
+        "fan_in": FanIn,
+    }
     if name in simple:
         return simple[name]()
     if m := re.fullmatch(r"block_(\d+)x(\d+)", name):

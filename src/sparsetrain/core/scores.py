@@ -18,7 +18,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .schemes import Scheme
 
-__all__ = ["SCORERS", "masks_from_scores", "synflow_masks", "random_scores", "magnitude_scores", "snip_scores", "grasp_scores"]
+__all__ = [
+    "SCORERS",
+    "masks_from_scores",
+    "synflow_masks",
+    "random_scores",
+    "magnitude_scores",
+    "snip_scores",
+    "grasp_scores",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -91,8 +99,10 @@ def masks_from_scores(
     if not global_ranking:
         return {n: scheme.mask(s, densities[n], n) for n, s in scores.items()}
     if scheme.name != "unstructured":
-        raise ValueError(f"global ranking needs the unstructured scheme (units of one size); got {scheme.name}. "
-                         "Use layer-wise ranking (sparsity.global_ranking=false) for structured schemes")
+        raise ValueError(
+            f"global ranking needs the unstructured scheme (units of one size); got {scheme.name}. "
+            "Use layer-wise ranking (sparsity.global_ranking=false) for structured schemes"
+        )
     budget = round(sum(densities[n] * s.numel() for n, s in scores.items()))
     flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -100,7 +110,7 @@ def masks_from_scores(
         keep[torch.topk(flat, budget, sorted=False).indices] = True
     out, start = {}, 0
     for n, s in scores.items():
-        out[n] = keep[start:start + s.numel()].view(s.shape).to(s.device)
+        out[n] = keep[start : start + s.numel()].view(s.shape).to(s.device)
         start += s.numel()
     return out
 

@@ -77,8 +77,10 @@ class Part:
         if all(isinstance(p, Replicate) for p in placements):
             return None
         if t.device_mesh.ndim != 1 or placements != (Shard(0),):
-            raise ValueError(f"sparse weights must be sharded along dim 0 over one mesh dimension (FSDP2's default); "
-                             f"got placements {placements} on a {t.device_mesh.ndim}-d mesh")
+            raise ValueError(
+                f"sparse weights must be sharded along dim 0 over one mesh dimension (FSDP2's default); "
+                f"got placements {placements} on a {t.device_mesh.ndim}-d mesh"
+            )
         local_shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, placements)
         return cls(int(offset[0]), int(local_shape[0]), tuple(t.shape), t.device_mesh, placements)
 
@@ -93,11 +95,13 @@ class Part:
 
         shape = (self.shape[0], *local_t.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local_t, self.mesh, self.placements, run_check=False, shape=torch.Size(shape), stride=stride)
+        return DTensor.from_local(
+            local_t, self.mesh, self.placements, run_check=False, shape=torch.Size(shape), stride=stride
+        )
 
     def rows_of(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a whole tensor (every rank holds the same one, e.g. a random draw)."""
-        return whole[self.start:self.start + self.rows]
+        return whole[self.start : self.start + self.rows]
 
     def sum(self, value: int | float) -> int | float:
         """``value`` summed over the ranks."""
@@ -114,14 +118,18 @@ class Part:
     def check_rows(self, rows_per_unit: int | None, scheme: str, layer: str) -> None:
         """Refuse a scheme whose units would span two ranks' rows."""
         if rows_per_unit is None:
-            raise ValueError(f"{layer}: scheme {scheme} groups weights across output rows, which FSDP shards over ranks, "
-                             "so a unit would span ranks; use a scheme whose units lie within rows (unstructured, "
-                             "channel_out, kernel, pattern, fan_in, nm_N:M) or train unsharded")
+            raise ValueError(
+                f"{layer}: scheme {scheme} groups weights across output rows, which FSDP shards over ranks, "
+                "so a unit would span ranks; use a scheme whose units lie within rows (unstructured, "
+                "channel_out, kernel, pattern, fan_in, nm_N:M) or train unsharded"
+            )
         end = self.start + self.rows
         if self.start % rows_per_unit or (end % rows_per_unit and end != self.shape[0]):
-            raise ValueError(f"{layer}: scheme {scheme} keeps blocks of {rows_per_unit} rows, but this rank's shard holds "
-                             f"rows {self.start}..{end - 1}, which cuts a block; use a block height that divides each "
-                             f"rank's rows ({self.rows}) or another scheme")
+            raise ValueError(
+                f"{layer}: scheme {scheme} keeps blocks of {rows_per_unit} rows, but this rank's shard holds "
+                f"rows {self.start}..{end - 1}, which cuts a block; use a block height that divides each "
+                f"rank's rows ({self.rows}) or another scheme"
+            )
 
 
 def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -180,7 +188,9 @@ def _kth_largest(keys: torch.Tensor, k: int, part: Part) -> torch.Tensor | None:
     lo, hi = -int(ends[0]), int(ends[1])  # count(>= lo) = n >= k; the answer lies in [lo, hi]
     ordered = keys.sort().values
     while lo < hi:
-        cands = torch.unique(torch.linspace(lo + 1, hi, steps=min(15, hi - lo), dtype=torch.float64).round().to(torch.int64))
+        cands = torch.unique(
+            torch.linspace(lo + 1, hi, steps=min(15, hi - lo), dtype=torch.float64).round().to(torch.int64)
+        )
         counts = (keys.numel() - torch.searchsorted(ordered, cands, side="left")).to(torch.int64)
         dist.all_reduce(counts, group=group)
         reach = cands[counts >= k]

@@ -98,7 +98,12 @@ IDX_FILES = {
     ),
 }
 # Sizes of the official splits; the official formats (CIFAR python archives, IDX files) are checked against them.
-SPLIT_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "mnist": (60000, 10000), "fashion-mnist": (60000, 10000)}
+SPLIT_SIZES = {
+    "cifar10": (50000, 10000),
+    "cifar100": (50000, 10000),
+    "mnist": (60000, 10000),
+    "fashion-mnist": (60000, 10000),
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = 1
 
@@ -113,7 +118,9 @@ class ArrayDataset:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DatasetError(f"images must be a uint8 [N, C, H, W] tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DatasetError(
+                f"images must be a uint8 [N, C, H, W] tensor, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if len(self.images) != len(self.labels):
             raise DatasetError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -170,9 +177,15 @@ class _ArraysOnly(pickle.Unpickler):
     """An unpickler that builds numpy arrays, lists, dicts, strings and bytes and nothing else: a crafted
     archive cannot name a function to call (``os.system`` and friends are refused before anything runs)."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
@@ -210,8 +223,11 @@ def _from_files(files: list[tuple[str, str, str, bytes | Path]], channels: int) 
         if not items:
             raise DatasetError(f"no images in the '{split}' split (expected ROOT/{split}/<class>/*.png|jpg)")
         imgs = [
-            _decode_image(content if isinstance(content, bytes) else Path(content).read_bytes(), channels,
-                          f"{split}/{c}/{name}" if isinstance(content, bytes) else str(content))
+            _decode_image(
+                content if isinstance(content, bytes) else Path(content).read_bytes(),
+                channels,
+                f"{split}/{c}/{name}" if isinstance(content, bytes) else str(content),
+            )
             for c, name, content in items
         ]
         shapes = {a.shape for a in imgs}
@@ -291,7 +307,13 @@ def read_cifar_archive(archive: Path, name: str) -> dict[str, ArrayDataset]:
             if not m.isfile():
                 continue
             base = m.name.split("/")[-1]
-            split = "train" if base.startswith("data_batch") or base == "train" else "test" if base in ("test_batch", "test") else None
+            split = (
+                "train"
+                if base.startswith("data_batch") or base == "train"
+                else "test"
+                if base in ("test_batch", "test")
+                else None
+            )
             if base in ("batches.meta", "meta"):
                 meta = safe_unpickle(tar.extractfile(m), f"{archive}:{m.name}")
                 key = b"label_names" if b"label_names" in meta else b"fine_label_names"
@@ -323,7 +345,9 @@ def read_idx(path: Path) -> torch.Tensor:
     if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
         raise DatasetError(f"{path}: not a uint8 IDX file (magic {raw[:4].hex()})")
     if len(raw) < 4 + 4 * ndim:
-        raise DatasetError(f"{path}: truncated IDX file (its header names {ndim} dimensions, the file ends before them)")
+        raise DatasetError(
+            f"{path}: truncated IDX file (its header names {ndim} dimensions, the file ends before them)"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -344,7 +368,9 @@ def read_idx_dataset(directory: Path) -> dict[str, ArrayDataset]:
     for split, prefix in (("train", "train"), ("test", "t10k")):
         paths = [_find(directory, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
         if None in paths:
-            raise DatasetError(f"{directory}: {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] are needed")
+            raise DatasetError(
+                f"{directory}: {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] are needed"
+            )
         images, labels = (read_idx(p) for p in paths)
         out[split] = ArrayDataset(images[:, None].contiguous(), labels.long(), [str(i) for i in range(10)])
     return out
@@ -358,7 +384,8 @@ def _cache_key(source: Path) -> str:
     changed, added or removed inside a folder changes the key, so a stale cache is never served)."""
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     ident = f"{source.resolve()}|{CACHE_VERSION}|" + "|".join(
-        f"{p.relative_to(source) if p != source else ''}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        f"{p.relative_to(source) if p != source else ''}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files
+    )
     return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
 
@@ -371,15 +398,21 @@ def check_splits(splits: dict[str, ArrayDataset], name: str, source: Path, offic
             raise DatasetError(f"{source}: the {split} split is empty")
         lo, hi = int(d.labels.min()), int(d.labels.max())
         if lo < 0 or hi >= info.num_classes:
-            raise DatasetError(f"{source}: {split} labels span {lo}..{hi}; {name} has classes 0..{info.num_classes - 1}")
+            raise DatasetError(
+                f"{source}: {split} labels span {lo}..{hi}; {name} has classes 0..{info.num_classes - 1}"
+            )
     present = int(splits["train"].labels.unique().numel())
     if present < 2:
-        raise DatasetError(f"{source}: the training split holds {present} class; at least 2 are needed to learn anything")
+        raise DatasetError(
+            f"{source}: the training split holds {present} class; at least 2 are needed to learn anything"
+        )
     if official_format and name in SPLIT_SIZES:
         sizes = (len(splits["train"]), len(splits["test"]))
         if sizes != SPLIT_SIZES[name]:
-            raise DatasetError(f"{source}: {sizes[0]} training and {sizes[1]} test examples; the official {name} has "
-                               f"{SPLIT_SIZES[name][0]} and {SPLIT_SIZES[name][1]} (truncated or partial files?)")
+            raise DatasetError(
+                f"{source}: {sizes[0]} training and {sizes[1]} test examples; the official {name} has "
+                f"{SPLIT_SIZES[name][0]} and {SPLIT_SIZES[name][1]} (truncated or partial files?)"
+            )
 
 
 def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: str | None) -> Path:
@@ -388,8 +421,10 @@ def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: st
         if name in CIFAR_ARCHIVES and data_dir.name == CIFAR_ARCHIVES[name][0].rsplit("/", 1)[1]:
             md5 = CIFAR_ARCHIVES[name][1]
             if (got := _md5(data_dir)) != md5:  # verified before anything in it is unpickled
-                raise DatasetError(f"{data_dir}: checksum mismatch (md5 {got}, the official archive has {md5}); "
-                                   "refusing to read it: fetch the archive again")
+                raise DatasetError(
+                    f"{data_dir}: checksum mismatch (md5 {got}, the official archive has {md5}); "
+                    "refusing to read it: fetch the archive again"
+                )
         return data_dir
     if name in CIFAR_ARCHIVES:
         url, md5 = CIFAR_ARCHIVES[name]
@@ -399,17 +434,23 @@ def _locate_source(name: str, data_dir: Path, allow_download: bool, url_base: st
                 url = url_base.rstrip("/") + "/" + archive.name
             if not allow_download:  # never downloads, not even to replace a damaged copy
                 if not archive.exists():
-                    raise DatasetError(f"{archive} not found and downloading is off; pass the folder that holds it with --data-dir")
+                    raise DatasetError(
+                        f"{archive} not found and downloading is off; pass the folder that holds it with --data-dir"
+                    )
                 if (got := _md5(archive)) != md5:
-                    raise DatasetError(f"{archive}: checksum mismatch (md5 {got}, the official archive has {md5}) and "
-                                       "downloading is off; fetch the archive again")
+                    raise DatasetError(
+                        f"{archive}: checksum mismatch (md5 {got}, the official archive has {md5}) and "
+                        "downloading is off; fetch the archive again"
+                    )
                 return archive
             return download(url, archive, md5)
         return data_dir
     base, files = IDX_FILES[name]
     if _find(data_dir, "train-images-idx3-ubyte") is None and not (data_dir / "train").is_dir():
         if not allow_download:
-            raise DatasetError(f"no IDX files in {data_dir} and downloading is off; pass the folder that holds them with --data-dir")
+            raise DatasetError(
+                f"no IDX files in {data_dir} and downloading is off; pass the folder that holds them with --data-dir"
+            )
         for fname, md5 in files.items():
             download((url_base.rstrip("/") + "/" if url_base else base) + fname, data_dir / fname, md5)
     return data_dir
@@ -436,8 +477,10 @@ def load_dataset(
     data_dir = Path(data_dir) if data_dir is not None else default_cache_dir() / "data" / name
     if not data_dir.exists():
         if data_dir.suffix or not download:  # a misspelled path is never created
-            raise DatasetError(f"data path {data_dir} does not exist; pass an existing file or folder with --data-dir"
-                               f"{'' if data_dir.suffix else ' (or allow downloading with data.download=true)'}")
+            raise DatasetError(
+                f"data path {data_dir} does not exist; pass an existing file or folder with --data-dir"
+                f"{'' if data_dir.suffix else ' (or allow downloading with data.download=true)'}"
+            )
         data_dir.mkdir(parents=True, exist_ok=True)  # downloading into it
     source = _locate_source(name, data_dir, download, url_base)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -597,9 +640,13 @@ class BatchLoader:
     def state_dict(self) -> dict:
         """Epoch, position, generator and order: enough to continue the epoch exactly."""
         empty = torch.empty(0, dtype=torch.long)
-        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state(),
-                "perm": self._perm if self._perm is not None else empty,
-                "active": self.active if self.active is not None else empty}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "generator": self.generator.get_state(),
+            "perm": self._perm if self._perm is not None else empty,
+            "active": self.active if self.active is not None else empty,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""

@@ -52,10 +52,15 @@ class CharVocab:
         try:
             chars = json.loads(Path(path).read_text(encoding="utf-8"))["chars"]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{path} is not a vocabulary file ({type(e).__name__}: {e}); it holds "
-                               '{"chars": [one character per id]}') from None
-        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars) \
-                or len(set(chars)) != len(chars):
+            raise DatasetError(
+                f"{path} is not a vocabulary file ({type(e).__name__}: {e}); it holds "
+                '{"chars": [one character per id]}'
+            ) from None
+        if (
+            not isinstance(chars, list)
+            or not all(isinstance(c, str) and len(c) == 1 for c in chars)
+            or len(set(chars)) != len(chars)
+        ):
             raise DatasetError(f"{path} is not a vocabulary file: 'chars' must list distinct single characters")
         return cls(chars)
 
@@ -90,12 +95,13 @@ class CharWindows(Dataset):
         if not 0 <= i < self.count:
             raise IndexError(i)
         s = self.offset + i * self.stride
-        w = self.ids[s: s + self.context + 1]
+        w = self.ids[s : s + self.context + 1]
         return w[:-1], w[1:]
 
 
-def load_text(path: str | Path, context: int, val_fraction: float = 0.1, stride: int | None = None,
-              seed: int = 0) -> tuple[dict[str, CharWindows], CharVocab]:
+def load_text(
+    path: str | Path, context: int, val_fraction: float = 0.1, stride: int | None = None, seed: int = 0
+) -> tuple[dict[str, CharWindows], CharVocab]:
     """``({"train", "test"}, vocab)`` of a UTF-8 text file; "test" is the held-out tail (validation, fixed
     windows); training windows every ``stride`` characters, shifted each epoch."""
     path = Path(path)
@@ -112,7 +118,9 @@ def load_text(path: str | Path, context: int, val_fraction: float = 0.1, stride:
     cut = int(len(ids) * (1 - val_fraction))
     train = CharWindows(ids[:cut], context, stride, shift=True, seed=seed)
     if len(ids) - cut < context + 1:
-        raise DatasetError(f"the validation tail of {path} (data.val_fraction={val_fraction}: {len(ids) - cut} characters) "
-                           f"cannot fill one window of data.context={context} + 1; raise data.val_fraction, lower "
-                           "data.context, or use a longer text")
+        raise DatasetError(
+            f"the validation tail of {path} (data.val_fraction={val_fraction}: {len(ids) - cut} characters) "
+            f"cannot fill one window of data.context={context} + 1; raise data.val_fraction, lower "
+            "data.context, or use a longer text"
+        )
     return {"train": train, "test": CharWindows(ids[cut:], context)}, vocab

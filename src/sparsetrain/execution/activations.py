@@ -94,8 +94,14 @@ class CompactMaxPool2d(nn.MaxPool2d):
         super().__init__(2, 2)
 
     def forward(self, x):
-        if (x.requires_grad and torch.is_grad_enabled() and x.dim() == 4 and x.dtype == torch.float32
-                and x.device.type == "cpu" and native.available()):
+        if (
+            x.requires_grad
+            and torch.is_grad_enabled()
+            and x.dim() == 4
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and native.available()
+        ):
             return _CompactMaxPoolFn.apply(x)
         return super().forward(x)  # nothing to save: PyTorch's own
 
@@ -103,8 +109,15 @@ class CompactMaxPool2d(nn.MaxPool2d):
 def _pools_2x2(m: nn.Module) -> bool:
     """A max-pool that :class:`CompactMaxPool2d` computes exactly: 2x2 windows, stride 2, no padding or dilation."""
     pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    return (type(m) is nn.MaxPool2d and pair(m.kernel_size) == (2, 2) and pair(m.stride or m.kernel_size) == (2, 2)
-            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
+    return (
+        type(m) is nn.MaxPool2d
+        and pair(m.kernel_size) == (2, 2)
+        and pair(m.stride or m.kernel_size) == (2, 2)
+        and pair(m.padding) == (0, 0)
+        and pair(m.dilation) == (1, 1)
+        and not m.ceil_mode
+        and not m.return_indices
+    )
 
 
 def compact_pools(model: nn.Module, undo: bool = False) -> int:
@@ -112,7 +125,9 @@ def compact_pools(model: nn.Module, undo: bool = False) -> int:
     returns how many."""
     if undo:
         return replace_activations(model, CompactMaxPool2d, lambda old: nn.MaxPool2d(2, 2))
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if _pools_2x2(child)]
+    targets = [
+        (parent, name) for parent in model.modules() for name, child in parent.named_children() if _pools_2x2(child)
+    ]
     for parent, name in targets:
         setattr(parent, name, CompactMaxPool2d())
     return len(targets)
@@ -120,7 +135,12 @@ def compact_pools(model: nn.Module, undo: bool = False) -> int:
 
 def replace_activations(model: nn.Module, kind: type[nn.Module], factory: Callable[[nn.Module], nn.Module]) -> int:
     """Replace every submodule of exactly type ``kind`` by ``factory(old)``, in place; return how many."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if type(child) is kind]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is kind
+    ]
     for parent, name, child in targets:  # found first: a replacement may hold the old module inside it
         setattr(parent, name, factory(child))
     return len(targets)

@@ -65,8 +65,10 @@ class LosslessActivations:
         self._bn_out: dict[int, tuple] = {}  # id of a BatchNorm output -> (weak reference to it, its input, module)
         self._recipes: dict[tuple, _Recompute] = {}
         self._context = None
-        self._hooks = [model.register_forward_pre_hook(self._enter),
-                       model.register_forward_hook(self._exit, always_call=True)]
+        self._hooks = [
+            model.register_forward_pre_hook(self._enter),
+            model.register_forward_hook(self._exit, always_call=True),
+        ]
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 self._hooks.append(m.register_forward_hook(self._after_bn))

@@ -23,8 +23,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .backends import (TIMING_SHARE, ExecutionRequest, apply_backend, check_execution, choose_now,
-                       get_backend, keep_buffers, settle_layout)
+from .backends import (
+    TIMING_SHARE,
+    ExecutionRequest,
+    apply_backend,
+    check_execution,
+    choose_now,
+    get_backend,
+    keep_buffers,
+    settle_layout,
+)
 from .backends.channel_pairs import shrink_both_sides
 from .backends.compact import compact_layers, is_compact
 from .backends.plain import restore_plain
@@ -59,24 +67,35 @@ class ExecutionPlan:
 
     def to_dict(self) -> dict:
         """Plain data (for state dicts and JSON)."""
-        return {"requested": self.requested, "layout": self.layout, "channel_both_sides": self.channel_both_sides,
-                "lossless_activations": self.lossless_activations,
-                "layers": {n: asdict(lp) for n, lp in self.layers.items()}}
+        return {
+            "requested": self.requested,
+            "layout": self.layout,
+            "channel_both_sides": self.channel_both_sides,
+            "lossless_activations": self.lossless_activations,
+            "layers": {n: asdict(lp) for n, lp in self.layers.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExecutionPlan":
         """The plan of :meth:`to_dict`; refuses unknown backends and layouts by name."""
         try:
             get_backend(d["requested"])
-            layers = {str(n): LayerPlan(get_backend(lp["backend"]).name, bool(lp.get("compact", False)))
-                      for n, lp in d["layers"].items()}
+            layers = {
+                str(n): LayerPlan(get_backend(lp["backend"]).name, bool(lp.get("compact", False)))
+                for n, lp in d["layers"].items()
+            }
             layout = d.get("layout")
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not an execution plan (missing or malformed field: {e})") from None
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r} in the plan; allowed: {sorted(LAYOUTS)} or null")
-        return cls(d["requested"], layers, layout, bool(d.get("channel_both_sides", False)),
-                   bool(d.get("lossless_activations", False)))
+        return cls(
+            d["requested"],
+            layers,
+            layout,
+            bool(d.get("channel_both_sides", False)),
+            bool(d.get("lossless_activations", False)),
+        )
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (``ExecutionPlan.load`` reads it back)."""
@@ -99,9 +118,11 @@ class ExecutionPlan:
 
     def __str__(self) -> str:
         width = max([len("layer"), *map(len, self.layers)])
-        head = (f"execution plan: {self.requested}, layout {self.layout or 'as given'}"
-                f"{', channels cut on both sides' if self.channel_both_sides else ''}"
-                f"{', lossless activations' if self.lossless_activations else ''}")
+        head = (
+            f"execution plan: {self.requested}, layout {self.layout or 'as given'}"
+            f"{', channels cut on both sides' if self.channel_both_sides else ''}"
+            f"{', lossless activations' if self.lossless_activations else ''}"
+        )
         rows = [head, f"{'layer':<{width}}  {'backend':<15}  compact", f"{'-' * width}  {'-' * 15}  -------"]
         rows += [f"{n:<{width}}  {lp.backend:<15}  {'yes' if lp.compact else 'no'}" for n, lp in self.layers.items()]
         return "\n".join(rows)
@@ -145,12 +166,21 @@ class Planner:
     layers of their own (SWAT), whose layers the backends run directly.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, maskset, request: ExecutionRequest,
-                 execution: "str | ExecutionPlan", compact_state: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        maskset,
+        request: ExecutionRequest,
+        execution: "str | ExecutionPlan",
+        compact_state: bool = False,
+    ):
         given = execution if isinstance(execution, ExecutionPlan) else None
         name = given.requested if given else execution
         if not isinstance(name, str):
-            raise TypeError(f"execution must be a backend name, 'auto' or an ExecutionPlan, got {type(execution).__name__}")
+            raise TypeError(
+                f"execution must be a backend name, 'auto' or an ExecutionPlan, got {type(execution).__name__}"
+            )
         self.backend = check_execution(name, request)
         self.model, self.optimizer, self.maskset, self.request = model, optimizer, maskset, request
         self.compact_state = compact_state
@@ -170,7 +200,9 @@ class Planner:
         elif not self.backend.timed:
             self._finish(layout=None)  # nothing to time: the plan is what the backend runs
         else:  # the first module of the chain a training step calls brings the batch
-            self._hooks += [m.register_forward_pre_hook(self._on_first_forward, with_kwargs=True) for m in self._chain()]
+            self._hooks += [
+                m.register_forward_pre_hook(self._on_first_forward, with_kwargs=True) for m in self._chain()
+            ]
 
     @property
     def pending(self) -> bool:
@@ -219,7 +251,9 @@ class Planner:
             if image and self.layers:
                 # per-layer choices ignore the layout between layers: the whole step against masked channels-last
                 part = max(1, args[0].shape[0] // TIMING_SHARE)
-                small = _map_tensors((args, kwargs), lambda t: t[:part] if t.dim() and t.shape[0] == args[0].shape[0] else t)
+                small = _map_tensors(
+                    (args, kwargs), lambda t: t[:part] if t.dim() and t.shape[0] == args[0].shape[0] else t
+                )
 
                 def loss_of(fmt):
                     a, k = small
@@ -241,12 +275,19 @@ class Planner:
         """Compact the layers that may store only kept weights (``compact``: those named; None: every one the
         backends allow, under ``compact_state``), set the layout, and record the plan."""
         if self.maskset is not None:
-            fresh = {n: m for n, m in self.layers.items() if not is_compact(m)
-                     and (n in compact if compact is not None else self.compact_state)}
+            fresh = {
+                n: m
+                for n, m in self.layers.items()
+                if not is_compact(m) and (n in compact if compact is not None else self.compact_state)
+            }
             compact_layers(fresh, self.maskset, self.optimizer)
-        self.plan = ExecutionPlan(self.backend.name,
-                                  {n: LayerPlan(m.backend, is_compact(m)) for n, m in self.layers.items()},
-                                  layout, self.request.channel_both_sides, self.request.lossless_activations)
+        self.plan = ExecutionPlan(
+            self.backend.name,
+            {n: LayerPlan(m.backend, is_compact(m)) for n, m in self.layers.items()},
+            layout,
+            self.request.channel_both_sides,
+            self.request.lossless_activations,
+        )
         self._set_layout(layout)
         return self.plan
 
@@ -258,31 +299,40 @@ class Planner:
             return
         self.model.to(memory_format=LAYOUTS[layout])
         to_layout = _in_layout(LAYOUTS[layout])
-        self._layout_hooks = [m.register_forward_pre_hook(lambda module, args: _map_tensors(args, to_layout))
-                              for m in self._chain()]
+        self._layout_hooks = [
+            m.register_forward_pre_hook(lambda module, args: _map_tensors(args, to_layout)) for m in self._chain()
+        ]
 
     # ------------------------------------------------------------------ applying a plan
     def check(self, plan: ExecutionPlan) -> None:
         """Refuse a plan this planner cannot run, naming why: another execution, other layers, another
         ``channel_both_sides``, or a path change for a layer already compacted."""
         if get_backend(plan.requested) is not self.backend:
-            raise ValueError(f"this state ran with execution={plan.requested!r}; build the sparsifier with "
-                             f"execution={plan.requested!r} to continue it (now {self.backend.name!r})")
+            raise ValueError(
+                f"this state ran with execution={plan.requested!r}; build the sparsifier with "
+                f"execution={plan.requested!r} to continue it (now {self.backend.name!r})"
+            )
         if set(plan.layers) != set(self.layers):
             diff = sorted(set(plan.layers) ^ set(self.layers))
             raise ValueError(f"the execution plan is for other layers than this model's (differing: {diff[:5]})")
         if plan.channel_both_sides != self.request.channel_both_sides:
-            raise ValueError(f"the execution plan was made with channel_both_sides={plan.channel_both_sides}; this "
-                             f"sparsifier has channel_both_sides={self.request.channel_both_sides}")
+            raise ValueError(
+                f"the execution plan was made with channel_both_sides={plan.channel_both_sides}; this "
+                f"sparsifier has channel_both_sides={self.request.channel_both_sides}"
+            )
         if plan.lossless_activations != self.request.lossless_activations:
-            raise ValueError(f"the execution plan was made with lossless_activations={plan.lossless_activations}; "
-                             f"this sparsifier has lossless_activations={self.request.lossless_activations}")
+            raise ValueError(
+                f"the execution plan was made with lossless_activations={plan.lossless_activations}; "
+                f"this sparsifier has lossless_activations={self.request.lossless_activations}"
+            )
         if self.plan is not None:
             changed = [n for n, lp in plan.layers.items() if lp != self.plan.layers[n]]
             stuck = [n for n in changed if self.plan.layers[n].compact or plan.layers[n].compact]
             if stuck:
-                raise ValueError(f"layers {stuck[:4]} were compacted under another plan already; build the sparsifier "
-                                 "without example_inputs when loading a saved plan, so that the plan is applied first")
+                raise ValueError(
+                    f"layers {stuck[:4]} were compacted under another plan already; build the sparsifier "
+                    "without example_inputs when loading a saved plan, so that the plan is applied first"
+                )
 
     def apply(self, plan: ExecutionPlan) -> ExecutionPlan:
         """Run ``plan`` from now on, without timing (a resumed run, or a plan made elsewhere); :meth:`check` first."""

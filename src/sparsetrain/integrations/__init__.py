@@ -28,16 +28,25 @@ __all__ = ["Factory", "build_all", "restore_all", "snapshot"]
 Factory = Callable[..., object]
 
 
-def build_all(make: Factory, model: nn.Module, optimizer: torch.optim.Optimizer, *, execution=None,
-              compact_state: bool = False, **length) -> list[Lifecycle]:
+def build_all(
+    make: Factory,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    execution=None,
+    compact_state: bool = False,
+    **length,
+) -> list[Lifecycle]:
     """``make(model, optimizer, **length)`` as a list of sparsifiers (a single one or a sequence); with
     ``execution``, the method among them (the first :class:`~sparsetrain.methods.base.Sparsifier`) runs on it."""
     made = make(model, optimizer, **length)
     made = list(made) if isinstance(made, (list, tuple)) else [made]
     odd = [type(m).__name__ for m in made if not isinstance(m, Lifecycle)]
     if odd:
-        raise TypeError(f"the factory made {odd}, which lack the sparsifier lifecycle (pre_step, post_step, "
-                        "state_dict, load_state_dict, model_state_keys, remove, manual_pre_step)")
+        raise TypeError(
+            f"the factory made {odd}, which lack the sparsifier lifecycle (pre_step, post_step, "
+            "state_dict, load_state_dict, model_state_keys, remove, manual_pre_step)"
+        )
     if execution is not None or compact_state:
         methods = [m for m in made if isinstance(m, Sparsifier)]
         if not methods:
@@ -50,14 +59,18 @@ def restore_all(sparsifiers: Sequence[Lifecycle], states: Sequence[dict], model:
     """Load ``states`` into freshly built ``sparsifiers``, then put back the model ``weights`` the framework had
     restored before the sparsifiers were built (building a method applies a new mask to them)."""
     if len(states) != len(sparsifiers):
-        raise ValueError(f"the checkpoint holds the state of {len(states)} sparsifier(s); the factory made {len(sparsifiers)}")
+        raise ValueError(
+            f"the checkpoint holds the state of {len(states)} sparsifier(s); the factory made {len(sparsifiers)}"
+        )
     for sp, state in zip(sparsifiers, states):
         sp.load_state_dict(state)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     owned = {k for sp in sparsifiers for k in sp.model_state_keys()}
     if set(missing) - owned or unexpected:
-        raise ValueError(f"the restored weights do not fit the model: missing {sorted(set(missing) - owned)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"the restored weights do not fit the model: missing {sorted(set(missing) - owned)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
 
 
 def snapshot(model: nn.Module) -> dict:

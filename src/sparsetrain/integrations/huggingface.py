@@ -64,18 +64,29 @@ class SparsityCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("SparsityCallback needs the Trainer's model and optimizer at on_train_begin")
-        steps_per_epoch = max(len(train_dataloader) // args.gradient_accumulation_steps, 1) if train_dataloader is not None else None
+        steps_per_epoch = (
+            max(len(train_dataloader) // args.gradient_accumulation_steps, 1) if train_dataloader is not None else None
+        )
         epochs = math.ceil(state.num_train_epochs) if steps_per_epoch else None
         resumed = state.global_step > 0
         weights = snapshot(model) if resumed else None
-        self.sparsifiers = build_all(self.make, model, _torch_optimizer(optimizer), total_steps=state.max_steps,
-                                     steps_per_epoch=steps_per_epoch, epochs=epochs, execution=self.execution,
-                                     compact_state=self.compact_state)
+        self.sparsifiers = build_all(
+            self.make,
+            model,
+            _torch_optimizer(optimizer),
+            total_steps=state.max_steps,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            execution=self.execution,
+            compact_state=self.compact_state,
+        )
         if resumed:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
             if not path.exists():
-                raise FileNotFoundError(f"resuming at step {state.global_step}, but {path} does not exist: the checkpoint "
-                                        "was not saved with SparsityCallback (or lies elsewhere than output_dir)")
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step}, but {path} does not exist: the checkpoint "
+                    "was not saved with SparsityCallback (or lies elsewhere than output_dir)"
+                )
             saved = torch.load(path, map_location="cpu", weights_only=True)
             restore_all(self.sparsifiers, saved["sparsifiers"], model, weights)
 

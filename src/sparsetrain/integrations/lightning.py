@@ -57,16 +57,25 @@ class SparsityCallback(Callback):
         if not trainer.optimizers:
             raise RuntimeError("SparsityCallback needs an optimizer from configure_optimizers")
         if len(trainer.optimizers) > 1:
-            raise ValueError(f"SparsityCallback wraps one optimizer; configure_optimizers returned {len(trainer.optimizers)}")
+            raise ValueError(
+                f"SparsityCallback wraps one optimizer; configure_optimizers returned {len(trainer.optimizers)}"
+            )
         if trainer.max_epochs is None or trainer.max_epochs < 1:
             raise ValueError("SparsityCallback counts epochs: set Trainer(max_epochs=...)")
         total = int(trainer.estimated_stepping_batches)
         epochs = trainer.max_epochs
         steps_per_epoch = max(math.ceil(total / epochs), 1)
         weights = snapshot(pl_module) if self._pending is not None else None
-        self.sparsifiers = build_all(self.make, pl_module, trainer.optimizers[0], total_steps=total,
-                                     steps_per_epoch=steps_per_epoch, epochs=epochs, execution=self.execution,
-                                     compact_state=self.compact_state)
+        self.sparsifiers = build_all(
+            self.make,
+            pl_module,
+            trainer.optimizers[0],
+            total_steps=total,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            execution=self.execution,
+            compact_state=self.compact_state,
+        )
         for sp in self.sparsifiers:
             sp.manual_pre_step = True  # backward runs inside optimizer.step(closure)
         if self._pending is not None:

@@ -20,8 +20,22 @@ from .static import Static, make_masks
 from .swat import SWAT
 
 # The factories are ``sparsetrain.static``, ``.set``, ``.rigl``, ...; here the names are the modules.
-__all__ = ["METHODS", "DESCRIPTIONS", "TRAITS", "Sparsifier", "Clock", "Dense", "Static", "SET", "RigL", "MEST", "SWAT", "Lottery",
-           "make_masks", "round_sparsities"]
+__all__ = [
+    "METHODS",
+    "DESCRIPTIONS",
+    "TRAITS",
+    "Sparsifier",
+    "Clock",
+    "Dense",
+    "Static",
+    "SET",
+    "RigL",
+    "MEST",
+    "SWAT",
+    "Lottery",
+    "make_masks",
+    "round_sparsities",
+]
 
 METHODS: dict[str, Callable[..., Sparsifier]] = {
     "dense": dense,

@@ -46,8 +46,8 @@ import inspect
 import numbers
 import warnings
 import weakref
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -109,18 +109,24 @@ class Clock:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if (steps_per_epoch is None) != (epochs is None):
-            raise ValueError("give steps_per_epoch and epochs together (or total_steps alone); "
-                             f"got steps_per_epoch={steps_per_epoch!r}, epochs={epochs!r}")
+            raise ValueError(
+                "give steps_per_epoch and epochs together (or total_steps alone); "
+                f"got steps_per_epoch={steps_per_epoch!r}, epochs={epochs!r}"
+            )
         if steps_per_epoch is not None:
             if total_steps is not None and total_steps > steps_per_epoch * epochs:
-                raise ValueError(f"total_steps={total_steps} exceeds steps_per_epoch * epochs = {steps_per_epoch * epochs}")
+                raise ValueError(
+                    f"total_steps={total_steps} exceeds steps_per_epoch * epochs = {steps_per_epoch * epochs}"
+                )
             total_steps = total_steps or steps_per_epoch * epochs  # less when training stops early (a step budget)
         return cls(total_steps, steps_per_epoch, epochs)
 
     def require_total(self, who: str) -> int:
         """The total steps, or a ValueError saying that ``who`` needs them."""
         if self.total_steps is None:
-            raise ValueError(f"{who} schedules its updates over training: give total_steps (or steps_per_epoch and epochs)")
+            raise ValueError(
+                f"{who} schedules its updates over training: give total_steps (or steps_per_epoch and epochs)"
+            )
         return self.total_steps
 
     def require_epochs(self, who: str) -> tuple[int, int]:
@@ -159,8 +165,15 @@ class Sparsifier:
     name = "dense"
     traits = MethodTraits()
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
-                 steps_per_epoch: int | None = None, epochs: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        epochs: int | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -168,12 +181,16 @@ class Sparsifier:
         owner = _CARRIERS.get(model)
         owner = owner() if owner is not None else None
         if owner is not None and not owner.removed:
-            raise ValueError(f"the model already carries a sparsifier ({type(owner).__name__}); two would each enforce "
-                             "their own masks on the same weights: call .remove() on the first, or build on a fresh model")
+            raise ValueError(
+                f"the model already carries a sparsifier ({type(owner).__name__}); two would each enforce "
+                "their own masks on the same weights: call .remove() on the first, or build on a fresh model"
+            )
         held = _held(optimizer)
         if not any(id(p) in held for p in model.parameters()):
-            raise ValueError("the optimizer holds none of the model's parameters (it was built over another model?): "
-                             "build it over this model's parameters, e.g. torch.optim.SGD(model.parameters(), ...)")
+            raise ValueError(
+                "the optimizer holds none of the model's parameters (it was built over another model?): "
+                "build it over this model's parameters, e.g. torch.optim.SGD(model.parameters(), ...)"
+            )
         self.model, self.optimizer = model, optimizer
         self.clock = Clock.make(total_steps, steps_per_epoch, epochs)
         self.maskset: MaskSet | None = None
@@ -205,11 +222,15 @@ class Sparsifier:
         held = _held(self.optimizer)
         missing = [n for n in names if n in params and id(params[n]) not in held]
         if len(missing) == len(names):
-            raise ValueError(f"the optimizer holds none of the model's sparse weights ({missing[:3]}...): build it over "
-                             "this model's parameters, e.g. torch.optim.SGD(model.parameters(), ...)")
+            raise ValueError(
+                f"the optimizer holds none of the model's sparse weights ({missing[:3]}...): build it over "
+                "this model's parameters, e.g. torch.optim.SGD(model.parameters(), ...)"
+            )
         if missing:
-            raise ValueError(f"the optimizer does not hold the sparse weights {missing[:4]}{' ...' if len(missing) > 4 else ''}: "
-                             "they would never train; build it over all of the model's parameters")
+            raise ValueError(
+                f"the optimizer does not hold the sparse weights {missing[:4]}{' ...' if len(missing) > 4 else ''}: "
+                "they would never train; build it over all of the model's parameters"
+            )
 
     def rebind(self, optimizer: torch.optim.Optimizer) -> None:
         """Move to ``optimizer``, built over the model's parameters after they were replaced by ones of the same
@@ -293,9 +314,15 @@ class Sparsifier:
         return self._bumps + (self.maskset.version if self.maskset is not None else 0)
 
     # ------------------------------------------------------------------ execution
-    def use_execution(self, execution: "str | ExecutionPlan" = "masked", *, compact_state: bool = False,
-                      example_inputs: Any = None, channel_both_sides: bool = False,
-                      lossless_activations: bool = False) -> "ExecutionPlan | None":
+    def use_execution(
+        self,
+        execution: "str | ExecutionPlan" = "masked",
+        *,
+        compact_state: bool = False,
+        example_inputs: Any = None,
+        channel_both_sides: bool = False,
+        lossless_activations: bool = False,
+    ) -> "ExecutionPlan | None":
         """Run the method's layers on ``execution``: ``"masked"`` (a simulation), a backend's name, ``"auto"``,
         or an :class:`~sparsetrain.execution.plan.ExecutionPlan` (one saved before: nothing is timed).
         ``compact_state`` stores only the kept weights (and their gradients and optimizer state) where the backend
@@ -310,8 +337,9 @@ class Sparsifier:
         if self.optimizer.state and compact_state:
             raise ValueError("compact_state changes the optimizer's parameters: choose execution before training")
         scheme = getattr(getattr(self, "scheme", None), "name", "unstructured")
-        request = ExecutionRequest(self.name, self.traits, scheme, bool(compact_state), bool(channel_both_sides),
-                                   bool(lossless_activations))
+        request = ExecutionRequest(
+            self.name, self.traits, scheme, bool(compact_state), bool(channel_both_sides), bool(lossless_activations)
+        )
         self._planner = Planner(self.model, self.optimizer, self.maskset, request, execution, compact_state)
         if example_inputs is not None and self._planner.pending:
             inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -357,8 +385,11 @@ class Sparsifier:
 
     def _plain_report(self) -> list[LayerSparsity]:
         params = dict(self.model.named_parameters())
-        return [LayerSparsity(n, tuple(params[n].shape), params[n].numel(), int(params[n].count_nonzero()))
-                for n in self._sparse_weight_names() if n in params]
+        return [
+            LayerSparsity(n, tuple(params[n].shape), params[n].numel(), int(params[n].count_nonzero()))
+            for n in self._sparse_weight_names()
+            if n in params
+        ]
 
     def zero_fraction(self) -> float:
         """Share of entries that are exactly zero in the sparse layers' weights as they would be exported (a kept
@@ -405,15 +436,21 @@ class Sparsifier:
         knobs = self._knobs()
         layers = len(self.report())
         total = self.clock.total_steps if self.clock.total_steps is not None else "?"
-        return (f"{type(self).__name__}({knobs + ', ' if knobs else ''}sparsity={self.sparsity():.4f}, layers={layers}, "
-                f"step={self.clock.step}/{total})")
+        return (
+            f"{type(self).__name__}({knobs + ', ' if knobs else ''}sparsity={self.sparsity():.4f}, layers={layers}, "
+            f"step={self.clock.step}/{total})"
+        )
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """Everything the method needs to continue exactly: clock, masks, method state, the execution plan."""
         self._check_attached("state_dict")
-        state = {"method": self.name, "clock": self.clock.state_dict(), "bumps": self._bumps,
-                 "sparsity": getattr(self, "target", None)}
+        state = {
+            "method": self.name,
+            "clock": self.clock.state_dict(),
+            "bumps": self._bumps,
+            "sparsity": getattr(self, "target", None),
+        }
         if self.maskset is not None:
             state["masks"] = self.maskset.state_dict()
         if self.plan is not None:
@@ -427,8 +464,10 @@ class Sparsifier:
         self._check_attached("load_state_dict")
         saved, mine = state.get("sparsity"), getattr(self, "target", None)
         if saved is not None and mine is not None and abs(float(saved) - float(mine)) > 1e-9:
-            raise ValueError(f"this state is from sparsity {saved}; this sparsifier is at sparsity {mine}: build it with "
-                             f"sparsity={saved} to continue that run")
+            raise ValueError(
+                f"this state is from sparsity {saved}; this sparsifier is at sparsity {mine}: build it with "
+                f"sparsity={saved} to continue that run"
+            )
         plan = self._saved_plan(state.get("plan"))  # checked before anything changes, as the masks are
         if self.maskset is not None:
             self.maskset.load_state_dict(state["masks"])
@@ -447,8 +486,10 @@ class Sparsifier:
 
     def _check_attached(self, what: str) -> None:
         if self.removed:
-            raise RuntimeError(f"{type(self).__name__}.{what}(): the sparsifier was removed (sp.remove()); "
-                               "its model is a plain nn.Module now")
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}(): the sparsifier was removed (sp.remove()); "
+                "its model is a plain nn.Module now"
+            )
 
     def model_state_keys(self) -> list[str]:
         """Keys this method adds to the model's state dict and restores itself from :meth:`state_dict`
@@ -496,22 +537,35 @@ def executes(factory: Callable[..., Sparsifier]) -> Callable[..., Sparsifier]:
     One definition for every factory, so their signatures and docstrings say it alike."""
 
     @functools.wraps(factory)
-    def make(*args, execution: "str | ExecutionPlan" = "masked", compact_state: bool = False,
-             example_inputs: Any = None, channel_both_sides: bool = False, lossless_activations: bool = False,
-             **kwargs) -> Sparsifier:
+    def make(
+        *args,
+        execution: "str | ExecutionPlan" = "masked",
+        compact_state: bool = False,
+        example_inputs: Any = None,
+        channel_both_sides: bool = False,
+        lossless_activations: bool = False,
+        **kwargs,
+    ) -> Sparsifier:
         sp = factory(*args, **kwargs)
-        sp.use_execution(execution, compact_state=compact_state, example_inputs=example_inputs,
-                         channel_both_sides=channel_both_sides, lossless_activations=lossless_activations)
+        sp.use_execution(
+            execution,
+            compact_state=compact_state,
+            example_inputs=example_inputs,
+            channel_both_sides=channel_both_sides,
+            lossless_activations=lossless_activations,
+        )
         return sp
 
     sig = inspect.signature(factory)
-    extra = [inspect.Parameter("execution", inspect.Parameter.KEYWORD_ONLY, default="masked",
-                               annotation="str | ExecutionPlan"),
-             inspect.Parameter("compact_state", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
-             inspect.Parameter("example_inputs", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"),
-             inspect.Parameter("channel_both_sides", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
-             inspect.Parameter("lossless_activations", inspect.Parameter.KEYWORD_ONLY, default=False,
-                               annotation="bool")]
+    extra = [
+        inspect.Parameter(
+            "execution", inspect.Parameter.KEYWORD_ONLY, default="masked", annotation="str | ExecutionPlan"
+        ),
+        inspect.Parameter("compact_state", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
+        inspect.Parameter("example_inputs", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"),
+        inspect.Parameter("channel_both_sides", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
+        inspect.Parameter("lossless_activations", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
+    ]
     make.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
     make.__doc__ = (factory.__doc__ or "") + _EXECUTION_DOC
     return make
@@ -529,8 +583,13 @@ class Dense(Sparsifier):
 
 
 @executes
-def dense(model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
-          steps_per_epoch: int | None = None, epochs: int | None = None) -> Dense:
+def dense(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+) -> Dense:
     """Dense training through the same contract (a baseline with the same records and resume)."""
     return Dense(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
-

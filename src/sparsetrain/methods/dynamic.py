@@ -38,22 +38,46 @@ class PruneAndGrow(Sparsifier):
     traits = MethodTraits(compactable=True)
     reads_gradients = True  # prunes or grows by the weights' gradients (RigL, MEST); SET does not
 
-    def __init__(self, model, optimizer, *, sparsity: float, distribution: str, custom_sparsity, scheme: str,
-                 dense_layers: Iterable[str], seed: int, total_steps, steps_per_epoch, epochs):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        sparsity: float,
+        distribution: str,
+        custom_sparsity,
+        scheme: str,
+        dense_layers: Iterable[str],
+        seed: int,
+        total_steps,
+        steps_per_epoch,
+        epochs,
+    ):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
         if isinstance(scheme, str) and scheme.startswith("nm_"):
-            raise ValueError(f"{self.name} prunes and grows whole units; N:M scheme {scheme!r} supports static masks only")
+            raise ValueError(
+                f"{self.name} prunes and grows whole units; N:M scheme {scheme!r} supports static masks only"
+            )
         self.target = sparsity
         start = torch.Generator().manual_seed(seed)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=start)))
-        self.maskset, self.scheme = make_masks(model, sparsity=sparsity, distribution=distribution,
-                                               custom_sparsity=custom_sparsity, scheme=scheme,
-                                               dense_layers=dense_layers, init="random", generator=start)
+        self.maskset, self.scheme = make_masks(
+            model,
+            sparsity=sparsity,
+            distribution=distribution,
+            custom_sparsity=custom_sparsity,
+            scheme=scheme,
+            dense_layers=dense_layers,
+            init="random",
+            generator=start,
+        )
         frozen = [n for n, p in self.maskset.params.items() if not p.requires_grad]
         if frozen and self.reads_gradients:
-            raise ValueError(f"{self.name} reads the gradients of its sparse weights, but {frozen[:4]} are frozen "
-                             "(requires_grad=False): unfreeze them, or keep them dense with dense_layers")
+            raise ValueError(
+                f"{self.name} reads the gradients of its sparse weights, but {frozen[:4]} are frozen "
+                "(requires_grad=False): unfreeze them, or keep them dense with dense_layers"
+            )
         self.target_units = {n: self._active_units(n) for n in self.maskset.masks}
         self.updates = 0
 
@@ -74,9 +98,11 @@ class PruneAndGrow(Sparsifier):
                 continue
             w, g = self.maskset.weight_and_grad(n)
             if grow_from_grad and g is None:
-                raise RuntimeError(f"{self.name} grows by the dense gradient, but {n} has none at this update "
-                                   "(call loss.backward() before optimizer.step(); with a closure-based loop set "
-                                   "manual_pre_step and call pre_step() after backward)")
+                raise RuntimeError(
+                    f"{self.name} grows by the dense gradient, but {n} has none at this update "
+                    "(call loss.backward() before optimizer.step(); with a closure-based loop set "
+                    "manual_pre_step and call pre_step() after backward)"
+                )
             new = self._new_mask(n, k, w, g if grow_from_grad else None)
             self.maskset.set_mask(n, new, self.optimizer)
         self.maskset.broadcast(optimizer=self.optimizer)
@@ -102,8 +128,17 @@ class PruneAndGrow(Sparsifier):
 class _Scheduled(PruneAndGrow):
     """Updates every ``update_every_steps`` steps until ``update_end`` of training, share decaying."""
 
-    def __init__(self, model, optimizer, *, update_every_steps: int, update_fraction: float, update_decay: str,
-                 update_end: float, **kw):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        update_every_steps: int,
+        update_fraction: float,
+        update_decay: str,
+        update_end: float,
+        **kw,
+    ):
         super().__init__(model, optimizer, **kw)
         if not isinstance(update_every_steps, int) or update_every_steps < 1:
             raise ValueError(f"update_every_steps must be a positive integer, got {update_every_steps!r}")
@@ -116,9 +151,11 @@ class _Scheduled(PruneAndGrow):
         self.clock.require_total(self.name)
         last = int(self.update_end * self.clock.total_steps)  # no update at or after it
         if update_every_steps >= max(last, 1) or not self.update_fraction:
-            warn_caller(f"{self.name} updates its mask every {update_every_steps} steps until step {last} of "
-                        f"{self.clock.total_steps} (update_end={update_end}): no update will happen and the mask stays "
-                        f"static; set update_every_steps below {max(last, 1)}")
+            warn_caller(
+                f"{self.name} updates its mask every {update_every_steps} steps until step {last} of "
+                f"{self.clock.total_steps} (update_end={update_end}): no update will happen and the mask stays "
+                f"static; set update_every_steps below {max(last, 1)}"
+            )
         self._attach()
 
     def _update_fraction(self, step: int) -> float:
@@ -155,8 +192,10 @@ class RigL(_Scheduled):
         if not isinstance(neuron_ablation, (int, float)) or not 0 <= neuron_ablation < 1:
             raise ValueError(f"neuron_ablation must be in [0, 1) (0: off; SRigL uses 0.3), got {neuron_ablation!r}")
         if neuron_ablation and kw.get("scheme") != "fan_in":
-            raise ValueError(f"neuron_ablation is SRigL's rule for constant fan-in masks; it needs scheme 'fan_in', "
-                             f"got {kw.get('scheme')!r}")
+            raise ValueError(
+                f"neuron_ablation is SRigL's rule for constant fan-in masks; it needs scheme 'fan_in', "
+                f"got {kw.get('scheme')!r}"
+            )
         self.neuron_ablation = float(neuron_ablation)
         super().__init__(model, optimizer, **kw)
         self._arm()
@@ -181,7 +220,9 @@ class RigL(_Scheduled):
         live_rows, fan, _ = self.scheme.row_counts(mask)
         kept, live, new_fan = self.scheme.ablate(mask, weight.abs(), grow_score, k, self.neuron_ablation)
         p = k // max(1, live_rows)
-        return self.scheme.prune_and_grow_rows(kept, weight.abs(), p, p + new_fan - fan, grow_score, self.generator, live)
+        return self.scheme.prune_and_grow_rows(
+            kept, weight.abs(), p, p + new_fan - fan, grow_score, self.generator, live
+        )
 
     def _knobs(self) -> str:
         return super()._knobs() + (f", neuron_ablation={self.neuron_ablation}" if self.neuron_ablation else "")
@@ -197,28 +238,64 @@ class RigL(_Scheduled):
 
 @executes
 def set_sparsifier(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
-    steps_per_epoch: int | None = None, epochs: int | None = None, distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None, scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"), update_every_steps: int = 100, update_fraction: float = 0.3,
-    update_decay: str = "cosine", update_end: float = 0.75, seed: int = 0,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sparsity: float,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+    distribution: str = "uniform",
+    custom_sparsity: dict[str, float] | None = None,
+    scheme: str = "unstructured",
+    dense_layers: Iterable[str] = ("first", "last"),
+    update_every_steps: int = 100,
+    update_fraction: float = 0.3,
+    update_decay: str = "cosine",
+    update_end: float = 0.75,
+    seed: int = 0,
 ) -> SET:
     """SET (exported as ``sparsetrain.set``): every ``update_every_steps`` optimizer steps until
     ``update_end`` of training, drop ``update_fraction`` (cosine-decayed by default) of each layer's
     active weights by magnitude and grow as many at random."""
-    return SET(model, optimizer, sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-               epochs=epochs, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
-               dense_layers=dense_layers, update_every_steps=update_every_steps, update_fraction=update_fraction,
-               update_decay=update_decay, update_end=update_end, seed=seed)
+    return SET(
+        model,
+        optimizer,
+        sparsity=sparsity,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        distribution=distribution,
+        custom_sparsity=custom_sparsity,
+        scheme=scheme,
+        dense_layers=dense_layers,
+        update_every_steps=update_every_steps,
+        update_fraction=update_fraction,
+        update_decay=update_decay,
+        update_end=update_end,
+        seed=seed,
+    )
 
 
 @executes
 def rigl(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
-    steps_per_epoch: int | None = None, epochs: int | None = None, distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None, scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"), update_every_steps: int = 100, update_fraction: float = 0.3,
-    update_decay: str = "cosine", update_end: float = 0.75, neuron_ablation: float = 0.0, seed: int = 0,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sparsity: float,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+    distribution: str = "uniform",
+    custom_sparsity: dict[str, float] | None = None,
+    scheme: str = "unstructured",
+    dense_layers: Iterable[str] = ("first", "last"),
+    update_every_steps: int = 100,
+    update_fraction: float = 0.3,
+    update_decay: str = "cosine",
+    update_end: float = 0.75,
+    neuron_ablation: float = 0.0,
+    seed: int = 0,
 ) -> RigL:
     """RigL: every ``update_every_steps`` optimizer steps until ``update_end`` of training, drop
     ``update_fraction`` (cosine-decayed) of each layer's active weights by magnitude and grow as many
@@ -227,7 +304,21 @@ def rigl(
     row); ``neuron_ablation`` > 0 adds SRigL's neuron ablation: at each update, neurons with fewer than
     that share of their fan-in in salient weights lose all their weights and the others share them
     (the paper's threshold is 0.3)."""
-    return RigL(model, optimizer, sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                epochs=epochs, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
-                dense_layers=dense_layers, update_every_steps=update_every_steps, update_fraction=update_fraction,
-                update_decay=update_decay, update_end=update_end, neuron_ablation=neuron_ablation, seed=seed)
+    return RigL(
+        model,
+        optimizer,
+        sparsity=sparsity,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        distribution=distribution,
+        custom_sparsity=custom_sparsity,
+        scheme=scheme,
+        dense_layers=dense_layers,
+        update_every_steps=update_every_steps,
+        update_fraction=update_fraction,
+        update_decay=update_decay,
+        update_end=update_end,
+        neuron_ablation=neuron_ablation,
+        seed=seed,
+    )

@@ -50,8 +50,18 @@ class MEST(PruneAndGrow):
 
     name = "mest"
 
-    def __init__(self, model, optimizer, *, every_epochs: int, mutation_ratio, soft_bound: bool, excess,
-                 prune_lambda: float, **kw):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        every_epochs: int,
+        mutation_ratio,
+        soft_bound: bool,
+        excess,
+        prune_lambda: float,
+        **kw,
+    ):
         super().__init__(model, optimizer, **kw)
         self.clock.require_epochs("mest")
         if not isinstance(every_epochs, int) or every_epochs < 1:
@@ -60,8 +70,10 @@ class MEST(PruneAndGrow):
             raise ValueError(f"prune_lambda must be >= 0, got {prune_lambda!r}")
         self.every_epochs, self.soft_bound, self.prune_lambda = every_epochs, bool(soft_bound), float(prune_lambda)
         if self.clock.epochs <= every_epochs:  # mutations happen at epoch ends before the last one
-            warn_caller(f"mest mutates every {every_epochs} epoch(s), but training lasts {self.clock.epochs}: no mutation "
-                        f"will happen and the mask stays static; set every_epochs below {self.clock.epochs}")
+            warn_caller(
+                f"mest mutates every {every_epochs} epoch(s), but training lasts {self.clock.epochs}: no mutation "
+                f"will happen and the mask stays static; set every_epochs below {self.clock.epochs}"
+            )
         self.mutation_ratio = check_phases("mutation_ratio", mutation_ratio)
         self.excess = check_phases("excess", excess)
         self.expanded = False
@@ -75,8 +87,10 @@ class MEST(PruneAndGrow):
     def _score(self, name: str) -> torch.Tensor:
         w, g = self.maskset.weight_and_grad(name)
         if g is None:
-            raise RuntimeError(f"mest prunes by |w| + lambda|g| but {name} has no gradient at this epoch's end "
-                               "(the mutation runs inside the epoch's last optimizer.step(), after loss.backward())")
+            raise RuntimeError(
+                f"mest prunes by |w| + lambda|g| but {name} has no gradient at this epoch's end "
+                "(the mutation runs inside the epoch's last optimizer.step(), after loss.backward())"
+            )
         return w.abs() + self.prune_lambda * g.detach().abs()
 
     def _end_epoch(self) -> None:
@@ -90,7 +104,9 @@ class MEST(PruneAndGrow):
         if not ratio and not excess and not self.expanded:
             return
         grads = [self.maskset.weight_and_grad(n)[1] for n in self.maskset.masks]
-        self.last_grad_abs_sum = sum(sharding.sum_over_ranks(float(sharding.local(g).abs().sum()), g) for g in grads if g is not None)
+        self.last_grad_abs_sum = sum(
+            sharding.sum_over_ranks(float(sharding.local(g).abs().sum()), g) for g in grads if g is not None
+        )
         for n, mask in list(self.maskset.masks.items()):
             target = self.target_units[n]
             n_units = self.scheme.units_in(tuple(mask.shape))
@@ -125,17 +141,43 @@ class MEST(PruneAndGrow):
 
 @executes
 def mest(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, steps_per_epoch: int, epochs: int,
-    total_steps: int | None = None, distribution: str = "uniform", custom_sparsity: dict[str, float] | None = None,
-    scheme: str = "unstructured", dense_layers: Iterable[str] = ("first", "last"), every_epochs: int = 5,
-    mutation_ratio=((0.0, 0.2), (0.56, 0.1), (0.75, 0.0)), soft_bound: bool = False,
-    excess=((0.0, 0.05), (0.56, 0.025), (0.75, 0.0)), prune_lambda: float = 1.0, seed: int = 0,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sparsity: float,
+    steps_per_epoch: int,
+    epochs: int,
+    total_steps: int | None = None,
+    distribution: str = "uniform",
+    custom_sparsity: dict[str, float] | None = None,
+    scheme: str = "unstructured",
+    dense_layers: Iterable[str] = ("first", "last"),
+    every_epochs: int = 5,
+    mutation_ratio=((0.0, 0.2), (0.56, 0.1), (0.75, 0.0)),
+    soft_bound: bool = False,
+    excess=((0.0, 0.05), (0.56, 0.025), (0.75, 0.0)),
+    prune_lambda: float = 1.0,
+    seed: int = 0,
 ) -> MEST:
     """MEST: every ``every_epochs`` epochs prune by |w| + ``prune_lambda``·|g| and grow at random;
     the mutated share follows ``mutation_ratio`` by phase (elastic mutation; ``[[0, r]]`` keeps it
     constant); ``soft_bound`` grows ``excess`` extra density first and prunes it back at the next
     mutation. Needs ``steps_per_epoch`` and ``epochs``: it acts at epoch ends."""
-    return MEST(model, optimizer, sparsity=sparsity, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                total_steps=total_steps, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
-                dense_layers=dense_layers, every_epochs=every_epochs, mutation_ratio=mutation_ratio,
-                soft_bound=soft_bound, excess=excess, prune_lambda=prune_lambda, seed=seed)
+    return MEST(
+        model,
+        optimizer,
+        sparsity=sparsity,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        total_steps=total_steps,
+        distribution=distribution,
+        custom_sparsity=custom_sparsity,
+        scheme=scheme,
+        dense_layers=dense_layers,
+        every_epochs=every_epochs,
+        mutation_ratio=mutation_ratio,
+        soft_bound=soft_bound,
+        excess=excess,
+        prune_lambda=prune_lambda,
+        seed=seed,
+    )

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from ..core.distributions import DISTRIBUTION_NAMES, layer_densities
+from ..core.lifecycle import MethodTraits
 from ..core.masks import MaskSet
 from ..core.schemes import Scheme, parse_scheme
 from ..core.scores import SCORERS, masks_from_scores, synflow_masks
-from ..core.lifecycle import MethodTraits
 from .base import Sparsifier, check_fraction, executes
 
 __all__ = ["Static", "static", "make_masks", "INITS"]
@@ -47,6 +47,7 @@ def make_masks(
     ``input_shape`` (one example, e.g. ``(3, 32, 32)``) feeds ``synflow`` (taken from ``batches``
     when not given). ``masks`` installs given masks instead of scoring (lottery tickets).
     """
+    # long: most of it is the keyword signature every static mask takes
     check_fraction("sparsity", sparsity)
     if distribution not in DISTRIBUTION_NAMES:
         raise ValueError(f"unknown distribution {distribution!r}; allowed: {list(DISTRIBUTION_NAMES)}")
@@ -67,9 +68,13 @@ def make_masks(
         if init == "synflow":
             if input_shape is None:
                 if not batches:
-                    raise ValueError("init 'synflow' needs input_shape (one example's shape, e.g. (3, 32, 32)) or batches")
+                    raise ValueError(
+                        "init 'synflow' needs input_shape (one example's shape, e.g. (3, 32, 32)) or batches"
+                    )
                 input_shape = tuple(batches[0][0].shape[1:])
-            masks = synflow_masks(model, list(shapes), densities, tuple(input_shape), parsed, global_ranking, synflow_rounds)
+            masks = synflow_masks(
+                model, list(shapes), densities, tuple(input_shape), parsed, global_ranking, synflow_rounds
+            )
         else:
             scores = SCORERS[init](model, maskset.params, list(batches or []), generator)
             masks = masks_from_scores(scores, densities, parsed, global_ranking)
@@ -78,9 +83,11 @@ def make_masks(
         raise ValueError(f"given masks do not match the selected layers; differing names: {sorted(unknown)[:5]}")
     empty = [n for n, m in masks.items() if not m.any()]
     if empty:
-        raise ValueError(f"sparsity {sparsity} leaves {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''} with no weight "
-                         "at all (the network could not pass a signal); lower the sparsity, use distribution 'erk', or "
-                         "keep those layers dense with dense_layers")
+        raise ValueError(
+            f"sparsity {sparsity} leaves {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''} with no weight "
+            "at all (the network could not pass a signal); lower the sparsity, use distribution 'erk', or "
+            "keep those layers dense with dense_layers"
+        )
     for n, m in masks.items():
         maskset.set_mask(n, m)
     maskset.broadcast()
@@ -93,12 +100,24 @@ class Static(Sparsifier):
     name = "static"
     traits = MethodTraits(fixed_mask=True, compactable=True)
 
-    def __init__(self, model, optimizer, *, total_steps=None, steps_per_epoch=None, epochs=None, seed: int = 0,
-                 masks: dict[str, torch.Tensor] | None = None, **mask_kw):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        total_steps=None,
+        steps_per_epoch=None,
+        epochs=None,
+        seed: int = 0,
+        masks: dict[str, torch.Tensor] | None = None,
+        **mask_kw,
+    ):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
         self.init = mask_kw.get("init", "random")
         self.target = mask_kw["sparsity"]
-        self.maskset, self.scheme = make_masks(model, generator=torch.Generator().manual_seed(seed), masks=masks, **mask_kw)
+        self.maskset, self.scheme = make_masks(
+            model, generator=torch.Generator().manual_seed(seed), masks=masks, **mask_kw
+        )
         self._attach()
 
     @property
@@ -136,7 +155,21 @@ def static(
 
     The length of training is optional (a static mask has no schedule); ``seed`` draws random masks.
     """
-    return Static(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs, seed=seed,
-                  sparsity=sparsity, distribution=distribution, custom_sparsity=custom_sparsity, scheme=scheme,
-                  dense_layers=dense_layers, init=init, global_ranking=global_ranking, synflow_rounds=synflow_rounds,
-                  batches=batches, input_shape=input_shape)
+    return Static(
+        model,
+        optimizer,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        seed=seed,
+        sparsity=sparsity,
+        distribution=distribution,
+        custom_sparsity=custom_sparsity,
+        scheme=scheme,
+        dense_layers=dense_layers,
+        init=init,
+        global_ranking=global_ranking,
+        synflow_rounds=synflow_rounds,
+        batches=batches,
+        input_shape=input_shape,
+    )

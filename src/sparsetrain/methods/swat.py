@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..core.distributions import layer_densities
-from ..execution.activations import BitReLU, compact_pools, replace_activations
-from ..execution.backends.swat import SWAT_BUFFERS, convert, harden, swat_layers
+from ..core.lifecycle import MethodTraits
 from ..core.masks import LayerSparsity, select_parameters
 from ..core.sharding import local, sum_over_ranks
-from ..core.lifecycle import MethodTraits
+from ..execution.activations import BitReLU, compact_pools, replace_activations
+from ..execution.backends.swat import SWAT_BUFFERS, convert, harden, swat_layers
 from .base import Sparsifier, check_fraction, executes
 
 __all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES"]
@@ -36,9 +36,24 @@ class SWAT(Sparsifier):
     name = "swat"
     traits = MethodTraits(own_layers=True)
 
-    def __init__(self, model, optimizer, *, sparsity: float, variant: str, activation_sparsity: float | None,
-                 topk_period: int, structure: str, m_max_density: float, compact_relu: bool,
-                 compact_pool: bool, dense_layers: Iterable[str], total_steps, steps_per_epoch, epochs):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        sparsity: float,
+        variant: str,
+        activation_sparsity: float | None,
+        topk_period: int,
+        structure: str,
+        m_max_density: float,
+        compact_relu: bool,
+        compact_pool: bool,
+        dense_layers: Iterable[str],
+        total_steps,
+        steps_per_epoch,
+        epochs,
+    ):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
         check_fraction("sparsity", sparsity, low_open=True)
         if variant not in VARIANTS:
@@ -140,7 +155,9 @@ class SWAT(Sparsifier):
     def report(self) -> list[LayerSparsity]:
         if self.removed:
             return self._plain_report()
-        return [LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), m.kept_weights()) for n, m in self.layers.items()]
+        return [
+            LayerSparsity(n, tuple(m.weight.shape), m.weight.numel(), m.kept_weights()) for n, m in self.layers.items()
+        ]
 
     def model_state_keys(self) -> list[str]:
         return [f"{n.rsplit('.', 1)[0]}.{b}" if "." in n else b for n in self.layers for b in SWAT_BUFFERS]
@@ -183,10 +200,20 @@ class SWAT(Sparsifier):
 
 @executes
 def swat(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float, total_steps: int | None = None,
-    steps_per_epoch: int | None = None, epochs: int | None = None, variant: str = "u",
-    activation_sparsity: float | None = None, topk_period: int = 20, structure: str = "kernel",
-    m_max_density: float = 0.95, compact_relu: bool = True, compact_pool: bool = True,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sparsity: float,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+    variant: str = "u",
+    activation_sparsity: float | None = None,
+    topk_period: int = 20,
+    structure: str = "kernel",
+    m_max_density: float = 0.95,
+    compact_relu: bool = True,
+    compact_pool: bool = True,
     dense_layers: Iterable[str] = ("first",),
 ) -> SWAT:
     """SWAT: the forward pass uses each layer's top-K weights; backward uses them for the input
@@ -197,7 +224,19 @@ def swat(
     units of convolutions by L1 norm). Exact top-K every ``topk_period`` steps. ``compact_relu``
     makes ReLUs save one bit per element for backward, ``compact_pool`` 2x2 max-pools one byte per output. The classifier is sparse by default
     (``dense_layers=("first",)``), as in the paper. Layers are converted in place, parameters unchanged."""
-    return SWAT(model, optimizer, sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                epochs=epochs, variant=variant, activation_sparsity=activation_sparsity, topk_period=topk_period,
-                structure=structure, m_max_density=m_max_density, compact_relu=compact_relu,
-                compact_pool=compact_pool, dense_layers=dense_layers)
+    return SWAT(
+        model,
+        optimizer,
+        sparsity=sparsity,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        variant=variant,
+        activation_sparsity=activation_sparsity,
+        topk_period=topk_period,
+        structure=structure,
+        m_max_density=m_max_density,
+        compact_relu=compact_relu,
+        compact_pool=compact_pool,
+        dense_layers=dense_layers,
+    )

@@ -20,8 +20,15 @@ from .small import small_cnn, small_mlp
 from .vgg import vgg
 from .vit import vit
 
-__all__ = ["MODELS", "SEQUENCE_MODELS", "TRANSFORMER_MODELS", "build_model", "build_configured", "register_model",
-           "model_input_shape"]
+__all__ = [
+    "MODELS",
+    "SEQUENCE_MODELS",
+    "TRANSFORMER_MODELS",
+    "build_model",
+    "build_configured",
+    "register_model",
+    "model_input_shape",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda num_classes=10, width=1.0: cifar_resnet(20, num_classes, width),
@@ -47,7 +54,9 @@ TRANSFORMER_MODELS = {"gpt", "vit"}  # the models that take depth and heads
 _INPUT_SHAPES = {"resnet50": (3, 224, 224), "small_cnn": (1, 28, 28), "mlp": (1, 28, 28)}
 
 
-def register_model(name: str, factory: Callable[..., nn.Module], input_shape: tuple[int, int, int] = (3, 32, 32)) -> None:
+def register_model(
+    name: str, factory: Callable[..., nn.Module], input_shape: tuple[int, int, int] = (3, 32, 32)
+) -> None:
     """Make ``factory(num_classes=..., width=...)`` available under ``name`` (CLI and config)."""
     MODELS[name] = factory
     _INPUT_SHAPES[name] = input_shape

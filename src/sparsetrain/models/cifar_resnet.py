@@ -29,6 +29,7 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 input: three stages of 16/32/64 channels times ``width``."""
+
     def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0):
         super().__init__()
         if (depth - 2) % 6:
@@ -80,6 +81,7 @@ class WideBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """WRN-depth-k: pre-activation blocks, widths 16k/32k/64k."""
+
     def __init__(self, depth: int, k: float, num_classes: int = 10):
         super().__init__()
         if (depth - 4) % 6:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 class DenseLayer(nn.Module):
     """BN-ReLU-1x1 conv-BN-ReLU-3x3 conv, concatenated to its input."""
+
     def __init__(self, cin: int, growth: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
@@ -23,6 +24,7 @@ class DenseLayer(nn.Module):
 
 class Transition(nn.Module):
     """BN-ReLU-1x1 conv and 2x2 average pooling between dense blocks."""
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(cin)
@@ -35,6 +37,7 @@ class Transition(nn.Module):
 
 class DenseNet(nn.Module):
     """DenseNet-BC with a 3x3 stem for 32x32 input."""
+
     def __init__(self, blocks=(6, 12, 24, 16), growth: int = 32, reduction: float = 0.5, num_classes: int = 10):
         super().__init__()
         c = 2 * growth

@@ -59,13 +59,14 @@ class GPT(nn.Module):
         return self.head(self.ln_f(self.blocks(x)))
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``idx`` followed by ``new_tokens`` tokens sampled one at a time (the last ``context`` tokens as input)."""
         was = self.training
         self.eval()
         for _ in range(new_tokens):
-            logits = self(idx[:, -self.context:])[:, -1] / max(temperature, 1e-6)
+            logits = self(idx[:, -self.context :])[:, -1] / max(temperature, 1e-6)
             nxt = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         self.train(was)
@@ -83,6 +84,8 @@ def _channels(width: float, heads: int) -> int:
     if channels != int(channels) or int(channels) < heads or int(channels) % heads:
         step = heads / 128
         low, high = max(step, step * (channels // heads)), step * (channels // heads + 1)
-        raise ValueError(f"model width {width:g} gives {channels:g} channels, which {heads} heads do not divide; use "
-                         f"width {low:g} or {high:g} (multiples of heads/128 = {step:g})")
+        raise ValueError(
+            f"model width {width:g} gives {channels:g} channels, which {heads} heads do not divide; use "
+            f"width {low:g} or {high:g} (multiples of heads/128 = {step:g})"
+        )
     return int(channels)

@@ -9,6 +9,7 @@ _CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1
 
 class InvertedResidual(nn.Module):
     """Expand (1x1), depthwise 3x3, project (1x1); residual when shapes allow."""
+
     def __init__(self, cin: int, cout: int, expansion: int, stride: int):
         super().__init__()
         mid = cin * expansion
@@ -30,6 +31,7 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     """MobileNetV2 with CIFAR strides."""
+
     def __init__(self, num_classes: int = 10, width: float = 1.0):
         super().__init__()
         c = max(1, int(round(32 * width)))

@@ -8,6 +8,7 @@ from .cifar_resnet import BasicBlock, _w
 
 class Bottleneck(nn.Module):
     """1x1-3x3-1x1 residual block with 4x expansion."""
+
     expansion = 4
 
     def __init__(self, cin: int, mid: int, stride: int):
@@ -32,6 +33,7 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """The ResNet-18/50 family, with an ImageNet stem (7x7, max-pool) or a CIFAR stem (3x3)."""
+
     def __init__(self, block, counts, num_classes: int, width: float, imagenet_stem: bool):
         super().__init__()
         widths = [_w(64 * width * m) for m in (1, 2, 4, 8)]

@@ -10,6 +10,7 @@ _CONFIGS = {
 
 class VGG(nn.Module):
     """VGG-16/19 with BN for 32x32 input and a single linear classifier."""
+
     def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0):
         super().__init__()
         if depth not in _CONFIGS:

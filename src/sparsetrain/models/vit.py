@@ -19,8 +19,16 @@ __all__ = ["ViT", "vit"]
 class ViT(nn.Module):
     """Images ``[batch, channels, H, W]`` to class logits, through ``patch x patch`` patches."""
 
-    def __init__(self, num_classes: int = 10, image: int = 32, patch: int = 4, channels: int = 3, width: int = 128,
-                 depth: int = 6, heads: int = 4):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image: int = 32,
+        patch: int = 4,
+        channels: int = 3,
+        width: int = 128,
+        depth: int = 6,
+        heads: int = 4,
+    ):
         super().__init__()
         if image % patch:
             raise ValueError(f"image size {image} is not a multiple of the patch size {patch}")
@@ -36,7 +44,9 @@ class ViT(nn.Module):
         b, c, h, w = x.shape
         p = self.patch
         if h % p or w % p or (h // p) * (w // p) + 1 != self.pos.shape[1]:
-            raise ValueError(f"image of {h}x{w} does not give the {self.pos.shape[1] - 1} patches the model was built for")
+            raise ValueError(
+                f"image of {h}x{w} does not give the {self.pos.shape[1] - 1} patches the model was built for"
+            )
         patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, (h // p) * (w // p), c * p * p)
         z = torch.cat([self.cls.expand(b, -1, -1), self.embed(patches)], dim=1) + self.pos
         return self.head(self.ln_f(self.blocks(z))[:, 0])

@@ -25,6 +25,7 @@ __all__ = ["ForgettingTracker", "DataEfficiency", "KeptSampler", "WithIndices"]
 
 class ForgettingTracker:
     """Per-example forgetting statistics over the training set, and the one-time removal."""
+
     def __init__(self, num_examples: int, remove_epoch: int, remove_fraction: float, seed: int = 0):
         self.n = num_examples
         self.remove_epoch, self.remove_fraction, self.seed = remove_epoch, remove_fraction, seed
@@ -73,8 +74,14 @@ class ForgettingTracker:
 
     def state_dict(self) -> dict:
         """The statistics so far (for checkpoints)."""
-        return {"last_correct": self.last_correct, "forgets": self.forgets, "learned": self.learned,
-                "removed": self.removed, "seen": self._seen, "correct": self._correct}
+        return {
+            "last_correct": self.last_correct,
+            "forgets": self.forgets,
+            "learned": self.learned,
+            "removed": self.removed,
+            "seen": self._seen,
+            "correct": self._correct,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
@@ -125,8 +132,17 @@ class DataEfficiency:
     so epoch-based schedules (MEST's mutations) stay on epochs.
     """
 
-    def __init__(self, num_examples: int, *, remove_epoch: int = 3, remove_fraction: float = 0.2, seed: int = 0,
-                 sparsifier=None, batch_size: int | None = None, drop_last: bool = False):
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        remove_epoch: int = 3,
+        remove_fraction: float = 0.2,
+        seed: int = 0,
+        sparsifier=None,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+    ):
         if not isinstance(remove_epoch, int) or remove_epoch < 1:
             raise ValueError(f"remove_epoch must be a positive integer, got {remove_epoch!r}")
         if not 0 < remove_fraction < 1:

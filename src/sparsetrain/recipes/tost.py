@@ -44,8 +44,17 @@ from torch.func import functional_call
 from ..execution.activations import BitReLU, replace_activations
 from ..methods.base import Clock, Sparsifier, check_fraction
 
-__all__ = ["GhostSoftActivation", "GhostSkips", "ToST", "tost", "rescale_fan_in", "gradinit_scales", "find_conv_pairs",
-           "SOFT", "RESCALES"]
+__all__ = [
+    "GhostSoftActivation",
+    "GhostSkips",
+    "ToST",
+    "tost",
+    "rescale_fan_in",
+    "gradinit_scales",
+    "find_conv_pairs",
+    "SOFT",
+    "RESCALES",
+]
 
 SOFT = {"silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus}
 
@@ -102,8 +111,11 @@ class GhostSkips:
         self.flops_per_sample = 0.0
         pairs = find_conv_pairs(model)
         shapes: dict[int, tuple] = {}
-        probe = [c.register_forward_hook(lambda mod, args, out: shapes.__setitem__(id(mod), (args[0].shape, out.shape)))
-                 for pair in pairs for c in pair]
+        probe = [
+            c.register_forward_hook(lambda mod, args, out: shapes.__setitem__(id(mod), (args[0].shape, out.shape)))
+            for pair in pairs
+            for c in pair
+        ]
         was = model.training
         model.eval()
         with torch.no_grad():
@@ -116,7 +128,9 @@ class GhostSkips:
             stride = (in_shape[2] // out_shape[2], in_shape[3] // out_shape[3])
             if stride[0] < 1 or in_shape[2] != out_shape[2] * stride[0]:
                 continue
-            skip = nn.Sequential(nn.Conv2d(in_shape[1], out_shape[1], 1, stride, bias=False), nn.BatchNorm2d(out_shape[1])).to(device)
+            skip = nn.Sequential(
+                nn.Conv2d(in_shape[1], out_shape[1], 1, stride, bias=False), nn.BatchNorm2d(out_shape[1])
+            ).to(device)
             if channels_last:
                 skip.to(memory_format=torch.channels_last)
             self.skips.append(skip)
@@ -221,13 +235,32 @@ class ToST:
     name = "tost"
     manual_pre_step = False  # nothing runs before the update, so the switch changes nothing
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
-                 steps_per_epoch: int | None = None, epochs: int | None = None, sparsifier: Sparsifier | None = None,
-                 ghost_soft: bool = True, soft_activation: str = "silu", soft_hold: float = 0.1,
-                 soft_blend_end: float = 0.2, ghost_skip: bool = False, skip_end: float = 0.2,
-                 rescale_init: str = "none", gradinit_steps: int = 50, label_smoothing: float = 0.1,
-                 teacher: nn.Module | None = None, teacher_weight: float = 0.5, teacher_temperature: float = 4.0,
-                 batches=None, input_shape: tuple[int, ...] | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        epochs: int | None = None,
+        sparsifier: Sparsifier | None = None,
+        ghost_soft: bool = True,
+        soft_activation: str = "silu",
+        soft_hold: float = 0.1,
+        soft_blend_end: float = 0.2,
+        ghost_skip: bool = False,
+        skip_end: float = 0.2,
+        rescale_init: str = "none",
+        gradinit_steps: int = 50,
+        label_smoothing: float = 0.1,
+        teacher: nn.Module | None = None,
+        teacher_weight: float = 0.5,
+        teacher_temperature: float = 4.0,
+        batches=None,
+        input_shape: tuple[int, ...] | None = None,
+        channels_last: bool = False,
+    ):
+        # long: each switch of the recipe is checked and applied in the order training needs them
         self.model, self.optimizer, self.sparsifier = model, optimizer, sparsifier
         self.clock = Clock.make(total_steps, steps_per_epoch, epochs)
         if ghost_soft or ghost_skip:
@@ -236,7 +269,11 @@ class ToST:
             raise ValueError(f"unknown soft_activation {soft_activation!r}; allowed: {list(SOFT)}")
         if rescale_init not in RESCALES:
             raise ValueError(f"unknown rescale_init {rescale_init!r}; allowed: {list(RESCALES)}")
-        for name, v in (("soft_hold", soft_hold), ("soft_blend_end", soft_blend_end), ("teacher_weight", teacher_weight)):
+        for name, v in (
+            ("soft_hold", soft_hold),
+            ("soft_blend_end", soft_blend_end),
+            ("teacher_weight", teacher_weight),
+        ):
             if not 0 <= v <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         if not 0 < skip_end <= 1:
@@ -267,15 +304,20 @@ class ToST:
                 replace_activations(model, kind, lambda old: GhostSoftActivation(old, soft()))
             self.ghost_acts = [m for m in model.modules() if isinstance(m, GhostSoftActivation)]
             if not self.ghost_acts:
-                warnings.warn("ghost_soft found no ReLU to soften in this model (a GELU MLP, say): only the other "
-                              "components act", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    "ghost_soft found no ReLU to soften in this model (a GELU MLP, say): only the other components act",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         self.softened = len(self.ghost_acts)  # how many activations the ghost phase really replaced
         densities = sparsifier.weight_density() if sparsifier is not None else None
         if rescale_init == "fan_in":
             self.init_scales = rescale_fan_in(model, densities or {})
         elif rescale_init == "gradinit":
             if not batches:
-                raise ValueError("rescale_init 'gradinit' learns its scales on training data: pass batches=[(x, y), ...]")
+                raise ValueError(
+                    "rescale_init 'gradinit' learns its scales on training data: pass batches=[(x, y), ...]"
+                )
             masks = sparsifier.maskset.masks if sparsifier is not None and sparsifier.maskset is not None else None
             self.init_scales = gradinit_scales(model, batches, gradinit_steps, masks=masks, criterion=self.criterion)
             params = dict(model.named_parameters())
@@ -289,18 +331,32 @@ class ToST:
             device = next(model.parameters()).device
             self.skips = GhostSkips(model, tuple(input_shape), device, channels_last)
             if not len(self.skips.skips):
-                raise ValueError("ghost_skip found no pair of convolutions to bridge in this model "
-                                 "(conv1/conv2 of a block, or consecutive convolutions of a Sequential)")
-            self.skip_opt = torch.optim.SGD(self.skips.parameters(), lr=group["lr"], momentum=group.get("momentum", 0.9),
-                                            weight_decay=group.get("weight_decay", 0.0))
+                raise ValueError(
+                    "ghost_skip found no pair of convolutions to bridge in this model "
+                    "(conv1/conv2 of a block, or consecutive convolutions of a Sequential)"
+                )
+            self.skip_opt = torch.optim.SGD(
+                self.skips.parameters(),
+                lr=group["lr"],
+                momentum=group.get("momentum", 0.9),
+                weight_decay=group.get("weight_decay", 0.0),
+            )
         self.on_progress(0.0)
         self._hooks = [optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step())]
 
     def components(self) -> list[str]:
         """Names of the components switched on (for records)."""
-        return [n for n, on in (("ghost-soft", self.ghost_soft and self.softened > 0), ("ghost-skip", self.ghost_skip),
-                                ("rescale-init", self.rescale_init != "none"),
-                                ("label-smoothing", bool(self.label_smoothing)), ("teacher", self.teacher is not None)) if on]
+        return [
+            n
+            for n, on in (
+                ("ghost-soft", self.ghost_soft and self.softened > 0),
+                ("ghost-skip", self.ghost_skip),
+                ("rescale-init", self.rescale_init != "none"),
+                ("label-smoothing", bool(self.label_smoothing)),
+                ("teacher", self.teacher is not None),
+            )
+            if on
+        ]
 
     # ------------------------------------------------------------------ schedule
     def pre_step(self) -> None:
@@ -361,8 +417,9 @@ class ToST:
         return self.skips.flops_per_sample * samples if self.skips is not None else 0.0
 
     # ------------------------------------------------------------------ loss
-    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None,
-             criterion: nn.Module | None = None) -> torch.Tensor:
+    def loss(
+        self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None, criterion: nn.Module | None = None
+    ) -> torch.Tensor:
         """The recipe's training loss: ``criterion`` (default: cross-entropy with the recipe's label
         smoothing), blended with soft labels when a teacher is set (then ``x`` is needed)."""
         hard = (criterion or self.criterion)(out, y)
@@ -379,8 +436,12 @@ class ToST:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """Clock, which ghosts are gone, and the ghost skips' weights and optimizer."""
-        state: dict = {"method": self.name, "clock": self.clock.state_dict(), "soft_removed": not self.ghost_acts,
-                       "skips_removed": self.skips is None}
+        state: dict = {
+            "method": self.name,
+            "clock": self.clock.state_dict(),
+            "soft_removed": not self.ghost_acts,
+            "skips_removed": self.skips is None,
+        }
         if self.skips is not None:
             state["skips"] = self.skips.skips.state_dict()
             state["skip_opt"] = self.skip_opt.state_dict()
@@ -416,12 +477,27 @@ class ToST:
 
 
 def tost(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None,
-    steps_per_epoch: int | None = None, epochs: int | None = None, sparsifier: Sparsifier | None = None,
-    ghost_soft: bool = True, soft_activation: str = "silu", soft_hold: float = 0.1, soft_blend_end: float = 0.2,
-    ghost_skip: bool = False, skip_end: float = 0.2, rescale_init: str = "none", gradinit_steps: int = 50,
-    label_smoothing: float = 0.1, teacher: nn.Module | None = None, teacher_weight: float = 0.5,
-    teacher_temperature: float = 4.0, batches=None, input_shape: tuple[int, ...] | None = None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+    sparsifier: Sparsifier | None = None,
+    ghost_soft: bool = True,
+    soft_activation: str = "silu",
+    soft_hold: float = 0.1,
+    soft_blend_end: float = 0.2,
+    ghost_skip: bool = False,
+    skip_end: float = 0.2,
+    rescale_init: str = "none",
+    gradinit_steps: int = 50,
+    label_smoothing: float = 0.1,
+    teacher: nn.Module | None = None,
+    teacher_weight: float = 0.5,
+    teacher_temperature: float = 4.0,
+    batches=None,
+    input_shape: tuple[int, ...] | None = None,
     channels_last: bool = False,
 ) -> ToST:
     """The ToST recipe (Jaiswal et al., 2022) for any sparse mask: ghost soft neurons (``soft_activation``
@@ -430,9 +506,26 @@ def tost(
     ghost skips (``ghost_skip``, decayed away by ``skip_end``) and rescaled initialisation
     (``rescale_init``: ``fan_in`` or ``gradinit``, which needs ``batches``). Build it after the
     ``sparsifier`` whose mask it trains (its densities and masks feed the rescaling)."""
-    return ToST(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                sparsifier=sparsifier, ghost_soft=ghost_soft, soft_activation=soft_activation, soft_hold=soft_hold,
-                soft_blend_end=soft_blend_end, ghost_skip=ghost_skip, skip_end=skip_end, rescale_init=rescale_init,
-                gradinit_steps=gradinit_steps, label_smoothing=label_smoothing, teacher=teacher,
-                teacher_weight=teacher_weight, teacher_temperature=teacher_temperature, batches=batches,
-                input_shape=input_shape, channels_last=channels_last)
+    return ToST(
+        model,
+        optimizer,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        sparsifier=sparsifier,
+        ghost_soft=ghost_soft,
+        soft_activation=soft_activation,
+        soft_hold=soft_hold,
+        soft_blend_end=soft_blend_end,
+        ghost_skip=ghost_skip,
+        skip_end=skip_end,
+        rescale_init=rescale_init,
+        gradinit_steps=gradinit_steps,
+        label_smoothing=label_smoothing,
+        teacher=teacher,
+        teacher_weight=teacher_weight,
+        teacher_temperature=teacher_temperature,
+        batches=batches,
+        input_shape=input_shape,
+        channels_last=channels_last,
+    )

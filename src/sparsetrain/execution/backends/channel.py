@@ -22,17 +22,24 @@ def kept_channels(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     rows = mask.reshape(mask.shape[0], -1)
     kept, full = rows.any(1), rows.all(1)
     if not torch.equal(kept, full):
-        raise ValueError(f"{name}: the mask keeps part of {int((kept & ~full).sum())} output channel(s); the channel "
-                         "backend needs whole channels (sparsity.scheme=channel_out)")
+        raise ValueError(
+            f"{name}: the mask keeps part of {int((kept & ~full).sum())} output channel(s); the channel "
+            "backend needs whole channels (sparsity.scheme=channel_out)"
+        )
     return kept.nonzero().squeeze(1)
 
 
-def expand_channels(small: torch.Tensor, kept: torch.Tensor, width: int, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
+def expand_channels(
+    small: torch.Tensor, kept: torch.Tensor, width: int, bias: torch.Tensor | None, dim: int
+) -> torch.Tensor:
     """``small``'s channels placed at ``kept`` in a tensor ``width`` channels wide along ``dim``; the rest hold the bias."""
     shape = list(small.shape)
     shape[dim] = width
-    fmt = torch.channels_last if small.dim() == 4 and not small.is_contiguous() and small.is_contiguous(
-        memory_format=torch.channels_last) else torch.contiguous_format
+    fmt = (
+        torch.channels_last
+        if small.dim() == 4 and not small.is_contiguous() and small.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
     if bias is None:
         base = small.new_zeros(shape).contiguous(memory_format=fmt)
     else:
@@ -40,7 +47,6 @@ def expand_channels(small: torch.Tensor, kept: torch.Tensor, width: int, bias: t
         view[dim] = width
         base = bias.view(view).expand(shape).contiguous(memory_format=fmt)
     return base.index_copy(dim, kept, small)
-
 
 
 @register
@@ -57,20 +63,31 @@ class Channel(Backend):
     def scheme_reasons(self, scheme: str) -> list[str]:
         if scheme in self.schemes:
             return []
-        return [f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out (got {scheme!r})"]
+        return [
+            f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out (got {scheme!r})"
+        ]
 
     def prepare(self, mask: torch.Tensor, name: str, device: torch.device) -> None:
         kept_channels(mask, name)  # refuses masks that are not whole channels
 
     def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         kept = layer.structure("channel")
-        small = F.linear(x, layer.weight.index_select(0, kept), None if layer.bias is None else layer.bias.index_select(0, kept))
+        small = F.linear(
+            x, layer.weight.index_select(0, kept), None if layer.bias is None else layer.bias.index_select(0, kept)
+        )
         return expand_channels(small, kept, layer.out_features, layer.bias, small.dim() - 1)
 
     def run_conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         kept = layer.structure("channel")
-        small = F.conv2d(x, layer.weight.index_select(0, kept), None if layer.bias is None else layer.bias.index_select(0, kept),
-                         layer.stride, layer.padding, layer.dilation, layer.groups)
+        small = F.conv2d(
+            x,
+            layer.weight.index_select(0, kept),
+            None if layer.bias is None else layer.bias.index_select(0, kept),
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+        )
         if getattr(layer, "shrink_out", False):  # the next layers read the kept channels alone (channel_pairs.py)
             return small
         return expand_channels(small, kept, layer.out_channels, layer.bias, 1)

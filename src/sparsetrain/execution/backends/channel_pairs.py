@@ -36,8 +36,19 @@ from .layers import SparseConv2d
 __all__ = ["shrink_both_sides", "ChannelBatchNorm2d", "ChannelBlock"]
 
 # steps that act on each channel alone (or only flatten it), through which kept channels pass unchanged
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                 nn.Dropout, nn.Identity, nn.Flatten)
+_PASS_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Dropout,
+    nn.Identity,
+    nn.Flatten,
+)
 _PASS_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.flatten, F.dropout)
 _PASS_METHODS = ("relu", "flatten", "view", "reshape")
 
@@ -65,8 +76,9 @@ class ChannelBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        out = F.batch_norm(x, mean, var, *self.affine_for(x), self.training or not self.track_running_stats, momentum,
-                           self.eps)
+        out = F.batch_norm(
+            x, mean, var, *self.affine_for(x), self.training or not self.track_running_stats, momentum, self.eps
+        )
         if self.training and self.track_running_stats:  # the kept channels' statistics go back into the buffers
             self.running_mean.index_copy_(0, kept, mean)
             self.running_var.index_copy_(0, kept, var)
@@ -163,6 +175,7 @@ def shrink_both_sides(model: nn.Module, layers: dict[str, nn.Module]) -> list[tu
     whose output reaches one consumer through one BatchNorm and channel-wise steps hand over only its kept
     channels. Returns the chains made, as (producer, BatchNorm, consumer) module names; the others stay
     one-sided. Raises ValueError if the model cannot be traced."""
+
     class Tracer(torch.fx.Tracer):  # our swapped layers are leaves like the torch.nn ones they replace
         def is_leaf_module(self, m, qualname):
             return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
@@ -170,11 +183,16 @@ def shrink_both_sides(model: nn.Module, layers: dict[str, nn.Module]) -> list[tu
     try:
         graph = Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: no chains known
-        raise ValueError(f"channel pruning on both sides traces the model to find conv -> BatchNorm -> next layer chains, "
-                         f"and {type(model).__name__} cannot be traced ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(
+            f"channel pruning on both sides traces the model to find conv -> BatchNorm -> next layer chains, "
+            f"and {type(model).__name__} cannot be traced ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     modules = dict(model.named_modules())
-    producers = {n.rsplit(".", 1)[0] if "." in n else "": m for n, m in layers.items()
-                 if isinstance(m, SparseConv2d) and m.backend == "channel"}
+    producers = {
+        n.rsplit(".", 1)[0] if "." in n else "": m
+        for n, m in layers.items()
+        if isinstance(m, SparseConv2d) and m.backend == "channel"
+    }
     chains = []
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in producers or len(node.users) != 1:

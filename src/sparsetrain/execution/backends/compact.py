@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from ...core.sharding import Part, local, whole
 from .channel import kept_channels
+from .channel_pairs import ChannelBlock, InputChannelConv2d, _expand
 from .condensed import CondensedStructure, condensed_linear
 from .direct import DirectStructure, direct_conv2d
 from .layers import SparseConv2d, SparseLinear
 from .registry import direct_ok
-from .channel_pairs import ChannelBlock, InputChannelConv2d, _expand
 
 __all__ = ["CompactConv2d", "CompactLinear", "CompactChannelConv2d", "compact_layers", "is_compact"]
 
@@ -67,9 +67,11 @@ class _CompactStorage:
         old_index, numel = self.compact.flat_index, math.prod(self.compact.shape)
         part = Part.of(self.values)
         if part is not None and new.flat_index.numel() != old_index.numel():
-            raise ValueError(f"{self.mask_name}: under FSDP a compact layer keeps its number of weights, but this mask "
-                             f"change takes it from {old_index.numel()} to {new.flat_index.numel()} (MEST's soft bound "
-                             "grows first); train it with run.parallel=ddp or without sparsity.compact_state")
+            raise ValueError(
+                f"{self.mask_name}: under FSDP a compact layer keeps its number of weights, but this mask "
+                f"change takes it from {old_index.numel()} to {new.flat_index.numel()} (MEST's soft bound "
+                "grows first); train it with run.parallel=ddp or without sparsity.compact_state"
+            )
 
         def relay(v: torch.Tensor) -> torch.Tensor:
             v = whole(v)
@@ -97,7 +99,9 @@ class _CompactStorage:
         self.compact = new
 
     def _structure_for(self, mask: torch.Tensor):
-        return DirectStructure.from_mask(mask) if self.structure_kind == "direct" else CondensedStructure.from_mask(mask)
+        return (
+            DirectStructure.from_mask(mask) if self.structure_kind == "direct" else CondensedStructure.from_mask(mask)
+        )
 
     def _path(self, x: torch.Tensor) -> str:
         return self.backend  # fixed when the layer was compacted
@@ -146,7 +150,9 @@ class CompactChannelConv2d(_CompactStorage, InputChannelConv2d):
         """The block ``layer`` stores for ``mask`` (default: its current one)."""
         mask = layer.maskset.masks[layer.mask_name] if mask is None else mask
         source = getattr(layer, "source", None)
-        cols = source.structure("channel") if source is not None else torch.arange(layer.in_channels, device=mask.device)
+        cols = (
+            source.structure("channel") if source is not None else torch.arange(layer.in_channels, device=mask.device)
+        )
         return ChannelBlock.make(tuple(mask.shape), kept_channels(mask, layer.mask_name).to(cols.device), cols)
 
     def _structure_for(self, mask):

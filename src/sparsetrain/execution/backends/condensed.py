@@ -59,7 +59,6 @@ class CondensedStructure:
         return dense_from_values(values, self.flat_index, self.shape)
 
 
-
 class _CondensedLinearFn(torch.autograd.Function):
     """Linear over the kept weights given as ``values`` (in the structure's row order); their gradient comes back
     in the same compact form, so a layer may store nothing else."""
@@ -68,8 +67,9 @@ class _CondensedLinearFn(torch.autograd.Function):
     def forward(ctx, x, values, bias, structure: CondensedStructure):
         x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
         values = values.detach().contiguous()
-        out = native.condensed_forward(x2, values, None if bias is None else bias.detach().contiguous(), structure.rows,
-                                       structure.shape[0])
+        out = native.condensed_forward(
+            x2, values, None if bias is None else bias.detach().contiguous(), structure.rows, structure.shape[0]
+        )
         ctx.save_for_backward(x, values)
         ctx.structure, ctx.has_bias = structure, bias is not None
         return out.reshape(*x.shape[:-1], -1)
@@ -80,8 +80,14 @@ class _CondensedLinearFn(torch.autograd.Function):
         x, values = ctx.saved_tensors
         s = ctx.structure
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-        gx, gv = native.condensed_backward(x.reshape(-1, x.shape[-1]).contiguous(), g2, values, s.rows,
-                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        gx, gv = native.condensed_backward(
+            x.reshape(-1, x.shape[-1]).contiguous(),
+            g2,
+            values,
+            s.rows,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+        )
         gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return None if gx is None else gx.reshape(x.shape), gv, gb, None
 
@@ -99,7 +105,9 @@ class Condensed(Backend):
     """The condensed Linear kernels; convolutions under it take the direct kernels."""
 
     name = "condensed"
-    summary = "C kernels over the kept weights of Linear layers, rows of kept inputs (float32, CPU); convolutions direct"
+    summary = (
+        "C kernels over the kept weights of Linear layers, rows of kept inputs (float32, CPU); convolutions direct"
+    )
     compact = True
     conv_backend = "direct"
 

@@ -60,12 +60,13 @@ class CSRStructure:
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
         """The transposed sparse weight as a CSR matrix (for the input gradient)."""
-        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1], check_invariants=False)
+        return torch.sparse_csr_tensor(
+            self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1], check_invariants=False
+        )
 
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere."""
         return dense_from_values(values, self.flat_index, like.shape)
-
 
 
 def _sampled(structure: CSRStructure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,6 @@ def csr_linear(x, weight, bias, structure: CSRStructure):
     return _CSRLinearFn.apply(x, weight, bias, structure)
 
 
-
 class _CSRConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, structure: CSRStructure, stride, padding, dilation):
@@ -143,7 +143,6 @@ class _CSRConv2dFn(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3))
         return gx, gw, gb, None, None, None, None
-
 
 
 def _unfold(x, kernel, dilation, padding, stride) -> torch.Tensor:

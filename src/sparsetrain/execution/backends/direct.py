@@ -24,8 +24,16 @@ from .. import native
 from .csr import conv_out_size, csr_conv2d, csr_linear
 from .registry import Backend, direct_ok, register
 
-__all__ = ["Direct", "DirectStructure", "channels_last", "direct_plan", "direct_geometry", "direct_forward", "direct_input_grad",
-           "direct_conv2d"]
+__all__ = [
+    "Direct",
+    "DirectStructure",
+    "channels_last",
+    "direct_plan",
+    "direct_geometry",
+    "direct_forward",
+    "direct_input_grad",
+    "direct_conv2d",
+]
 
 
 @dataclass
@@ -59,8 +67,13 @@ class DirectStructure:
         ci_ptr[1:] = torch.bincount(ci, minlength=cin).cumsum(0)
         np_ = lambda t, dt: np.ascontiguousarray(t.numpy().astype(dt))  # noqa: E731
         by_out = (np_(co_ptr, np.int64), np_(ci, np.int32), np_(h, np.int16), np_(w, np.int16))
-        by_in = (np_(ci_ptr, np.int64), np_(co[order], np.int32), np_(h[order], np.int16), np_(w[order], np.int16),
-                 np_(order, np.int32))
+        by_in = (
+            np_(ci_ptr, np.int64),
+            np_(co[order], np.int32),
+            np_(h[order], np.int16),
+            np_(w[order], np.int16),
+            np_(order, np.int32),
+        )
         return cls(tuple(mask4d.shape), idx.to(torch.int32), by_out, by_in)
 
     def by_in_flipped(self) -> tuple:
@@ -69,8 +82,13 @@ class DirectStructure:
         if self._flipped is None:
             ptr, co, kh, kw, vidx = self.by_in
             kh_n, kw_n = self.shape[2:]
-            self._flipped = (ptr, co, (kh_n - 1 - kh).astype(np.int16), (kw_n - 1 - kw).astype(np.int16),
-                             torch.from_numpy(vidx))
+            self._flipped = (
+                ptr,
+                co,
+                (kh_n - 1 - kh).astype(np.int16),
+                (kw_n - 1 - kw).astype(np.int16),
+                torch.from_numpy(vidx),
+            )
         return self._flipped
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
@@ -115,11 +133,11 @@ def _padded(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     xp = buf[:size].view(n, c, hp, wp)
     if ph:
         xp[:, :, :ph].zero_()
-        xp[:, :, hp - ph:].zero_()
+        xp[:, :, hp - ph :].zero_()
     if pw:
         xp[:, :, :, :pw].zero_()
-        xp[:, :, :, wp - pw:].zero_()
-    xp[:, :, ph:ph + h, pw:pw + w].copy_(x)
+        xp[:, :, :, wp - pw :].zero_()
+    xp[:, :, ph : ph + h, pw : pw + w].copy_(x)
     return xp
 
 
@@ -146,8 +164,11 @@ def channels_last(x: torch.Tensor) -> bool:
     """Whether a 4-D tensor is laid out channels-last. A tensor that is both that and plainly contiguous (one
     channel, or a 1 x 1 map) counts by its strides, as PyTorch reads a weight made channels-last: the channel's
     stride below the row's."""
-    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            and (not x.is_contiguous() or x.stride(1) < x.stride(2)))
+    return (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and (not x.is_contiguous() or x.stride(1) < x.stride(2))
+    )
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -156,8 +177,15 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
-def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, structure: DirectStructure,
-                   geom: np.ndarray, plan: tuple[bool, bool, bool], nhwc: bool | None = None) -> torch.Tensor:
+def direct_forward(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    structure: DirectStructure,
+    geom: np.ndarray,
+    plan: tuple[bool, bool, bool],
+    nhwc: bool | None = None,
+) -> torch.Tensor:
     """The convolution over the kept weights (``values`` in the structure's order), out in ``x``'s layout (NCHW
     or channels-last; ``nhwc`` decides for an input that is both, as a one-channel image is)."""
     bi, tiled, _ = plan
@@ -173,20 +201,28 @@ def direct_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | N
         _release_padded()
         native.tiled_conv(F.pad(x.detach().contiguous(), (pw, pw, ph, ph)), values, bias, structure.by_out, out)
     else:
-        native.sparse_conv_forward(geom, _kernel_layout(x.detach(), bi), values, bias, structure.by_out, out,
-                                   batch_inner=bi)
+        native.sparse_conv_forward(
+            geom, _kernel_layout(x.detach(), bi), values, bias, structure.by_out, out, batch_inner=bi
+        )
     return out.permute(3, 0, 1, 2) if bi else out
 
 
-def direct_input_grad(grad_out: torch.Tensor, values: torch.Tensor, structure: DirectStructure, geom: np.ndarray,
-                      plan: tuple[bool, bool, bool], nhwc: bool = False) -> torch.Tensor:
+def direct_input_grad(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    structure: DirectStructure,
+    geom: np.ndarray,
+    plan: tuple[bool, bool, bool],
+    nhwc: bool = False,
+) -> torch.Tensor:
     """The input gradient of :func:`direct_forward`, NCHW (``nhwc``: channels-last, as the input was)."""
     bi, _, tiled_in = plan
     n, cin, h, w = (int(v) for v in geom[:4])
     if nhwc:
         gx = torch.empty((n, h, w, cin), dtype=grad_out.dtype)
-        native.nhwc_conv_input_grad(geom, structure.shape[2:], _nhwc(grad_out), values, structure.by_in,
-                                    structure.by_in_flipped(), gx)
+        native.nhwc_conv_input_grad(
+            geom, structure.shape[2:], _nhwc(grad_out), values, structure.by_in, structure.by_in_flipped(), gx
+        )
         return gx.permute(0, 3, 1, 2)
     g = _kernel_layout(grad_out, bi)
     gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
@@ -194,7 +230,9 @@ def direct_input_grad(grad_out: torch.Tensor, values: torch.Tensor, structure: D
         kh, kw = structure.shape[2:]
         ph, pw = int(geom[9]), int(geom[10])
         ptr, co, fkh, fkw, vidx = structure.by_in_flipped()
-        native.tiled_conv(_padded(g, kh - 1 - ph, kw - 1 - pw), values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+        native.tiled_conv(
+            _padded(g, kh - 1 - ph, kw - 1 - pw), values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx
+        )
     else:
         native.sparse_conv_backward_input(geom, g, values, structure.by_in, gx, batch_inner=bi)
     return gx.permute(3, 0, 1, 2) if bi else gx
@@ -210,8 +248,9 @@ class _DirectConv2dFn(torch.autograd.Function):
         plan = direct_plan(geom, structure.shape[2:])
         values = values.detach().contiguous()
         nhwc = channels_last(x) or (channels_last_model and x.is_contiguous(memory_format=torch.channels_last))
-        out = direct_forward(x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan,
-                             nhwc)
+        out = direct_forward(
+            x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan, nhwc
+        )
         # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
         ctx.save_for_backward(x, values)
         ctx.conf = (structure, geom, bias is not None, plan, nhwc)
@@ -231,11 +270,11 @@ class _DirectConv2dFn(torch.autograd.Function):
                 gv = native.nhwc_conv_weight_grad(geom, _nhwc(x), _nhwc(grad_out), s.by_out, values.numel())
             elif tiled:
                 ph, pw = int(geom[9]), int(geom[10])
-                gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad_out.contiguous(),
-                                                   s.by_out, values.numel())
+                gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad_out.contiguous(), s.by_out, values.numel())
             else:
-                gv = native.sparse_conv_backward_weight(geom, _kernel_layout(x, bi), _kernel_layout(grad_out, bi),
-                                                        s.by_out, values.numel(), batch_inner=bi)
+                gv = native.sparse_conv_backward_weight(
+                    geom, _kernel_layout(x, bi), _kernel_layout(grad_out, bi), s.by_out, values.numel(), batch_inner=bi
+                )
         if has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3))
         return gx, gv, gb, None, None, None, None, None
@@ -252,13 +291,14 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     return _DirectConv2dFn.apply(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation), model_cl)
 
 
-
 @register
 class Direct(Backend):
     """The direct sparse-convolution kernels; Linear layers on CSR products."""
 
     name = "direct"
-    summary = "C kernels over the kept weights of convolutions (float32, CPU, NCHW or channels-last); Linear layers on CSR"
+    summary = (
+        "C kernels over the kept weights of convolutions (float32, CPU, NCHW or channels-last); Linear layers on CSR"
+    )
     compact = True
     own_layers = True  # SWAT's convolutions on the kernels, over the top-K weights
 
@@ -270,6 +310,7 @@ class Direct(Backend):
 
     def run_conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if direct_ok(x, layer.weight):
-            return direct_conv2d(x, layer.weight, layer.bias, layer.structure("direct"), layer.stride, layer.padding,
-                                 layer.dilation)
+            return direct_conv2d(
+                x, layer.weight, layer.bias, layer.structure("direct"), layer.stride, layer.padding, layer.dilation
+            )
         return csr_conv2d(x, layer.weight, layer.bias, layer.structure(), layer.stride, layer.padding, layer.dilation)

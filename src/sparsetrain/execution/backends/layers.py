@@ -22,8 +22,11 @@ from .registry import BACKENDS, direct_ok, get_backend
 
 __all__ = ["SparseLinear", "SparseConv2d", "apply_backend"]
 
-_STRUCTURES = {"direct": DirectStructure.from_mask, "condensed": CondensedStructure.from_mask,
-               "csr": lambda mask: CSRStructure.from_mask(mask.reshape(mask.shape[0], -1))}
+_STRUCTURES = {
+    "direct": DirectStructure.from_mask,
+    "condensed": CondensedStructure.from_mask,
+    "csr": lambda mask: CSRStructure.from_mask(mask.reshape(mask.shape[0], -1)),
+}
 
 
 class _SparseExec:
@@ -98,8 +101,9 @@ class _SparseExec:
         if self.training and out.requires_grad and self.maskset.capture_dense_grad and BACKENDS[self.ran].swaps_layers:
             # the sparse paths compute the kept weights' gradient only; a step whose update grows by the dense
             # gradient (RigL's) computes the full one as well, with one dense product, kept until it is read
-            out.register_hook(lambda g, x=x.detach(): self.maskset.captured.__setitem__(
-                self.mask_name, self._dense_weight_grad(x, g)))
+            out.register_hook(
+                lambda g, x=x.detach(): self.maskset.captured.__setitem__(self.mask_name, self._dense_weight_grad(x, g))
+            )
         return out
 
     def _path(self, x: torch.Tensor) -> str:

@@ -12,8 +12,21 @@ from .layers import _SparseExec
 
 __all__ = ["restore_plain"]
 
-_EXEC_ATTRS = ("maskset", "mask_name", "backend", "ran", "_structures", "_version_seen", "rebuilds", "timings",
-               "step_timings", "compact", "source", "shrink_out", "producer")
+_EXEC_ATTRS = (
+    "maskset",
+    "mask_name",
+    "backend",
+    "ran",
+    "_structures",
+    "_version_seen",
+    "rebuilds",
+    "timings",
+    "step_timings",
+    "compact",
+    "source",
+    "shrink_out",
+    "producer",
+)
 
 
 @torch.no_grad()

@@ -20,8 +20,17 @@ import torch.nn.functional as F
 from ...core.lifecycle import MethodTraits
 from .. import native
 
-__all__ = ["Backend", "BACKENDS", "ExecutionRequest", "register", "get_backend", "not_supported_reasons",
-           "check_execution", "sharding_reasons", "direct_ok"]
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "ExecutionRequest",
+    "register",
+    "get_backend",
+    "not_supported_reasons",
+    "check_execution",
+    "sharding_reasons",
+    "direct_ok",
+]
 
 BACKENDS: dict[str, "Backend"] = {}  # name -> backend, in registration order (the order messages list them in)
 
@@ -112,23 +121,31 @@ def not_supported_reasons(backend: "str | Backend", req: ExecutionRequest) -> li
     b, t, m = get_backend(backend), req.traits, req.method
     reasons = []
     if b.swaps_layers and not t.masks:
-        reasons.append(f"backend {b.name!r} runs masked layers sparse; method {m!r} has no masks "
-                       "(use static, lottery, set, rigl, mest or swat)")
+        reasons.append(
+            f"backend {b.name!r} runs masked layers sparse; method {m!r} has no masks "
+            "(use static, lottery, set, rigl, mest or swat)"
+        )
     if t.own_layers and not b.own_layers:
-        reasons.append(f"method {m!r} runs under backend {_names(lambda o: o.own_layers)} (its convolutions on the "
-                       f"direct kernels), got {b.name!r}")
+        reasons.append(
+            f"method {m!r} runs under backend {_names(lambda o: o.own_layers)} (its convolutions on the "
+            f"direct kernels), got {b.name!r}"
+        )
     compact_ok = (b.compact and t.compactable) or (b.compact_fixed_masks and t.fixed_mask)
     if req.compact_state and not compact_ok:
-        reasons.append(f"compact_state stores only kept weights under backend {_names(lambda o: o.compact)} (the "
-                       f"layers it puts on those) for methods static, set, rigl and mest (RigL's layers compute "
-                       f"their full weight gradient on its update steps only), or under "
-                       f"{_names(lambda o: o.compact_fixed_masks)} for static masks; got backend {b.name!r}, method {m!r}")
+        reasons.append(
+            f"compact_state stores only kept weights under backend {_names(lambda o: o.compact)} (the "
+            f"layers it puts on those) for methods static, set, rigl and mest (RigL's layers compute "
+            f"their full weight gradient on its update steps only), or under "
+            f"{_names(lambda o: o.compact_fixed_masks)} for static masks; got backend {b.name!r}, method {m!r}"
+        )
     if t.masks and not t.own_layers:
         reasons += b.scheme_reasons(req.scheme)
     if req.channel_both_sides and not (b.both_sides and t.fixed_mask):
-        reasons.append(f"channel_both_sides removes a filter's BatchNorm channel and the next layer's inputs for good: "
-                       f"it needs backend {_names(lambda o: o.both_sides)} and a static mask (static or lottery); got "
-                       f"backend {b.name!r}, method {m!r}")
+        reasons.append(
+            f"channel_both_sides removes a filter's BatchNorm channel and the next layer's inputs for good: "
+            f"it needs backend {_names(lambda o: o.both_sides)} and a static mask (static or lottery); got "
+            f"backend {b.name!r}, method {m!r}"
+        )
     return reasons
 
 
@@ -146,10 +163,14 @@ def sharding_reasons(backend: "str | Backend", compact_state: bool) -> list[str]
     b = get_backend(backend)
     reasons = []
     if b.swaps_layers and not compact_state:
-        reasons.append(f"sparsity.backend={b.name!r} reads whole masks in its layers, but a sharded rank holds "
-                       "only its rows of them; use sparsity.backend=masked, or compact_state=true, whose layers "
-                       "shard their kept weights")
+        reasons.append(
+            f"sparsity.backend={b.name!r} reads whole masks in its layers, but a sharded rank holds "
+            "only its rows of them; use sparsity.backend=masked, or compact_state=true, whose layers "
+            "shard their kept weights"
+        )
     if not b.shardable:
-        reasons.append(f"backend {b.name!r} traces chains of whole layers (and re-expands whole outputs); it is not "
-                       "sharded; use run.parallel=ddp")
+        reasons.append(
+            f"backend {b.name!r} traces chains of whole layers (and re-expands whole outputs); it is not "
+            "sharded; use run.parallel=ddp"
+        )
     return reasons

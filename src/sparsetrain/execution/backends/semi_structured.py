@@ -20,10 +20,14 @@ __all__ = ["SemiStructured", "check_two_four", "semi_structured_available"]
 def check_two_four(mask: torch.Tensor, name: str = "mask") -> None:
     """Refuse a mask that keeps more than 2 of any 4 consecutive weights along the input dimension."""
     if mask.shape[-1] % 4:
-        raise ValueError(f"{name}: 2:4 sparsity needs the input dimension to be a multiple of 4, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name}: 2:4 sparsity needs the input dimension to be a multiple of 4, got {tuple(mask.shape)}"
+        )
     worst = int(mask.reshape(-1, 4).sum(1).max()) if mask.numel() else 0
     if worst > 2:
-        raise ValueError(f"{name}: not 2:4 sparse (a group of 4 input weights keeps {worst}); use sparsity.scheme=nm_2:4")
+        raise ValueError(
+            f"{name}: not 2:4 sparse (a group of 4 input weights keeps {worst}); use sparsity.scheme=nm_2:4"
+        )
 
 
 def semi_structured_available(device: torch.device | str | None = None) -> str | None:
@@ -74,7 +78,11 @@ class SemiStructured(Backend):
         return [f"backend 'semi_structured' runs 2:4 masks; set sparsity.scheme=nm_2:4 (got {scheme!r})"]
 
     def prepare(self, mask: torch.Tensor, name: str, device: torch.device) -> None:
-        why = semi_structured_available(device) if device.type == "cuda" else f"the model is on {device.type}, not a CUDA GPU"
+        why = (
+            semi_structured_available(device)
+            if device.type == "cuda"
+            else f"the model is on {device.type}, not a CUDA GPU"
+        )
         if why:
             raise ValueError(f"backend 'semi_structured' cannot run here: {why}")
         if mask.dim() == 2:

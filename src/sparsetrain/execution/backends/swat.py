@@ -52,13 +52,28 @@ from torch.autograd.function import once_differentiable
 from ...core.schemes import parse_scheme
 from ...core.sharding import Part, local, sum_over_ranks, whole
 from .. import native
-from ..bits import numpy_ok, flat_view, pack_bits, unflat, unpack_bits
+from ..bits import flat_view, numpy_ok, pack_bits, unflat, unpack_bits
 from .direct import DirectStructure, channels_last, direct_forward, direct_geometry, direct_input_grad, direct_plan
 from .registry import BACKENDS
 
-__all__ = ["COMPRESSED_WGRAD_MAX_DENSITY", "DIRECT_MAX_DENSITY", "swat_backends", "swat_backend", "SWATConv2d",
-           "SWATLinear", "convert", "revert", "harden", "swat_layers", "SWAT_BUFFERS", "swat_conv2d", "swat_linear",
-           "topk_threshold", "threshold_and_share"]
+__all__ = [
+    "COMPRESSED_WGRAD_MAX_DENSITY",
+    "DIRECT_MAX_DENSITY",
+    "swat_backends",
+    "swat_backend",
+    "SWATConv2d",
+    "SWATLinear",
+    "convert",
+    "revert",
+    "harden",
+    "swat_layers",
+    "SWAT_BUFFERS",
+    "swat_conv2d",
+    "swat_linear",
+    "topk_threshold",
+    "threshold_and_share",
+]
+
 
 def topk_threshold(t: torch.Tensor, density: float) -> torch.Tensor:
     """The magnitude of the k-th largest entry, k = ceil(density * numel): |t| >= it keeps the top K."""
@@ -110,7 +125,9 @@ def _decompress(packed: torch.Tensor, values: torch.Tensor, shape, channels_last
         out[keep.numpy()] = values.numpy()
         flat = torch.from_numpy(out)
     else:
-        flat = torch.zeros(numel, dtype=values.dtype, device=values.device).masked_scatter_(keep.to(values.device), values)
+        flat = torch.zeros(numel, dtype=values.dtype, device=values.device).masked_scatter_(
+            keep.to(values.device), values
+        )
     return unflat(flat, shape, channels_last)
 
 
@@ -148,8 +165,12 @@ def _wgrad_pays(cout: int, stride) -> bool:
 def _compressed_wgrad(values: torch.Tensor, numel: int, grad_out: torch.Tensor, cout: int, stride=1) -> bool:
     """Whether dW comes straight from the compressed input: the kernel applies, pays on this shape, and few
     enough inputs were kept."""
-    return (grad_out.dtype == torch.float32 and native.available(values) and _wgrad_pays(cout, stride)
-            and values.numel() <= COMPRESSED_WGRAD_MAX_DENSITY * numel)
+    return (
+        grad_out.dtype == torch.float32
+        and native.available(values)
+        and _wgrad_pays(cout, stride)
+        and values.numel() <= COMPRESSED_WGRAD_MAX_DENSITY * numel
+    )
 
 
 def _weights(weight, w_mask, w_thresh):
@@ -179,21 +200,51 @@ class _SWATConv2dFn(torch.autograd.Function):
         shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
         need = ctx.needs_input_grad
         nhwc_order = cl or shape[1] == 1 or shape[2] * shape[3] == 1  # the saved bits run pixel by pixel
-        if need[1] and groups == 1 and nhwc_order and _compressed_wgrad(values, math.prod(shape), grad_out,
-                                                                          weight.shape[0], stride):
+        if (
+            need[1]
+            and groups == 1
+            and nhwc_order
+            and _compressed_wgrad(values, math.prod(shape), grad_out, weight.shape[0], stride)
+        ):
             # the input gradient (and bias) from the dense product; dW from the kept inputs alone
             w_s = _weights(weight, w_mask, w_thresh)
             gx, _, gb = torch.ops.aten.convolution_backward(
-                grad_out, grad_out.new_empty(1).expand(shape), w_s, [weight.shape[0]] if has_bias else None,
-                _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1, [need[0], False, has_bias and need[2]])
+                grad_out,
+                grad_out.new_empty(1).expand(shape),
+                w_s,
+                [weight.shape[0]] if has_bias else None,
+                _pair(stride),
+                _pair(padding),
+                _pair(dilation),
+                False,
+                [0, 0],
+                1,
+                [need[0], False, has_bias and need[2]],
+            )
             n, c, h, w = shape
-            gwt = native.compressed_weight_grad(packed, values, (n, h, w, c), grad_out.permute(0, 2, 3, 1).contiguous(),
-                                                tuple(weight.shape[2:]), _pair(stride), _pair(padding), _pair(dilation))
+            gwt = native.compressed_weight_grad(
+                packed,
+                values,
+                (n, h, w, c),
+                grad_out.permute(0, 2, 3, 1).contiguous(),
+                tuple(weight.shape[2:]),
+                _pair(stride),
+                _pair(padding),
+                _pair(dilation),
+            )
             return gx, gwt.permute(3, 0, 1, 2), gb, None, None, None, None, None, None, None
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad_out, _decompress(packed, values, shape, cl), _weights(weight, w_mask, w_thresh),
-            [weight.shape[0]] if has_bias else None, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0],
-            groups, [need[0], need[1], has_bias and need[2]],
+            grad_out,
+            _decompress(packed, values, shape, cl),
+            _weights(weight, w_mask, w_thresh),
+            [weight.shape[0]] if has_bias else None,
+            _pair(stride),
+            _pair(padding),
+            _pair(dilation),
+            False,
+            [0, 0],
+            groups,
+            [need[0], need[1], has_bias and need[2]],
         )
         return gx, gw, gb, None, None, None, None, None, None, None
 
@@ -218,8 +269,13 @@ class _SWATLinearFn(torch.autograd.Function):
             gx = (g2 @ _weights(weight, w_mask, w_thresh)).view(shape)
         if ctx.needs_input_grad[1] and _compressed_wgrad(values, math.prod(shape), g2, g2.shape[1]):
             tokens = g2.shape[0]
-            gw = native.compressed_weight_grad(packed, values, (tokens, 1, 1, shape[-1]),
-                                               g2.contiguous().view(tokens, 1, 1, -1), (1, 1)).view(shape[-1], -1).t()
+            gw = (
+                native.compressed_weight_grad(
+                    packed, values, (tokens, 1, 1, shape[-1]), g2.contiguous().view(tokens, 1, 1, -1), (1, 1)
+                )
+                .view(shape[-1], -1)
+                .t()
+            )
         elif ctx.needs_input_grad[1]:
             gw = g2.t() @ _decompress(packed, values, shape, cl).reshape(-1, shape[-1])
         if has_bias and ctx.needs_input_grad[2]:
@@ -256,13 +312,22 @@ class _SWATDirectConv2dFn(torch.autograd.Function):
         if need[1]:
             n, c, h, w = shape
             if _compressed_wgrad(values, math.prod(shape), grad_out, s.shape[0], stride):
-                gwt = native.compressed_weight_grad(packed, values, (n, h, w, c), grad_out.permute(0, 2, 3, 1).contiguous(),
-                                                    s.shape[2:], _pair(stride), _pair(padding), _pair(dilation),
-                                                    channels_first=not cl)
+                gwt = native.compressed_weight_grad(
+                    packed,
+                    values,
+                    (n, h, w, c),
+                    grad_out.permute(0, 2, 3, 1).contiguous(),
+                    s.shape[2:],
+                    _pair(stride),
+                    _pair(padding),
+                    _pair(dilation),
+                    channels_first=not cl,
+                )
                 gw = gwt.permute(3, 0, 1, 2)
             else:
-                gw = torch.nn.grad.conv2d_weight(_decompress(packed, values, shape, cl), s.shape, grad_out,
-                                                 stride, padding, dilation)
+                gw = torch.nn.grad.conv2d_weight(
+                    _decompress(packed, values, shape, cl), s.shape, grad_out, stride, padding, dilation
+                )
         if has_bias and need[2]:
             gb = grad_out.sum((0, 2, 3))
         return gx, gw, gb, None, None, None, None, None
@@ -288,6 +353,7 @@ def swat_backends() -> tuple[str, ...]:
     """The backends SWAT's layers run under (those that declare ``own_layers``)."""
     return tuple(n for n, b in BACKENDS.items() if b.own_layers)
 
+
 # Above this share of kept weights a layer keeps the dense products on W_s: the direct kernels' advantage is the
 # FLOPs they skip (at 10% they take 0.37-0.71 of a dense channels-last step on VGG-16's shapes, one core).
 DIRECT_MAX_DENSITY = 0.25
@@ -302,7 +368,9 @@ class _SWATMixin:
     def _init_swat(self, density: float, act_density: float, period: int, structure: str | None):
         self.density, self.act_density, self.period, self.structure = density, act_density, period, structure
         w = local(self.weight)  # buffers are whole on every rank, also when the weight is sharded
-        self.register_buffer("w_mask", torch.ones(self.weight.shape, dtype=torch.bool, device=w.device))  # structured: kept units
+        self.register_buffer(
+            "w_mask", torch.ones(self.weight.shape, dtype=torch.bool, device=w.device)
+        )  # structured: kept units
         self.register_buffer("w_thresh", torch.zeros((), dtype=w.dtype, device=w.device))
         self.register_buffer("a_thresh", torch.zeros((), dtype=w.dtype, device=w.device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=w.device))
@@ -346,7 +414,10 @@ class _SWATMixin:
         return self.kept_weights() / self.weight.numel()
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", swat(density={self.density:.3f}, act_density={self.act_density:.3f}, period={self.period})"
+        return (
+            super().extra_repr()
+            + f", swat(density={self.density:.3f}, act_density={self.act_density:.3f}, period={self.period})"
+        )
 
 
 class SWATConv2d(_SWATMixin, nn.Conv2d):
@@ -364,9 +435,18 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
     def runs_direct(self, x: torch.Tensor) -> bool:
         """Whether this pass takes the direct kernels: asked for, unstructured, at most :data:`DIRECT_MAX_DENSITY`
         of the weights kept, and an NCHW or channels-last float32 input on the CPU with the kernels built."""
-        return (self.backend != "masked" and not self.structure and self.groups == 1 and self.density <= DIRECT_MAX_DENSITY
-                and x.dim() == 4 and (x.is_contiguous() or channels_last(x)) and x.dtype == self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and native.available() and not isinstance(self.padding, str))
+        return (
+            self.backend != "masked"
+            and not self.structure
+            and self.groups == 1
+            and self.density <= DIRECT_MAX_DENSITY
+            and x.dim() == 4
+            and (x.is_contiguous() or channels_last(x))
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.device.type == "cpu"
+            and native.available()
+            and not isinstance(self.padding, str)
+        )
 
     def forward(self, x):
         self._maybe_refresh(x)
@@ -376,18 +456,38 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
         if self.training:
             self.ran = "direct" if direct else "masked"
         if direct:
-            return _SWATDirectConv2dFn.apply(x, self.weight, self.bias, self.w_thresh, self.a_thresh, _pair(self.stride),
-                                             _pair(self.padding), _pair(self.dilation))
-        return swat_conv2d(x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh,
-                           self.stride, self.padding,
-                           self.dilation, self.groups)
+            return _SWATDirectConv2dFn.apply(
+                x,
+                self.weight,
+                self.bias,
+                self.w_thresh,
+                self.a_thresh,
+                _pair(self.stride),
+                _pair(self.padding),
+                _pair(self.dilation),
+            )
+        return swat_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            self.w_mask if self.structure else None,
+            self.w_thresh,
+            self.a_thresh,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
 
 class SWATLinear(_SWATMixin, nn.Linear):
     """A Linear trained the SWAT way (made by :func:`convert`)."""
+
     def forward(self, x):
         self._maybe_refresh(x)
-        return swat_linear(x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh)
+        return swat_linear(
+            x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh
+        )
 
 
 def _swap(module: nn.Module, new_cls) -> None:
@@ -417,12 +517,22 @@ def convert(
         mname = wname.rsplit(".", 1)[0] if "." in wname else ""
         m = modules.get(mname)
         if type(m) not in (nn.Conv2d, nn.Linear):
-            hint = (" (it is sharded by itself: apply fully_shard to the blocks that contain it, or to the model, so "
-                    "that SWAT can still take the layer's class)") if type(m).__name__.startswith("FSDP") else ""
+            hint = (
+                (
+                    " (it is sharded by itself: apply fully_shard to the blocks that contain it, or to the model, so "
+                    "that SWAT can still take the layer's class)"
+                )
+                if type(m).__name__.startswith("FSDP")
+                else ""
+            )
             raise ValueError(f"{wname} is not the weight of a plain Conv2d or Linear layer{hint}")
         if not 0 < d <= 1:
             raise ValueError(f"{wname}: density must be in (0, 1], got {d}")
-        a = act_densities.get(wname, d) if isinstance(act_densities, Mapping) else (d if act_densities is None else act_densities)
+        a = (
+            act_densities.get(wname, d)
+            if isinstance(act_densities, Mapping)
+            else (d if act_densities is None else act_densities)
+        )
         # Linear layers keep single weights: their output units may be the classes, which must all stay
         struct = structure if isinstance(m, nn.Conv2d) else None
         _swap(m, SWATConv2d if isinstance(m, nn.Conv2d) else SWATLinear)

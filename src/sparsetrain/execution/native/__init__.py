@@ -34,16 +34,44 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "compress", "decompress", "relu_bits", "relu_grad", "select", "kth_largest_abs", "sparse_conv_forward",
-           "sparse_conv_backward_input", "sparse_conv_backward_weight", "compressed_weight_grad", "tiled_supported",
-           "tiled_conv", "tiled_conv_weight_grad", "threshold_lists", "max_pool2", "max_pool2_grad",
-           "condensed_forward", "condensed_backward", "library_path", "nhwc_block", "nhwc_conv_forward",
-           "nhwc_conv_input_grad", "nhwc_conv_weight_grad"]
+__all__ = [
+    "available",
+    "compress",
+    "decompress",
+    "relu_bits",
+    "relu_grad",
+    "select",
+    "kth_largest_abs",
+    "sparse_conv_forward",
+    "sparse_conv_backward_input",
+    "sparse_conv_backward_weight",
+    "compressed_weight_grad",
+    "tiled_supported",
+    "tiled_conv",
+    "tiled_conv_weight_grad",
+    "threshold_lists",
+    "max_pool2",
+    "max_pool2_grad",
+    "condensed_forward",
+    "condensed_backward",
+    "library_path",
+    "nhwc_block",
+    "nhwc_conv_forward",
+    "nhwc_conv_input_grad",
+    "nhwc_conv_weight_grad",
+]
 
 _DIR = Path(__file__).parent
 # one library, its sources split by family: compressed activations, direct convolution, condensed Linear
-_SOURCES = [_DIR / "compressed.c", _DIR / "compressed_grad.c", _DIR / "direct_conv.c", _DIR / "tiled_conv.c",
-            _DIR / "compact_pool.c", _DIR / "condensed.c", _DIR / "nhwc_conv.c"]
+_SOURCES = [
+    _DIR / "compressed.c",
+    _DIR / "compressed_grad.c",
+    _DIR / "direct_conv.c",
+    _DIR / "tiled_conv.c",
+    _DIR / "compact_pool.c",
+    _DIR / "condensed.c",
+    _DIR / "nhwc_conv.c",
+]
 _HEADERS = [_DIR / "parallel.h", _DIR / "vectors.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
@@ -99,7 +127,9 @@ def _cpu_identity() -> str:
     ident = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            ident += "".join(line for line in f if line.startswith(("model name", "flags", "Features", "CPU part")))[:4096]
+            ident += "".join(line for line in f if line.startswith(("model name", "flags", "Features", "CPU part")))[
+                :4096
+            ]
     except OSError:
         pass
     return ident
@@ -157,8 +187,12 @@ def _private(folder: Path) -> Path:
         return folder
     if _fallback_dir is None:
         _fallback_dir = Path(tempfile.mkdtemp(prefix="sparsetrain-native-"))
-        warnings.warn(f"sparsetrain: the kernel cache is not private ({why}); building in {_fallback_dir} instead. "
-                      "Set SPARSETRAIN_CACHE to a folder of your own", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"sparsetrain: the kernel cache is not private ({why}); building in {_fallback_dir} instead. "
+            "Set SPARSETRAIN_CACHE to a folder of your own",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return _fallback_dir
 
 
@@ -238,7 +272,9 @@ def _load() -> ctypes.CDLL | None:
             finally:
                 fresh.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:
-        warnings.warn(f"sparsetrain: native kernels unavailable ({e}); using the slower numpy path", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"sparsetrain: native kernels unavailable ({e}); using the slower numpy path", RuntimeWarning, stacklevel=3
+        )
     return _lib
 
 
@@ -269,7 +305,9 @@ def compress(flat: torch.Tensor, threshold: float, absolute: bool = True) -> tup
     lib, n, threads = _load(), flat.numel(), elementwise_threads()
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
     counts = np.empty(lib.chunk_count(n), dtype=np.int64)
-    lib.keep_bits_f32(flat.data_ptr(), n, float(threshold), int(absolute), packed.data_ptr(), counts.ctypes.data, threads)
+    lib.keep_bits_f32(
+        flat.data_ptr(), n, float(threshold), int(absolute), packed.data_ptr(), counts.ctypes.data, threads
+    )
     offsets, total = _offsets(counts)
     values = torch.empty(total, dtype=flat.dtype)
     lib.gather_f32(flat.data_ptr(), n, packed.data_ptr(), offsets.ctypes.data, values.data_ptr(), threads)
@@ -322,8 +360,9 @@ def kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[float, int]:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     thr, count = np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int64)
     hist = np.empty(lib.chunk_count(n) * 2048, dtype=np.uint32)
-    lib.kth_largest_abs_f32(flat.data_ptr(), n, k, thr.ctypes.data, count.ctypes.data, hist.ctypes.data,
-                            elementwise_threads())
+    lib.kth_largest_abs_f32(
+        flat.data_ptr(), n, k, thr.ctypes.data, count.ctypes.data, hist.ctypes.data, elementwise_threads()
+    )
     return float(thr[0]), int(count[0])
 
 
@@ -331,43 +370,79 @@ def _ptr(t) -> int:
     return t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr()
 
 
-def sparse_conv_forward(geom: np.ndarray, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-                        by_out: tuple, out: torch.Tensor, batch_inner: bool = False) -> torch.Tensor:
+def sparse_conv_forward(
+    geom: np.ndarray,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    by_out: tuple,
+    out: torch.Tensor,
+    batch_inner: bool = False,
+) -> torch.Tensor:
     """Direct sparse convolution into ``out``. ``geom`` = N, Cin, H, W, Cout, Ho, Wo, strides, paddings,
     dilations (int64); ``by_out`` = (co_ptr, ci, kh, kw) lists the kept entries by output channel.
     Tensors are NCHW, or [C, H, W, N] with ``batch_inner`` (faster for small feature maps)."""
     co_ptr, ci, kh, kw = by_out
     fn = _load().sparse_conv_forward_bi if batch_inner else _load().sparse_conv_forward
-    fn(_ptr(geom), _ptr(x), _ptr(values), _ptr(bias) if bias is not None else None,
-       _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(out), torch.get_num_threads())
+    fn(
+        _ptr(geom),
+        _ptr(x),
+        _ptr(values),
+        _ptr(bias) if bias is not None else None,
+        _ptr(co_ptr),
+        _ptr(ci),
+        _ptr(kh),
+        _ptr(kw),
+        _ptr(out),
+        torch.get_num_threads(),
+    )
     return out
 
 
-def sparse_conv_backward_input(geom: np.ndarray, grad: torch.Tensor, values: torch.Tensor, by_in: tuple,
-                               gx: torch.Tensor, batch_inner: bool = False) -> torch.Tensor:
+def sparse_conv_backward_input(
+    geom: np.ndarray,
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    by_in: tuple,
+    gx: torch.Tensor,
+    batch_inner: bool = False,
+) -> torch.Tensor:
     """The input gradient of :func:`sparse_conv_forward` into ``gx``; ``by_in`` = (ci_ptr, co, kh, kw, value index)
     lists the kept entries by input channel."""
     ci_ptr, co, kh, kw, vidx = by_in
     fn = _load().sparse_conv_backward_input_bi if batch_inner else _load().sparse_conv_backward_input
-    fn(_ptr(geom), _ptr(grad), _ptr(values), _ptr(ci_ptr), _ptr(co), _ptr(kh), _ptr(kw), _ptr(vidx), _ptr(gx),
-       torch.get_num_threads())
+    fn(
+        _ptr(geom),
+        _ptr(grad),
+        _ptr(values),
+        _ptr(ci_ptr),
+        _ptr(co),
+        _ptr(kh),
+        _ptr(kw),
+        _ptr(vidx),
+        _ptr(gx),
+        torch.get_num_threads(),
+    )
     return gx
 
 
-def sparse_conv_backward_weight(geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple,
-                                nnz: int, batch_inner: bool = False) -> torch.Tensor:
+def sparse_conv_backward_weight(
+    geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple, nnz: int, batch_inner: bool = False
+) -> torch.Tensor:
     """The weight gradient of :func:`sparse_conv_forward` at the kept entries only (in ``by_out`` order)."""
     co_ptr, ci, kh, kw = by_out
     lib, threads = _load(), torch.get_num_threads()
     if batch_inner:
         gw = torch.empty(nnz, dtype=torch.float32)
-        lib.sparse_conv_backward_weight_bi(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw),
-                                           _ptr(gw), threads)
+        lib.sparse_conv_backward_weight_bi(
+            _ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(gw), threads
+        )
         return gw
     parts = max(1, min(threads, int(geom[0])))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
-    lib.sparse_conv_backward_weight(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw),
-                                    _ptr(partial), parts, threads)
+    lib.sparse_conv_backward_weight(
+        _ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(partial), parts, threads
+    )
     return partial.sum(0)
 
 
@@ -390,20 +465,40 @@ def _nhwc_check(status: int) -> None:
         raise MemoryError("the channels-last sparse convolution kernels could not allocate their block buffers")
 
 
-def nhwc_conv_forward(geom: np.ndarray, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-                      by_out: tuple, out: torch.Tensor) -> torch.Tensor:
+def nhwc_conv_forward(
+    geom: np.ndarray, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, by_out: tuple, out: torch.Tensor
+) -> torch.Tensor:
     """Direct sparse convolution in channels-last: ``x`` and ``out`` are NHWC in memory (a channels-last tensor's
     ``permute(0, 2, 3, 1)``, contiguous); ``geom`` and ``by_out`` as for :func:`sparse_conv_forward`."""
     co_ptr, ci, kh, kw = by_out
     block = nhwc_block(int(geom[0]), int(geom[6]))
-    _nhwc_check(_load().nhwc_conv_forward(_ptr(geom), _ptr(x), _ptr(values), _ptr(bias) if bias is not None else None,
-                                          _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(out), block,
-                                          torch.get_num_threads()))
+    _nhwc_check(
+        _load().nhwc_conv_forward(
+            _ptr(geom),
+            _ptr(x),
+            _ptr(values),
+            _ptr(bias) if bias is not None else None,
+            _ptr(co_ptr),
+            _ptr(ci),
+            _ptr(kh),
+            _ptr(kw),
+            _ptr(out),
+            block,
+            torch.get_num_threads(),
+        )
+    )
     return out
 
 
-def nhwc_conv_input_grad(geom: np.ndarray, kernel: tuple[int, int], grad: torch.Tensor, values: torch.Tensor,
-                         by_in: tuple, flipped: tuple, gx: torch.Tensor) -> torch.Tensor:
+def nhwc_conv_input_grad(
+    geom: np.ndarray,
+    kernel: tuple[int, int],
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    by_in: tuple,
+    flipped: tuple,
+    gx: torch.Tensor,
+) -> torch.Tensor:
     """The input gradient of :func:`nhwc_conv_forward` into ``gx`` (NHWC) from ``grad`` (NHWC). A stride-1
     convolution whose padding is within the kernel's reach takes the forward kernel: the output gradient padded
     by ``dilation * (kernel - 1) - padding``, convolved with the flipped kernel (``flipped``: ptr, co, kh, kw, value
@@ -415,22 +510,48 @@ def nhwc_conv_input_grad(geom: np.ndarray, kernel: tuple[int, int], grad: torch.
         back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
         return nhwc_conv_forward(back, grad, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
     ptr, co, kh, kw, vidx = by_in
-    _nhwc_check(_load().nhwc_conv_input_grad_scatter(_ptr(geom), _ptr(grad), _ptr(values), _ptr(ptr), _ptr(co),
-                                                     _ptr(kh), _ptr(kw), _ptr(vidx), _ptr(gx), nhwc_block(n, wo),
-                                                     torch.get_num_threads()))
+    _nhwc_check(
+        _load().nhwc_conv_input_grad_scatter(
+            _ptr(geom),
+            _ptr(grad),
+            _ptr(values),
+            _ptr(ptr),
+            _ptr(co),
+            _ptr(kh),
+            _ptr(kw),
+            _ptr(vidx),
+            _ptr(gx),
+            nhwc_block(n, wo),
+            torch.get_num_threads(),
+        )
+    )
     return gx
 
 
-def nhwc_conv_weight_grad(geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple,
-                          nnz: int) -> torch.Tensor:
+def nhwc_conv_weight_grad(
+    geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple, nnz: int
+) -> torch.Tensor:
     """The gradient of the kept weights of :func:`nhwc_conv_forward` (NHWC ``x`` and ``grad``), in ``by_out`` order."""
     co_ptr, ci, kh, kw = by_out
     threads = torch.get_num_threads()
     block = nhwc_block(int(geom[0]), int(geom[6]))
     parts = max(1, min(threads, -(-int(geom[0]) // block)))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
-    _nhwc_check(_load().nhwc_conv_weight_grad(_ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh),
-                                              _ptr(kw), _ptr(partial), parts, block, threads))
+    _nhwc_check(
+        _load().nhwc_conv_weight_grad(
+            _ptr(geom),
+            _ptr(x),
+            _ptr(grad),
+            _ptr(co_ptr),
+            _ptr(ci),
+            _ptr(kh),
+            _ptr(kw),
+            _ptr(partial),
+            parts,
+            block,
+            threads,
+        )
+    )
     return partial.sum(0)
 
 
@@ -440,8 +561,9 @@ def tiled_supported(ho: int, wo: int) -> bool:
     return lib is not None and bool(lib.tiled_conv_supported(ho, wo))
 
 
-def tiled_conv(xp: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, lists: tuple,
-               out: torch.Tensor) -> torch.Tensor:
+def tiled_conv(
+    xp: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, lists: tuple, out: torch.Tensor
+) -> torch.Tensor:
     """A stride-1 direct sparse convolution of an already zero-padded ``xp`` [N, Cin, Hp, Wp] into ``out``
     [N, Cout, Ho, Wo] (register-tiled); ``lists`` = (ptr, channel, kh, kw) lists the kept entries by output
     channel, in the order of ``values``. Check :func:`tiled_supported` first."""
@@ -449,8 +571,18 @@ def tiled_conv(xp: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None
     n, cin, hp, wp = xp.shape
     _, cout, ho, wo = out.shape
     dims = np.array([n, cin, hp, wp, cout, ho, wo], dtype=np.int64)
-    _load().tiled_conv_forward(_ptr(dims), _ptr(xp), _ptr(values), _ptr(bias) if bias is not None else None,
-                               _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out), torch.get_num_threads())
+    _load().tiled_conv_forward(
+        _ptr(dims),
+        _ptr(xp),
+        _ptr(values),
+        _ptr(bias) if bias is not None else None,
+        _ptr(ptr),
+        _ptr(ch),
+        _ptr(kh),
+        _ptr(kw),
+        _ptr(out),
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -464,8 +596,9 @@ def tiled_conv_weight_grad(xp: torch.Tensor, grad: torch.Tensor, lists: tuple, n
     parts = max(1, min(threads, n))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
     dims = np.array([n, cin, hp, wp, cout, ho, wo], dtype=np.int64)
-    _load().tiled_conv_weight_grad(_ptr(dims), _ptr(xp), _ptr(grad), _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw),
-                                   _ptr(partial), parts, threads)
+    _load().tiled_conv_weight_grad(
+        _ptr(dims), _ptr(xp), _ptr(grad), _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(partial), parts, threads
+    )
     return partial[0] if parts == 1 else partial.sum(0)
 
 
@@ -483,9 +616,26 @@ def threshold_lists(weight: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     ci, co = np.empty(nnz, dtype=np.int32), np.empty(nnz, dtype=np.int32)
     khs, kws, kh_t, kw_t = (np.empty(nnz, dtype=np.int16) for _ in range(4))
     ci_ptr, vidx = np.empty(2 * cin + 1, dtype=np.int64), np.empty(nnz, dtype=np.int32)
-    lib.threshold_lists(_ptr(w), cout, cin, kh, kw, float(threshold), _ptr(co_ptr), _ptr(ci), _ptr(khs), _ptr(kws),
-                        _ptr(values), _ptr(ci_ptr), _ptr(co), _ptr(kh_t), _ptr(kw_t), _ptr(vidx), threads)
-    return values, (co_ptr, ci, khs, kws), (ci_ptr[:cin + 1], co, kh_t, kw_t, vidx)
+    lib.threshold_lists(
+        _ptr(w),
+        cout,
+        cin,
+        kh,
+        kw,
+        float(threshold),
+        _ptr(co_ptr),
+        _ptr(ci),
+        _ptr(khs),
+        _ptr(kws),
+        _ptr(values),
+        _ptr(ci_ptr),
+        _ptr(co),
+        _ptr(kh_t),
+        _ptr(kw_t),
+        _ptr(vidx),
+        threads,
+    )
+    return values, (co_ptr, ci, khs, kws), (ci_ptr[: cin + 1], co, kh_t, kw_t, vidx)
 
 
 def _pool_layout(x: torch.Tensor) -> torch.memory_format:
@@ -527,22 +677,39 @@ def max_pool2_grad(grad: torch.Tensor, where: torch.Tensor, shape: tuple) -> tor
     return gx
 
 
-def condensed_forward(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, rows: tuple, out_features: int,
-                      ) -> torch.Tensor:
+def condensed_forward(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: tuple,
+    out_features: int,
+) -> torch.Tensor:
     """``x [T, in] @ W_s.T + bias`` for a sparse W_s given by ``rows`` = (row_ptr int64, col int32: the kept
     entries row by row, in the order of ``values``): nnz * T multiply-adds (``condensed.c``)."""
     row_ptr, col = rows
     t, n_in = x.shape
     y = torch.empty(t, out_features, dtype=torch.float32)
     dims = np.array([t, n_in, out_features], dtype=np.int64)
-    if _load().condensed_forward(_ptr(dims), _ptr(x), _ptr(values), _ptr(bias) if bias is not None else None,
-                                 _ptr(row_ptr), _ptr(col), _ptr(y), torch.get_num_threads()) != 0:
+    if (
+        _load().condensed_forward(
+            _ptr(dims),
+            _ptr(x),
+            _ptr(values),
+            _ptr(bias) if bias is not None else None,
+            _ptr(row_ptr),
+            _ptr(col),
+            _ptr(y),
+            torch.get_num_threads(),
+        )
+        != 0
+    ):
         raise MemoryError("condensed_forward: no memory for the token-block buffers")
     return y
 
 
-def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor, rows: tuple,
-                       input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def condensed_backward(
+    x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor, rows: tuple, input_grad: bool, weight_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of :func:`condensed_forward`, from the same row lists: for the input ``[T, in]`` and for the
     kept weights only (in ``rows`` order)."""
     row_ptr, col = rows
@@ -555,17 +722,34 @@ def condensed_backward(x: torch.Tensor, grad: torch.Tensor, values: torch.Tensor
     workers = max(1, min(threads, -(-t // 64), (1 << 26) // max(nnz, 1)))
     partial = torch.empty(workers, nnz, dtype=torch.float32) if weight_grad else None
     dims = np.array([t, n_in, grad.shape[1]], dtype=np.int64)
-    used = _load().condensed_backward(_ptr(dims), _ptr(x), _ptr(grad), _ptr(values), _ptr(row_ptr), _ptr(col),
-                                      _ptr(gx) if gx is not None else None,
-                                      _ptr(partial) if partial is not None else None, workers, threads)
+    used = _load().condensed_backward(
+        _ptr(dims),
+        _ptr(x),
+        _ptr(grad),
+        _ptr(values),
+        _ptr(row_ptr),
+        _ptr(col),
+        _ptr(gx) if gx is not None else None,
+        _ptr(partial) if partial is not None else None,
+        workers,
+        threads,
+    )
     if used < 0:
         raise MemoryError("condensed_backward: no memory for the token-block buffers")
     return gx, (partial[:used].sum(0) if weight_grad else None)
 
 
-def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tuple, grad: torch.Tensor,
-                           kernel: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                           channels_first: bool = False) -> torch.Tensor:
+def compressed_weight_grad(
+    packed: torch.Tensor,
+    values: torch.Tensor,
+    shape: tuple,
+    grad: torch.Tensor,
+    kernel: tuple[int, int],
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    channels_first: bool = False,
+) -> torch.Tensor:
     """The weight gradient of a convolution from its *compressed* input, ``[Cin, KH, KW, Cout]``.
 
     ``packed``/``values`` are what :func:`compress` made of the input ``[N, H, W, Cin]`` in memory order
@@ -599,7 +783,18 @@ def compressed_weight_grad(packed: torch.Tensor, values: torch.Tensor, shape: tu
     ch_ptr = np.empty(n * (cin + 1), dtype=np.int64)
     pos, val = np.empty(max(kept, 1), dtype=np.int32), np.empty(max(kept, 1), dtype=np.float32)
     geom = np.array([n, cin, h, w, cout, ho, wo, kh, kw, *stride, *padding, *dilation], dtype=np.int64)
-    lib.compressed_conv_weight_grad(_ptr(geom), _ptr(packed), _ptr(values), _ptr(img_off),
-                                    _ptr(plane_off) if plane_off is not None else None, _ptr(grad), _ptr(gwt),
-                                    _ptr(ch_ptr), _ptr(pos), _ptr(val), gstride, threads)
+    lib.compressed_conv_weight_grad(
+        _ptr(geom),
+        _ptr(packed),
+        _ptr(values),
+        _ptr(img_off),
+        _ptr(plane_off) if plane_off is not None else None,
+        _ptr(grad),
+        _ptr(gwt),
+        _ptr(ch_ptr),
+        _ptr(pos),
+        _ptr(val),
+        gstride,
+        threads,
+    )
     return gwt
