@@ -179,11 +179,11 @@ def test_swat_remove_equals_export_state_and_reports_after_removal():
     }
 
 
-def test_no_code_outside_the_backend_registry_compares_backend_names():
-    names = set(BACKENDS)
+def _compared_names(names: set[str], inside: tuple[str, ...]) -> list[str]:
+    """``path:line`` of each comparison against one of ``names`` as a string, outside the folders ``inside``."""
     found = []
     for path in SRC.rglob("*.py"):
-        if "execution/backends" in path.as_posix():
+        if any(folder in path.as_posix() for folder in inside):
             continue
         tree = ast.parse(path.read_text())
         devices = {
@@ -196,4 +196,17 @@ def test_no_code_outside_the_backend_registry_compares_backend_names():
                 consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
                 if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
                     found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    return found
+
+
+def test_no_code_outside_the_backend_registry_compares_backend_names():
+    found = _compared_names(set(BACKENDS), ("execution/backends",))
+    assert not found, found
+
+
+def test_no_code_outside_the_methods_compares_method_names():
+    """What the configuration, the CLI and the Trainer ask of a method are its declared traits and knobs."""
+    from sparsetrain.methods import METHODS
+
+    found = _compared_names(set(METHODS), ("sparsetrain/methods/", "execution/backends"))
     assert not found, found

@@ -52,7 +52,8 @@ __all__ = [
     "results_json",
 ]
 
-# configuration -> config overrides (besides the sparsity); "dense" is the baseline
+BASELINE = "dense"  # the configuration every other is timed against (plain dense training)
+# configuration -> config overrides (besides the sparsity); BASELINE is not among them
 CONFIGS: dict[str, list[str]] = {
     "masked": ["sparsity.method=static"],
     "csr": ["sparsity.method=static", "sparsity.backend=csr"],
@@ -116,7 +117,7 @@ def memory_format(config: str) -> torch.memory_format:
     """The layout a configuration's model starts in: channels-last where its backend runs it (oneDNN's dense
     convolutions and the direct kernels' channels-last form are fastest so on CPUs), else NCHW; ``auto`` then
     takes the layout its plan chose."""
-    if config == "dense":
+    if config == BASELINE:
         return torch.channels_last
     backend = get_backend(load_config(overrides=_overrides(config, 0.5)).sparsity.backend)
     return torch.channels_last if "channels_last" in backend.layouts else torch.contiguous_format
@@ -127,7 +128,7 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
     takes the input of its usual dataset (CIFAR-size for the CIFAR zoo); ``model_args`` go to the zoo
     (e.g. a GPT's ``width`` and ``context``). The method is built by its public factory, with the config's
     execution as the factory's ``execution=`` (``auto`` chooses on :func:`make_step`'s batch)."""
-    if config != "dense" and config not in CONFIGS:
+    if config != BASELINE and config not in CONFIGS:
         raise ValueError(f"unknown configuration {config!r}; choose dense or one of {sorted(CONFIGS)}")
     torch.manual_seed(0)
     model = build_model(model_name, **(model_args or {}))
@@ -142,7 +143,7 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
         model = model.to(memory_format=memory_format(config))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     method = None
-    if config != "dense":
+    if config != BASELINE:
         layers_default = ["sparsity.dense_layers=[last]"] if sequence else []  # embeddings, LayerNorms, head dense
         sparse = "sparsity.method=dense" not in CONFIGS[config]
         cfg = load_config(overrides=[*_overrides(config, sparsity), *(layers_default if sparse else []), *extra])
@@ -153,15 +154,12 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
             steps_per_epoch=391,
             epochs=1,
             **sc.method_kwargs(),
-            execution=sc.backend,
-            compact_state=sc.compact_state,
-            channel_both_sides=sc.channel_both_sides,
-            lossless_activations=sc.lossless_activations,
+            execution=sc.execution_options(),
         )
     return model, opt, method
 
 
-def make_step(model, opt, method, batch: int, config: str = "dense", input_shape: tuple[int, ...] = (3, 32, 32)):
+def make_step(model, opt, method, batch: int, config: str = BASELINE, input_shape: tuple[int, ...] = (3, 32, 32)):
     """A function running one training step on a fixed random batch of ``input_shape`` images, or, for a model
     with a ``context`` (the GPT), of random token windows with next-token targets. A method whose plan waits
     for a batch (``auto``) makes it on this one."""
@@ -286,8 +284,8 @@ def run_bench(
         if not 0 < s < 1:
             raise ValueError(f"sparsity must be in (0, 1), got {s}")
     shape = model_input_shape(model_name)
-    dense_step = make_step(*build(model_name, "dense"), batch, "dense", shape)
-    dense_peak = peak_memory(model_name, "dense", 0.0, batch) if memory else None
+    dense_step = make_step(*build(model_name, BASELINE), batch, BASELINE, shape)
+    dense_peak = peak_memory(model_name, BASELINE, 0.0, batch) if memory else None
     results = []
     for config, sparsity in tqdm([(c, s) for c in configs for s in sparsities], desc="bench", disable=not progress):
         model, opt, method = build(model_name, config, sparsity, list(extra))
@@ -309,7 +307,7 @@ def run_bench(
             peak = peak_memory(model_name, config, sparsity, batch, list(extra))
             r.mem_ratio = peak["peak"] / dense_peak["peak"]
             r.mem_ratio_training = (peak["peak"] - peak["base"]) / (dense_peak["peak"] - dense_peak["base"])
-            r.peak_bytes = {"dense": dense_peak["peak"], config: peak["peak"]}
+            r.peak_bytes = {BASELINE: dense_peak["peak"], config: peak["peak"]}
         results.append(r)
     return results
 

@@ -36,7 +36,7 @@ def _train(args) -> int:
         overrides.append("run.resume_with_changes=true")
     cfg = load_config(args.config, overrides)
     try:
-        if cfg.sparsity.method == "lottery":
+        if cfg.sparsity.method_class().traits.rounds:
             from .lottery import lottery_ticket
 
             summary = lottery_ticket(cfg)
@@ -160,9 +160,9 @@ def _report(args) -> int:
 def _flops(args) -> int:
     # long: one command's whole recipe (build, mask, count), read top to bottom
     from ..core.accounting import measure_layer_costs
-    from ..core.distributions import layer_densities
     from ..core.masks import select_parameters
     from ..data.images import DATASETS
+    from ..methods import METHOD_CLASSES
     from ..models import build_model, model_input_shape
 
     for flag, value in (("--sparsity", args.sparsity), ("--activation-sparsity", args.activation_sparsity)):
@@ -185,18 +185,13 @@ def _flops(args) -> int:
         ) from None
     density: dict[str, float] = {}
     grad_density: dict[str, float] = {}
-    if args.method != "dense":
-        dense_layers = (
-            args.dense_layers
-            if args.dense_layers is not None
-            else (["first"] if args.method == "swat" else ["first", "last"])
+    method = METHOD_CLASSES[args.method]
+    if method.traits.masks:
+        layers = args.dense_layers if args.dense_layers is not None else method.knob("dense_layers").default
+        shapes = {n: tuple(p.shape) for n, p in select_parameters(model, layers).items()}
+        density, grad_density = method.flops_densities(
+            shapes, args.sparsity, args.distribution, args.activation_sparsity
         )
-        shapes = {n: tuple(p.shape) for n, p in select_parameters(model, dense_layers).items()}
-        density = layer_densities(args.distribution, shapes, args.sparsity)
-        grad_density = dict(density)
-        if args.method == "swat":  # the weight gradient comes from the top-K activations
-            act = args.sparsity if args.activation_sparsity is None else args.activation_sparsity
-            grad_density = {n: 1.0 - act for n in density}
     train = costs.training_flops(density, grad_density)
     dense_train = costs.training_flops()
     infer, dense_infer = costs.forward_flops(density), costs.forward_flops()

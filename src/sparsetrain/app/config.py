@@ -7,17 +7,18 @@ model built; errors name the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..core.distributions import DISTRIBUTION_NAMES
 from ..data.images import DATASETS
 from ..execution.backends import BACKENDS, ExecutionRequest, not_supported_reasons, sharding_reasons
-from ..methods import METHODS, TRAITS
+from ..execution.options import ExecutionOptions, option_fields
+from ..methods import METHOD_CLASSES, METHODS
+from ..methods.knobs import Knob
 from ..methods.static import INITS
 from ..models import MODELS
 
@@ -109,36 +110,6 @@ class OptimConfig(_Section):
         return self
 
 
-class MestConfig(_Section):
-    """MEST (Yuan et al., 2021): mutation every ``every_epochs``; elastic ratio and soft bound as phases."""
-
-    every_epochs: int = Field(5, gt=0, description="epochs between mutations (the paper's delta T)")
-    mutation_ratio: list[list[float]] = Field(
-        default_factory=lambda: [[0.0, 0.2], [0.56, 0.1], [0.75, 0.0]],
-        description="[fraction of training, share of active weights mutated]; a single [[0, r]] disables elastic mutation",
-    )
-    soft_bound: bool = False
-    excess: list[list[float]] = Field(
-        default_factory=lambda: [[0.0, 0.05], [0.56, 0.025], [0.75, 0.0]],
-        description="soft memory bound: extra density grown before the prune, by phase",
-    )
-    prune_lambda: float = Field(1.0, ge=0, description="prune score |w| + lambda * |g|")
-
-    @field_validator("mutation_ratio", "excess")
-    @classmethod
-    def _check_phases(cls, v, info):
-        from ..methods.mest import check_phases
-
-        return check_phases(info.field_name, v)
-
-
-class LotteryConfig(_Section):
-    """Lottery-ticket search: rounds to the target sparsity and the rewind point."""
-
-    rounds: int = Field(3, gt=0, description="prune-retrain rounds to reach the target sparsity")
-    rewind_step: int = Field(0, ge=0, description="rewind to the weights at this step (0: initialisation)")
-
-
 class DataEfficiencyConfig(_Section):
     """MEST data efficiency: drop the least-forgotten training examples at one epoch."""
 
@@ -147,113 +118,59 @@ class DataEfficiencyConfig(_Section):
     remove_fraction: float = Field(0.2, gt=0, lt=1, description="share of the training set removed")
 
 
-class SwatConfig(_Section):
-    """SWAT (Raihan & Aamodt, 2020) options; the weight sparsity is sparsity.sparsity."""
-
-    variant: Literal["u", "erk", "m", "structured"] = "u"
-    activation_sparsity: float | None = Field(
-        None, ge=0, lt=1, description="kept share of layer inputs is 1 - this; default: the weight sparsity"
-    )
-    topk_period: int = Field(20, gt=0, description="iterations between exact top-K threshold updates")
-    structure: Literal["kernel", "channel_out"] = Field(
-        "kernel",
-        description="unit kept by structured SWAT (by L1 norm). 'kernel', as the authors' released runs: with "
-        "'channel_out' a removed filter's output is a constant channel, BatchNorm scales its gradient "
-        "by 1/sqrt(eps), and the dense update then inflates the removed filters",
-    )
-    m_max_density: float = Field(0.95, gt=0, le=1, description="SWAT-M guard: no layer's budget passes this density")
-    compact_relu: bool = Field(True, description="ReLUs save a 1-bit mask for backward instead of their float output")
-    compact_pool: bool = Field(
-        True,
-        description="2x2 stride-2 max-pools save one byte per output for backward (where "
-        "the maximum was) instead of their input and int64 indices",
-    )
+def _declared() -> tuple[dict[str, Knob], dict[str, list[Knob]]]:
+    """The configuration's method keys from the methods' declarations: flat knobs by name, and each section's."""
+    flat: dict[str, Knob] = {}
+    sections: dict[str, dict[str, Knob]] = {}
+    for cls in METHOD_CLASSES.values():
+        for k in cls.knobs:
+            if k.config:
+                (flat if k.section is None else sections.setdefault(k.section, {})).setdefault(k.name, k)
+    return flat, {s: list(ks.values()) for s, ks in sections.items()}
 
 
-# keys of the sparsity section that configure the engine, not the method's factory
-_ENGINE_KEYS = {
-    "method",
-    "backend",
-    "compact_state",
-    "channel_both_sides",
-    "lossless_activations",
-    "init_batches",
-    "lottery",
-    "data_efficiency",
-}
-# sections of the sparsity section that hold one method's own knobs
-_METHOD_SECTIONS = {"mest": "mest", "swat": "swat", "lottery": "lottery"}
-_HINTS = {
-    ("swat", "distribution"): "SWAT's budgets come from sparsity.swat.variant (u, erk, m, structured)",
-    ("swat", "scheme"): "structured SWAT is sparsity.swat.variant=structured with sparsity.swat.structure",
-    ("dense", "sparsity"): "choose a sparse method, e.g. sparsity.method=static",
-}
+FLAT_KNOBS, SECTION_KNOBS = _declared()
+# the execution options by their configuration keys (``execution`` is ``backend`` here)
+_OPTION_KEYS = {f.metadata["config_key"] or f.name: f for f in option_fields() if f.metadata["config_key"] is not None}
 
 
-class SparsityConfig(_Section):
+def _section_model(section: str):
+    """``(model, Field)`` of the section ``sparsity.<section>``, from the knobs declared with that section."""
+    doc = " ".join((METHOD_CLASSES[section].__doc__ or "").split("\n\n")[0].split())
+    fields = {k.name: k.config_field() for k in SECTION_KNOBS[section]}
+    model = create_model(f"{section.capitalize()}Config", __base__=_Section, __doc__=doc, **fields)
+    return (model, Field(default_factory=model))
+
+
+class _MethodChoice(_Section):
+    method: str = "dense"
+
+
+_MethodKeys = create_model(
+    "_MethodKeys",
+    __base__=_MethodChoice,
+    **{name: k.config_field() for name, k in FLAT_KNOBS.items()},
+    init_batches=(int, Field(1, gt=0, description="training batches scored by SNIP/GraSP")),
+    **{
+        key: (bool if isinstance(f.default, bool) else str, Field(f.default, description=f.metadata["doc"]))
+        for key, f in _OPTION_KEYS.items()
+    },
+    **{section: _section_model(section) for section in SECTION_KNOBS},
+)
+# keys of the section that configure the engine, not the method's factory
+ENGINE_KEYS = {"method", "init_batches", "data_efficiency", *_OPTION_KEYS}
+
+
+class SparsityConfig(_MethodKeys):
     """Which method and its knobs: an adapter that builds ``sparsetrain.<method>(**these keys)``.
 
-    The flat keys are the factories' keyword arguments (a method reads those in its signature);
-    ``mest``/``swat`` hold those methods' own knobs. A key set to a non-default value that the chosen
-    method does not take is refused, naming it, rather than silently ignored.
+    The keys are made from what the methods declare (:mod:`sparsetrain.methods.knobs`): flat keys are knobs
+    several methods share, ``sparsity.<method>`` holds a method's own, and the execution options
+    (:class:`~sparsetrain.execution.options.ExecutionOptions`, ``backend`` for ``execution``) sit beside them. A
+    key set to a non-default value that the chosen method does not take is refused, naming it, rather than
+    silently ignored.
     """
 
-    method: str = "dense"
-    sparsity: float = Field(0.0, ge=0.0, lt=1.0)
-    dense_layers: list[str] | None = Field(
-        None,
-        description="parameters left dense: 'first', 'last' (the first conv, the classifier) or fnmatch patterns of names; "
-        "default ['first', 'last'], and ['first'] for swat (its classifier is sparse)",
-    )
-    distribution: str = "uniform"
-    custom_sparsity: dict[str, float] = Field(
-        default_factory=dict, description="per-layer sparsity for distribution custom"
-    )
-    scheme: str = "unstructured"
-    init: str = "random"
-    global_ranking: bool = False
-    init_batches: int = Field(1, gt=0, description="training batches scored by SNIP/GraSP")
-    synflow_rounds: int = Field(100, gt=0)
-    update_every_steps: int = Field(100, gt=0, description="SET/RigL: steps between mask updates")
-    update_fraction: float = Field(
-        0.3, ge=0, lt=1, description="SET/RigL: share of active weights replaced at the first update"
-    )
-    update_decay: Literal["cosine", "constant"] = "cosine"
-    update_end: float = Field(0.75, gt=0, le=1, description="SET/RigL: no updates after this fraction of training")
-    neuron_ablation: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="RigL with scheme fan_in: SRigL's neuron ablation threshold (0: off; the paper uses 0.3)",
-    )
-    backend: str = Field(
-        "masked",
-        description="execution of masked layers: masked dense, CSR sparse products, direct sparse conv kernels, "
-        "condensed Linear kernels (rows of kept inputs; convolutions direct), compacted channels, "
-        "2:4 semi-structured (CUDA), or the fastest per layer; method swat: masked (dense products "
-        "on the top-K weights), direct or auto (its convolutions on the direct kernels where the "
-        "step is faster)",
-    )
-    compact_state: bool = Field(
-        False,
-        description="direct or condensed backend; static, set, rigl or mest: store only "
-        "kept weights (and their gradients and optimizer state)",
-    )
-    channel_both_sides: bool = Field(
-        False,
-        description="backend channel, static masks: a removed filter also leaves its "
-        "BatchNorm channel and the next layer's inputs (both layers run "
-        "smaller; the channel carries zero, not ReLU(beta))",
-    )
-    lossless_activations: bool = Field(
-        False,
-        description="any method (dense too): keep activations for backward in exact "
-        "compact forms: ReLU bits, max-pool bytes, BatchNorm-ReLU "
-        "outputs recomputed in backward instead of kept",
-    )
-    mest: MestConfig = Field(default_factory=MestConfig)
-    swat: SwatConfig = Field(default_factory=SwatConfig)
-    lottery: LotteryConfig = Field(default_factory=LotteryConfig)
     data_efficiency: DataEfficiencyConfig = Field(default_factory=DataEfficiencyConfig)
 
     _known_method = field_validator("method")(classmethod(lambda cls, v: _one_of(v, METHODS, "method")))
@@ -280,48 +197,46 @@ class SparsityConfig(_Section):
                 out.append(name)
         return out
 
+    def method_class(self) -> type:
+        """The chosen method's class (its knobs, traits and hints)."""
+        return METHOD_CLASSES[self.method]
+
     def method_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``METHODS[method]`` that this section sets (length of training, seed
         and data are the engine's to add)."""
-        params = inspect.signature(METHODS[self.method]).parameters
-        kw = {
-            k: getattr(self, k)
-            for k in type(self).model_fields
-            if k in params and k not in _ENGINE_KEYS and k not in _METHOD_SECTIONS and getattr(self, k) is not None
-        }
-        section = _METHOD_SECTIONS.get(self.method)
-        if section and section != "lottery":
-            kw.update({k: v for k, v in getattr(self, section).model_dump().items() if k in params})
+        kw = {}
+        for k in self.method_class().knobs:
+            if k.factory and k.config:
+                value = getattr(getattr(self, k.section), k.name) if k.section else getattr(self, k.name)
+                if value is not None:
+                    kw[k.name] = value
         return kw
+
+    def execution_options(self) -> ExecutionOptions:
+        """The execution options these keys set."""
+        return ExecutionOptions(**{f.name: getattr(self, key) for key, f in _OPTION_KEYS.items()})
 
     @model_validator(mode="after")
     def _consistent(self):
-        m = self.method
-        params = inspect.signature(METHODS[m]).parameters
-        unused = [
-            k
-            for k in self._set_keys()
-            if k not in _ENGINE_KEYS - {"lottery"} and k not in params and _METHOD_SECTIONS.get(k) != m
-        ]
+        m, cls = self.method, self.method_class()
+        takes = {k.name for k in cls.knobs if k.config and k.section is None}
+        own = sorted({k.section for k in cls.knobs if k.config and k.section})
+        unused = [k for k in self._set_keys() if k not in ENGINE_KEYS and k not in takes and k not in own]
         if "init_batches" in self._set_keys() and self.init not in ("snip", "grasp"):
             unused.append("init_batches")
         if unused:
             keys = ", ".join(f"sparsity.{k}" for k in unused)
-            takes = sorted(k for k in params if k in type(self).model_fields and k not in _ENGINE_KEYS)
-            takes += [f"{m}.*"] if m in _METHOD_SECTIONS else []
-            hints = "".join(f"; {_HINTS[(m, k)]}" for k in unused if (m, k) in _HINTS)
-            raise ValueError(f"method {m!r} does not use {keys} (it takes: {', '.join(takes) or 'nothing'}){hints}")
-        if m not in ("dense", "swat") and self.sparsity == 0 and self.distribution != "custom":
+            listed = sorted(takes) + [f"{s}.*" for s in own]
+            hints = "".join(f"; {cls.config_hints[k]}" for k in unused if k in cls.config_hints)
+            raise ValueError(f"method {m!r} does not use {keys} (it takes: {', '.join(listed) or 'nothing'}){hints}")
+        custom = self.distribution == "custom" and "distribution" in takes
+        if cls.traits.masks and self.sparsity == 0 and not custom:
             raise ValueError(f"method {m!r} needs sparsity.sparsity > 0")
-        if m == "swat" and self.sparsity == 0:
-            raise ValueError("method 'swat' needs sparsity.sparsity > 0")
-        request = ExecutionRequest(
-            m, TRAITS[m], self.scheme, self.compact_state, self.channel_both_sides, self.lossless_activations
-        )
+        request = ExecutionRequest(m, cls.traits, self.scheme, self.execution_options())
         reasons = not_supported_reasons(self.backend, request)  # the backends say what combines
         if reasons:
             raise ValueError(reasons[0])
-        if m in ("set", "rigl", "mest") and self.scheme.startswith("nm_"):
+        if cls.traits.regrows and self.scheme.startswith("nm_"):
             raise ValueError(f"method {m!r} prunes and grows; N:M scheme {self.scheme!r} supports static masks only")
         return self
 
@@ -478,21 +393,8 @@ class Config(_Section):
         """Refuse, before anything is built, what cannot run on sharded weights, with the reason."""
         sp, rc = self.sparsity, self.recipe
         reasons = []
-        if sp.method == "lottery":
-            reasons.append(
-                "method 'lottery' rewinds whole weights from files between rounds; train its rounds unsharded"
-            )
+        reasons += sp.method_class().sharding_reasons(sp.method_kwargs(), sp.compact_state)
         reasons += sharding_reasons(sp.backend, sp.compact_state)
-        if sp.compact_state and sp.method == "mest" and sp.mest.soft_bound:
-            reasons.append(
-                "MEST's soft bound changes how many weights a layer keeps, but FSDP shards a compact layer's "
-                "kept weights at a fixed count; use sparsity.mest.soft_bound=false or compact_state=false"
-            )
-        if sp.compact_state and sp.neuron_ablation:
-            reasons.append(
-                "neuron ablation changes how many weights a layer keeps, which a sharded compact layer "
-                "cannot; use compact_state=false"
-            )
         if sp.init in ("snip", "grasp", "synflow"):
             reasons.append(
                 f"sparsity.init={sp.init!r} scores weights with gradients taken outside the optimizer's step, "

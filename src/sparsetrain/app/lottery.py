@@ -14,6 +14,8 @@ import functools
 import json
 from pathlib import Path
 
+from ..methods import Dense, Lottery, Static
+from ..methods.knobs import SPARSITY
 from ..methods.lottery import lottery, round_sparsities
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import Config
@@ -22,8 +24,8 @@ from .trainer import Trainer
 
 __all__ = ["lottery_ticket", "round_sparsities", "rewind_at"]
 
-# keys of the sparsity section that shape the ticket's masks (kept for rounds > 0)
-_MASK_KEYS = ("distribution", "custom_sparsity", "scheme", "dense_layers", "global_ranking")
+# keys of the sparsity section that shape the ticket's masks (kept for rounds > 0): the round's flat knobs
+_MASK_KEYS = tuple(k.name for k in Lottery.knobs if k.config and k.section is None and k is not SPARSITY)
 
 
 def _round_config(cfg: Config, r: int, sparsity: float) -> Config:
@@ -33,7 +35,7 @@ def _round_config(cfg: Config, r: int, sparsity: float) -> Config:
         k: d["sparsity"][k] for k in ("backend", "compact_state", "data_efficiency") if r > 0 or k == "data_efficiency"
     }
     masks = {k: d["sparsity"][k] for k in _MASK_KEYS} if r > 0 else {}
-    d["sparsity"] = {"method": "dense" if r == 0 else "static", "sparsity": sparsity, **masks, **engine}
+    d["sparsity"] = {"method": Dense.name if r == 0 else Static.name, "sparsity": sparsity, **masks, **engine}
     return Config.model_validate(d)
 
 
@@ -86,7 +88,7 @@ def lottery_ticket(cfg: Config, datasets=None) -> dict:
     spent = sum(s["train_flops_rel"] for s in summaries)
     final = {
         **summaries[-1],
-        "method": "lottery",
+        "method": Lottery.name,
         "rounds": lcfg.rounds,
         "train_flops_rel": spent,
         "train_flops_rel_last_round": summaries[-1]["train_flops_rel"],

@@ -15,6 +15,7 @@ as if it had not stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -70,9 +71,9 @@ class Trainer(Resumable):
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         method: Callable[..., Sparsifier] | None = None,
     ):
-        if cfg.sparsity.method == "lottery" and method is None:
+        if cfg.sparsity.method_class().traits.rounds and method is None:
             raise ConfigError(
-                "method 'lottery' trains several rounds, each a run of its own: use "
+                f"method {cfg.sparsity.method!r} trains several rounds, each a run of its own: use "
                 "sparsetrain.app.lottery_ticket(cfg) or `sparsetrain train` (the CLI runs the rounds), "
                 "or pass method=partial(sparsetrain.lottery, ...) for one round"
             )
@@ -201,12 +202,7 @@ class Trainer(Resumable):
         a resumed run applies the plan it saved instead of timing again. Last of the model changes: the recipe's
         rescaling writes dense weights, which compact layers no longer hold."""
         sc, saved = self.cfg.sparsity, self._saved_plan()
-        self.method.use_execution(
-            saved or sc.backend,
-            compact_state=sc.compact_state,
-            channel_both_sides=sc.channel_both_sides,
-            lossless_activations=sc.lossless_activations,
-        )
+        self.method.use_execution(dataclasses.replace(sc.execution_options(), execution=saved or sc.backend))
         if self.method.plan is None:  # auto: time on a training batch drawn apart from the training order
             self.method.choose_execution(self._scoring_batches(count=1)[0][0])
         if self.method.plan.layout is not None:  # batches come in the plan's layout (no copy in the model's hook)

@@ -51,10 +51,14 @@ class MethodTraits:
     ``masks``: it keeps a mask per sparse layer (dense training has none). ``fixed_mask``: the mask never
     changes after it is made (static, lottery), so layers may be cut for good. ``compactable``: its layers may
     store only their kept weights (the mask's count is honoured by every update). ``own_layers``: it computes
-    with layers of its own (SWAT's top-K layers) instead of the masked layers the backends swap in.
+    with layers of its own (SWAT's top-K layers) instead of the masked layers the backends swap in. ``regrows``: it
+    prunes and grows whole units during training (SET, RigL, MEST: N:M masks cannot). ``rounds``: a run trains one
+    round of several, each a run of its own (lottery tickets: the engine runs the rounds).
     """
 
     masks: bool = True
     fixed_mask: bool = False
     compactable: bool = False
     own_layers: bool = False
+    regrows: bool = False
+    rounds: bool = False

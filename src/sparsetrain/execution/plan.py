@@ -17,7 +17,7 @@ pre-hook on the model, so the loop feeds data as before.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from .backends.compact import compact_layers, is_compact
 from .backends.plain import restore_plain
 from .backends.swat import swat_backend
 from .memory import LosslessActivations
+from .options import OPTION_NAMES, ExecutionOptions
 
 __all__ = ["ExecutionPlan", "LayerPlan", "Planner", "LAYOUTS"]
 
@@ -55,25 +56,24 @@ class LayerPlan:
 @dataclass
 class ExecutionPlan:
     """What runs where: ``requested`` (the ``execution`` asked for), each layer's :class:`LayerPlan` by weight name,
-    the model's ``layout`` (``"nchw"``, ``"channels_last"``, or None: the inputs as given), whether channel
-    cuts reach the next layer (``channel_both_sides``), and whether activations are kept the lossless compact way
-    (``lossless_activations``)."""
+    the model's ``layout`` (``"nchw"``, ``"channels_last"``, or None: the inputs as given), and the
+    :class:`~sparsetrain.execution.options.ExecutionOptions` it was made with (``plan.lossless_activations`` and the
+    other compared options read through to them)."""
 
     requested: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     layout: str | None = None
-    channel_both_sides: bool = False
-    lossless_activations: bool = False
+    options: ExecutionOptions = ExecutionOptions()
+
+    def __getattr__(self, name: str):
+        if name in OPTION_NAMES and name != "execution":
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict:
         """Plain data (for state dicts and JSON)."""
-        return {
-            "requested": self.requested,
-            "layout": self.layout,
-            "channel_both_sides": self.channel_both_sides,
-            "lossless_activations": self.lossless_activations,
-            "layers": {n: asdict(lp) for n, lp in self.layers.items()},
-        }
+        layers = {n: asdict(lp) for n, lp in self.layers.items()}
+        return {"requested": self.requested, "layout": self.layout, **self.options.to_dict(), "layers": layers}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExecutionPlan":
@@ -89,13 +89,8 @@ class ExecutionPlan:
             raise ValueError(f"not an execution plan (missing or malformed field: {e})") from None
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r} in the plan; allowed: {sorted(LAYOUTS)} or null")
-        return cls(
-            d["requested"],
-            layers,
-            layout,
-            bool(d.get("channel_both_sides", False)),
-            bool(d.get("lossless_activations", False)),
-        )
+        compared = {k: bool(d.get(k, False)) for k in ExecutionOptions().to_dict()}
+        return cls(d["requested"], layers, layout, ExecutionOptions(execution=d["requested"], **compared))
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (``ExecutionPlan.load`` reads it back)."""
@@ -172,18 +167,16 @@ class Planner:
         optimizer: torch.optim.Optimizer,
         maskset,
         request: ExecutionRequest,
-        execution: "str | ExecutionPlan",
-        compact_state: bool = False,
     ):
-        given = execution if isinstance(execution, ExecutionPlan) else None
-        name = given.requested if given else execution
-        if not isinstance(name, str):
+        options = request.options
+        given = options.execution if isinstance(options.execution, ExecutionPlan) else None
+        if not isinstance(options.requested, str):
             raise TypeError(
-                f"execution must be a backend name, 'auto' or an ExecutionPlan, got {type(execution).__name__}"
+                f"execution must be a backend name, 'auto' or an ExecutionPlan, got {type(options.execution).__name__}"
             )
-        self.backend = check_execution(name, request)
+        self.backend = check_execution(options.requested, request)
         self.model, self.optimizer, self.maskset, self.request = model, optimizer, maskset, request
-        self.compact_state = compact_state
+        self.options = options
         self.plan: ExecutionPlan | None = None
         self._hooks: list = []
         self._layout_hooks: list = []
@@ -191,10 +184,10 @@ class Planner:
             self.layers = swat_backend(model, self.backend.name)
         else:
             self.layers = apply_backend(model, maskset, self.backend.name) if self.backend.swaps_layers else {}
-        if request.channel_both_sides:
+        if options.channel_both_sides:
             shrink_both_sides(model, self.layers)
         # before any timing, so that auto times the step as it will run
-        self.memory = LosslessActivations(model) if request.lossless_activations else None
+        self.memory = LosslessActivations(model) if options.lossless_activations else None
         if given is not None:
             self.apply(given)
         elif not self.backend.timed:
@@ -278,15 +271,14 @@ class Planner:
             fresh = {
                 n: m
                 for n, m in self.layers.items()
-                if not is_compact(m) and (n in compact if compact is not None else self.compact_state)
+                if not is_compact(m) and (n in compact if compact is not None else self.options.compact_state)
             }
             compact_layers(fresh, self.maskset, self.optimizer)
         self.plan = ExecutionPlan(
             self.backend.name,
             {n: LayerPlan(m.backend, is_compact(m)) for n, m in self.layers.items()},
             layout,
-            self.request.channel_both_sides,
-            self.request.lossless_activations,
+            replace(self.options, execution=self.backend.name, example_inputs=None),
         )
         self._set_layout(layout)
         return self.plan
@@ -305,8 +297,8 @@ class Planner:
 
     # ------------------------------------------------------------------ applying a plan
     def check(self, plan: ExecutionPlan) -> None:
-        """Refuse a plan this planner cannot run, naming why: another execution, other layers, another
-        ``channel_both_sides``, or a path change for a layer already compacted."""
+        """Refuse a plan this planner cannot run, naming why: another execution, other layers, other compared
+        :class:`~sparsetrain.execution.options.ExecutionOptions`, or a path change for a layer already compacted."""
         if get_backend(plan.requested) is not self.backend:
             raise ValueError(
                 f"this state ran with execution={plan.requested!r}; build the sparsifier with "
@@ -315,16 +307,8 @@ class Planner:
         if set(plan.layers) != set(self.layers):
             diff = sorted(set(plan.layers) ^ set(self.layers))
             raise ValueError(f"the execution plan is for other layers than this model's (differing: {diff[:5]})")
-        if plan.channel_both_sides != self.request.channel_both_sides:
-            raise ValueError(
-                f"the execution plan was made with channel_both_sides={plan.channel_both_sides}; this "
-                f"sparsifier has channel_both_sides={self.request.channel_both_sides}"
-            )
-        if plan.lossless_activations != self.request.lossless_activations:
-            raise ValueError(
-                f"the execution plan was made with lossless_activations={plan.lossless_activations}; "
-                f"this sparsifier has lossless_activations={self.request.lossless_activations}"
-            )
+        for name, theirs, mine in plan.options.differences(self.options):
+            raise ValueError(f"the execution plan was made with {name}={theirs}; this sparsifier has {name}={mine}")
         if self.plan is not None:
             changed = [n for n, lp in plan.layers.items() if lp != self.plan.layers[n]]
             stuck = [n for n in changed if self.plan.layers[n].compact or plan.layers[n].compact]

@@ -6,8 +6,8 @@
 Both take a factory ``make(model, optimizer, *, total_steps, steps_per_epoch, epochs)`` returning a
 sparsifier (or a list of them, e.g. a method and the ToST recipe: anything that satisfies
 :class:`~sparsetrain.core.lifecycle.Lifecycle`), build it when training starts, save its state with the
-framework's checkpoints and restore it on resume without user code. Their ``execution`` and ``compact_state``
-run the method's layers really sparse (:meth:`sparsetrain.methods.base.Sparsifier.use_execution`): ``auto``
+framework's checkpoints and restore it on resume without user code. Their ``execution`` and the other execution
+options (:class:`~sparsetrain.execution.options.ExecutionOptions`) run the method's layers really sparse (:meth:`sparsetrain.methods.base.Sparsifier.use_execution`): ``auto``
 times its plan on the first training batch, and a resumed run applies the plan it saved instead.
 Importing this package imports neither framework.
 """
@@ -21,24 +21,27 @@ import torch
 import torch.nn as nn
 
 from ..core.lifecycle import Lifecycle
+from ..execution.options import ExecutionOptions
 from ..methods.base import Sparsifier
 
-__all__ = ["Factory", "build_all", "restore_all", "snapshot"]
+__all__ = ["Factory", "build_all", "execution_options", "restore_all", "snapshot"]
 
 Factory = Callable[..., object]
 
 
+def execution_options(execution, options: dict) -> ExecutionOptions | None:
+    """A callback's execution arguments as one value (None: the factory's own choice stands)."""
+    if execution is None and not options:
+        return None
+    return ExecutionOptions.of("masked" if execution is None else execution, **options)
+
+
 def build_all(
-    make: Factory,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    execution=None,
-    compact_state: bool = False,
-    **length,
+    make: Factory, model: nn.Module, optimizer: torch.optim.Optimizer, *, execution=None, **length
 ) -> list[Lifecycle]:
     """``make(model, optimizer, **length)`` as a list of sparsifiers (a single one or a sequence); with
-    ``execution``, the method among them (the first :class:`~sparsetrain.methods.base.Sparsifier`) runs on it."""
+    ``execution`` (:class:`~sparsetrain.execution.options.ExecutionOptions`), the method among them (the first
+    :class:`~sparsetrain.methods.base.Sparsifier`) runs on it."""
     made = make(model, optimizer, **length)
     made = list(made) if isinstance(made, (list, tuple)) else [made]
     odd = [type(m).__name__ for m in made if not isinstance(m, Lifecycle)]
@@ -47,11 +50,11 @@ def build_all(
             f"the factory made {odd}, which lack the sparsifier lifecycle (pre_step, post_step, "
             "state_dict, load_state_dict, model_state_keys, remove, manual_pre_step)"
         )
-    if execution is not None or compact_state:
+    if execution is not None:
         methods = [m for m in made if isinstance(m, Sparsifier)]
         if not methods:
             raise ValueError("execution= runs a method's layers, but the factory made no method (only recipes)")
-        methods[0].use_execution(execution or "masked", compact_state=compact_state)
+        methods[0].use_execution(execution)
     return made
 
 

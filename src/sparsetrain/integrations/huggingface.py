@@ -28,7 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..methods.base import Sparsifier
-from . import Factory, build_all, restore_all, snapshot
+from . import Factory, build_all, execution_options, restore_all, snapshot
 
 __all__ = ["SparsityCallback", "STATE_FILE"]
 
@@ -48,12 +48,14 @@ class SparsityCallback(TrainerCallback):
     ``functools.partial(sparsetrain.rigl, sparsity=0.9)``, or a function returning a list
     (a method and ``sparsetrain.tost`` around it).
 
-    ``execution`` (a backend's name, ``"auto"`` or an ``ExecutionPlan``) and ``compact_state`` run the method's
-    layers really sparse; the plan is saved with the checkpoints and a resumed run applies it without timing again.
+    ``execution`` (an :class:`~sparsetrain.execution.options.ExecutionOptions`, a backend's name, ``"auto"`` or an
+    ``ExecutionPlan``) and the other execution options by keyword (``compact_state``, ``lossless_activations``,
+    ...) run the method's layers really sparse; the plan is saved with the checkpoints and a resumed run applies
+    it without timing again.
     """
 
-    def __init__(self, make: Factory, *, execution=None, compact_state: bool = False):
-        self.make, self.execution, self.compact_state = make, execution, compact_state
+    def __init__(self, make: Factory, *, execution=None, **options):
+        self.make, self.execution = make, execution_options(execution, options)
         self.sparsifiers: list = []
 
     @property
@@ -78,7 +80,6 @@ class SparsityCallback(TrainerCallback):
             steps_per_epoch=steps_per_epoch,
             epochs=epochs,
             execution=self.execution,
-            compact_state=self.compact_state,
         )
         if resumed:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE

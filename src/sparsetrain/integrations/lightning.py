@@ -26,7 +26,7 @@ import math
 
 from lightning.pytorch.callbacks import Callback
 
-from . import Factory, build_all, restore_all, snapshot
+from . import Factory, build_all, execution_options, restore_all, snapshot
 
 __all__ = ["SparsityCallback", "CHECKPOINT_KEY"]
 
@@ -39,12 +39,14 @@ class SparsityCallback(Callback):
     ``make(module, optimizer, *, total_steps, steps_per_epoch, epochs)``: e.g.
     ``functools.partial(sparsetrain.mest, sparsity=0.9)``, or a function returning a list.
 
-    ``execution`` (a backend's name, ``"auto"`` or an ``ExecutionPlan``) and ``compact_state`` run the method's
-    layers really sparse; the plan is saved with the checkpoints and a resumed run applies it without timing again.
+    ``execution`` (an :class:`~sparsetrain.execution.options.ExecutionOptions`, a backend's name, ``"auto"`` or an
+    ``ExecutionPlan``) and the other execution options by keyword (``compact_state``, ``lossless_activations``,
+    ...) run the method's layers really sparse; the plan is saved with the checkpoints and a resumed run applies
+    it without timing again.
     """
 
-    def __init__(self, make: Factory, *, execution=None, compact_state: bool = False):
-        self.make, self.execution, self.compact_state = make, execution, compact_state
+    def __init__(self, make: Factory, *, execution=None, **options):
+        self.make, self.execution = make, execution_options(execution, options)
         self.sparsifiers: list = []
         self._pending: list[dict] | None = None
 
@@ -74,7 +76,6 @@ class SparsityCallback(Callback):
             steps_per_epoch=steps_per_epoch,
             epochs=epochs,
             execution=self.execution,
-            compact_state=self.compact_state,
         )
         for sp in self.sparsifiers:
             sp.manual_pre_step = True  # backward runs inside optimizer.step(closure)

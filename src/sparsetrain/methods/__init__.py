@@ -1,18 +1,22 @@
-"""Methods: one registry of factories, each returning a :class:`~.base.Sparsifier` with one lifecycle.
+"""Methods: one registry of method classes, each with its factory, its knobs and its traits.
 
-``METHODS`` maps a method name to its factory; the config (``sparsity.method``), the CLI, the
-Trainer and the integrations all build methods through it, so adding a method is one entry
-here. Every factory takes ``(model, optimizer, *, <length of training>, <the method's knobs>)``;
-:mod:`.base` documents the lifecycle.
+A method is a :class:`~.base.Sparsifier` subclass in a module of this package, decorated with
+:func:`~.base.register_method`: that makes its factory from the knobs it declares (:mod:`.knobs`) and adds both to
+:data:`METHODS` (name -> factory) and :data:`METHOD_CLASSES` (name -> class). The configuration
+(``sparsity.method`` and its keys), the CLI, the Trainer and the integrations all build methods through them, so
+adding a method is its module plus its import below. Every factory takes ``(model, optimizer, *, <the method's
+knobs>, <execution options>)``; :mod:`.base` documents the lifecycle.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 from ..core.lifecycle import MethodTraits
-from . import dynamic, lottery, mest, static, swat
-from .base import Clock, Dense, Sparsifier, dense
+
+# isort: off
+from . import static, lottery, dynamic, mest, swat  # noqa: F401 - each registers its methods, in this order
+
+# isort: on
+from .base import METHOD_CLASSES, METHODS, Clock, Dense, Sparsifier, dense
 from .dynamic import SET, RigL
 from .lottery import Lottery, round_sparsities
 from .mest import MEST
@@ -22,6 +26,7 @@ from .swat import SWAT
 # The factories are ``sparsetrain.static``, ``.set``, ``.rigl``, ...; here the names are the modules.
 __all__ = [
     "METHODS",
+    "METHOD_CLASSES",
     "DESCRIPTIONS",
     "TRAITS",
     "Sparsifier",
@@ -35,27 +40,13 @@ __all__ = [
     "Lottery",
     "make_masks",
     "round_sparsities",
+    "dense",
 ]
 
-METHODS: dict[str, Callable[..., Sparsifier]] = {
-    "dense": dense,
-    "static": static.static,
-    "lottery": lottery.lottery,
-    "set": dynamic.set_sparsifier,
-    "rigl": dynamic.rigl,
-    "mest": mest.mest,
-    "swat": swat.swat,
-}
-
 # what each method is, for execution: the backends accept or refuse a method by these (the config asks them too)
-TRAITS: dict[str, MethodTraits] = {cls.name: cls.traits for cls in (Dense, Static, Lottery, SET, RigL, MEST, SWAT)}
+TRAITS: dict[str, MethodTraits] = {name: cls.traits for name, cls in METHOD_CLASSES.items()}
 
+# one line per method (the first sentence of its docstring), for listings
 DESCRIPTIONS: dict[str, str] = {
-    "dense": "no sparsity: every weight trains",
-    "static": "a mask fixed at initialisation (init: random, magnitude, snip, grasp, synflow)",
-    "lottery": "lottery ticket: iterative magnitude pruning with rewinding, one round per run",
-    "set": "SET: magnitude prune, random grow every update_every_steps",
-    "rigl": "RigL: magnitude prune, grow by dense-gradient magnitude at update steps",
-    "mest": "MEST: |w| + lambda|g| prune, random grow every every_epochs; elastic mutation; optional soft memory bound",
-    "swat": "SWAT: top-K weights in forward and backward, top-K activations saved for backward, dense update",
+    name: " ".join((cls.__doc__ or name).split("\n\n")[0].split()) for name, cls in METHOD_CLASSES.items()
 }

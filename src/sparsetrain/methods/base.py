@@ -41,24 +41,35 @@ length changes during training (MEST data efficiency removes examples), set
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import numbers
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from ..core.distributions import layer_densities
 from ..core.lifecycle import MethodTraits
 from ..core.masks import LayerSparsity, MaskSet
 from ..execution.backends import ExecutionRequest
+from ..execution.options import ExecutionOptions
 from ..execution.plan import ExecutionPlan, Planner
+from .knobs import CLOCK, Knob, make_factory
 
-__all__ = ["Sparsifier", "Dense", "dense", "Clock", "check_fraction", "executes", "warn_caller"]
+__all__ = [
+    "Sparsifier",
+    "Dense",
+    "dense",
+    "Clock",
+    "check_fraction",
+    "warn_caller",
+    "METHODS",
+    "METHOD_CLASSES",
+    "register_method",
+]
 
 
 _CARRIERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()  # model -> its sparsifier
@@ -155,6 +166,19 @@ class Clock:
             setattr(self, k, state[k])
 
 
+METHODS: dict[str, Callable[..., "Sparsifier"]] = {}  # name -> factory, in registration order
+METHOD_CLASSES: dict[str, type["Sparsifier"]] = {}  # name -> class
+
+
+def register_method(cls: type["Sparsifier"]) -> type["Sparsifier"]:
+    """Class decorator: make ``cls``'s factory from its knobs and docstring (``cls.factory``) and register both under
+    ``cls.name`` (the configuration, the CLI and the Trainer build methods through :data:`METHODS`)."""
+    cls.factory = make_factory(cls, cls.__doc__ or "")
+    METHODS[cls.name] = cls.factory
+    METHOD_CLASSES[cls.name] = cls
+    return cls
+
+
 class Sparsifier:
     """Base of every method: dense training (no masks) with the full lifecycle of the module docstring.
 
@@ -164,6 +188,41 @@ class Sparsifier:
 
     name = "dense"
     traits = MethodTraits()
+    knobs: tuple[Knob, ...] = CLOCK  # the factory's keyword arguments (see :mod:`.knobs`)
+    config_hints: dict[str, str] = {}  # configuration key -> a hint shown when this method refuses it
+
+    @classmethod
+    def build(cls, model: nn.Module, optimizer: torch.optim.Optimizer, **knobs) -> "Sparsifier":
+        """The sparsifier from its knobs' values (what the factory calls; lottery tickets first rewind)."""
+        return cls(model, optimizer, **knobs)
+
+    @classmethod
+    def knob(cls, name: str) -> Knob:
+        """The declared knob ``name`` (its default, doc and configuration key), or a KeyError naming the knobs."""
+        for k in cls.knobs:
+            if k.name == name:
+                return k
+        raise KeyError(f"method {cls.name!r} has no knob {name!r}; it has {[k.name for k in cls.knobs]}")
+
+    @classmethod
+    def sharding_reasons(cls, knobs: dict, compact_state: bool) -> list[str]:
+        """Why this method, with these knob values, cannot train on weights sharded by FSDP2 (empty when it can)."""
+        return []
+
+    @classmethod
+    def flops_densities(
+        cls,
+        shapes: dict[str, tuple],
+        sparsity: float,
+        distribution: str,
+        activation_sparsity: float | None,
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Predicted (weight density, weight-gradient density) per sparse layer of ``shapes``, for FLOP counts before
+        training (``sparsetrain flops``): masked methods compute the kept weights' gradient only."""
+        if not cls.traits.masks:
+            return {}, {}
+        density = layer_densities(distribution, shapes, sparsity)
+        return density, dict(density)
 
     def __init__(
         self,
@@ -315,35 +374,26 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ execution
     def use_execution(
-        self,
-        execution: "str | ExecutionPlan" = "masked",
-        *,
-        compact_state: bool = False,
-        example_inputs: Any = None,
-        channel_both_sides: bool = False,
-        lossless_activations: bool = False,
+        self, execution: "str | ExecutionPlan | ExecutionOptions" = ExecutionOptions(), **options
     ) -> "ExecutionPlan | None":
-        """Run the method's layers on ``execution``: ``"masked"`` (a simulation), a backend's name, ``"auto"``,
-        or an :class:`~sparsetrain.execution.plan.ExecutionPlan` (one saved before: nothing is timed).
-        ``compact_state`` stores only the kept weights (and their gradients and optimizer state) where the backend
-        allows it; ``channel_both_sides`` lets a ``channel`` layer's cut reach its BatchNorm and the next layer;
-        ``lossless_activations`` keeps activations for backward in exact compact forms (ReLU bits, max-pool bytes,
-        BatchNorm-ReLU outputs recomputed: :mod:`sparsetrain.execution.memory`).
-        ``auto`` times its choices on ``example_inputs`` (a tensor, or a tuple of the model's positional inputs)
-        when given, else on the first training forward pass. Returns the plan, or None while it waits for a batch.
-        The factories call this for their ``execution`` argument; call it before training."""
+        """Run the method's layers as :class:`~sparsetrain.execution.options.ExecutionOptions` say: ``execution``
+        is one such value, or ``"masked"`` (a simulation), a backend's name, ``"auto"`` or an
+        :class:`~sparsetrain.execution.plan.ExecutionPlan` (one saved before: nothing is timed), with the other
+        options by keyword (``compact_state``, ``channel_both_sides``, ``lossless_activations``,
+        ``example_inputs``). ``auto`` times its choices on ``example_inputs`` when given, else on the first training
+        forward pass. Returns the plan, or None while it waits for a batch. The factories call this for their
+        execution arguments; call it before training."""
+        opts = ExecutionOptions.of(execution, **options)
         if self._planner is not None and self._planner.backend.swaps_layers:
             raise ValueError(f"execution is already {self._planner.backend.name!r}; choose it once, before training")
-        if self.optimizer.state and compact_state:
+        if self.optimizer.state and opts.compact_state:
             raise ValueError("compact_state changes the optimizer's parameters: choose execution before training")
         scheme = getattr(getattr(self, "scheme", None), "name", "unstructured")
-        request = ExecutionRequest(
-            self.name, self.traits, scheme, bool(compact_state), bool(channel_both_sides), bool(lossless_activations)
-        )
-        self._planner = Planner(self.model, self.optimizer, self.maskset, request, execution, compact_state)
-        if example_inputs is not None and self._planner.pending:
-            inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-            self._planner.choose(*inputs)
+        request = ExecutionRequest(self.name, self.traits, scheme, replace(opts, example_inputs=None))
+        self._planner = Planner(self.model, self.optimizer, self.maskset, request)
+        if opts.example_inputs is not None and self._planner.pending:
+            given = opts.example_inputs
+            self._planner.choose(*(given if isinstance(given, (tuple, list)) else (given,)))
         return self._planner.plan
 
     @property
@@ -459,8 +509,16 @@ class Sparsifier:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; load it before the model's and the optimizer's state."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a sparsifier state is a dict (from sp.state_dict()), got {type(state).__name__}")
         if state.get("method") != self.name:
             raise ValueError(f"this state is from method {state.get('method')!r}; this sparsifier is {self.name!r}")
+        missing = [k for k in self._state_keys() if k not in state]
+        if missing:
+            raise ValueError(
+                f"this {self.name} state lacks {missing} (cut short or not from sp.state_dict()); a {self.name} "
+                f"sparsifier's state holds {self._state_keys()}"
+            )
         self._check_attached("load_state_dict")
         saved, mine = state.get("sparsity"), getattr(self, "target", None)
         if saved is not None and mine is not None and abs(float(saved) - float(mine)) > 1e-9:
@@ -475,6 +533,10 @@ class Sparsifier:
         self._bumps = int(state["bumps"])
         if plan is not None:  # a resumed run keeps its choices, without timing again
             self._planner.apply(plan)
+
+    def _state_keys(self) -> list[str]:
+        """The keys :meth:`load_state_dict` needs (those :meth:`state_dict` always writes)."""
+        return ["method", "clock", "bumps", "sparsity", *(["masks"] if self.maskset is not None else [])]
 
     def _saved_plan(self, saved: dict | None) -> "ExecutionPlan | None":
         """The saved execution plan, refused (:meth:`Planner.check`) when this sparsifier cannot run it."""
@@ -519,77 +581,18 @@ class Sparsifier:
         return self.model
 
 
-_EXECUTION_DOC = """
-
-    Execution (every factory): ``execution`` is ``"masked"`` (the default: a simulation at dense cost), a backend's
-    name (``"csr"``, ``"direct"``, ``"condensed"``, ``"channel"``, ``"semi_structured"``), ``"auto"`` (the fastest
-    path per layer and the faster layout, timed on ``example_inputs`` if given, else on the first training forward
-    pass), or an :class:`~sparsetrain.execution.plan.ExecutionPlan`. ``compact_state`` stores only kept weights
-    where the backend allows it; ``channel_both_sides`` (backend ``channel``, static masks) cuts a removed
-    filter's BatchNorm channel and the next layer's inputs too; ``lossless_activations`` keeps what the forward pass
-    saves for backward in exact compact forms (ReLU bits, max-pool bytes, BatchNorm-ReLU outputs recomputed), for
-    any method and backend. The plan is ``sp.plan``, saved in ``sp.state_dict()``."""
-
-
-def executes(factory: Callable[..., Sparsifier]) -> Callable[..., Sparsifier]:
-    """Give a method's factory the execution arguments (``execution``, ``compact_state``, ``example_inputs``,
-    ``channel_both_sides``): it builds the sparsifier, then :meth:`Sparsifier.use_execution` runs its layers so.
-    One definition for every factory, so their signatures and docstrings say it alike."""
-
-    @functools.wraps(factory)
-    def make(
-        *args,
-        execution: "str | ExecutionPlan" = "masked",
-        compact_state: bool = False,
-        example_inputs: Any = None,
-        channel_both_sides: bool = False,
-        lossless_activations: bool = False,
-        **kwargs,
-    ) -> Sparsifier:
-        sp = factory(*args, **kwargs)
-        sp.use_execution(
-            execution,
-            compact_state=compact_state,
-            example_inputs=example_inputs,
-            channel_both_sides=channel_both_sides,
-            lossless_activations=lossless_activations,
-        )
-        return sp
-
-    sig = inspect.signature(factory)
-    extra = [
-        inspect.Parameter(
-            "execution", inspect.Parameter.KEYWORD_ONLY, default="masked", annotation="str | ExecutionPlan"
-        ),
-        inspect.Parameter("compact_state", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
-        inspect.Parameter("example_inputs", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"),
-        inspect.Parameter("channel_both_sides", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
-        inspect.Parameter("lossless_activations", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
-    ]
-    make.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
-    make.__doc__ = (factory.__doc__ or "") + _EXECUTION_DOC
-    return make
-
-
+@register_method
 class Dense(Sparsifier):
-    """Dense training: every weight trains; the clock still counts, so records and resume look the same."""
+    """Dense training through the same contract (a baseline with the same records and resume): every weight trains;
+    the clock still counts."""
 
     name = "dense"
     traits = MethodTraits(masks=False)
+    config_hints = {"sparsity": "choose a sparse method, e.g. sparsity.method=static"}
 
     def __init__(self, model, optimizer, *, total_steps=None, steps_per_epoch=None, epochs=None):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
         self._attach()
 
 
-@executes
-def dense(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-    epochs: int | None = None,
-) -> Dense:
-    """Dense training through the same contract (a baseline with the same records and resume)."""
-    return Dense(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
+dense = Dense.factory

@@ -18,42 +18,46 @@ MEST lives in :mod:`.mest`; it shares :class:`PruneAndGrow`.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Literal, get_args
 
 import torch
-import torch.nn as nn
 
 from ..core.lifecycle import MethodTraits
-from .base import Sparsifier, check_fraction, executes, warn_caller
+from .base import Sparsifier, check_fraction, register_method, warn_caller
+from .knobs import CLOCK, MASK_KNOBS, SEED, Knob
 from .static import make_masks
 
 __all__ = ["PruneAndGrow", "SET", "RigL", "set_sparsifier", "rigl", "UPDATE_DECAYS"]
 
-UPDATE_DECAYS = ("cosine", "constant")
+
+UPDATE_EVERY_STEPS = Knob("update_every_steps", 100, int, "SET/RigL: steps between mask updates", {"gt": 0})
+UPDATE_FRACTION = Knob(
+    "update_fraction", 0.3, float, "SET/RigL: share of active weights replaced at the first update", {"ge": 0, "lt": 1}
+)
+UPDATE_DECAY = Knob("update_decay", "cosine", Literal["cosine", "constant"], "SET/RigL: how the replaced share decays")
+UPDATE_END = Knob("update_end", 0.75, float, "SET/RigL: no updates after this fraction of training", {"gt": 0, "le": 1})
+NEURON_ABLATION = Knob(
+    "neuron_ablation",
+    0.0,
+    float,
+    "RigL with scheme fan_in: SRigL's neuron ablation threshold (0: off; the paper uses 0.3)",
+    {"ge": 0, "lt": 1},
+)
+UPDATE_DECAYS = get_args(UPDATE_DECAY.kind)
+SCHEDULE_KNOBS = (UPDATE_EVERY_STEPS, UPDATE_FRACTION, UPDATE_DECAY, UPDATE_END)
 
 
 class PruneAndGrow(Sparsifier):
     """Shared machinery: a random initial mask, unit counts per layer, the growth generator, broadcast."""
 
-    traits = MethodTraits(compactable=True)
+    traits = MethodTraits(compactable=True, regrows=True)
     reads_gradients = True  # prunes or grows by the weights' gradients (RigL, MEST); SET does not
 
     def __init__(
-        self,
-        model,
-        optimizer,
-        *,
-        sparsity: float,
-        distribution: str,
-        custom_sparsity,
-        scheme: str,
-        dense_layers: Iterable[str],
-        seed: int,
-        total_steps,
-        steps_per_epoch,
-        epochs,
+        self, model, optimizer, *, sparsity: float, seed: int, total_steps, steps_per_epoch, epochs, **mask_kw
     ):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        scheme = mask_kw["scheme"]
         if isinstance(scheme, str) and scheme.startswith("nm_"):
             raise ValueError(
                 f"{self.name} prunes and grows whole units; N:M scheme {scheme!r} supports static masks only"
@@ -62,16 +66,7 @@ class PruneAndGrow(Sparsifier):
         start = torch.Generator().manual_seed(seed)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=start)))
-        self.maskset, self.scheme = make_masks(
-            model,
-            sparsity=sparsity,
-            distribution=distribution,
-            custom_sparsity=custom_sparsity,
-            scheme=scheme,
-            dense_layers=dense_layers,
-            init="random",
-            generator=start,
-        )
+        self.maskset, self.scheme = make_masks(model, sparsity=sparsity, **mask_kw, init="random", generator=start)
         frozen = [n for n, p in self.maskset.params.items() if not p.requires_grad]
         if frozen and self.reads_gradients:
             raise ValueError(
@@ -112,6 +107,9 @@ class PruneAndGrow(Sparsifier):
         """Layer ``name``'s mask after replacing ``k`` of its units: prune by magnitude, grow by ``grow_score``
         (None: at random)."""
         return self.scheme.update(self.maskset.masks[name], weight.abs(), k, k, grow_score, self.generator)
+
+    def _state_keys(self) -> list[str]:
+        return [*super()._state_keys(), *["generator", "updates"]]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state(), "updates": self.updates}
@@ -171,10 +169,14 @@ class _Scheduled(PruneAndGrow):
         return f"every={self.update_every_steps}, fraction={self.update_fraction}, decay={self.update_decay!r}, updates={self.updates}"
 
 
+@register_method
 class SET(_Scheduled):
-    """SET: magnitude prune and random grow after the step (see :func:`set_sparsifier`)."""
+    """SET (exported as ``sparsetrain.set``): every ``update_every_steps`` optimizer steps until
+    ``update_end`` of training, drop ``update_fraction`` (cosine-decayed by default) of each layer's
+    active weights by magnitude and grow as many at random, after the step."""
 
     name = "set"
+    knobs = (*MASK_KNOBS, *SCHEDULE_KNOBS, SEED, *CLOCK)
     reads_gradients = False
 
     def _after_update(self) -> None:
@@ -183,12 +185,20 @@ class SET(_Scheduled):
             self._replace(f, grow_from_grad=False)
 
 
+@register_method
 class RigL(_Scheduled):
-    """RigL: magnitude prune and grow by dense-gradient magnitude before the step (see :func:`rigl`)."""
+    """RigL: every ``update_every_steps`` optimizer steps until ``update_end`` of training, drop
+    ``update_fraction`` (cosine-decayed) of each layer's active weights by magnitude and grow as many
+    where the dense gradient of that step is largest (read inside ``optimizer.step()``, before the
+    masked entries are zeroed). With ``scheme="fan_in"`` this is SRigL's rule (the same count in every
+    row); ``neuron_ablation`` > 0 adds SRigL's neuron ablation: at each update, neurons with fewer than
+    that share of their fan-in in salient weights lose all their weights and the others share them
+    (the paper's threshold is 0.3)."""
 
     name = "rigl"
+    knobs = (*MASK_KNOBS, *SCHEDULE_KNOBS, NEURON_ABLATION, SEED, *CLOCK)
 
-    def __init__(self, model, optimizer, *, neuron_ablation: float = 0.0, **kw):
+    def __init__(self, model, optimizer, *, neuron_ablation: float, **kw):
         if not isinstance(neuron_ablation, (int, float)) or not 0 <= neuron_ablation < 1:
             raise ValueError(f"neuron_ablation must be in [0, 1) (0: off; SRigL uses 0.3), got {neuron_ablation!r}")
         if neuron_ablation and kw.get("scheme") != "fan_in":
@@ -199,6 +209,15 @@ class RigL(_Scheduled):
         self.neuron_ablation = float(neuron_ablation)
         super().__init__(model, optimizer, **kw)
         self._arm()
+
+    @classmethod
+    def sharding_reasons(cls, knobs, compact_state):
+        if compact_state and knobs.get("neuron_ablation", NEURON_ABLATION.default):
+            return [
+                "neuron ablation changes how many weights a layer keeps, which a sharded compact layer "
+                "cannot; use compact_state=false"
+            ]
+        return []
 
     def _arm(self) -> None:
         """Tell the layers whose sparse products give only kept weights a gradient (``csr``, ``direct``,
@@ -236,89 +255,5 @@ class RigL(_Scheduled):
         return bool(f)
 
 
-@executes
-def set_sparsifier(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    sparsity: float,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-    epochs: int | None = None,
-    distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None,
-    scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"),
-    update_every_steps: int = 100,
-    update_fraction: float = 0.3,
-    update_decay: str = "cosine",
-    update_end: float = 0.75,
-    seed: int = 0,
-) -> SET:
-    """SET (exported as ``sparsetrain.set``): every ``update_every_steps`` optimizer steps until
-    ``update_end`` of training, drop ``update_fraction`` (cosine-decayed by default) of each layer's
-    active weights by magnitude and grow as many at random."""
-    return SET(
-        model,
-        optimizer,
-        sparsity=sparsity,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        distribution=distribution,
-        custom_sparsity=custom_sparsity,
-        scheme=scheme,
-        dense_layers=dense_layers,
-        update_every_steps=update_every_steps,
-        update_fraction=update_fraction,
-        update_decay=update_decay,
-        update_end=update_end,
-        seed=seed,
-    )
-
-
-@executes
-def rigl(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    sparsity: float,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-    epochs: int | None = None,
-    distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None,
-    scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"),
-    update_every_steps: int = 100,
-    update_fraction: float = 0.3,
-    update_decay: str = "cosine",
-    update_end: float = 0.75,
-    neuron_ablation: float = 0.0,
-    seed: int = 0,
-) -> RigL:
-    """RigL: every ``update_every_steps`` optimizer steps until ``update_end`` of training, drop
-    ``update_fraction`` (cosine-decayed) of each layer's active weights by magnitude and grow as many
-    where the dense gradient of that step is largest (read inside ``optimizer.step()``, before the
-    masked entries are zeroed). With ``scheme="fan_in"`` this is SRigL's rule (the same count in every
-    row); ``neuron_ablation`` > 0 adds SRigL's neuron ablation: at each update, neurons with fewer than
-    that share of their fan-in in salient weights lose all their weights and the others share them
-    (the paper's threshold is 0.3)."""
-    return RigL(
-        model,
-        optimizer,
-        sparsity=sparsity,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        distribution=distribution,
-        custom_sparsity=custom_sparsity,
-        scheme=scheme,
-        dense_layers=dense_layers,
-        update_every_steps=update_every_steps,
-        update_fraction=update_fraction,
-        update_decay=update_decay,
-        update_end=update_end,
-        neuron_ablation=neuron_ablation,
-        seed=seed,
-    )
+set_sparsifier = SET.factory
+rigl = RigL.factory

@@ -20,8 +20,20 @@ from ..core.lifecycle import MethodTraits
 from ..core.masks import select_parameters
 from ..core.schemes import parse_scheme
 from ..core.scores import masks_from_scores
-from .base import executes
-from .static import Static
+from .base import register_method
+from .knobs import (
+    CLOCK,
+    CUSTOM_SPARSITY,
+    DENSE_LAYERS,
+    DISTRIBUTION,
+    MASK_KNOBS,
+    REQUIRED,
+    SCHEME,
+    SPARSITY,
+    Knob,
+    with_knob_defaults,
+)
+from .static import GLOBAL_RANKING, Static
 
 __all__ = ["Lottery", "lottery", "round_sparsities", "magnitude_ticket"]
 
@@ -33,16 +45,17 @@ def round_sparsities(sparsity: float, rounds: int) -> list[float]:
     return [1 - (1 - sparsity) ** (r / rounds) for r in range(rounds + 1)]
 
 
+@with_knob_defaults(*MASK_KNOBS, GLOBAL_RANKING)
 def magnitude_ticket(
     model: nn.Module,
     trained: Mapping[str, torch.Tensor],
     *,
     sparsity: float,
-    distribution: str = "uniform",
-    custom_sparsity=None,
-    scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"),
-    global_ranking: bool = False,
+    distribution: str,
+    custom_sparsity,
+    scheme: str,
+    dense_layers: Iterable[str],
+    global_ranking: bool,
 ) -> dict[str, torch.Tensor]:
     """Masks keeping the largest-magnitude ``trained`` weights of ``model``'s selected layers."""
     names = list(select_parameters(model, dense_layers))
@@ -62,62 +75,63 @@ def magnitude_ticket(
     }
 
 
+ROUNDS = Knob(
+    "rounds", 3, int, "prune-retrain rounds to reach the target sparsity", {"gt": 0}, section="lottery", factory=False
+)
+REWIND_STEP = Knob(
+    "rewind_step",
+    0,
+    int,
+    "rewind to the weights at this step (0: initialisation)",
+    {"ge": 0},
+    section="lottery",
+    factory=False,
+)
+TRAINED = Knob("trained", REQUIRED, "Mapping[str, Tensor]", "the previous round's trained state dict", config=False)
+REWIND = Knob(
+    "rewind", None, "Mapping[str, Tensor] | None", "the state dict to rewind to (default: the model now)", config=False
+)
+
+
+@register_method
 class Lottery(Static):
-    """A lottery-ticket round: a static mask from trained magnitudes on rewound weights (see :func:`lottery`)."""
+    """One lottery-ticket round: masks keep the largest magnitudes of ``trained`` (a state dict of the
+    previous round's trained model), the model is rewound to ``rewind`` (a state dict; default: the
+    model's weights now, i.e. its initialisation) and the mask stays fixed while it trains.
+    ``round_sparsities(s, rounds)`` gives the usual geometric path of sparsities over rounds."""
 
     name = "lottery"
-    traits = MethodTraits(fixed_mask=True)
+    traits = MethodTraits(fixed_mask=True, rounds=True)
+    knobs = (
+        SPARSITY,
+        TRAINED,
+        REWIND,
+        DISTRIBUTION,
+        CUSTOM_SPARSITY,
+        SCHEME,
+        DENSE_LAYERS,
+        GLOBAL_RANKING,
+        *CLOCK,
+        ROUNDS,
+        REWIND_STEP,
+    )
+
+    @classmethod
+    def build(cls, model, optimizer, *, trained, rewind, total_steps, steps_per_epoch, epochs, **mask_kw):
+        """Rewind, take the ticket from ``trained``, and train it fixed."""
+        if rewind is not None:
+            model.load_state_dict(rewind)
+        masks = magnitude_ticket(model, trained, **mask_kw)
+        clock = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": epochs}
+        return cls(model, optimizer, **clock, seed=0, masks=masks, init="magnitude", **mask_kw)
 
     @property
     def label(self) -> str:
         return "lottery"
 
+    @classmethod
+    def sharding_reasons(cls, knobs, compact_state):
+        return [f"method {cls.name!r} rewinds whole weights from files between rounds; train its rounds unsharded"]
 
-@executes
-def lottery(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    sparsity: float,
-    trained: Mapping[str, torch.Tensor],
-    rewind: Mapping[str, torch.Tensor] | None = None,
-    distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None,
-    scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"),
-    global_ranking: bool = False,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-    epochs: int | None = None,
-) -> Lottery:
-    """One lottery-ticket round: masks keep the largest magnitudes of ``trained`` (a state dict of the
-    previous round's trained model), the model is rewound to ``rewind`` (a state dict; default: the
-    model's weights now, i.e. its initialisation) and the mask stays fixed while it trains.
-    ``round_sparsities(s, rounds)`` gives the usual geometric path of sparsities over rounds."""
-    if rewind is not None:
-        model.load_state_dict(rewind)
-    masks = magnitude_ticket(
-        model,
-        trained,
-        sparsity=sparsity,
-        distribution=distribution,
-        custom_sparsity=custom_sparsity,
-        scheme=scheme,
-        dense_layers=dense_layers,
-        global_ranking=global_ranking,
-    )
-    return Lottery(
-        model,
-        optimizer,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        masks=masks,
-        sparsity=sparsity,
-        distribution=distribution,
-        custom_sparsity=custom_sparsity,
-        scheme=scheme,
-        dense_layers=dense_layers,
-        init="magnitude",
-        global_ranking=global_ranking,
-    )
+
+lottery = Lottery.factory

@@ -11,14 +11,12 @@ and no dense optimizer state are needed.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
-import torch.nn as nn
 
 from ..core import sharding
-from .base import executes, warn_caller
+from .base import register_method, warn_caller
 from .dynamic import PruneAndGrow
+from .knobs import EPOCHS, MASK_KNOBS, REQUIRED, SEED, STEPS_PER_EPOCH, TOTAL_STEPS, Knob
 
 __all__ = ["MEST", "mest", "phase_value", "check_phases"]
 
@@ -45,10 +43,49 @@ def check_phases(name: str, v) -> list[list[float]]:
     return v
 
 
+EVERY_EPOCHS = Knob("every_epochs", 5, int, "epochs between mutations (the paper's delta T)", {"gt": 0}, section="mest")
+MUTATION_RATIO = Knob(
+    "mutation_ratio",
+    ((0.0, 0.2), (0.56, 0.1), (0.75, 0.0)),
+    list[list[float]],
+    "[fraction of training, share of active weights mutated]; a single [[0, r]] disables elastic mutation",
+    section="mest",
+    check=check_phases,
+)
+SOFT_BOUND = Knob(
+    "soft_bound", False, bool, "grow the excess first and prune it back at the next mutation", section="mest"
+)
+EXCESS = Knob(
+    "excess",
+    ((0.0, 0.05), (0.56, 0.025), (0.75, 0.0)),
+    list[list[float]],
+    "soft memory bound: extra density grown before the prune, by phase",
+    section="mest",
+    check=check_phases,
+)
+PRUNE_LAMBDA = Knob("prune_lambda", 1.0, float, "prune score |w| + lambda * |g|", {"ge": 0}, section="mest")
+
+
+@register_method
 class MEST(PruneAndGrow):
-    """MEST with elastic mutation and, optionally, the soft memory bound (see :func:`mest`)."""
+    """MEST: every ``every_epochs`` epochs prune by |w| + ``prune_lambda``·|g| and grow at random;
+    the mutated share follows ``mutation_ratio`` by phase (elastic mutation; ``[[0, r]]`` keeps it
+    constant); ``soft_bound`` grows ``excess`` extra density first and prunes it back at the next
+    mutation. Needs ``steps_per_epoch`` and ``epochs``: it acts at epoch ends."""
 
     name = "mest"
+    knobs = (
+        *MASK_KNOBS,
+        EVERY_EPOCHS,
+        MUTATION_RATIO,
+        SOFT_BOUND,
+        EXCESS,
+        PRUNE_LAMBDA,
+        SEED,
+        TOTAL_STEPS,
+        STEPS_PER_EPOCH.but(default=REQUIRED),
+        EPOCHS.but(default=REQUIRED),
+    )
 
     def __init__(
         self,
@@ -127,6 +164,9 @@ class MEST(PruneAndGrow):
     def _knobs(self) -> str:
         return f"every_epochs={self.every_epochs}, soft_bound={self.soft_bound}, mutations={self.updates}"
 
+    def _state_keys(self) -> list[str]:
+        return [*super()._state_keys(), *["expanded", "peak_active"]]
+
     def state_dict(self):
         return {**super().state_dict(), "expanded": self.expanded, "peak_active": self.peak_active}
 
@@ -134,50 +174,18 @@ class MEST(PruneAndGrow):
         super().load_state_dict(state)
         self.expanded, self.peak_active = bool(state["expanded"]), int(state["peak_active"])
 
+    @classmethod
+    def sharding_reasons(cls, knobs, compact_state):
+        if compact_state and knobs.get("soft_bound", SOFT_BOUND.default):
+            return [
+                "MEST's soft bound changes how many weights a layer keeps, but FSDP shards a compact layer's "
+                "kept weights at a fixed count; use sparsity.mest.soft_bound=false or compact_state=false"
+            ]
+        return []
+
     def summary(self):
         total = sum(m.numel() for m in self.maskset.masks.values())
         return {**super().summary(), "peak_active": self.peak_active, "peak_density": self.peak_active / total}
 
 
-@executes
-def mest(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    sparsity: float,
-    steps_per_epoch: int,
-    epochs: int,
-    total_steps: int | None = None,
-    distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None,
-    scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"),
-    every_epochs: int = 5,
-    mutation_ratio=((0.0, 0.2), (0.56, 0.1), (0.75, 0.0)),
-    soft_bound: bool = False,
-    excess=((0.0, 0.05), (0.56, 0.025), (0.75, 0.0)),
-    prune_lambda: float = 1.0,
-    seed: int = 0,
-) -> MEST:
-    """MEST: every ``every_epochs`` epochs prune by |w| + ``prune_lambda``·|g| and grow at random;
-    the mutated share follows ``mutation_ratio`` by phase (elastic mutation; ``[[0, r]]`` keeps it
-    constant); ``soft_bound`` grows ``excess`` extra density first and prunes it back at the next
-    mutation. Needs ``steps_per_epoch`` and ``epochs``: it acts at epoch ends."""
-    return MEST(
-        model,
-        optimizer,
-        sparsity=sparsity,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        total_steps=total_steps,
-        distribution=distribution,
-        custom_sparsity=custom_sparsity,
-        scheme=scheme,
-        dense_layers=dense_layers,
-        every_epochs=every_epochs,
-        mutation_ratio=mutation_ratio,
-        soft_bound=soft_bound,
-        excess=excess,
-        prune_lambda=prune_lambda,
-        seed=seed,
-    )
+mest = MEST.factory

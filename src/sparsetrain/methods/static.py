@@ -18,26 +18,48 @@ from ..core.lifecycle import MethodTraits
 from ..core.masks import MaskSet
 from ..core.schemes import Scheme, parse_scheme
 from ..core.scores import SCORERS, masks_from_scores, synflow_masks
-from .base import Sparsifier, check_fraction, executes
+from .base import Sparsifier, check_fraction, register_method
+from .knobs import CLOCK, MASK_KNOBS, SEED, Knob, with_knob_defaults
 
-__all__ = ["Static", "static", "make_masks", "INITS"]
+__all__ = ["Static", "static", "make_masks", "INITS", "SCORE_KNOBS"]
 
 INITS = ("random", "magnitude", "snip", "grasp", "synflow")
 
 
+INIT = Knob("init", "random", str, "the score that keeps weights: random, magnitude, snip, grasp, synflow")
+GLOBAL_RANKING = Knob("global_ranking", False, bool, "rank the units of all layers together instead of per layer")
+SYNFLOW_ROUNDS = Knob("synflow_rounds", 100, int, "synflow: pruning rounds towards the target", {"gt": 0})
+BATCHES = Knob(
+    "batches",
+    None,
+    "Sequence[tuple[Tensor, Tensor]] | None",
+    "training (x, y) pairs that snip and grasp score on",
+    config=False,
+)
+INPUT_SHAPE = Knob(
+    "input_shape",
+    None,
+    "tuple[int, ...] | None",
+    "one example's shape for synflow (default: from batches)",
+    config=False,
+)
+SCORE_KNOBS = (INIT, GLOBAL_RANKING, SYNFLOW_ROUNDS, BATCHES, INPUT_SHAPE)
+
+
+@with_knob_defaults(*MASK_KNOBS, *SCORE_KNOBS)
 def make_masks(
     model: nn.Module,
     *,
     sparsity: float,
-    distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None,
-    scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"),
-    init: str = "random",
-    global_ranking: bool = False,
-    synflow_rounds: int = 100,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    input_shape: tuple[int, ...] | None = None,
+    distribution: str,
+    custom_sparsity: dict[str, float] | None,
+    scheme: str,
+    dense_layers: Iterable[str],
+    init: str,
+    global_ranking: bool,
+    synflow_rounds: int,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    input_shape: tuple[int, ...] | None,
     generator: torch.Generator | None = None,
     masks: dict[str, torch.Tensor] | None = None,
 ) -> tuple[MaskSet, Scheme]:
@@ -94,26 +116,35 @@ def make_masks(
     return maskset, parsed
 
 
+@register_method
 class Static(Sparsifier):
-    """A mask fixed at initialisation and kept exact through training (see :func:`static`)."""
+    """A static mask: pruning at initialisation by ``init`` (``random``, ``magnitude``, ``snip``,
+    ``grasp``, ``synflow``), layer densities by ``distribution`` (``uniform``, ``er``, ``erk``,
+    ``custom`` with ``custom_sparsity``), removed shape by ``scheme`` (``unstructured``,
+    ``channel_out``, ``channel_in``, ``kernel``, ``pattern``, ``block_RxC``, ``nm_N:M``), kept exact through
+    training.
+
+    The length of training is optional (a static mask has no schedule); ``seed`` draws random masks.
+    """
 
     name = "static"
     traits = MethodTraits(fixed_mask=True, compactable=True)
+    knobs = (*MASK_KNOBS, *SCORE_KNOBS, SEED, *CLOCK)
 
     def __init__(
         self,
         model,
         optimizer,
         *,
-        total_steps=None,
-        steps_per_epoch=None,
-        epochs=None,
-        seed: int = 0,
+        total_steps,
+        steps_per_epoch,
+        epochs,
+        seed: int,
         masks: dict[str, torch.Tensor] | None = None,
         **mask_kw,
     ):
         super().__init__(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=epochs)
-        self.init = mask_kw.get("init", "random")
+        self.init = mask_kw["init"]
         self.target = mask_kw["sparsity"]
         self.maskset, self.scheme = make_masks(
             model, generator=torch.Generator().manual_seed(seed), masks=masks, **mask_kw
@@ -128,48 +159,4 @@ class Static(Sparsifier):
         return f"init={self.init!r}, scheme={self.scheme.name!r}"
 
 
-@executes
-def static(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    sparsity: float,
-    distribution: str = "uniform",
-    custom_sparsity: dict[str, float] | None = None,
-    scheme: str = "unstructured",
-    dense_layers: Iterable[str] = ("first", "last"),
-    init: str = "random",
-    global_ranking: bool = False,
-    synflow_rounds: int = 100,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    seed: int = 0,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-    epochs: int | None = None,
-) -> Static:
-    """A static mask: pruning at initialisation by ``init`` (``random``, ``magnitude``, ``snip``,
-    ``grasp``, ``synflow``), layer densities by ``distribution`` (``uniform``, ``er``, ``erk``,
-    ``custom`` with ``custom_sparsity``), removed shape by ``scheme`` (``unstructured``,
-    ``channel_out``, ``channel_in``, ``kernel``, ``pattern``, ``block_RxC``, ``nm_N:M``).
-
-    The length of training is optional (a static mask has no schedule); ``seed`` draws random masks.
-    """
-    return Static(
-        model,
-        optimizer,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        seed=seed,
-        sparsity=sparsity,
-        distribution=distribution,
-        custom_sparsity=custom_sparsity,
-        scheme=scheme,
-        dense_layers=dense_layers,
-        init=init,
-        global_ranking=global_ranking,
-        synflow_rounds=synflow_rounds,
-        batches=batches,
-        input_shape=input_shape,
-    )
+static = Static.factory

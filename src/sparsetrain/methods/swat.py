@@ -11,7 +11,7 @@ with unstructured top-K activations.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -22,19 +22,100 @@ from ..core.masks import LayerSparsity, select_parameters
 from ..core.sharding import local, sum_over_ranks
 from ..execution.activations import BitReLU, compact_pools, replace_activations
 from ..execution.backends.swat import SWAT_BUFFERS, convert, harden, swat_layers
-from .base import Sparsifier, check_fraction, executes
+from .base import Sparsifier, check_fraction, register_method
+from .knobs import CLOCK, DENSE_LAYERS, SPARSITY, Knob
 
 __all__ = ["SWAT", "swat", "VARIANTS", "STRUCTURES"]
 
-VARIANTS = ("u", "erk", "m", "structured")
-STRUCTURES = ("kernel", "channel_out")
+
+VARIANT = Knob(
+    "variant",
+    "u",
+    Literal["u", "erk", "m", "structured"],
+    "budgets: uniform, ERK, momentum, or structured",
+    section="swat",
+)
+ACTIVATION_SPARSITY = Knob(
+    "activation_sparsity",
+    None,
+    float | None,
+    "kept share of layer inputs is 1 - this; default: the weight sparsity",
+    {"ge": 0, "lt": 1},
+    section="swat",
+)
+TOPK_PERIOD = Knob(
+    "topk_period", 20, int, "iterations between exact top-K threshold updates", {"gt": 0}, section="swat"
+)
+STRUCTURE = Knob(
+    "structure",
+    "kernel",
+    Literal["kernel", "channel_out"],
+    "unit kept by structured SWAT (by L1 norm). 'kernel', as the authors' released runs: with 'channel_out' a "
+    "removed filter's output is a constant channel, BatchNorm scales its gradient by 1/sqrt(eps), and the dense "
+    "update then inflates the removed filters",
+    section="swat",
+)
+M_MAX_DENSITY = Knob(
+    "m_max_density",
+    0.95,
+    float,
+    "SWAT-M guard: no layer's budget passes this density",
+    {"gt": 0, "le": 1},
+    section="swat",
+)
+COMPACT_RELU = Knob(
+    "compact_relu", True, bool, "ReLUs save a 1-bit mask for backward instead of their float output", section="swat"
+)
+COMPACT_POOL = Knob(
+    "compact_pool",
+    True,
+    bool,
+    "2x2 stride-2 max-pools save one byte per output for backward (where the maximum was) instead of their input "
+    "and int64 indices",
+    section="swat",
+)
+
+VARIANTS = get_args(VARIANT.kind)
+STRUCTURES = get_args(STRUCTURE.kind)
 
 
+@register_method
 class SWAT(Sparsifier):
-    """SWAT-U, SWAT-ERK, SWAT-M or structured SWAT (see :func:`swat`)."""
+    """SWAT: the forward pass uses each layer's top-K weights; backward uses them for the input
+    gradient and the layer's top-K inputs (kept share ``1 - activation_sparsity``, default the weight
+    share; saved compressed) for a dense weight gradient, so the dense update can bring pruned
+    weights back. ``variant``: ``u`` (uniform budgets), ``erk``, ``m`` (budgets follow momentum at
+    epoch ends; needs ``steps_per_epoch`` and ``epochs``) or ``structured`` (whole ``structure``
+    units of convolutions by L1 norm). Exact top-K every ``topk_period`` steps. ``compact_relu``
+    makes ReLUs save one bit per element for backward, ``compact_pool`` 2x2 max-pools one byte per output. The
+    classifier is sparse by default (``dense_layers=("first",)``), as in the paper. Layers are converted in place,
+    parameters unchanged."""
 
     name = "swat"
     traits = MethodTraits(own_layers=True)
+    knobs = (
+        SPARSITY,
+        *CLOCK,
+        VARIANT,
+        ACTIVATION_SPARSITY,
+        TOPK_PERIOD,
+        STRUCTURE,
+        M_MAX_DENSITY,
+        COMPACT_RELU,
+        COMPACT_POOL,
+        DENSE_LAYERS.but(default=("first",)),
+    )
+    config_hints = {
+        "distribution": "SWAT's budgets come from sparsity.swat.variant (u, erk, m, structured)",
+        "scheme": "structured SWAT is sparsity.swat.variant=structured with sparsity.swat.structure",
+    }
+
+    @classmethod
+    def flops_densities(cls, shapes, sparsity, distribution, activation_sparsity):
+        """Weight densities as masked methods; the weight gradient from the top-K activations (their share)."""
+        density, _ = super().flops_densities(shapes, sparsity, distribution, activation_sparsity)
+        act = sparsity if activation_sparsity is None else activation_sparsity
+        return density, {n: 1.0 - act for n in density}
 
     def __init__(
         self,
@@ -163,10 +244,11 @@ class SWAT(Sparsifier):
         return [f"{n.rsplit('.', 1)[0]}.{b}" if "." in n else b for n in self.layers for b in SWAT_BUFFERS]
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        """The plain architecture's state dict with W_s as the weights (the hard-pruned model)."""
+        """The plain architecture's state dict with each layer's exact top-K as the weights (the hard-pruned model,
+        at exactly the layer budgets: what :meth:`remove` gives)."""
         state = {k: v for k, v in self.model.state_dict().items() if not k.endswith(SWAT_BUFFERS)}
         for n, m in self.layers.items():
-            state[n] = (m.weight * m.current_mask()).detach().clone()
+            state[n] = (m.weight * m.export_mask()).detach().clone()
         return state
 
     def summary(self) -> dict:
@@ -174,6 +256,9 @@ class SWAT(Sparsifier):
 
     def _knobs(self) -> str:
         return f"variant={self.variant!r}, topk_period={self.period}"
+
+    def _state_keys(self) -> list[str]:
+        return [*super()._state_keys(), *["densities", "buffers"]]
 
     def state_dict(self) -> dict:
         """Clock, budgets, and each layer's SWAT buffers (thresholds, kept units, step counts), so the state
@@ -198,45 +283,4 @@ class SWAT(Sparsifier):
         return harden(self.model)
 
 
-@executes
-def swat(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    sparsity: float,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-    epochs: int | None = None,
-    variant: str = "u",
-    activation_sparsity: float | None = None,
-    topk_period: int = 20,
-    structure: str = "kernel",
-    m_max_density: float = 0.95,
-    compact_relu: bool = True,
-    compact_pool: bool = True,
-    dense_layers: Iterable[str] = ("first",),
-) -> SWAT:
-    """SWAT: the forward pass uses each layer's top-K weights; backward uses them for the input
-    gradient and the layer's top-K inputs (kept share ``1 - activation_sparsity``, default the weight
-    share; saved compressed) for a dense weight gradient, so the dense update can bring pruned
-    weights back. ``variant``: ``u`` (uniform budgets), ``erk``, ``m`` (budgets follow momentum at
-    epoch ends; needs ``steps_per_epoch`` and ``epochs``) or ``structured`` (whole ``structure``
-    units of convolutions by L1 norm). Exact top-K every ``topk_period`` steps. ``compact_relu``
-    makes ReLUs save one bit per element for backward, ``compact_pool`` 2x2 max-pools one byte per output. The classifier is sparse by default
-    (``dense_layers=("first",)``), as in the paper. Layers are converted in place, parameters unchanged."""
-    return SWAT(
-        model,
-        optimizer,
-        sparsity=sparsity,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        variant=variant,
-        activation_sparsity=activation_sparsity,
-        topk_period=topk_period,
-        structure=structure,
-        m_max_density=m_max_density,
-        compact_relu=compact_relu,
-        compact_pool=compact_pool,
-        dense_layers=dense_layers,
-    )
+swat = SWAT.factory
