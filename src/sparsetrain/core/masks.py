@@ -38,12 +38,18 @@ def dense_from_values(values: torch.Tensor, flat_index: torch.Tensor, shape) -> 
 SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is (or derives from) the ``Conv1D`` projection of Hugging Face GPT-2 style models (a Linear with
+    its weight stored transposed, [in, out]), recognised by class name so that ``transformers`` is no dependency."""
+    weight = getattr(m, "weight", None)
+    return (
+        any(c.__name__ == "Conv1D" for c in type(m).__mro__) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+    )
+
+
 def _sparsifiable(m: nn.Module) -> bool:
-    """Conv/Linear layers, and the ``Conv1D`` projections of Hugging Face GPT-2 style models (a Linear with
-    its weight stored transposed), recognised by name so that ``transformers`` is no dependency."""
-    if isinstance(m, SPARSIFIABLE):
-        return True
-    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2
+    """Conv/Linear layers, and the ``Conv1D`` projections of Hugging Face GPT-2 style models."""
+    return isinstance(m, SPARSIFIABLE) or is_conv1d(m)
 
 
 class MaskDict(dict):

@@ -16,7 +16,11 @@ configuration, the factories and the planner (:mod:`sparsetrain.execution.plan`)
 backend names.
 """
 
-from . import auto, channel, condensed, csr, direct, masked, semi_structured  # noqa: F401 - registration order
+# isort: off
+from . import masked, csr, direct, condensed, channel, semi_structured, auto  # noqa: F401 - registration order
+from . import compact  # noqa: F401 - registers the compact layers
+
+# isort: on
 from .auto import TIMING_SHARE, choose_now, keep_buffers, near_tie, settle_layout
 from .channel import expand_channels, kept_channels
 from .condensed import CondensedStructure, condensed_linear

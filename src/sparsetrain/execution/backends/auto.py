@@ -35,11 +35,15 @@ TIMING_SHARE = 4  # auto's timing passes run on 1/TIMING_SHARE of a batch (see s
 NEAR_TIE = 1.1  # settle_layout also tries on the kernels the layers whose kernels came within this factor
 
 
-def near_tie(layer: nn.Module, chosen: str) -> bool:
-    """Whether ``layer``'s kernels ("direct") came within :data:`NEAR_TIE` of its ``chosen`` path in its own
-    timings: the layers :func:`settle_layout` also times on the kernels in a second plan."""
+def near_tie(layer: nn.Module, chosen: str) -> str | None:
+    """The path of a backend that declares ``retry_near_ties`` (the kernels) whose own timing for ``layer`` came
+    within :data:`NEAR_TIE` of its ``chosen`` path, or None: the layers :func:`settle_layout` also times on that
+    path in a second plan."""
     timings = getattr(layer, "timings", {})
-    return chosen != "direct" and "direct" in timings and timings["direct"] <= NEAR_TIE * timings[chosen]
+    for name, b in BACKENDS.items():
+        if b.retry_near_ties and name != chosen and name in timings and timings[name] <= NEAR_TIE * timings[chosen]:
+            return name
+    return None
 
 
 def keep_buffers(model: nn.Module):
@@ -90,9 +94,9 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     timed({}, torch.channels_last)  # warm-up; undecided layers time their paths here
     choices = {n: m.backend for n, m in layers.items()}
     plans = [choices]
-    # layers whose kernels came within 10% of their chosen path: per-layer timings on a part of a batch miss
+    # layers whose kernels came within NEAR_TIE of their chosen path: per-layer timings on a part of a batch miss
     # what the layout around them costs, so the whole step is also timed with those on the kernels
-    near = {n: "direct" for n, m in layers.items() if near_tie(m, m.backend)}
+    near = {n: path for n, m in layers.items() if (path := near_tie(m, m.backend)) is not None}
     if near:
         plans.append({**choices, **near})
     tries = [(plan, fmt) for plan in plans for fmt in formats] + [(None, torch.channels_last)]

@@ -56,29 +56,26 @@ class Channel(Backend):
     name = "channel"
     summary = "whole output channels: the layer runs smaller, dense, over its kept filters"
     schemes = ("channel_out",)
+    schemes_doc = "masks of whole output channels"
     compact_fixed_masks = True
     both_sides = True
     shardable = False
 
-    def scheme_reasons(self, scheme: str) -> list[str]:
-        if scheme in self.schemes:
-            return []
-        return [
-            f"backend 'channel' runs masks of whole output channels; set sparsity.scheme=channel_out (got {scheme!r})"
-        ]
-
     def prepare(self, mask: torch.Tensor, name: str, device: torch.device) -> None:
         kept_channels(mask, name)  # refuses masks that are not whole channels
 
+    def build_structure(self, mask: torch.Tensor, name: str) -> torch.Tensor:
+        return kept_channels(mask, name)
+
     def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        kept = layer.structure("channel")
+        kept = layer.structure(self.name)
         small = F.linear(
             x, layer.weight.index_select(0, kept), None if layer.bias is None else layer.bias.index_select(0, kept)
         )
         return expand_channels(small, kept, layer.out_features, layer.bias, small.dim() - 1)
 
     def run_conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        kept = layer.structure("channel")
+        kept = layer.structure(self.name)
         small = F.conv2d(
             x,
             layer.weight.index_select(0, kept),

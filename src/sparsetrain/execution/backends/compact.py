@@ -30,7 +30,7 @@ from .channel_pairs import ChannelBlock, InputChannelConv2d, _expand
 from .condensed import CondensedStructure, condensed_linear
 from .direct import DirectStructure, direct_conv2d
 from .layers import SparseConv2d, SparseLinear
-from .registry import direct_ok
+from .registry import BACKENDS, compact_layer, direct_ok
 
 __all__ = ["CompactConv2d", "CompactLinear", "CompactChannelConv2d", "compact_layers", "is_compact"]
 
@@ -40,7 +40,6 @@ class _CompactStorage:
     re-laying on a mask change, and state dicts that carry the dense ``weight``."""
 
     compact: DirectStructure | CondensedStructure
-    structure_kind: str  # the structure the layer's kernels read ("direct" or "condensed")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -99,9 +98,7 @@ class _CompactStorage:
         self.compact = new
 
     def _structure_for(self, mask: torch.Tensor):
-        return (
-            DirectStructure.from_mask(mask) if self.structure_kind == "direct" else CondensedStructure.from_mask(mask)
-        )
+        return BACKENDS[self.backend].build_structure(mask, self.mask_name)
 
     def _path(self, x: torch.Tensor) -> str:
         return self.backend  # fixed when the layer was compacted
@@ -120,30 +117,42 @@ class _CompactStorage:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+@compact_layer("direct")
 class CompactConv2d(_CompactStorage, SparseConv2d):
     """A convolution whose only weight parameter is ``values``, its kept weights (made by :func:`compact_layers`)."""
 
-    structure_kind = "direct"
+    @classmethod
+    def fits(cls, layer: nn.Module) -> bool:
+        """A plain swapped convolution whose kernels run here."""
+        return type(layer) is SparseConv2d and direct_ok(layer.weight, layer.weight)
 
     def _run(self, x):
         return direct_conv2d(x, self.values, self.bias, self.compact, self.stride, self.padding, self.dilation)
 
 
+@compact_layer("condensed")
 class CompactLinear(_CompactStorage, SparseLinear):
     """A Linear whose only weight parameter is ``values``, its kept weights in row order (made by
     :func:`compact_layers` under the ``condensed`` backend)."""
 
-    structure_kind = "condensed"
+    @classmethod
+    def fits(cls, layer: nn.Module) -> bool:
+        """A plain swapped Linear (not a Conv1D) whose kernels run here."""
+        return type(layer) is SparseLinear and direct_ok(layer.weight, layer.weight)
 
     def _run(self, x):
         return condensed_linear(x, self.values, self.bias, self.compact)
 
 
+@compact_layer("channel")
 class CompactChannelConv2d(_CompactStorage, InputChannelConv2d):
     """A channel-pruned convolution whose only weight parameter, ``values``, is its kept block (made by
     :func:`~sparsetrain.execution.compact_layers` under the ``channel`` backend)."""
 
-    structure_kind = "channel"
+    @classmethod
+    def fits(cls, layer: nn.Module) -> bool:
+        """Any swapped convolution (its kept block is a smaller dense one)."""
+        return isinstance(layer, SparseConv2d)
 
     @staticmethod
     def block_of(layer: SparseConv2d, mask: torch.Tensor | None = None) -> ChannelBlock:
@@ -171,30 +180,17 @@ def is_compact(m: nn.Module) -> bool:
     return isinstance(m, _CompactStorage)
 
 
-def _compactable(m: nn.Module) -> type | None:
-    """The compact class for a swapped layer whose kernels return kept-weight gradients, else None."""
-    if isinstance(m, SparseConv2d) and m.backend == "channel":
-        return CompactChannelConv2d
-    if not direct_ok(m.weight, m.weight):
-        return None
-    if type(m) is SparseConv2d and m.backend == "direct":
-        return CompactConv2d
-    if type(m) is SparseLinear and m.backend == "condensed":
-        return CompactLinear
-    return None
-
-
 def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim.Optimizer | None) -> list[str]:
-    """Give every ``direct``- or ``channel``-backend convolution and ``condensed``-backend Linear in ``layers`` (from
-    :func:`~sparsetrain.execution.backends.apply_backend`) compact storage; returns the names compacted. The
+    """Give every layer in ``layers`` (from :func:`~sparsetrain.execution.backends.apply_backend`) whose backend
+    declares a compact class (:meth:`Backend.compact_class`) compact storage; returns the names compacted. The
     optimizer is pointed at the new parameters (its state for the old dense ones is dropped, unless it already has
     the kept values' shape: restored from a compact run)."""
     done = []
     for name, m in layers.items():
-        cls = _compactable(m)
+        cls = BACKENDS[m.backend].compact_class(m) if not is_compact(m) else None
         if cls is None:
             continue
-        structure = cls.block_of(m) if cls.structure_kind == "channel" else m.structure(cls.structure_kind)
+        structure = cls.block_of(m) if hasattr(cls, "block_of") else m.structure(m.backend)
         old = m._parameters.pop("weight")
         m.__class__ = cls
         m.compact = structure

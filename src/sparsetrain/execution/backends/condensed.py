@@ -111,10 +111,15 @@ class Condensed(Backend):
     compact = True
     conv_backend = "direct"
 
+    def build_structure(self, mask: torch.Tensor, name: str) -> CondensedStructure:
+        return CondensedStructure.from_mask(mask.reshape(mask.shape[0], -1))
+
     def path(self, layer: nn.Module, x: torch.Tensor) -> str:
-        return "condensed" if direct_ok(x, layer.weight) else "csr"
+        if isinstance(layer, nn.Conv2d):
+            return self.conv_backend  # what its convolutions run
+        return self.name if direct_ok(x, layer.weight) else "csr"
 
     def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if direct_ok(x, layer.weight):
-            return condensed_linear(x, layer.weight, layer.bias, layer.structure("condensed"))
+            return condensed_linear(x, layer.weight, layer.bias, layer.structure(self.name))
         return csr_linear(x, layer.weight, layer.bias, layer.structure())

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...core.masks import dense_from_values
-from .registry import Backend, register
+from .registry import Backend, direct_ok, register
 
 __all__ = ["CSR", "CSRStructure", "csr_linear", "csr_conv2d", "conv_out_size"]
 
@@ -165,6 +165,15 @@ class CSR(Backend):
 
     name = "csr"
     summary = "PyTorch CSR sparse-dense products (convolutions over unfolded inputs)"
+
+    def build_structure(self, mask: torch.Tensor, name: str) -> CSRStructure:
+        return CSRStructure.from_mask(mask.reshape(mask.shape[0], -1))
+
+    def candidate(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        # where the direct kernels run a convolution, CSR (an unfolded copy of the input) is slower and far larger
+        if isinstance(layer, nn.Conv2d) and direct_ok(x, layer.weight):
+            return False
+        return super().candidate(layer, x)
 
     def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return csr_linear(x, layer.weight, layer.bias, layer.structure())

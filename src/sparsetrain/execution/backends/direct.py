@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,7 +23,10 @@ from torch.autograd.function import once_differentiable
 from ...core.masks import dense_from_values
 from .. import native
 from .csr import conv_out_size, csr_conv2d, csr_linear
-from .registry import Backend, direct_ok, register
+from .registry import Backend, channels_last, direct_ok, register
+
+if TYPE_CHECKING:
+    from .condensed import CondensedStructure
 
 __all__ = [
     "Direct",
@@ -50,6 +54,7 @@ class DirectStructure:
     by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
     by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int32 (numpy)
     _flipped: tuple | None = None
+    _rows: CondensedStructure | None = None  # a 1 x 1 kernel's lists as a Linear's rows (see :meth:`as_rows`)
 
     @classmethod
     def from_mask(cls, mask4d: torch.Tensor) -> "DirectStructure":
@@ -94,6 +99,16 @@ class DirectStructure:
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The weight with ``values`` at the kept entries and zeros elsewhere."""
         return dense_from_values(values, self.flat_index, self.shape)
+
+    def as_rows(self) -> CondensedStructure:
+        """A 1 x 1 kernel's lists as the condensed kernels' rows over [Cout, Cin], values in the same order (both
+        list the kept entries row-major): the convolution is then a Linear layer over the batch's pixels."""
+        if self._rows is None:
+            from .condensed import CondensedStructure  # imported here: the registry lists direct before condensed
+
+            co_ptr, ci, _, _ = self.by_out
+            self._rows = CondensedStructure(self.shape[:2], (torch.from_numpy(co_ptr), torch.from_numpy(ci)))
+        return self._rows
 
 
 _BATCH_INNER_BELOW = 512  # output planes of 16 x 16 and smaller run with the batch innermost
@@ -158,17 +173,6 @@ def direct_geometry(x_shape, kernel_shape, stride, padding, dilation) -> np.ndar
     cout, _, kh, kw = kernel_shape
     ho, wo = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
     return np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
-
-
-def channels_last(x: torch.Tensor) -> bool:
-    """Whether a 4-D tensor is laid out channels-last. A tensor that is both that and plainly contiguous (one
-    channel, or a 1 x 1 map) counts by its strides, as PyTorch reads a weight made channels-last: the channel's
-    stride below the row's."""
-    return (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and (not x.is_contiguous() or x.stride(1) < x.stride(2))
-    )
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -280,11 +284,32 @@ class _DirectConv2dFn(torch.autograd.Function):
         return gx, gv, gb, None, None, None, None, None
 
 
+def pointwise(structure: DirectStructure, padding, dilation, x: torch.Tensor) -> bool:
+    """Whether this convolution is a Linear layer over pixels: a 1 x 1 kernel without padding on a channels-last
+    input (any stride: the strided pixels are a view)."""
+    return structure.shape[2:] == (1, 1) and tuple(padding) == (0, 0) and channels_last(x) and x.shape[1] > 1
+
+
+def pointwise_conv2d(x, values, bias, structure: DirectStructure, stride) -> torch.Tensor:
+    """A 1 x 1 convolution of a channels-last ``x`` on the condensed Linear kernels: every (strided) pixel a token,
+    the output channels-last; the gradients flow back through the views (strided pixels get theirs, the rest 0)."""
+    from .condensed import _CondensedLinearFn
+
+    sh, sw = stride
+    # [N, H, W, Cin] views; sliced in that order, the input's gradient comes back channels-last too
+    pixels = x.permute(0, 2, 3, 1)[:, ::sh, ::sw, :]
+    out = _CondensedLinearFn.apply(pixels, values, bias, structure.as_rows())
+    return out.permute(0, 3, 1, 2)  # [N, Cout, H, W] in channels-last memory
+
+
 def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     """Conv2d (groups=1, float32, CPU) computing only the kept weights in ``structure``: no unfolded copy,
-    work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`). ``weight`` is the
+    work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`); a 1 x 1 convolution of a
+    channels-last input runs as a Linear layer over pixels (:func:`pointwise_conv2d`). ``weight`` is the
     dense weight, or (compact storage) just the kept values in the structure's order."""
     values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
+    if pointwise(structure, padding, dilation, x):
+        return pointwise_conv2d(x, values, bias, structure, stride)
     # an input that is both NCHW and channels-last (one channel) comes out in the layout of a channels-last weight,
     # as PyTorch's own convolution does (a compact layer's weight has no layout: NCHW)
     model_cl = weight.dim() == 4 and channels_last(weight)
@@ -301,6 +326,10 @@ class Direct(Backend):
     )
     compact = True
     own_layers = True  # SWAT's convolutions on the kernels, over the top-K weights
+    retry_near_ties = True  # timed alone on part of a batch, the kernels miss what the layout around them costs
+
+    def build_structure(self, mask: torch.Tensor, name: str) -> DirectStructure:
+        return DirectStructure.from_mask(mask)
 
     def path(self, layer: nn.Module, x: torch.Tensor) -> str:
         return "direct" if isinstance(layer, nn.Conv2d) and direct_ok(x, layer.weight) else "csr"
@@ -311,6 +340,6 @@ class Direct(Backend):
     def run_conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if direct_ok(x, layer.weight):
             return direct_conv2d(
-                x, layer.weight, layer.bias, layer.structure("direct"), layer.stride, layer.padding, layer.dilation
+                x, layer.weight, layer.bias, layer.structure(self.name), layer.stride, layer.padding, layer.dilation
             )
         return csr_conv2d(x, layer.weight, layer.bias, layer.structure(), layer.stride, layer.padding, layer.dilation)

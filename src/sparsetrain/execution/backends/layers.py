@@ -14,19 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .channel import kept_channels
-from .condensed import CondensedStructure
-from .csr import CSRStructure
-from .direct import DirectStructure
-from .registry import BACKENDS, direct_ok, get_backend
+from .registry import BACKENDS, get_backend, is_conv1d, kind_of
 
 __all__ = ["SparseLinear", "SparseConv2d", "apply_backend"]
-
-_STRUCTURES = {
-    "direct": DirectStructure.from_mask,
-    "condensed": CondensedStructure.from_mask,
-    "csr": lambda mask: CSRStructure.from_mask(mask.reshape(mask.shape[0], -1)),
-}
 
 
 class _SparseExec:
@@ -41,23 +31,19 @@ class _SparseExec:
         self.rebuilds = 0
 
     def structure(self, kind: str = "csr"):
-        """The CSR (``"csr"``), direct-kernel (``"direct"``), condensed (``"condensed"``) or kept-channel
-        (``"channel"``) structure of the current mask, rebuilt only when the MaskSet's masks changed."""
+        """The structure backend ``kind``'s kernels read for the current mask (:meth:`Backend.build_structure`),
+        rebuilt only when the MaskSet's masks changed."""
         if self._version_seen != self.maskset.version:
             self._structures.clear()
             self._version_seen = self.maskset.version
         if kind not in self._structures:
-            mask = self.maskset.masks[self.mask_name]
-            if kind == "channel":
-                self._structures[kind] = kept_channels(mask, self.mask_name)
-            else:
-                self._structures[kind] = _STRUCTURES[kind](mask)
+            self._structures[kind] = BACKENDS[kind].build_structure(self.maskset.masks[self.mask_name], self.mask_name)
             self.rebuilds += 1
         return self._structures[kind]
 
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
-        """The backends that can run this layer on ``x``."""
-        return ("masked", "csr")
+        """The backends whose own path can run this layer on ``x`` (each backend says: :meth:`Backend.candidate`)."""
+        return tuple(name for name, b in BACKENDS.items() if b.candidate(self, x))
 
     def _choose(self, x: torch.Tensor) -> None:
         """Time every candidate backend (forward + backward) on this input; keep the fastest."""
@@ -118,11 +104,61 @@ class SparseLinear(_SparseExec, nn.Linear):
         """The full weight gradient [out, in] of this layer for input ``x`` and output gradient ``grad_out``."""
         return grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
-    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
-        return ("masked", "csr", "condensed") if direct_ok(x, self.weight) else ("masked", "csr")
-
     def _run(self, x):
         return BACKENDS[self.backend].run_linear(self, x)
+
+
+class _LinearView:
+    """A Hugging Face ``Conv1D`` (``y = x @ W + b``, ``W`` of shape [in, out]) as the Linear it is: weight ``W.T``,
+    structures of the transposed mask, so every backend that runs a Linear runs it unchanged."""
+
+    def __init__(self, layer: "_Conv1DExec"):
+        self.layer = layer
+        self.weight = layer.weight.t()
+        self.bias = layer.bias
+        self.in_features, self.out_features = layer.weight.shape
+        self.maskset, self.mask_name = layer.maskset, layer.mask_name
+
+    def structure(self, kind: str = "csr"):
+        return self.layer.structure(kind)
+
+
+class _Conv1DExec(_SparseExec):
+    """A ``transformers`` ``Conv1D`` that computes with the backend chosen for it (made by :func:`apply_backend`):
+    the backends see it as a Linear with its weight transposed (:class:`_LinearView`)."""
+
+    plain_class: type  # the Conv1D class it was made from (set per class by :func:`_conv1d_class`)
+
+    def structure(self, kind: str = "csr"):
+        """The structure of the transposed mask ([out, in], a Linear's), rebuilt only when the masks change."""
+        if self._version_seen != self.maskset.version:
+            self._structures.clear()
+            self._version_seen = self.maskset.version
+        if kind not in self._structures:
+            mask = self.maskset.masks[self.mask_name].t().contiguous()
+            self._structures[kind] = BACKENDS[kind].build_structure(mask, self.mask_name)
+            self.rebuilds += 1
+        return self._structures[kind]
+
+    def _dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The full weight gradient [in, out] of this Conv1D for input ``x`` and output gradient ``grad_out``."""
+        return x.reshape(-1, x.shape[-1]).t() @ grad_out.reshape(-1, grad_out.shape[-1])
+
+    def _run(self, x):
+        return BACKENDS[self.backend].run_linear(_LinearView(self), x)
+
+    def _path(self, x: torch.Tensor) -> str:
+        return BACKENDS[self.backend].path(_LinearView(self), x)
+
+
+_CONV1D_CLASSES: dict[type, type] = {}
+
+
+def _conv1d_class(plain: type) -> type:
+    """The swapped class of a ``Conv1D`` class (made once per class, so ``isinstance`` and pickling see one)."""
+    if plain not in _CONV1D_CLASSES:
+        _CONV1D_CLASSES[plain] = type("SparseConv1D", (_Conv1DExec, plain), {"plain_class": plain})
+    return _CONV1D_CLASSES[plain]
 
 
 class SparseConv2d(_SparseExec, nn.Conv2d):
@@ -132,18 +168,6 @@ class SparseConv2d(_SparseExec, nn.Conv2d):
         """The full weight gradient of this (ungrouped) convolution for input ``x`` and output gradient ``grad_out``."""
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         return torch.nn.grad.conv2d_weight(x, shape, grad_out, self.stride, self.padding, self.dilation, self.groups)
-
-    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
-        # where the direct kernels run, CSR (an unfolded copy of the input) is slower and far larger: not tried
-        found = ("masked", "direct") if direct_ok(x, self.weight) else ("masked", "csr")
-        return (*found, "channel") if self._channel_structured() else found
-
-    def _channel_structured(self) -> bool:
-        try:
-            self.structure("channel")
-            return True
-        except ValueError:
-            return False
 
     def _run(self, x):
         return BACKENDS[self.backend].run_conv(self, x)
@@ -160,12 +184,15 @@ def apply_backend(model: nn.Module, maskset, backend: str) -> dict[str, nn.Modul
     swapped = {}
     for wname, mask in maskset.masks.items():
         m = modules[wname.rsplit(".", 1)[0] if "." in wname else ""]
-        if type(m) not in (nn.Linear, nn.Conv2d):
+        conv1d = is_conv1d(m) and not isinstance(m, _SparseExec)
+        if type(m) not in (nn.Linear, nn.Conv2d) and not conv1d:
             continue
-        runs = isinstance(m, chosen.layer_types)
+        runs = issubclass(kind_of(m), chosen.layer_types)
         if runs:
-            chosen.prepare(mask, wname, mask.device)
-        if type(m) is nn.Linear:
+            chosen.prepare(mask.t() if conv1d else mask, wname, mask.device)
+        if conv1d:
+            m.__class__ = _conv1d_class(type(m))
+        elif type(m) is nn.Linear:
             m.__class__ = SparseLinear
         else:
             m.__class__ = SparseConv2d

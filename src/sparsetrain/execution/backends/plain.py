@@ -32,15 +32,18 @@ _EXEC_ATTRS = (
 @torch.no_grad()
 def restore_plain(model: nn.Module) -> nn.Module:
     """Turn the layers :func:`~.layers.apply_backend`, compaction and channel pruning on both sides made back into
-    plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` layers, in place; returns ``model``."""
+    plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` layers (a Hugging Face ``Conv1D`` to its own class), in
+    place; returns ``model``."""
     for m in model.modules():
         if is_compact(m):
             dense = m.weight.detach().clone()
             del m._parameters["values"]
             m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
             m.register_parameter("weight", nn.Parameter(dense))
-        elif isinstance(m, (_SparseExec, InputChannelLinear)):
-            m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+        elif isinstance(m, (_SparseExec, InputChannelLinear)):  # a Conv1D goes back to its own class
+            m.__class__ = getattr(type(m), "plain_class", None) or (
+                nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            )
         elif isinstance(m, ChannelBatchNorm2d):
             m.__class__ = nn.BatchNorm2d
         else:

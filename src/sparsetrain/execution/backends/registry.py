@@ -18,15 +18,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...core.lifecycle import MethodTraits
+from ...core.masks import is_conv1d
 from .. import native
+from ..options import ExecutionOptions
 
 __all__ = [
     "Backend",
     "BACKENDS",
     "ExecutionRequest",
     "register",
+    "compact_layer",
+    "COMPACT_LAYERS",
     "get_backend",
     "not_supported_reasons",
+    "layout_of",
+    "channels_last",
+    "kind_of",
     "check_execution",
     "sharding_reasons",
     "direct_ok",
@@ -43,27 +50,26 @@ def direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class ExecutionRequest:
     """What a configuration asks of execution: the method (its name for messages, its traits for decisions), the
-    mask scheme, whether layers store only kept weights, whether channel cuts reach the next layer, and whether
-    activations are kept for backward the lossless compact way (:mod:`sparsetrain.execution.memory`)."""
+    mask scheme, and the :class:`~sparsetrain.execution.options.ExecutionOptions`."""
 
     method: str
     traits: MethodTraits
     scheme: str = "unstructured"
-    compact_state: bool = False
-    channel_both_sides: bool = False
-    lossless_activations: bool = False
+    options: ExecutionOptions = ExecutionOptions()
 
 
 class Backend:
-    """How masked Conv2d/Linear layers compute. Subclasses set the declarations and the two ``run`` methods."""
+    """How masked Conv2d/Linear layers compute. Subclasses set the declarations and the ``run`` methods; this base
+    class judges every declaration itself (:meth:`not_supported_reasons`, :meth:`candidate`), so a backend is one
+    class: its declarations, how it builds the structure its kernels read, its compact layer, and its paths."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     layer_types: ClassVar[tuple[type, ...]] = (nn.Linear, nn.Conv2d)  # others stay masked dense under it
     schemes: ClassVar[tuple[str, ...] | None] = None  # None: any mask shape
+    schemes_doc: ClassVar[str] = ""  # the masks ``schemes`` admit, in words (for refusals)
     compact: ClassVar[bool] = False  # layers may store only kept weights (methods whose traits allow it)
     compact_fixed_masks: ClassVar[bool] = False  # ... but only for masks that never change
-    reads_dense_gradients: ClassVar[bool] = True  # runs methods that read the dense weight gradient (RigL)
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     layouts: ClassVar[tuple[str, ...]] = ("nchw", "channels_last")
     swaps_layers: ClassVar[bool] = True  # False: the layers stay as they are (masked dense)
@@ -72,14 +78,83 @@ class Backend:
     both_sides: ClassVar[bool] = False  # may cut a removed channel out of the next layer too
     shardable: ClassVar[bool] = True  # its layers can be sharded by FSDP2 (given compact state)
     conv_backend: ClassVar[str | None] = None  # the backend convolutions take under it (None: this one)
+    retry_near_ties: ClassVar[bool] = False  # auto also times the whole step with near-tie layers on this path
 
-    def scheme_reasons(self, scheme: str) -> list[str]:
-        """Why masks of ``scheme`` cannot run here (empty when they can)."""
+    # ------------------------------------------------------------------ what it supports, judged here
+    def not_supported_reasons(self, req: ExecutionRequest) -> list[str]:
+        """Every reason why this backend cannot run the configuration ``req``, most basic first (empty: it can)."""
+        t, m = req.traits, req.method
+        reasons = []
+        if self.swaps_layers and not t.masks:
+            reasons.append(
+                f"backend {self.name!r} runs masked layers sparse; method {m!r} has no masks "
+                "(use static, lottery, set, rigl, mest or swat)"
+            )
+        if t.own_layers and not self.own_layers:
+            reasons.append(
+                f"method {m!r} runs under backend {_names(lambda o: o.own_layers)} (its convolutions on the "
+                f"direct kernels), got {self.name!r}"
+            )
+        compact_ok = (self.compact and t.compactable) or (self.compact_fixed_masks and t.fixed_mask)
+        if req.options.compact_state and not compact_ok:
+            reasons.append(
+                f"compact_state stores only kept weights under backend {_names(lambda o: o.compact)} (the "
+                f"layers it puts on those) for methods static, set, rigl and mest (RigL's layers compute "
+                f"their full weight gradient on its update steps only), or under "
+                f"{_names(lambda o: o.compact_fixed_masks)} for static masks; got backend {self.name!r}, method {m!r}"
+            )
+        if t.masks and not t.own_layers and self.schemes is not None and req.scheme not in self.schemes:
+            reasons.append(
+                f"backend {self.name!r} runs {self.schemes_doc}; set sparsity.scheme={' or '.join(self.schemes)} "
+                f"(got {req.scheme!r})"
+            )
+        if req.options.channel_both_sides and not (self.both_sides and t.fixed_mask):
+            reasons.append(
+                f"channel_both_sides removes a filter's BatchNorm channel and the next layer's inputs for good: "
+                f"it needs backend {_names(lambda o: o.both_sides)} and a static mask (static or lottery); got "
+                f"backend {self.name!r}, method {m!r}"
+            )
+        return reasons
+
+    def layer_reasons(self, layer: nn.Module, mask: torch.Tensor, name: str) -> list[str]:
+        """Why this backend cannot run ``layer`` (weight ``name``, mask ``mask``) where the layer lives: its type,
+        its device, or its mask (:meth:`prepare`)."""
+        if not issubclass(kind_of(layer), self.layer_types):
+            return [f"{name}: backend {self.name!r} runs {', '.join(t.__name__ for t in self.layer_types)} layers"]
+        device = mask.device.type
+        if device not in self.devices:
+            return [f"backend {self.name!r} cannot run here: the model is on {device}; it runs on {self.devices}"]
+        try:
+            self.prepare(mask, name, mask.device)
+        except ValueError as e:
+            return [str(e)]
         return []
 
+    def candidate(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``auto`` should time this backend's own path for ``layer`` on input ``x``: it swaps layers, takes
+        this layer type on this device and layout, runs its own path for ``x`` (not a fallback) and the mask."""
+        if self.timed or not self.swaps_layers or not issubclass(kind_of(layer), self.layer_types):
+            return False
+        if x.device.type not in self.devices or layout_of(x) not in self.layouts or self.path(layer, x) != self.name:
+            return False
+        mask = layer.maskset.masks[layer.mask_name]
+        return not self.layer_reasons(layer, mask.t() if is_conv1d(layer) else mask, layer.mask_name)
+
+    # ------------------------------------------------------------------ what it builds
     def prepare(self, mask: torch.Tensor, name: str, device: torch.device) -> None:
         """Refuse a layer's mask that this backend cannot run (raises ValueError naming the layer)."""
 
+    def build_structure(self, mask: torch.Tensor, name: str):
+        """The structure this backend's kernels read for ``mask`` (layers cache it until the mask changes)."""
+        raise NotImplementedError(f"backend {self.name!r} reads no structure")
+
+    def compact_class(self, layer: nn.Module) -> type | None:
+        """The class a layer on this backend becomes when it stores only its kept weights (None: it cannot): the
+        compact layer registered for this backend (:func:`compact_layer`), where it fits the layer."""
+        cls = COMPACT_LAYERS.get(self.name)
+        return cls if cls is not None and cls.fits(layer) else None
+
+    # ------------------------------------------------------------------ how it computes
     def path(self, layer: nn.Module, x: torch.Tensor) -> str:
         """The name of the path ``layer`` really takes for ``x`` (a fallback shows here)."""
         return self.name
@@ -94,6 +169,42 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<backend {self.name!r}: {self.summary}>"
+
+
+def kind_of(layer) -> type:
+    """The layer type a backend's ``layer_types`` judge ``layer`` by: a Hugging Face ``Conv1D`` counts as the
+    ``nn.Linear`` it computes (its weight transposed)."""
+    return nn.Linear if is_conv1d(layer) else type(layer)
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last. A tensor that is both that and plainly contiguous (one
+    channel, or a 1 x 1 map) counts by its strides, as PyTorch reads a weight made channels-last: the channel's
+    stride below the row's."""
+    return (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and (not x.is_contiguous() or x.stride(1) < x.stride(2))
+    )
+
+
+def layout_of(x: torch.Tensor) -> str:
+    """``"channels_last"`` or ``"nchw"``: the layout of ``x`` by the names backends declare."""
+    return "channels_last" if channels_last(x) else "nchw"
+
+
+COMPACT_LAYERS: dict[str, type] = {}  # backend name -> the layer class its layers become under compact_state
+
+
+def compact_layer(backend: str):
+    """Class decorator: ``cls`` is what layers on ``backend`` become when they store only their kept weights (it has
+    a classmethod ``fits(layer)``)."""
+
+    def put(cls: type) -> type:
+        COMPACT_LAYERS[backend] = cls
+        return cls
+
+    return put
 
 
 def register(cls: type[Backend]) -> type[Backend]:
@@ -117,36 +228,8 @@ def _names(pick) -> str:
 
 
 def not_supported_reasons(backend: "str | Backend", req: ExecutionRequest) -> list[str]:
-    """Every reason why ``backend`` cannot run the configuration ``req``, most basic first (empty: it can)."""
-    b, t, m = get_backend(backend), req.traits, req.method
-    reasons = []
-    if b.swaps_layers and not t.masks:
-        reasons.append(
-            f"backend {b.name!r} runs masked layers sparse; method {m!r} has no masks "
-            "(use static, lottery, set, rigl, mest or swat)"
-        )
-    if t.own_layers and not b.own_layers:
-        reasons.append(
-            f"method {m!r} runs under backend {_names(lambda o: o.own_layers)} (its convolutions on the "
-            f"direct kernels), got {b.name!r}"
-        )
-    compact_ok = (b.compact and t.compactable) or (b.compact_fixed_masks and t.fixed_mask)
-    if req.compact_state and not compact_ok:
-        reasons.append(
-            f"compact_state stores only kept weights under backend {_names(lambda o: o.compact)} (the "
-            f"layers it puts on those) for methods static, set, rigl and mest (RigL's layers compute "
-            f"their full weight gradient on its update steps only), or under "
-            f"{_names(lambda o: o.compact_fixed_masks)} for static masks; got backend {b.name!r}, method {m!r}"
-        )
-    if t.masks and not t.own_layers:
-        reasons += b.scheme_reasons(req.scheme)
-    if req.channel_both_sides and not (b.both_sides and t.fixed_mask):
-        reasons.append(
-            f"channel_both_sides removes a filter's BatchNorm channel and the next layer's inputs for good: "
-            f"it needs backend {_names(lambda o: o.both_sides)} and a static mask (static or lottery); got "
-            f"backend {b.name!r}, method {m!r}"
-        )
-    return reasons
+    """Every reason why ``backend`` cannot run the configuration ``req`` (:meth:`Backend.not_supported_reasons`)."""
+    return get_backend(backend).not_supported_reasons(req)
 
 
 def check_execution(backend: "str | Backend", req: ExecutionRequest) -> Backend:

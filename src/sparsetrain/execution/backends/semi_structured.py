@@ -70,12 +70,8 @@ class SemiStructured(Backend):
     summary = "2:4 Linear layers on sparse tensor cores (CUDA GPUs of compute capability 8.0+)"
     layer_types = (nn.Linear,)
     schemes = ("nm_2:4",)
+    schemes_doc = "2:4 masks"
     devices = ("cuda",)
-
-    def scheme_reasons(self, scheme: str) -> list[str]:
-        if scheme in self.schemes:
-            return []
-        return [f"backend 'semi_structured' runs 2:4 masks; set sparsity.scheme=nm_2:4 (got {scheme!r})"]
 
     def prepare(self, mask: torch.Tensor, name: str, device: torch.device) -> None:
         why = (

@@ -395,6 +395,23 @@ class _SWATMixin:
         kept = local(self.weight).detach().abs() >= self.w_thresh
         return part.wrap(kept) if part else kept
 
+    def export_mask(self) -> torch.Tensor:
+        """The weights an exported model keeps: exactly the layer's budget, the top ``floor(density * numel)`` by
+        magnitude at this moment (ties to the lower index, so the choice is deterministic), or the kept units of
+        structured SWAT; laid out like the weight (this rank's rows when it is sharded). The forward pass's
+        threshold is a period old and keeps ties; an export must hold the asked sparsity."""
+        if self.structure:
+            return self.current_mask()
+        w = whole(self.weight).detach()
+        flat = w.abs().reshape(-1)
+        k = max(1, min(flat.numel(), math.floor(self.density * flat.numel() + 1e-9)))
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        kept = torch.zeros(flat.numel(), dtype=torch.bool, device=w.device)
+        kept[order] = True
+        kept = kept.reshape(w.shape)
+        part = Part.of(self.weight)
+        return part.wrap(part.rows_of(kept)) if part else kept
+
     def kept_weights(self) -> int:
         """Weights used now, over all ranks."""
         m = self.current_mask()
@@ -567,8 +584,8 @@ def revert(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def harden(model: nn.Module) -> nn.Module:
-    """Prune every SWAT layer's weights to the weights it uses now (:meth:`current_mask`: the period's threshold,
-    as the last forward pass did) and return a plain model with sparse weights."""
+    """Prune every SWAT layer's weights to exactly its budget (:meth:`export_mask`: the top-K now) and return a
+    plain model with sparse weights."""
     for m in swat_layers(model).values():
-        m.weight.mul_(m.current_mask())
+        m.weight.mul_(m.export_mask())
     return revert(model)
