@@ -73,6 +73,17 @@ def _backends_table() -> str:
     return "\n".join(rows)
 
 
+def _figures_table() -> str:
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("figures", ROOT / "benchmarks" / "figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    return figures.table()
+
+
 def _include(match: re.Match) -> str:
     path = ROOT / match.group(1)
     return path.read_text() if path.exists() else f"*({match.group(1)} has not been written yet)*"
@@ -84,6 +95,8 @@ def on_page_markdown(markdown, page, config, files):
         markdown = markdown.replace("{{ config_reference }}", _config_reference())
     if "{{ backends_table }}" in markdown:
         markdown = markdown.replace("{{ backends_table }}", _backends_table())
+    if "{{ figures_table }}" in markdown:
+        markdown = markdown.replace("{{ figures_table }}", _figures_table())
     if "{{ cli_reference }}" in markdown:
         markdown = markdown.replace("{{ cli_reference }}", _cli_reference())
     return re.sub(r"\{\{ include \"([^\"]+)\" \}\}", _include, markdown)

@@ -149,3 +149,25 @@ def test_protocol_d_variants_need_a_label(capsys):
     with pytest.raises(SystemExit):
         main(["--data", "x", "--runs", "rigl", "--extra", "sparsity.update_fraction=0.5"])
     assert "--extra needs --label" in capsys.readouterr().err
+
+
+def test_the_readme_figures_are_the_generated_table():
+    import figures
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert figures.readme_block() in readme, "run: python benchmarks/figures.py --readme"
+
+
+def test_the_figures_table_takes_the_latest_valid_record_per_cpu_class():
+    import figures
+    from real_speed_sweep import ROWS, command_of
+
+    cmd = command_of(ROWS[0])
+    base = {"command": cmd, "mem_ratio": 0.9, "commit": "c1"}
+    records = [
+        {**base, "cpu": "AMD EPYC", "step_ratio": 0.5, "step_ratio_mean": 0.5},
+        {**base, "cpu": "AMD EPYC", "step_ratio": 0.4, "step_ratio_mean": 0.6, "commit": "disturbed"},
+        {**base, "cpu": "Intel(R) Xeon(R) Processor", "step_ratio": 0.7, "step_ratio_mean": 0.71, "commit": "c2"},
+    ]
+    row = figures.table(records).splitlines()[2]
+    assert row.startswith(f"| {figures.label(ROWS[0])} | 0.50 (`c1`) | 0.90 | 0.70 (`c2`) | 0.90 |")
