@@ -370,3 +370,51 @@ def test_sample_refuses_a_vocabulary_of_another_run(tmp_path, capsys):
     assert main(["sample", str(run), "--prompt", "a"]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds 3 characters but the model was trained on 5: the vocabulary is not this run's" in err
+
+
+def test_a_disk_that_fills_inside_torch_saves_zip_writer_ends_in_one_line_with_exit_2(tmp_path, monkeypatch, capsys):
+    """The zip writer of ``torch.save`` turns a failed write into ``RuntimeError: ... unexpected pos``; the run still
+    ends in one line naming the file, exit 2, no partial file: the first checkpoint fills a tiny disk."""
+    import io
+
+    import sparsetrain.app.checkpoint as ck
+
+    real_fdopen, room = os.fdopen, [6000]
+
+    class TinyDisk(io.RawIOBase):  # a file on a disk with ``room`` bytes left
+        def __init__(self, f):
+            self.f = f
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if len(data) > room[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            room[0] -= len(data)
+            return self.f.write(data)
+
+        def flush(self):
+            if not self.f.closed:
+                self.f.flush()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    monkeypatch.setattr(ck.os, "fdopen", lambda fd, mode: TinyDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="no space left on the device while writing"):
+        ck.save_checkpoint({"w": torch.zeros(10_000)}, tmp_path / "ck.pt")
+    assert not list(tmp_path.iterdir())  # no partial file, no temporary left
+    from conftest import make_image_tar
+
+    data = make_image_tar(tmp_path / "mnist.tar", 64, 32)
+    out = tmp_path / "run"
+    args = ["train", *TINY, "optim.epochs=1", "data.dataset=mnist", f"data.data_dir={data}", f"run.out_dir={out}"]
+    assert main([*args, f"data.cache_dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: OSError: [Errno 28] no space left on the device while writing")
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp")) and not (out / "checkpoint.pt").exists()

@@ -34,6 +34,24 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+class _Recorded:
+    """A binary file that remembers the ``OSError`` its ``write`` raised (a full disk), for writers that turn it into
+    an error of their own (``torch.save``'s zip writer)."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def write_atomic(path: str | os.PathLike, write) -> None:
     """Create ``path`` through a new temporary file in its folder, renamed over it: never written through an existing
     file or link (a link at ``path`` is replaced, its target untouched), never left half-written, with the mode the
@@ -44,7 +62,13 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            out = _Recorded(f)
+            try:
+                write(out)
+            except RuntimeError:  # torch.save's zip writer reports a failed write as "unexpected pos ..."
+                if out.error is not None:
+                    raise out.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())

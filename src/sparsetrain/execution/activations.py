@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import native
 
@@ -52,6 +53,12 @@ class _BitReLUFn(torch.autograd.Function):
         return grad * positive, None
 
 
+def holds_data(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a real CPU tensor the kernels can read (not one a compiler, an exporter or ``torch.func``
+    traces with): the compact activations fall back to the plain operation, which computes the same, otherwise."""
+    return native.what_is_wrong(x, cpu=False) is None
+
+
 class BitReLU(nn.Module):
     """ReLU that saves a packed bitmask for backward (1/32 of the float output it replaces).
 
@@ -64,6 +71,8 @@ class BitReLU(nn.Module):
         self.inplace = inplace
 
     def forward(self, x):
+        if not holds_data(x):  # traced or transformed: the plain ReLU computes the same
+            return F.relu(x, inplace=self.inplace)
         return _BitReLUFn.apply(x, self.inplace)
 
     def extra_repr(self) -> str:
@@ -96,6 +105,7 @@ class CompactMaxPool2d(nn.MaxPool2d):
     def forward(self, x):
         if (
             x.requires_grad
+            and holds_data(x)
             and torch.is_grad_enabled()
             and x.dim() == 4
             and x.dtype == torch.float32

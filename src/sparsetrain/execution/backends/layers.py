@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .. import native
 from .registry import BACKENDS, get_backend, is_conv1d, kind_of
 
 __all__ = ["SparseLinear", "SparseConv2d", "apply_backend"]
@@ -83,7 +84,15 @@ class _SparseExec:
             self._choose(x)
         if self.training:
             self.ran = self._path(x)
-        out = self._run(x)
+        try:
+            if torch._C._functorch.is_functorch_wrapped_tensor(x) and BACKENDS[self._path(x)].swaps_layers:
+                raise native.NoDataError(
+                    "torch.func's transforms (grad, vmap, jacrev) cannot see inside the sparse kernels; run them over "
+                    "execution='masked', or over the model sp.remove() returns"
+                )
+            out = self._run(x)
+        except native.NoDataError as e:  # a transform traced the model: name the layer and what runs instead
+            raise native.NoDataError(f"{self.mask_name} (backend {self.backend!r}): {e}") from None
         if self.training and out.requires_grad and self.maskset.capture_dense_grad and BACKENDS[self.ran].swaps_layers:
             # the sparse paths compute the kept weights' gradient only; a step whose update grows by the dense
             # gradient (RigL's) computes the full one as well, with one dense product, kept until it is read

@@ -437,6 +437,18 @@ class _SWATMixin:
         )
 
 
+def refuse_traced(x: torch.Tensor, layer: nn.Module) -> None:
+    """SWAT's layers compute through autograd Functions and kernels of their own, with data-dependent sizes (the
+    top-K inputs), which an exporter or ``torch.func``'s transforms cannot trace: refuse those inputs with the layer
+    named and what runs instead. (``torch.compile`` runs the layers at a graph break, on real tensors.)"""
+    why = native.what_is_wrong(x, cpu=False)
+    if why:
+        raise native.NoDataError(
+            f"a SWAT {type(layer).__name__} {tuple(layer.weight.shape)} was handed {why}; SWAT's layers train on "
+            "real CPU or CUDA tensors: export or transform the model sp.remove() returns"
+        )
+
+
 class SWATConv2d(_SWATMixin, nn.Conv2d):
     """A Conv2d trained the SWAT way (made by :func:`convert`; same parameters as the layer it replaces)."""
 
@@ -465,7 +477,9 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
             and not isinstance(self.padding, str)
         )
 
+    @torch.compiler.disable
     def forward(self, x):
+        refuse_traced(x, self)
         self._maybe_refresh(x)
         if self.padding_mode != "zeros":
             raise ValueError("SWAT supports zero padding only")
@@ -500,7 +514,9 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
 class SWATLinear(_SWATMixin, nn.Linear):
     """A Linear trained the SWAT way (made by :func:`convert`)."""
 
+    @torch.compiler.disable
     def forward(self, x):
+        refuse_traced(x, self)
         self._maybe_refresh(x)
         return swat_linear(
             x, self.weight, self.bias, self.w_mask if self.structure else None, self.w_thresh, self.a_thresh

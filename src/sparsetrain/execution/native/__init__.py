@@ -20,6 +20,7 @@ caller falls back to the numpy path, which gives identical results.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 
 __all__ = [
     "available",
@@ -798,3 +800,48 @@ def compressed_weight_grad(
         threads,
     )
     return gwt
+
+
+class NoDataError(RuntimeError):
+    """A kernel was handed a tensor that holds no data the C code could read: a fake or meta tensor (what
+    ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` trace with), a tensor wrapped by ``torch.func``
+    (``grad``, ``vmap``), or one on another device. Raised before any C code runs, so the process lives on."""
+
+
+def what_is_wrong(t: torch.Tensor, cpu: bool = True) -> str | None:
+    """Why the C kernels cannot read ``t`` (None when they can); ``cpu=False`` leaves out the device (for layers
+    that run elsewhere too and only need a tensor that holds data)."""
+    if t.device.type == "meta" or _is_fake(t):
+        return "a fake or meta tensor (one a compiler or exporter traces with)"
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return "a tensor wrapped by torch.func (grad, vmap, functional_call's transforms)"
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return f"a {type(t).__name__} (a tensor subclass)"
+    if cpu and t.device.type != "cpu":
+        return f"a tensor on {t.device}"
+    return None
+
+
+def _guarded(fn):
+    """``fn`` refusing, with :class:`NoDataError`, tensors whose memory the C code cannot read, and never traced by
+    ``torch.compile`` (its NumPy and ``ctypes`` glue runs as Python, on real tensors, at a graph break)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (tuple, list)) else (a,):
+                why = torch.is_tensor(t) and what_is_wrong(t)
+                if why:
+                    raise NoDataError(
+                        f"the native kernel {fn.__name__} was handed {why}; the sparse kernels run on real CPU "
+                        "tensors: run this transform over execution='masked', or over the model sp.remove() returns"
+                    )
+        return fn(*args, **kwargs)
+
+    return torch.compiler.disable(call)
+
+
+for _name in __all__:  # every entry point that takes tensors checks them before any C code runs
+    if _name not in ("available", "nhwc_block", "tiled_supported", "elementwise_threads", "library_path", "compiler"):
+        globals()[_name] = _guarded(globals()[_name])
+__all__ += ["NoDataError", "what_is_wrong"]
