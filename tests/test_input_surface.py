@@ -193,3 +193,96 @@ def test_sparsity_counts_the_masks_and_zero_fraction_the_zeros():
         w[kept.nonzero()[0].tolist()[0], kept.nonzero()[0].tolist()[1]] = 0.0  # one kept weight happens to be zero
     assert sp.sparsity() == pytest.approx(0.5, abs=1 / 256)
     assert sp.zero_fraction() == pytest.approx(sp.sparsity() + 1 / 256)
+
+
+# ----------------------------------------------------------------------------------- the newer surfaces
+plan_values = s.one_of(s.none(), s.booleans(), s.integers(-2, 2), s.text(max_size=6), s.just("auto"), s.just("direct"))
+plan_dicts = s.fixed_dictionaries(
+    {},
+    optional={
+        "requested": s.one_of(plan_values, s.sampled_from(["masked", "condensed", "nope"])),
+        "layout": s.one_of(plan_values, s.sampled_from(["nchw", "channels_last", "diagonal"])),
+        "channel_both_sides": plan_values,
+        "lossless_activations": plan_values,
+        "layers": s.one_of(
+            plan_values,
+            s.dictionaries(
+                s.sampled_from(["2.weight", "0.weight", "9.weight"]),
+                s.one_of(
+                    plan_values, s.fixed_dictionaries({"backend": plan_values}, optional={"compact": plan_values})
+                ),
+                max_size=3,
+            ),
+        ),
+    },
+)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plan_dicts, method=s.sampled_from(["static", "rigl"]))
+def test_any_plan_or_state_is_run_exactly_or_refused_in_one_line(plan, method, tmp_path_factory):
+    """Truncated, foreign or other-model plans, in a file or inside a sparsifier's state: applied as saved, or
+    refused with a ValueError or TypeError naming what is wrong, before anything changes."""
+    from sparsetrain.execution.plan import ExecutionPlan
+
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    path.write_text(json.dumps(plan))
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    factory = st.METHODS[method]
+    sp = factory(model, opt, sparsity=0.5, total_steps=10, execution="masked")
+    state = {**sp.state_dict(), "plan": plan}
+    before = {k: v.clone() for k, v in sp.maskset.masks.items()}
+    for attempt in (lambda: ExecutionPlan.load(path), lambda: sp.load_state_dict(state)):
+        try:
+            attempt()
+        except (ValueError, TypeError) as e:
+            assert str(e) and "\n" not in str(e).strip()
+    assert all(torch.equal(before[k], v) for k, v in sp.maskset.masks.items())  # a refusal changed nothing
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    method=s.sampled_from(["dense", "static", "set", "rigl", "swat"]),
+    execution=s.sampled_from(["masked", "csr", "direct", "condensed", "auto"]),
+    lossless=s.booleans(),
+    cut=s.sets(s.sampled_from(["clock", "bumps", "sparsity", "masks", "generator", "updates", "densities"])),
+)
+def test_lossless_activations_and_cut_states_with_every_method_and_backend(method, execution, lossless, cut):
+    """Every method under every backend, with or without lossless activations, trains a step or is refused at
+    construction in one line; a state with any keys cut is refused naming them, never a bare KeyError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kw = {} if method == "dense" else {"sparsity": 0.5, "dense_layers": ()}
+    try:
+        sp = st.METHODS[method](model, opt, total_steps=10, execution=execution, lossless_activations=lossless, **kw)
+    except ValueError as e:
+        assert "\n" not in str(e)
+        return
+    loss = model(torch.randn(2, 3, 8, 8)).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    state = sp.state_dict()
+    for key in cut:
+        state.pop(key, None)
+    needed = sp._state_keys()
+    if any(k in cut for k in needed):
+        with pytest.raises(ValueError, match=f"this {method} state lacks .* a {method} sparsifier's state holds"):
+            sp.load_state_dict(state)
+    else:
+        sp.load_state_dict(state)
+
+
+def test_a_cut_state_names_what_is_missing_and_what_a_state_holds():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.rigl(model, opt, sparsity=0.5, total_steps=10)
+    with pytest.raises(
+        ValueError,
+        match=r"^this rigl state lacks \['clock', 'bumps', 'sparsity', 'masks', 'generator', 'updates'\] \(cut short "
+        r"or not from sp.state_dict\(\)\); a rigl sparsifier's state holds \['method', 'clock', 'bumps', 'sparsity', "
+        r"'masks', 'generator', 'updates'\]$",
+    ):
+        sp.load_state_dict({"method": "rigl"})
