@@ -4,24 +4,26 @@ A method is a :class:`~.base.Sparsifier` subclass in a module of this package, d
 :func:`~.base.register_method`: that makes its factory from the knobs it declares (:mod:`.knobs`) and adds both to
 :data:`METHODS` (name -> factory) and :data:`METHOD_CLASSES` (name -> class). The configuration
 (``sparsity.method`` and its keys), the CLI, the Trainer and the integrations all build methods through them, so
-adding a method is its module plus its import below. Every factory takes ``(model, optimizer, *, <the method's
-knobs>, <execution options>)``; :mod:`.base` documents the lifecycle.
+adding a method is its module in this package (every module here is imported below and registers its methods).
+Every factory takes ``(model, optimizer, *, <the method's knobs>, <execution options>)``; :mod:`.base` documents
+the lifecycle.
 """
 
 from __future__ import annotations
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from ..core.lifecycle import MethodTraits
-
-# isort: off
-from . import static, lottery, dynamic, mest, swat  # noqa: F401 - each registers its methods, in this order
-
-# isort: on
 from .base import METHOD_CLASSES, METHODS, Clock, Dense, Sparsifier, dense
 from .dynamic import SET, RigL
 from .lottery import Lottery, round_sparsities
 from .mest import MEST
 from .static import Static, make_masks
 from .swat import SWAT
+
+for _module in _pkgutil.iter_modules(__path__):  # each method's module registers it (in its declared rank)
+    _importlib.import_module(f"{__name__}.{_module.name}")
 
 # The factories are ``sparsetrain.static``, ``.set``, ``.rigl``, ...; here the names are the modules.
 __all__ = [

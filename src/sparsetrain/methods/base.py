@@ -174,8 +174,11 @@ def register_method(cls: type["Sparsifier"]) -> type["Sparsifier"]:
     """Class decorator: make ``cls``'s factory from its knobs and docstring (``cls.factory``) and register both under
     ``cls.name`` (the configuration, the CLI and the Trainer build methods through :data:`METHODS`)."""
     cls.factory = make_factory(cls, cls.__doc__ or "")
-    METHODS[cls.name] = cls.factory
     METHOD_CLASSES[cls.name] = cls
+    ordered = sorted(METHOD_CLASSES.items(), key=lambda item: item[1].rank)
+    for registry, value in ((METHOD_CLASSES, lambda c: c), (METHODS, lambda c: c.factory)):
+        registry.clear()
+        registry.update((name, value(c)) for name, c in ordered)
     return cls
 
 
@@ -189,6 +192,7 @@ class Sparsifier:
     name = "dense"
     traits = MethodTraits()
     knobs: tuple[Knob, ...] = CLOCK  # the factory's keyword arguments (see :mod:`.knobs`)
+    rank: int = 0  # where it stands in the registry (listings and messages name methods in this order)
     config_hints: dict[str, str] = {}  # configuration key -> a hint shown when this method refuses it
 
     @classmethod

@@ -176,6 +176,7 @@ class SET(_Scheduled):
     active weights by magnitude and grow as many at random, after the step."""
 
     name = "set"
+    rank = 30
     knobs = (*MASK_KNOBS, *SCHEDULE_KNOBS, SEED, *CLOCK)
     reads_gradients = False
 
@@ -196,6 +197,7 @@ class RigL(_Scheduled):
     (the paper's threshold is 0.3)."""
 
     name = "rigl"
+    rank = 40
     knobs = (*MASK_KNOBS, *SCHEDULE_KNOBS, NEURON_ABLATION, SEED, *CLOCK)
 
     def __init__(self, model, optimizer, *, neuron_ablation: float, **kw):

@@ -101,6 +101,7 @@ class Lottery(Static):
     ``round_sparsities(s, rounds)`` gives the usual geometric path of sparsities over rounds."""
 
     name = "lottery"
+    rank = 20
     traits = MethodTraits(fixed_mask=True, rounds=True)
     knobs = (
         SPARSITY,

@@ -74,6 +74,7 @@ class MEST(PruneAndGrow):
     mutation. Needs ``steps_per_epoch`` and ``epochs``: it acts at epoch ends."""
 
     name = "mest"
+    rank = 50
     knobs = (
         *MASK_KNOBS,
         EVERY_EPOCHS,

@@ -128,6 +128,7 @@ class Static(Sparsifier):
     """
 
     name = "static"
+    rank = 10
     traits = MethodTraits(fixed_mask=True, compactable=True)
     knobs = (*MASK_KNOBS, *SCORE_KNOBS, SEED, *CLOCK)
 

@@ -92,6 +92,7 @@ class SWAT(Sparsifier):
     parameters unchanged."""
 
     name = "swat"
+    rank = 60
     traits = MethodTraits(own_layers=True)
     knobs = (
         SPARSITY,

@@ -1,26 +1,16 @@
-"""Execution backends: how a masked Conv2d/Linear really computes, one small class per backend.
-
-================== =======================================================================================
-``masked``         masked dense tensors: the reference and the fallback (exact zeros, dense cost)
-``csr``            PyTorch's CSR sparse-dense products (:mod:`.csr`)
-``direct``         our C kernels over the kept weights of convolutions (:mod:`.direct`)
-``condensed``      our C kernels over the kept weights of Linear layers (:mod:`.condensed`)
-``channel``        whole output channels as smaller dense layers (:mod:`.channel`)
-``semi_structured`` 2:4 Linear layers on sparse tensor cores (:mod:`.semi_structured`, CUDA)
-``auto``           the fastest path per layer and the faster layout, timed on a real batch (:mod:`.auto`)
-================== =======================================================================================
+"""Execution backends: how a masked Conv2d/Linear really computes, one small class per backend, each in a module of
+this package that registers it (:func:`~.registry.register`).
 
 Each backend declares what it supports (:class:`~.registry.Backend`); :data:`BACKENDS` is the registry the
-configuration, the factories and the planner (:mod:`sparsetrain.execution.plan`) ask. SWAT's own layers
-(:mod:`.swat`) run under the backends that declare ``own_layers``. Nothing outside this package compares
-backend names.
+configuration, the factories and the planner (:mod:`sparsetrain.execution.plan`) ask, in the order the backends
+declare (``rank``). SWAT's own layers (:mod:`.swat`) run under the backends that declare ``own_layers``. Nothing
+outside this package compares backend names; the docs' table of backends is generated from the registry. Adding a
+backend is a module here (every module of the package is imported below) and its conformance-test entry.
 """
 
-# isort: off
-from . import masked, csr, direct, condensed, channel, semi_structured, auto  # noqa: F401 - registration order
-from . import compact  # noqa: F401 - registers the compact layers
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-# isort: on
 from .auto import TIMING_SHARE, choose_now, keep_buffers, near_tie, settle_layout
 from .channel import expand_channels, kept_channels
 from .condensed import CondensedStructure, condensed_linear
@@ -72,3 +62,6 @@ __all__ = [
     "check_two_four",
     "semi_structured_available",
 ]
+
+for _module in _pkgutil.iter_modules(__path__):  # each backend's module registers it; compact layers register too
+    _importlib.import_module(f"{__name__}.{_module.name}")

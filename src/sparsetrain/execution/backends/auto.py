@@ -24,6 +24,7 @@ class Auto(Backend):
     """The fastest path per layer, timed on the first training batch, and the faster layout for the whole step."""
 
     name = "auto"
+    rank = 90
     summary = "the fastest of the paths that can run each layer, timed on a real batch; the faster layout for the step"
     compact = True
     timed = True

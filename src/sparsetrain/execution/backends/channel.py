@@ -54,6 +54,7 @@ class Channel(Backend):
     """Kept output channels as a smaller dense layer, re-expanded (or, both sides, read by the next layer as is)."""
 
     name = "channel"
+    rank = 40
     summary = "whole output channels: the layer runs smaller, dense, over its kept filters"
     schemes = ("channel_out",)
     schemes_doc = "masks of whole output channels"

@@ -105,6 +105,7 @@ class Condensed(Backend):
     """The condensed Linear kernels; convolutions under it take the direct kernels."""
 
     name = "condensed"
+    rank = 30
     summary = (
         "C kernels over the kept weights of Linear layers, rows of kept inputs (float32, CPU); convolutions direct"
     )

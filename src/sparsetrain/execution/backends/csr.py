@@ -164,6 +164,7 @@ class CSR(Backend):
     """PyTorch CSR products for forward, input gradient and the kept weights' gradient."""
 
     name = "csr"
+    rank = 10
     summary = "PyTorch CSR sparse-dense products (convolutions over unfolded inputs)"
 
     def build_structure(self, mask: torch.Tensor, name: str) -> CSRStructure:

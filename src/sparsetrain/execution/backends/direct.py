@@ -321,6 +321,7 @@ class Direct(Backend):
     """The direct sparse-convolution kernels; Linear layers on CSR products."""
 
     name = "direct"
+    rank = 20
     summary = (
         "C kernels over the kept weights of convolutions (float32, CPU, NCHW or channels-last); Linear layers on CSR"
     )

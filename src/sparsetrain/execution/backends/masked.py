@@ -16,6 +16,7 @@ class Masked(Backend):
     """Masked dense: the layers compute densely on weights whose masked entries are zero."""
 
     name = "masked"
+    rank = 0
     summary = "masked dense tensors (a simulation: exact zeros, dense cost)"
     swaps_layers = False
     own_layers = True  # SWAT's layers run their dense products on the top-K weights

@@ -79,6 +79,7 @@ class Backend:
     shardable: ClassVar[bool] = True  # its layers can be sharded by FSDP2 (given compact state)
     conv_backend: ClassVar[str | None] = None  # the backend convolutions take under it (None: this one)
     retry_near_ties: ClassVar[bool] = False  # auto also times the whole step with near-tie layers on this path
+    rank: ClassVar[int] = 50  # where it stands in the registry (messages and auto list backends in this order)
 
     # ------------------------------------------------------------------ what it supports, judged here
     def not_supported_reasons(self, req: ExecutionRequest) -> list[str]:
@@ -208,8 +209,11 @@ def compact_layer(backend: str):
 
 
 def register(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: add one instance of ``cls`` to :data:`BACKENDS` under ``cls.name``."""
+    """Class decorator: add one instance of ``cls`` to :data:`BACKENDS` under ``cls.name``, in ``rank`` order."""
     BACKENDS[cls.name] = cls()
+    ordered = sorted(BACKENDS.items(), key=lambda item: item[1].rank)
+    BACKENDS.clear()
+    BACKENDS.update(ordered)
     return cls
 
 

@@ -67,6 +67,7 @@ class SemiStructured(Backend):
     """2:4 sparse tensor cores for Linear layers (CUDA, compute capability 8.0+)."""
 
     name = "semi_structured"
+    rank = 50
     summary = "2:4 Linear layers on sparse tensor cores (CUDA GPUs of compute capability 8.0+)"
     layer_types = (nn.Linear,)
     schemes = ("nm_2:4",)
