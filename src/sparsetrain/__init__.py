@@ -19,6 +19,7 @@ and :mod:`~sparsetrain.app.cli`.
 """
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ _LAZY = {
     "DataEfficiency": ("recipes", "DataEfficiency"),
     "WithIndices": ("recipes", "WithIndices"),
     "tost": ("recipes.tost", "tost"),
+    "ExecutionOptions": ("execution.options", "ExecutionOptions"),
     "Trainer": ("app.trainer", "Trainer"),
 }
 
@@ -59,6 +61,11 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None:
+        # a method registered by its module (methods/) is reachable by its name too (submodules are not methods)
+        methods = importlib.import_module(".methods", __name__).METHODS
+        if name in methods:
+            return methods[name]
     raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
 
 
@@ -89,6 +96,7 @@ __all__ = [
     "load_dataset",
     "build_model",
     "Trainer",
+    "ExecutionOptions",
     "FlopMeter",
     "measure_layer_costs",
     "saved_tensor_bytes",
