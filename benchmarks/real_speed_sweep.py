@@ -48,6 +48,7 @@ ROWS: list[list[str]] = [
         "sparsity.distribution=erk",
     ],
     ["--model", "resnet50", "--batch", "32", "--config", "swat-auto", "--sparsity", "0.8"],
+    ["--model", "resnet50", "--batch", "32", "--config", "auto-compact", "--sparsity", "0.95"],
     # D-speed: GPT width 512 and 1024, context 128, batch 16, fan-in 90% on the condensed kernels
     *[
         [
