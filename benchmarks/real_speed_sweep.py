@@ -97,8 +97,9 @@ def main(argv=None) -> None:
         for r in read_records(f)
         if r.get("commit") in (head, *args.done_at)
     }
-    todo = [row for row in ROWS if command_of(row) not in done and (args.only is None or args.only in command_of(row))]
-    print(f"{len(ROWS) - len(todo)} rows recorded at {head}; {len(todo)} to run", flush=True)
+    asked = [row for row in ROWS if args.only is None or args.only in command_of(row)]
+    todo = [row for row in asked if command_of(row) not in done]
+    print(f"{len(asked) - len(todo)} of {len(asked)} rows recorded at {head}; {len(todo)} to run", flush=True)
     for i, row in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {command_of(row)}", flush=True)
         if not args.dry_run:
