@@ -38,9 +38,13 @@ class _SparseExec:
             self._structures.clear()
             self._version_seen = self.maskset.version
         if kind not in self._structures:
-            self._structures[kind] = BACKENDS[kind].build_structure(self.maskset.masks[self.mask_name], self.mask_name)
+            self._structures[kind] = BACKENDS[kind].build_structure(self._kernel_mask(), self.mask_name)
             self.rebuilds += 1
         return self._structures[kind]
+
+    def _kernel_mask(self) -> torch.Tensor:
+        """The mask in the layout the kernels read (a Conv1D's is transposed)."""
+        return self.maskset.masks[self.mask_name]
 
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
         """The backends whose own path can run this layer on ``x`` (each backend says: :meth:`Backend.candidate`)."""
@@ -138,16 +142,9 @@ class _Conv1DExec(_SparseExec):
 
     plain_class: type  # the Conv1D class it was made from (set per class by :func:`_conv1d_class`)
 
-    def structure(self, kind: str = "csr"):
-        """The structure of the transposed mask ([out, in], a Linear's), rebuilt only when the masks change."""
-        if self._version_seen != self.maskset.version:
-            self._structures.clear()
-            self._version_seen = self.maskset.version
-        if kind not in self._structures:
-            mask = self.maskset.masks[self.mask_name].t().contiguous()
-            self._structures[kind] = BACKENDS[kind].build_structure(mask, self.mask_name)
-            self.rebuilds += 1
-        return self._structures[kind]
+    def _kernel_mask(self) -> torch.Tensor:
+        """The transposed mask ([out, in], a Linear's): the structures are those of the Linear it computes."""
+        return self.maskset.masks[self.mask_name].t().contiguous()
 
     def _dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """The full weight gradient [in, out] of this Conv1D for input ``x`` and output gradient ``grad_out``."""
