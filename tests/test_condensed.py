@@ -21,6 +21,8 @@ SHAPES = [  # (tokens, in, out, density, fan_in)
     (65, 64, 16, 0.5, False),
     (130, 48, 96, 0.1, True),
     (200, 96, 40, 0.05, False),
+    (150, 80, 40, 0.25, True),  # rows of 20: a group of 16 reduced together and 4 alone; 16 x 16 tiles and edges
+    (97, 200, 33, 0.3, False),  # unstructured rows of about 60, every remainder
 ]
 
 

@@ -23,23 +23,67 @@
 #define NV (TB / VL)
 typedef float v8 __attribute__((vector_size(VL * 4)));
 
-static float *block_buffer(int64_t rows) {
+/* A worker's token-block buffers ([rows][TB] each) in one allocation, each starting at a different offset within
+ * a 4 KiB page: the backward reads x[c] and writes gx[c] at the same offset of two buffers, and with equal
+ * offsets every load would wait on the store before it (4K aliasing), a third slower depending only on where
+ * the allocator placed them. Freed with free(bufs[0]). */
+static int block_buffers(int n, const int64_t *rows, float **bufs) {
+    size_t total = 0, at[4];
+    for (int i = 0; i < n; i++) {
+        size_t bytes = (size_t)(rows[i] > 0 ? rows[i] : 1) * TB * sizeof(float);
+        at[i] = total + (size_t)i * 1088;  /* 17 lines apart */
+        total = (at[i] + bytes + 4095) & ~(size_t)4095;
+    }
     void *p = 0;
-    if (posix_memalign(&p, 64, (size_t)(rows > 0 ? rows : 1) * TB * sizeof(float))) return 0;
-    return (float *)p;
+    if (posix_memalign(&p, 4096, total)) return -1;
+    for (int i = 0; i < n; i++) bufs[i] = (float *)((char *)p + at[i]);
+    return 0;
 }
 
-/* The transposes go in tiles of 16 x 16, so that the lines a tile reads and writes stay in the first-level cache
- * (row by row, every write of a column lands on another line: the transposes cost as much as the products). */
-#define TT 16
+/* The transposes go in tiles of VL x VL held in registers: VL rows loaded as vectors, transposed by log2(VL)
+ * stages of two-source shuffles (each swaps the off-diagonal blocks of every 2h x 2h sub-tile), stored as VL
+ * vectors. Scalar copies of a column per token cost as much as the products themselves; edge tiles (fewer than
+ * VL columns or tokens left) still go element by element. */
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+#define LO_LANE(l, h) (((l) & (h)) ? (VL + (l) - (h)) : (l))
+#define HI_LANE(l, h) (((l) & (h)) ? (VL + (l)) : ((l) + (h)))
+#if VL == 16
+#define LANES(f, h) {f(0, h), f(1, h), f(2, h), f(3, h), f(4, h), f(5, h), f(6, h), f(7, h), \
+                     f(8, h), f(9, h), f(10, h), f(11, h), f(12, h), f(13, h), f(14, h), f(15, h)}
+#else
+#define LANES(f, h) {f(0, h), f(1, h), f(2, h), f(3, h), f(4, h), f(5, h), f(6, h), f(7, h)}
+#endif
+#define STAGE(r, h)                                                                         \
+    for (int i = 0; i < VL; i++)                                                            \
+        if (!(i & (h))) {                                                                   \
+            v8 a_ = r[i], b_ = r[i + (h)];                                                  \
+            r[i] = __builtin_shuffle(a_, b_, (vi)LANES(LO_LANE, h));                        \
+            r[i + (h)] = __builtin_shuffle(a_, b_, (vi)LANES(HI_LANE, h));                  \
+        }
+
+static inline __attribute__((always_inline)) void transpose_tile(v8 r[VL]) {
+#if VL == 16
+    STAGE(r, 8)
+#endif
+    STAGE(r, 4)
+    STAGE(r, 2)
+    STAGE(r, 1)
+}
 
 /* buf[c][j] = src[(t0 + j) * ld + c] for j < nb, zero for nb <= j < TB */
 static void load_block(const float *src, int64_t ld, int64_t cols, int64_t t0, int64_t nb, float *buf) {
     if (nb < TB) memset(buf, 0, (size_t)cols * TB * sizeof(float));
-    for (int64_t c0 = 0; c0 < cols; c0 += TT) {
-        const int64_t c1 = c0 + TT < cols ? c0 + TT : cols;
-        for (int64_t j0 = 0; j0 < nb; j0 += TT) {
-            const int64_t j1 = j0 + TT < nb ? j0 + TT : nb;
+    for (int64_t c0 = 0; c0 < cols; c0 += VL) {
+        const int64_t c1 = c0 + VL < cols ? c0 + VL : cols;
+        for (int64_t j0 = 0; j0 < nb; j0 += VL) {
+            const int64_t j1 = j0 + VL < nb ? j0 + VL : nb;
+            if (c1 - c0 == VL && j1 - j0 == VL) {
+                v8 r[VL];
+                for (int k = 0; k < VL; k++) memcpy(&r[k], src + (t0 + j0 + k) * ld + c0, sizeof(v8));
+                transpose_tile(r);
+                for (int k = 0; k < VL; k++) *(v8 *)(buf + (c0 + k) * TB + j0) = r[k];
+                continue;
+            }
             for (int64_t j = j0; j < j1; j++) {
                 const float *row = src + (t0 + j) * ld;
                 for (int64_t c = c0; c < c1; c++) buf[c * TB + j] = row[c];
@@ -50,10 +94,17 @@ static void load_block(const float *src, int64_t ld, int64_t cols, int64_t t0, i
 
 /* dst[(t0 + j) * ld + c] = buf[c][j] for j < nb */
 static void store_block(const float *buf, int64_t cols, int64_t t0, int64_t nb, float *dst, int64_t ld) {
-    for (int64_t c0 = 0; c0 < cols; c0 += TT) {
-        const int64_t c1 = c0 + TT < cols ? c0 + TT : cols;
-        for (int64_t j0 = 0; j0 < nb; j0 += TT) {
-            const int64_t j1 = j0 + TT < nb ? j0 + TT : nb;
+    for (int64_t c0 = 0; c0 < cols; c0 += VL) {
+        const int64_t c1 = c0 + VL < cols ? c0 + VL : cols;
+        for (int64_t j0 = 0; j0 < nb; j0 += VL) {
+            const int64_t j1 = j0 + VL < nb ? j0 + VL : nb;
+            if (c1 - c0 == VL && j1 - j0 == VL) {
+                v8 r[VL];
+                for (int k = 0; k < VL; k++) r[k] = *(const v8 *)(buf + (c0 + k) * TB + j0);
+                transpose_tile(r);
+                for (int k = 0; k < VL; k++) memcpy(dst + (t0 + j0 + k) * ld + c0, &r[k], sizeof(v8));
+                continue;
+            }
             for (int64_t j = j0; j < j1; j++) {
                 float *row = dst + (t0 + j) * ld;
                 for (int64_t c = c0; c < c1; c++) row[c] = buf[c * TB + j];
@@ -96,32 +147,63 @@ static inline float dot_block(const v8 *g, const v8 *s) {
     return (q[0][0] + q[0][1]) + (q[0][2] + q[0][3]);
 }
 
+/* Row k of r summed over its lanes, into lane k of the result: log2(VL) folds, each adding the two shuffles of
+ * a transpose stage, so VL kept weights share one reduction (about three operations a weight, where a
+ * reduction per weight costs eight). */
+static inline __attribute__((always_inline)) v8 sum_rows(v8 r[VL]) {
+#define FOLD(h)                                                                                    \
+    for (int i = 0; i < (h); i++) {                                                                \
+        v8 a_ = r[i], b_ = r[i + (h)];                                                             \
+        r[i] = __builtin_shuffle(a_, b_, (vi)LANES(LO_LANE, h)) + __builtin_shuffle(a_, b_, (vi)LANES(HI_LANE, h)); \
+    }
+#if VL == 16
+    FOLD(8)
+#endif
+    FOLD(4)
+    FOLD(2)
+    FOLD(1)
+#undef FOLD
+    return r[0];
+}
+
 /* Both gradients of one token block in one pass over the kept entries, row by row (the gradient of row r held
  * in registers): gx[col[q]][:] += value(q) * gout[r][:] (a scatter; no race, since a worker owns its token
- * blocks, and no second listing of the entries by input) and part[q] += <gout[r][:], x[col[q]][:]>. Either
- * of gx and x may be null. */
+ * blocks, and no second listing of the entries by input) and part[q] += <gout[r][:], x[col[q]][:]>, VL kept
+ * weights at a time (their dot products reduced together). Either of gx and x may be null. */
 static void backward_block(const int64_t *row_ptr, const int32_t *col, const float *values, int64_t rows,
                            const float *gout, const float *x, float *gx, float *part) {
     for (int64_t r = 0; r < rows; r++) {
         const v8 *g = (const v8 *)(gout + r * TB);
         v8 gr[NV];
         for (int i = 0; i < NV; i++) gr[i] = g[i];
-        int64_t q0 = row_ptr[r], q1 = row_ptr[r + 1];
-        if (gx && x) {
-            for (int64_t q = q0; q < q1; q++) {
+        int64_t q = row_ptr[r], q1 = row_ptr[r + 1];
+        if (x) {
+            for (; q + VL <= q1; q += VL) {
+                v8 acc[VL];
+                for (int k = 0; k < VL; k++) {
+                    const v8 *s = (const v8 *)(x + (int64_t)col[q + k] * TB);
+                    v8 a = gr[0] * s[0];
+                    for (int i = 1; i < NV; i++) a += gr[i] * s[i];
+                    acc[k] = a;
+                    if (gx) {
+                        v8 *d = (v8 *)(gx + (int64_t)col[q + k] * TB);
+                        float w = values[q + k];
+                        for (int i = 0; i < NV; i++) d[i] += w * gr[i];
+                    }
+                }
+                v8 sums = sum_rows(acc), old;
+                memcpy(&old, part + q, sizeof old);
+                old += sums;
+                memcpy(part + q, &old, sizeof old);
+            }
+        }
+        for (; q < q1; q++) {
+            if (x) part[q] += dot_block(gr, (const v8 *)(x + (int64_t)col[q] * TB));
+            if (gx) {
                 v8 *d = (v8 *)(gx + (int64_t)col[q] * TB);
                 float w = values[q];
-                part[q] += dot_block(gr, (const v8 *)(x + (int64_t)col[q] * TB));
                 for (int i = 0; i < NV; i++) d[i] += w * gr[i];
             }
-        } else if (gx) {
-            for (int64_t q = q0; q < q1; q++) {
-                v8 *d = (v8 *)(gx + (int64_t)col[q] * TB);
-                float w = values[q];
-                for (int i = 0; i < NV; i++) d[i] += w * gr[i];
-            }
-        } else {
-            for (int64_t q = q0; q < q1; q++) part[q] += dot_block(gr, (const v8 *)(x + (int64_t)col[q] * TB));
         }
     }
 }
@@ -137,8 +219,11 @@ struct condensed_args {
 
 static void forward_worker(void *p, int64_t worker) {
     struct condensed_args *a = (struct condensed_args *)p;
-    float *xb = block_buffer(a->in), *yb = block_buffer(a->out);
-    if (!xb || !yb) {
+    float *bufs[2];
+    const int64_t rows[2] = {a->in, a->out};
+    int failed = block_buffers(2, rows, bufs);
+    float *xb = bufs[0], *yb = bufs[1];
+    if (failed) {
         a->failed = 1;
     } else {
         for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
@@ -148,8 +233,7 @@ static void forward_worker(void *p, int64_t worker) {
             store_block(yb, a->out, t0, nb, a->y, a->out);
         }
     }
-    free(xb);
-    free(yb);
+    if (!failed) free(bufs[0]);
 }
 
 /* y[T, out] = x[T, in] W_s^T + bias (bias may be null). Returns 0, or -1 when out of memory. */
@@ -165,9 +249,12 @@ int condensed_forward(const int64_t *dims, const float *x, const float *values, 
 
 static void backward_worker(void *p, int64_t worker) {
     struct condensed_args *a = (struct condensed_args *)p;
-    float *gb = block_buffer(a->out), *xb = a->partial ? block_buffer(a->in) : 0, *gxb = a->gx ? block_buffer(a->in) : 0;
+    float *bufs[3];
+    const int64_t rows[3] = {a->out, a->partial ? a->in : 0, a->gx ? a->in : 0};
+    int failed = block_buffers(3, rows, bufs);
+    float *gb = bufs[0], *xb = a->partial ? bufs[1] : 0, *gxb = a->gx ? bufs[2] : 0;
     float *part = a->partial ? a->partial + worker * a->row_ptr[a->out] : 0;
-    if (!gb || (a->partial && !xb) || (a->gx && !gxb)) {
+    if (failed) {
         a->failed = 1;
     } else {
         if (part) memset(part, 0, (size_t)a->row_ptr[a->out] * sizeof(float));
@@ -180,9 +267,7 @@ static void backward_worker(void *p, int64_t worker) {
             if (gxb) store_block(gxb, a->in, t0, nb, a->gx, a->in);
         }
     }
-    free(gb);
-    free(xb);
-    free(gxb);
+    if (!failed) free(bufs[0]);
 }
 
 /* The gradients of condensed_forward: gx[T, in] (if gx is not null) and, if partial is not null, the
