@@ -394,7 +394,7 @@ def test_channel_backend_recompacts_when_the_mask_changes():
 
 
 @pytest.mark.parametrize(
-    "fast", [("channels_last", "choices"), ("contiguous_format", "choices"), ("channels_last", "masked")]
+    "fast", [("channels_last", "choices"), ("contiguous_format", "choices"), ("contiguous_format", "masked")]
 )
 @pytest.mark.parametrize("per_layer", ["kernels faster", "masked faster"])
 def test_auto_keeps_the_fastest_whole_step_and_leaves_the_model_as_it_was(fast, per_layer, monkeypatch):
@@ -451,11 +451,45 @@ def test_auto_keeps_the_fastest_whole_step_and_leaves_the_model_as_it_was(fast, 
     got = {n: m.backend for n, m in layers.items()}
     if fast_kind == "choices":  # the per-layer choices (made in channels-last) win, in the fast layout
         assert got == own and got == {n: min(m.timings, key=m.timings.get) for n, m in layers.items()}
-    else:  # every layer masked dense, channels-last
+    else:  # every layer masked dense, in the model's own layout (NCHW here)
         assert all(v == "masked" for v in got.values())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("own", ["contiguous_format", "channels_last"])
+def test_auto_leaving_every_layer_masked_keeps_the_models_own_layout_untimed(own, monkeypatch):
+    """When every layer chooses masked dense (and none is near a tie), the step is the dense step: the model keeps
+    the layout it came in, and no whole step is timed (a layout picked on a quarter of a batch can lose on a whole
+    one, which put ResNet-20 at 50% above dense)."""
+    from sparsetrain.execution.backends import layers as layers_module
+    from sparsetrain.execution.backends import settle_layout
+
+    def injected_choose(self, x):
+        self.timings = {name: (1.0 if name == "masked" else 9.0) for name in self.candidates(x)}
+        self.backend = "masked"
+
+    monkeypatch.setattr(layers_module._SparseExec, "_choose", injected_choose)
+    torch.manual_seed(0)
+    fmt_own = getattr(torch, own)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).to(
+        memory_format=fmt_own
+    )
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.5, torch.Generator().manual_seed(0))
+    layers = apply_backend(model, ms, "auto")
+    x = torch.randn(4, 3, 6, 6)
+    passes = []
+
+    def loss_of(fmt):
+        passes.append(fmt)
+        return model(x.contiguous(memory_format=fmt)).square().mean()
+
+    assert settle_layout(model, layers, loss_of, repeats=3) == fmt_own
+    assert passes == [torch.channels_last]  # the one pass in which the layers choose; no whole step timed
+    assert all(m.backend == "masked" for m in layers.values())
+    assert model[0].weight.is_contiguous(memory_format=fmt_own)
 
 
 def _channel_pair(model_name: str, width: float):

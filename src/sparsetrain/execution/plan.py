@@ -242,7 +242,7 @@ class Planner:
         devices = [args[0].device.index or 0] if args and torch.is_tensor(args[0]) and args[0].is_cuda else []
         with torch.random.fork_rng(devices=devices):
             if image and self.layers:
-                # per-layer choices ignore the layout between layers: the whole step against masked channels-last
+                # per-layer choices ignore the layout between layers: the whole step against every layer masked dense
                 part = max(1, args[0].shape[0] // TIMING_SHARE)
                 small = _map_tensors(
                     (args, kwargs), lambda t: t[:part] if t.dim() and t.shape[0] == args[0].shape[0] else t

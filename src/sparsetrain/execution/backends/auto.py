@@ -3,7 +3,9 @@
 
 The sparse kernels run in NCHW and in channels-last, dense convolutions fastest in channels-last, and what lies
 between layers (BatchNorm, pooling, the residual adds) follows the layout, so the per-layer choices are timed as a
-whole step in both layouts against every layer masked dense in channels-last, and the fastest is kept. Data-parallel ranks take rank 0's choices.
+whole step in both layouts against every layer masked dense in the model's own layout, and the fastest is kept;
+when every layer ends masked dense the model keeps its own layout, so the step is the dense step. Data-parallel
+ranks take rank 0's choices.
 """
 
 from __future__ import annotations
@@ -74,14 +76,17 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
     given in memory format ``fmt``) with every layer on the path it chooses, with the layers near a tie
     (:data:`NEAR_TIE`) on the kernels as well, each in channels-last and in NCHW (the kernels run in both; what lies
-    between layers runs faster in one or the other), and with every layer masked dense in channels-last; keep the
-    fastest, so ``auto`` is never slower than its dense layers would be. Layers choose their paths in channels-last.
+    between layers runs faster in one or the other), and with every layer masked dense in the model's own layout;
+    keep the fastest, so ``auto`` is never slower than its dense layers would be. Whenever every layer ends masked
+    dense the model keeps its own layout, untimed: the step is then the dense step itself (a layout chosen on a
+    quarter of a batch can lose on a whole one). Layers choose their paths in channels-last.
     Returns the memory format the model's inputs must take from now on (the model is converted to it).
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
     and the timing passes, which hold every path's activations in turn, stay below a training step's peak."""
     restore = keep_buffers(model)
     formats = (torch.channels_last, torch.contiguous_format)
+    own = _layout_of(model)
 
     def timed(plan: dict[str, str] | None, fmt: torch.memory_format) -> float:
         """One forward + backward with the layers on ``plan``, or (None) all masked, in memory format ``fmt``."""
@@ -100,11 +105,13 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     near = {n: path for n, m in layers.items() if (path := near_tie(m, m.backend)) is not None}
     if near:
         plans.append({**choices, **near})
-    tries = [(plan, fmt) for plan in plans for fmt in formats] + [(None, torch.channels_last)]
-    timed(None, torch.channels_last)
+    tries = [(plan, fmt) for plan in plans for fmt in formats if not _all_masked(plan)] + [(None, own)]
     # the candidates alternate, so that a slow stretch of the machine does not fall on one of them alone
     times = [float("inf")] * len(tries)
-    for _ in range(repeats):
+    rounds = repeats if len(tries) > 1 else 0  # all masked: nothing to choose, nothing to time
+    if rounds:
+        timed(None, own)
+    for _ in range(rounds):
         for i, (plan, fmt) in enumerate(tries):
             times[i] = min(times[i], timed(plan, fmt))
     best = min(range(len(tries)), key=times.__getitem__)
@@ -117,11 +124,23 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     _, fmt = tries[int(pick[0])]
     for n, code in zip(names, pick[1:].tolist()):
         layers[n].fix_backend(list(BACKENDS)[code])
-    t_sparse, t_dense = min(times[:-1]), times[-1]
+    t_sparse, t_dense = min(times[:-1], default=times[-1]), times[-1]
     model.to(memory_format=fmt)
     restore()
     for p in model.parameters():
         p.grad = None
     for m in layers.values():
-        m.step_timings = {"sparse": t_sparse, "masked_channels_last": t_dense}
+        m.step_timings = {"sparse": t_sparse, "masked": t_dense}
     return fmt
+
+
+def _layout_of(model: nn.Module) -> torch.memory_format:
+    """The memory format the model's convolution weights are in (NCHW unless the user made them channels-last)."""
+    w = next((p for p in model.parameters() if p.dim() == 4), None)
+    cl = w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _all_masked(plan: dict[str, str] | None) -> bool:
+    """Whether ``plan`` leaves every layer masked dense (None: the all-masked plan itself)."""
+    return plan is None or all(path == "masked" for path in plan.values())
