@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
 from ...core.masks import dense_from_values
-from .. import native
+from .. import ops
 from .csr import csr_linear
 from .registry import Backend, direct_ok, register
 
-__all__ = ["Condensed", "CondensedStructure", "condensed_linear"]
+__all__ = ["Condensed", "CondensedStructure", "condensed_linear", "condensed_values_linear"]
 
 
 @dataclass
@@ -59,37 +58,12 @@ class CondensedStructure:
         return dense_from_values(values, self.flat_index, self.shape)
 
 
-class _CondensedLinearFn(torch.autograd.Function):
-    """Linear over the kept weights given as ``values`` (in the structure's row order); their gradient comes back
-    in the same compact form, so a layer may store nothing else."""
-
-    @staticmethod
-    def forward(ctx, x, values, bias, structure: CondensedStructure):
-        x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
-        values = values.detach().contiguous()
-        out = native.condensed_forward(
-            x2, values, None if bias is None else bias.detach().contiguous(), structure.rows, structure.shape[0]
-        )
-        ctx.save_for_backward(x, values)
-        ctx.structure, ctx.has_bias = structure, bias is not None
-        return out.reshape(*x.shape[:-1], -1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, values = ctx.saved_tensors
-        s = ctx.structure
-        g2 = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-        gx, gv = native.condensed_backward(
-            x.reshape(-1, x.shape[-1]).contiguous(),
-            g2,
-            values,
-            s.rows,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-        )
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return None if gx is None else gx.reshape(x.shape), gv, gb, None
+def condensed_values_linear(x, values, bias, structure: CondensedStructure) -> torch.Tensor:
+    """Linear over the kept weights given as ``values`` (in the structure's row order), for ``x`` of any leading
+    shape, through the ``sparsetrain::condensed_linear`` operator: their gradient comes back in the same compact
+    form, so a layer may store nothing else."""
+    out = ops.condensed_linear(x.reshape(-1, x.shape[-1]), values, bias, *structure.rows, structure.shape[0])
+    return out.reshape(*x.shape[:-1], structure.shape[0])
 
 
 def condensed_linear(x, weight, bias, structure: CondensedStructure):
@@ -97,7 +71,7 @@ def condensed_linear(x, weight, bias, structure: CondensedStructure):
     the condensed C kernels. ``weight`` is the dense weight, or (compact storage) just the kept values in the
     structure's row order."""
     values = weight if weight.dim() == 1 else structure.gather(weight)
-    return _CondensedLinearFn.apply(x, values, bias, structure)
+    return condensed_values_linear(x, values, bias, structure)
 
 
 @register

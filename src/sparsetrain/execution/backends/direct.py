@@ -293,12 +293,12 @@ def pointwise(structure: DirectStructure, padding, dilation, x: torch.Tensor) ->
 def pointwise_conv2d(x, values, bias, structure: DirectStructure, stride) -> torch.Tensor:
     """A 1 x 1 convolution of a channels-last ``x`` on the condensed Linear kernels: every (strided) pixel a token,
     the output channels-last; the gradients flow back through the views (strided pixels get theirs, the rest 0)."""
-    from .condensed import _CondensedLinearFn
+    from .condensed import condensed_values_linear
 
     sh, sw = stride
     # [N, H, W, Cin] views; sliced in that order, the input's gradient comes back channels-last too
     pixels = x.permute(0, 2, 3, 1)[:, ::sh, ::sw, :]
-    out = _CondensedLinearFn.apply(pixels, values, bias, structure.as_rows())
+    out = condensed_values_linear(pixels, values, bias, structure.as_rows())
     return out.permute(0, 3, 1, 2)  # [N, Cout, H, W] in channels-last memory
 
 

@@ -89,7 +89,11 @@ class _SparseExec:
         if self.training:
             self.ran = self._path(x)
         try:
-            if torch._C._functorch.is_functorch_wrapped_tensor(x) and BACKENDS[self._path(x)].swaps_layers:
+            if (
+                not torch.compiler.is_compiling()  # (the compiler traces fakes; the kernels are operators it keeps)
+                and torch._C._functorch.is_functorch_wrapped_tensor(x)
+                and BACKENDS[self._path(x)].swaps_layers
+            ):
                 raise native.NoDataError(
                     "torch.func's transforms (grad, vmap, jacrev) cannot see inside the sparse kernels; run them over "
                     "execution='masked', or over the model sp.remove() returns"
