@@ -113,3 +113,58 @@ def test_masks_of_compact_layers_are_held_at_one_bit_and_read_back_exactly():
     assert torch.equal(masks["b"], b)  # the others stay plain tensors
     copied = dict(masks)
     assert type(copied) is dict and torch.equal(copied["a"], ~a) and torch.equal({**masks}["a"], ~a)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-4, amsgrad=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["sgd-nesterov-wd", "adam-amsgrad", "adamw"],
+)
+def test_for_zero_preserving_optimizers_masked_gradients_alone_keep_weights_and_state_zero(make_opt):
+    """The premise of ``MaskSet.zeros_hold``: zeroed once, then only the gradients masked before each update, the
+    masked weights and their optimizer state stay exactly zero."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.8, torch.Generator().manual_seed(1))
+    opt = make_opt(model.parameters())
+    ms.apply(opt)
+    assert ms.zeros_hold(opt)
+    opt.register_step_pre_hook(lambda o, args, kwargs: ms.mask_gradients())
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for n, p in ms.params.items():
+        m = ms.masks[n]
+        assert torch.count_nonzero(p[~m]) == 0
+        assert all(torch.count_nonzero(v[~m]) == 0 for v in opt.state[p].values() if v.shape == p.shape)
+
+
+def test_a_method_skips_the_after_step_zeroing_only_where_zeros_hold(monkeypatch):
+    """After the first step (and after every mask change) the masks are applied; in between, for SGD / Adam / AdamW,
+    the zeroing after the step would multiply zeros and is left out; any other optimizer gets it every step."""
+    import sparsetrain as st
+
+    calls = []
+    real_apply = MaskSet.apply
+    monkeypatch.setattr(MaskSet, "apply", lambda self, opt=None: calls.append(opt) or real_apply(self, opt))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for make_opt, every_step in ((torch.optim.SGD, False), (torch.optim.Adagrad, True)):
+        torch.manual_seed(0)
+        model = build_model("small_cnn")
+        opt = make_opt(model.parameters(), lr=0.1)
+        sp = st.static(model, opt, sparsity=0.8, dense_layers=[])
+        calls.clear()
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert len([c for c in calls if c is opt]) == (4 if every_step else 1), make_opt
+        for n, p in sp.maskset.params.items():
+            assert torch.count_nonzero(p[~sp.maskset.masks[n]]) == 0

@@ -168,6 +168,10 @@ def _mul_all(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
             t.mul_(m)
 
 
+# optimizers whose update keeps an entry with zero gradient, weight and state at exactly zero (see zeros_hold)
+_ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
 class MaskSet:
     """Boolean masks for a set of parameters, applied after every optimizer step."""
 
@@ -182,6 +186,7 @@ class MaskSet:
         self.capture_dense_grad = False
         self.captured: dict[str, torch.Tensor] = {}
         self.version = 0  # bumped on every mask change; lets caches (FLOP densities) know when to refresh
+        self._zeroed: tuple[int, int] | None = None  # (version, id(optimizer)) of the last apply(optimizer)
 
     @classmethod
     def for_model(cls, model: nn.Module, dense_layers: Iterable[str] = ("first", "last")) -> "MaskSet":
@@ -276,6 +281,7 @@ class MaskSet:
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero every masked weight (and the optimizer state that belongs to it)."""
+        self._zeroed = (self.version, id(optimizer)) if optimizer is not None else None
         targets, masks = [], []
         for n, p in self.params.items():
             m = local(self.masks[n])
@@ -287,6 +293,13 @@ class MaskSet:
                         targets.append(local(v))
                         masks.append(m)
         _mul_all(targets, masks)
+
+    def zeros_hold(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether an update of ``optimizer`` from masked gradients leaves every masked weight and its state at zero
+        by itself, so that :meth:`apply` after the step would multiply zeros: true for the optimizers whose update
+        of an entry with zero gradient, zero weight and zero state is zero (SGD, Adam, AdamW: weight decay and
+        momentum included), once ``apply(optimizer)`` has zeroed everything under the current masks."""
+        return type(optimizer) in _ZERO_PRESERVING and self._zeroed == (self.version, id(optimizer))
 
     @torch.no_grad()
     def mask_gradients(self) -> None:

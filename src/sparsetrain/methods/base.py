@@ -340,10 +340,11 @@ class Sparsifier:
 
     def post_step(self) -> None:
         """Work after the optimizer's update: re-apply masks, advance the clock, scheduled updates."""
+        masked_before = self._pre_done  # the update read masked gradients
         if not self._pre_done and not self.manual_pre_step:
             self.pre_step()  # an optimizer that bypassed its own pre-hooks
         self._pre_done = False
-        if self.maskset is not None:
+        if self.maskset is not None and not (masked_before and self.maskset.zeros_hold(self.optimizer)):
             self.maskset.apply(self.optimizer)
         ended = self.clock.advance()
         self._after_update()
