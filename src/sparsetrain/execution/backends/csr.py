@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...core.masks import dense_from_values
+from .. import native
 from .registry import Backend, direct_ok, register
 
 __all__ = ["CSR", "CSRStructure", "csr_linear", "csr_conv2d", "conv_out_size"]
@@ -103,8 +104,19 @@ class _CSRLinearFn(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _refuse_export() -> None:
+    """``torch.export`` traces without graph breaks, and PyTorch's CSR tensors cannot be built from the fake tensors
+    it traces with: say so (``torch.compile`` runs them at a graph break)."""
+    if torch.compiler.is_exporting():
+        raise native.NoDataError(
+            "torch.export cannot capture PyTorch's sparse CSR products; export over execution='masked' (or "
+            "'condensed' for Linear layers), or over the model sp.remove() returns"
+        )
+
+
 def csr_linear(x, weight, bias, structure: CSRStructure):
     """Linear with only the weights in ``structure`` (the rest are zero), via CSR products."""
+    _refuse_export()
     return _CSRLinearFn.apply(x, weight, bias, structure)
 
 
@@ -156,6 +168,7 @@ def _unfold(x, kernel, dilation, padding, stride) -> torch.Tensor:
 
 def csr_conv2d(x, weight, bias, structure: CSRStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     """Conv2d (groups=1) with only the weights in ``structure``, as a CSR product over unfolded input."""
+    _refuse_export()
     return _CSRConv2dFn.apply(x, weight, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
 
 

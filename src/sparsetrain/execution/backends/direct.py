@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ...core.masks import dense_from_values
 from .. import native
@@ -55,6 +54,7 @@ class DirectStructure:
     by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int32 (numpy)
     _flipped: tuple | None = None
     _rows: CondensedStructure | None = None  # a 1 x 1 kernel's lists as a Linear's rows (see :meth:`as_rows`)
+    _tensors: list[torch.Tensor] | None = None  # the lists as the direct operators take them (see :meth:`tensors`)
 
     @classmethod
     def from_mask(cls, mask4d: torch.Tensor) -> "DirectStructure":
@@ -79,7 +79,9 @@ class DirectStructure:
             np_(w[order], np.int16),
             np_(order, np.int32),
         )
-        return cls(tuple(mask4d.shape), idx.to(torch.int32), by_out, by_in)
+        made = cls(tuple(mask4d.shape), idx.to(torch.int32), by_out, by_in)
+        made.tensors()  # now, not inside a compiled forward (where making it would be a side effect to guard)
+        return made
 
     def by_in_flipped(self) -> tuple:
         """The by-input lists with the kernel flipped (kh -> KH-1-kh, kw -> KW-1-kw) and each entry's value index:
@@ -99,6 +101,28 @@ class DirectStructure:
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The weight with ``values`` at the kept entries and zeros elsewhere."""
         return dense_from_values(values, self.flat_index, self.shape)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The by-output, by-input and flipped lists as tensors (views of the same memory), in the order the
+        ``sparsetrain::direct_conv2d`` operators take them; made once per structure, outside any traced code."""
+        if self._tensors is None:
+            ptr, co, fkh, fkw, vidx = self.by_in_flipped()
+            arrays = (*self.by_out, *self.by_in[:4], fkh, fkw)
+            self._tensors = [torch.from_numpy(a) for a in arrays] + [vidx]
+        return self._tensors
+
+    @classmethod
+    def from_tensors(cls, shape, lists: list[torch.Tensor]) -> "DirectStructure":
+        """The structure :meth:`tensors` listed (inside an operator: no mask, no flat index)."""
+        co_ptr, ci, kh, kw, ci_ptr, co, kh_in, kw_in, fkh, fkw, vidx = lists
+        arr = [t.numpy() for t in (co_ptr, ci, kh, kw, ci_ptr, co, kh_in, kw_in, fkh, fkw, vidx)]
+        return cls(
+            tuple(int(v) for v in shape),
+            None,
+            tuple(arr[:4]),
+            (*arr[4:8], arr[10]),
+            (arr[4], arr[5], arr[8], arr[9], vidx),
+        )
 
     def as_rows(self) -> CondensedStructure:
         """A 1 x 1 kernel's lists as the condensed kernels' rows over [Cout, Cin], values in the same order (both
@@ -242,46 +266,105 @@ def direct_input_grad(
     return gx.permute(3, 0, 1, 2) if bi else gx
 
 
-class _DirectConv2dFn(torch.autograd.Function):
-    """Convolution over the kept weights given as ``values`` (in the structure's order); their gradient comes
-    back in the same compact form, so a layer may store nothing else."""
+def _layout(shape: tuple[int, int, int, int], nhwc: bool, batch_inner: bool) -> torch.Tensor:
+    """An empty [N, C, H, W] tensor in the memory layout the kernels write: channels-last, batch innermost
+    ([C, H, W, N] memory) or NCHW (the fake implementations give the same strides as the real outputs)."""
+    n, c, h, w = shape
+    if nhwc:
+        return torch.empty((n, h, w, c)).permute(0, 3, 1, 2)
+    if batch_inner:
+        return torch.empty((c, h, w, n)).permute(3, 0, 1, 2)
+    return torch.empty((n, c, h, w))
 
-    @staticmethod
-    def forward(ctx, x, values, bias, structure: DirectStructure, stride, padding, dilation, channels_last_model):
-        geom = direct_geometry(x.shape, structure.shape, stride, padding, dilation)
-        plan = direct_plan(geom, structure.shape[2:])
-        values = values.detach().contiguous()
-        nhwc = channels_last(x) or (channels_last_model and x.is_contiguous(memory_format=torch.channels_last))
-        out = direct_forward(
-            x, values, None if bias is None else bias.detach().contiguous(), structure, geom, plan, nhwc
-        )
-        # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
-        ctx.save_for_backward(x, values)
-        ctx.conf = (structure, geom, bias is not None, plan, nhwc)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, values = ctx.saved_tensors
-        s, geom, has_bias, plan, nhwc = ctx.conf
-        bi, tiled, _ = plan
-        gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = direct_input_grad(grad_out, values, s, geom, plan, nhwc)
-        if ctx.needs_input_grad[1]:
-            if nhwc:
-                gv = native.nhwc_conv_weight_grad(geom, _nhwc(x), _nhwc(grad_out), s.by_out, values.numel())
-            elif tiled:
-                ph, pw = int(geom[9]), int(geom[10])
-                gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad_out.contiguous(), s.by_out, values.numel())
-            else:
-                gv = native.sparse_conv_backward_weight(
-                    geom, _kernel_layout(x, bi), _kernel_layout(grad_out, bi), s.by_out, values.numel(), batch_inner=bi
-                )
-        if has_bias and ctx.needs_input_grad[2]:
-            gb = grad_out.sum((0, 2, 3))
-        return gx, gv, gb, None, None, None, None, None
+@torch.library.custom_op("sparsetrain::direct_conv2d", mutates_args=(), device_types="cpu")
+def direct_conv2d_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    lists: list[torch.Tensor],
+    shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    nhwc: bool,
+) -> torch.Tensor:
+    """The convolution over the kept weights ``values`` of a weight of ``shape``, listed by ``lists``
+    (:meth:`DirectStructure.tensors`), in ``x``'s layout (``nhwc``: channels-last)."""
+    s = DirectStructure.from_tensors(shape, lists)
+    geom = direct_geometry(x.shape, shape, stride, padding, dilation)
+    return direct_forward(x, values.contiguous(), bias, s, geom, direct_plan(geom, s.shape[2:]), nhwc)
+
+
+@direct_conv2d_op.register_fake
+def _direct_conv2d_fake(x, values, bias, lists, shape, stride, padding, dilation, nhwc):
+    geom = direct_geometry(x.shape, shape, stride, padding, dilation)
+    n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
+    return _layout((n, cout, ho, wo), nhwc, direct_plan(geom, tuple(shape[2:]))[0]).to(x.dtype)
+
+
+@torch.library.custom_op("sparsetrain::direct_conv2d_backward", mutates_args=(), device_types="cpu")
+def direct_conv2d_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    lists: list[torch.Tensor],
+    shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    nhwc: bool,
+    input_grad: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``sparsetrain::direct_conv2d`` for ``x`` and for the kept weights (in their listed order),
+    each only when asked for (an empty tensor otherwise)."""
+    s = DirectStructure.from_tensors(shape, lists)
+    geom = direct_geometry(x.shape, shape, stride, padding, dilation)
+    plan = direct_plan(geom, s.shape[2:])
+    bi, tiled, _ = plan
+    gx, gv = x.new_empty(0), values.new_empty(0)
+    if input_grad:
+        gx = direct_input_grad(grad, values, s, geom, plan, nhwc)
+    if weight_grad:
+        if nhwc:
+            gv = native.nhwc_conv_weight_grad(geom, _nhwc(x), _nhwc(grad), s.by_out, values.numel())
+        elif tiled:
+            ph, pw = int(geom[9]), int(geom[10])
+            gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad.contiguous(), s.by_out, values.numel())
+        else:
+            gv = native.sparse_conv_backward_weight(
+                geom, _kernel_layout(x, bi), _kernel_layout(grad, bi), s.by_out, values.numel(), batch_inner=bi
+            )
+    return gx, gv
+
+
+@direct_conv2d_backward.register_fake
+def _direct_conv2d_backward_fake(
+    grad, x, values, lists, shape, stride, padding, dilation, nhwc, input_grad, weight_grad
+):
+    geom = direct_geometry(x.shape, shape, stride, padding, dilation)
+    gx = _layout(tuple(x.shape), nhwc, direct_plan(geom, tuple(shape[2:]))[0]).to(x.dtype)
+    return (gx if input_grad else x.new_empty(0), values.new_empty(values.shape if weight_grad else (0,)))
+
+
+def _direct_setup(ctx, inputs, output) -> None:
+    x, values, bias, lists, shape, stride, padding, dilation, nhwc = inputs
+    # the input as given: usually the tensor the layer before saves anyway, where a re-laid copy would be extra memory
+    ctx.save_for_backward(x, values, *lists)
+    ctx.conf = (shape, stride, padding, dilation, nhwc, bias is not None)
+
+
+def _direct_backward(ctx, grad):
+    x, values, *lists = ctx.saved_tensors
+    shape, stride, padding, dilation, nhwc, has_bias = ctx.conf
+    need_x, need_v, need_b = ctx.needs_input_grad[:3]
+    gx, gv = direct_conv2d_backward(grad, x, values, lists, shape, stride, padding, dilation, nhwc, need_x, need_v)
+    gb = grad.sum((0, 2, 3)) if has_bias and need_b else None
+    return gx if need_x else None, gv if need_v else None, gb, [None] * len(lists), None, None, None, None, None
+
+
+direct_conv2d_op.register_autograd(_direct_backward, setup_context=_direct_setup)
 
 
 def pointwise(structure: DirectStructure, padding, dilation, x: torch.Tensor) -> bool:
@@ -313,7 +396,10 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     # an input that is both NCHW and channels-last (one channel) comes out in the layout of a channels-last weight,
     # as PyTorch's own convolution does (a compact layer's weight has no layout: NCHW)
     model_cl = weight.dim() == 4 and channels_last(weight)
-    return _DirectConv2dFn.apply(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation), model_cl)
+    nhwc = channels_last(x) or (model_cl and x.is_contiguous(memory_format=torch.channels_last))
+    return direct_conv2d_op(
+        x, values, bias, structure.tensors(), list(structure.shape), list(stride), list(padding), list(dilation), nhwc
+    )
 
 
 @register
