@@ -96,3 +96,101 @@ def test_compile_fullgraph_has_no_graph_break_and_equals_eager(compact):
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "hw, stride, padding, channels_last, plan",
+    [
+        (24, 1, 1, False, (False, False)),
+        (48, 2, 1, False, (False, False)),
+        (16, 1, 1, False, (False, True)),
+        (6, 1, 1, False, (True, False)),
+        (12, 1, 1, True, None),
+        (9, 2, 0, True, None),
+    ],
+    ids=["planes", "strided", "tiled", "batch-inner", "nhwc", "nhwc-strided"],
+)
+def test_opcheck_passes_for_the_direct_convolution_operator(hw, stride, padding, channels_last, plan):
+    """Every path of the direct kernels (NCHW planes, register-tiled, batch innermost, channels-last), with the
+    fake giving the same strides as the real output."""
+    from sparsetrain.execution.backends.direct import DirectStructure, direct_conv2d_op, direct_geometry, direct_plan
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(8, 5, 3, 3, generator=g) < 0.3
+    s = DirectStructure.from_mask(mask)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 5, hw, hw, generator=g).contiguous(memory_format=fmt).requires_grad_()
+    if plan is not None:  # the NCHW path this case is for
+        geom = direct_geometry(x.shape, mask.shape, [stride] * 2, [padding] * 2, [1, 1])
+        assert direct_plan(geom, (3, 3))[:2] == plan
+    values = torch.randn(int(mask.sum()), generator=g, requires_grad=True)
+    bias = torch.randn(8, generator=g, requires_grad=True)
+    args = (x, values, bias, s.tensors(), list(mask.shape), [stride] * 2, [padding] * 2, [1, 1], channels_last)
+    torch.library.opcheck(direct_conv2d_op, args)
+    out = direct_conv2d_op(*args)
+    ref = F.conv2d(x.double(), s.dense(values.double()), bias.double(), stride, padding)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    )
+
+
+def _train(model, opt, batches, compiled: bool):
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("execution, compact", [("direct", True), ("direct", False), ("condensed", True)])
+def test_compiled_rigl_training_equals_eager_with_one_recompilation_per_mask_update(execution, compact):
+    """20 compiled steps of RigL (updating every 5 steps) on the kernels: the same losses, masks and weights as
+    eager, and the graph compiled again only around mask updates (never once per step)."""
+    from torch._dynamo.utils import counters
+
+    import sparsetrain as st
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(20)]
+    runs = {}
+    for compiled in (False, True):
+        model = _small_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = st.rigl(
+            model, opt, sparsity=0.8, total_steps=40, update_every_steps=5, execution=execution, compact_state=compact
+        )
+        _train(model, opt, batches[:1], compiled=False)  # the layers build their lists in an eager step
+        torch._dynamo.reset()
+        counters.clear()
+        losses = _train(model, opt, batches[1:], compiled)
+        runs[compiled] = (losses, sp, model, counters["stats"]["unique_graphs"])
+    (eager, sp_e, model_e, _), (comp, sp_c, model_c, graphs) = runs[False], runs[True]
+    updates = len(range(5, 21, 5))  # the update steps among the compiled steps 2-20 (every 5th step)
+    assert sp_c.maskset.version == sp_e.maskset.version > 0  # the masks did change
+    for n in sp_e.maskset.masks:
+        assert torch.equal(sp_e.maskset.masks[n], sp_c.maskset.masks[n])
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for (n, a), b in zip(model_e.state_dict().items(), model_c.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    # the first compilation, then per mask update two: the update step's graph (which also computes the full weight
+    # gradient RigL grows by) and the graph over the new lists; never one per step
+    assert graphs <= 1 + 2 * updates, graphs

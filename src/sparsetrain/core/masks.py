@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -185,7 +185,14 @@ class MaskSet:
         # kept weights' gradient then put the full one in ``captured`` (see execution/backends.py)
         self.capture_dense_grad = False
         self.captured: dict[str, torch.Tensor] = {}
+        # while capturing: per weight, a leaf of the weight's shape (one element of memory) whose gradient the swapped
+        # layers' backward fills with the full weight gradient (collected into ``captured`` before the update)
+        self.sinks: dict[str, torch.Tensor] = {}
         self.version = 0  # bumped on every mask change; lets caches (FLOP densities) know when to refresh
+        # per weight: how many times its mask changed, and who rebuilds what it derives from the mask right then
+        # (the swapped layers' kernel lists: rebuilt at the change, outside any compiled graph)
+        self.changes: dict[str, int] = dict.fromkeys(self.params, 0)
+        self._watchers: dict[str, Callable[[], None]] = {}
         self._zeroed: tuple[int, int] | None = None  # (version, id(optimizer)) of the last apply(optimizer)
 
     @classmethod
@@ -213,7 +220,7 @@ class MaskSet:
                 )
             self.masks[name] = mask.to(device=self.masks[name].device, dtype=torch.bool)
             self.owners[name].remask(self.masks[name], optimizer)
-            self.version += 1
+            self._changed(name)
             return
         p = self.params[name]
         if mask.shape != p.shape:
@@ -228,7 +235,23 @@ class MaskSet:
             for v in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(v) and v.shape == p.shape:
                     local(v).masked_fill_(changed, 0)
+        self._changed(name)
+
+    def watch(self, name: str, rebuild: Callable[[], None]) -> None:
+        """Call ``rebuild`` whenever the mask of ``name`` changes (one watcher per weight: its swapped layer)."""
+        self._watchers[name] = rebuild
+
+    def _changed(self, name: str) -> None:
+        """Count a change of this mask and let its watcher rebuild."""
         self.version += 1
+        self._renew(name)
+
+    def _renew(self, *names: str) -> None:
+        """Masks replaced (every one when none is named): their change counts move on and watchers rebuild."""
+        for n in names or tuple(self.masks):
+            self.changes[n] = self.changes.get(n, 0) + 1
+            if n in self._watchers:
+                self._watchers[n]()
 
     def rebind(self, model: nn.Module) -> None:
         """Follow ``model``'s parameters after they were replaced by ones of the same names and shapes (FSDP2's
@@ -240,6 +263,7 @@ class MaskSet:
         for n in self.params:
             self.params[n] = named[n]
             self.masks[n] = self._layout(n, self.masks[n])
+        self._renew()
         self.apply()
 
     def release(self, name: str, owner) -> None:
@@ -258,11 +282,28 @@ class MaskSet:
         return p.detach(), self.captured.get(name, p.grad)
 
     @torch.no_grad()
+    def start_capture(self, on: bool) -> None:
+        """Whether the next backward computes full weight gradients (``capture_dense_grad``), with a fresh sink per
+        weight when it does."""
+        self.capture_dense_grad = on
+        self.sinks = {}
+        for n, m in self.masks.items() if on else ():
+            m = local(m)
+            self.sinks[n] = torch.empty_strided(m.shape, (0,) * m.dim(), device=m.device).requires_grad_()
+
+    def collect_captured(self) -> None:
+        """Move the sinks' gradients (the full weight gradients of the last backward) into ``captured``."""
+        for n, sink in self.sinks.items():
+            if sink.grad is not None:
+                self.captured[n] = sink.grad
+        self.sinks = {}
+
     def reduce_captured(self) -> None:
         """Average the captured full gradients over data-parallel ranks, as DDP averages ``.grad``: each rank
         captured its own batch's."""
         import torch.distributed as dist
 
+        self.collect_captured()
         if self.captured and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for grad in self.captured.values():
                 dist.all_reduce(grad)
@@ -273,6 +314,7 @@ class MaskSet:
         """End a step that captured full gradients: the weights that keep a dense parameter take the full one as
         their gradient (masked next, as under masked dense, so weights grown this step get theirs), and the
         captured tensors are dropped."""
+        self.collect_captured()
         for name, grad in self.captured.items():
             if name in self.params and self.params[name].grad is not None:
                 self.params[name].grad.copy_(grad)
@@ -353,6 +395,7 @@ class MaskSet:
                 self.owners[n].remask(m, None)  # before the weights and optimizer state load into the new layout
             self.masks[n] = m
         self.version = int(state["version"])
+        self._renew()
         self.apply()
 
     def broadcast(self, src: int = 0, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -368,6 +411,7 @@ class MaskSet:
                 if n in self.owners and not torch.equal(buf.bool(), self.masks[n]):
                     self.owners[n].remask(buf.bool(), optimizer)
                 self.masks[n] = buf.bool()
+            self._renew()
             self.apply(optimizer)
 
 

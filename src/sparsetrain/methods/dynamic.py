@@ -225,7 +225,7 @@ class RigL(_Scheduled):
         """Tell the layers whose sparse products give only kept weights a gradient (``csr``, ``direct``,
         ``condensed``, compact storage) whether the coming step is an update step, whose growth needs their full
         weight gradient (computed then, and only then)."""
-        self.maskset.capture_dense_grad = bool(self._update_fraction(self.clock.step + 1))
+        self.maskset.start_capture(bool(self._update_fraction(self.clock.step + 1)))
 
     def _after_update(self) -> None:
         self._arm()

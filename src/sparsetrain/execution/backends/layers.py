@@ -20,6 +20,22 @@ from .registry import BACKENDS, get_backend, is_conv1d, kind_of
 __all__ = ["SparseLinear", "SparseConv2d", "apply_backend"]
 
 
+class _DenseGradTap(torch.autograd.Function):
+    """The layer's output passed through unchanged; its backward also gives ``sink`` (a leaf the size of the
+    weight) the layer's full weight gradient, ``dense_grad(x, grad_out)``."""
+
+    @staticmethod
+    def forward(ctx, out, x, sink, dense_grad):
+        ctx.save_for_backward(x)
+        ctx.dense_grad = dense_grad
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return grad_out, None, ctx.dense_grad(x, grad_out), None
+
+
 class _SparseExec:
     """What the swapped layers share: the MaskSet they follow, the cached structure, the chosen path."""
 
@@ -30,16 +46,28 @@ class _SparseExec:
         self._structures: dict[str, object] = {}
         self._version_seen = -1
         self.rebuilds = 0
+        self._read: set[str] = set()  # the structure kinds read since the mask last changed
+        maskset.watch(name, self._rebuild)
+
+    def _rebuild(self) -> None:
+        """The mask changed: rebuild now the structures read since the last change (at the change, so that a
+        compiled forward finds them made and never builds inside its graph)."""
+        if not isinstance(self, _SparseExec):  # given back to its plain class (sp.remove())
+            return
+        kinds, self._read = self._read, set()
+        for kind in kinds:
+            self.structure(kind)
 
     def structure(self, kind: str = "csr"):
         """The structure backend ``kind``'s kernels read for the current mask (:meth:`Backend.build_structure`),
         rebuilt only when the MaskSet's masks changed."""
-        if self._version_seen != self.maskset.version:
+        if self._version_seen != self.maskset.changes[self.mask_name]:
             self._structures.clear()
-            self._version_seen = self.maskset.version
+            self._version_seen = self.maskset.changes[self.mask_name]
         if kind not in self._structures:
             self._structures[kind] = BACKENDS[kind].build_structure(self._kernel_mask(), self.mask_name)
             self.rebuilds += 1
+            self._read.add(kind)
         return self._structures[kind]
 
     def _kernel_mask(self) -> torch.Tensor:
@@ -103,10 +131,9 @@ class _SparseExec:
             raise native.NoDataError(f"{self.mask_name} (backend {self.backend!r}): {e}") from None
         if self.training and out.requires_grad and self.maskset.capture_dense_grad and BACKENDS[self.ran].swaps_layers:
             # the sparse paths compute the kept weights' gradient only; a step whose update grows by the dense
-            # gradient (RigL's) computes the full one as well, with one dense product, kept until it is read
-            out.register_hook(
-                lambda g, x=x.detach(): self.maskset.captured.__setitem__(self.mask_name, self._dense_weight_grad(x, g))
-            )
+            # gradient (RigL's) computes the full one as well, with one dense product, into the MaskSet's sink for
+            # this weight (a tensor the backward accumulates into: no Python side effect, so it compiles too)
+            out = _DenseGradTap.apply(out, x.detach(), self.maskset.sinks[self.mask_name], self._dense_weight_grad)
         return out
 
     def _path(self, x: torch.Tensor) -> str:

@@ -19,6 +19,7 @@ _EXEC_ATTRS = (
     "ran",
     "_structures",
     "_version_seen",
+    "_read",
     "rebuilds",
     "timings",
     "step_timings",
