@@ -61,6 +61,11 @@ def main(argv=None):
         help="config overrides for the sparse method, e.g. sparsity.swat.topk_period=20",
     )
     ap.add_argument("--model-args", nargs="*", default=[], help="zoo keyword arguments, e.g. width=4.0 context=128")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="both steps under torch.compile(fullgraph=True) (memory and saved bytes from eager steps)",
+    )
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
 
@@ -72,8 +77,13 @@ def main(argv=None):
         "dense": make_step(dense, dopt, None, args.batch, "dense", shape),
         "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape),
     }
-    saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)
+    saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)  # (saved bytes from eager steps)
     saved_sparse = saved_tensor_bytes_by_module(steps["sparse"], sparse)
+    if args.compile:
+        steps = {
+            "dense": make_step(dense, dopt, None, args.batch, "dense", shape, compiled=True),
+            "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape, compiled=True),
+        }
     # with the lossless activation savings on, dense training with the same savings is the second baseline
     lossless = load_config(
         overrides=[*CONFIGS[args.config], "sparsity.sparsity=0.5", *args.extra]
@@ -130,6 +140,7 @@ def main(argv=None):
             else {}
         ),
         "pairs": args.pairs,
+        "compile": args.compile,
         "extra": args.extra,
         "paths": dict(sorted(collections.Counter(chosen.values()).items())),
         "command": command_line(),

@@ -68,6 +68,24 @@ ROWS: list[list[str]] = [
         ]
         for w in ("4.0", "8.0")
     ],
+    # compiled: the sparse step under torch.compile against the compiled dense step
+    *[["--model", "vgg16", "--config", "auto-compact", "--sparsity", s, "--compile"] for s in ("0.95", "0.98")],
+    [
+        "--model",
+        "gpt",
+        "--model-args",
+        "width=4.0",
+        "context=128",
+        "--batch",
+        "16",
+        "--config",
+        "condensed-compact",
+        "--sparsity",
+        "0.9",
+        "--extra",
+        "sparsity.scheme=fan_in",
+        "--compile",
+    ],
 ]
 
 

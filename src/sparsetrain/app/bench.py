@@ -159,10 +159,20 @@ def build(model_name: str, config: str, sparsity: float = 0.0, extra: list[str] 
     return model, opt, method
 
 
-def make_step(model, opt, method, batch: int, config: str = BASELINE, input_shape: tuple[int, ...] = (3, 32, 32)):
+def make_step(
+    model,
+    opt,
+    method,
+    batch: int,
+    config: str = BASELINE,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    compiled: bool = False,
+):
     """A function running one training step on a fixed random batch of ``input_shape`` images, or, for a model
     with a ``context`` (the GPT), of random token windows with next-token targets. A method whose plan waits
-    for a batch (``auto``) makes it on this one."""
+    for a batch (``auto``) makes it on this one. ``compiled``: the model's forward (and so its backward) under
+    ``torch.compile(fullgraph=True)``, after one eager step (in which sparse layers build their lists); the
+    optimizer step and the method's work around it stay eager."""
     g = torch.Generator().manual_seed(1)
     context = getattr(model, "context", None)
     if context is not None:
@@ -181,13 +191,18 @@ def make_step(model, opt, method, batch: int, config: str = BASELINE, input_shap
     if method is not None and method.plan.layout is not None:
         x = x.contiguous(memory_format=LAYOUTS[method.plan.layout])  # once here, not in the model's input hook
 
+    run = model
+
     def step():
-        out = model(x)
+        out = run(x)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()  # the method's per-step work runs in here
 
+    if compiled:
+        step()
+        run = torch.compile(model, fullgraph=True)
     return step
 
 
