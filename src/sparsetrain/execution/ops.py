@@ -15,6 +15,9 @@ Operators:
   ``x``, ``values`` and ``bias`` (the values' gradient comes back in the same compact order).
 - ``sparsetrain::condensed_linear_backward(x, grad, values, row_ptr, col, input_grad, weight_grad)``: both
   gradients in one pass over the kept weights; a gradient not asked for comes back empty.
+
+The direct convolution operators (``sparsetrain::direct_conv2d`` and its backward) are registered beside the code
+that chooses their paths, in :mod:`sparsetrain.execution.backends.direct`.
 """
 
 import torch
