@@ -607,3 +607,29 @@ def test_compact_channel_blocks_train_like_the_uncompacted_layers_and_export_den
     plain = copy.deepcopy(model)
     plain.load_state_dict(state)
     torch.testing.assert_close(plain(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+def test_pytorchs_csr_beta_warning_does_not_reach_the_user():
+    """PyTorch warns once per process that its CSR tensors are in beta; the CSR backend builds them for the user, who
+    never asked for one (checked in a fresh process: the warning is emitted only once)."""
+    import subprocess
+    import sys
+
+    child = (
+        "import warnings, torch, torch.nn as nn\n"
+        "import sparsetrain as st\n"
+        "warnings.simplefilter('always')\n"
+        "model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "sp = st.static(model, opt, sparsity=0.9, dense_layers=[], execution='csr')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    model(torch.randn(8, 16)).sum().backward(); opt.step()\n"
+        "print([str(w.message)[:60] for w in seen if 'CSR' in str(w.message)])\n"
+        "print({n: m.ran for n, m in model.named_modules() if hasattr(m, 'ran')})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    seen, ran = done.stdout.strip().splitlines()[-2:]
+    assert seen == "[]" and "csr" in ran, (seen, ran, done.stderr[-500:])
+    assert "beta state" not in done.stderr

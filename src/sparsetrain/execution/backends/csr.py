@@ -23,7 +23,13 @@ from .registry import Backend, direct_ok, register
 
 __all__ = ["CSR", "CSRStructure", "csr_linear", "csr_conv2d", "conv_out_size"]
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+def _csr(crow, col, values, shape) -> torch.Tensor:
+    """A CSR tensor, without PyTorch's "support is in beta" warning: the products this backend uses are the ones it
+    tests, and the warning would reach users who never asked for CSR tensors themselves."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def conv_out_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -57,13 +63,11 @@ class CSRStructure:
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse weight as a CSR matrix with ``values`` at the kept positions."""
-        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+        return _csr(self.crow, self.col, values, self.shape)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
         """The transposed sparse weight as a CSR matrix (for the input gradient)."""
-        return torch.sparse_csr_tensor(
-            self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1], check_invariants=False
-        )
+        return _csr(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1])
 
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere."""
