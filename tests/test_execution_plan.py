@@ -210,3 +210,19 @@ def test_no_code_outside_the_methods_compares_method_names():
 
     found = _compared_names(set(METHODS), ("sparsetrain/methods/", "execution/backends"))
     assert not found, found
+
+
+def test_example_inputs_takes_a_batch_and_refuses_a_shape_naming_what_is_allowed():
+    from sparsetrain.execution.options import ExecutionOptions
+
+    x = torch.randn(2, 3)
+    assert ExecutionOptions(example_inputs=x).example_inputs is x
+    assert ExecutionOptions(example_inputs=(x, None)).example_inputs[0] is x  # positional inputs, not all tensors
+    with pytest.raises(TypeError) as e:
+        ExecutionOptions(example_inputs=(8, 3, 32, 32))
+    assert str(e.value) == (
+        "example_inputs is (8, 3, 32, 32) (a shape? give a batch of that shape, e.g. torch.randn(...)); allowed: a "
+        "tensor, a tuple of the model's positional inputs (at least one a tensor), or None"
+    )
+    with pytest.raises(TypeError, match=r"^example_inputs is 'batch'; allowed: a tensor"):
+        ExecutionOptions.of("auto", example_inputs="batch")

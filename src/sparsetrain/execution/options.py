@@ -14,6 +14,12 @@ from typing import Any
 __all__ = ["ExecutionOptions", "OPTION_NAMES", "option_fields"]
 
 
+def _is_tensor(value: Any) -> bool:
+    import torch  # (imported here: the options load with the configuration, before torch is needed)
+
+    return isinstance(value, torch.Tensor)
+
+
 def _option(default, doc: str, *, config_key: str | None = "", compared: bool = True, kind: str | None = None):
     """A declared option: its default, its one-sentence doc, the configuration key that sets it (``""``: its own
     name; None: not in the configuration), whether a saved plan must agree with it to be resumed, and the type
@@ -56,6 +62,22 @@ class ExecutionOptions:
         compared=False,
         kind="Tensor | tuple | None",
     )
+
+    def __post_init__(self) -> None:
+        given = self.example_inputs
+        if given is None or _is_tensor(given):
+            return
+        items = tuple(given) if isinstance(given, (tuple, list)) else None
+        if items is None or not any(_is_tensor(t) for t in items):
+            shape = (
+                " (a shape? give a batch of that shape, e.g. torch.randn(...))"
+                if items and all(isinstance(v, int) for v in items)
+                else ""
+            )
+            raise TypeError(
+                f"example_inputs is {given!r}{shape}; allowed: a tensor, a tuple of the model's positional inputs "
+                "(at least one a tensor), or None"
+            )
 
     @classmethod
     def of(cls, execution: Any = "masked", **options) -> "ExecutionOptions":
