@@ -434,3 +434,25 @@ def test_the_trainer_takes_any_dataset_and_loss_and_resumes_exactly(tmp_path):
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     summary = json.loads((tmp_path / "full" / "final.json").read_text())
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and "val_acc" in summary
+
+
+def test_training_past_the_declared_length_warns_once_naming_the_step():
+    import warnings
+
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    st.rigl(model, opt, sparsity=0.5, total_steps=3, dense_layers=[])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    past = [str(w.message) for w in seen if "declared length" in str(w.message)]
+    assert past == [
+        "training went past its declared length: step 4 of total_steps=3; schedules over training (mask updates, "
+        "budgets) ended at the declared length: give the real length"
+    ]

@@ -147,8 +147,16 @@ class Clock:
         return self.steps_per_epoch, self.epochs
 
     def advance(self) -> bool:
-        """Count one optimizer step; True when it ended an epoch."""
+        """Count one optimizer step; True when it ended an epoch. The first step past a declared ``total_steps``
+        warns (once): the schedules built on that length (update ends, budgets) have ended."""
         self.step += 1
+        if self.total_steps is not None and self.step == self.total_steps + 1:
+            warnings.warn(
+                f"training went past its declared length: step {self.step} of total_steps={self.total_steps}; "
+                "schedules over training (mask updates, budgets) ended at the declared length: give the real length",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.epoch_step += 1
         if self.steps_per_epoch is not None and self.epoch_step >= self.steps_per_epoch:
             self.epoch += 1
