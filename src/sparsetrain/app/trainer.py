@@ -248,7 +248,9 @@ class Trainer(Resumable):
                 self.task.start(self.out)
             if self.is_main and self.cfg.run.progress:  # the thread count decides the speed on a shared CPU: say it
                 tqdm.write(
-                    f"training on {self.device} with {torch.get_num_threads()} threads (run.threads)", file=sys.stderr
+                    f"training on {self.device} with {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)} "
+                    "(run.threads)",
+                    file=sys.stderr,
                 )
             while self.progress.epoch < self.cfg.optim.epochs:
                 self.end_epoch(self.train_epoch())
@@ -379,7 +381,8 @@ class Trainer(Resumable):
         self.out.log(record, self.method)
         if self.is_main and self.cfg.run.progress:
             tqdm.write(
-                f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {self.task.shown(record)}  ({record['wall_s']:.0f}s)"
+                f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  {self.task.shown(record)}  "
+                f"({record['wall_s']:.0f} s since the start)"
             )
         self.save()
         return record
