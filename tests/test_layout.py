@@ -128,7 +128,8 @@ def test_the_custom_loop_example_runs(tmp_path, monkeypatch):
     out = example.main(["2"])
     assert out["sparsity"] == pytest.approx(0.9, abs=1e-3) and out["updates"] > 0 and out["loss"] < 1.0
     assert not any(type(m).__module__.startswith("sparsetrain") for m in out["model"].modules())
-    assert out["plan"].requested == "auto" and list(out["plan"].layers) == ["2.weight"]
+    assert out["plan"].requested == "condensed" and list(out["plan"].layers) == ["2.weight"]
+    assert out["plan"].layers["2.weight"].backend == "condensed" and out["plan"].layers["2.weight"].compact
     assert not any(work.iterdir()) and out["checkpoint"].exists()  # nothing written where it ran
 
 
