@@ -194,3 +194,57 @@ def test_compiled_rigl_training_equals_eager_with_one_recompilation_per_mask_upd
     # the first compilation, then per mask update two: the update step's graph (which also computes the full weight
     # gradient RigL grows by) and the graph over the new lists; never one per step
     assert graphs <= 1 + 2 * updates, graphs
+
+
+AUTOCAST_CHILD = """
+import json, warnings, torch, torch.nn as nn, torch.nn.functional as F
+import sparsetrain as st
+from sparsetrain.execution import native
+warnings.simplefilter("always")
+out = {}
+for execution in ("direct", "condensed", "csr", "auto"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sp = st.static(model, opt, sparsity=0.9, execution=execution, compact_state=execution != "csr")
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+    said = [str(w.message) for w in seen if "compute in float32" in str(w.message)]
+    zero = all(torch.count_nonzero(p[~m]) == 0 for n, p in sp.maskset.params.items() for m in [sp.maskset.masks[n]])
+    out[execution] = [bool(torch.isfinite(loss)), len(said), zero]
+try:
+    native.condensed_forward(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(2), None,
+                             (torch.tensor([0, 1, 2]), torch.tensor([0, 1], dtype=torch.int32)), 2)
+    out["bf16 to a kernel"] = "ran"
+except TypeError as e:
+    out["bf16 to a kernel"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_bfloat16_autocast_trains_every_backend_with_the_sparse_layers_in_float32():
+    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` every backend trains (its sparse layers in float32,
+    said once per process), masked weights stay zero, and a bfloat16 tensor handed to a kernel directly is refused
+    (read as float32 it would run past its end); in a subprocess, so that a crash fails the test only."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", AUTOCAST_CHILD], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for execution in ("direct", "condensed", "csr", "auto"):
+        finite, _, zero = out[execution]
+        assert finite and zero, (execution, out[execution])
+    assert sum(out[e][1] for e in ("direct", "condensed", "csr", "auto")) == 1  # said once, by the first
+    assert out["bf16 to a kernel"] == (
+        "the native kernel condensed_forward was handed a torch.bfloat16 tensor; the kernels compute in float32 "
+        "(under torch.autocast the sparse layers get float32 inputs; a model in another dtype runs "
+        "execution='masked')"
+    )

@@ -76,3 +76,5 @@ def _condensed_backward(ctx, grad):
 
 
 condensed_linear.register_autograd(_condensed_backward, setup_context=_condensed_setup)
+# under CPU autocast the kernels take their inputs in float32 (they compute in float32; the output is float32)
+torch.library.register_autocast("sparsetrain::condensed_linear", "cpu", torch.float32)

@@ -80,8 +80,15 @@ def _sampled(structure: CSRStructure, a: torch.Tensor, b: torch.Tensor) -> torch
     return torch.sparse.sampled_addmm(template, a, b, beta=0.0).values()
 
 
+# PyTorch's CSR products have no bfloat16 kernels: under CPU autocast these layers take their inputs in float32 and
+# compute with autocast off (a float32 output), as the native kernels' operators do
+_FLOAT32_UNDER_AUTOCAST = torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+_AUTOCAST_AS_FORWARD = torch.amp.custom_bwd(device_type="cpu")
+
+
 class _CSRLinearFn(torch.autograd.Function):
     @staticmethod
+    @_FLOAT32_UNDER_AUTOCAST
     def forward(ctx, x, weight, bias, structure: CSRStructure):
         values = weight.reshape(-1)[structure.flat_index]
         x2 = x.reshape(-1, x.shape[-1])
@@ -93,6 +100,7 @@ class _CSRLinearFn(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], -1)
 
     @staticmethod
+    @_AUTOCAST_AS_FORWARD
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         s = ctx.structure
@@ -126,6 +134,7 @@ def csr_linear(x, weight, bias, structure: CSRStructure):
 
 class _CSRConv2dFn(torch.autograd.Function):
     @staticmethod
+    @_FLOAT32_UNDER_AUTOCAST
     def forward(ctx, x, weight, bias, structure: CSRStructure, stride, padding, dilation):
         n, _, h, w = x.shape
         cout, _, kh, kw = weight.shape
@@ -141,6 +150,7 @@ class _CSRConv2dFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_AUTOCAST_AS_FORWARD
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         s, stride, padding, dilation, has_bias = ctx.conf

@@ -365,6 +365,7 @@ def _direct_backward(ctx, grad):
 
 
 direct_conv2d_op.register_autograd(_direct_backward, setup_context=_direct_setup)
+torch.library.register_autocast("sparsetrain::direct_conv2d", "cpu", torch.float32)  # (see ops.condensed_linear)
 
 
 def pointwise(structure: DirectStructure, padding, dilation, x: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ backend object's business (:data:`~.registry.BACKENDS`); the layer holds only th
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,22 @@ from .. import native
 from .registry import BACKENDS, get_backend, is_conv1d, kind_of
 
 __all__ = ["SparseLinear", "SparseConv2d", "apply_backend"]
+
+
+def _say_float32_once() -> None:
+    """Under CPU autocast the sparse layers compute in float32 (the kernels have no bfloat16 path yet): said once."""
+    global _SAID_FLOAT32
+    if not _SAID_FLOAT32:
+        _SAID_FLOAT32 = True
+        warnings.warn(
+            "under torch.autocast the sparse layers compute in float32 (their inputs are cast; masked dense layers "
+            "follow autocast); the rest of the model keeps the autocast dtype",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_SAID_FLOAT32 = False
 
 
 class _DenseGradTap(torch.autograd.Function):
@@ -116,6 +133,8 @@ class _SparseExec:
             self._choose(x)
         if self.training:
             self.ran = self._path(x)
+        if x.dtype != torch.float32 and torch.is_autocast_enabled("cpu") and BACKENDS[self._path(x)].swaps_layers:
+            _say_float32_once()
         try:
             if (
                 not torch.compiler.is_compiling()  # (the compiler traces fakes; the kernels are operators it keeps)

@@ -43,8 +43,15 @@ BACKENDS: dict[str, "Backend"] = {}  # name -> backend, in registration order (t
 
 
 def direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The C kernels (direct, condensed) cover float32 on the CPU, and need the compiled library."""
-    return x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and native.available()
+    """The C kernels (direct, condensed) cover float32 on the CPU, and need the compiled library; under CPU
+    autocast a lower-precision input is theirs too (their operators take it in float32)."""
+    low = x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu")
+    return (
+        (x.dtype == torch.float32 or low)
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and (native.available())
+    )
 
 
 @dataclass(frozen=True)

@@ -831,6 +831,13 @@ def _guarded(fn):
         for a in (*args, *kwargs.values()):
             for t in a if isinstance(a, (tuple, list)) else (a,):
                 why = torch.is_tensor(t) and what_is_wrong(t)
+                if torch.is_tensor(t) and t.is_floating_point() and t.dtype != torch.float32 and not why:
+                    # read as float32, a narrower tensor would send the C code past its end
+                    raise TypeError(
+                        f"the native kernel {fn.__name__} was handed a {t.dtype} tensor; the kernels compute in "
+                        "float32 (under torch.autocast the sparse layers get float32 inputs; a model in another "
+                        "dtype runs execution='masked')"
+                    )
                 if why:
                     raise NoDataError(
                         f"the native kernel {fn.__name__} was handed {why}; the sparse kernels run on real CPU "
