@@ -64,8 +64,18 @@ def test_files_are_replaced_never_written_through(tmp_path):
     finally:
         os.umask(old)
     assert (run / "target.txt").read_text() == "mine" and not (run / "config.yaml").is_symlink()
-    for name in ("config.yaml", "final.json", "checkpoint.pt", "model.pt"):
+    for name in ("config.yaml", "final.json", "checkpoint.pt", "model.pt", "model.sparse.safetensors"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o640, name
+
+
+def test_the_final_model_has_a_sparse_sibling_with_the_same_weights(tmp_path):
+    import sparsetrain as st
+
+    run = tmp_path / "run"
+    _trainer(run).fit()
+    dense = torch.load(run / "model.pt", weights_only=True)["model"]
+    sparse = st.load_sparse(run / "model.sparse.safetensors")
+    assert set(sparse) == set(dense) and all(torch.equal(sparse[k], dense[k]) for k in dense)
 
 
 HOLD = """

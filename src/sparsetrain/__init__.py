@@ -51,6 +51,8 @@ _LAZY = {
     "WithIndices": ("recipes", "WithIndices"),
     "tost": ("recipes.tost", "tost"),
     "ExecutionOptions": ("execution.options", "ExecutionOptions"),
+    "save_sparse": ("core.artifact", "save_sparse"),
+    "load_sparse": ("core.artifact", "load_sparse"),
     "Trainer": ("app.trainer", "Trainer"),
 }
 
@@ -95,6 +97,8 @@ __all__ = [
     "load_config",
     "load_dataset",
     "build_model",
+    "save_sparse",
+    "load_sparse",
     "Trainer",
     "ExecutionOptions",
     "FlopMeter",

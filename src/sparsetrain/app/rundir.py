@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
+from ..core.artifact import save_sparse
 from ..data.images import DATASETS
 from ..models import build_configured
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
@@ -32,6 +33,7 @@ __all__ = [
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint.dcp"  # beside CHECKPOINT under run.parallel=fsdp: model, optimizer, method, by shard
 FINAL_MODEL = "model.pt"
+FINAL_SPARSE_MODEL = "model.sparse.safetensors"  # the same weights, each sparse one as kept values and a bitmask
 CHECKPOINT_FORMAT = 2
 METRICS = "metrics.jsonl"
 
@@ -201,9 +203,11 @@ class RunDirectory:
         return json.loads(lines[-1]) if lines else {}
 
     def finish(self, weights: dict, summary: dict) -> None:
-        """The final model (plain architecture's weights) and ``final.json``."""
+        """The final model (plain architecture's weights), its sparse sibling (:func:`~sparsetrain.save_sparse`:
+        kept values and bitmasks, no pickle) and ``final.json``."""
         if self.is_main:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "model": weights}, self.path / FINAL_MODEL)
+            save_sparse(weights, self.path / FINAL_SPARSE_MODEL)
             self.write_text("final.json", json.dumps(strict_json(summary), indent=2, allow_nan=False))
 
 
