@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import sparsetrain as st
-from sparsetrain.core.artifact import FORMAT, SparseCheckpointError
+from sparsetrain.app.artifact import FORMAT, SparseCheckpointError
 from sparsetrain.models import build_model
 
 

@@ -51,8 +51,8 @@ _LAZY = {
     "WithIndices": ("recipes", "WithIndices"),
     "tost": ("recipes.tost", "tost"),
     "ExecutionOptions": ("execution.options", "ExecutionOptions"),
-    "save_sparse": ("core.artifact", "save_sparse"),
-    "load_sparse": ("core.artifact", "load_sparse"),
+    "save_sparse": ("app.artifact", "save_sparse"),
+    "load_sparse": ("app.artifact", "load_sparse"),
     "Trainer": ("app.trainer", "Trainer"),
 }
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
-from ..core.artifact import save_sparse
 from ..data.images import DATASETS
 from ..models import build_configured
+from .artifact import save_sparse
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config
 

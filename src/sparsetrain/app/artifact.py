@@ -52,7 +52,7 @@ def save_sparse(model_or_sparsifier, path: str | os.PathLike) -> Path:
     written to a temporary name and renamed into place."""
     from safetensors.torch import save
 
-    from ..app.checkpoint import write_atomic  # (the one way the project writes files: atomic, never through links)
+    from .checkpoint import write_atomic  # (the one way the project writes files: atomic, never through links)
 
     sparsifier = model_or_sparsifier if hasattr(model_or_sparsifier, "maskset") else None
     if sparsifier is not None:
