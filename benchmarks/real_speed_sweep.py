@@ -19,6 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, commit, read_records  # noqa: E402
 
 LOSSLESS = ["--extra", "sparsity.lossless_activations=true"]
+
+
+def _gpt_fan_in(width: str, *more: str) -> list[str]:
+    """The D-speed row: the GPT at ``width`` (x 128), context 128, batch 16, fan-in 90% condensed + compact."""
+    return [
+        *("--model", "gpt", "--model-args", f"width={width}", "context=128", "--batch", "16"),
+        *("--config", "condensed-compact", "--sparsity", "0.9", "--extra", "sparsity.scheme=fan_in", *more),
+    ]
+
+
 ROWS: list[list[str]] = [
     # VGG-16, CIFAR, batch 128: static unstructured on auto + compact state
     *[["--model", "vgg16", "--config", "auto-compact", "--sparsity", s] for s in ("0.9", "0.95", "0.98")],
@@ -50,42 +60,10 @@ ROWS: list[list[str]] = [
     ["--model", "resnet50", "--batch", "32", "--config", "swat-auto", "--sparsity", "0.8"],
     ["--model", "resnet50", "--batch", "32", "--config", "auto-compact", "--sparsity", "0.95"],
     # D-speed: GPT width 512 and 1024, context 128, batch 16, fan-in 90% on the condensed kernels
-    *[
-        [
-            "--model",
-            "gpt",
-            "--model-args",
-            f"width={w}",
-            "context=128",
-            "--batch",
-            "16",
-            "--config",
-            "condensed-compact",
-            "--sparsity",
-            "0.9",
-            "--extra",
-            "sparsity.scheme=fan_in",
-        ]
-        for w in ("4.0", "8.0")
-    ],
+    *[_gpt_fan_in(w) for w in ("4.0", "8.0")],
     # compiled: the sparse step under torch.compile against the compiled dense step
     *[["--model", "vgg16", "--config", "auto-compact", "--sparsity", s, "--compile"] for s in ("0.95", "0.98")],
-    [
-        "--model",
-        "gpt",
-        "--model-args",
-        "width=4.0",
-        "context=128",
-        "--batch",
-        "16",
-        "--config",
-        "condensed-compact",
-        "--sparsity",
-        "0.9",
-        "--extra",
-        "sparsity.scheme=fan_in",
-        "--compile",
-    ],
+    _gpt_fan_in("4.0", "--compile"),
 ]
 
 
