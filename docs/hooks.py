@@ -84,9 +84,34 @@ def _figures_table() -> str:
     return figures.table()
 
 
-def _include(match: re.Match) -> str:
-    path = ROOT / match.group(1)
-    return path.read_text() if path.exists() else f"*({match.group(1)} has not been written yet)*"
+def _include(name: str, level: int) -> str:
+    """The results file ``name`` for a place under a heading of ``level``: its own title dropped (the page's
+    heading names it) and its other headings moved below ``level``, so the page's contents list stays whole."""
+    path = ROOT / name
+    if not path.exists():
+        return f"*({name} has not been written yet)*"
+    lines = path.read_text().splitlines()
+    if lines and re.match(r"# ", lines[0]):
+        lines = lines[1:]
+    fenced = False
+    for i, line in enumerate(lines):
+        fenced ^= line.startswith("```")
+        heading = None if fenced else re.match(r"(#+) ", line)
+        if heading:
+            lines[i] = "#" * (len(heading.group(1)) - 1 + level) + line[len(heading.group(1)) :]
+    return "\n".join(lines).strip() + "\n"
+
+
+def _with_includes(markdown: str) -> str:
+    """Every ``{{ include "path" }}`` of a page filled (see :func:`_include`)."""
+    out, level, fenced = [], 1, False
+    for line in markdown.split("\n"):
+        fenced ^= line.startswith("```")
+        heading = None if fenced else re.match(r"(#+) ", line)
+        if heading:
+            level = len(heading.group(1))
+        out.append(re.sub(r"\{\{ include \"([^\"]+)\" \}\}", lambda m: _include(m.group(1), level), line))
+    return "\n".join(out)
 
 
 def on_page_markdown(markdown, page, config, files):
@@ -99,4 +124,4 @@ def on_page_markdown(markdown, page, config, files):
         markdown = markdown.replace("{{ figures_table }}", _figures_table())
     if "{{ cli_reference }}" in markdown:
         markdown = markdown.replace("{{ cli_reference }}", _cli_reference())
-    return re.sub(r"\{\{ include \"([^\"]+)\" \}\}", _include, markdown)
+    return _with_includes(markdown)
