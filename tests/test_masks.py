@@ -168,3 +168,24 @@ def test_a_method_skips_the_after_step_zeroing_only_where_zeros_hold(monkeypatch
         assert len([c for c in calls if c is opt]) == (4 if every_step else 1), make_opt
         for n, p in sp.maskset.params.items():
             assert torch.count_nonzero(p[~sp.maskset.masks[n]]) == 0
+
+
+def test_weights_loaded_into_the_model_mid_training_are_zeroed_again_at_the_next_step():
+    """The zeroing after a step is left out while zeros hold; a state dict loaded into the model (dense weights,
+    say) makes the next step zero every masked entry again."""
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = st.static(model, opt, sparsity=0.8, dense_layers=[])
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for step in range(4):
+        if step == 2:
+            model.load_state_dict(dense)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for n, p in sp.maskset.params.items():
+        assert torch.count_nonzero(p[~sp.maskset.masks[n]]) == 0, n

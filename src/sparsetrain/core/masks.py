@@ -343,6 +343,11 @@ class MaskSet:
         momentum included), once ``apply(optimizer)`` has zeroed everything under the current masks."""
         return type(optimizer) in _ZERO_PRESERVING and self._zeroed == (self.version, id(optimizer))
 
+    def forget_zeroed(self) -> None:
+        """Weights or optimizer state were written from outside (a state dict loaded): the next step zeroes every
+        masked entry again (see :meth:`zeros_hold`)."""
+        self._zeroed = None
+
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradient entries of masked weights."""

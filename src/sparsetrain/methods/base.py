@@ -282,6 +282,8 @@ class Sparsifier:
         _CARRIERS[self.model] = weakref.ref(self)
         self._hooks.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_hook()))
         self._hooks.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_hook()))
+        # weights loaded into the model may hold values where the masks say zero: the next step zeroes them again
+        self._hooks.append(self.model.register_load_state_dict_post_hook(lambda module, keys: self._weights_loaded()))
 
     def _check_optimizer(self) -> None:
         """Refuse an optimizer that does not hold the method's sparse weights: they would never train, and their
@@ -336,6 +338,10 @@ class Sparsifier:
             yield self
         finally:
             self._paused = False
+
+    def _weights_loaded(self) -> None:
+        if self.maskset is not None:
+            self.maskset.forget_zeroed()
 
     def pre_step(self) -> None:
         """Work before the optimizer's update, with the dense gradients of this step in ``.grad``."""
