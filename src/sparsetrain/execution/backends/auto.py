@@ -116,12 +116,15 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
             times[i] = min(times[i], timed(plan, fmt))
     best = min(range(len(tries)), key=times.__getitem__)
     names = sorted(layers)
-    # rank 0 decides for all: the candidate and every layer's path (timings, and so the plans tried, differ by rank)
-    plan, _ = tries[best]
-    pick = torch.tensor([best] + [list(BACKENDS).index("masked" if plan is None else plan[n]) for n in names])
+    # rank 0 decides for all: the layout and every layer's path, as values (timings, and so the plans tried and
+    # their order, differ by rank: an index into them would not)
+    plan, fmt = tries[best]
+    pick = torch.tensor(
+        [formats.index(fmt)] + [list(BACKENDS).index("masked" if plan is None else plan[n]) for n in names]
+    )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(pick, 0)
-    _, fmt = tries[int(pick[0])]
+    fmt = formats[int(pick[0])]
     for n, code in zip(names, pick[1:].tolist()):
         layers[n].fix_backend(list(BACKENDS)[code])
     t_sparse, t_dense = min(times[:-1], default=times[-1]), times[-1]
