@@ -115,18 +115,9 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
         for i, (plan, fmt) in enumerate(tries):
             times[i] = min(times[i], timed(plan, fmt))
     best = min(range(len(tries)), key=times.__getitem__)
-    names = sorted(layers)
-    # rank 0 decides for all: the layout and every layer's path, as values (timings, and so the plans tried and
-    # their order, differ by rank: an index into them would not)
-    plan, fmt = tries[best]
-    pick = torch.tensor(
-        [formats.index(fmt)] + [list(BACKENDS).index("masked" if plan is None else plan[n]) for n in names]
-    )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(pick, 0)
-    fmt = formats[int(pick[0])]
-    for n, code in zip(names, pick[1:].tolist()):
-        layers[n].fix_backend(list(BACKENDS)[code])
+    fmt, paths = _rank0s(*tries[best], sorted(layers), formats)
+    for n, path in paths.items():
+        layers[n].fix_backend(path)
     t_sparse, t_dense = min(times[:-1], default=times[-1]), times[-1]
     model.to(memory_format=fmt)
     restore()
@@ -135,6 +126,17 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     for m in layers.values():
         m.step_timings = {"sparse": t_sparse, "masked": t_dense}
     return fmt
+
+
+def _rank0s(plan: dict[str, str] | None, fmt: torch.memory_format, names: list[str], formats: tuple):
+    """Rank 0's layout and per-layer paths (``plan`` None: all masked), on every rank: broadcast as values, since
+    the plans tried, and their order, differ by rank (their near ties are timed per rank)."""
+    pick = torch.tensor(
+        [formats.index(fmt)] + [list(BACKENDS).index("masked" if plan is None else plan[n]) for n in names]
+    )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(pick, 0)
+    return formats[int(pick[0])], {n: list(BACKENDS)[code] for n, code in zip(names, pick[1:].tolist())}
 
 
 def _layout_of(model: nn.Module) -> torch.memory_format:
