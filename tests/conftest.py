@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,27 @@ REPO = Path(__file__).resolve().parent.parent
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test decodes into its own cache directory."""
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path / "cache"))
+
+
+class _BackwardsClock:
+    """A ``time`` module whose ``perf_counter`` runs backwards: every duration ``auto`` measures comes out negated,
+    so whatever was fastest looks slowest and ``auto`` picks the slowest path everywhere."""
+
+    @staticmethod
+    def perf_counter() -> float:
+        return -time.perf_counter()
+
+
+@pytest.fixture(autouse=True)
+def _timings_reversed_on_request(monkeypatch):
+    """``SPARSETRAIN_TEST_TIMINGS=reversed``: ``auto``'s per-layer and whole-step timings come out in the reverse
+    order, so that the tests marked ``timing`` show they assert nothing that real timings decide (the second step of
+    ``.ci/run`` runs them so)."""
+    if os.environ.get("SPARSETRAIN_TEST_TIMINGS") == "reversed":
+        from sparsetrain.execution.backends import auto, layers
+
+        monkeypatch.setattr(layers, "time", _BackwardsClock)
+        monkeypatch.setattr(auto, "time", _BackwardsClock)
 
 
 def make_image_tar(

@@ -96,6 +96,7 @@ def backend(request):
     return request.param
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("compact", [False, True])
 def test_forward_and_gradients_equal_masked_dense_in_float64(backend, compact):
     if compact and not _compact_ok(backend):
@@ -119,6 +120,7 @@ def test_forward_and_gradients_equal_masked_dense_in_float64(backend, compact):
         assert not sp.export_state()[n][~mask].any(), n  # masked weights stay zero through the optimizer step
 
 
+@pytest.mark.timing
 def test_a_mask_change_is_followed(backend):
     model, opt, sp, x = _build(backend, CASES[backend][0], compact=False)
     name = "fc.weight"
@@ -130,6 +132,7 @@ def test_a_mask_change_is_followed(backend):
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.timing
 def test_state_and_plan_round_trip_without_timing(backend, tmp_path):
     compact = _compact_ok(backend)
     model, opt, sp, x = _build(backend, CASES[backend][0], compact)

@@ -197,6 +197,7 @@ def test_structure_is_rebuilt_when_the_mask_changes_and_only_then(backend):
     torch.testing.assert_close(out, F.linear(F.relu(ref_conv).flatten(1), model[3].weight, model[3].bias))
 
 
+@pytest.mark.timing
 def test_auto_times_both_paths_and_keeps_the_faster():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64))
@@ -214,6 +215,7 @@ def test_auto_times_both_paths_and_keeps_the_faster():
     assert layer.weight.grad is None  # the timing runs leave no gradient behind
 
 
+@pytest.mark.timing
 @needs_native
 def test_auto_considers_the_direct_kernels_for_convolutions():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))

@@ -86,6 +86,7 @@ def test_the_backend_falls_back_to_csr_where_the_kernels_do_not_apply():
     assert layer.ran == "condensed"
 
 
+@pytest.mark.timing
 def test_auto_considers_the_condensed_kernels_for_linear_layers():
     model = nn.Sequential(nn.Linear(256, 256))
     ms = MaskSet.for_model(model, [])

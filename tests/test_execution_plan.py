@@ -54,6 +54,7 @@ STATIC = dict(sparsity=0.9, dense_layers=["conv1.weight", "fc2.weight"])
 RIGL = dict(sparsity=0.9, dense_layers=["conv1.weight", "fc2.weight"], total_steps=12, update_every_steps=2)
 
 
+@pytest.mark.timing
 @needs_native
 def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
     model, opt, sp = _build(st.static, **STATIC, execution="auto", compact_state=True)
@@ -75,6 +76,7 @@ def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
     assert abs(sp.sparsity() - 0.9) < 0.01
 
 
+@pytest.mark.timing
 @needs_native
 @pytest.mark.parametrize("factory, kw", [(st.static, STATIC), (st.rigl, RIGL)])
 def test_resume_applies_the_saved_plan_without_timing_and_is_bit_identical(factory, kw, monkeypatch):
@@ -102,6 +104,7 @@ def test_resume_applies_the_saved_plan_without_timing_and_is_bit_identical(facto
         assert torch.equal(a, b), n
 
 
+@pytest.mark.timing
 @needs_native
 def test_a_plan_is_reusable_from_a_file_and_checked_against_the_model(tmp_path):
     model, opt, sp = _build(st.static, **STATIC, execution="auto", example_inputs=_batches(1)[0][0])
@@ -212,6 +215,7 @@ def test_no_code_outside_the_methods_compares_method_names():
     assert not found, found
 
 
+@pytest.mark.timing
 def test_example_inputs_takes_a_batch_and_refuses_a_shape_naming_what_is_allowed():
     from sparsetrain.execution.options import ExecutionOptions
 

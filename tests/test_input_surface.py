@@ -41,6 +41,7 @@ def _net():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+@pytest.mark.timing
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     method=s.sampled_from(["static", "set", "rigl", "mest"]),
@@ -241,6 +242,7 @@ def test_any_plan_or_state_is_run_exactly_or_refused_in_one_line(plan, method, t
     assert all(torch.equal(before[k], v) for k, v in sp.maskset.masks.items())  # a refusal changed nothing
 
 
+@pytest.mark.timing
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     method=s.sampled_from(["dense", "static", "set", "rigl", "swat"]),

@@ -114,6 +114,7 @@ def _no_timing(monkeypatch):
     monkeypatch.setattr("sparsetrain.execution.plan.Planner.choose", fail)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("name", sorted(HF_METHODS))
 def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, monkeypatch):
     """With ``execution="auto"``: the full run times its plan; the cut run takes that plan (so both compute alike);
@@ -239,6 +240,7 @@ LIGHTNING_METHODS = {
 }
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("name", sorted(LIGHTNING_METHODS))
 def test_lightning_resume_from_ckpt_path_is_bit_identical(name, tmp_path, monkeypatch):
     """As the Hugging Face test: ``execution="auto"``, the cut run on the full run's plan, the resumed run not timing."""

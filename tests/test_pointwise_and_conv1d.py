@@ -76,6 +76,7 @@ def _trained(execution: str, steps: int = 3, **kw):
     return model, sp, x
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize(
     "execution",
     ["csr", pytest.param("condensed", marks=needs_native), pytest.param("direct", marks=needs_native), "auto"],
@@ -121,6 +122,7 @@ def _dense_ends(model):
     ]
 
 
+@pytest.mark.timing
 def test_auto_through_the_callback_plans_every_gpt2_conv1d_projection():
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(
@@ -137,6 +139,7 @@ def test_auto_through_the_callback_plans_every_gpt2_conv1d_projection():
     assert set(plan.layers) == projections
 
 
+@pytest.mark.timing
 def test_auto_through_the_callback_plans_every_llama_projection():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(

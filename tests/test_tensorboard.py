@@ -77,3 +77,44 @@ def test_any_loop_writes_the_sparsifiers_figures(tmp_path):
     assert [s for s, _ in scalars["sparsity/overall"]] == [1, 2, 3, 4, 5, 6]
     assert scalars["sparsity/2.weight"][-1][1] == pytest.approx(0.75, abs=1 / 1024)
     assert scalars["method/mask_updates"][-1][1] == sp.updates > 0
+
+
+@pytest.mark.parametrize("block", ["file", "read-only"])
+def test_a_tensorboard_folder_that_cannot_be_written_stops_the_run_before_it_trains(
+    block, tmp_path, monkeypatch, capsys
+):
+    """One line naming the folder and both ways out, exit 2, and nothing trained or logged (the check runs
+    before the first step; TensorBoard's own writer would fail only at the first epoch's end)."""
+    import tempfile
+
+    from conftest import make_image_tar
+
+    from sparsetrain.app.cli import main
+
+    data = make_image_tar(tmp_path / "mnist.tar", 64, 16)
+    run = tmp_path / "run"
+    run.mkdir()
+    if block == "file":
+        (run / "tensorboard").write_text("not a folder")
+        why = "a file, not a folder"
+    else:  # a read-only folder (tests run as root, whom permissions do not stop: the write test is made to fail)
+        real = tempfile.NamedTemporaryFile
+
+        def refused(*a, dir=None, **kw):
+            if str(dir).endswith("tensorboard"):
+                raise PermissionError(13, "Permission denied")
+            return real(*a, dir=dir, **kw)
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)
+        why = "Permission denied"
+    code = main(
+        ["train", "model.name=small_cnn", "data.dataset=mnist", "optim.epochs=1", "run.progress=false"]
+        + [f"data.data_dir={data}", f"data.cache_dir={tmp_path / 'c'}", f"run.out_dir={run}", "run.tensorboard=true"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: run.tensorboard=true: {run / 'tensorboard'} cannot be written ({why}); free that path, or set "
+        "run.tensorboard=false"
+    ]
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint.pt").exists()

@@ -103,6 +103,24 @@ class RunDirectory:
                 "writes only its own files: remove the links, or choose another run.out_dir"
             )
         self.lock()
+        if self.tensorboard and self.is_main:
+            self._check_tensorboard_folder()
+
+    def _check_tensorboard_folder(self) -> None:
+        """``<out_dir>/tensorboard`` can be written, checked before the run trains (TensorBoard's writer would
+        otherwise fail at the first epoch's end, or lose its events in a background thread)."""
+        folder = self.path / "tensorboard"
+        try:
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(0, "a file, not a folder")
+            folder.mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"run.tensorboard=true: {folder} cannot be written ({e.strerror or e}); free that path, or set "
+                "run.tensorboard=false"
+            ) from None
 
     def lock(self) -> None:
         """Hold this folder's lock for the life of the process (the main process only): a second run on the same
