@@ -16,6 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, acc_cell, by_run, gap_cell, mean_acc, read_records  # noqa: E402
 
 
+def _family(method: str) -> str:
+    """The method a run's name starts with: mest-ems-data and mest-em are MEST, swat-u and swat-erk SWAT."""
+    return method.split("-")[0] if method.startswith(("mest", "swat")) else method
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--file", default="protocol_a.jsonl")
@@ -32,8 +37,8 @@ def main(argv=None):
     runs = by_run(records)
     dense = runs.get("dense")
     fig, ax = plt.subplots(figsize=(11, 6))
-    colours = plt.get_cmap("tab20").colors
-    seen: dict[str, int] = {}
+    colours = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xph"
     points = []
     lines = [
         "| run | method | recipe | sparsity | test acc | vs dense | train FLOPs | inference FLOPs | wall (min) | threads |",
@@ -41,26 +46,31 @@ def main(argv=None):
     ]
     for name, rs in sorted(runs.items(), key=lambda kv: kv[1][0]["train_flops_rel"]):
         r = rs[0]
-        # a legend, not labels beside the points: the 90% runs sit too close together to label.
-        # One marker per family (SWAT, 98% masks, the rest), colours counted within the family, so none repeat.
-        family = "^" if r["method"].startswith("swat") else "s" if r["sparsity"] >= 0.98 else "o"
-        seen[family] = seen.get(family, -1) + 1
-        points.append(
-            (
-                mean_acc(rs),
-                r["train_flops_rel"],
-                family,
-                colours[seen[family] % len(colours)],
-                f"{name} ({mean_acc(rs):.2f})",
-            )
-        )
+        # grouped, not one legend entry a run (35 entries were too small to read): colour names the method, the
+        # marker the recipe; the table below names every run
+        points.append((mean_acc(rs), r["train_flops_rel"], _family(r["method"]), r.get("recipe") or "none"))
         lines.append(
             f"| {name} | {r['method']} | {r.get('recipe') or ''} | {r['sparsity']:.3f} | {acc_cell(rs)} | "
             f"{gap_cell(rs, dense)} | {r['train_flops_rel']:.3f} | {r['infer_flops_rel']:.3f} | "
             f"{r['wall_s'] / 60:.1f} | {r.get('threads', '')} |"
         )
-    for acc, flops, marker, colour, label in sorted(points, reverse=True):  # legend in order of accuracy
-        ax.scatter(flops, acc, s=50, marker=marker, color=colour, label=label)
+    families = sorted({p[2] for p in points}, key=lambda f: (f != "dense", f))
+    recipes = sorted({p[3] for p in points}, key=lambda r: (r != "none", r))
+    for acc, flops, family, recipe in points:
+        ax.scatter(
+            flops, acc, s=60, marker=markers[recipes.index(recipe) % len(markers)],
+            color=colours[families.index(family) % len(colours)], edgecolor="black", linewidth=0.4,
+        )  # fmt: skip
+    from matplotlib.lines import Line2D
+
+    def key(label, **kw):
+        return Line2D([], [], linestyle="", markersize=8, label=label, **kw)
+
+    by_method = [key(f, marker="o", color=colours[i % len(colours)]) for i, f in enumerate(families)]
+    by_recipe = [key(r, marker=markers[i % len(markers)], color="grey") for i, r in enumerate(recipes)]
+    first = ax.legend(handles=by_method, title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=10)
+    ax.add_artist(first)
+    ax.legend(handles=by_recipe, title="recipe (ToST parts)", loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=10)
     table = "\n".join(lines) + "\n"
     (RESULTS / f"{Path(args.file).stem}.md").write_text(
         "# Protocol A (ResNet-20, CIFAR-10, 15 epochs)\n\n"
@@ -79,7 +89,6 @@ def main(argv=None):
     ax.set_xscale("log")
     ax.set_xticks([0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], ["0.03", "0.05", "0.1", "0.2", "0.3", "0.5", "1"])
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="run (mean test acc)", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

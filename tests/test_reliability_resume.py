@@ -50,6 +50,22 @@ def test_resume_with_changes_allows_the_schedule_and_records_it(tmp_path):
     assert load_config(tmp_path / "config.yaml").optim.epochs == 2
 
 
+def test_running_a_finished_run_again_says_so_and_changes_nothing(tmp_path, capsys):
+    """The same command again on a finished run: one line naming the run, that nothing trained and how to train on
+    or start over, then the same summary; no weight changes."""
+    first = _trainer(tmp_path, ["optim.epochs=1"]).fit()
+    weights = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    capsys.readouterr()
+    again = _trainer(tmp_path, ["optim.epochs=1"]).fit()
+    assert capsys.readouterr().err.splitlines() == [
+        f"{tmp_path}: this run already finished (1 of 1 epochs); nothing trained, its summary again. To train on: "
+        "--resume-with-changes optim.epochs=N; to start over: another run.out_dir"
+    ]
+    assert again["steps"] == first["steps"] and again["test_acc"] == first["test_acc"]
+    after = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    assert all(torch.equal(v, after[k]) for k, v in weights.items())
+
+
 def test_a_cut_last_metrics_line_neither_blocks_resume_nor_report(tmp_path, capsys):
     t = _trainer(tmp_path, ["optim.epochs=1"])
     t.fit()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main", "format_error"]
@@ -421,6 +423,40 @@ def format_error(e: BaseException) -> str | None:
     return "error: " + " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def others_busy_cores(seconds: float = 0.2) -> float | None:
+    """How many cores other processes kept busy over ``seconds`` (``/proc/stat``; this process sleeps meanwhile),
+    or None where that file does not exist."""
+
+    def busy_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    try:
+        busy0, total0 = busy_and_total()
+        time.sleep(seconds)
+        busy1, total1 = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+
+
+def choose_openmp_wait_policy(environ=os.environ) -> str | None:
+    """Before torch loads: on a CPU that other processes keep busy (half a core or more), OpenMP's threads sleep
+    while they wait (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning, which on a shared core starves the thread
+    they wait for (measured on the quickstart, 2 cores beside one busy process: 9 steps/s spinning, 21.5 passive;
+    idle, spinning is the faster: ``benchmarks/threads_under_load.py``). A policy the user set is kept. Returns
+    the policy set, or None."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ or "torch" in sys.modules:
+        return None
+    busy = others_busy_cores()
+    if busy is None or busy < 0.5:
+        return None
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command. A refused input, a data, checkpoint or training error is one line
     (``error: ...``, exit code 2); ``--debug`` shows the traceback instead."""
@@ -429,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     args = build_parser().parse_args(argv)
+    choose_openmp_wait_policy()
     try:
         return args.func(args)
     except KeyboardInterrupt as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -243,13 +244,21 @@ class Trainer(Resumable):
             if (self.out / CHECKPOINT).exists():
                 self.load_state_dict(load_checkpoint(self.out / CHECKPOINT, self.device))
                 self.out.resumed(self.cfg, self.progress.epoch, changed=bool(getattr(self, "_changes", None)))
+                if self.is_main and self.progress.epoch >= self.cfg.optim.epochs:
+                    print(
+                        f"{self.cfg.run.out_dir}: this run already finished ({self.progress.epoch} of "
+                        f"{self.cfg.optim.epochs} epochs); nothing trained, its summary again. To train on: "
+                        "--resume-with-changes optim.epochs=N; to start over: another run.out_dir",
+                        file=sys.stderr,
+                    )
             else:
                 self.out.start(self.cfg)
                 self.task.start(self.out)
             if self.is_main and self.cfg.run.progress:  # the thread count decides the speed on a shared CPU: say it
                 tqdm.write(
                     f"training on {self.device} with {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)} "
-                    "(run.threads)",
+                    "(run.threads)"
+                    + (f", OMP_WAIT_POLICY={policy}" if (policy := os.environ.get("OMP_WAIT_POLICY")) else ""),
                     file=sys.stderr,
                 )
             while self.progress.epoch < self.cfg.optim.epochs:
