@@ -8,7 +8,8 @@ with one setting (environment variables read by OpenMP when torch loads, or ``ru
 beside one busy process (``sh -c 'while :; do :; done'``) at normal priority, or beside the same at ``nice -n 19``.
 The figure is training steps per second over the run (``step / wall_s`` of its last metrics record, so start-up
 and auto's planning are in it as a user sees them). Rows are appended to ``results/threads_under_load.jsonl`` as
-they land; a row already there for this commit, CPU, setting and load is skipped (resumable).
+they land; a row already there for this commit, CPU, setting, load and repeat is skipped (resumable). With
+``--repeats N`` the settings alternate N times (the machine's slow moments fall on all of them).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--only", default="", help="run only the settings whose name contains this text")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over every setting and load (alternating)")
     ap.add_argument("--loads", nargs="+", default=list(LOADS), choices=list(LOADS), help="the loads to run under")
     args = ap.parse_args()
     env_block = environment()
@@ -63,11 +65,11 @@ def main() -> None:
     if OUT.exists():
         for line in OUT.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["commit"], r["cpu"], r["setting"], r["load"], r["epochs"]))
-    for load in args.loads:
+            done.add((r["commit"], r["cpu"], r["setting"], r["load"], r["epochs"], r.get("repeat", 0)))
+    for repeat, load in ((r, load) for r in range(args.repeats) for load in args.loads):
         prefix = LOADS[load]
         for name, (env, keys) in SETTINGS.items():
-            key = (commit(), env_block["cpu"], name, load, args.epochs)
+            key = (commit(), env_block["cpu"], name, load, args.epochs, repeat)
             if args.only not in name or key in done:
                 continue
             busy = None if prefix is None else subprocess.Popen(prefix + BUSY)
@@ -79,6 +81,7 @@ def main() -> None:
                     busy.kill()
                     busy.wait()
             row = {"benchmark": "threads_under_load", "setting": name, "load": load, "epochs": args.epochs}
+            row["repeat"] = repeat
             row |= {"steps_per_s": round(rate, 2), "command": command_line(), "commit": commit(), **env_block}
             print(f"{load:<14} {name:<38} {rate:6.2f} steps/s", flush=True)
             with open(OUT, "a") as f:
