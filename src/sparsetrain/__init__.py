@@ -53,6 +53,7 @@ _LAZY = {
     "ExecutionOptions": ("execution.options", "ExecutionOptions"),
     "save_sparse": ("app.artifact", "save_sparse"),
     "load_sparse": ("app.artifact", "load_sparse"),
+    "for_inference": ("app.inference", "for_inference"),
     "Trainer": ("app.trainer", "Trainer"),
 }
 
@@ -99,6 +100,7 @@ __all__ = [
     "build_model",
     "save_sparse",
     "load_sparse",
+    "for_inference",
     "Trainer",
     "ExecutionOptions",
     "FlopMeter",

@@ -144,6 +144,16 @@ def _sample(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export_run
+
+    path = export_run(args.run_dir, args.format, args.out, args.batch)
+    print(
+        json.dumps({"run": str(args.run_dir), "format": args.format, "file": str(path), "bytes": path.stat().st_size})
+    )
+    return 0
+
+
 def _report(args) -> int:
     from .report import format_layers, format_table, plot_curves, read_run
 
@@ -327,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data-dir", help="dataset file or folder, if it moved since training")
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser(
+        "export",
+        help="write a finished run's model to ship: sparse checkpoint or torch.export program",
+        description="Write a finished run's model: --format sparse (safetensors, kept values and a bitmask) or pt2 "
+        "(a torch.export program of its inference form, the sparse layers as sparsetrain operators).",
+    )
+    x.add_argument("run_dir")
+    x.add_argument("--format", required=True, help="sparse or pt2 (sparsetrain.app.export.FORMATS)")
+    x.add_argument("--out", help="where to write it (default: model.sparse.safetensors or model.pt2 in the run)")
+    x.add_argument("--batch", type=int, default=1, help="pt2: the batch size it is timed and traced at (default 1)")
+    x.set_defaults(func=_export)
 
     r = sub.add_parser("report", help="table of final metrics (and per-layer sparsity) and curves as PNG")
     r.add_argument("run_dirs", nargs="+")

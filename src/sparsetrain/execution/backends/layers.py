@@ -95,17 +95,18 @@ class _SparseExec:
         """The backends whose own path can run this layer on ``x`` (each backend says: :meth:`Backend.candidate`)."""
         return tuple(name for name, b in BACKENDS.items() if b.candidate(self, x))
 
-    def _choose(self, x: torch.Tensor) -> None:
-        """Time every candidate backend (forward + backward) on this input; keep the fastest."""
+    def _choose(self, x: torch.Tensor, backward: bool = True) -> None:
+        """Time every candidate backend (forward + backward, or the forward alone) on this input; keep the fastest."""
         timings = {}
         for name in self.candidates(x):
             self.backend = name
             best = float("inf")
             for _ in range(5):  # the minimum of five: three let a noisy moment flip layers that differ by 10%
-                xi = x.detach().requires_grad_(x.requires_grad)
+                xi = x.detach().requires_grad_(x.requires_grad and backward)
                 t = time.perf_counter()
                 out = self._run(xi)
-                out.backward(torch.ones_like(out))
+                if backward:
+                    out.backward(torch.ones_like(out))
                 best = min(best, time.perf_counter() - t)
             timings[name] = best
         self.weight.grad = None
@@ -128,9 +129,13 @@ class _SparseExec:
         """Whether the layer runs one path (False while an ``auto`` layer has not timed its paths yet)."""
         return not BACKENDS[self.backend].timed
 
+    choose_for_inference = False  # set by for_inference: an undecided layer times its forward paths in eval mode
+
     def forward(self, x):
         if not self.decided and self.training and torch.is_grad_enabled():
             self._choose(x)
+        elif not self.decided and not self.training and self.choose_for_inference:
+            self._choose(x, backward=False)
         if self.training:
             self.ran = self._path(x)
         if x.dtype != torch.float32 and torch.is_autocast_enabled("cpu") and BACKENDS[self._path(x)].swaps_layers:

@@ -1,0 +1,160 @@
+"""The inference form of a trained sparse model: every sparse layer on forward-only kernels, chosen per layer by
+timing the forward alone on the input shape it will serve, BatchNorm folded into the convolution before it, and no
+autograd state.
+
+    served = st.for_inference(sp, example_inputs=torch.randn(1, 3, 32, 32))   # from a sparsifier,
+    served = st.for_inference(plain_model, example_inputs=x)                  # a removed or loaded model,
+    served = st.for_inference("model.sparse.safetensors", MyNet(), example_inputs=x)   # or a sparse checkpoint
+    y = served(x)
+
+The weights that are sparse are the ones at least half zeros (a sparsifier's masked weights are, from its first
+step); their zeros are the mask. The source is never changed: the inference form works on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..core.masks import MaskSet
+from ..execution.backends import apply_backend, get_backend
+
+__all__ = ["for_inference", "InferenceModel"]
+
+
+class InferenceModel(nn.Module):
+    """A trained model in its inference form (made by :func:`for_inference`): calls run under
+    ``torch.inference_mode`` (no autograd state), in eval mode. ``plan`` names each sparse layer's path;
+    ``model`` is the module inside, whose sparse layers the kernels run (``torch.export`` takes it whole)."""
+
+    def __init__(self, model: nn.Module, maskset: MaskSet, layers: dict[str, nn.Module]):
+        super().__init__()
+        self.model = model
+        self.maskset = maskset  # the layers read their structures from it; kept alive with the model
+        self.layers = layers
+
+    @property
+    def plan(self) -> dict[str, str]:
+        """Each sparse weight's path, by name (``masked``: the dense product was the faster there)."""
+        return {n: m.backend for n, m in self.layers.items()}
+
+    def forward(self, *args, **kwargs):
+        with torch.inference_mode():
+            return self.model(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(
+                "an inference form does not train (its layers keep no gradients); train the model it came from"
+            )
+        return super().train(False)
+
+
+def _plain_copy(source, model: nn.Module | None) -> nn.Module:
+    """A plain copy of ``source``'s model (a sparsifier's exported weights, a module, or a sparse checkpoint)."""
+    from .artifact import load_sparse
+
+    if isinstance(source, (str, os.PathLike)):
+        if model is None:
+            raise TypeError(
+                "for_inference of a sparse checkpoint needs the model to load it into: "
+                "for_inference(path, MyNet(), example_inputs=...)"
+            )
+        return load_sparse(source, copy.deepcopy(model))
+    if hasattr(source, "maskset") and hasattr(source, "export_state"):  # a sparsifier
+        if model is None:
+            raise TypeError(
+                "for_inference of a sparsifier needs a fresh model of the same architecture to hold its weights "
+                "(the sparsifier's own model keeps training): for_inference(sp, MyNet(), example_inputs=...)"
+            )
+        plain = copy.deepcopy(model)
+        plain.load_state_dict(source.export_state())
+        return plain
+    if isinstance(source, nn.Module):
+        if any(hasattr(m, "maskset") for m in source.modules()):
+            raise TypeError(
+                "this model still carries a sparsifier's layers: pass the sparsifier (with a fresh model), or the "
+                "model sp.remove() returns"
+            )
+        return copy.deepcopy(source)
+    raise TypeError(
+        f"for_inference takes a sparsifier, an nn.Module or a sparse checkpoint's path, got {type(source).__name__}"
+    )
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm that directly follows a convolution (or a Linear) folded into it, through
+    ``torch.fx``'s own fusion pass (zeros stay zeros: folding scales each output channel); a model that ``torch.fx``
+    cannot trace is returned as it is, with a warning naming why."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())
+    except Exception as e:  # torch.fx traces only control flow that does not depend on values
+        warnings.warn(
+            f"BatchNorm not folded: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else e})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return model
+
+
+def _sparse_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights of Conv2d, Linear and Conv1D layers that are at least half zeros."""
+    kinds = (nn.Linear, nn.Conv2d)
+    found = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.dim() < 2:
+            continue
+        if isinstance(m, kinds) or type(m).__name__ == "Conv1D":
+            if int((w != 0).sum()) * 2 <= w.numel():
+                found[f"{name}.weight" if name else "weight"] = w
+    return found
+
+
+def for_inference(
+    source,
+    model: nn.Module | None = None,
+    *,
+    execution: str = "auto",
+    example_inputs=None,
+    fold_bn: bool = True,
+) -> InferenceModel:
+    """The inference form of ``source`` (a sparsifier with a fresh ``model`` of its architecture, a plain model such
+    as ``sp.remove()``'s, or a sparse checkpoint's path with the ``model`` to load it into).
+
+    ``execution``: ``"auto"`` times each sparse layer's forward paths on ``example_inputs`` (a tensor or a tuple of
+    them, at the batch size that will be served: batch 1 and batch 64 may choose differently) and keeps the fastest,
+    the dense product included; or one backend's name for every sparse layer. ``fold_bn``: BatchNorm folded into the
+    convolution before it (where ``torch.fx`` traces the model). The result's ``plan`` names each layer's path."""
+    chosen = get_backend(execution)  # refuses an unknown name, listing the backends
+    if chosen.name == "auto" and example_inputs is None:
+        raise TypeError(
+            "execution='auto' chooses each layer's path by timing it: give example_inputs= (a batch of the shape "
+            "that will be served), or name a backend"
+        )
+    plain = _plain_copy(source, model).eval()
+    if fold_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules()):
+        plain = fold_batchnorm(plain)  # (a model with no BatchNorm keeps its class, and methods like generate)
+    plain.requires_grad_(False)
+    weights = _sparse_weights(plain)
+    maskset = MaskSet(weights)
+    for name, w in weights.items():
+        maskset.masks[name] = maskset._layout(name, w != 0)
+    layers = apply_backend(plain, maskset, chosen.name)
+    served = InferenceModel(plain, maskset, layers).eval()
+    if example_inputs is not None:
+        for m in layers.values():
+            m.choose_for_inference = True
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        with torch.no_grad():  # the layers time their forward paths here, once
+            plain(*inputs)
+        for m in layers.values():
+            m.choose_for_inference = False
+    return served
