@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--only", default="", help="run only the settings whose name contains this text")
+    ap.add_argument("--only", nargs="+", default=[""], help="run only the settings whose name contains one of these")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over every setting and load (alternating)")
     ap.add_argument("--loads", nargs="+", default=list(LOADS), choices=list(LOADS), help="the loads to run under")
     args = ap.parse_args()
@@ -70,7 +70,7 @@ def main() -> None:
         prefix = LOADS[load]
         for name, (env, keys) in SETTINGS.items():
             key = (commit(), env_block["cpu"], name, load, args.epochs, repeat)
-            if args.only not in name or key in done:
+            if not any(text in name for text in args.only) or key in done:
                 continue
             busy = None if prefix is None else subprocess.Popen(prefix + BUSY)
             try:
