@@ -45,3 +45,24 @@ def test_a_rendered_page_has_one_title_and_headings_that_never_skip_a_level(page
 def test_the_site_links_no_repository_that_does_not_exist():
     config = (ROOT / "mkdocs.yml").read_text()
     assert "example.invalid" not in config and "repo_url" not in config
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT / "docs")))
+def test_a_page_longer_than_a_screen_has_sections_for_its_contents_list(page, hooks):
+    """The contents list beside each page is made of its second-level headings: a long page without them lists
+    only its own title. Method pages (short, with a reference block) hold at least one."""
+    rendered = hooks.on_page_markdown(page.read_text(), None, None, None)
+    sections = [title for level, title in _headings(rendered) if level == 2]
+    if len(rendered.splitlines()) > 40:
+        assert len(sections) >= 2, (page.name, sections)
+    if ":::" in rendered:
+        assert sections, page.name
+
+
+def test_wide_tables_scroll_inside_their_box():
+    """Names in code cells never break mid-word (``semi_stru/ctured``): the site's stylesheet keeps them whole and
+    lets the table scroll instead."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    css = (ROOT / "docs" / "stylesheets" / "extra.css").read_text()
+    assert "stylesheets/extra.css" in config
+    assert re.search(r"table:not\(\[class\]\) code \{[^}]*white-space: nowrap", css)
