@@ -125,3 +125,17 @@ def test_ci_installs_and_tests_exactly_as_the_readme_and_the_getting_started_pag
     assert torch_line.replace("install", "install -q", 1) in ci and project_line.replace("install", "install -q") in ci
     for step in ("python3 -m pytest -q\n", "SPARSETRAIN_TEST_TIMINGS=reversed python3 -m pytest -q -m timing"):
         assert step.strip() in readme and step.strip() in ci
+
+
+def test_the_cli_sleeps_its_openmp_threads_only_when_others_keep_the_cpu_busy(monkeypatch):
+    """Busy (half a core or more taken by others): OMP_WAIT_POLICY=PASSIVE; idle: nothing set (spinning is the
+    faster there); a policy the user set is kept. (In a fresh process: torch is not loaded yet.)"""
+    from sparsetrain.app import cli
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in a fresh process (restored after the test)
+    for busy, user, expected in [(1.0, {}, "PASSIVE"), (0.1, {}, None), (1.0, {"OMP_WAIT_POLICY": "ACTIVE"}, None)]:
+        monkeypatch.setattr(cli, "others_busy_cores", lambda busy=busy: busy)
+        env = dict(user)
+        assert cli.choose_openmp_wait_policy(env) == expected
+        assert env.get("OMP_WAIT_POLICY") == (expected or user.get("OMP_WAIT_POLICY"))
+    assert 0 <= cli.others_busy_cores(0.05) <= 64  # /proc/stat read: a core count
