@@ -21,6 +21,7 @@ from sparsetrain.execution.backends import (
     direct,
     direct_conv2d,
 )
+from sparsetrain.execution.backends.csr import conv_out_size
 
 CONVS = [  # (cin, cout, k, stride, padding, dilation)
     (4, 6, 3, 1, 1, 1),
@@ -124,14 +125,40 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
     mask = torch.rand(cout, cin, k, k) > 0.6
     mask[0] = False  # an output channel with no kept weight: its bias alone
     calls, kernels = [], ("nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad")
-    if k == 1 and padding == 0:  # a 1 x 1 convolution is a Linear over pixels: the condensed kernels run it
+    ho, wo = conv_out_size(size, (k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    if (k == 1 and padding == 0) or n * ho * wo <= direct.UNFOLD_TOKENS:
+        # a 1 x 1 convolution is a Linear over pixels, a small output plane one over unfolded patches: the
+        # condensed kernels run them
         kernels = ("condensed_forward", "condensed_backward")
     for name in kernels:
         monkeypatch.setattr(
             native, name, lambda *a, _fn=getattr(native, name), _name=name: calls.append(_name) or _fn(*a)
         )
-    _check_direct_against_float64(mask, x, stride, padding, dilation, layout=torch.channels_last)
+    small = n * ho * wo <= direct.UNFOLD_TOKENS  # (the input gradient of unfolded patches comes back NCHW)
+    _check_direct_against_float64(mask, x, stride, padding, dilation, layout=None if small else torch.channels_last)
     assert set(kernels) <= set(calls)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "n, cin, cout, k, stride, padding, dilation, size",
+    [(1, 16, 24, 3, 1, 1, 1, (4, 4)), (1, 8, 8, 3, 1, 1, 1, (2, 2)), (2, 6, 5, 3, 2, 1, 1, (7, 7)),
+     (1, 5, 7, 3, 1, 2, 2, (5, 5)), (4, 3, 4, 5, 1, 2, 1, (3, 4))],
+)  # fmt: skip
+def test_small_output_planes_run_unfolded_and_equal_float64(n, cin, cout, k, stride, padding, dilation, size):
+    """An output plane of at most UNFOLD_TOKENS pixels (batch 1 in a network's late layers) runs as a Linear over
+    its unfolded patches on the condensed kernels, NCHW and channels-last, forward and both gradients."""
+    torch.manual_seed(cin * cout)
+    ho, wo = conv_out_size(size, (k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    assert n * ho * wo <= direct.UNFOLD_TOKENS
+    mask = torch.rand(cout, cin, k, k) > 0.7
+    mask[0] = False  # an output channel with no kept weight: its bias alone
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(n, cin, *size).contiguous(memory_format=layout)
+        _check_direct_against_float64(mask, x, stride, padding, dilation)
+        out = direct_conv2d(x, torch.randn(mask.shape) * mask, None, DirectStructure.from_mask(mask), (stride,) * 2,
+                            (padding,) * 2, (dilation,) * 2)  # fmt: skip
+        assert out.is_contiguous(memory_format=layout)
 
 
 @needs_native

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..core.masks import MaskSet
 from ..execution.backends import apply_backend, get_backend
+from ..execution.backends.compact import compact_layers
 
 __all__ = ["for_inference", "InferenceModel"]
 
@@ -157,4 +158,6 @@ def for_inference(
             plain(*inputs)
         for m in layers.values():
             m.choose_for_inference = False
+    compact_layers(layers, maskset, None)  # the kernels' layers keep their kept values alone: no gather a call
+    plain.requires_grad_(False)
     return served
