@@ -193,3 +193,22 @@ def test_the_config_takes_condensed_with_compact_state_and_refuses_it_elsewhere(
         )
     with pytest.raises(ConfigError, match="condensed"):
         load_config(overrides=["sparsity.backend=fast"])
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 7, 16, 33, 64])
+def test_a_few_tokens_without_gradients_take_the_row_split_forward_and_equal_float64(tokens, monkeypatch):
+    """Inference at batch 1 (gradients off, at most FEW_TOKENS tokens): the row-split kernel, padded to whole
+    vectors, equals float64; with gradients on the same input takes the operator."""
+    torch.manual_seed(tokens)
+    mask = torch.rand(40, 70) < 0.2
+    mask[3] = False  # a row with no kept weight: its bias alone
+    w, b, x = torch.randn(40, 70) * mask, torch.randn(40), torch.randn(tokens, 70)
+    calls = []
+    few = native.condensed_forward_few
+    monkeypatch.setattr(native, "condensed_forward_few", lambda *a: calls.append(1) or few(*a))
+    with torch.no_grad():
+        got = condensed_linear(x, w, b, CondensedStructure.from_mask(mask))
+    assert calls == [1]
+    torch.testing.assert_close(got.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-5)
+    condensed_linear(x.requires_grad_(), w, b, CondensedStructure.from_mask(mask)).sum().backward()
+    assert calls == [1] and x.grad is not None

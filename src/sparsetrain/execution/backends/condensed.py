@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...core.masks import dense_from_values
-from .. import ops
+from .. import native, ops
 from .csr import csr_linear
 from .registry import Backend, direct_ok, register
 
@@ -62,8 +62,24 @@ def condensed_values_linear(x, values, bias, structure: CondensedStructure) -> t
     """Linear over the kept weights given as ``values`` (in the structure's row order), for ``x`` of any leading
     shape, through the ``sparsetrain::condensed_linear`` operator: their gradient comes back in the same compact
     form, so a layer may store nothing else."""
-    out = ops.condensed_linear(x.reshape(-1, x.shape[-1]), values, bias, *structure.rows, structure.shape[0])
+    flat = x.reshape(-1, x.shape[-1])
+    if _forward_only(flat):  # a few tokens, nothing to differentiate (inference at batch 1): rows split by thread
+        out = native.condensed_forward_few(flat.t().contiguous(), values, bias, structure.rows, structure.shape[0]).t()
+    else:
+        out = ops.condensed_linear(flat, values, bias, *structure.rows, structure.shape[0])
     return out.reshape(*x.shape[:-1], structure.shape[0])
+
+
+def _forward_only(flat: torch.Tensor) -> bool:
+    """Whether ``flat`` [T, in] takes the few-token forward: at most ``native.FEW_TOKENS`` tokens of real float32
+    data, gradients off, and no compiler or exporter tracing (they take the operator)."""
+    return (
+        flat.shape[0] <= native.FEW_TOKENS
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and flat.dtype == torch.float32
+        and native.what_is_wrong(flat) is None
+    )
 
 
 def condensed_linear(x, weight, bias, structure: CondensedStructure):

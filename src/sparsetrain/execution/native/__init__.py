@@ -55,6 +55,7 @@ __all__ = [
     "max_pool2",
     "max_pool2_grad",
     "condensed_forward",
+    "condensed_forward_few",
     "condensed_backward",
     "library_path",
     "nhwc_block",
@@ -107,6 +108,8 @@ _SIGNATURES = {
     "threshold_counts": ([_p, _i64, _i64, _f32, _p, _int], None),
     "threshold_lists": ([_p, _i64, _i64, _i64, _i64, _f32] + [_p] * 10 + [_int], None),
     "condensed_forward": ([_p] * 7 + [_int], _int),
+    "condensed_forward_few": ([_p] * 7 + [_int], _int),
+    "condensed_lanes": ([], _int),
     "condensed_backward": ([_p] * 8 + [_int, _int], _int),
     "nhwc_conv_forward": ([_p] * 9 + [_i64, _int], _int),
     "nhwc_conv_weight_grad": ([_p] * 8 + [_i64, _i64, _int], _int),
@@ -707,6 +710,41 @@ def condensed_forward(
     ):
         raise MemoryError("condensed_forward: no memory for the token-block buffers")
     return y
+
+
+FEW_TOKENS = 64  # condensed.c's token block: fewer tokens run on condensed_forward_few
+
+
+def condensed_forward_few(
+    xt: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, rows: tuple, out_features: int
+):
+    """:func:`condensed_forward` for at most :data:`FEW_TOKENS` tokens given transposed, ``xt [in, T]`` (a
+    one-image batch's unfolded patches are so already): ``[out, T]``, rows split among the threads (the token-block
+    forward would run one block on one thread). Forward only: inference."""
+    row_ptr, col = rows
+    n_in, t = xt.shape
+    if t > FEW_TOKENS:
+        raise ValueError(f"condensed_forward_few takes at most {FEW_TOKENS} tokens, got {t}")
+    lanes = _load().condensed_lanes()
+    tp = -(-t // lanes) * lanes  # rows padded to whole vectors (zeros)
+    if tp != t:
+        padded = torch.zeros(n_in, tp)
+        padded[:, :t] = xt
+        xt = padded
+    xt = xt.contiguous()  # (held here: the C code reads its memory)
+    y = torch.empty(out_features, tp, dtype=torch.float32)
+    dims = np.array([tp, n_in, out_features], dtype=np.int64)
+    _load().condensed_forward_few(
+        _ptr(dims),
+        _ptr(xt),
+        _ptr(values),
+        _ptr(bias) if bias is not None else None,
+        _ptr(row_ptr),
+        _ptr(col),
+        _ptr(y),
+        torch.get_num_threads(),
+    )
+    return y[:, :t]
 
 
 def condensed_backward(

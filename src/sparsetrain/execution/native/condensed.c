@@ -247,6 +247,64 @@ int condensed_forward(const int64_t *dims, const float *x, const float *values, 
     return a.failed ? -1 : 0;
 }
 
+/* ---- few tokens (inference at batch 1): rows split among threads ----
+ * With TB or fewer tokens the forward above is one block, so one thread, and each kept weight reads a line of a
+ * [in][TB] buffer far larger than the tokens. Here x comes transposed and padded, xt[in][tp] with tp a multiple
+ * of VL (tokens innermost, zeros past t: a 1-image batch's unfolded patches are laid so already), every kept
+ * weight is tp / VL vector multiply-adds on its input's row, and threads take rows. y[out][tp]. */
+struct few_args {
+    int64_t tp, out, per;
+    const float *xt, *values, *bias;
+    const int64_t *row_ptr;
+    const int32_t *col;
+    float *y;
+};
+
+#define FEW_ROW(NVEC)                                                                            \
+    for (int64_t r = r0; r < r1; r++) {                                                         \
+        float b = a->bias ? a->bias[r] : 0.0f;                                                  \
+        v8 acc[NVEC];                                                                           \
+        for (int k = 0; k < NVEC; k++) acc[k] = (v8){0} + b;                                    \
+        for (int64_t e = a->row_ptr[r]; e < a->row_ptr[r + 1]; e++) {                           \
+            const float *xr = a->xt + (int64_t)a->col[e] * a->tp;                               \
+            v8 v = (v8){0} + a->values[e];                                                      \
+            for (int k = 0; k < NVEC; k++) {                                                    \
+                v8 xv;                                                                          \
+                memcpy(&xv, xr + k * VL, sizeof xv);                                            \
+                acc[k] += v * xv;                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        memcpy(a->y + r * a->tp, acc, sizeof acc);                                              \
+    }
+
+static void few_rows(void *p, int64_t chunk) {
+    const struct few_args *a = (const struct few_args *)p;
+    int64_t r0 = chunk * a->per, r1 = r0 + a->per < a->out ? r0 + a->per : a->out;
+    switch (a->tp / VL) {  /* a fixed vector count per case, so the compiler keeps the accumulators in registers */
+        case 1: FEW_ROW(1) break;
+        case 2: FEW_ROW(2) break;
+        case 3: FEW_ROW(3) break;
+        case 4: FEW_ROW(4) break;
+#if VL == 8
+        case 5: FEW_ROW(5) break;
+        case 6: FEW_ROW(6) break;
+        case 7: FEW_ROW(7) break;
+        case 8: FEW_ROW(8) break;
+#endif
+    }
+}
+
+int condensed_lanes(void) { return VL; }
+
+/* dims: tp (a multiple of VL, at most TB), in, out. Returns -1 for any other tp. */
+int condensed_forward_few(const int64_t *dims, const float *xt, const float *values, const float *bias,
+                          const int64_t *row_ptr, const int32_t *col, float *y, int nthreads) {
+    if (dims[0] > TB || dims[0] < VL || dims[0] % VL) return -1;
+    struct few_args a = {dims[0], dims[2], 32, xt, values, bias, row_ptr, col, y};
+    parallel_workers(few_rows, &a, (a.out + a.per - 1) / a.per, nthreads);
+    return 0;
+}
+
 static void backward_worker(void *p, int64_t worker) {
     struct condensed_args *a = (struct condensed_args *)p;
     float *bufs[3];
