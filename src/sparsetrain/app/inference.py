@@ -88,11 +88,13 @@ def _plain_copy(source, model: nn.Module | None) -> nn.Module:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """``model`` with every BatchNorm that directly follows a convolution (or a Linear) folded into it, through
+    """``model`` (in eval mode) with every BatchNorm that directly follows a convolution (or a Linear) folded into it, through
     ``torch.fx``'s own fusion pass (zeros stay zeros: folding scales each output channel); a model that ``torch.fx``
     cannot trace is returned as it is, with a warning naming why."""
     from torch.fx.experimental.optimization import fuse
 
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model  # nothing to fold (and the model keeps its class, and methods such as generate)
     try:
         return fuse(model.eval())
     except Exception as e:  # torch.fx traces only control flow that does not depend on values
@@ -141,8 +143,8 @@ def for_inference(
             "that will be served), or name a backend"
         )
     plain = _plain_copy(source, model).eval()
-    if fold_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules()):
-        plain = fold_batchnorm(plain)  # (a model with no BatchNorm keeps its class, and methods like generate)
+    if fold_bn:
+        plain = fold_batchnorm(plain)
     plain.requires_grad_(False)
     weights = _sparse_weights(plain)
     maskset = MaskSet(weights)
