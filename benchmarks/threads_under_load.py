@@ -7,7 +7,7 @@ Each row runs ``sparsetrain train --config configs/quick.yaml`` for ``--epochs``
 with one setting (environment variables read by OpenMP when torch loads, or ``run.threads``) under one load: idle,
 beside one busy process (``sh -c 'while :; do :; done'``) at normal priority, or beside the same at ``nice -n 19``.
 The figure is training steps per second over the run (``step / wall_s`` of its last metrics record, so start-up
-and auto's planning are in it as a user sees them). Rows are appended to ``results/threads_under_load.jsonl`` as
+and auto's planning are in it as a user sees them). Rows are added to ``results/threads_under_load.json`` as
 they land; a row already there for this commit, CPU, setting, load and repeat is skipped (resumable). With
 ``--repeats N`` the settings alternate N times (the machine's slow moments fall on all of them).
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, command_line, commit, environment  # noqa: E402
 
-OUT = RESULTS / "threads_under_load.jsonl"
+OUT = RESULTS / "threads_under_load.json"  # a JSON list (not a protocol record: no .jsonl)
 
 # name -> (environment for the training process, extra CLI keys); "cli default" is whatever the command line sets
 SETTINGS = {
@@ -62,10 +62,9 @@ def main() -> None:
     args = ap.parse_args()
     env_block = environment()
     done = set()
-    if OUT.exists():
-        for line in OUT.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["commit"], r["cpu"], r["setting"], r["load"], r["epochs"], r.get("repeat", 0)))
+    rows = json.loads(OUT.read_text()) if OUT.exists() else []
+    for r in rows:
+        done.add((r["commit"], r["cpu"], r["setting"], r["load"], r["epochs"], r.get("repeat", 0)))
     for repeat, load in ((r, load) for r in range(args.repeats) for load in args.loads):
         prefix = LOADS[load]
         for name, (env, keys) in SETTINGS.items():
@@ -84,8 +83,8 @@ def main() -> None:
             row["repeat"] = repeat
             row |= {"steps_per_s": round(rate, 2), "command": command_line(), "commit": commit(), **env_block}
             print(f"{load:<14} {name:<38} {rate:6.2f} steps/s", flush=True)
-            with open(OUT, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            OUT.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
