@@ -7,7 +7,7 @@ autograd state.
     served = st.for_inference("model.sparse.safetensors", MyNet(), example_inputs=x)   # or a sparse checkpoint
     y = served(x)
 
-The weights that are sparse are the ones at least half zeros (a sparsifier's masked weights are, from its first
+2 x 2 max-pools run on the project's pooling kernel. The weights that are sparse are the ones at least half zeros (a sparsifier's masked weights are, from its first
 step); their zeros are the mask. The source is never changed: the inference form works on a copy.
 """
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..core.masks import MaskSet
+from ..execution.activations import compact_pools
 from ..execution.backends import apply_backend, get_backend
 from ..execution.backends.compact import compact_layers
 
@@ -161,5 +162,6 @@ def for_inference(
         for m in layers.values():
             m.choose_for_inference = False
     compact_layers(layers, maskset, None)  # the kernels' layers keep their kept values alone: no gather a call
+    compact_pools(plain)  # 2 x 2 max-pools on the native kernel (forward only here)
     plain.requires_grad_(False)
     return served

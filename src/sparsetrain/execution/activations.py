@@ -103,16 +103,19 @@ class CompactMaxPool2d(nn.MaxPool2d):
         super().__init__(2, 2)
 
     def forward(self, x):
-        if (
-            x.requires_grad
-            and holds_data(x)
-            and torch.is_grad_enabled()
+        ours = (
+            holds_data(x)
             and x.dim() == 4
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and native.available()
-        ):
+        )
+        if ours and x.requires_grad and torch.is_grad_enabled():
             return _CompactMaxPoolFn.apply(x)
+        if ours and not torch.is_grad_enabled():
+            # inference (and evaluation passes): the same kernel, several times faster than PyTorch's pool with
+            # indices on the CPU (VGG-16, batch 64: 22 ms a forward in PyTorch's five pools)
+            return native.max_pool2(x)[0]
         return super().forward(x)  # nothing to save: PyTorch's own
 
 
