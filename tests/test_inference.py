@@ -157,3 +157,12 @@ def test_the_export_command_writes_both_formats_of_a_finished_run(tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: ValueError: --format 'onnx': choose one of ['pt2', 'sparse']"
     )
+
+
+def test_bench_inference_refuses_a_model_it_has_no_protocol_for(capsys):
+    from sparsetrain.app.cli import main
+
+    assert main(["bench", "--inference", "--model", "resnet18", "--sparsity", "0.9"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: ValueError: inference benchmark model 'resnet18': choose one of ['gpt', 'resnet50', 'vgg16']"
+    )

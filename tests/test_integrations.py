@@ -121,7 +121,7 @@ def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, mo
     the resumed run asks for ``auto`` again and gets the saved plan back without timing."""
     from sparsetrain.integrations.huggingface import STATE_FILE, SparsityCallback
 
-    def run(out, kill_at=None, resume=False, execution="auto"):
+    def run(out, kill_at=None, resume=False, execution="auto", sparse=False):
         torch.manual_seed(0)
         model = _MLP()
         args = transformers.TrainingArguments(
@@ -137,7 +137,8 @@ def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, mo
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
-        callback = SparsityCallback(HF_METHODS[name], execution=execution)
+        keep = (lambda sp, folder: st.save_sparse(sp, folder / "model.sparse.safetensors")) if sparse else None
+        callback = SparsityCallback(HF_METHODS[name], execution=execution, on_checkpoint=keep)
         callbacks = [callback]
         if kill_at:
 
@@ -155,8 +156,11 @@ def test_hugging_face_resume_from_checkpoint_is_bit_identical(name, tmp_path, mo
         trainer.train(resume_from_checkpoint=True if resume else None)
         return model, callback.sparsifier
 
-    full, sp = run(tmp_path / "full")
+    full, sp = run(tmp_path / "full", sparse=True)
     assert sp.plan is not None and sp.plan.requested == "auto"
+    saved = st.load_sparse(tmp_path / "full" / "checkpoint-24" / "model.sparse.safetensors")  # by on_checkpoint
+    assert saved.keys() == sp.export_state().keys()
+    assert all(torch.equal(v, saved[k]) for k, v in sp.export_state().items())
     run(
         tmp_path / "cut", kill_at=13, execution=sp.plan
     )  # 8 steps an epoch: killed in epoch 2, after step 10's checkpoint

@@ -259,6 +259,8 @@ def _flops(args) -> int:
 def _bench(args) -> int:
     from .bench import plot_bench, results_json, run_bench
 
+    if args.inference:
+        return _bench_inference(args)
     try:
         results = run_bench(
             args.model,
@@ -285,6 +287,25 @@ def _bench(args) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.png:
         print(f"plot: {plot_bench(results, args.png)}")
+    return 0
+
+
+def _bench_inference(args) -> int:
+    """``bench --inference``: protocol F (the inference form against dense) at each sparsity, batches 1 and 64."""
+    from .inference_bench import run_inference_bench
+
+    scheme = next((e.split("=", 1)[1] for e in args.extra if e.startswith("sparsity.scheme=")), "unstructured")
+    rows = [r for s in args.sparsity for r in run_inference_bench(args.model, s, scheme, args.batches)]
+    print(f"{'sparsity':>8} {'batch':>5} {'time ratio':>10} {'dense s':>9} {'sparse s':>9} {'file ratio':>10}")
+    for r in rows:
+        print(
+            f"{r['sparsity']:>8.3f} {r['batch']:>5} {r['time_ratio']:>10.3f} {r['dense_s']:>9.4f} "
+            f"{r['sparse_s']:>9.4f} {r['size_ratio']:>10.3f}"
+            + (f"  generation {r['speedup']:.2f}x" if "speedup" in r else "")
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 
@@ -423,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. sparsity.distribution=erk")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    b.add_argument(
+        "--inference",
+        action="store_true",
+        help="protocol F instead: the inference form's forward against dense (vgg16, resnet50, gpt), at --batches",
+    )
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="--inference: the batch sizes")
     b.add_argument("--json", help="write the results here")
     b.add_argument("--png", help="write the ratio-against-sparsity plot here")
     b.set_defaults(func=_bench)

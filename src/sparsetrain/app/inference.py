@@ -138,7 +138,7 @@ def for_inference(
     the dense product included; or one backend's name for every sparse layer. ``fold_bn``: BatchNorm folded into the
     convolution before it (where ``torch.fx`` traces the model). The result's ``plan`` names each layer's path."""
     chosen = get_backend(execution)  # refuses an unknown name, listing the backends
-    if chosen.name == "auto" and example_inputs is None:
+    if chosen.timed and example_inputs is None:  # (auto: chooses by timing)
         raise TypeError(
             "execution='auto' chooses each layer's path by timing it: give example_inputs= (a batch of the shape "
             "that will be served), or name a backend"

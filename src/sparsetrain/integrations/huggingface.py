@@ -52,10 +52,19 @@ class SparsityCallback(TrainerCallback):
     ``ExecutionPlan``) and the other execution options by keyword (``compact_state``, ``lossless_activations``,
     ...) run the method's layers really sparse; the plan is saved with the checkpoints and a resumed run applies
     it without timing again.
+
+    ``on_checkpoint(sparsifier, folder)`` runs after each checkpoint is saved (main process), e.g. to write the
+    sparse model beside it: ``on_checkpoint=lambda sp, folder: st.save_sparse(sp, folder / "model.sparse.safetensors")``
+    (the kept values and a bitmask: the size of the kept weights).
     """
 
-    def __init__(self, make: Factory, *, execution=None, **options):
+    def __init__(self, make: Factory, *, execution=None, on_checkpoint=None, **options):
+        if on_checkpoint is not None and not callable(on_checkpoint):
+            raise TypeError(
+                f"on_checkpoint must be a function of (sparsifier, folder), got {type(on_checkpoint).__name__}"
+            )
         self.make, self.execution = make, execution_options(execution, options)
+        self.on_checkpoint = on_checkpoint
         self.sparsifiers: list = []
 
     @property
@@ -96,6 +105,8 @@ class SparsityCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"sparsifiers": [sp.state_dict() for sp in self.sparsifiers]}, folder / STATE_FILE)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.sparsifier, folder)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         sp = self.sparsifier
