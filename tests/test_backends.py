@@ -162,6 +162,33 @@ def test_small_output_planes_run_unfolded_and_equal_float64(n, cin, cout, k, str
 
 
 @needs_native
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, padding, size",
+    [(16, 24, 1, 1, 0, (20, 20)), (12, 20, 1, 2, 0, (21, 19)), (8, 12, 3, 1, 1, (12, 12)), (6, 9, 3, 2, 1, (15, 16))],
+)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_one_image_at_inference_runs_unfolded_on_the_row_split_kernel(cin, cout, k, stride, padding, size, layout,
+                                                                      monkeypatch):  # fmt: skip
+    """Inference on one image (gradients off): 1 x 1 convolutions (their patches are their input) and planes up to
+    UNFOLD_ONE_IMAGE pixels run on native.condensed_forward_few, equal to float64, the output in the input's layout
+    (channels-last inputs of 1 x 1 kernels stay on the pointwise path)."""
+    torch.manual_seed(cin + k)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(1, cin, *size).contiguous(memory_format=fmt)
+    mask = torch.rand(cout, cin, k, k) > 0.7
+    w, b = torch.randn(cout, cin, k, k) * mask, torch.randn(cout)
+    calls = []
+    few = native.condensed_forward_few
+    monkeypatch.setattr(native, "condensed_forward_few", lambda *a: calls.append(1) or few(*a))
+    with torch.no_grad():
+        out = direct_conv2d(x, w, b, DirectStructure.from_mask(mask), (stride,) * 2, (padding,) * 2, (1, 1))
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=fmt)
+    assert calls == ([] if (k == 1 and layout == "channels_last") else [1])
+
+
+@needs_native
 @pytest.mark.parametrize("cin, cout, k, padding, size", TILED)
 def test_tiled_direct_conv_equals_float64(cin, cout, k, padding, size):
     """The register-tiled kernels (forward, input gradient as a flipped convolution, kept-weight gradient)."""

@@ -70,11 +70,12 @@ def condensed_values_linear(x, values, bias, structure: CondensedStructure) -> t
     return out.reshape(*x.shape[:-1], structure.shape[0])
 
 
-def _forward_only(flat: torch.Tensor) -> bool:
-    """Whether ``flat`` [T, in] takes the few-token forward: at most ``native.FEW_TOKENS`` tokens of real float32
-    data, gradients off, and no compiler or exporter tracing (they take the operator)."""
+def _forward_only(flat: torch.Tensor, any_tokens: bool = False) -> bool:
+    """Whether ``flat`` [T, in] takes the row-split forward (``native.condensed_forward_few``): real float32 data,
+    gradients off, no compiler or exporter tracing (they take the operator), and at most ``native.FEW_TOKENS``
+    tokens unless ``any_tokens`` (inputs that come with the tokens innermost already)."""
     return (
-        flat.shape[0] <= native.FEW_TOKENS
+        (any_tokens or flat.shape[0] <= native.FEW_TOKENS)
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and flat.dtype == torch.float32

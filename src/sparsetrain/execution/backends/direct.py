@@ -391,31 +391,48 @@ def pointwise_conv2d(x, values, bias, structure: DirectStructure, stride) -> tor
 
 
 UNFOLD_TOKENS = 64  # output planes of at most this many pixels (batch included) run as unfolded patches
+# and at inference, one image: every 1 x 1 convolution (its patches are its input) and planes up to 16 x 16 (batch 1,
+# 5% kept: 256 channels 3 x 3 at 14 x 14, direct 5.9 ms, unfolded 0.66 ms, dense 1.1 ms; at 28 x 28 the unfolded
+# copy costs more than the direct kernels save: 1.06 against 0.75 ms)
+UNFOLD_ONE_IMAGE = 256
 
 
 def unfolded_conv2d(x, values, bias, structure: DirectStructure, stride, padding, dilation) -> torch.Tensor:
-    """A convolution whose output plane is small (batch 1 in the late layers of a CIFAR network: 4 x 4, 2 x 2) as
-    a Linear layer over its unfolded patches on the condensed kernels: the direct kernels' per-weight set-up costs
-    more than such a plane's products (measured at batch 1, 512 channels, 5% kept: 2 x 2 plane, direct 2.2 ms,
-    unfolded 0.5 ms, dense 1.5 ms). The output keeps the input's layout; the input's gradient comes back through
-    the fold, NCHW."""
-    from .condensed import condensed_values_linear
+    """A convolution as a Linear layer over its unfolded patches on the condensed kernels, for small output planes
+    (batch 1 in the late layers of a CIFAR network: 4 x 4, 2 x 2), where the direct kernels' per-weight set-up costs
+    more than the plane's products (measured at batch 1, 512 channels, 5% kept, 2 x 2 plane: direct 2.2 ms,
+    unfolded 0.5 ms, dense 1.5 ms), and for any one-image batch at inference, where the patches come laid with the
+    pixels innermost as the row-split forward reads them (``native.condensed_forward_few``). The output keeps the
+    input's layout; the input's gradient comes back through the fold, NCHW."""
+    from .condensed import _forward_only, condensed_values_linear
 
-    n, _, h, w = x.shape
-    kh, kw = structure.shape[2:]
-    cols = F.unfold(x, (kh, kw), dilation, padding, stride)  # [N, Cin*KH*KW, L]
-    out = condensed_values_linear(cols.transpose(1, 2), values, bias, structure.as_rows())  # [N, L, Cout]
-    ho, _ = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
-    out = out.transpose(1, 2).reshape(n, structure.shape[0], ho, -1)  # channels-last in memory
-    return out if channels_last(x) else out.contiguous()  # (a small plane: the copy costs little)
-
-
-def _small_plane(structure: DirectStructure, stride, padding, dilation, x: torch.Tensor) -> bool:
-    """Whether the output plane (batch included) holds at most :data:`UNFOLD_TOKENS` pixels."""
     n, _, h, w = x.shape
     kh, kw = structure.shape[2:]
     ho, wo = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
-    return n * ho * wo <= UNFOLD_TOKENS
+    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):
+        cols = x[:, :, :: stride[0], :: stride[1]].reshape(n, x.shape[1], ho * wo)  # a 1 x 1 kernel's patches
+    else:
+        cols = F.unfold(x, (kh, kw), dilation, padding, stride)  # [N, Cin*KH*KW, L]
+    if n == 1 and _forward_only(cols[0].t(), any_tokens=True):
+        out = native.condensed_forward_few(cols[0], values, bias, structure.as_rows().rows, structure.shape[0])
+        out = out.reshape(1, structure.shape[0], ho, wo)
+        return out.contiguous(memory_format=torch.channels_last if channels_last(x) else torch.contiguous_format)
+    out = condensed_values_linear(cols.transpose(1, 2), values, bias, structure.as_rows())  # [N, L, Cout]
+    out = out.transpose(1, 2).reshape(n, structure.shape[0], ho, wo)  # channels-last in memory
+    return out if channels_last(x) else out.contiguous()  # (a small plane: the copy costs little)
+
+
+def _unfolded(structure: DirectStructure, stride, padding, dilation, x: torch.Tensor) -> bool:
+    """Whether the convolution runs as unfolded patches: an output plane (batch included) of at most
+    :data:`UNFOLD_TOKENS` pixels, or one image with gradients off (inference), 1 x 1 or with a plane of at most
+    :data:`UNFOLD_ONE_IMAGE` pixels."""
+    from .condensed import _forward_only
+
+    n, _, h, w = x.shape
+    kh, kw = structure.shape[2:]
+    ho, wo = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
+    one_image = n == 1 and ((kh, kw) == (1, 1) or ho * wo <= UNFOLD_ONE_IMAGE)
+    return n * ho * wo <= UNFOLD_TOKENS or (one_image and _forward_only(x[0, 0], any_tokens=True))
 
 
 def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
@@ -426,7 +443,7 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
     if pointwise(structure, padding, dilation, x):
         return pointwise_conv2d(x, values, bias, structure, stride)
-    if _small_plane(structure, stride, padding, dilation, x):
+    if _unfolded(structure, stride, padding, dilation, x):
         return unfolded_conv2d(x, values, bias, structure, tuple(stride), tuple(padding), tuple(dilation))
     # an input that is both NCHW and channels-last (one channel) comes out in the layout of a channels-last weight,
     # as PyTorch's own convolution does (a compact layer's weight has no layout: NCHW)

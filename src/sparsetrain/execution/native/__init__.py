@@ -712,21 +712,20 @@ def condensed_forward(
     return y
 
 
-FEW_TOKENS = 64  # condensed.c's token block: fewer tokens run on condensed_forward_few
+FEW_TOKENS = 64  # condensed.c's token block: a Linear input of fewer tokens runs on condensed_forward_few at inference
 
 
 def condensed_forward_few(
     xt: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, rows: tuple, out_features: int
 ):
-    """:func:`condensed_forward` for at most :data:`FEW_TOKENS` tokens given transposed, ``xt [in, T]`` (a
-    one-image batch's unfolded patches are so already): ``[out, T]``, rows split among the threads (the token-block
-    forward would run one block on one thread). Forward only: inference."""
+    """:func:`condensed_forward` with the tokens innermost, ``xt [in, T] -> [out, T]``, rows split among the threads
+    over chunks of tokens (the token-block forward gives each thread whole blocks of 64 tokens: with few tokens one
+    block, one thread; and it transposes, where a one-image batch's unfolded patches, or its NCHW 1 x 1 input, come
+    laid so already). Forward only: inference."""
     row_ptr, col = rows
     n_in, t = xt.shape
-    if t > FEW_TOKENS:
-        raise ValueError(f"condensed_forward_few takes at most {FEW_TOKENS} tokens, got {t}")
     lanes = _load().condensed_lanes()
-    tp = -(-t // lanes) * lanes  # rows padded to whole vectors (zeros)
+    tp = max(-(-t // lanes) * lanes, lanes)  # rows padded to whole vectors (zeros)
     if tp != t:
         padded = torch.zeros(n_in, tp)
         padded[:, :t] = xt

@@ -247,13 +247,17 @@ int condensed_forward(const int64_t *dims, const float *x, const float *values, 
     return a.failed ? -1 : 0;
 }
 
-/* ---- few tokens (inference at batch 1): rows split among threads ----
- * With TB or fewer tokens the forward above is one block, so one thread, and each kept weight reads a line of a
- * [in][TB] buffer far larger than the tokens. Here x comes transposed and padded, xt[in][tp] with tp a multiple
- * of VL (tokens innermost, zeros past t: a 1-image batch's unfolded patches are laid so already), every kept
- * weight is tp / VL vector multiply-adds on its input's row, and threads take rows. y[out][tp]. */
+/* ---- forward only, tokens innermost (inference): rows split among threads ----
+ * The token-block forward above transposes x into [in][TB] blocks and gives each thread whole blocks: with few
+ * tokens (a one-image batch) that is one block on one thread, each kept weight reading a line of a buffer far
+ * larger than its tokens. Here x comes as xt[in][tp] (tokens innermost, tp a multiple of VL, zeros past the
+ * last token: a one-image batch's unfolded patches, or an NCHW 1 x 1 input, are laid so already); the work is
+ * cut into (chunk of at most TB tokens) x (FEW_ROWS rows), every kept weight costing up to TB / VL vector
+ * multiply-adds on its input's row of the chunk, rows of one chunk taken together so the chunk's x stays in
+ * cache. y[out][tp]. */
+#define FEW_ROWS 32
 struct few_args {
-    int64_t tp, out, per;
+    int64_t tp, out, nrb;
     const float *xt, *values, *bias;
     const int64_t *row_ptr;
     const int32_t *col;
@@ -266,7 +270,7 @@ struct few_args {
         v8 acc[NVEC];                                                                           \
         for (int k = 0; k < NVEC; k++) acc[k] = (v8){0} + b;                                    \
         for (int64_t e = a->row_ptr[r]; e < a->row_ptr[r + 1]; e++) {                           \
-            const float *xr = a->xt + (int64_t)a->col[e] * a->tp;                               \
+            const float *xr = a->xt + (int64_t)a->col[e] * a->tp + t0;                          \
             v8 v = (v8){0} + a->values[e];                                                      \
             for (int k = 0; k < NVEC; k++) {                                                    \
                 v8 xv;                                                                          \
@@ -274,13 +278,14 @@ struct few_args {
                 acc[k] += v * xv;                                                               \
             }                                                                                   \
         }                                                                                       \
-        memcpy(a->y + r * a->tp, acc, sizeof acc);                                              \
+        memcpy(a->y + r * a->tp + t0, acc, sizeof acc);                                         \
     }
 
-static void few_rows(void *p, int64_t chunk) {
+static void few_rows(void *p, int64_t item) {
     const struct few_args *a = (const struct few_args *)p;
-    int64_t r0 = chunk * a->per, r1 = r0 + a->per < a->out ? r0 + a->per : a->out;
-    switch (a->tp / VL) {  /* a fixed vector count per case, so the compiler keeps the accumulators in registers */
+    int64_t t0 = (item / a->nrb) * TB, r0 = (item % a->nrb) * FEW_ROWS;
+    int64_t r1 = r0 + FEW_ROWS < a->out ? r0 + FEW_ROWS : a->out;
+    switch ((a->tp - t0 < TB ? a->tp - t0 : TB) / VL) {  /* a fixed vector count a case: accumulators in registers */
         case 1: FEW_ROW(1) break;
         case 2: FEW_ROW(2) break;
         case 3: FEW_ROW(3) break;
@@ -296,12 +301,12 @@ static void few_rows(void *p, int64_t chunk) {
 
 int condensed_lanes(void) { return VL; }
 
-/* dims: tp (a multiple of VL, at most TB), in, out. Returns -1 for any other tp. */
+/* dims: tp (a multiple of VL), in, out. Returns -1 for any other tp. */
 int condensed_forward_few(const int64_t *dims, const float *xt, const float *values, const float *bias,
                           const int64_t *row_ptr, const int32_t *col, float *y, int nthreads) {
-    if (dims[0] > TB || dims[0] < VL || dims[0] % VL) return -1;
-    struct few_args a = {dims[0], dims[2], 32, xt, values, bias, row_ptr, col, y};
-    parallel_workers(few_rows, &a, (a.out + a.per - 1) / a.per, nthreads);
+    if (dims[0] < VL || dims[0] % VL) return -1;
+    struct few_args a = {dims[0], dims[2], (dims[2] + FEW_ROWS - 1) / FEW_ROWS, xt, values, bias, row_ptr, col, y};
+    parallel_workers(few_rows, &a, ((a.tp + TB - 1) / TB) * a.nrb, nthreads);
     return 0;
 }
 
