@@ -166,3 +166,19 @@ def test_bench_inference_refuses_a_model_it_has_no_protocol_for(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: ValueError: inference benchmark model 'resnet18': choose one of ['gpt', 'resnet50', 'vgg16']"
     )
+
+
+@pytest.mark.parametrize(
+    "shape, k, s, p", [((1, 6, 17, 16), 3, 2, 1), ((2, 3, 9, 9), 2, 1, 0), ((1, 5, 7, 8), 3, 3, 1)]
+)
+def test_the_inference_forms_other_max_pools_equal_pytorchs_nans_included(shape, k, s, p):
+    from sparsetrain.app.inference import _SlicedMaxPool2d
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[0, 0, 1, 1] = float("nan")
+    pool = nn.MaxPool2d(k, s, p)
+    with torch.inference_mode():
+        want, got = pool(x), _SlicedMaxPool2d(pool)(x)
+    assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
