@@ -607,6 +607,8 @@ def test_channels_shrunk_on_both_sides_compute_the_masked_dense_definition_in_fl
     assert all(dict(model.named_modules())[bn].running_mean.abs().sum() > 0 for bn in bns)
     model.eval(), ref.eval()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-12, atol=1e-12)  # running statistics agree too
+    # each weight once in the state dict (a consumer's producer is a reference, not a submodule)
+    assert len(model.state_dict()) == len(dict(model.named_parameters())) + len(dict(model.named_buffers()))
 
 
 def test_channels_shrunk_on_both_sides_train_like_masked_dense_and_keep_residual_adds_one_sided():

@@ -215,11 +215,13 @@ def shrink_both_sides(model: nn.Module, layers: dict[str, nn.Module]) -> list[tu
             consumer.__class__ = InputChannelLinear
         else:
             continue
-        consumer.source = producers[node.target]
+        # references, not submodules: registered, the producer's weights would appear again in the state dict
+        # under every layer that reads it (VGG-16's chain of them made a state dict 8x the model's)
+        object.__setattr__(consumer, "source", producers[node.target])
         producers[node.target].shrink_out = True
         norm = modules[bn.target]
         norm.__class__ = ChannelBatchNorm2d
-        norm.producer = producers[node.target]
+        object.__setattr__(norm, "producer", producers[node.target])
         _remove_channels(producers[node.target], norm)
         chains.append((node.target, bn.target, cur.target))
     return chains
