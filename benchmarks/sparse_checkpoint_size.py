@@ -27,10 +27,16 @@ CASES = {
         {"width": 4.0, "context": 128},
         {"sparsity": 0.9, "scheme": "fan_in", "dense_layers": ["last"]},
     ),
-    "vgg16 channel 50% both sides": (
+    "vgg16 channel 50% both sides, compact state (protocol B's channel-both-compact)": (
         "vgg16",
         {},
-        {"sparsity": 0.5, "scheme": "channel_out", "execution": "channel", "channel_both_sides": True},
+        {
+            "sparsity": 0.5,
+            "scheme": "channel_out",
+            "execution": "channel",
+            "channel_both_sides": True,
+            "compact_state": True,
+        },
     ),
 }
 

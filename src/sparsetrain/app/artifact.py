@@ -36,8 +36,8 @@ class SparseCheckpointError(ValueError):
 def _sparse_names(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The tensors worth storing sparse, with their positions: the sparsifier's masked weights, or (a plain model or
     state dict) every floating tensor of two or more dimensions at least half zeros."""
-    if masks is not None:
-        return {n: m.to("cpu", torch.bool) for n, m in masks.items() if n in state}
+    if masks is not None:  # kept entries that hold exactly zero are left out too: restored as zeros, lossless
+        return {n: m.to("cpu", torch.bool) & (state[n].cpu() != 0) for n, m in masks.items() if n in state}
     return {
         n: t != 0
         for n, t in state.items()
