@@ -154,9 +154,51 @@ def test_the_export_command_writes_both_formats_of_a_finished_run(tmp_path, caps
     program = torch.export.load(run / "model.pt2").module()
     torch.testing.assert_close(program(x), expected, rtol=1e-4, atol=1e-5)
     assert main(["export", str(run), "--format", "onnx"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: ValueError: --format 'onnx': choose one of ['pt2', 'sparse']"
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: ValueError: --format onnx: ONNX has no operator that keeps unstructured sparsity, and 2 layer(s) are "
+            "unstructured sparse ("
+        )
     )
+    assert main(["export", str(run), "--format", "tflite"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ValueError: --format 'tflite': choose one of ['onnx', 'pt2', 'sparse']"
+    )
+
+
+@kernels
+def test_onnx_export_of_a_channel_run_takes_the_pruned_channels_out_and_runs_in_onnxruntime(tmp_path, capsys):
+    """Channel pruning on both sides: the ONNX file's layers are physically smaller (the pruned channels taken out
+    after BatchNorm is folded), onnx.checker accepts it, and onnxruntime computes the trained model's outputs."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from conftest import make_image_tar
+
+    from sparsetrain.app.cli import main
+    from sparsetrain.app.export import trained_model
+
+    data = make_image_tar(tmp_path / "cifar.tar", 64, 16, size=32, channels=3)
+    run = tmp_path / "run"
+    keys = ["sparsity.method=static", "sparsity.sparsity=0.5", "sparsity.scheme=channel_out", "optim.batch_size=32"]
+    keys += ["sparsity.backend=channel", "sparsity.channel_both_sides=true", "model.width=0.125"]
+    assert main(
+        ["train", "model.name=vgg16", "data.dataset=cifar10", "optim.epochs=1", "run.progress=false", *keys]
+        + [f"data.data_dir={data}", f"run.out_dir={run}", f"data.cache_dir={tmp_path / 'c'}"]
+    ) in (0, None)
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    _, model = trained_model(run)
+    x = torch.randn(1, 3, 32, 32)
+    proto = onnx.load(str(run / "model.onnx"))
+    onnx.checker.check_model(proto)
+    stored = sum(int(torch.tensor(t.dims).prod()) for t in proto.graph.initializer)
+    assert stored < 0.8 * sum(p.numel() for p in model.parameters())  # the pruned channels are not in the file
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_bench_inference_refuses_a_model_it_has_no_protocol_for(capsys):

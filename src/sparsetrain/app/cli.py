@@ -361,13 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "export",
-        help="write a finished run's model to ship: sparse checkpoint or torch.export program",
-        description="Write a finished run's model: --format sparse (safetensors, kept values and a bitmask) or pt2 "
-        "(a torch.export program of its inference form, the sparse layers as sparsetrain operators).",
+        help="write a finished run's model to ship: sparse checkpoint, torch.export program or ONNX",
+        description="Write a finished run's model: --format sparse (safetensors, kept values and a bitmask), pt2 "
+        "(a torch.export program of its inference form, the sparse layers as sparsetrain operators) or onnx "
+        "(pruned channels taken out; unstructured sparse layers are refused).",
     )
     x.add_argument("run_dir")
-    x.add_argument("--format", required=True, help="sparse or pt2 (sparsetrain.app.export.FORMATS)")
-    x.add_argument("--out", help="where to write it (default: model.sparse.safetensors or model.pt2 in the run)")
+    x.add_argument("--format", required=True, help="sparse, pt2 or onnx (sparsetrain.app.export.FORMATS)")
+    x.add_argument(
+        "--out", help="where to write it (default: model.sparse.safetensors, model.pt2 or model.onnx in the run)"
+    )
     x.add_argument("--batch", type=int, default=1, help="pt2: the batch size it is timed and traced at (default 1)")
     x.set_defaults(func=_export)
 

@@ -1,12 +1,14 @@
-"""``sparsetrain export RUN_DIR --format sparse|pt2``: a finished run's model in a form to ship.
+"""``sparsetrain export RUN_DIR --format sparse|pt2|onnx``: a finished run's model in a form to ship.
 
 - ``sparse``: the sparse checkpoint (:func:`~sparsetrain.app.artifact.save_sparse`: kept values and a bitmask).
 - ``pt2``: a ``torch.export`` program of the inference form (:func:`~sparsetrain.app.inference.for_inference`),
   whose sparse layers are the project's operators (``sparsetrain::condensed_linear``, ``sparsetrain::direct_conv2d``);
   ``torch.export.load`` reads it back wherever ``sparsetrain`` is imported (importing it registers the operators).
 
-ONNX is not offered yet: ONNX has no operator that keeps unstructured sparsity, so such a file would hold the dense
-model; the formats that keep a model small and fast are these two.
+- ``onnx``: for models whose savings are structural: BatchNorm folded and pruned channels taken out
+  (:func:`~sparsetrain.app.inference.slim_channels`), so the layers are physically smaller and any ONNX runtime
+  gains. ONNX has no operator that keeps unstructured sparsity: a model with unstructured sparse layers left is
+  refused, naming them and the formats that keep them sparse. Needs ``pip install "sparsetrain[onnx]"``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .checkpoint import CheckpointError, write_atomic
 
 __all__ = ["FORMATS", "export_run", "trained_model", "example_batch"]
 
-FORMATS = {"sparse": "model.sparse.safetensors", "pt2": "model.pt2"}
+FORMATS = {"sparse": "model.sparse.safetensors", "pt2": "model.pt2", "onnx": "model.onnx"}
 
 
 def trained_model(run: Path) -> tuple[object, nn.Module]:
@@ -92,7 +94,40 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None, batch: 
     if fmt == "sparse":
         return save_sparse(model, target)
     inputs = (example_batch(cfg, batch),)
+    if fmt == "onnx":
+        data = onnx_bytes(model, inputs)
+        write_atomic(target, lambda f: f.write(data))
+        return target
     served = for_inference(model, example_inputs=inputs[0])
     program = exported_program(served, inputs)
     write_atomic(target, lambda f: torch.export.save(program, f))
     return target
+
+
+def onnx_bytes(model: nn.Module, inputs: tuple) -> bytes:
+    """The ONNX file of ``model`` with BatchNorm folded and pruned channels taken out, checked by ``onnx.checker``;
+    refused (ValueError) while unstructured sparse layers are left, or without the ONNX packages."""
+    import io
+
+    from .inference import _sparse_weights, fold_batchnorm, slim_channels
+
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError('--format onnx needs the ONNX packages: pip install "sparsetrain[onnx]"') from None
+    slim = slim_channels(fold_batchnorm(model.eval()))
+    left = sorted(_sparse_weights(slim))
+    if left:
+        raise ValueError(
+            f"--format onnx: ONNX has no operator that keeps unstructured sparsity, and {len(left)} layer(s) are "
+            f"unstructured sparse ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): such a file would hold "
+            "the dense model. Export them as --format sparse (the file) or --format pt2 (the kernels as operators); "
+            "ONNX pays where whole channels are pruned"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on operators of packages not installed
+        program = torch.onnx.export(slim, inputs, dynamo=True, verbose=False)
+    buf = io.BytesIO()
+    program.save(buf)
+    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
+    return buf.getvalue()

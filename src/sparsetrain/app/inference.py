@@ -25,7 +25,7 @@ from ..execution.activations import compact_pools
 from ..execution.backends import apply_backend, get_backend
 from ..execution.backends.compact import compact_layers
 
-__all__ = ["for_inference", "InferenceModel"]
+__all__ = ["for_inference", "InferenceModel", "fold_batchnorm", "slim_channels"]
 
 
 class InferenceModel(nn.Module):
@@ -152,6 +152,71 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return model
 
 
+def _replace(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+@torch.no_grad()
+def _slimmed_pair(conv: nn.Conv2d, consumer: nn.Module, kept: torch.Tensor) -> tuple[nn.Module, nn.Module] | None:
+    """``conv`` with only the filters ``kept`` and ``consumer`` reading only those channels, or None when the
+    consumer is not a plain Conv2d or a Linear over the flattened channels."""
+    if type(consumer) is nn.Conv2d and consumer.groups == 1 and consumer.in_channels == conv.out_channels:
+        cols = kept
+    elif type(consumer) is nn.Linear and consumer.in_features % conv.out_channels == 0:
+        per = consumer.in_features // conv.out_channels  # features a channel, after flattening
+        cols = (kept[:, None] * per + torch.arange(per)).reshape(-1)
+    else:
+        return None
+    small = nn.Conv2d(conv.in_channels, len(kept), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      bias=conv.bias is not None, padding_mode=conv.padding_mode)  # fmt: skip
+    small.weight.copy_(conv.weight[kept])
+    if conv.bias is not None:
+        small.bias.copy_(conv.bias[kept])
+    if isinstance(consumer, nn.Conv2d):
+        reader = nn.Conv2d(len(kept), consumer.out_channels, consumer.kernel_size, consumer.stride, consumer.padding,
+                           consumer.dilation, bias=consumer.bias is not None, padding_mode=consumer.padding_mode)  # fmt: skip
+    else:
+        reader = nn.Linear(len(cols), consumer.out_features, bias=consumer.bias is not None)
+    reader.weight.copy_(consumer.weight[:, cols])
+    if consumer.bias is not None:
+        reader.bias.copy_(consumer.bias)
+    return small.eval(), reader.eval()
+
+
+def slim_channels(model: nn.Module) -> nn.Module:
+    """``model`` (in eval mode, BatchNorm folded: :func:`fold_batchnorm`) with its pruned channels taken out: every
+    convolution whose removed filters are all zeros (weights and bias) and whose output reaches one Conv2d or Linear
+    through channel-wise steps (ReLU, pooling, flattening) is made smaller, and so is the layer reading it. The
+    same outputs, from layers physically smaller, so any runtime gains (ONNX included). A model ``torch.fx`` cannot
+    trace is returned as it is."""
+    from ..execution.backends.channel_pairs import passes_channels
+
+    try:
+        gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - value-dependent control flow: nothing to slim that we can see
+        return model
+    for node in list(gm.graph.nodes):
+        modules = dict(gm.named_modules())
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or conv.groups != 1 or len(node.users) != 1:
+            continue
+        alive = (conv.weight.flatten(1) != 0).any(1)
+        if conv.bias is not None:
+            alive |= conv.bias != 0
+        if bool(alive.all()) or not bool(alive.any()):
+            continue
+        cur = next(iter(node.users))
+        while passes_channels(cur, modules) and len(cur.users) == 1:
+            cur = next(iter(cur.users))
+        pair = _slimmed_pair(conv, modules[cur.target], alive.nonzero().squeeze(1)) if cur.op == "call_module" else None
+        if pair is not None:
+            _replace(gm, node.target, pair[0])
+            _replace(gm, cur.target, pair[1])
+    gm.recompile()
+    return gm
+
+
 def _sparse_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights of Conv2d, Linear and Conv1D layers that are at least half zeros."""
     kinds = (nn.Linear, nn.Conv2d)
@@ -180,7 +245,8 @@ def for_inference(
     ``execution``: ``"auto"`` times each sparse layer's forward paths on ``example_inputs`` (a tensor or a tuple of
     them, at the batch size that will be served: batch 1 and batch 64 may choose differently) and keeps the fastest,
     the dense product included; or one backend's name for every sparse layer. ``fold_bn``: BatchNorm folded into the
-    convolution before it (where ``torch.fx`` traces the model). The result's ``plan`` names each layer's path."""
+    convolution before it, and pruned channels taken out (:func:`slim_channels`), where ``torch.fx`` traces the
+    model. The result's ``plan`` names each layer's path."""
     chosen = get_backend(execution)  # refuses an unknown name, listing the backends
     if chosen.timed and example_inputs is None:  # (auto: chooses by timing)
         raise TypeError(
@@ -189,7 +255,7 @@ def for_inference(
         )
     plain = _plain_copy(source, model).eval()
     if fold_bn:
-        plain = fold_batchnorm(plain)
+        plain = slim_channels(fold_batchnorm(plain))  # pruned channels taken out: smaller dense layers
     plain.requires_grad_(False)
     weights = _sparse_weights(plain)
     maskset = MaskSet(weights)

@@ -162,6 +162,12 @@ def _remove_channels(producer: SparseConv2d, norm: nn.BatchNorm2d) -> None:
             t.masked_fill_(gone, 0)
 
 
+def passes_channels(node, modules) -> bool:
+    """Whether the ``torch.fx`` node ``node`` hands each channel on by itself, a zero channel as zeros (ReLU-like
+    activations, pooling, flattening, dropout): what may lie between a producer and the layer reading its channels."""
+    return _passes(node, modules)
+
+
 def _passes(node, modules) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], _PASS_MODULES)
