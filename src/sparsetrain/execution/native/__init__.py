@@ -845,10 +845,17 @@ class NoDataError(RuntimeError):
     (``grad``, ``vmap``), or one on another device. Raised before any C code runs, so the process lives on."""
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def what_is_wrong(t: torch.Tensor, cpu: bool = True) -> str | None:
     """Why the C kernels cannot read ``t`` (None when they can); ``cpu=False`` leaves out the device (for layers
     that run elsewhere too and only need a tensor that holds data)."""
-    if t.device.type == "meta" or _is_fake(t):
+    device = t.device.type
+    if type(t) in _PLAIN and device != "meta" and (device == "cpu" or not cpu):
+        if not torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return None  # the common case, first and cheap (a fake tensor is never of a plain type)
+    if device == "meta" or _is_fake(t):
         return "a fake or meta tensor (one a compiler or exporter traces with)"
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return "a tensor wrapped by torch.func (grad, vmap, functional_call's transforms)"
