@@ -265,7 +265,7 @@ def for_inference(
     served = InferenceModel(plain, maskset, layers).eval()
     compact_pools(plain)  # 2 x 2 max-pools on the native kernel (forward only here)
     _other_pools(plain)
-    if example_inputs is not None:
+    if chosen.timed:  # auto; a named backend is the user's choice, kept
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         _choose_whole(plain, layers, inputs)
     compact_layers(layers, maskset, None)  # the kernels' layers keep their kept values alone: no gather a call

@@ -81,6 +81,7 @@ class DirectStructure:
         )
         made = cls(tuple(mask4d.shape), idx.to(torch.int32), by_out, by_in)
         made.tensors()  # now, not inside a compiled forward (where making it would be a side effect to guard)
+        made.as_rows()  # (likewise the rows that small planes and one-image inference read)
         return made
 
     def by_in_flipped(self) -> tuple:
