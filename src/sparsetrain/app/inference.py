@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..core.masks import MaskSet
 from ..execution.activations import compact_pools
-from ..execution.backends import apply_backend, get_backend
+from ..execution.backends import BACKENDS, apply_backend, get_backend
 from ..execution.backends.compact import compact_layers
 
 __all__ = ["for_inference", "InferenceModel", "fold_batchnorm", "slim_channels"]
@@ -289,8 +289,12 @@ def _choose_whole(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple)
         m.choose_for_inference = False
     timings = {n: getattr(m, "timings", {}) for n, m in layers.items()}
     chosen = {n: m.backend for n, m in layers.items()}
-    kernels = {n: min((k for k in t if k != "masked"), key=t.get, default=chosen[n]) for n, t in timings.items()}
-    plans = [chosen, kernels, {n: "masked" for n in layers}]
+    dense = next(n for n, b in BACKENDS.items() if not b.swaps_layers and not b.timed)  # the masked dense path
+    fastest_kernel = {
+        n: min((k for k in t if BACKENDS[k].swaps_layers), key=t.get, default=None) for n, t in timings.items()
+    }
+    kernels = {n: k or chosen[n] for n, k in fastest_kernel.items()}
+    plans = [chosen, kernels, {n: dense for n in layers}]
     best, best_time = chosen, float("inf")
     with torch.no_grad():
         for plan in plans:
