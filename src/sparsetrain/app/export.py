@@ -63,8 +63,8 @@ def exported_program(served, inputs: tuple):
         try:
             program = torch.export.export(served.model, inputs, strict=False)
             break
-        except native.NoDataError as e:  # names the layer: "<weight> (backend '<name>'): ..."
-            name = str(e).split(" ", 1)[0]
+        except native.NoDataError as e:  # the layer that refused names itself
+            name = e.layer
             if name not in served.layers or name in moved:
                 raise
             served.layers[name].fix_backend("masked")

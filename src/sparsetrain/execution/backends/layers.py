@@ -152,7 +152,9 @@ class _SparseExec:
                 )
             out = self._run(x)
         except native.NoDataError as e:  # a transform traced the model: name the layer and what runs instead
-            raise native.NoDataError(f"{self.mask_name} (backend {self.backend!r}): {e}") from None
+            named = native.NoDataError(f"{self.mask_name} (backend {self.backend!r}): {e}")
+            named.layer = self.mask_name
+            raise named from None
         if self.training and out.requires_grad and self.maskset.capture_dense_grad and BACKENDS[self.ran].swaps_layers:
             # the sparse paths compute the kept weights' gradient only; a step whose update grows by the dense
             # gradient (RigL's) computes the full one as well, with one dense product, into the MaskSet's sink for

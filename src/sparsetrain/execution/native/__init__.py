@@ -842,7 +842,10 @@ def compressed_weight_grad(
 class NoDataError(RuntimeError):
     """A kernel was handed a tensor that holds no data the C code could read: a fake or meta tensor (what
     ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` trace with), a tensor wrapped by ``torch.func``
-    (``grad``, ``vmap``), or one on another device. Raised before any C code runs, so the process lives on."""
+    (``grad``, ``vmap``), or one on another device. Raised before any C code runs, so the process lives on.
+    ``layer``: the weight name of the sparse layer that refused (set where a layer re-raises it), else None."""
+
+    layer: str | None = None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
