@@ -1,14 +1,15 @@
 """The inference form of a trained sparse model: every sparse layer on forward-only kernels, chosen per layer by
-timing the forward alone on the input shape it will serve, BatchNorm folded into the convolution before it, and no
-autograd state.
+timing the forward alone on the input shape it will serve (then the whole forward), BatchNorm folded into the
+convolution before it, pruned channels taken out, and no autograd state.
 
-    served = st.for_inference(sp, example_inputs=torch.randn(1, 3, 32, 32))   # from a sparsifier,
-    served = st.for_inference(plain_model, example_inputs=x)                  # a removed or loaded model,
-    served = st.for_inference("model.sparse.safetensors", MyNet(), example_inputs=x)   # or a sparse checkpoint
+    served = st.for_inference(sp, MyNet(), example_inputs=torch.randn(1, 3, 32, 32))  # a sparsifier + a fresh model,
+    served = st.for_inference(plain_model, example_inputs=x)                         # a removed or loaded model,
+    served = st.for_inference("model.sparse.safetensors", MyNet(), example_inputs=x)  # or a sparse checkpoint
     y = served(x)
 
-2 x 2 max-pools run on the project's pooling kernel, other max-pools as the maximum of strided slices. The weights that are sparse are the ones at least half zeros (a sparsifier's masked weights are, from its first
-step); their zeros are the mask. The source is never changed: the inference form works on a copy.
+2 x 2 max-pools run on the project's pooling kernel, other max-pools as the maximum of strided slices. The weights
+that are sparse are the ones at least half zeros (a sparsifier's masked weights are, from its first step); their
+zeros are the mask. The source is never changed: the inference form works on a copy.
 """
 
 from __future__ import annotations
