@@ -20,6 +20,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import _pair
 
 from ..core.masks import MaskSet
 from ..execution.activations import compact_pools
@@ -64,17 +65,12 @@ class _SlicedMaxPool2d(nn.Module):
 
     def __init__(self, pool: nn.MaxPool2d):
         super().__init__()
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-        self.kernel, self.stride, self.padding = (
-            pair(pool.kernel_size),
-            pair(pool.stride or pool.kernel_size),
-            pair(pool.padding),
-        )
+        self.kernel, self.padding = _pair(pool.kernel_size), _pair(pool.padding)
+        self.stride = _pair(pool.stride or pool.kernel_size)
 
     @staticmethod
     def takes(m: nn.Module) -> bool:
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-        return type(m) is nn.MaxPool2d and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices
+        return type(m) is nn.MaxPool2d and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices
 
     def forward(self, x):
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding

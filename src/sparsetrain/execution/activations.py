@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from . import native
 
@@ -102,17 +103,22 @@ class CompactMaxPool2d(nn.MaxPool2d):
     def __init__(self):
         super().__init__(2, 2)
 
-    def forward(self, x):
-        ours = (
+    @staticmethod
+    def _ours(x: torch.Tensor) -> bool:
+        """Whether the compact kernel takes ``x``: float32 4-D data on the CPU, the kernels built."""
+        return (
             holds_data(x)
             and x.dim() == 4
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and native.available()
         )
-        if ours and x.requires_grad and torch.is_grad_enabled():
+
+    def forward(self, x):
+        grad = torch.is_grad_enabled()
+        if grad and x.requires_grad and self._ours(x):
             return _CompactMaxPoolFn.apply(x)
-        if ours and not torch.is_grad_enabled():
+        if not grad and self._ours(x):
             # inference (and evaluation passes): the same kernel, several times faster than PyTorch's pool with
             # indices on the CPU (VGG-16, batch 64: 22 ms a forward in PyTorch's five pools)
             return native.max_pool2(x)[0]
@@ -121,13 +127,12 @@ class CompactMaxPool2d(nn.MaxPool2d):
 
 def _pools_2x2(m: nn.Module) -> bool:
     """A max-pool that :class:`CompactMaxPool2d` computes exactly: 2x2 windows, stride 2, no padding or dilation."""
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
     return (
         type(m) is nn.MaxPool2d
-        and pair(m.kernel_size) == (2, 2)
-        and pair(m.stride or m.kernel_size) == (2, 2)
-        and pair(m.padding) == (0, 0)
-        and pair(m.dilation) == (1, 1)
+        and _pair(m.kernel_size) == (2, 2)
+        and _pair(m.stride or m.kernel_size) == (2, 2)
+        and _pair(m.padding) == (0, 0)
+        and _pair(m.dilation) == (1, 1)
         and not m.ceil_mode
         and not m.return_indices
     )

@@ -691,25 +691,19 @@ def condensed_forward(
 ) -> torch.Tensor:
     """``x [T, in] @ W_s.T + bias`` for a sparse W_s given by ``rows`` = (row_ptr int64, col int32: the kept
     entries row by row, in the order of ``values``): nnz * T multiply-adds (``condensed.c``)."""
-    row_ptr, col = rows
     t, n_in = x.shape
     y = torch.empty(t, out_features, dtype=torch.float32)
-    dims = np.array([t, n_in, out_features], dtype=np.int64)
-    if (
-        _load().condensed_forward(
-            _ptr(dims),
-            _ptr(x),
-            _ptr(values),
-            _ptr(bias) if bias is not None else None,
-            _ptr(row_ptr),
-            _ptr(col),
-            _ptr(y),
-            torch.get_num_threads(),
-        )
-        != 0
-    ):
+    if _rows_call(_load().condensed_forward, (t, n_in, out_features), x, values, bias, rows, y) != 0:
         raise MemoryError("condensed_forward: no memory for the token-block buffers")
     return y
+
+
+def _rows_call(fn, dims: tuple, x: torch.Tensor, values, bias, rows: tuple, y: torch.Tensor) -> int:
+    """Call a condensed forward kernel (both take dims, input, values, bias, row lists, output, threads)."""
+    row_ptr, col = rows
+    arr = np.array(dims, dtype=np.int64)
+    b = _ptr(bias) if bias is not None else None
+    return fn(_ptr(arr), _ptr(x), _ptr(values), b, _ptr(row_ptr), _ptr(col), _ptr(y), torch.get_num_threads())
 
 
 FEW_TOKENS = 64  # condensed.c's token block: a Linear input of fewer tokens runs on condensed_forward_few at inference
@@ -722,7 +716,6 @@ def condensed_forward_few(
     over chunks of tokens (the token-block forward gives each thread whole blocks of 64 tokens: with few tokens one
     block, one thread; and it transposes, where a one-image batch's unfolded patches, or its NCHW 1 x 1 input, come
     laid so already). Forward only: inference."""
-    row_ptr, col = rows
     n_in, t = xt.shape
     lanes = _load().condensed_lanes()
     tp = max(-(-t // lanes) * lanes, lanes)  # rows padded to whole vectors (zeros)
@@ -732,17 +725,7 @@ def condensed_forward_few(
         xt = padded
     xt = xt.contiguous()  # (held here: the C code reads its memory)
     y = torch.empty(out_features, tp, dtype=torch.float32)
-    dims = np.array([tp, n_in, out_features], dtype=np.int64)
-    _load().condensed_forward_few(
-        _ptr(dims),
-        _ptr(xt),
-        _ptr(values),
-        _ptr(bias) if bias is not None else None,
-        _ptr(row_ptr),
-        _ptr(col),
-        _ptr(y),
-        torch.get_num_threads(),
-    )
+    _rows_call(_load().condensed_forward_few, (tp, n_in, out_features), xt, values, bias, rows, y)
     return y[:, :t]
 
 
