@@ -11,6 +11,7 @@ from conftest import train_steps
 import sparsetrain as st
 from sparsetrain.core.accounting import saved_tensor_bytes_by_module
 from sparsetrain.execution.activations import BitReLU, CompactMaxPool2d
+from sparsetrain.execution.backends import get_backend
 from sparsetrain.execution.memory import LosslessActivations
 from sparsetrain.execution.plan import ExecutionPlan
 from sparsetrain.models import build_model
@@ -114,3 +115,154 @@ def test_a_plan_made_with_lossless_activations_is_refused_by_a_sparsifier_withou
         st.static(other, torch.optim.SGD(other.parameters(), lr=0.1), sparsity=0.9, total_steps=10, execution=plan)
     sp.remove()
     assert not any(isinstance(m, (BitReLU, CompactMaxPool2d)) for m in model.modules())
+
+
+def _images(n_batches, batch=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last),
+            torch.randint(0, 10, (batch,), generator=g),
+        )
+        for _ in range(n_batches)
+    ]
+
+
+def _tokens(n_batches, batch=4, context=16, vocab=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(0, vocab, (batch, context), generator=g), torch.randint(0, vocab, (batch, context), generator=g))
+        for _ in range(n_batches)
+    ]
+
+
+def _gpt():
+    return build_model("gpt", num_classes=32, width=0.5, context=16)
+
+
+RECOMPUTE_CASES = {
+    # a CNN on the direct kernels: BatchNorm's inputs recomputed, the ReLU outputs the next layers read compressed
+    "cnn-direct": (
+        lambda: build_model("vgg16", width=0.25).to(memory_format=torch.channels_last),
+        st.static,
+        {"sparsity": 0.95, "execution": "direct", "compact_state": True},
+        _images,
+        0.85,
+    ),
+    # a transformer on the condensed kernels: GELU's and the attention's inputs (views of the projection's output)
+    # recomputed, the LayerNorm and GELU outputs the projections read remade from their inputs
+    "gpt-condensed": (
+        _gpt,
+        st.static,
+        {"sparsity": 0.9, "execution": "condensed", "compact_state": True, "scheme": "fan_in"},
+        _tokens,
+        0.6,
+    ),
+    # RigL growing from the dense gradient (its tap keeps the layer input too) with mask updates every other step
+    "cnn-rigl": (
+        lambda: build_model("vgg16", width=0.25).to(memory_format=torch.channels_last),
+        st.rigl,
+        {"sparsity": 0.9, "execution": "direct", "compact_state": True, "update_every_steps": 2},
+        _images,
+        0.85,
+    ),
+}
+
+
+def _loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("case", sorted(RECOMPUTE_CASES))
+def test_recomputed_outputs_and_compressed_inputs_give_the_same_bits_and_keep_fewer_bytes(case, monkeypatch):
+    make_model, factory, kwargs, data, share = RECOMPUTE_CASES[case]  # share: of the bytes kept without recompute
+
+    def run(lossless):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = factory(model, opt, total_steps=6, lossless_activations=lossless, seed=3, **kwargs)
+        losses = []
+        for x, y in data(6):
+            opt.zero_grad()
+            loss = _loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        x, y = data(1, seed=9)[0]
+        kept = saved_tensor_bytes_by_module(lambda: _loss(model(x), y).backward(), model)
+        return sp, model, losses, kept
+
+    sp_plain, plain, losses_plain, kept_plain = run(False)
+    sp_lossless, lossless, losses_lossless, kept_lossless = run(True)
+    with monkeypatch.context() as m:
+        m.setattr("sparsetrain.execution.plan.reruns", lambda layers: set())
+        kept_without = run(True)[3]  # the savings without recomputed layer outputs
+    assert losses_lossless == losses_plain
+    for (n, p), q in zip(plain.named_parameters(), lossless.parameters()):
+        assert torch.equal(p, q), n
+        assert torch.equal(p.grad, q.grad), n  # the last backward read recomputed and decompressed tensors
+    if "update_every_steps" in kwargs:
+        assert sp_lossless.updates >= 2
+        assert all(torch.equal(m, sp_lossless.maskset.masks[n]) for n, m in sp_plain.maskset.masks.items())
+    # a backend named: every layer on a kernel recomputes (nothing was timed to weigh it)
+    plan = sp_lossless.plan
+    assert all(lp.recompute == get_backend(lp.backend).swaps_layers for lp in plan.layers.values())
+    assert any(lp.recompute for lp in plan.layers.values())
+    assert "recompute" in str(plan) and "recompute" not in str(sp_plain.plan)
+    assert ExecutionPlan.from_dict(plan.to_dict()).layers == plan.layers  # saved with the run, applied on resume
+    assert kept_lossless["total"] < share * kept_without["total"]
+
+
+def test_a_resumed_run_recomputes_the_same_layers_and_finishes_bit_identical():
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("vgg16", width=0.25).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = st.rigl(
+            model,
+            opt,
+            sparsity=0.9,
+            execution="direct",
+            compact_state=True,
+            update_every_steps=2,
+            lossless_activations=True,
+            total_steps=6,
+            seed=3,
+        )
+        return model, opt, sp
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            _loss(model(x), y).backward()
+            opt.step()
+
+    batches = _images(6)
+    model, opt, sp = fresh()
+    train(model, opt, batches)
+    cut_model, cut_opt, cut_sp = fresh()
+    train(cut_model, cut_opt, batches[:3])
+    state = copy.deepcopy({"sp": cut_sp.state_dict(), "model": cut_model.state_dict(), "opt": cut_opt.state_dict()})
+    del cut_model, cut_opt, cut_sp
+    model2, opt2, sp2 = fresh()
+    sp2.load_state_dict(state["sp"])
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    assert sp2.plan.layers == sp.plan.layers and any(lp.recompute for lp in sp2.plan.layers.values())
+    train(model2, opt2, batches[3:])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k]), k
+
+
+def test_compress_nonzero_is_exact_and_declines_dense_tensors():
+    native = pytest.importorskip("sparsetrain.execution.native")
+    if not native.available():
+        pytest.skip("native kernels not built")
+    x = torch.relu(torch.randn(100_003))
+    x[5], x[6], x[7] = -0.0, float("nan"), -3.0
+    packed, values = native.compress_nonzero(x)
+    back = native.decompress(packed, values, x.numel())
+    assert torch.equal(back.view(torch.int32), x.view(torch.int32))  # bit for bit: -0.0 and NaN included
+    assert values.numel() == int((x.view(torch.int32) != 0).sum())
+    assert native.compress_nonzero(torch.randn(1000) + 10, max_share=0.75) is None

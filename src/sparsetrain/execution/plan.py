@@ -47,10 +47,13 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer's execution: the backend's path it runs, and whether it stores only its kept weights."""
+    """One layer's execution: the backend's path it runs, whether it stores only its kept weights, and whether
+    backward recomputes its output instead of keeping it (under ``lossless_activations``; see
+    :mod:`sparsetrain.execution.memory`)."""
 
     backend: str
     compact: bool = False
+    recompute: bool = False
 
 
 @dataclass
@@ -81,7 +84,9 @@ class ExecutionPlan:
         try:
             get_backend(d["requested"])
             layers = {
-                str(n): LayerPlan(get_backend(lp["backend"]).name, bool(lp.get("compact", False)))
+                str(n): LayerPlan(
+                    get_backend(lp["backend"]).name, bool(lp.get("compact", False)), bool(lp.get("recompute", False))
+                )
                 for n, lp in d["layers"].items()
             }
             layout = d.get("layout")
@@ -118,9 +123,18 @@ class ExecutionPlan:
             f"{', channels cut on both sides' if self.channel_both_sides else ''}"
             f"{', lossless activations' if self.lossless_activations else ''}"
         )
-        rows = [head, f"{'layer':<{width}}  {'backend':<15}  compact", f"{'-' * width}  {'-' * 15}  -------"]
-        rows += [f"{n:<{width}}  {lp.backend:<15}  {'yes' if lp.compact else 'no'}" for n, lp in self.layers.items()]
-        return "\n".join(rows)
+        extra = self.lossless_activations  # the recompute column, where there is a choice to show
+        rows = [
+            head,
+            f"{'layer':<{width}}  {'backend':<15}  compact" + ("  recompute" if extra else ""),
+            f"{'-' * width}  {'-' * 15}  -------" + ("  ---------" if extra else ""),
+        ]
+        rows += [
+            f"{n:<{width}}  {lp.backend:<15}  {'yes' if lp.compact else 'no':<7}"
+            + (f"  {'yes' if lp.recompute else 'no'}" if extra else "")
+            for n, lp in self.layers.items()
+        ]
+        return "\n".join(r.rstrip() for r in rows)
 
 
 def _first_tensor(obj):
@@ -152,6 +166,30 @@ def _map_tensors(obj, fn):
 def _in_layout(fmt: torch.memory_format):
     """A function putting 4-D floating tensors into memory format ``fmt`` (others pass unchanged)."""
     return lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 and t.is_floating_point() else t
+
+
+RERUN_BUDGET = 0.2  # the recomputed outputs may cost at most this share of the layers' measured step time
+
+
+def reruns(layers: dict[str, nn.Module]) -> set[str]:
+    """The layers whose outputs backward recomputes instead of keeping (under ``lossless_activations``).
+
+    Only layers on a sparse kernel qualify (a masked dense layer's rerun would cost a dense forward; SWAT keeps its
+    own compressed inputs). Where ``auto`` measured them, each layer's forward time (what a rerun costs) and output
+    bytes (what it saves) are known: the layers are taken cheapest per byte first while their reruns add up to at
+    most :data:`RERUN_BUDGET` of the time every layer's forward and backward took, so the step pays a bounded
+    share for the memory. With nothing measured (a backend named), every qualifying layer is chosen."""
+    eligible = {n: m for n, m in layers.items() if hasattr(m, "candidates") and get_backend(m.backend).swaps_layers}
+    costs = {n: m.rerun_cost for n, m in eligible.items() if getattr(m, "rerun_cost", None)}
+    if not costs:
+        return set(eligible)
+    budget = RERUN_BUDGET * sum(m.timings[m.backend] for m in layers.values() if getattr(m, "timings", None))
+    chosen, spent = set(), 0.0
+    for name in sorted(costs, key=lambda n: costs[n][0] / max(costs[n][1], 1)):
+        if spent + costs[name][0] <= budget:
+            chosen.add(name)
+            spent += costs[name][0]
+    return chosen
 
 
 class Planner:
@@ -187,7 +225,7 @@ class Planner:
         if options.channel_both_sides:
             shrink_both_sides(model, self.layers)
         # before any timing, so that auto times the step as it will run
-        self.memory = LosslessActivations(model) if options.lossless_activations else None
+        self.memory = LosslessActivations(model, self.layers.values()) if options.lossless_activations else None
         if given is not None:
             self.apply(given)
         elif not self.backend.timed:
@@ -264,9 +302,12 @@ class Planner:
             self.maskset.captured.clear()
         return self._finish(layout)
 
-    def _finish(self, layout: str | None, compact: set[str] | None = None) -> ExecutionPlan:
+    def _finish(
+        self, layout: str | None, compact: set[str] | None = None, recompute: set[str] | None = None
+    ) -> ExecutionPlan:
         """Compact the layers that may store only kept weights (``compact``: those named; None: every one the
-        backends allow, under ``compact_state``), set the layout, and record the plan."""
+        backends allow, under ``compact_state``), choose the layers whose outputs backward recomputes
+        (``recompute``: those named; None: :func:`reruns`), set the layout, and record the plan."""
         if self.maskset is not None:
             fresh = {
                 n: m
@@ -274,9 +315,13 @@ class Planner:
                 if not is_compact(m) and (n in compact if compact is not None else self.options.compact_state)
             }
             compact_layers(fresh, self.maskset, self.optimizer)
+        if recompute is None:
+            recompute = reruns(self.layers) if self.memory is not None else set()
+        if self.memory is not None:
+            self.memory.rerun(self.layers[n] for n in recompute)
         self.plan = ExecutionPlan(
             self.backend.name,
-            {n: LayerPlan(m.backend, is_compact(m)) for n, m in self.layers.items()},
+            {n: LayerPlan(m.backend, is_compact(m), n in recompute) for n, m in self.layers.items()},
             layout,
             replace(self.options, execution=self.backend.name, example_inputs=None),
         )
@@ -326,7 +371,8 @@ class Planner:
         self._hooks.clear()
         for n, lp in plan.layers.items():
             self.layers[n].fix_backend(lp.backend)
-        return self._finish(plan.layout, {n for n, lp in plan.layers.items() if lp.compact})
+        named = plan.layers.items()
+        return self._finish(plan.layout, {n for n, lp in named if lp.compact}, {n for n, lp in named if lp.recompute})
 
     def remove(self) -> None:
         """Hooks off and every swapped layer back to a plain ``torch.nn`` layer with its dense weight."""

@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import is_fake as _is_fake
 __all__ = [
     "available",
     "compress",
+    "compress_nonzero",
     "decompress",
     "relu_bits",
     "relu_grad",
@@ -305,15 +306,29 @@ def _offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
     return offsets, int(counts.sum())
 
 
+_AT_LEAST, _ABS_AT_LEAST, _NONZERO = 0, 1, 3  # keep_bits_f32's modes (compressed.c)
+
+
 def compress(flat: torch.Tensor, threshold: float, absolute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed bits of ``|flat| >= threshold`` (``flat >= threshold`` if not absolute), the kept values in order)."""
+    return _keep(flat, float(threshold), _ABS_AT_LEAST if absolute else _AT_LEAST, 1.0)
+
+
+def compress_nonzero(flat: torch.Tensor, max_share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed bits of the entries whose bits are not all zero, their values): ``flat`` exactly (``-0.0`` and NaN
+    kept), in fewer bytes where it holds zeros; None when more than ``max_share`` of its entries are kept (one
+    counting pass is all that costs)."""
+    return _keep(flat, 0.0, _NONZERO, max_share)
+
+
+def _keep(flat: torch.Tensor, threshold: float, mode: int, max_share: float):
     lib, n, threads = _load(), flat.numel(), elementwise_threads()
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
     counts = np.empty(lib.chunk_count(n), dtype=np.int64)
-    lib.keep_bits_f32(
-        flat.data_ptr(), n, float(threshold), int(absolute), packed.data_ptr(), counts.ctypes.data, threads
-    )
+    lib.keep_bits_f32(flat.data_ptr(), n, threshold, mode, packed.data_ptr(), counts.ctypes.data, threads)
     offsets, total = _offsets(counts)
+    if total > max_share * n:
+        return None
     values = torch.empty(total, dtype=flat.dtype)
     lib.gather_f32(flat.data_ptr(), n, packed.data_ptr(), offsets.ctypes.data, values.data_ptr(), threads)
     return packed, values

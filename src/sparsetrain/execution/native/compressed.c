@@ -24,9 +24,10 @@ int uses_openmp(void) {
  * copied to restrict locals so the compiler need not reload them after every store. */
 
 /* ---- keep bits: which entries reach the threshold, and how many per chunk ---- */
-struct keep_args { const float *x; int64_t n; float thr; int absolute; uint8_t *bits; int64_t *counts; };
+struct keep_args { const float *x; int64_t n; float thr; int mode; uint8_t *bits; int64_t *counts; };
 
-enum { AT_LEAST = 0, ABS_AT_LEAST = 1, POSITIVE = 2 };
+/* NONZERO keeps every entry whose bits are not all zero (-0.0 and NaN included): exact, for lossless storage */
+enum { AT_LEAST = 0, ABS_AT_LEAST = 1, POSITIVE = 2, NONZERO = 3 };
 
 #if defined(__AVX512F__)
 /* 16 lanes per instruction, with a mask register per comparison and compress/expand for the
@@ -44,9 +45,14 @@ static const int32_t NIBBLE_LANES[16][4] __attribute__((aligned(16))) = {
 #define LANES(n) _mm_load_ps((const float *)NIBBLE_LANES[(n)])
 #endif
 
-/* The bits of one byte: x[j] >= thr, |x[j]| >= thr or x[j] > 0, by mode. */
+/* The bits of one byte: x[j] >= thr, |x[j]| >= thr, x[j] > 0 or x[j]'s bits not all zero, by mode. */
 static inline unsigned keep_byte(const float *restrict x, int len, float thr, int mode) {
     unsigned byte = 0;
+    if (mode == NONZERO) {
+        const uint32_t *restrict u = (const uint32_t *)x;
+        for (int j = 0; j < len; j++) byte |= (unsigned)(u[j] != 0u) << j;
+        return byte;
+    }
 #if defined(__SSE2__)
     if (len == 8) {
         __m128 a = _mm_loadu_ps(x), b = _mm_loadu_ps(x + 4), t = _mm_set1_ps(thr);
@@ -76,13 +82,15 @@ static void keep_chunk(void *p, int64_t c) {
     const float *restrict x = a->x;
     uint8_t *restrict bits = a->bits;
     const float thr = a->thr;
-    const int mode = a->absolute ? ABS_AT_LEAST : AT_LEAST;
+    const int mode = a->mode;
     int64_t b = c * CHUNK, hi = chunk_end(c, a->n), count = 0;
 #if defined(__AVX512F__)
     const __m512 t = _mm512_set1_ps(thr);
     for (; b + 16 <= hi; b += 16) {
         __m512 v = _mm512_loadu_ps(x + b);
-        unsigned m = _mm512_cmp_ps_mask(a->absolute ? _mm512_abs_ps(v) : v, t, _CMP_GE_OQ);
+        __m512i vi = _mm512_castps_si512(v);
+        unsigned m = mode == NONZERO ? _mm512_test_epi32_mask(vi, vi)
+                                     : _mm512_cmp_ps_mask(mode == ABS_AT_LEAST ? _mm512_abs_ps(v) : v, t, _CMP_GE_OQ);
         put_bits16(bits, b, m);
         count += __builtin_popcount(m);
     }
@@ -95,9 +103,10 @@ static void keep_chunk(void *p, int64_t c) {
     a->counts[c] = count;
 }
 
-/* bits[i/8] bit i%8 = (|x[i]| >= thr) (x[i] >= thr when absolute == 0); counts[c] = kept entries of chunk c. */
-void keep_bits_f32(const float *x, int64_t n, float thr, int absolute, uint8_t *bits, int64_t *counts, int nthreads) {
-    struct keep_args a = {x, n, thr, absolute, bits, counts};
+/* bits[i/8] bit i%8 = x[i] kept under mode (AT_LEAST, ABS_AT_LEAST or NONZERO: see keep_byte); counts[c] = kept
+ * entries of chunk c. */
+void keep_bits_f32(const float *x, int64_t n, float thr, int mode, uint8_t *bits, int64_t *counts, int nthreads) {
+    struct keep_args a = {x, n, thr, mode, bits, counts};
     parallel_workers(keep_chunk, &a, chunk_count(n), nthreads);
 }
 
