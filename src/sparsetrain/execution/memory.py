@@ -47,10 +47,14 @@ _COMPRESS_MIN_NUMEL = 1 << 14  # smaller inputs: the calls cost more than their 
 
 
 class _Source:
-    """A tensor's whole storage, remade in backward on first need and shared by the saved views that read it
-    (``readers``), dropped after the last one."""
+    """A tensor's whole storage, remade in backward when a saved view of it is read. A source that is dear to remake
+    (``shared``) keeps its value for the views still to read it (``readers``: the attention reads three views of one
+    projection at once) and drops it after the last; a cheap one is remade for each, so that its value is not held
+    through the backward of the layers in between (the first convolution's input, kept for its weight gradient,
+    would otherwise live through its BatchNorm's backward, the step's peak)."""
 
     __slots__ = ("readers", "_value")
+    shared = True
 
     def __init__(self):
         self.readers, self._value = 0, None
@@ -58,7 +62,7 @@ class _Source:
     def take(self) -> torch.Tensor:
         value = self._value if self._value is not None else self.compute()
         self.readers -= 1
-        self._value = value if self.readers > 0 else None
+        self._value = value if self.readers > 0 and self.shared else None
         return value
 
     def compute(self) -> torch.Tensor:  # pragma: no cover - every source defines it
@@ -69,6 +73,7 @@ class _Compressed(_Source):
     """A storage of float32 values kept as the bitmask of its nonzero entries and their values."""
 
     __slots__ = ("bits", "values", "numel")
+    shared = False  # one pass over memory to remake
 
     def __init__(self, bits: torch.Tensor, values: torch.Tensor, numel: int):
         super().__init__()
@@ -122,6 +127,7 @@ class _Renorm(_Source):
     """A BatchNorm-ReLU output, remade from the BatchNorm's input (which BatchNorm keeps anyway)."""
 
     __slots__ = ("z", "bn")
+    shared = False  # one BatchNorm and ReLU pass to remake
 
     def __init__(self, z: torch.Tensor, bn: nn.BatchNorm2d):
         super().__init__()
