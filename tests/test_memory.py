@@ -174,14 +174,22 @@ def _loss(out, y):
 
 
 @pytest.mark.parametrize("case", sorted(RECOMPUTE_CASES))
-def test_recomputed_outputs_and_compressed_inputs_give_the_same_bits_and_keep_fewer_bytes(case, monkeypatch):
+def test_recomputed_outputs_and_compressed_inputs_give_the_same_bits_and_keep_fewer_bytes(case):
     make_model, factory, kwargs, data, share = RECOMPUTE_CASES[case]  # share: of the bytes kept without recompute
 
-    def run(lossless):
+    def run(lossless, recompute_outputs=True):
         torch.manual_seed(0)
         model = make_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        sp = factory(model, opt, total_steps=6, lossless_activations=lossless, seed=3, **kwargs)
+        sp = factory(
+            model,
+            opt,
+            total_steps=6,
+            lossless_activations=lossless,
+            recompute_outputs=recompute_outputs,
+            seed=3,
+            **kwargs,
+        )
         losses = []
         for x, y in data(6):
             opt.zero_grad()
@@ -195,9 +203,9 @@ def test_recomputed_outputs_and_compressed_inputs_give_the_same_bits_and_keep_fe
 
     sp_plain, plain, losses_plain, kept_plain = run(False)
     sp_lossless, lossless, losses_lossless, kept_lossless = run(True)
-    with monkeypatch.context() as m:
-        m.setattr("sparsetrain.execution.plan.reruns", lambda layers: set())
-        kept_without = run(True)[3]  # the savings without recomputed layer outputs
+    sp_without, _, losses_without, kept_without = run(True, recompute_outputs=False)  # the other savings alone
+    assert losses_without == losses_plain and not any(lp.recompute for lp in sp_without.plan.layers.values())
+    assert "recompute" not in str(sp_without.plan)
     assert losses_lossless == losses_plain
     for (n, p), q in zip(plain.named_parameters(), lossless.parameters()):
         assert torch.equal(p, q), n

@@ -54,6 +54,11 @@ class ExecutionOptions:
         "keep what the forward pass saves for backward in exact compact forms (ReLU bits, max-pool bytes, "
         "BatchNorm-ReLU outputs recomputed), for any method and backend",
     )
+    recompute_outputs: bool = _option(
+        True,
+        "under lossless_activations, also recompute in backward the outputs of layers on sparse kernels (and keep "
+        "their mostly-zero inputs compressed) where the plan finds it cheap; False keeps them (faster, more memory)",
+    )
     example_inputs: Any = _option(
         None,
         "a tensor, or a tuple of the model's positional inputs, on which ``auto`` times its choices at once "

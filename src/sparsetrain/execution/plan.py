@@ -94,7 +94,8 @@ class ExecutionPlan:
             raise ValueError(f"not an execution plan (missing or malformed field: {e})") from None
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r} in the plan; allowed: {sorted(LAYOUTS)} or null")
-        compared = {k: bool(d.get(k, False)) for k in ExecutionOptions().to_dict()}
+        defaults = ExecutionOptions().to_dict()  # (a plan saved before an option existed ran with its default)
+        compared = {k: bool(d.get(k, default)) for k, default in defaults.items()}
         return cls(d["requested"], layers, layout, ExecutionOptions(execution=d["requested"], **compared))
 
     def save(self, path: str | Path) -> None:
@@ -123,7 +124,7 @@ class ExecutionPlan:
             f"{', channels cut on both sides' if self.channel_both_sides else ''}"
             f"{', lossless activations' if self.lossless_activations else ''}"
         )
-        extra = self.lossless_activations  # the recompute column, where there is a choice to show
+        extra = self.lossless_activations and self.recompute_outputs  # the recompute column, where there is a choice
         rows = [
             head,
             f"{'layer':<{width}}  {'backend':<15}  compact" + ("  recompute" if extra else ""),
@@ -225,7 +226,11 @@ class Planner:
         if options.channel_both_sides:
             shrink_both_sides(model, self.layers)
         # before any timing, so that auto times the step as it will run
-        self.memory = LosslessActivations(model, self.layers.values()) if options.lossless_activations else None
+        self.memory = (
+            LosslessActivations(model, self.layers.values() if options.recompute_outputs else ())
+            if options.lossless_activations
+            else None
+        )
         if given is not None:
             self.apply(given)
         elif not self.backend.timed:
@@ -316,7 +321,8 @@ class Planner:
             }
             compact_layers(fresh, self.maskset, self.optimizer)
         if recompute is None:
-            recompute = reruns(self.layers) if self.memory is not None else set()
+            on = self.memory is not None and self.options.recompute_outputs
+            recompute = reruns(self.layers) if on else set()
         if self.memory is not None:
             self.memory.rerun(self.layers[n] for n in recompute)
         self.plan = ExecutionPlan(
