@@ -95,7 +95,10 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
         model.to(memory_format=fmt)
         t = time.perf_counter()
         loss_of(fmt).backward()
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        for p in model.parameters():  # not held into the next pass: a backward's peak is near its start
+            p.grad = None
+        return elapsed
 
     timed({}, torch.channels_last)  # warm-up; undecided layers time their paths here
     choices = {n: m.backend for n, m in layers.items()}
@@ -121,8 +124,6 @@ def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repea
     t_sparse, t_dense = min(times[:-1], default=times[-1]), times[-1]
     model.to(memory_format=fmt)
     restore()
-    for p in model.parameters():
-        p.grad = None
     for m in layers.values():
         m.step_timings = {"sparse": t_sparse, "masked": t_dense}
     return fmt
