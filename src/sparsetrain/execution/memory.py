@@ -222,12 +222,17 @@ class LosslessActivations:
                 self._hooks.append(m.register_forward_hook(self._after_relu))
             elif type(m) in _REAPPLIED:
                 self._hooks.append(m.register_forward_hook(self._after_reapplied))
-        for m in layers:
+        self.layers = list(layers)
+        for m in self.layers:
             self._hooks += [m.register_forward_pre_hook(self._before_layer), m.register_forward_hook(self._after_layer)]
 
     def rerun(self, layers) -> None:
-        """Recompute the outputs of ``layers`` in backward from here on (the planner's choice); the rest are kept."""
+        """Recompute the outputs of ``layers`` in backward from here on (the planner's choice); the rest are kept.
+        A layer that keeps less than its whole input by default (SWAT's top-K) is told to keep it whole."""
         self._reruns = {id(m) for m in layers}
+        for m in self.layers:
+            if hasattr(m, "keeps_input"):
+                m.keeps_input = id(m) in self._reruns
 
     # the forward pass: note layer inputs and outputs, BatchNorm outputs, then ReLU outputs made from them
     def _enter(self, module, args):
@@ -253,7 +258,8 @@ class LosslessActivations:
         held = _lookup(self._kept, args[0])
         if held is None:  # the layer did not keep its input (nothing to rerun from without keeping more)
             return
-        x = _View(held.kept, args[0]) if isinstance(held.kept, _Source) else held.kept
+        # (kept as itself, perhaps as another view of the same memory: the input as the layer got it)
+        x = _View(held.kept, args[0]) if isinstance(held.kept, _Source) else args[0]
         self._made[out.untyped_storage().data_ptr()] = _Record(out, _Rerun(layer, x))
 
     def _after_reapplied(self, module, args, out):
@@ -305,5 +311,6 @@ class LosslessActivations:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self.rerun(())
         replace_activations(self.model, BitReLU, lambda old: nn.ReLU(inplace=old.inplace))
         compact_pools(self.model, undo=True)

@@ -175,12 +175,12 @@ RERUN_BUDGET = 0.2  # the recomputed outputs may cost at most this share of the 
 def reruns(layers: dict[str, nn.Module]) -> set[str]:
     """The layers whose outputs backward recomputes instead of keeping (under ``lossless_activations``).
 
-    Only layers on a sparse kernel qualify (a masked dense layer's rerun would cost a dense forward; SWAT keeps its
-    own compressed inputs). Where ``auto`` measured them, each layer's forward time (what a rerun costs) and output
+    Only layers on a sparse kernel qualify (``sparse_forward``: a masked dense layer's rerun would cost a dense
+    forward). Where ``auto`` measured them, each layer's forward time (what a rerun costs) and output
     bytes (what it saves) are known: the layers are taken cheapest per byte first while their reruns add up to at
     most :data:`RERUN_BUDGET` of the time every layer's forward and backward took, so the step pays a bounded
     share for the memory. With nothing measured (a backend named), every qualifying layer is chosen."""
-    eligible = {n: m for n, m in layers.items() if hasattr(m, "candidates") and get_backend(m.backend).swaps_layers}
+    eligible = {n: m for n, m in layers.items() if getattr(m, "sparse_forward", False)}
     costs = {n: m.rerun_cost for n, m in eligible.items() if getattr(m, "rerun_cost", None)}
     if not costs:
         return set(eligible)

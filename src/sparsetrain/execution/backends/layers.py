@@ -139,6 +139,12 @@ class _SparseExec:
         self.backend = get_backend(backend).name
 
     @property
+    def sparse_forward(self) -> bool:
+        """Whether the forward pass runs on a sparse kernel (a fraction of a dense one: backward may recompute the
+        output instead of keeping it) rather than a masked dense product."""
+        return BACKENDS[self.backend].swaps_layers and not BACKENDS[self.backend].timed
+
+    @property
     def decided(self) -> bool:
         """Whether the layer runs one path (False while an ``auto`` layer has not timed its paths yet)."""
         return not BACKENDS[self.backend].timed

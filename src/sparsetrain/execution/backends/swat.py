@@ -288,22 +288,30 @@ class _SWATDirectConv2dFn(torch.autograd.Function):
     channels-last, as it comes)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_thresh, a_thresh, stride, padding, dilation):
-        packed, values, cl = _compress(x, a_thresh)
+    def forward(ctx, x, weight, bias, w_thresh, a_thresh, stride, padding, dilation, keep_input=False):
+        if keep_input:  # the whole input is kept (exactly, compressed, by the lossless savings): top-K in backward
+            cl, ctx.a_thresh = flat_view(x.detach())[1], float(a_thresh)
+        else:
+            packed, values, cl = _compress(x, a_thresh)
         kept, by_out, by_in = native.threshold_lists(weight, float(w_thresh))
         s = DirectStructure(tuple(weight.shape), None, by_out, by_in)
         geom = direct_geometry(x.shape, s.shape, stride, padding, dilation)
         plan = direct_plan(geom, s.shape[2:])
         # in the layout the input was compressed in (its memory order), which backward reads back
         out = direct_forward(x, kept, None if bias is None else bias.detach().contiguous(), s, geom, plan, nhwc=cl)
-        ctx.save_for_backward(packed, values, kept)
+        ctx.keep_input = keep_input
+        ctx.save_for_backward(*((x, kept) if keep_input else (packed, values, kept)))
         ctx.conf = (s, geom, plan, tuple(x.shape), cl, bias is not None, stride, padding, dilation)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        packed, values, kept = ctx.saved_tensors
+        if ctx.keep_input:  # the same top-K of the same input, with the forward's threshold: the same bits
+            x, kept = ctx.saved_tensors
+            packed, values, _ = _compress(x, ctx.a_thresh)
+        else:
+            packed, values, kept = ctx.saved_tensors
         s, geom, plan, shape, cl, has_bias, stride, padding, dilation = ctx.conf
         need = ctx.needs_input_grad
         gx = gw = gb = None
@@ -330,7 +338,7 @@ class _SWATDirectConv2dFn(torch.autograd.Function):
                 )
         if has_bias and need[2]:
             gb = grad_out.sum((0, 2, 3))
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def _pair(v):
@@ -454,6 +462,9 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
 
     backend = "masked"
     ran: str | None = None  # the path the last training forward took ("direct" or "masked")
+    # set while backward recomputes this layer's output (lossless activations): the direct path then keeps its
+    # whole input, which the savings keep compressed and exact, instead of its top-K, and takes the top-K in backward
+    keeps_input = False
 
     def fix_backend(self, backend: str) -> None:
         """Compute with ``backend`` from now on (one of :func:`swat_backends`)."""
@@ -477,16 +488,25 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
             and not isinstance(self.padding, str)
         )
 
+    @property
+    def sparse_forward(self) -> bool:
+        """Whether the forward pass runs on the direct kernels (a fraction of a dense one: backward may recompute
+        the output)."""
+        return self.backend != "masked" and not self.structure and self.density <= DIRECT_MAX_DENSITY
+
     @torch.compiler.disable
     def forward(self, x):
         refuse_traced(x, self)
         self._maybe_refresh(x)
+        if self.training:
+            self.ran = "direct" if self.runs_direct(x) else "masked"
+        return self._run(x)
+
+    def _run(self, x):
+        """The output for ``x`` under the current thresholds (no refresh, no step counted: what a rerun computes)."""
         if self.padding_mode != "zeros":
             raise ValueError("SWAT supports zero padding only")
-        direct = self.runs_direct(x)
-        if self.training:
-            self.ran = "direct" if direct else "masked"
-        if direct:
+        if self.runs_direct(x):
             return _SWATDirectConv2dFn.apply(
                 x,
                 self.weight,
@@ -496,6 +516,7 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
                 _pair(self.stride),
                 _pair(self.padding),
                 _pair(self.dilation),
+                self.keeps_input,
             )
         return swat_conv2d(
             x,
