@@ -23,6 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_record, command_line, commit, environment  # noqa: E402
 
@@ -44,6 +46,23 @@ def _model_args(pairs: list[str]) -> dict:
         except ValueError:
             out[key] = float(value)
     return out
+
+
+def _state_bytes(model, opt) -> dict:
+    """Bytes of the parameters, their gradients and the optimizer's state after a step (each storage once; masks
+    and the kernels' index lists apart): the training state beside the activations. SWAT keeps its weights, their
+    gradient and momentum dense by design (its dense update can bring pruned weights back); this shows that part."""
+
+    def total(tensors) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
+        return sum(storages.values())
+
+    params = list(model.parameters())
+    return {
+        "weights": total(params),
+        "grads": total(p.grad for p in params),
+        "optimizer": total(v for state in opt.state.values() for v in state.values()),
+    }
 
 
 def main(argv=None):
@@ -97,6 +116,7 @@ def main(argv=None):
     t_dense, t_sparse = time_pairs(steps["dense"], steps["sparse"], args.pairs, args.warmup)
     ratios = [s / d for d, s in zip(t_dense, t_sparse)]
     chosen = {n: m.ran for n, m in sparse.named_modules() if hasattr(m, "maskset") and hasattr(m, "ran")}
+    state = {"dense": _state_bytes(dense, dopt), args.config: _state_bytes(sparse, sopt)}
     del dense, dopt, sparse, sopt, method, steps
     peaks = {
         "dense": peak_memory(args.model, "dense", 0.0, args.batch, model_args=margs),
@@ -125,6 +145,7 @@ def main(argv=None):
         "peak_env": PEAK_ENV,
         "saved_bytes_ratio": round(saved_sparse["total"] / saved_dense["total"], 4),
         "layer_input_saved_bytes_ratio": round(layer_in(saved_sparse) / layer_in(saved_dense), 4),
+        "state_bytes": state,
         "saved_bytes_dense": saved_dense,
         "saved_bytes_sparse": saved_sparse,
         "step_s_dense_median": round(statistics.median(t_dense), 4),
