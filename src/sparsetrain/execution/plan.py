@@ -31,6 +31,7 @@ from .backends import (
     choose_now,
     get_backend,
     keep_buffers,
+    measure_reruns,
     settle_layout,
 )
 from .backends.channel_pairs import shrink_both_sides
@@ -169,25 +170,24 @@ def _in_layout(fmt: torch.memory_format):
     return lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 and t.is_floating_point() else t
 
 
-RERUN_BUDGET = 0.2  # the recomputed outputs may cost at most this share of the layers' measured step time
+RERUN_BUDGET = 0.1  # the recomputed outputs may cost at most this share of the measured training step
 
 
-def reruns(layers: dict[str, nn.Module]) -> set[str]:
+def reruns(layers: dict[str, nn.Module], step_seconds: float | None = None) -> set[str]:
     """The layers whose outputs backward recomputes instead of keeping (under ``lossless_activations``).
 
     Only layers on a sparse kernel qualify (``sparse_forward``: a masked dense layer's rerun would cost a dense
-    forward). Where ``auto`` measured them, each layer's forward time (what a rerun costs) and output
-    bytes (what it saves) are known: the layers are taken cheapest per byte first while their reruns add up to at
-    most :data:`RERUN_BUDGET` of the time every layer's forward and backward took, so the step pays a bounded
-    share for the memory. With nothing measured (a backend named), every qualifying layer is chosen."""
+    forward). Where ``auto`` measured the step (``step_seconds``) and each layer's forward time (what a rerun costs)
+    and output bytes (what it saves) (:func:`~sparsetrain.execution.backends.measure_reruns`), the layers are taken
+    cheapest per byte first while their reruns add up to at most :data:`RERUN_BUDGET` of the step, so the step pays
+    a bounded share for the memory. With nothing measured (a backend named), every qualifying layer is chosen."""
     eligible = {n: m for n, m in layers.items() if getattr(m, "sparse_forward", False)}
     costs = {n: m.rerun_cost for n, m in eligible.items() if getattr(m, "rerun_cost", None)}
-    if not costs:
+    if step_seconds is None or not costs:
         return set(eligible)
-    budget = RERUN_BUDGET * sum(m.timings[m.backend] for m in layers.values() if getattr(m, "timings", None))
     chosen, spent = set(), 0.0
     for name in sorted(costs, key=lambda n: costs[n][0] / max(costs[n][1], 1)):
-        if spent + costs[name][0] <= budget:
+        if spent + costs[name][0] <= RERUN_BUDGET * step_seconds:
             chosen.add(name)
             spent += costs[name][0]
     return chosen
@@ -217,6 +217,7 @@ class Planner:
         self.model, self.optimizer, self.maskset, self.request = model, optimizer, maskset, request
         self.options = options
         self.plan: ExecutionPlan | None = None
+        self._step_seconds: float | None = None  # a training step's time, measured where reruns are weighed
         self._hooks: list = []
         self._layout_hooks: list = []
         if request.traits.own_layers:
@@ -297,10 +298,14 @@ class Planner:
 
                 fmt = settle_layout(model, self.layers, loss_of)
                 layout = "channels_last" if fmt == torch.channels_last else "nchw"
+                step = lambda: loss_of(fmt)  # noqa: E731
             elif self.layers:  # (settle_layout keeps its own copy of the state; here one is made only when needed)
                 restore = keep_buffers(model)
-                choose_now(model, lambda: _first_tensor(model(*args, **kwargs)).float().mean())
+                step = lambda: _first_tensor(model(*args, **kwargs)).float().mean()  # noqa: E731
+                choose_now(model, step)
                 restore()
+            if self.layers and self.memory is not None and self.options.recompute_outputs:
+                self._step_seconds = measure_reruns(model, self.layers, step)
         for p in model.parameters():
             p.grad = None
         if self.maskset is not None:
@@ -322,7 +327,7 @@ class Planner:
             compact_layers(fresh, self.maskset, self.optimizer)
         if recompute is None:
             on = self.memory is not None and self.options.recompute_outputs
-            recompute = reruns(self.layers) if on else set()
+            recompute = reruns(self.layers, self._step_seconds) if on else set()
         if self.memory is not None:
             self.memory.rerun(self.layers[n] for n in recompute)
         self.plan = ExecutionPlan(

@@ -18,7 +18,16 @@ import torch.nn as nn
 
 from .registry import BACKENDS, Backend, register
 
-__all__ = ["Auto", "TIMING_SHARE", "NEAR_TIE", "near_tie", "choose_now", "settle_layout", "keep_buffers"]
+__all__ = [
+    "Auto",
+    "TIMING_SHARE",
+    "NEAR_TIE",
+    "near_tie",
+    "choose_now",
+    "settle_layout",
+    "keep_buffers",
+    "measure_reruns",
+]
 
 
 @register
@@ -70,6 +79,42 @@ def choose_now(model: nn.Module, loss_of) -> None:
     loss_of().backward()
     for p in model.parameters():
         p.grad = None
+
+
+def measure_reruns(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 2) -> float:
+    """Time ``repeats`` training passes of ``loss_of()`` (forward and backward, every layer on its chosen path) and,
+    within them, each layer's forward: what backward would pay to recompute its output. Sets each layer's
+    ``rerun_cost`` to (its fastest forward in seconds, its output's bytes); returns the fastest whole pass, the
+    budget's measure (:func:`~sparsetrain.execution.plan.reruns`). Gradients and BatchNorm statistics are left as
+    they were."""
+    restore = keep_buffers(model)
+    costs: dict[str, tuple[float, int]] = {}
+    started: dict[str, float] = {}
+    hooks = []
+    for name, m in layers.items():
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, n=name: started.__setitem__(n, time.perf_counter())))
+
+        def done(mod, args, out, n=name):
+            spent = time.perf_counter() - started[n]
+            nbytes = out.untyped_storage().nbytes() if torch.is_tensor(out) else 0
+            costs[n] = (min(spent, costs.get(n, (spent, 0))[0]), nbytes)
+
+        hooks.append(m.register_forward_hook(done))
+    best = float("inf")
+    try:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            loss_of().backward()
+            best = min(best, time.perf_counter() - t)
+            for p in model.parameters():
+                p.grad = None
+    finally:
+        for h in hooks:
+            h.remove()
+        restore()
+    for name, cost in costs.items():
+        layers[name].rerun_cost = cost
+    return best
 
 
 def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4) -> torch.memory_format:

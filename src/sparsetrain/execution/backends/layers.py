@@ -114,25 +114,11 @@ class _SparseExec:
             self.bias.grad = None
         self.timings = timings
         self.backend = min(timings, key=timings.get)
-        if backward:
-            self.rerun_cost = self._forward_cost(x)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             names = list(timings)  # the same candidates on every rank: same layer, same input shape
             choice = torch.tensor([names.index(self.backend)])
             dist.broadcast(choice, 0)  # timings differ by rank; the choice must not
             self.backend = names[int(choice)]
-
-    def _forward_cost(self, x: torch.Tensor) -> tuple[float, int]:
-        """(seconds, bytes) of one forward pass on the chosen path (the fastest of three) and of its output: what
-        recomputing the output in backward costs, and what it saves (see :func:`~sparsetrain.execution.plan.reruns`)."""
-        best, nbytes = float("inf"), 0
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # (nothing of this is kept)
-            for _ in range(3):
-                t = time.perf_counter()
-                out = self._run(x.detach())
-                best = min(best, time.perf_counter() - t)
-                nbytes = out.untyped_storage().nbytes()
-        return best, nbytes
 
     def fix_backend(self, backend: str) -> None:
         """Use ``backend`` from now on (a resumed run keeps the choice it made, instead of timing again)."""
