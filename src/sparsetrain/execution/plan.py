@@ -182,7 +182,11 @@ def reruns(layers: dict[str, nn.Module], step_seconds: float | None = None) -> s
     cheapest per byte first while their reruns add up to at most :data:`RERUN_BUDGET` of the step, so the step pays
     a bounded share for the memory. With nothing measured (a backend named), every qualifying layer is chosen."""
     eligible = {n: m for n, m in layers.items() if getattr(m, "sparse_forward", False)}
-    costs = {n: m.rerun_cost for n, m in eligible.items() if getattr(m, "rerun_cost", None)}
+    costs = {  # (seconds, bytes); a layer whose rerun costs more than its forward says how many (rerun_forwards)
+        n: (m.rerun_cost[0] * getattr(m, "rerun_forwards", 1.0), m.rerun_cost[1])
+        for n, m in eligible.items()
+        if getattr(m, "rerun_cost", None)
+    }
     if step_seconds is None or not costs:
         return set(eligible)
     chosen, spent = set(), 0.0
