@@ -139,3 +139,15 @@ def test_the_cli_sleeps_its_openmp_threads_only_when_others_keep_the_cpu_busy(mo
         assert cli.choose_openmp_wait_policy(env) == expected
         assert env.get("OMP_WAIT_POLICY") == (expected or user.get("OMP_WAIT_POLICY"))
     assert 0 <= cli.others_busy_cores(0.05) <= 64  # /proc/stat read: a core count
+    # where the others take half the cores or more, torch starts with the cores left; a count the user set is kept
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    for busy, user, threads in [(1.0, {}, "1"), (0.6, {}, "1"), (1.0, {"OMP_NUM_THREADS": "2"}, "2"), (0.4, {}, None)]:
+        monkeypatch.setattr(cli, "others_busy_cores", lambda busy=busy: busy)
+        env = dict(user)
+        cli.choose_openmp_wait_policy(env)
+        assert env.get("OMP_NUM_THREADS") == threads
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(cli, "others_busy_cores", lambda: 1.0)
+    env = {}
+    cli.choose_openmp_wait_policy(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}  # 15 cores left of 16: torch's own default stands

@@ -498,14 +498,20 @@ def choose_openmp_wait_policy(environ=os.environ) -> str | None:
     """Before torch loads: on a CPU that other processes keep busy (half a core or more), OpenMP's threads sleep
     while they wait (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning, which on a shared core starves the thread
     they wait for (measured on the quickstart, 2 cores beside one busy process: 9 steps/s spinning, 21.5 passive;
-    idle, spinning is the faster: ``benchmarks/threads_under_load.py``). A policy the user set is kept. Returns
-    the policy set, or None."""
+    idle, spinning is the faster: ``benchmarks/threads_under_load.py``). Where the others take half the cores or
+    more, PyTorch also starts with only the cores left (``OMP_NUM_THREADS``): a thread that shares its core with
+    another process stalls every other thread at each join. A policy or thread count the user set is kept
+    (``run.threads`` still decides the threads). Returns the policy set, or None."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ or "torch" in sys.modules:
         return None
     busy = others_busy_cores()
     if busy is None or busy < 0.5:
         return None
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    cores = os.cpu_count() or 1
+    free = max(1, int(cores - busy + 0.5))
+    if "OMP_NUM_THREADS" not in environ and free <= cores // 2:
+        environ["OMP_NUM_THREADS"] = str(free)
     return "PASSIVE"
 
 
