@@ -136,6 +136,10 @@ def _tokens(n_batches, batch=4, context=16, vocab=32, seed=1):
     ]
 
 
+def _cnn():
+    return build_model("vgg16", width=0.25).to(memory_format=torch.channels_last)
+
+
 def _gpt():
     return build_model("gpt", num_classes=32, width=0.5, context=16)
 
@@ -143,7 +147,7 @@ def _gpt():
 RECOMPUTE_CASES = {
     # a CNN on the direct kernels: BatchNorm's inputs recomputed, the ReLU outputs the next layers read compressed
     "cnn-direct": (
-        lambda: build_model("vgg16", width=0.25).to(memory_format=torch.channels_last),
+        _cnn,
         st.static,
         {"sparsity": 0.95, "execution": "direct", "compact_state": True, "seed": 3},
         _images,
@@ -160,7 +164,7 @@ RECOMPUTE_CASES = {
     ),
     # RigL growing from the dense gradient (its tap keeps the layer input too) with mask updates every other step
     "cnn-rigl": (
-        lambda: build_model("vgg16", width=0.25).to(memory_format=torch.channels_last),
+        _cnn,
         st.rigl,
         {"sparsity": 0.9, "execution": "direct", "compact_state": True, "update_every_steps": 2, "seed": 3},
         _images,
@@ -176,7 +180,7 @@ RECOMPUTE_CASES = {
     ),
     # SWAT keeps its whole input (compressed) instead of its top-K and takes the top-K in backward
     "swat-direct": (
-        lambda: build_model("vgg16", width=0.25).to(memory_format=torch.channels_last),
+        _cnn,
         st.swat,
         {"sparsity": 0.9, "execution": "direct"},
         _images,
@@ -240,7 +244,7 @@ def test_recomputed_outputs_and_compressed_inputs_give_the_same_bits_and_keep_fe
 def test_a_resumed_run_recomputes_the_same_layers_and_finishes_bit_identical():
     def fresh():
         torch.manual_seed(0)
-        model = build_model("vgg16", width=0.25).to(memory_format=torch.channels_last)
+        model = _cnn()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         sp = st.rigl(
             model,

@@ -84,39 +84,25 @@ class _Compressed(_Source):
 
 
 class _Rerun(_Source):
-    """A sparse layer's output, remade by running the layer again on its kept input."""
+    """An output remade by running what made it again on its kept input: a sparse layer's kernel (``layer._run``),
+    or a module that keeps its input for its own backward (LayerNorm, GELU, SiLU)."""
 
-    __slots__ = ("layer", "x")
+    __slots__ = ("run", "x")
 
-    def __init__(self, layer: nn.Module, x):
+    def __init__(self, run, x):
         super().__init__()
-        self.layer, self.x = layer, x
+        self.run, self.x = run, x
 
     def compute(self) -> torch.Tensor:
         x = self.x.value() if isinstance(self.x, _View) else self.x
         # with gradients on, as in the forward pass, so that every kernel takes the path it took then; what this
         # throwaway graph saves is nobody's business (an outer measurement's hooks would count it as kept)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
-            return self.layer._run(x.detach()).detach()
+            return self.run(x.detach()).detach()
 
 
 def _as_is(t):
     return t
-
-
-class _Reapply(_Source):
-    """The output of a module that keeps its input for its own backward (LayerNorm, GELU, SiLU), remade from it."""
-
-    __slots__ = ("module", "x")
-
-    def __init__(self, module: nn.Module, x):
-        super().__init__()
-        self.module, self.x = module, x
-
-    def compute(self) -> torch.Tensor:
-        x = self.x.value() if isinstance(self.x, _View) else self.x
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
-            return self.module(x.detach()).detach()
 
 
 # modules whose backward keeps their input and whose output is a function of it alone (and of their parameters)
@@ -260,7 +246,7 @@ class LosslessActivations:
             return
         # (kept as itself, perhaps as another view of the same memory: the input as the layer got it)
         x = _View(held.kept, args[0]) if isinstance(held.kept, _Source) else args[0]
-        self._made[out.untyped_storage().data_ptr()] = _Record(out, _Rerun(layer, x))
+        self._made[out.untyped_storage().data_ptr()] = _Record(out, _Rerun(layer._run, x))
 
     def _after_reapplied(self, module, args, out):
         x = args[0] if args else None
@@ -268,7 +254,7 @@ class LosslessActivations:
             return
         held = _lookup(self._made, x) or _lookup(self._kept, x)  # x itself remade or compressed: read it from there
         x = _View(held.kept, x) if held is not None and isinstance(held.kept, _Source) else x
-        self._made[out.untyped_storage().data_ptr()] = _Record(out, _Reapply(module, x))
+        self._made[out.untyped_storage().data_ptr()] = _Record(out, _Rerun(module, x))
 
     def _after_bn(self, bn, args, out):
         if self._context is not None and bn.training and torch.is_tensor(out) and out.dim() == 4:
