@@ -46,6 +46,7 @@ def runs(request, tmp_path_factory):
     return request.param, run_driver(tmp / "one.pt", *args), run_driver(tmp / "two.pt", *args, ranks=2)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp_masks_equal_one_process_after_every_update(runs, method):
     model, one, two = runs
@@ -63,6 +64,7 @@ def test_fsdp_masks_equal_one_process_after_every_update(runs, method):
         torch.testing.assert_close(b["weights"][name], w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.ranks
 def test_sharded_top_k_breaks_ties_like_one_process(runs):
     _, one, two = runs
     assert len(one["ties"]) == len(two["ties"]) > 0
@@ -94,6 +96,7 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("method", ["rigl", "mest"])
 @pytest.mark.parametrize("saved,resumed", [(2, 2), (2, 1), (1, 2)])
 def test_sharded_checkpoint_resumes_equal_to_an_uninterrupted_run(checkpoints, method, saved, resumed):
@@ -156,6 +159,7 @@ def _final_weights(run: Path) -> dict:
     return torch.load(run / "model.pt", weights_only=True)["model"]
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize(
     "extra",
     [[], ["model.name=mlp", "sparsity.backend=condensed", "sparsity.compact_state=true"]],
@@ -224,6 +228,7 @@ def test_fsdp_without_torchrun_says_how_to_start_it(tmp_path, tiny_mnist_tar):
         Trainer(cfg)
 
 
+@pytest.mark.ranks
 def test_lightning_fsdp2_strategy_keeps_the_masks_of_one_process(tmp_path):
     pytest.importorskip("lightning")
     driver = Path(__file__).resolve().parent / "lightning_fsdp_driver.py"

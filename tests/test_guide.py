@@ -113,8 +113,9 @@ def test_the_readme_cifar_command_runs_as_written_at_a_tiny_size(tmp_path):
 
 
 def test_ci_installs_and_tests_exactly_as_the_readme_and_the_getting_started_page_say():
-    """The install lines (the CPU index named, on every platform) and both test steps are the same text in the
-    README, the getting-started page and ``.ci/run``, so a fix to one cannot leave the others behind."""
+    """The install lines (the CPU index named, on every platform) are the same text in the README, the
+    getting-started page and ``.ci/run``, and the three test steps in the README and ``.ci/run``, so a fix to one
+    cannot leave the others behind."""
     readme = (REPO / "README.md").read_text()
     start = (REPO / "docs" / "getting-started.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
@@ -123,7 +124,8 @@ def test_ci_installs_and_tests_exactly_as_the_readme_and_the_getting_started_pag
     for text in (readme, start):
         assert torch_line in text and project_line in text
     assert torch_line.replace("install", "install -q", 1) in ci and project_line.replace("install", "install -q") in ci
-    for step in ("python3 -m pytest -q\n", "SPARSETRAIN_TEST_TIMINGS=reversed python3 -m pytest -q -m timing"):
+    steps = ('python3 -m pytest -q -m "not ranks"', "SPARSETRAIN_TEST_TIMINGS=reversed python3 -m pytest -q -m timing")
+    for step in (*steps, "python3 -m pytest -q -m ranks"):
         assert step.strip() in readme and step.strip() in ci
 
 

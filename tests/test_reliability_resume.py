@@ -88,6 +88,7 @@ def _cli(args, env=None):
     )
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_killed_at_random_points_then_finished_equals_an_uninterrupted_run(tmp_path, tiny_mnist_tar):
     args = [
@@ -149,6 +150,7 @@ json.dump({n: m.backend for n, m in trainer.method.execution_layers.items()}, op
 """
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_two_ranks_agree_on_the_auto_backend_and_a_resume_keeps_it(tmp_path, tiny_mnist_tar, monkeypatch):
     from test_train import _free_port

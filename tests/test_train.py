@@ -158,6 +158,7 @@ def _torchrun(tmp_path, driver_text: str, args: list[str], out: Path) -> list[di
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
+@pytest.mark.ranks
 def test_two_process_ddp_matches_single_process(tmp_path, tiny_mnist_tar):
     args = [
         *BASE,
@@ -240,6 +241,7 @@ DDP_DYNAMIC_DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.ranks
 def test_ddp_ranks_agree_on_dynamic_masks_and_forgetting_statistics(tmp_path, tiny_mnist_tar):
     args = [
         *BASE,
@@ -262,6 +264,7 @@ def test_ddp_ranks_agree_on_dynamic_masks_and_forgetting_statistics(tmp_path, ti
         assert torch.equal(r0["model"][k], r1["model"][k]), k
 
 
+@pytest.mark.ranks
 def test_ddp_ranks_agree_under_rigl_with_compact_state(tmp_path, tiny_mnist_tar):
     # each rank captures the full gradient of its own batch on RigL's update steps: they are averaged like .grad
     args = [
