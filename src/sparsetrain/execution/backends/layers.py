@@ -77,8 +77,10 @@ class _SparseExec:
 
     def structure(self, kind: str = "csr"):
         """The structure backend ``kind``'s kernels read for the current mask (:meth:`Backend.build_structure`),
-        rebuilt only when the MaskSet's masks changed."""
-        if self._version_seen != self.maskset.changes[self.mask_name]:
+        rebuilt only when the MaskSet's masks changed. A compiled forward does not read the change count (the
+        compiler would specialise on it and compile again after every mask change): the watcher
+        (:meth:`_rebuild`) has already rebuilt what the forward reads when the mask changed."""
+        if not torch.compiler.is_compiling() and self._version_seen != self.maskset.changes[self.mask_name]:
             self._structures.clear()
             self._version_seen = self.maskset.changes[self.mask_name]
         if kind not in self._structures:
