@@ -10,7 +10,6 @@ Linear layers, and whatever the kernels do not cover, take the CSR path.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -159,36 +158,6 @@ def _tiled(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool]:
     return native.tiled_supported(ho, wo), 0 <= ph < kernel[0] and 0 <= pw < kernel[1] and native.tiled_supported(h, w)
 
 
-_pad_buffer = threading.local()
-
-
-def _padded(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    """``x`` [N, C, H, W] zero-padded by (ph, pw), in one reused buffer per thread (valid until the next call):
-    the tiled kernels read it and let go before returning. A fresh ``F.pad`` would fault in and fill a new
-    tensor every time, which costs as much as a small layer's kernel; here only the border is zeroed. Backward
-    passes use it; the forward pass releases it (:func:`_release_padded`), so that it is not held through the
-    step's peak, when every saved activation is alive."""
-    n, c, h, w = x.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
-    size = n * c * hp * wp
-    buf = getattr(_pad_buffer, "buf", None)
-    if buf is None or buf.numel() < size or buf.dtype != x.dtype:
-        buf = _pad_buffer.buf = torch.empty(size, dtype=x.dtype)
-    xp = buf[:size].view(n, c, hp, wp)
-    if ph:
-        xp[:, :, :ph].zero_()
-        xp[:, :, hp - ph :].zero_()
-    if pw:
-        xp[:, :, :, :pw].zero_()
-        xp[:, :, :, wp - pw :].zero_()
-    xp[:, :, ph : ph + h, pw : pw + w].copy_(x)
-    return xp
-
-
-def _release_padded() -> None:
-    _pad_buffer.buf = None
-
-
 def direct_plan(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool, bool]:
     """How the direct kernels run a convolution of geometry ``geom``: (batch innermost, forward and weight gradient
     tiled, input gradient tiled)."""
@@ -230,9 +199,7 @@ def direct_forward(
     n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
     out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
     if tiled:
-        ph, pw = int(geom[9]), int(geom[10])
-        _release_padded()
-        native.tiled_conv(F.pad(x.detach().contiguous(), (pw, pw, ph, ph)), values, bias, structure.by_out, out)
+        native.tiled_conv(x.detach().contiguous(), values, bias, structure.by_out, out, (int(geom[9]), int(geom[10])))
     else:
         native.sparse_conv_forward(
             geom, _kernel_layout(x.detach(), bi), values, bias, structure.by_out, out, batch_inner=bi
@@ -263,9 +230,7 @@ def direct_input_grad(
         kh, kw = structure.shape[2:]
         ph, pw = int(geom[9]), int(geom[10])
         ptr, co, fkh, fkw, vidx = structure.by_in_flipped()
-        native.tiled_conv(
-            _padded(g, kh - 1 - ph, kw - 1 - pw), values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx
-        )
+        native.tiled_conv(g, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx, (kh - 1 - ph, kw - 1 - pw))
     else:
         native.sparse_conv_backward_input(geom, g, values, structure.by_in, gx, batch_inner=bi)
     return gx.permute(3, 0, 1, 2) if bi else gx
@@ -335,8 +300,8 @@ def direct_conv2d_backward(
         if nhwc:
             gv = native.nhwc_conv_weight_grad(geom, _nhwc(x), _nhwc(grad), s.by_out, values.numel())
         elif tiled:
-            ph, pw = int(geom[9]), int(geom[10])
-            gv = native.tiled_conv_weight_grad(_padded(x, ph, pw), grad.contiguous(), s.by_out, values.numel())
+            pad = (int(geom[9]), int(geom[10]))
+            gv = native.tiled_conv_weight_grad(x.contiguous(), grad.contiguous(), s.by_out, values.numel(), pad)
         else:
             gv = native.sparse_conv_backward_weight(
                 geom, _kernel_layout(x, bi), _kernel_layout(grad, bi), s.by_out, values.numel(), batch_inner=bi

@@ -76,7 +76,7 @@ _SOURCES = [
     _DIR / "condensed.c",
     _DIR / "nhwc_conv.c",
 ]
-_HEADERS = [_DIR / "parallel.h", _DIR / "vectors.h"]
+_HEADERS = [_DIR / "parallel.h", _DIR / "scratch.h", _DIR / "vectors.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -101,11 +101,11 @@ _SIGNATURES = {
     "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
     "compressed_image_offsets": ([_p, _i64, _i64, _p, _int], None),
     "compressed_conv_weight_grad": ([_p] * 10 + [_i64, _int], None),
-    "tiled_conv_forward": ([_p] * 9 + [_int], None),
+    "tiled_conv_forward": ([_p] * 9 + [_int], _int),
     "max_pool2_forward": ([_p] * 5 + [_int, _int], None),
     "max_pool2_backward": ([_p] * 5 + [_int, _int], None),
     "tiled_conv_supported": ([_i64, _i64], _int),
-    "tiled_conv_weight_grad": ([_p] * 8 + [_i64, _int], None),
+    "tiled_conv_weight_grad": ([_p] * 8 + [_i64, _int], _int),
     "threshold_counts": ([_p, _i64, _i64, _f32, _p, _int], None),
     "threshold_lists": ([_p, _i64, _i64, _i64, _i64, _f32] + [_p] * 10 + [_int], None),
     "condensed_forward": ([_p] * 7 + [_int], _int),
@@ -581,43 +581,55 @@ def tiled_supported(ho: int, wo: int) -> bool:
     return lib is not None and bool(lib.tiled_conv_supported(ho, wo))
 
 
+def _tiled_dims(x: torch.Tensor, padding: tuple[int, int], out_shape) -> np.ndarray:
+    n, cin, h, w = x.shape
+    _, cout, ho, wo = out_shape
+    return np.array([n, cin, h, w, *padding, cout, ho, wo], dtype=np.int64)
+
+
+def _tiled_check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the register-tiled sparse convolution kernels could not allocate their image buffers")
+
+
 def tiled_conv(
-    xp: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, lists: tuple, out: torch.Tensor
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    lists: tuple,
+    out: torch.Tensor,
+    padding: tuple[int, int],
 ) -> torch.Tensor:
-    """A stride-1 direct sparse convolution of an already zero-padded ``xp`` [N, Cin, Hp, Wp] into ``out``
-    [N, Cout, Ho, Wo] (register-tiled); ``lists`` = (ptr, channel, kh, kw) lists the kept entries by output
-    channel, in the order of ``values``. Check :func:`tiled_supported` first."""
+    """A stride-1 direct sparse convolution of ``x`` [N, Cin, H, W] (contiguous), zero-padded by ``padding`` (each
+    image in a buffer of the kernel's own), into ``out`` [N, Cout, Ho, Wo] (register-tiled); ``lists`` = (ptr,
+    channel, kh, kw) lists the kept entries by output channel, in the order of ``values``. Check
+    :func:`tiled_supported` first."""
     ptr, ch, kh, kw = lists
-    n, cin, hp, wp = xp.shape
-    _, cout, ho, wo = out.shape
-    dims = np.array([n, cin, hp, wp, cout, ho, wo], dtype=np.int64)
-    _load().tiled_conv_forward(
-        _ptr(dims),
-        _ptr(xp),
-        _ptr(values),
-        _ptr(bias) if bias is not None else None,
-        _ptr(ptr),
-        _ptr(ch),
-        _ptr(kh),
-        _ptr(kw),
-        _ptr(out),
-        torch.get_num_threads(),
-    )
+    bias_ptr = _ptr(bias) if bias is not None else None
+    dims = _tiled_dims(x, padding, out.shape)
+    _tiled_check(
+        _load().tiled_conv_forward(
+            _ptr(dims), _ptr(x), _ptr(values), bias_ptr, _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out),
+            torch.get_num_threads(),
+        )
+    )  # fmt: skip
     return out
 
 
-def tiled_conv_weight_grad(xp: torch.Tensor, grad: torch.Tensor, lists: tuple, nnz: int) -> torch.Tensor:
-    """The gradient of the kept weights of :func:`tiled_conv` (planes: ``xp`` [N, Cin, Hp, Wp] padded, ``grad``
-    [N, Cout, Ho, Wo]), in the order of ``lists``."""
+def tiled_conv_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, lists: tuple, nnz: int, padding: tuple[int, int]
+) -> torch.Tensor:
+    """The gradient of the kept weights of :func:`tiled_conv` (planes: ``x`` [N, Cin, H, W] padded by ``padding``,
+    ``grad`` [N, Cout, Ho, Wo], both contiguous), in the order of ``lists``."""
     ptr, ch, kh, kw = lists
-    n, cin, hp, wp = xp.shape
-    _, cout, ho, wo = grad.shape
     threads = torch.get_num_threads()
-    parts = max(1, min(threads, n))
+    parts = max(1, min(threads, x.shape[0]))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
-    dims = np.array([n, cin, hp, wp, cout, ho, wo], dtype=np.int64)
-    _load().tiled_conv_weight_grad(
-        _ptr(dims), _ptr(xp), _ptr(grad), _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(partial), parts, threads
+    dims = _tiled_dims(x, padding, grad.shape)
+    _tiled_check(
+        _load().tiled_conv_weight_grad(
+            _ptr(dims), _ptr(x), _ptr(grad), _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(partial), parts, threads
+        )
     )
     return partial[0] if parts == 1 else partial.sum(0)
 

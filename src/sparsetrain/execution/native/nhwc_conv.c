@@ -26,40 +26,9 @@
 #include <string.h>
 
 #include "parallel.h"
+#include "scratch.h"
 #include "vectors.h"
 
-
-/* ---- per-thread scratch, kept between calls (a fresh buffer per block would fault its pages in every time) ---- */
-enum { NSCRATCH = 3 };
-struct scratch { float *buf[NSCRATCH]; size_t cap[NSCRATCH]; };
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-
-static void scratch_free(void *p) {
-    struct scratch *s = (struct scratch *)p;
-    for (int i = 0; i < NSCRATCH; i++) free(s->buf[i]);
-    free(s);
-}
-static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-
-/* buffer i of this thread, at least n floats (64-byte aligned); NULL when memory runs out */
-static float *scratch_get(int i, size_t n) {
-    pthread_once(&scratch_once, scratch_init);
-    struct scratch *s = (struct scratch *)pthread_getspecific(scratch_key);
-    if (!s) {
-        s = (struct scratch *)calloc(1, sizeof *s);
-        if (!s) return 0;
-        pthread_setspecific(scratch_key, s);
-    }
-    if (s->cap[i] < n) {
-        free(s->buf[i]);
-        s->buf[i] = 0;
-        s->cap[i] = 0;
-        if (posix_memalign((void **)&s->buf[i], 64, n * sizeof(float)) != 0) return 0;
-        s->cap[i] = n;
-    }
-    return s->buf[i];
-}
 
 struct nhwc_geom {
     int64_t n, cin, h, w, cout, ho, wo;
