@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from sparsetrain.execution.allocator import freed_memory_kept, keep_freed_memory
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -34,7 +36,29 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
-    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "cpu": cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "keep_freed_memory": freed_memory_kept(),
+    }
+
+
+def allocator_flag(ap) -> None:
+    """``--default-allocator``: time with the C allocator as the process found it. Without it the script keeps freed
+    memory for the next step's tensors (``sparsetrain.keep_freed_memory``, as the command line does), for the dense
+    and the sparse model alike; records say which (``keep_freed_memory``)."""
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: keep freed memory for the next step, as the CLI does)",
+    )
+
+
+def apply_allocator(args) -> None:
+    if not args.default_allocator:
+        keep_freed_memory()
 
 
 def command_line() -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_record, command_line, commit, environment  # noqa: E402
+from common import allocator_flag, append_record, apply_allocator, command_line, commit, environment  # noqa: E402
 
 from sparsetrain.app.bench import CONFIGS, PEAK_ENV, build, make_step, peak_memory, time_pairs
 from sparsetrain.app.config import load_config
@@ -86,7 +86,9 @@ def main(argv=None):
         help="both steps under torch.compile(fullgraph=True) (memory and saved bytes from eager steps)",
     )
     ap.add_argument("--no-record", action="store_true")
+    allocator_flag(ap)
     args = ap.parse_args(argv)
+    apply_allocator(args)
 
     shape = model_input_shape(args.model)
     margs = _model_args(args.model_args)

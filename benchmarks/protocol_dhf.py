@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import append_record, command_line, commit, environment  # noqa: E402
+from common import allocator_flag, append_record, apply_allocator, command_line, commit, environment  # noqa: E402
 
 import sparsetrain as st  # noqa: E402
 from sparsetrain.app.bench import time_pairs  # noqa: E402
@@ -85,7 +85,9 @@ def main(argv=None):
     ap.add_argument("--execution", default="auto")
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    allocator_flag(ap)
     args = ap.parse_args(argv)
+    apply_allocator(args)
 
     dense = build_model(args.model)
     sparse = build_model(args.model)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, commit, environment  # noqa: E402
+from common import RESULTS, allocator_flag, apply_allocator, command_line, commit, environment  # noqa: E402
 
 from sparsetrain.app.inference_bench import run_inference_bench  # noqa: E402
 
@@ -28,7 +28,9 @@ def main(argv=None) -> None:
     ap.add_argument("--scheme", default="unstructured")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--new-tokens", type=int, default=256)
+    allocator_flag(ap)
     args = ap.parse_args(argv)
+    apply_allocator(args)
     for row in run_inference_bench(args.model, args.sparsity, args.scheme, args.batches, args.new_tokens):
         row |= {"command": command_line(), "commit": commit(), **environment()}
         print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)

@@ -257,8 +257,10 @@ def _flops(args) -> int:
 
 
 def _bench(args) -> int:
+    from ..execution.allocator import keep_freed_memory
     from .bench import plot_bench, results_json, run_bench
 
+    keep_freed_memory()  # as training from the command line does (run.keep_freed_memory), dense and sparse alike
     if args.inference:
         return _bench_inference(args)
     try:

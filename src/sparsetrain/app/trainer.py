@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data.images import BatchLoader, split_validation
+from ..execution.allocator import keep_freed_memory
 from ..methods import METHODS, Sparsifier
 from ..models import build_configured
 from ..recipes import ForgettingTracker, ToST
@@ -108,6 +109,8 @@ class Trainer(Resumable):
     def _setup_runtime(self) -> None:
         if self.cfg.run.threads:
             torch.set_num_threads(self.cfg.run.threads)
+        if self.cfg.run.keep_freed_memory:  # (off: the process's allocator is left as it is)
+            keep_freed_memory()
         self.device = pick_device(self.cfg.run.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
