@@ -249,3 +249,25 @@ def test_bfloat16_autocast_trains_every_backend_with_the_sparse_layers_in_float3
         "(under torch.autocast the sparse layers get float32 inputs; a model in another dtype runs "
         "execution='masked')"
     )
+
+
+def test_the_direct_operator_reads_the_structure_that_made_its_lists_and_rebuilds_one_otherwise():
+    """Eager and compiled calls pass a structure's own list tensors: the operator finds that structure (no rebuild
+    per call); lists whose structure is gone (or copies of them, as a reloaded program holds) give an equal one."""
+    import gc
+
+    from sparsetrain.execution.backends.direct import DirectStructure
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(8, 5, 3, 3, generator=g) < 0.3
+    s = DirectStructure.from_mask(mask)
+    lists = s.tensors()
+    assert DirectStructure.from_tensors(s.shape, lists) is s
+    assert s.plan_for((2, 5, 16, 16), (1, 1), (1, 1), (1, 1)) is s.plan_for((2, 5, 16, 16), [1, 1], [1, 1], [1, 1])
+    copies = [t.clone() for t in lists]
+    rebuilt = DirectStructure.from_tensors(s.shape, copies)
+    assert rebuilt is not s and rebuilt.by_out[0].tolist() == s.by_out[0].tolist()
+    del s
+    gc.collect()
+    again = DirectStructure.from_tensors(mask.shape, lists)
+    assert again.flat_index is None and all(a.tolist() == b.tolist() for a, b in zip(again.by_out, rebuilt.by_out))

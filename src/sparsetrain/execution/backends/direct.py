@@ -10,6 +10,7 @@ Linear layers, and whatever the kernels do not cover, take the CSR path.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ class DirectStructure:
     _flipped: tuple | None = None
     _rows: CondensedStructure | None = None  # a 1 x 1 kernel's lists as a Linear's rows (see :meth:`as_rows`)
     _tensors: list[torch.Tensor] | None = None  # the lists as the direct operators take them (see :meth:`tensors`)
+    _plans: dict | None = None  # input geometry -> (geometry array, kernel plan), see :meth:`plan_for`
 
     @classmethod
     def from_mask(cls, mask4d: torch.Tensor) -> "DirectStructure":
@@ -109,11 +111,29 @@ class DirectStructure:
             ptr, co, fkh, fkw, vidx = self.by_in_flipped()
             arrays = (*self.by_out, *self.by_in[:4], fkh, fkw)
             self._tensors = [torch.from_numpy(a) for a in arrays] + [vidx]
+            _BY_LISTS[id(self._tensors[0])] = self  # (it holds the tensor: the id stays its own while it lives)
         return self._tensors
+
+    def plan_for(self, x_shape, stride, padding, dilation) -> tuple[np.ndarray, tuple[bool, bool, bool]]:
+        """(:func:`direct_geometry`, :func:`direct_plan`) of this weight on an input of ``x_shape``, made once per
+        input geometry (every step passes the same shapes)."""
+        key = (tuple(x_shape), tuple(stride), tuple(padding), tuple(dilation))
+        if self._plans is None:
+            self._plans = {}
+        made = self._plans.get(key)
+        if made is None:
+            geom = direct_geometry(x_shape, self.shape, stride, padding, dilation)
+            made = self._plans[key] = (geom, direct_plan(geom, self.shape[2:]))
+        return made
 
     @classmethod
     def from_tensors(cls, shape, lists: list[torch.Tensor]) -> "DirectStructure":
-        """The structure :meth:`tensors` listed (inside an operator: no mask, no flat index)."""
+        """The structure :meth:`tensors` listed (inside an operator): the structure that made these very tensors
+        while it lives (eager and compiled calls pass them every step; rebuilding it was 11 NumPy views and the
+        geometry per call, forward and backward), else one rebuilt from them (no mask, no flat index)."""
+        made = _BY_LISTS.get(id(lists[0]))
+        if made is not None and made._tensors is not None and made._tensors[0] is lists[0]:
+            return made
         co_ptr, ci, kh, kw, ci_ptr, co, kh_in, kw_in, fkh, fkw, vidx = lists
         arr = [t.numpy() for t in (co_ptr, ci, kh, kw, ci_ptr, co, kh_in, kw_in, fkh, fkw, vidx)]
         return cls(
@@ -138,6 +158,9 @@ class DirectStructure:
             self._rows = CondensedStructure((cout, cin * kh_n * kw_n), rows)
         return self._rows
 
+
+# id of a structure's first list tensor -> the structure (held weakly: it goes with its layer's mask)
+_BY_LISTS: "weakref.WeakValueDictionary[int, DirectStructure]" = weakref.WeakValueDictionary()
 
 _BATCH_INNER_BELOW = 512  # output planes of 16 x 16 and smaller run with the batch innermost
 
@@ -262,8 +285,8 @@ def direct_conv2d_op(
     """The convolution over the kept weights ``values`` of a weight of ``shape``, listed by ``lists``
     (:meth:`DirectStructure.tensors`), in ``x``'s layout (``nhwc``: channels-last)."""
     s = DirectStructure.from_tensors(shape, lists)
-    geom = direct_geometry(x.shape, shape, stride, padding, dilation)
-    return direct_forward(x, values.contiguous(), bias, s, geom, direct_plan(geom, s.shape[2:]), nhwc)
+    geom, plan = s.plan_for(x.shape, stride, padding, dilation)
+    return direct_forward(x, values.contiguous(), bias, s, geom, plan, nhwc)
 
 
 @direct_conv2d_op.register_fake
@@ -290,8 +313,7 @@ def direct_conv2d_backward(
     """The gradients of ``sparsetrain::direct_conv2d`` for ``x`` and for the kept weights (in their listed order),
     each only when asked for (an empty tensor otherwise)."""
     s = DirectStructure.from_tensors(shape, lists)
-    geom = direct_geometry(x.shape, shape, stride, padding, dilation)
-    plan = direct_plan(geom, s.shape[2:])
+    geom, plan = s.plan_for(x.shape, stride, padding, dilation)
     bi, tiled, _ = plan
     gx, gv = x.new_empty(0), values.new_empty(0)
     if input_grad:
