@@ -7,8 +7,8 @@
  *
  * Each work item zero-pads one image into a per-thread buffer (scratch.h), then computes its output channels from
  * there, so no position needs a bounds check. A padded copy of the whole batch (F.pad) cost a fresh allocation, a
- * fill and a copy of every layer's input, 10 ms of VGG-16's 65 ms forward at batch 64, and left the image each item
- * reads in memory instead of cache.
+ * fill and a copy of every layer's input, about 10 ms of VGG-16's forward at batch 64 (65-80 ms), and left the image
+ * each item reads in memory instead of cache.
  *
  * The same kernel computes the input gradient: for stride 1 that is the convolution of the padded output
  * gradient with the flipped kernel, listed by input channel (the caller passes kh, kw flipped and the values in
