@@ -36,7 +36,7 @@ def main() -> None:
         "# Protocol F (inference)\n\n"
         "Produced by `python benchmarks/plot_protocol_f.py` from the records in protocol_f.jsonl (each with its "
         "command). Time vs dense: the inference form's forward against the dense model's (BatchNorm folded in both), "
-        "calls alternating, medians; generation: tokens per second generating 256 tokens from a 128-token prompt; "
+        "calls alternating in blocks of five (single calls in records without `alternation`), medians; generation: tokens per second generating 256 tokens from a 128-token prompt; "
         "file: the sparse checkpoint against `torch.save` of the dense state dict.\n\n" + "\n".join(lines) + "\n"
     )
     fig, ax = plt.subplots(figsize=(7, 3.2))
