@@ -38,8 +38,8 @@ def _mallopt():
 
 def keep_freed_memory(enabled: bool = True) -> bool:
     """Keep freed blocks of up to 1 GiB in the process for the next allocation (``enabled``), or give them back to
-    the system as glibc does by default (``False``). Returns whether the setting now holds: False where the C
-    library is not glibc (nothing changes there)."""
+    the system again (``False``: glibc's initial thresholds, 128 KiB, held fixed). Returns whether the setting now
+    holds: False where the C library is not glibc (nothing changes there)."""
     mallopt = _mallopt()
     if mallopt is None:
         return False

@@ -480,9 +480,13 @@ def nhwc_block(n: int, wo: int) -> int:
     return best
 
 
-def _nhwc_check(status: int) -> None:
+def _allocated(status: int, kernels: str) -> None:
+    """A kernel's status: -1 when its buffers could not be allocated (said as a MemoryError naming ``kernels``)."""
     if status != 0:
-        raise MemoryError("the channels-last sparse convolution kernels could not allocate their block buffers")
+        raise MemoryError(f"the {kernels} could not allocate their buffers")
+
+
+_NHWC, _TILED = "channels-last sparse convolution kernels", "register-tiled sparse convolution kernels"
 
 
 def nhwc_conv_forward(
@@ -492,7 +496,7 @@ def nhwc_conv_forward(
     ``permute(0, 2, 3, 1)``, contiguous); ``geom`` and ``by_out`` as for :func:`sparse_conv_forward`."""
     co_ptr, ci, kh, kw = by_out
     block = nhwc_block(int(geom[0]), int(geom[6]))
-    _nhwc_check(
+    _allocated(
         _load().nhwc_conv_forward(
             _ptr(geom),
             _ptr(x),
@@ -505,7 +509,8 @@ def nhwc_conv_forward(
             _ptr(out),
             block,
             torch.get_num_threads(),
-        )
+        ),
+        _NHWC,
     )
     return out
 
@@ -530,7 +535,7 @@ def nhwc_conv_input_grad(
         back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
         return nhwc_conv_forward(back, grad, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
     ptr, co, kh, kw, vidx = by_in
-    _nhwc_check(
+    _allocated(
         _load().nhwc_conv_input_grad_scatter(
             _ptr(geom),
             _ptr(grad),
@@ -543,7 +548,8 @@ def nhwc_conv_input_grad(
             _ptr(gx),
             nhwc_block(n, wo),
             torch.get_num_threads(),
-        )
+        ),
+        _NHWC,
     )
     return gx
 
@@ -557,7 +563,7 @@ def nhwc_conv_weight_grad(
     block = nhwc_block(int(geom[0]), int(geom[6]))
     parts = max(1, min(threads, -(-int(geom[0]) // block)))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
-    _nhwc_check(
+    _allocated(
         _load().nhwc_conv_weight_grad(
             _ptr(geom),
             _ptr(x),
@@ -570,7 +576,8 @@ def nhwc_conv_weight_grad(
             parts,
             block,
             threads,
-        )
+        ),
+        _NHWC,
     )
     return partial.sum(0)
 
@@ -585,11 +592,6 @@ def _tiled_dims(x: torch.Tensor, padding: tuple[int, int], out_shape) -> np.ndar
     n, cin, h, w = x.shape
     _, cout, ho, wo = out_shape
     return np.array([n, cin, h, w, *padding, cout, ho, wo], dtype=np.int64)
-
-
-def _tiled_check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("the register-tiled sparse convolution kernels could not allocate their image buffers")
 
 
 def tiled_conv(
@@ -607,12 +609,9 @@ def tiled_conv(
     ptr, ch, kh, kw = lists
     bias_ptr = _ptr(bias) if bias is not None else None
     dims = _tiled_dims(x, padding, out.shape)
-    _tiled_check(
-        _load().tiled_conv_forward(
-            _ptr(dims), _ptr(x), _ptr(values), bias_ptr, _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out),
-            torch.get_num_threads(),
-        )
-    )  # fmt: skip
+    lib, threads = _load(), torch.get_num_threads()
+    args = (_ptr(dims), _ptr(x), _ptr(values), bias_ptr, _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out))
+    _allocated(lib.tiled_conv_forward(*args, threads), _TILED)
     return out
 
 
@@ -626,10 +625,11 @@ def tiled_conv_weight_grad(
     parts = max(1, min(threads, x.shape[0]))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
     dims = _tiled_dims(x, padding, grad.shape)
-    _tiled_check(
+    _allocated(
         _load().tiled_conv_weight_grad(
             _ptr(dims), _ptr(x), _ptr(grad), _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(partial), parts, threads
-        )
+        ),
+        _TILED,
     )
     return partial[0] if parts == 1 else partial.sum(0)
 
