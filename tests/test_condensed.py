@@ -212,3 +212,16 @@ def test_a_few_tokens_without_gradients_take_the_row_split_forward_and_equal_flo
     torch.testing.assert_close(got.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-5)
     condensed_linear(x.requires_grad_(), w, b, CondensedStructure.from_mask(mask)).sum().backward()
     assert calls == [1] and x.grad is not None
+
+
+@pytest.mark.parametrize("input_grad, weight_grad", [(True, False), (False, True)])
+def test_each_gradient_alone_equals_the_one_computed_beside_the_other(input_grad, weight_grad):
+    """The input gradient runs over the entries listed by input, the weights' over the rows: neither reads the
+    other's buffers, so one asked for alone is bit-identical to the same one computed with both."""
+    torch.manual_seed(3)
+    s = CondensedStructure.from_mask(_mask(40, 70, 0.2, False))
+    values, x, g = torch.randn(s.rows[1].numel()), torch.randn(130, 70), torch.randn(130, 40)
+    gx, gv = native.condensed_backward(x, g, values, s.rows, True, True)
+    alone = native.condensed_backward(x, g, values, s.rows, input_grad, weight_grad)
+    assert (alone[0] is None) != input_grad and (alone[1] is None) != weight_grad
+    assert torch.equal(alone[0] if input_grad else alone[1], gx if input_grad else gv)

@@ -6,8 +6,8 @@
 
 /* ---- condensed sparse Linear (float32, rows of kept inputs) ----
  * A weight W[out, in] with nnz kept entries is given by rows: row_ptr[out + 1] (int64) and col, the
- * input of each entry (int32), in the order of the values. Nothing else is stored. A
- * constant fan-in mask is the case where every row has the same length; any mask works.
+ * input of each entry (int32), in the order of the values. Nothing else is stored (backward lists the
+ * entries by input for the length of one call). A constant fan-in mask is the case where every row has the same length; any mask works.
  *
  * Tokens (the rows of x [T, in]) are taken in blocks of TB. A block is transposed into a
  * per-thread buffer [in][TB], tokens innermost, so every kept weight costs one vector
@@ -166,47 +166,35 @@ static inline __attribute__((always_inline)) v8 sum_rows(v8 r[VL]) {
     return r[0];
 }
 
-/* Both gradients of one token block in one pass over the kept entries, row by row (the gradient of row r held
- * in registers): gx[col[q]][:] += value(q) * gout[r][:] (a scatter; no race, since a worker owns its token
- * blocks, and no second listing of the entries by input) and part[q] += <gout[r][:], x[col[q]][:]>, VL kept
- * weights at a time (their dot products reduced together). Either of gx and x may be null. */
-static void backward_block(const int64_t *row_ptr, const int32_t *col, const float *values, int64_t rows,
-                           const float *gout, const float *x, float *gx, float *part) {
+/* The kept weights' gradients of one token block, row by row (the output gradient of row r held in registers):
+ * part[q] += <gout[r][:], x[col[q]][:]>, VL kept weights at a time (their dot products reduced together). The
+ * input gradient is a separate product over the entries listed by input (struct by_input below): done here as
+ * a scatter gx[col[q]] += value(q) * gout[r], it read and wrote a line of gx per kept weight, 10-20% slower. */
+static void weight_grad_block(const int64_t *row_ptr, const int32_t *col, int64_t rows, const float *gout,
+                              const float *x, float *part) {
     for (int64_t r = 0; r < rows; r++) {
         const v8 *g = (const v8 *)(gout + r * TB);
         v8 gr[NV];
         for (int i = 0; i < NV; i++) gr[i] = g[i];
         int64_t q = row_ptr[r], q1 = row_ptr[r + 1];
-        if (x) {
-            for (; q + VL <= q1; q += VL) {
-                v8 acc[VL];
-                for (int k = 0; k < VL; k++) {
-                    const v8 *s = (const v8 *)(x + (int64_t)col[q + k] * TB);
-                    v8 a = gr[0] * s[0];
-                    for (int i = 1; i < NV; i++) a += gr[i] * s[i];
-                    acc[k] = a;
-                    if (gx) {
-                        v8 *d = (v8 *)(gx + (int64_t)col[q + k] * TB);
-                        float w = values[q + k];
-                        for (int i = 0; i < NV; i++) d[i] += w * gr[i];
-                    }
-                }
-                v8 sums = sum_rows(acc), old;
-                memcpy(&old, part + q, sizeof old);
-                old += sums;
-                memcpy(part + q, &old, sizeof old);
+        for (; q + VL <= q1; q += VL) {
+            v8 acc[VL];
+            for (int k = 0; k < VL; k++) {
+                const v8 *s = (const v8 *)(x + (int64_t)col[q + k] * TB);
+                v8 a = gr[0] * s[0];
+                for (int i = 1; i < NV; i++) a += gr[i] * s[i];
+                acc[k] = a;
             }
+            v8 sums = sum_rows(acc), old;
+            memcpy(&old, part + q, sizeof old);
+            old += sums;
+            memcpy(part + q, &old, sizeof old);
         }
-        for (; q < q1; q++) {
-            if (x) part[q] += dot_block(gr, (const v8 *)(x + (int64_t)col[q] * TB));
-            if (gx) {
-                v8 *d = (v8 *)(gx + (int64_t)col[q] * TB);
-                float w = values[q];
-                for (int i = 0; i < NV; i++) d[i] += w * gr[i];
-            }
-        }
+        for (; q < q1; q++) part[q] += dot_block(gr, (const v8 *)(x + (int64_t)col[q] * TB));
     }
 }
+
+struct by_input;
 
 struct condensed_args {
     int64_t t, in, out, nblocks, nthreads;
@@ -214,6 +202,7 @@ struct condensed_args {
     const int64_t *row_ptr;
     const int32_t *col;
     float *y, *gx, *partial;
+    const struct by_input *by_in;  /* backward: the entries listed by input, for the input gradient */
     int failed;
 };
 
@@ -240,7 +229,7 @@ static void forward_worker(void *p, int64_t worker) {
 int condensed_forward(const int64_t *dims, const float *x, const float *values, const float *bias, const int64_t *row_ptr,
                       const int32_t *col, float *y, int nthreads) {
     struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, 0, values, bias,
-                               row_ptr, col, y, 0, 0, 0};
+                               row_ptr, col, y, 0, 0, 0, 0};
     a.nthreads = nthreads < 1 ? 1 : (nthreads > a.nblocks ? a.nblocks : nthreads);
     if (a.nthreads > MAX_THREADS) a.nthreads = MAX_THREADS;
     parallel_workers(forward_worker, &a, a.nthreads, (int)a.nthreads);
@@ -310,6 +299,46 @@ int condensed_forward_few(const int64_t *dims, const float *xt, const float *val
     return 0;
 }
 
+/* The kept entries listed by input (column): for input c, entries tptr[c] .. tptr[c + 1] - 1 with their rows
+ * trow[] and values tval[]. Built per backward call by a counting sort (a few passes over nnz, against nnz * T
+ * multiply-adds of the products), so the input gradient is a product of the same form as the forward: the
+ * gradient of input c summed in registers over its entries, gx read and written once per token block. */
+struct by_input {
+    int64_t *tptr;
+    int32_t *trow;
+    float *tval;
+};
+
+static int list_by_input(const int64_t *row_ptr, const int32_t *col, const float *values, int64_t rows, int64_t cols,
+                         struct by_input *t) {
+    const int64_t nnz = row_ptr[rows];
+    int64_t *next = (int64_t *)malloc((size_t)(cols + 1) * sizeof(int64_t));
+    t->tptr = (int64_t *)calloc((size_t)cols + 1, sizeof(int64_t));
+    t->trow = (int32_t *)malloc((size_t)(nnz > 0 ? nnz : 1) * sizeof(int32_t));
+    t->tval = (float *)malloc((size_t)(nnz > 0 ? nnz : 1) * sizeof(float));
+    if (!next || !t->tptr || !t->trow || !t->tval) {
+        free(next);
+        return -1;
+    }
+    for (int64_t q = 0; q < nnz; q++) t->tptr[col[q] + 1]++;
+    for (int64_t c = 0; c < cols; c++) t->tptr[c + 1] += t->tptr[c];
+    memcpy(next, t->tptr, (size_t)(cols + 1) * sizeof(int64_t));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t q = row_ptr[r]; q < row_ptr[r + 1]; q++) {
+            const int64_t d = next[col[q]]++;
+            t->trow[d] = (int32_t)r;
+            t->tval[d] = values[q];
+        }
+    free(next);
+    return 0;
+}
+
+static void free_by_input(struct by_input *t) {
+    free(t->tptr);
+    free(t->trow);
+    free(t->tval);
+}
+
 static void backward_worker(void *p, int64_t worker) {
     struct condensed_args *a = (struct condensed_args *)p;
     float *bufs[3];
@@ -324,10 +353,14 @@ static void backward_worker(void *p, int64_t worker) {
         for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
             int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
             load_block(a->gout, a->out, a->out, t0, nb, gb);
-            if (part) load_block(a->x, a->in, a->in, t0, nb, xb);
-            if (gxb) memset(gxb, 0, (size_t)a->in * TB * sizeof(float));
-            backward_block(a->row_ptr, a->col, a->values, a->out, gb, xb, gxb, part);
-            if (gxb) store_block(gxb, a->in, t0, nb, a->gx, a->in);
+            if (part) {
+                load_block(a->x, a->in, a->in, t0, nb, xb);
+                weight_grad_block(a->row_ptr, a->col, a->out, gb, xb, part);
+            }
+            if (gxb) {
+                rows_times_block(a->by_in->tptr, a->by_in->trow, a->by_in->tval, 0, a->in, gb, gxb);
+                store_block(gxb, a->in, t0, nb, a->gx, a->in);
+            }
         }
     }
     if (!failed) free(bufs[0]);
@@ -338,12 +371,18 @@ static void backward_worker(void *p, int64_t worker) {
  * adds the rows). Returns the number of workers used, or -1 when out of memory. */
 int condensed_backward(const int64_t *dims, const float *x, const float *gout, const float *values, const int64_t *row_ptr,
                        const int32_t *col, float *gx, float *partial, int workers, int nthreads) {
+    struct by_input by_in = {0, 0, 0};
     struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, gout, values, 0,
-                               row_ptr, col, 0, gx, partial, 0};
+                               row_ptr, col, 0, gx, partial, &by_in, 0};
     int64_t n = workers < 1 ? 1 : workers;
     if (n > a.nblocks) n = a.nblocks;
     if (n > MAX_THREADS) n = MAX_THREADS;
     a.nthreads = n;
+    if (gx && list_by_input(row_ptr, col, values, a.out, a.in, &by_in) != 0) {
+        free_by_input(&by_in);
+        return -1;
+    }
     parallel_workers(backward_worker, &a, n, nthreads);
+    free_by_input(&by_in);
     return a.failed ? -1 : (int)n;
 }
