@@ -197,6 +197,74 @@ def test_compiled_rigl_training_equals_eager_with_one_recompilation_per_mask_upd
     assert updates == 4 and graphs <= 2, graphs
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_passes_for_the_swat_operators(channels_last):
+    """Schemas (the refresh declares what it mutates), fakes (the saved top-K input a dynamic size) and the
+    registered backward of SWAT's operators, by ``torch.library.opcheck``."""
+    from sparsetrain.execution.backends import swat as S
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
+    w, b = torch.randn(16, 8, 3, 3, requires_grad=True), torch.randn(16, requires_grad=True)
+    wt, at, geometry = S.topk_threshold(w, 0.2), S.topk_threshold(x, 0.3), ([1, 1], [1, 1], [1, 1])
+    xl, wl = torch.randn(5, 12, requires_grad=True), torch.randn(7, 12, requires_grad=True)
+    buffers = [
+        torch.ones(w.shape, dtype=torch.bool),
+        torch.zeros(()),
+        torch.zeros(()),
+        torch.zeros((), dtype=torch.float64),
+    ]
+    calls = {
+        "swat_conv2d": (x, w, b, None, wt, at, *geometry, 1),
+        "swat_direct_conv2d": (x, w, b, wt, at, *geometry, False),
+        "swat_linear": (xl, wl, None, None, S.topk_threshold(wl, 0.3), S.topk_threshold(xl, 0.5)),
+        "swat_refresh": (w.detach(), x.detach(), *buffers, torch.zeros((), dtype=torch.long), 0.2, 0.3, 1, None),
+    }
+    for name, args in calls.items():
+        results = torch.library.opcheck(getattr(torch.ops.sparsetrain, name).default, args)
+        assert set(results.values()) == {"SUCCESS"}, (name, results)
+
+
+@pytest.mark.parametrize("execution, layout", [("masked", torch.contiguous_format), ("direct", torch.channels_last)])
+def test_compiled_swat_has_no_graph_break_and_trains_like_eager(execution, layout):
+    """SWAT's layer calls, their backward and the periodic top-K refresh are operators: ``torch.compile`` keeps a
+    SWAT-U 90% model in one graph (``explain``: no break; the saved top-K input a dynamic size), and 8 compiled
+    steps across three refreshes (every 3 steps) give eager's losses, weights and thresholds in one graph."""
+    from torch._dynamo.utils import counters
+
+    import sparsetrain as st
+    from sparsetrain.execution.backends.swat import swat_layers
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(9)]
+    batches = [(x.contiguous(memory_format=layout), y) for x, y in batches]
+
+    def made():
+        model = _small_cnn().to(memory_format=layout)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        st.swat(model, opt, sparsity=0.9, execution=execution, topk_period=3, total_steps=40)
+        _train(model, opt, batches[:1], compiled=False)  # an eager step first, as a user would
+        return model, opt
+
+    model, _ = made()
+    x, y = batches[1]
+    explained = torch._dynamo.explain(lambda inp: F.cross_entropy(model(inp), y))(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert {m.ran for m in swat_layers(model).values() if hasattr(m, "ran")} == {execution}
+    runs = {}
+    for compiled in (False, True):
+        model, opt = made()
+        torch._dynamo.reset()
+        counters.clear()
+        runs[compiled] = (_train(model, opt, batches[1:], compiled), model, counters["stats"]["unique_graphs"])
+    (eager, model_e, _), (comp, model_c, graphs) = runs[False], runs[True]
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for (n, a), b in zip(model_e.state_dict().items(), model_c.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)  # weights, thresholds, step counts
+    assert int(swat_layers(model_c)["3.weight"].steps) == 9 and graphs == 1, graphs
+
+
 AUTOCAST_CHILD = """
 import json, warnings, torch, torch.nn as nn, torch.nn.functional as F
 import sparsetrain as st

@@ -56,8 +56,10 @@ class _BitReLUFn(torch.autograd.Function):
 
 def holds_data(x: torch.Tensor) -> bool:
     """Whether ``x`` is a real CPU tensor the kernels can read (not one a compiler, an exporter or ``torch.func``
-    traces with): the compact activations fall back to the plain operation, which computes the same, otherwise."""
-    return native.what_is_wrong(x, cpu=False) is None
+    traces with): the compact activations fall back to the plain operation, which computes the same, otherwise.
+    Under ``torch.compile`` that is always the plain operation: the compiler fuses it with its neighbours and
+    chooses itself what to keep for backward."""
+    return not torch.compiler.is_compiling() and native.what_is_wrong(x, cpu=False) is None
 
 
 class BitReLU(nn.Module):

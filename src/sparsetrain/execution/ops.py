@@ -17,7 +17,8 @@ Operators:
   gradients in one pass over the kept weights; a gradient not asked for comes back empty.
 
 The direct convolution operators (``sparsetrain::direct_conv2d`` and its backward) are registered beside the code
-that chooses their paths, in :mod:`sparsetrain.execution.backends.direct`.
+that chooses their paths, in :mod:`sparsetrain.execution.backends.direct`; SWAT's (``swat_refresh``, ``swat_conv2d``,
+``swat_direct_conv2d``, ``swat_linear`` and their backward) in :mod:`sparsetrain.execution.backends.swat`.
 """
 
 import torch

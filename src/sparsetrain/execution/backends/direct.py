@@ -289,6 +289,15 @@ def direct_conv2d_op(
     return direct_forward(x, values.contiguous(), bias, s, geom, plan, nhwc)
 
 
+def _lists_fake(shape, nnz) -> list[torch.Tensor]:
+    """Tensors shaped as :meth:`DirectStructure.tensors` lists ``nnz`` kept entries of a weight of ``shape`` (for the
+    fake implementations of operators that make the lists)."""
+    cout, cin = shape[:2]
+    i16, i32, i64 = torch.int16, torch.int32, torch.int64
+    sizes = [(cout + 1, i64), (nnz, i32), (nnz, i16), (nnz, i16), (cin + 1, i64), (nnz, i32), (nnz, i16), (nnz, i16)]
+    return [torch.empty(n, dtype=dt) for n, dt in sizes + [(nnz, i16), (nnz, i16), (nnz, i32)]]
+
+
 @direct_conv2d_op.register_fake
 def _direct_conv2d_fake(x, values, bias, lists, shape, stride, padding, dilation, nhwc):
     geom = direct_geometry(x.shape, shape, stride, padding, dilation)

@@ -47,13 +47,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ...core.schemes import parse_scheme
 from ...core.sharding import Part, local, sum_over_ranks, whole
 from .. import native
 from ..bits import flat_view, numpy_ok, pack_bits, unflat, unpack_bits
-from .direct import DirectStructure, channels_last, direct_forward, direct_geometry, direct_input_grad, direct_plan
+from .direct import (
+    DirectStructure,
+    _direct_conv2d_fake,
+    _lists_fake,
+    channels_last,
+    direct_forward,
+    direct_input_grad,
+)
 from .registry import BACKENDS
 
 __all__ = [
@@ -183,177 +190,412 @@ def _weights(weight, w_mask, w_thresh):
     return weight * (weight.abs() >= w_thresh)
 
 
-class _SWATConv2dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh, stride, padding, dilation, groups):
-        packed, values, cl = _compress(x, a_thresh)  # first, while x is still in cache from the layer before
-        out = F.conv2d(x, _weights(weight, w_mask, w_thresh), bias, stride, padding, dilation, groups)
-        # the weight is resident anyway; W_s is rebuilt in backward (the step has not changed the weight yet)
-        ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
-        ctx.conf = (tuple(x.shape), cl, stride, padding, dilation, groups, bias is not None)
-        return out
+def _pair(v) -> list[int]:
+    return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
-        shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
-        need = ctx.needs_input_grad
-        nhwc_order = cl or shape[1] == 1 or shape[2] * shape[3] == 1  # the saved bits run pixel by pixel
-        if (
-            need[1]
-            and groups == 1
-            and nhwc_order
-            and _compressed_wgrad(values, math.prod(shape), grad_out, weight.shape[0], stride)
-        ):
-            # the input gradient (and bias) from the dense product; dW from the kept inputs alone
-            w_s = _weights(weight, w_mask, w_thresh)
-            gx, _, gb = torch.ops.aten.convolution_backward(
-                grad_out,
-                grad_out.new_empty(1).expand(shape),
-                w_s,
-                [weight.shape[0]] if has_bias else None,
-                _pair(stride),
-                _pair(padding),
-                _pair(dilation),
-                False,
-                [0, 0],
-                1,
-                [need[0], False, has_bias and need[2]],
+
+def _numeric_padding(layer: nn.Conv2d) -> list[int]:
+    """The layer's padding as two numbers (``"valid"`` is none; ``"same"`` needs an even total per side)."""
+    if layer.padding == "valid":
+        return [0, 0]
+    if layer.padding == "same":
+        total = [d * (k - 1) for d, k in zip(_pair(layer.dilation), _pair(layer.kernel_size))]
+        if any(t % 2 for t in total):
+            raise ValueError(
+                f"SWAT takes padding='same' where it pads both sides alike (odd kernels); this layer's kernel "
+                f"{tuple(layer.kernel_size)} with dilation {tuple(layer.dilation)} does not: give its padding in numbers"
             )
-            n, c, h, w = shape
-            gwt = native.compressed_weight_grad(
-                packed,
-                values,
-                (n, h, w, c),
-                grad_out.permute(0, 2, 3, 1).contiguous(),
-                tuple(weight.shape[2:]),
-                _pair(stride),
-                _pair(padding),
-                _pair(dilation),
-            )
-            return gx, gwt.permute(3, 0, 1, 2), gb, None, None, None, None, None, None, None
+        return [t // 2 for t in total]
+    return _pair(layer.padding)
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    """The layout a 4-D gradient is returned in: the tensor's own (channels-last or NCHW), so that the operators'
+    fake implementations can say it without seeing which path the kernels took."""
+    return torch.channels_last if channels_last(t) else torch.contiguous_format
+
+
+def _compressed_fake(x: torch.Tensor, keep_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shapes of :func:`_compress`'s bits and values, whose count depends on the data (a dynamic size)."""
+    if keep_input:
+        return x.new_empty(0, dtype=torch.uint8), x.new_empty(0)
+    return x.new_empty(-(-x.numel() // 8), dtype=torch.uint8), x.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+
+# ---- the operators: one per SWAT layer call and its backward (``torch.ops.sparsetrain.swat_*``) ----
+# Each SWAT call is an opaque operator with a fake implementation, so ``torch.compile`` keeps a SWAT model in one
+# graph: the saved input's size depends on the data, which the fakes declare as a dynamic size (this needs
+# ``torch._dynamo.config.capture_dynamic_output_shape_ops``, which :func:`convert` turns on).
+
+
+@torch.library.custom_op("sparsetrain::swat_conv2d", mutates_args=(), device_types=("cpu", "cuda"))
+def swat_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_mask: torch.Tensor | None,
+    w_thresh: torch.Tensor,
+    a_thresh: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SWAT's convolution by dense products on W_s: (the output, the bits and values of the input's top-K)."""
+    packed, values, _ = _compress(x, a_thresh)  # first, while x is still in cache from the layer before
+    return F.conv2d(x, _weights(weight, w_mask, w_thresh), bias, stride, padding, dilation, groups), packed, values
+
+
+@swat_conv2d_op.register_fake
+def _swat_conv2d_fake(x, weight, bias, w_mask, w_thresh, a_thresh, stride, padding, dilation, groups):
+    return (F.conv2d(x, weight, bias, stride, padding, dilation, groups), *_compressed_fake(x))
+
+
+@torch.library.custom_op("sparsetrain::swat_conv2d_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def swat_conv2d_backward(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    values: torch.Tensor,
+    weight: torch.Tensor,
+    w_mask: torch.Tensor | None,
+    w_thresh: torch.Tensor,
+    x_shape: list[int],
+    nhwc: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``sparsetrain::swat_conv2d`` for the input, the (whole) weight and the bias, as ``need``
+    asks (an empty tensor for one not asked): dx from W_s, dW from the saved top-K input."""
+    shape, (need_x, need_w, need_b) = tuple(x_shape), need
+    cout = weight.shape[0]
+    w_s = _weights(weight, w_mask, w_thresh)
+    nhwc_order = nhwc or shape[1] == 1 or shape[2] * shape[3] == 1  # the saved bits run pixel by pixel
+    if need_w and groups == 1 and nhwc_order and _compressed_wgrad(values, math.prod(shape), grad, cout, stride):
+        # the input gradient (and bias) from the dense product; dW from the kept inputs alone
+        gx, _, gb = torch.ops.aten.convolution_backward(
+            grad, grad.new_empty(1).expand(shape), w_s, [cout], stride, padding, dilation, False, [0, 0], 1,
+            [need_x, False, need_b],
+        )  # fmt: skip
+        n, c, h, w = shape
+        gwt = native.compressed_weight_grad(
+            packed, values, (n, h, w, c), grad.permute(0, 2, 3, 1).contiguous(), tuple(weight.shape[2:]),
+            stride, padding, dilation,
+        )  # fmt: skip
+        gw = gwt.permute(3, 0, 1, 2)
+    else:
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad_out,
-            _decompress(packed, values, shape, cl),
-            _weights(weight, w_mask, w_thresh),
-            [weight.shape[0]] if has_bias else None,
-            _pair(stride),
-            _pair(padding),
-            _pair(dilation),
-            False,
-            [0, 0],
-            groups,
-            [need[0], need[1], has_bias and need[2]],
+            grad, _decompress(packed, values, shape, nhwc), w_s, [cout], stride, padding, dilation, False, [0, 0],
+            groups, [need_x, need_w, need_b],
+        )  # fmt: skip
+    return _grads_out(
+        grad, x_shape, nhwc, weight, gx if need_x else None, gw if need_w else None, gb if need_b else None
+    )
+
+
+def _grads_out(like, x_shape, nhwc, weight, gx, gw, gb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients in the layouts the fakes give (the input's, the weight's), an empty tensor of its own for each
+    one not asked for (an operator's outputs may not alias)."""
+    if gx is not None:
+        four = len(x_shape) == 4
+        gx = gx.contiguous(memory_format=torch.channels_last if four and nhwc else torch.contiguous_format)
+    if gw is not None:
+        gw = gw.contiguous(memory_format=_format_of(weight) if weight.dim() == 4 else torch.contiguous_format)
+    return tuple(like.new_empty(0) if g is None else g for g in (gx, gw, gb))
+
+
+def _grads_fake(like, x_shape, nhwc, weight, need) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shapes and layouts :func:`_grads_out` gives."""
+    four = len(x_shape) == 4
+    gx = like.new_empty(x_shape).contiguous(
+        memory_format=torch.channels_last if four and nhwc else torch.contiguous_format
+    )
+    gw = weight.new_empty(weight.shape).contiguous(
+        memory_format=_format_of(weight) if weight.dim() == 4 else torch.contiguous_format
+    )
+    made = (gx, gw, weight.new_empty(weight.shape[0]))
+    return tuple(g if n else like.new_empty(0) for g, n in zip(made, need))
+
+
+@swat_conv2d_backward.register_fake
+def _swat_conv2d_backward_fake(
+    grad, packed, values, weight, w_mask, w_thresh, x_shape, nhwc, stride, padding, dilation, groups, need
+):
+    return _grads_fake(grad, x_shape, nhwc, weight, need)
+
+
+def _swat_conv2d_setup(ctx, inputs, output) -> None:
+    x, weight, bias, w_mask, w_thresh, _, stride, padding, dilation, groups = inputs
+    _, packed, values = output
+    ctx.mark_non_differentiable(packed, values)
+    # the weight is resident anyway; W_s is rebuilt in backward (the step has not changed the weight yet)
+    ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
+    ctx.conf = (list(x.shape), flat_view(x)[1], stride, padding, dilation, groups, bias is not None)
+
+
+def _swat_conv2d_grad(ctx, grad, _packed, _values):
+    packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
+    shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = swat_conv2d_backward(
+        grad.contiguous(memory_format=_format_of(grad)), packed, values, weight, w_mask, w_thresh, shape, cl,
+        stride, padding, dilation, groups, need,
+    )  # fmt: skip
+    return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, *[None] * 7)
+
+
+swat_conv2d_op.register_autograd(_swat_conv2d_grad, setup_context=_swat_conv2d_setup)
+
+
+@torch.library.custom_op("sparsetrain::swat_linear", mutates_args=(), device_types=("cpu", "cuda"))
+def swat_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_mask: torch.Tensor | None,
+    w_thresh: torch.Tensor,
+    a_thresh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear counterpart of ``sparsetrain::swat_conv2d``."""
+    packed, values, _ = _compress(x, a_thresh)
+    return F.linear(x, _weights(weight, w_mask, w_thresh), bias), packed, values
+
+
+@swat_linear_op.register_fake
+def _swat_linear_fake(x, weight, bias, w_mask, w_thresh, a_thresh):
+    return (F.linear(x, weight, bias), *_compressed_fake(x))
+
+
+@torch.library.custom_op("sparsetrain::swat_linear_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def swat_linear_backward(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    values: torch.Tensor,
+    weight: torch.Tensor,
+    w_mask: torch.Tensor | None,
+    w_thresh: torch.Tensor,
+    x_shape: list[int],
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``sparsetrain::swat_linear`` (input, weight, bias; empty where ``need`` says no)."""
+    shape = tuple(x_shape)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    gx = gw = gb = None
+    if need[0]:
+        gx = (g2 @ _weights(weight, w_mask, w_thresh)).view(shape)
+    if need[1] and _compressed_wgrad(values, math.prod(shape), g2, g2.shape[1]):
+        tokens = g2.shape[0]
+        gwt = native.compressed_weight_grad(
+            packed, values, (tokens, 1, 1, shape[-1]), g2.contiguous().view(tokens, 1, 1, -1), (1, 1)
         )
-        return gx, gw, gb, None, None, None, None, None, None, None
+        gw = gwt.view(shape[-1], -1).t()
+    elif need[1]:
+        gw = g2.t() @ _decompress(packed, values, shape, False).reshape(-1, shape[-1])
+    if need[2]:
+        gb = g2.sum(0)
+    return _grads_out(grad, x_shape, False, weight, gx, gw, gb)
 
 
-class _SWATLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, w_mask, w_thresh, a_thresh):
-        packed, values, cl = _compress(x, a_thresh)
-        out = F.linear(x, _weights(weight, w_mask, w_thresh), bias)
-        ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
-        ctx.conf = (tuple(x.shape), cl, bias is not None)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
-        shape, cl, has_bias = ctx.conf
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = (g2 @ _weights(weight, w_mask, w_thresh)).view(shape)
-        if ctx.needs_input_grad[1] and _compressed_wgrad(values, math.prod(shape), g2, g2.shape[1]):
-            tokens = g2.shape[0]
-            gw = (
-                native.compressed_weight_grad(
-                    packed, values, (tokens, 1, 1, shape[-1]), g2.contiguous().view(tokens, 1, 1, -1), (1, 1)
-                )
-                .view(shape[-1], -1)
-                .t()
-            )
-        elif ctx.needs_input_grad[1]:
-            gw = g2.t() @ _decompress(packed, values, shape, cl).reshape(-1, shape[-1])
-        if has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        return gx, gw, gb, None, None, None
+@swat_linear_backward.register_fake
+def _swat_linear_backward_fake(grad, packed, values, weight, w_mask, w_thresh, x_shape, need):
+    return _grads_fake(grad, x_shape, False, weight, need)
 
 
-class _SWATDirectConv2dFn(torch.autograd.Function):
-    """SWAT's convolution on the direct kernels: W_s listed from the threshold, the input compressed (NCHW or
-    channels-last, as it comes)."""
+def _swat_linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, w_mask, w_thresh, _ = inputs
+    _, packed, values = output
+    ctx.mark_non_differentiable(packed, values)
+    ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
+    ctx.conf = (list(x.shape), bias is not None)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, w_thresh, a_thresh, stride, padding, dilation, keep_input=False):
-        if keep_input:  # the whole input is kept (exactly, compressed, by the lossless savings): top-K in backward
-            cl, ctx.a_thresh = flat_view(x.detach())[1], float(a_thresh)
+
+def _swat_linear_grad(ctx, grad, _packed, _values):
+    packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
+    shape, has_bias = ctx.conf
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = swat_linear_backward(grad.contiguous(), packed, values, weight, w_mask, w_thresh, shape, need)
+    return gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None, None
+
+
+swat_linear_op.register_autograd(_swat_linear_grad, setup_context=_swat_linear_setup)
+
+
+@torch.library.custom_op("sparsetrain::swat_direct_conv2d", mutates_args=(), device_types="cpu")
+def swat_direct_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_thresh: torch.Tensor,
+    a_thresh: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    keep_input: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """SWAT's convolution on the direct kernels, W_s listed from the threshold: (the output, the input's top-K bits
+    and values (empty when ``keep_input``: the lossless savings keep the whole input, and backward takes its top-K),
+    the kept weights, their lists (:meth:`DirectStructure.tensors`))."""
+    kept, by_out, by_in = native.threshold_lists(weight, float(w_thresh))
+    s = DirectStructure(tuple(weight.shape), None, by_out, by_in)
+    geom, plan = s.plan_for(x.shape, stride, padding, dilation)
+    nhwc = flat_view(x)[1]
+    packed, values = _compressed_fake(x, True) if keep_input else _compress(x, a_thresh)[:2]
+    # in the layout the input was compressed in (its memory order), which backward reads back
+    out = direct_forward(x, kept, None if bias is None else bias.contiguous(), s, geom, plan, nhwc=nhwc)
+    return out, packed, values, kept, s.tensors()
+
+
+@swat_direct_conv2d_op.register_fake
+def _swat_direct_conv2d_fake(x, weight, bias, w_thresh, a_thresh, stride, padding, dilation, keep_input):
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    lists = _lists_fake(tuple(weight.shape), nnz)
+    out = _direct_conv2d_fake(x, weight, bias, lists, list(weight.shape), stride, padding, dilation, flat_view(x)[1])
+    return (out, *_compressed_fake(x, keep_input), weight.new_empty(nnz), lists)
+
+
+@torch.library.custom_op("sparsetrain::swat_direct_conv2d_backward", mutates_args=(), device_types="cpu")
+def swat_direct_conv2d_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    values: torch.Tensor,
+    kept: torch.Tensor,
+    lists: list[torch.Tensor],
+    a_thresh: torch.Tensor,
+    shape: list[int],
+    x_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    nhwc: bool,
+    keep_input: bool,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``sparsetrain::swat_direct_conv2d`` (input, whole weight, bias; empty where ``need`` says
+    no). ``x`` is read only under ``keep_input``: the same top-K of the same input, with the forward's threshold,
+    gives the same bits."""
+    if keep_input:
+        packed, values, _ = _compress(x, a_thresh)
+    s = DirectStructure.from_tensors(shape, lists)
+    geom, plan = s.plan_for(x_shape, stride, padding, dilation)
+    gx = gw = gb = None
+    if need[0]:
+        gx = direct_input_grad(grad, kept, s, geom, plan, nhwc=nhwc)
+    if need[1]:
+        n, c, h, w = x_shape
+        if _compressed_wgrad(values, math.prod(x_shape), grad, s.shape[0], stride):
+            gwt = native.compressed_weight_grad(
+                packed, values, (n, h, w, c), grad.permute(0, 2, 3, 1).contiguous(), s.shape[2:], stride, padding,
+                dilation, channels_first=not nhwc,
+            )  # fmt: skip
+            gw = gwt.permute(3, 0, 1, 2)
         else:
-            packed, values, cl = _compress(x, a_thresh)
-        kept, by_out, by_in = native.threshold_lists(weight, float(w_thresh))
-        s = DirectStructure(tuple(weight.shape), None, by_out, by_in)
-        geom = direct_geometry(x.shape, s.shape, stride, padding, dilation)
-        plan = direct_plan(geom, s.shape[2:])
-        # in the layout the input was compressed in (its memory order), which backward reads back
-        out = direct_forward(x, kept, None if bias is None else bias.detach().contiguous(), s, geom, plan, nhwc=cl)
-        ctx.keep_input = keep_input
-        ctx.save_for_backward(*((x, kept) if keep_input else (packed, values, kept)))
-        ctx.conf = (s, geom, plan, tuple(x.shape), cl, bias is not None, stride, padding, dilation)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.keep_input:  # the same top-K of the same input, with the forward's threshold: the same bits
-            x, kept = ctx.saved_tensors
-            packed, values, _ = _compress(x, ctx.a_thresh)
-        else:
-            packed, values, kept = ctx.saved_tensors
-        s, geom, plan, shape, cl, has_bias, stride, padding, dilation = ctx.conf
-        need = ctx.needs_input_grad
-        gx = gw = gb = None
-        if need[0]:
-            gx = direct_input_grad(grad_out, kept, s, geom, plan, nhwc=cl)
-        if need[1]:
-            n, c, h, w = shape
-            if _compressed_wgrad(values, math.prod(shape), grad_out, s.shape[0], stride):
-                gwt = native.compressed_weight_grad(
-                    packed,
-                    values,
-                    (n, h, w, c),
-                    grad_out.permute(0, 2, 3, 1).contiguous(),
-                    s.shape[2:],
-                    _pair(stride),
-                    _pair(padding),
-                    _pair(dilation),
-                    channels_first=not cl,
-                )
-                gw = gwt.permute(3, 0, 1, 2)
-            else:
-                gw = torch.nn.grad.conv2d_weight(
-                    _decompress(packed, values, shape, cl), s.shape, grad_out, stride, padding, dilation
-                )
-        if has_bias and need[2]:
-            gb = grad_out.sum((0, 2, 3))
-        return gx, gw, gb, None, None, None, None, None, None
+            x_s = _decompress(packed, values, tuple(x_shape), nhwc)
+            gw = torch.nn.grad.conv2d_weight(x_s, s.shape, grad, stride, padding, dilation)
+    if need[2]:
+        gb = grad.sum((0, 2, 3))
+    return _grads_out(grad, x_shape, nhwc, kept.new_empty(shape), gx, gw, gb)
 
 
-def _pair(v):
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+@swat_direct_conv2d_backward.register_fake
+def _swat_direct_conv2d_backward_fake(
+    grad, x, packed, values, kept, lists, a_thresh, shape, x_shape, stride, padding, dilation, nhwc, keep_input, need
+):
+    return _grads_fake(grad, x_shape, nhwc, grad.new_empty(shape), need)
+
+
+def _swat_direct_setup(ctx, inputs, output) -> None:
+    x, weight, bias, w_thresh, a_thresh, stride, padding, dilation, keep_input = inputs
+    _, packed, values, kept, lists = output
+    ctx.mark_non_differentiable(packed, values, kept, *lists)
+    ctx.save_for_backward(x if keep_input else values, packed, values, kept, a_thresh, *lists)
+    nhwc = flat_view(x)[1]
+    ctx.conf = (list(weight.shape), list(x.shape), stride, padding, dilation, nhwc, keep_input, bias is not None)
+
+
+def _swat_direct_grad(ctx, grad, *_):
+    x, packed, values, kept, a_thresh, *lists = ctx.saved_tensors
+    shape, x_shape, stride, padding, dilation, nhwc, keep_input, has_bias = ctx.conf
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+    grad = grad.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    gx, gw, gb = swat_direct_conv2d_backward(
+        grad, x, packed, values, kept, lists, a_thresh, shape, x_shape, stride, padding, dilation, nhwc, keep_input,
+        need,
+    )  # fmt: skip
+    return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, *[None] * 6)
+
+
+swat_direct_conv2d_op.register_autograd(_swat_direct_grad, setup_context=_swat_direct_setup)
+
+
+@register_flop_formula([torch.ops.sparsetrain.swat_conv2d, torch.ops.sparsetrain.swat_direct_conv2d])
+def _swat_conv2d_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """The dense convolution's count, as PyTorch's flop counter gives it (the cost model applies the densities)."""
+    return conv_flop_count(x_shape, w_shape, out_shape[0])
+
+
+@register_flop_formula(torch.ops.sparsetrain.swat_linear)
+def _swat_linear_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """The dense product's count."""
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+def _refresh_weights(weight: torch.Tensor, density: float, structure: str | None, w_mask, w_thresh) -> None:
+    """Install W_s's new kept units (structured) or threshold (unstructured) for the whole ``weight``."""
+    if structure:
+        w_mask.copy_(parse_scheme(structure).mask(weight.abs(), density))
+    else:
+        w_thresh.copy_(topk_threshold(weight, density))
+
+
+@torch.library.custom_op(
+    "sparsetrain::swat_refresh",
+    mutates_args=("w_mask", "w_thresh", "a_thresh", "act_kept", "steps"),
+    device_types=("cpu", "cuda"),
+)
+def swat_refresh(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    w_mask: torch.Tensor,
+    w_thresh: torch.Tensor,
+    a_thresh: torch.Tensor,
+    act_kept: torch.Tensor,
+    steps: torch.Tensor,
+    density: float,
+    act_density: float,
+    period: int,
+    structure: str | None,
+) -> None:
+    """A SWAT layer's training forward, before its product: every ``period``-th one takes the top-K thresholds of
+    the (whole) weight and of the input ``x`` anew; each counts one step. An operator, so that the choice, which
+    depends on the step count's value, stays inside a compiled graph (run on real tensors, never traced)."""
+    if int(steps) % period == 0:
+        _refresh_weights(weight, density, structure, w_mask, w_thresh)
+        a_thresh_now, share = threshold_and_share(x, act_density)
+        a_thresh.copy_(a_thresh_now)
+        act_kept.fill_(share)
+    steps.add_(1)
+
+
+@swat_refresh.register_fake
+def _swat_refresh_fake(weight, x, w_mask, w_thresh, a_thresh, act_kept, steps, density, act_density, period, structure):
+    return None
 
 
 def swat_conv2d(x, weight, bias, w_mask, w_thresh, a_thresh, stride=1, padding=0, dilation=1, groups=1):
     """Conv2d with W_s (``weight * w_mask``, or the weights with |w| >= ``w_thresh`` when ``w_mask`` is None),
     saving for backward only the input entries with |x| >= ``a_thresh``, compressed."""
-    return _SWATConv2dFn.apply(x, weight, bias, w_mask, w_thresh, a_thresh, stride, padding, dilation, groups)
+    out, _, _ = swat_conv2d_op(
+        x, weight, bias, w_mask, w_thresh, a_thresh, _pair(stride), _pair(padding), _pair(dilation), int(groups)
+    )
+    return out
 
 
 def swat_linear(x, weight, bias, w_mask, w_thresh, a_thresh):
     """Linear counterpart of :func:`swat_conv2d`."""
-    return _SWATLinearFn.apply(x, weight, bias, w_mask, w_thresh, a_thresh)
+    return swat_linear_op(x, weight, bias, w_mask, w_thresh, a_thresh)[0]
 
 
 # how SWAT convolutions compute (see the module docstring)
@@ -387,12 +629,9 @@ class _SWATMixin:
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
-        # in forward the weight is whole; outside it (a budget change) a sharded weight is gathered once
-        w = whole(self.weight)
-        if self.structure:
-            self.w_mask.copy_(parse_scheme(self.structure).mask(w.abs(), self.density))
-        else:
-            self.w_thresh.copy_(topk_threshold(w, self.density))
+        """Take W_s anew now (a budget change; training forwards do it every period): a sharded weight is
+        gathered once."""
+        _refresh_weights(whole(self.weight), self.density, self.structure, self.w_mask, self.w_thresh)
 
     def current_mask(self) -> torch.Tensor:
         """Weights used now: |w| >= the period's threshold (the threshold is reused, the set may move), or the kept
@@ -425,15 +664,13 @@ class _SWATMixin:
         m = self.current_mask()
         return sum_over_ranks(int(local(m).sum()), m)
 
-    @torch.no_grad()
     def _maybe_refresh(self, x: torch.Tensor) -> None:
-        if self.training and int(self.steps) % self.period == 0:
-            self.refresh_weights()
-            a_thresh, share = threshold_and_share(x, self.act_density)
-            self.a_thresh.copy_(a_thresh)
-            self.act_kept.fill_(share)
+        """A training forward's refresh and step count (:func:`swat_refresh`; in forward the weight is whole)."""
         if self.training:
-            self.steps += 1
+            swat_refresh(
+                self.weight.detach(), x.detach(), self.w_mask, self.w_thresh, self.a_thresh, self.act_kept,
+                self.steps, self.density, self.act_density, self.period, self.structure,
+            )  # fmt: skip
 
     def weight_density(self) -> float:
         return self.kept_weights() / self.weight.numel()
@@ -446,9 +683,11 @@ class _SWATMixin:
 
 
 def refuse_traced(x: torch.Tensor, layer: nn.Module) -> None:
-    """SWAT's layers compute through autograd Functions and kernels of their own, with data-dependent sizes (the
-    top-K inputs), which an exporter or ``torch.func``'s transforms cannot trace: refuse those inputs with the layer
-    named and what runs instead. (``torch.compile`` runs the layers at a graph break, on real tensors.)"""
+    """SWAT's layers compute through operators with data-dependent sizes (the top-K inputs), which an exporter or
+    ``torch.func``'s transforms cannot trace: refuse those inputs with the layer named and what runs instead.
+    (``torch.compile`` keeps the operators in its graph, the sizes dynamic.)"""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return  # the compiler traces fakes through the operators' fake implementations; the kernels see real tensors
     why = native.what_is_wrong(x, cpu=False)
     if why:
         raise native.NoDataError(
@@ -497,7 +736,6 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
         the output)."""
         return self.backend != "masked" and not self.structure and self.density <= DIRECT_MAX_DENSITY
 
-    @torch.compiler.disable
     def forward(self, x):
         refuse_traced(x, self)
         self._maybe_refresh(x)
@@ -509,18 +747,19 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
         """The output for ``x`` under the current thresholds (no refresh, no step counted: what a rerun computes)."""
         if self.padding_mode != "zeros":
             raise ValueError("SWAT supports zero padding only")
+        padding = _numeric_padding(self)
         if self.runs_direct(x):
-            return _SWATDirectConv2dFn.apply(
+            return swat_direct_conv2d_op(
                 x,
                 self.weight,
                 self.bias,
                 self.w_thresh,
                 self.a_thresh,
                 _pair(self.stride),
-                _pair(self.padding),
+                padding,
                 _pair(self.dilation),
                 self.keeps_input,
-            )
+            )[0]
         return swat_conv2d(
             x,
             self.weight,
@@ -529,7 +768,7 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
             self.w_thresh,
             self.a_thresh,
             self.stride,
-            self.padding,
+            padding,
             self.dilation,
             self.groups,
         )
@@ -538,7 +777,6 @@ class SWATConv2d(_SWATMixin, nn.Conv2d):
 class SWATLinear(_SWATMixin, nn.Linear):
     """A Linear trained the SWAT way (made by :func:`convert`)."""
 
-    @torch.compiler.disable
     def forward(self, x):
         refuse_traced(x, self)
         self._maybe_refresh(x)
@@ -564,6 +802,9 @@ def convert(
     weights; ``act_densities`` the kept share of their inputs (default: the same);
     ``structure`` keeps whole ``kernel`` or ``channel_out`` units of convolutions by L1 norm instead of
     single weights (Linear layers stay unstructured: a classifier must keep every class).
+
+    Turns on ``torch._dynamo.config.capture_dynamic_output_shape_ops`` (process-wide), so that ``torch.compile``
+    keeps the layers' operators, whose saved inputs have data-dependent sizes, in one graph.
     """
     if period < 1:
         raise ValueError(f"topk_period must be >= 1, got {period}")
@@ -594,6 +835,10 @@ def convert(
         struct = structure if isinstance(m, nn.Conv2d) else None
         _swap(m, SWATConv2d if isinstance(m, nn.Conv2d) else SWATLinear)
         m._init_swat(d, a, period, struct)
+    # the saved top-K input's size depends on the data: torch.compile keeps such operators in its graph (a dynamic
+    # size) only with this switch on; off, every SWAT layer would break the graph. A process-wide setting of the
+    # compiler's, which changes nothing for models without such operators.
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return model
 
 
