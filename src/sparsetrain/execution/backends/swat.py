@@ -329,6 +329,7 @@ def _swat_conv2d_backward_fake(
 def _swat_conv2d_setup(ctx, inputs, output) -> None:
     x, weight, bias, w_mask, w_thresh, _, stride, padding, dilation, groups = inputs
     _, packed, values = output
+    ctx.set_materialize_grads(False)  # (no zero gradients made for the outputs that have none)
     ctx.mark_non_differentiable(packed, values)
     # the weight is resident anyway; W_s is rebuilt in backward (the step has not changed the weight yet)
     ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
@@ -336,6 +337,8 @@ def _swat_conv2d_setup(ctx, inputs, output) -> None:
 
 
 def _swat_conv2d_grad(ctx, grad, _packed, _values):
+    if grad is None:  # the output took no part in the loss
+        return (None,) * 10
     packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
     shape, cl, stride, padding, dilation, groups, has_bias = ctx.conf
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
@@ -406,12 +409,15 @@ def _swat_linear_backward_fake(grad, packed, values, weight, w_mask, w_thresh, x
 def _swat_linear_setup(ctx, inputs, output) -> None:
     x, weight, bias, w_mask, w_thresh, _ = inputs
     _, packed, values = output
+    ctx.set_materialize_grads(False)  # (no zero gradients made for the outputs that have none)
     ctx.mark_non_differentiable(packed, values)
     ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
     ctx.conf = (list(x.shape), bias is not None)
 
 
 def _swat_linear_grad(ctx, grad, _packed, _values):
+    if grad is None:  # the output took no part in the loss
+        return (None,) * 6
     packed, values, weight, w_mask, w_thresh = ctx.saved_tensors
     shape, has_bias = ctx.conf
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
@@ -509,6 +515,7 @@ def _swat_direct_conv2d_backward_fake(
 def _swat_direct_setup(ctx, inputs, output) -> None:
     x, weight, bias, w_thresh, a_thresh, stride, padding, dilation, keep_input = inputs
     _, packed, values, kept, lists = output
+    ctx.set_materialize_grads(False)  # (no zero gradients made for the outputs that have none)
     ctx.mark_non_differentiable(packed, values, kept, *lists)
     ctx.save_for_backward(x if keep_input else values, packed, values, kept, a_thresh, *lists)
     nhwc = flat_view(x)[1]
@@ -516,6 +523,8 @@ def _swat_direct_setup(ctx, inputs, output) -> None:
 
 
 def _swat_direct_grad(ctx, grad, *_):
+    if grad is None:  # the output took no part in the loss
+        return (None,) * 9
     x, packed, values, kept, a_thresh, *lists = ctx.saved_tensors
     shape, x_shape, stride, padding, dilation, nhwc, keep_input, has_bias = ctx.conf
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
