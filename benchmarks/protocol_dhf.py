@@ -3,6 +3,7 @@ against dense in one process.
 
     python benchmarks/protocol_dhf.py --model hf-gpt2 --sparsity 0.9 --execution auto
     python benchmarks/protocol_dhf.py --model hf-llama --sparsity 0.9 --execution auto
+    python benchmarks/protocol_dhf.py --model hf-gpt2 --compact-state   # only the kept weights and their AdamW state
 
 GPT-2 small from ``GPT2Config()`` (12 layers, width 768, 50,257 tokens) or a Llama-style model from
 ``LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -53,11 +54,11 @@ def dense_layer_patterns(model: torch.nn.Module) -> list[str]:
     return [n for n in names if "lm_head" in n or "wte" in n or "wpe" in n or "embed_tokens" in n]
 
 
-def attach(model, optimizer, make, execution: str, total_steps: int):
+def attach(model, optimizer, make, execution: str, total_steps: int, compact_state: bool = False):
     """The sparsifier as a ``transformers.Trainer`` run gets it: the callback's ``on_train_begin``."""
     from sparsetrain.integrations.huggingface import SparsityCallback
 
-    cb = SparsityCallback(make, execution=execution)
+    cb = SparsityCallback(make, execution=execution, compact_state=compact_state)
     args = types.SimpleNamespace(gradient_accumulation_steps=1, output_dir=".")
     state = types.SimpleNamespace(max_steps=total_steps, num_train_epochs=1, global_step=0)
     cb.on_train_begin(args, state, None, model=model, optimizer=optimizer, train_dataloader=None)
@@ -83,6 +84,12 @@ def main(argv=None):
     ap.add_argument("--method", default="rigl", choices=["rigl", "static"])
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--execution", default="auto")
+    ap.add_argument(
+        "--compact-state",
+        action="store_true",
+        help="the callback's compact_state=True: the sparse layers keep only their kept weights, gradients and AdamW "
+        "moments",
+    )
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     allocator_flag(ap)
@@ -95,7 +102,7 @@ def main(argv=None):
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1) for m in (dense, sparse)]
     factory = st.METHODS[args.method]
     make = functools.partial(factory, sparsity=args.sparsity, dense_layers=dense_layer_patterns(sparse))
-    sp = attach(sparse, opts[1], make, args.execution, total_steps=10_000)
+    sp = attach(sparse, opts[1], make, args.execution, total_steps=10_000, compact_state=args.compact_state)
     dense_step, sparse_step = make_step(dense, opts[0], vocab), make_step(sparse, opts[1], vocab)
     sparse_step()  # auto plans on this first batch
     td, ts = time_pairs(dense_step, sparse_step, args.pairs, args.warmup)
@@ -106,7 +113,8 @@ def main(argv=None):
         "model": args.model,
         "api": "callback",
         "method": args.method,
-        "config": args.execution,
+        "config": args.execution + ("-compact" if args.compact_state else ""),
+        "compact_state": args.compact_state,
         "sparsity": args.sparsity,
         "step_ratio": round(statistics.median(ratios), 4),
         "step_ratio_mean": round(statistics.fmean(ratios), 4),
