@@ -443,11 +443,12 @@ def swat_direct_conv2d_op(
     """SWAT's convolution on the direct kernels, W_s listed from the threshold: (the output, the input's top-K bits
     and values (empty when ``keep_input``: the lossless savings keep the whole input, and backward takes its top-K),
     the kept weights, their lists (:meth:`DirectStructure.tensors`))."""
+    # the input compressed first, while it is still in cache from the layer before
+    packed, values = _compressed_fake(x, True) if keep_input else _compress(x, a_thresh)[:2]
     kept, by_out, by_in = native.threshold_lists(weight, float(w_thresh))
     s = DirectStructure(tuple(weight.shape), None, by_out, by_in)
     geom, plan = s.plan_for(x.shape, stride, padding, dilation)
     nhwc = flat_view(x)[1]
-    packed, values = _compressed_fake(x, True) if keep_input else _compress(x, a_thresh)[:2]
     # in the layout the input was compressed in (its memory order), which backward reads back
     out = direct_forward(x, kept, None if bias is None else bias.contiguous(), s, geom, plan, nhwc=nhwc)
     return out, packed, values, kept, s.tensors()
