@@ -265,6 +265,44 @@ def test_compiled_swat_has_no_graph_break_and_trains_like_eager(execution, layou
     assert int(swat_layers(model_c)["3.weight"].steps) == 9 and graphs == 1, graphs
 
 
+def test_compiled_channel_pruning_on_both_sides_has_no_graph_break_and_trains_like_eager():
+    """Channel pruning at 50% with the removed filters' BatchNorm channels and the next layers' inputs gone (the
+    layers physically smaller, compact state): no graph break, and 8 compiled steps equal eager in one graph."""
+    from torch._dynamo.utils import counters
+
+    import sparsetrain as st
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(9)]
+
+    def made():
+        model = _small_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        st.static(
+            model, opt, sparsity=0.5, scheme="channel_out", execution="channel", channel_both_sides=True,
+            compact_state=True,
+        )  # fmt: skip
+        _train(model, opt, batches[:1], compiled=False)
+        return model, opt
+
+    model, _ = made()
+    x, y = batches[1]
+    explained = torch._dynamo.explain(lambda inp: F.cross_entropy(model(inp), y))(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    runs = {}
+    for compiled in (False, True):
+        model, opt = made()
+        torch._dynamo.reset()
+        counters.clear()
+        runs[compiled] = (_train(model, opt, batches[1:], compiled), model, counters["stats"]["unique_graphs"])
+    (eager, model_e, _), (comp, model_c, graphs) = runs[False], runs[True]
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for (n, a), b in zip(model_e.state_dict().items(), model_c.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    assert model_c[7].values.numel() == 16 * 16 * 9  # half its filters, on half its inputs: really smaller
+    assert graphs == 1, graphs
+
+
 AUTOCAST_CHILD = """
 import json, warnings, torch, torch.nn as nn, torch.nn.functional as F
 import sparsetrain as st
