@@ -99,6 +99,33 @@ def test_conv1d_projections_run_on_every_linear_backend_and_train_like_masked_de
     torch.testing.assert_close(plain(x), dense_model(x), rtol=1e-4, atol=1e-5)
 
 
+@needs_native
+def test_compact_conv1d_projections_store_only_kept_weights_and_train_like_masked_dense():
+    """Under condensed with compact state a Conv1D keeps only its kept weights (in the Linear's row order), AdamW's
+    moments alike; RigL's updates re-lay them from the [in, out] dense gradient; the state dict carries the dense
+    [in, out] weight, and remove() gives back the Conv1D, all equal to masked dense."""
+    from transformers.pytorch_utils import Conv1D
+
+    from sparsetrain.execution.backends.compact import is_compact
+
+    dense_model, dense_sp, x = _trained("masked", steps=5)
+    model, sp, _ = _trained("condensed", steps=5, compact_state=True)
+    assert len(sp.execution_layers) == 2
+    assert all(is_compact(m) and isinstance(m, Conv1D) for m in sp.execution_layers.values())
+    assert {lp.compact for lp in sp.plan.layers.values()} == {True}
+    kept = int(sp.maskset.masks["c_fc.weight"].sum())
+    assert model.c_fc.values.shape == (kept,) and "c_fc.weight" not in dict(model.named_parameters())
+    assert sp.updates == dense_sp.updates > 0
+    for k, v in dense_sp.export_state().items():
+        torch.testing.assert_close(sp.export_state()[k], v, rtol=1e-4, atol=1e-5)
+    state = model.state_dict()
+    assert state["c_fc.weight"].shape == dense_model.c_fc.weight.shape  # [in, out], as the Conv1D keeps it
+    torch.testing.assert_close(state["c_fc.weight"], dense_model.c_fc.weight, rtol=1e-4, atol=1e-5)
+    plain = sp.remove()
+    assert type(plain.c_fc) is Conv1D and plain.c_fc.weight.is_contiguous()
+    torch.testing.assert_close(plain(x), dense_model(x), rtol=1e-4, atol=1e-5)
+
+
 def _callback_plan(model, make):
     from sparsetrain.integrations.huggingface import SparsityCallback
 

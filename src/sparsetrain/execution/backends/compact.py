@@ -29,10 +29,10 @@ from .channel import kept_channels
 from .channel_pairs import ChannelBlock, InputChannelConv2d, _expand
 from .condensed import CondensedStructure, condensed_linear
 from .direct import DirectStructure, direct_conv2d
-from .layers import SparseConv2d, SparseLinear
+from .layers import _CONV1D_CLASSES, SparseConv2d, SparseLinear, _Conv1DExec
 from .registry import BACKENDS, compact_layer, direct_ok
 
-__all__ = ["CompactConv2d", "CompactLinear", "CompactChannelConv2d", "compact_layers", "is_compact"]
+__all__ = ["CompactConv2d", "CompactLinear", "CompactConv1D", "CompactChannelConv2d", "compact_layers", "is_compact"]
 
 
 class _CompactStorage:
@@ -41,10 +41,18 @@ class _CompactStorage:
 
     compact: DirectStructure | CondensedStructure
 
+    @staticmethod
+    def _to_kernel(t: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor (weight, mask, gradient) in the layout the structure lists: the layer's own, except
+        for a ``Conv1D`` (:class:`CompactConv1D`), whose structure is the Linear's it computes."""
+        return t
+
+    _from_kernel = _to_kernel  # (the inverse: the same for every layer but a Conv1D)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, rebuilt on demand (not a parameter; zeros where the mask is off)."""
-        return self.compact.dense(whole(self.values.detach()))
+        return self._from_kernel(self.compact.dense(whole(self.values.detach())))
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor (zeros where masked)."""
@@ -56,13 +64,13 @@ class _CompactStorage:
         captured = self.maskset.captured.get(self.mask_name)
         if captured is not None:
             return captured
-        return None if self.values.grad is None else self.compact.dense(whole(self.values.grad))
+        return None if self.values.grad is None else self._from_kernel(self.compact.dense(whole(self.values.grad)))
 
     @torch.no_grad()
     def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         """Re-lay the kept weights (and the optimizer state that follows them) for a new mask: weights kept
         by both masks keep their values and state, newly grown ones start at zero with zero state."""
-        new = self._structure_for(mask)
+        new = self._structure_for(self._to_kernel(mask).contiguous())
         old_index, numel = self.compact.flat_index, math.prod(self.compact.shape)
         part = Part.of(self.values)
         if part is not None and new.flat_index.numel() != old_index.numel():
@@ -88,7 +96,7 @@ class _CompactStorage:
         # a mask changed before the update (RigL): the step goes on with the gradient of the new kept weights,
         # grown ones included, as under masked dense; a change after it (MEST) leaves no gradient to keep
         captured = self.maskset.captured.get(self.mask_name)
-        grad = None if captured is None else captured.reshape(-1)[new.flat_index].clone()
+        grad = None if captured is None else self._to_kernel(captured).reshape(-1)[new.flat_index].clone()
         if part is None:
             self.values.data = relay(self.values.detach())
             self.values.grad = grad
@@ -111,7 +119,8 @@ class _CompactStorage:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if key in state_dict:
-            values = whole(state_dict.pop(key)).reshape(-1)[self.compact.flat_index.to(local(self.values).device)]
+            dense = self._to_kernel(whole(state_dict.pop(key)))
+            values = dense.reshape(-1)[self.compact.flat_index.to(local(self.values).device)]
             part = Part.of(self.values)
             state_dict[prefix + "values"] = values if part is None else part.wrap(part.rows_of(values))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -137,11 +146,44 @@ class CompactLinear(_CompactStorage, SparseLinear):
 
     @classmethod
     def fits(cls, layer: nn.Module) -> bool:
-        """A plain swapped Linear (not a Conv1D) whose kernels run here."""
-        return type(layer) is SparseLinear and direct_ok(layer.weight, layer.weight)
+        """A plain swapped Linear, or a swapped Hugging Face ``Conv1D`` (as the Linear it is), whose kernels run
+        here."""
+        swapped = type(layer) is SparseLinear or type(layer) in _CONV1D_CLASSES.values()
+        return swapped and direct_ok(layer.weight, layer.weight)
+
+    @classmethod
+    def class_for(cls, layer: nn.Module) -> type:
+        """The compact class ``layer`` becomes: this one, or for a ``Conv1D`` the compact class of its own class."""
+        return _compact_conv1d_class(type(layer)) if isinstance(layer, _Conv1DExec) else cls
 
     def _run(self, x):
         return condensed_linear(x, self.values, self.bias, self.compact)
+
+
+class CompactConv1D(_CompactStorage):
+    """A Hugging Face ``Conv1D`` (``x @ W + b``, ``W`` [in, out]) storing only its kept weights, in the row order of
+    the Linear it computes (``W.T``'s): the condensed kernels run it as they run a Linear, its gradient and AdamW's
+    moments shrink with the density, and its state dict still carries the dense [in, out] ``weight``. Made per
+    ``Conv1D`` class (:func:`_compact_conv1d_class`)."""
+
+    @staticmethod
+    def _to_kernel(t: torch.Tensor) -> torch.Tensor:
+        return t.t()
+
+    _from_kernel = _to_kernel
+
+    def _run(self, x):
+        return condensed_linear(x, self.values, self.bias, self.compact)
+
+
+_COMPACT_CONV1D: dict[type, type] = {}
+
+
+def _compact_conv1d_class(swapped: type) -> type:
+    """The compact class of a swapped ``Conv1D`` class (one per class, so ``isinstance`` and pickling see one)."""
+    if swapped not in _COMPACT_CONV1D:
+        _COMPACT_CONV1D[swapped] = type("CompactConv1D", (CompactConv1D, swapped), {})
+    return _COMPACT_CONV1D[swapped]
 
 
 @compact_layer("channel")
@@ -190,11 +232,13 @@ def compact_layers(layers: dict[str, nn.Module], maskset, optimizer: torch.optim
         cls = BACKENDS[m.backend].compact_class(m) if not is_compact(m) else None
         if cls is None:
             continue
+        cls = cls.class_for(m) if hasattr(cls, "class_for") else cls
         structure = cls.block_of(m) if hasattr(cls, "block_of") else m.structure(m.backend)
         old = m._parameters.pop("weight")
         m.__class__ = cls
         m.compact = structure
-        m.register_parameter("values", nn.Parameter(old.detach().reshape(-1)[structure.flat_index].clone()))
+        kept = m._to_kernel(old.detach()).reshape(-1)[structure.flat_index]
+        m.register_parameter("values", nn.Parameter(kept.clone()))
         if optimizer is not None:
             for group in optimizer.param_groups:
                 group["params"] = [m.values if p is old else p for p in group["params"]]

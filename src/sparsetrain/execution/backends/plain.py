@@ -37,9 +37,11 @@ def restore_plain(model: nn.Module) -> nn.Module:
     place; returns ``model``."""
     for m in model.modules():
         if is_compact(m):
-            dense = m.weight.detach().clone()
+            dense = m.weight.detach().clone(memory_format=torch.contiguous_format)
             del m._parameters["values"]
-            m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            m.__class__ = getattr(type(m), "plain_class", None) or (
+                nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            )
             m.register_parameter("weight", nn.Parameter(dense))
         elif isinstance(m, (_SparseExec, InputChannelLinear)):  # a Conv1D goes back to its own class
             m.__class__ = getattr(type(m), "plain_class", None) or (
