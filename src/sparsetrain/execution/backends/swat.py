@@ -162,21 +162,33 @@ COMPRESSED_WGRAD_MAX_DENSITY = 0.25
 # channels (ResNet-20's 32 x 32 stage; padded to a block) 4-10x the rebuild-and-dense time, stride 2 2-5x,
 # 16 -> 64 at stride 1 1.0-1.1x, 128 -> 128 at stride 1 0.45-0.7x.
 COMPRESSED_WGRAD_BLOCK = 64
+# A 1 x 1 kernel reuses nothing of a kept input across taps, and its dense product is a plain matrix product: the
+# kernel pays there only for few kept inputs on small maps. Measured on ResNet-50's 1 x 1 layers at 224, batch 32,
+# two threads (kernel / rebuild-and-dense time): 20% kept 1.71 and 1.20 at 56 x 56, 1.08 at 28 x 28, 0.79 at
+# 14 x 14, 0.60 at 7 x 7; 10% kept 0.84-0.99 at 56 x 56, 0.56 at 28 x 28, 0.39-0.47 below (3 x 3 layers:
+# 0.48-0.59 at 20%). It pays where the kept share times the map's side is at most this.
+POINTWISE_WGRAD_LIMIT = 3.0
 
 
-def _wgrad_pays(cout: int, stride) -> bool:
-    """Whether the compressed kernel beats rebuild-and-dense on this layer's shape (see above)."""
-    return cout % COMPRESSED_WGRAD_BLOCK == 0 and all(s == 1 for s in _pair(stride))
+def _wgrad_pays(cout: int, stride, kernel=(3, 3), pixels: int = 0, share: float = 0.0) -> bool:
+    """Whether the compressed kernel beats rebuild-and-dense on this layer's shape and kept share (see above)."""
+    if cout % COMPRESSED_WGRAD_BLOCK or any(s != 1 for s in _pair(stride)):
+        return False
+    return math.prod(_pair(kernel)) > 1 or share * math.sqrt(pixels) <= POINTWISE_WGRAD_LIMIT
 
 
-def _compressed_wgrad(values: torch.Tensor, numel: int, grad_out: torch.Tensor, cout: int, stride=1) -> bool:
+def _compressed_wgrad(
+    values: torch.Tensor, numel: int, grad_out: torch.Tensor, cout: int, stride=1, kernel=(3, 3)
+) -> bool:
     """Whether dW comes straight from the compressed input: the kernel applies, pays on this shape, and few
-    enough inputs were kept."""
+    enough inputs were kept. (``kernel`` (1, 1) on a 4-D ``grad_out``: a pointwise convolution over its map.)"""
+    share = values.numel() / max(numel, 1)
+    pixels = grad_out.shape[2] * grad_out.shape[3] if grad_out.dim() == 4 else 0
     return (
         grad_out.dtype == torch.float32
         and native.available(values)
-        and _wgrad_pays(cout, stride)
-        and values.numel() <= COMPRESSED_WGRAD_MAX_DENSITY * numel
+        and _wgrad_pays(cout, stride, kernel, pixels, share)
+        and share <= COMPRESSED_WGRAD_MAX_DENSITY
     )
 
 
@@ -273,7 +285,13 @@ def swat_conv2d_backward(
     cout = weight.shape[0]
     w_s = _weights(weight, w_mask, w_thresh)
     nhwc_order = nhwc or shape[1] == 1 or shape[2] * shape[3] == 1  # the saved bits run pixel by pixel
-    if need_w and groups == 1 and nhwc_order and _compressed_wgrad(values, math.prod(shape), grad, cout, stride):
+    kernel = tuple(weight.shape[2:])
+    if (
+        need_w
+        and groups == 1
+        and nhwc_order
+        and _compressed_wgrad(values, math.prod(shape), grad, cout, stride, kernel)
+    ):
         # the input gradient (and bias) from the dense product; dW from the kept inputs alone
         gx, _, gb = torch.ops.aten.convolution_backward(
             grad, grad.new_empty(1).expand(shape), w_s, [cout], stride, padding, dilation, False, [0, 0], 1,
@@ -492,7 +510,7 @@ def swat_direct_conv2d_backward(
         gx = direct_input_grad(grad, kept, s, geom, plan, nhwc=nhwc)
     if need[1]:
         n, c, h, w = x_shape
-        if _compressed_wgrad(values, math.prod(x_shape), grad, s.shape[0], stride):
+        if _compressed_wgrad(values, math.prod(x_shape), grad, s.shape[0], stride, s.shape[2:]):
             gwt = native.compressed_weight_grad(
                 packed, values, (n, h, w, c), grad.permute(0, 2, 3, 1).contiguous(), s.shape[2:], stride, padding,
                 dilation, channels_first=not nhwc,
