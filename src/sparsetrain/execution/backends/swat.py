@@ -10,13 +10,18 @@ For each converted Conv2d/Linear:
   saved input and the dense output gradient. dW is dense: the update reaches every weight, so
   pruned weights can return. Where the kept share of the input is at most
   :data:`COMPRESSED_WGRAD_MAX_DENSITY` (float32 on the CPU, a channels-last or Linear input, whole blocks of
-  64 output channels at stride 1), dW is computed from the bitmask and values directly
+  64 output channels at stride 1; a 1 x 1 kernel only on small maps, :data:`POINTWISE_WGRAD_LIMIT`), dW is
+  computed from the bitmask and values directly
   (``native.compressed_weight_grad``: work in proportion to the kept inputs, the dense input never rebuilt);
   otherwise the input is rebuilt and one ``aten.convolution_backward`` call (two matrix products for Linear)
   computes both gradients.
 
 Thresholds are exact top-K values recomputed every ``topk_period`` training forward
 passes and reused in between, held in module buffers (so they are checkpointed).
+
+Each of these steps is a ``torch.library`` operator (``torch.ops.sparsetrain.swat_*``: the refresh, each product and
+its backward), so ``torch.compile`` keeps a SWAT model in one graph, the saved input's data-dependent size a
+dynamic one.
 Bias, BatchNorm and whatever BN/ReLU save stay as they are.
 
 Under sharded training (FSDP2 on the blocks that contain these layers, or on the model) the forward pass
