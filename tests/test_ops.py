@@ -197,6 +197,24 @@ def test_compiled_rigl_training_equals_eager_with_one_recompilation_per_mask_upd
     assert updates == 4 and graphs <= 2, graphs
 
 
+def _compiled_equals_eager(made, batches):
+    """Train a model from ``made()`` (model, optimizer: one eager step done) on ``batches`` eagerly and another
+    compiled; assert equal losses and state; return the compiled run's model and its number of compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compiled in (False, True):
+        model, opt = made()
+        torch._dynamo.reset()
+        counters.clear()
+        runs[compiled] = (_train(model, opt, batches, compiled), model, counters["stats"]["unique_graphs"])
+    (eager, model_e, _), (comp, model_c, graphs) = runs[False], runs[True]
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for (n, a), b in zip(model_e.state_dict().items(), model_c.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    return model_c, graphs
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck_passes_for_the_swat_operators(channels_last):
     """Schemas (the refresh declares what it mutates), fakes (the saved top-K input a dynamic size) and the
@@ -231,7 +249,6 @@ def test_compiled_swat_has_no_graph_break_and_trains_like_eager(execution, layou
     """SWAT's layer calls, their backward and the periodic top-K refresh are operators: ``torch.compile`` keeps a
     SWAT-U 90% model in one graph (``explain``: no break; the saved top-K input a dynamic size), and 8 compiled
     steps across three refreshes (every 3 steps) give eager's losses, weights and thresholds in one graph."""
-    from torch._dynamo.utils import counters
 
     import sparsetrain as st
     from sparsetrain.execution.backends.swat import swat_layers
@@ -252,23 +269,13 @@ def test_compiled_swat_has_no_graph_break_and_trains_like_eager(execution, layou
     explained = torch._dynamo.explain(lambda inp: F.cross_entropy(model(inp), y))(x)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert {m.ran for m in swat_layers(model).values() if hasattr(m, "ran")} == {execution}
-    runs = {}
-    for compiled in (False, True):
-        model, opt = made()
-        torch._dynamo.reset()
-        counters.clear()
-        runs[compiled] = (_train(model, opt, batches[1:], compiled), model, counters["stats"]["unique_graphs"])
-    (eager, model_e, _), (comp, model_c, graphs) = runs[False], runs[True]
-    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
-    for (n, a), b in zip(model_e.state_dict().items(), model_c.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)  # weights, thresholds, step counts
+    model_c, graphs = _compiled_equals_eager(made, batches[1:])  # weights, thresholds, step counts
     assert int(swat_layers(model_c)["3.weight"].steps) == 9 and graphs == 1, graphs
 
 
 def test_compiled_channel_pruning_on_both_sides_has_no_graph_break_and_trains_like_eager():
     """Channel pruning at 50% with the removed filters' BatchNorm channels and the next layers' inputs gone (the
     layers physically smaller, compact state): no graph break, and 8 compiled steps equal eager in one graph."""
-    from torch._dynamo.utils import counters
 
     import sparsetrain as st
 
@@ -289,16 +296,7 @@ def test_compiled_channel_pruning_on_both_sides_has_no_graph_break_and_trains_li
     x, y = batches[1]
     explained = torch._dynamo.explain(lambda inp: F.cross_entropy(model(inp), y))(x)
     assert explained.graph_break_count == 0, explained.break_reasons
-    runs = {}
-    for compiled in (False, True):
-        model, opt = made()
-        torch._dynamo.reset()
-        counters.clear()
-        runs[compiled] = (_train(model, opt, batches[1:], compiled), model, counters["stats"]["unique_graphs"])
-    (eager, model_e, _), (comp, model_c, graphs) = runs[False], runs[True]
-    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
-    for (n, a), b in zip(model_e.state_dict().items(), model_c.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    model_c, graphs = _compiled_equals_eager(made, batches[1:])
     assert model_c[7].values.numel() == 16 * 16 * 9  # half its filters, on half its inputs: really smaller
     assert graphs == 1, graphs
 

@@ -616,3 +616,22 @@ def test_removed_filters_get_inflated_gradients_under_channel_out_but_not_kernel
         ratios[structure] = rms(g[~keep]) / rms(g[keep])
     assert ratios["channel_out"] > 20
     assert 0.2 < ratios["kernel"] < 5
+
+
+def test_padding_same_is_taken_where_both_sides_pad_alike_and_refused_otherwise():
+    """``padding="same"`` on an odd kernel is its numbers (equal to the layer's own output); on an even kernel, which
+    pads one side more, SWAT refuses it naming the kernel and what to give instead."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    odd = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"))
+    want = odd(x)
+    convert(odd, {"0.weight": 1.0})
+    torch.testing.assert_close(odd(x), want)
+    even = nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"))
+    convert(even, {"0.weight": 1.0})
+    with pytest.raises(ValueError) as e:
+        even(x)
+    assert str(e.value) == (
+        "SWAT takes padding='same' where it pads both sides alike (odd kernels); this layer's kernel (2, 2) with "
+        "dilation (1, 1) does not: give its padding in numbers"
+    )

@@ -349,13 +349,20 @@ def _swat_conv2d_backward_fake(
     return _grads_fake(grad, x_shape, nhwc, weight, need)
 
 
-def _swat_conv2d_setup(ctx, inputs, output) -> None:
-    x, weight, bias, w_mask, w_thresh, _, stride, padding, dilation, groups = inputs
+def _save_dense_product(ctx, inputs, output) -> None:
+    """What the dense-product operators (convolution, Linear) keep for backward: the input's top-K (bits and values,
+    no gradient of their own), and the weight with what selects W_s. The weight is resident anyway; W_s is rebuilt
+    in backward (the step has not changed the weight yet)."""
+    _, weight, _, w_mask, w_thresh = inputs[:5]
     _, packed, values = output
     ctx.set_materialize_grads(False)  # (no zero gradients made for the outputs that have none)
     ctx.mark_non_differentiable(packed, values)
-    # the weight is resident anyway; W_s is rebuilt in backward (the step has not changed the weight yet)
     ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
+
+
+def _swat_conv2d_setup(ctx, inputs, output) -> None:
+    x, _, bias, _, _, _, stride, padding, dilation, groups = inputs
+    _save_dense_product(ctx, inputs, output)
     ctx.conf = (list(x.shape), flat_view(x)[1], stride, padding, dilation, groups, bias is not None)
 
 
@@ -430,12 +437,8 @@ def _swat_linear_backward_fake(grad, packed, values, weight, w_mask, w_thresh, x
 
 
 def _swat_linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, w_mask, w_thresh, _ = inputs
-    _, packed, values = output
-    ctx.set_materialize_grads(False)  # (no zero gradients made for the outputs that have none)
-    ctx.mark_non_differentiable(packed, values)
-    ctx.save_for_backward(packed, values, weight, w_mask, w_thresh)
-    ctx.conf = (list(x.shape), bias is not None)
+    _save_dense_product(ctx, inputs, output)
+    ctx.conf = (list(inputs[0].shape), inputs[2] is not None)
 
 
 def _swat_linear_grad(ctx, grad, _packed, _values):
