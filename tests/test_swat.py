@@ -290,7 +290,11 @@ def test_bit_relu_returns_the_gradient_in_the_layout_of_its_input():
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("shape", [(2, 3, 6, 8), (2, 20, 7, 9), (1, 1, 4, 4)])
+# (rows of 2 to 16 inputs and of 32 and more run the two vector forms of a contiguous NCHW input; odd sizes and
+# widths between, the general one)
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 6, 8), (2, 20, 7, 9), (1, 1, 4, 4), (3, 2, 2, 2), (2, 5, 16, 16), (2, 3, 32, 40), (1, 2, 6, 12)]
+)
 def test_compact_max_pool_is_an_exact_max_pool_saving_a_byte_per_output(shape, fmt):
     from sparsetrain.execution.activations import CompactMaxPool2d, compact_pools
 
@@ -309,6 +313,8 @@ def test_compact_max_pool_is_an_exact_max_pool_saving_a_byte_per_output(shape, f
     g = torch.randn_like(ref)
     assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, ref_x, g)[0])
     assert [t.dtype for t in saved] == [torch.uint8] and saved[0].numel() == ref.numel()
+    with torch.no_grad():  # inference: the same kernel, keeping no positions
+        torch.testing.assert_close(CompactMaxPool2d()(x.detach()), ref, equal_nan=True, rtol=0, atol=0)
     model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(3), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, 2))
     assert compact_pools(model) == 2 and [type(m).__name__ for m in model] == [
         "CompactMaxPool2d",

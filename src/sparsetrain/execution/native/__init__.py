@@ -386,7 +386,10 @@ def kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[float, int]:
     return float(thr[0]), int(count[0])
 
 
-def _ptr(t) -> int:
+def _ptr(t) -> int | None:
+    """The address of an array's or a tensor's data (None: a NULL pointer)."""
+    if t is None:
+        return None
     return t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr()
 
 
@@ -684,14 +687,15 @@ def _pool_call(fn, dims_of: torch.Tensor, big: torch.Tensor, small: torch.Tensor
     fn(_ptr(dims), _ptr(strides), *map(_ptr, ptrs), channels_inner, torch.get_num_threads())
 
 
-def max_pool2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def max_pool2(x: torch.Tensor, positions: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """2x2 max-pooling, stride 2, of a float32 ``x`` [N, C, H, W] in its own layout (NCHW or channels-last):
-    (the output, one uint8 per output giving the window position of its maximum, row-major)."""
+    (the output, one uint8 per output giving the window position of its maximum, row-major; None when
+    ``positions`` is off, as inference wants)."""
     fmt = _pool_layout(x)
     x = x.contiguous(memory_format=fmt)
     n, c, h, w = x.shape
     out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=fmt)
-    where = torch.empty(out.shape, dtype=torch.uint8, memory_format=fmt)
+    where = torch.empty(out.shape, dtype=torch.uint8, memory_format=fmt) if positions else None
     _pool_call(_load().max_pool2_forward, out, x, out, x, out, where)
     return out, where
 
