@@ -65,6 +65,16 @@ def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation
     _check_direct_against_float64(mask, torch.randn(3, cin, 9, 9), stride, padding, dilation)
 
 
+@needs_native
+@pytest.mark.parametrize("batch", [16, 48, 80])  # whole vectors of the batch: the register-tiled gathers (1-4 a tile)
+@pytest.mark.parametrize("cin, cout, k, stride, padding, dilation", CONVS)
+def test_direct_conv_batch_innermost_tiled_equals_float64(cin, cout, k, stride, padding, dilation, batch, monkeypatch):
+    monkeypatch.setattr(direct, "_BATCH_INNER_BELOW", 10**9)
+    torch.manual_seed(0)
+    mask = torch.rand(cout, cin, k, k) > 0.7
+    _check_direct_against_float64(mask, torch.randn(batch, cin, 7, 6), stride, padding, dilation)
+
+
 def _check_direct_against_float64(mask, x, stride, padding, dilation=1, layout=None):
     """direct_conv2d's output and gradients (input, kept weights, bias) against float64 autograd: the kernels sum
     in another order than any dense float32 path. ``layout``: the output and input gradient keep it."""

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "parallel.h"
+#include "vectors.h"
 
 /* ---- direct sparse convolution (NCHW, float32, groups 1) ----
  * A weight W[Cout, Cin, KH, KW] with nnz kept entries is given as lists in output-channel order
@@ -174,6 +175,121 @@ static inline int64_t row_block(const struct conv_geom *g) {
     return rows > 0 ? rows : 1;
 }
 
+/* ---- batch innermost, register-tiled: a tile of P output positions x V vectors of the batch stays in registers
+ * while every kept weight of its channel streams past, so a multiply-add costs one (aligned) load and nothing else;
+ * the axpy form above loads and stores the output for every one. A position whose input falls in the padding reads
+ * a vector of zeros instead (a pointer chosen without a branch). Needs N a multiple of the vector width.
+ *
+ * One gather serves the forward (out[c][o] = sum over c's entries of w * src[ch][o * stride + k * d - p]) and, for
+ * stride 1, the input gradient (gx[c][i] = sum of w * grad[ch][i + p - k * d], entries listed by input channel). */
+struct gather {
+    const float *src; int64_t n, src_h, src_w, out_h, out_w, step_h, step_w;  /* position o reads src at o * step */
+    int64_t mul_h, mul_w, add_h, add_w;  /* ... shifted by kh * mul_h + add_h rows and kw * mul_w + add_w columns */
+    const int64_t *ptr; const int32_t *ch; const int16_t *kh; const int16_t *kw;
+    const float *values; const int32_t *vidx;  /* entry e's value: values[vidx ? vidx[e] : e] */
+    const float *bias; float *out;
+};
+
+static const float ZEROS[4 * TL];
+
+/* where in src position (ih, iw)'s vector of images nb.. for entry e lies (rows and columns shifted), or ZEROS */
+static inline const float *gather_src(const struct gather *a, int64_t e, int64_t ih, int64_t iw, int64_t nb) {
+    const int64_t h = ih + a->kh[e] * a->mul_h + a->add_h, w = iw + a->kw[e] * a->mul_w + a->add_w;
+    const int inside = (uint64_t)h < (uint64_t)a->src_h && (uint64_t)w < (uint64_t)a->src_w;
+    return inside ? a->src + (((int64_t)a->ch[e] * a->src_h + h) * a->src_w + w) * a->n + nb : ZEROS;
+}
+
+static inline __attribute__((always_inline)) void gather_tile(const struct gather *a, int64_t c, int64_t nb,
+                                                              int64_t p0, const int V, const int P) {
+    const int64_t positions = a->out_h * a->out_w;
+    int64_t ih[P], iw[P];
+    for (int q = 0; q < P; q++) {  /* past the plane's end: its last position again, not stored */
+        const int64_t pos = p0 + q < positions ? p0 + q : positions - 1;
+        ih[q] = pos / a->out_w * a->step_h;
+        iw[q] = pos % a->out_w * a->step_w;
+    }
+    const float b0 = a->bias ? a->bias[c] : 0.0f;
+    tv acc[P][V];
+    for (int q = 0; q < P; q++)
+        for (int j = 0; j < V; j++) acc[q][j] = (tv){} + b0;
+    for (int64_t e = a->ptr[c]; e < a->ptr[c + 1]; e++) {
+        const float w = a->values[a->vidx ? a->vidx[e] : e];
+        for (int q = 0; q < P; q++) {
+            const float *src = gather_src(a, e, ih[q], iw[q], nb);
+            for (int j = 0; j < V; j++) acc[q][j] += w * load_tv(src + j * TL);
+        }
+    }
+    for (int q = 0; q < P && p0 + q < positions; q++)
+        for (int j = 0; j < V; j++) store_tv(a->out + ((c * positions + p0 + q) * a->n) + nb + j * TL, acc[q][j]);
+}
+
+/* every position and image of channel c: tiles of ACC / V positions x V vectors (V up to 4) */
+static void gather_item(void *p, int64_t c) {
+    const struct gather *a = (const struct gather *)p;
+    const int64_t positions = a->out_h * a->out_w;
+    for (int64_t nb = 0; nb < a->n; nb += 4 * TL) {
+        const int64_t left = (a->n - nb) / TL;
+        for (int64_t p0 = 0; p0 < positions;) {
+            if (left >= 4) { gather_tile(a, c, nb, p0, 4, ACC / 4); p0 += ACC / 4; }
+            else if (left == 3) { gather_tile(a, c, nb, p0, 3, ACC / 3); p0 += ACC / 3; }
+            else if (left == 2) { gather_tile(a, c, nb, p0, 2, ACC / 2); p0 += ACC / 2; }
+            else { gather_tile(a, c, nb, p0, 1, ACC); p0 += ACC; }
+        }
+    }
+}
+
+/* the weight gradient of channel c's entries over a tile: the output gradient's tile in registers, one dot
+ * product per kept weight with the input it met (four running sums, one lane sum per entry and tile) */
+static inline __attribute__((always_inline)) void gather_grad_tile(const struct gather *a, const float *grad,
+                                                                   float *gw, int64_t c, int64_t nb, int64_t p0,
+                                                                   const int V, const int P) {
+    const int64_t positions = a->out_h * a->out_w;
+    int64_t ih[P], iw[P];
+    tv g[P][V];
+    for (int q = 0; q < P; q++) {  /* past the plane's end: a zero gradient */
+        const int64_t pos = p0 + q < positions ? p0 + q : positions - 1;
+        ih[q] = pos / a->out_w * a->step_h;
+        iw[q] = pos % a->out_w * a->step_w;
+        for (int j = 0; j < V; j++)
+            g[q][j] = p0 + q < positions ? load_tv(grad + (c * positions + pos) * a->n + nb + j * TL) : (tv){};
+    }
+    for (int64_t e = a->ptr[c]; e < a->ptr[c + 1]; e++) {
+        tv s[4] = {};
+        for (int q = 0; q < P; q++) {
+            const float *src = gather_src(a, e, ih[q], iw[q], nb);
+            for (int j = 0; j < V; j++) s[(q * V + j) & 3] += g[q][j] * load_tv(src + j * TL);
+        }
+        gw[e] += lane_sum((s[0] + s[1]) + (s[2] + s[3]));
+    }
+}
+
+struct gather_grad { struct gather a; const float *grad; float *gw; };
+
+static void gather_grad_item(void *p, int64_t c) {
+    const struct gather_grad *ga = (const struct gather_grad *)p;
+    const struct gather *a = &ga->a;
+    const int64_t positions = a->out_h * a->out_w;
+    for (int64_t e = a->ptr[c]; e < a->ptr[c + 1]; e++) ga->gw[e] = 0.0f;
+    for (int64_t nb = 0; nb < a->n; nb += 4 * TL) {
+        const int64_t left = (a->n - nb) / TL;
+        for (int64_t p0 = 0; p0 < positions;) {
+            if (left >= 4) { gather_grad_tile(a, ga->grad, ga->gw, c, nb, p0, 4, ACC / 4); p0 += ACC / 4; }
+            else if (left == 3) { gather_grad_tile(a, ga->grad, ga->gw, c, nb, p0, 3, ACC / 3); p0 += ACC / 3; }
+            else if (left == 2) { gather_grad_tile(a, ga->grad, ga->gw, c, nb, p0, 2, ACC / 2); p0 += ACC / 2; }
+            else { gather_grad_tile(a, ga->grad, ga->gw, c, nb, p0, 1, ACC); p0 += ACC; }
+        }
+    }
+}
+
+/* the forward's gather: output channels' entries (lists by output channel) over the input x */
+static struct gather forward_gather(const struct conv_geom *g, const float *x, const float *values, const float *bias,
+                                    const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
+                                    float *out) {
+    struct gather a = {x, g->n, g->h, g->w, g->ho, g->wo, g->sh, g->sw, g->dh, g->dw, -g->ph, -g->pw,
+                       co_ptr, ci, kh, kw, values, 0, bias, out};
+    return a;
+}
+
 static void conv_fwd_bi_item(void *p, int64_t co) {
     const struct conv_fwd_args *a = (const struct conv_fwd_args *)p;
     const struct conv_geom *g = a->g;
@@ -199,6 +315,11 @@ void sparse_conv_forward_bi(const int64_t *geom, const float *x, const float *va
                             const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
                             float *out, int nthreads) {
     struct conv_geom g = read_geom(geom);
+    if (g.n % TL == 0) {
+        struct gather a = forward_gather(&g, x, values, bias, co_ptr, ci, kh, kw, out);
+        parallel_workers(gather_item, &a, g.cout, nthreads);
+        return;
+    }
     struct conv_fwd_args a = {&g, x, values, bias, co_ptr, ci, kh, kw, out};
     parallel_workers(conv_fwd_bi_item, &a, g.cout, nthreads);
 }
@@ -227,6 +348,12 @@ void sparse_conv_backward_input_bi(const int64_t *geom, const float *grad, const
                                    const int64_t *ci_ptr, const int32_t *co, const int16_t *kh, const int16_t *kw,
                                    const int32_t *vidx, float *gx, int nthreads) {
     struct conv_geom g = read_geom(geom);
+    if (g.n % TL == 0 && g.sh == 1 && g.sw == 1) {  /* a gather over the output gradient, entries by input channel */
+        struct gather a = {grad, g.n, g.ho, g.wo, g.h, g.w, 1, 1, -g.dh, -g.dw, g.ph, g.pw,
+                           ci_ptr, co, kh, kw, values, vidx, 0, gx};
+        parallel_workers(gather_item, &a, g.cin, nthreads);
+        return;
+    }
     struct conv_bwd_in_args a = {&g, grad, values, ci_ptr, co, kh, kw, vidx, gx};
     parallel_workers(conv_bwd_in_bi_item, &a, g.cin, nthreads);
 }
@@ -257,6 +384,11 @@ void sparse_conv_backward_weight_bi(const int64_t *geom, const float *x, const f
                                     const int64_t *co_ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
                                     float *gw, int nthreads) {
     struct conv_geom g = read_geom(geom);
+    if (g.n % TL == 0) {
+        struct gather_grad ga = {forward_gather(&g, x, 0, 0, co_ptr, ci, kh, kw, 0), grad, gw};
+        parallel_workers(gather_grad_item, &ga, g.cout, nthreads);
+        return;
+    }
     struct conv_bwd_w_args a = {&g, x, grad, co_ptr, ci, kh, kw, gw, 1};
     parallel_workers(conv_bwd_w_bi_item, &a, g.cout, nthreads);
 }
