@@ -192,31 +192,45 @@ struct gather {
 
 static const float ZEROS[4 * TL];
 
-/* where in src position (ih, iw)'s vector of images nb.. for entry e lies (rows and columns shifted), or ZEROS */
-static inline const float *gather_src(const struct gather *a, int64_t e, int64_t ih, int64_t iw, int64_t nb) {
-    const int64_t h = ih + a->kh[e] * a->mul_h + a->add_h, w = iw + a->kw[e] * a->mul_w + a->add_w;
-    const int inside = (uint64_t)h < (uint64_t)a->src_h && (uint64_t)w < (uint64_t)a->src_w;
-    return inside ? a->src + (((int64_t)a->ch[e] * a->src_h + h) * a->src_w + w) * a->n + nb : ZEROS;
+/* entry e's shift: rows and columns, and its offset in src (position 0, images from nb) */
+struct shift { int64_t h, w, off; };
+
+static inline struct shift entry_shift(const struct gather *a, int64_t e, int64_t nb) {
+    struct shift s = {a->kh[e] * a->mul_h + a->add_h, a->kw[e] * a->mul_w + a->add_w, 0};
+    s.off = (((int64_t)a->ch[e] * a->src_h + s.h) * a->src_w + s.w) * a->n + nb;
+    return s;
+}
+
+/* where src position (ih, iw) shifted by s lies (at offset `at` of that position), or ZEROS when that falls in the
+ * padding: chosen without a branch (which of an entry's positions are inside does not follow a pattern a branch
+ * predictor learns) */
+static inline const float *shifted(const float *src, const struct shift *s, int64_t ih, int64_t iw, int64_t at,
+                                   int64_t h, int64_t w) {
+    const intptr_t inside = -(intptr_t)(((uint64_t)(ih + s->h) < (uint64_t)h) & ((uint64_t)(iw + s->w) < (uint64_t)w));
+    return (const float *)(((intptr_t)(src + s->off + at) & inside) | ((intptr_t)ZEROS & ~inside));
 }
 
 static inline __attribute__((always_inline)) void gather_tile(const struct gather *a, int64_t c, int64_t nb,
                                                               int64_t p0, const int V, const int P) {
-    const int64_t positions = a->out_h * a->out_w;
-    int64_t ih[P], iw[P];
+    const int64_t positions = a->out_h * a->out_w, h = a->src_h, w = a->src_w;
+    int64_t ih[P], iw[P], at[P];
     for (int q = 0; q < P; q++) {  /* past the plane's end: its last position again, not stored */
         const int64_t pos = p0 + q < positions ? p0 + q : positions - 1;
         ih[q] = pos / a->out_w * a->step_h;
         iw[q] = pos % a->out_w * a->step_w;
+        at[q] = (ih[q] * w + iw[q]) * a->n;
     }
     const float b0 = a->bias ? a->bias[c] : 0.0f;
+    const float *src = a->src;
     tv acc[P][V];
     for (int q = 0; q < P; q++)
         for (int j = 0; j < V; j++) acc[q][j] = (tv){} + b0;
     for (int64_t e = a->ptr[c]; e < a->ptr[c + 1]; e++) {
-        const float w = a->values[a->vidx ? a->vidx[e] : e];
+        const float wt = a->values[a->vidx ? a->vidx[e] : e];
+        const struct shift s = entry_shift(a, e, nb);
         for (int q = 0; q < P; q++) {
-            const float *src = gather_src(a, e, ih[q], iw[q], nb);
-            for (int j = 0; j < V; j++) acc[q][j] += w * load_tv(src + j * TL);
+            const float *x = shifted(src, &s, ih[q], iw[q], at[q], h, w);
+            for (int j = 0; j < V; j++) acc[q][j] += wt * load_tv(x + j * TL);
         }
     }
     for (int q = 0; q < P && p0 + q < positions; q++)
@@ -243,23 +257,25 @@ static void gather_item(void *p, int64_t c) {
 static inline __attribute__((always_inline)) void gather_grad_tile(const struct gather *a, const float *grad,
                                                                    float *gw, int64_t c, int64_t nb, int64_t p0,
                                                                    const int V, const int P) {
-    const int64_t positions = a->out_h * a->out_w;
-    int64_t ih[P], iw[P];
+    const int64_t positions = a->out_h * a->out_w, h = a->src_h, w = a->src_w;
+    int64_t ih[P], iw[P], at[P];
     tv g[P][V];
     for (int q = 0; q < P; q++) {  /* past the plane's end: a zero gradient */
         const int64_t pos = p0 + q < positions ? p0 + q : positions - 1;
         ih[q] = pos / a->out_w * a->step_h;
         iw[q] = pos % a->out_w * a->step_w;
+        at[q] = (ih[q] * w + iw[q]) * a->n;
         for (int j = 0; j < V; j++)
             g[q][j] = p0 + q < positions ? load_tv(grad + (c * positions + pos) * a->n + nb + j * TL) : (tv){};
     }
     for (int64_t e = a->ptr[c]; e < a->ptr[c + 1]; e++) {
-        tv s[4] = {};
+        const struct shift s = entry_shift(a, e, nb);
+        tv sum[4] = {};
         for (int q = 0; q < P; q++) {
-            const float *src = gather_src(a, e, ih[q], iw[q], nb);
-            for (int j = 0; j < V; j++) s[(q * V + j) & 3] += g[q][j] * load_tv(src + j * TL);
+            const float *x = shifted(a->src, &s, ih[q], iw[q], at[q], h, w);
+            for (int j = 0; j < V; j++) sum[(q * V + j) & 3] += g[q][j] * load_tv(x + j * TL);
         }
-        gw[e] += lane_sum((s[0] + s[1]) + (s[2] + s[3]));
+        gw[e] += lane_sum((sum[0] + sum[1]) + (sum[2] + sum[3]));
     }
 }
 
