@@ -66,6 +66,16 @@ def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation
 
 
 @needs_native
+@pytest.mark.parametrize("width", [9, 14, 20, 28, 56])  # rows of whole vectors and of a part-used last one
+def test_direct_conv_tiled_rows_of_any_width_equal_float64(width):
+    torch.manual_seed(0)
+    mask = torch.rand(6, 4, 3, 3) > 0.7
+    geom = direct.direct_geometry((2, 4, 5, width), mask.shape, (1, 1), (1, 1), (1, 1))
+    assert direct.direct_plan(geom, (3, 3))[1:] == (native.tiled_supported(5, width),) * 2
+    _check_direct_against_float64(mask, torch.randn(2, 4, 5, width), 1, 1)
+
+
+@needs_native
 @pytest.mark.parametrize("batch", [16, 48, 80])  # whole vectors of the batch: the register-tiled gathers (1-4 a tile)
 @pytest.mark.parametrize("cin, cout, k, stride, padding, dilation", CONVS)
 def test_direct_conv_batch_innermost_tiled_equals_float64(cin, cout, k, stride, padding, dilation, batch, monkeypatch):
@@ -174,14 +184,20 @@ def test_small_output_planes_run_unfolded_and_equal_float64(n, cin, cout, k, str
 @needs_native
 @pytest.mark.parametrize(
     "cin, cout, k, stride, padding, size",
-    [(16, 24, 1, 1, 0, (20, 20)), (12, 20, 1, 2, 0, (21, 19)), (8, 12, 3, 1, 1, (12, 12)), (6, 9, 3, 2, 1, (15, 16))],
+    [
+        (16, 24, 1, 1, 0, (20, 20)),
+        (12, 20, 1, 2, 0, (21, 19)),
+        (8, 12, 3, 1, 1, (10, 9)),
+        (6, 9, 3, 2, 1, (15, 16)),
+        (8, 12, 3, 1, 1, (14, 14)),  # (a plane the register-tiled kernels take: not unfolded)
+    ],
 )
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_one_image_at_inference_runs_unfolded_on_the_row_split_kernel(cin, cout, k, stride, padding, size, layout,
                                                                       monkeypatch):  # fmt: skip
     """Inference on one image (gradients off): 1 x 1 convolutions (their patches are their input) and planes up to
-    UNFOLD_ONE_IMAGE pixels run on native.condensed_forward_few, equal to float64, the output in the input's layout
-    (channels-last inputs of 1 x 1 kernels stay on the pointwise path)."""
+    UNFOLD_ONE_IMAGE pixels that the tiled kernels do not take run on native.condensed_forward_few, equal to float64,
+    the output in the input's layout (channels-last inputs of 1 x 1 kernels stay on the pointwise path)."""
     torch.manual_seed(cin + k)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(1, cin, *size).contiguous(memory_format=fmt)
@@ -195,7 +211,8 @@ def test_one_image_at_inference_runs_unfolded_on_the_row_split_kernel(cin, cout,
     ref = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert out.is_contiguous(memory_format=fmt)
-    assert calls == ([] if (k == 1 and layout == "channels_last") else [1])
+    tiled = k == 3 and stride == 1 and layout == "nchw" and native.tiled_supported(*size)
+    assert calls == ([] if (k == 1 and layout == "channels_last") or tiled else [1])
 
 
 @needs_native

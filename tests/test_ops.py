@@ -101,14 +101,15 @@ def test_compile_fullgraph_has_no_graph_break_and_equals_eager(compact):
 @pytest.mark.parametrize(
     "hw, stride, padding, channels_last, plan",
     [
-        (24, 1, 1, False, (False, False)),
+        (72, 1, 1, False, (False, False)),
         (48, 2, 1, False, (False, False)),
         (16, 1, 1, False, (False, True)),
+        (28, 1, 1, False, (False, True)),
         (6, 1, 1, False, (True, False)),
         (12, 1, 1, True, None),
         (9, 2, 0, True, None),
     ],
-    ids=["planes", "strided", "tiled", "batch-inner", "nhwc", "nhwc-strided"],
+    ids=["planes", "strided", "tiled", "tiled-part-vector", "batch-inner", "nhwc", "nhwc-strided"],
 )
 def test_opcheck_passes_for_the_direct_convolution_operator(hw, stride, padding, channels_last, plan):
     """Every path of the direct kernels (NCHW planes, register-tiled, batch innermost, channels-last), with the

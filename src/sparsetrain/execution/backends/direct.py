@@ -388,9 +388,9 @@ def pointwise_conv2d(x, values, bias, structure: DirectStructure, stride) -> tor
 
 
 UNFOLD_TOKENS = 64  # output planes of at most this many pixels (batch included) run as unfolded patches
-# and at inference, one image: every 1 x 1 convolution (its patches are its input) and planes up to 16 x 16 (batch 1,
-# 5% kept: 256 channels 3 x 3 at 14 x 14, direct 5.9 ms, unfolded 0.66 ms, dense 1.1 ms; at 28 x 28 the unfolded
-# copy costs more than the direct kernels save: 1.06 against 0.75 ms)
+# and at inference, one image: every 1 x 1 convolution (its patches are its input) and planes up to 16 x 16 that the
+# tiled kernels do not take (batch 1, 5% kept, 256 channels 3 x 3 at 14 x 14: plane kernel 5.9 ms, unfolded 0.66 ms,
+# dense 1.1 ms, tiled 0.20 ms; at 28 x 28 the unfolded copy costs more than the direct kernels save)
 UNFOLD_ONE_IMAGE = 256
 
 
@@ -422,13 +422,17 @@ def unfolded_conv2d(x, values, bias, structure: DirectStructure, stride, padding
 def _unfolded(structure: DirectStructure, stride, padding, dilation, x: torch.Tensor) -> bool:
     """Whether the convolution runs as unfolded patches: an output plane (batch included) of at most
     :data:`UNFOLD_TOKENS` pixels, or one image with gradients off (inference), 1 x 1 or with a plane of at most
-    :data:`UNFOLD_ONE_IMAGE` pixels."""
+    :data:`UNFOLD_ONE_IMAGE` pixels that the register-tiled kernels do not take (they run 256 channels at 14 x 14,
+    5% kept, in 0.20 ms)."""
     from .condensed import _forward_only
 
     n, _, h, w = x.shape
     kh, kw = structure.shape[2:]
     ho, wo = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
-    one_image = n == 1 and ((kh, kw) == (1, 1) or ho * wo <= UNFOLD_ONE_IMAGE)
+    small = ho * wo <= UNFOLD_ONE_IMAGE
+    if small and n == 1 and not channels_last(x):  # (NCHW: the tiled kernels read planes)
+        small = not _tiled(direct_geometry(x.shape, structure.shape, stride, padding, dilation), (kh, kw))[0]
+    one_image = n == 1 and ((kh, kw) == (1, 1) or small)
     return n * ho * wo <= UNFOLD_TOKENS or (one_image and _forward_only(x[0, 0], any_tokens=True))
 
 

@@ -41,8 +41,11 @@ static struct tiled_args tiled_read(const int64_t *dims, const float *x, const f
 
 /* image n of x, zero-padded, into this thread's buffer [Cin, Hp, Wp]; NULL when memory runs out */
 static const float *padded_image(const struct tiled_args *a, int64_t n) {
-    float *xp = scratch_get(0, a->cin * a->hp * a->wp);
+    /* a row's last vector may read past the plane's end (lanes beyond the output's width): 4 vectors of zeros */
+    const int64_t size = a->cin * a->hp * a->wp;
+    float *xp = scratch_get(0, size + 4 * TL);
     if (!xp) return 0;
+    memset(xp + size, 0, 4 * TL * sizeof(float));
     const float *src = a->x + n * a->cin * a->h * a->w;
     for (int64_t c = 0; c < a->cin; c++) {
         float *plane = xp + c * a->hp * a->wp;
@@ -74,8 +77,11 @@ static inline __attribute__((always_inline)) void plane_tile(const struct tiled_
             for (int j = 0; j < V; j++) acc[r][j] += w * load_tv(src + r * wp + j * TL);
     }
     float *dst = a->out + ((n * a->cout + co) * a->ho + r0) * a->wo;
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < V; j++) store_tv(dst + r * a->wo + j * TL, acc[r][j]);
+    const int64_t tail = a->wo - (V - 1) * TL;  /* lanes of the last vector inside the row */
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < V - 1; j++) store_tv(dst + r * a->wo + j * TL, acc[r][j]);
+        store_lanes(dst + r * a->wo + (V - 1) * TL, acc[r][V - 1], tail);
+    }
 }
 
 /* Every row of a plane: whole tiles of R rows, then the rows left (fewer than R) as tiles of 8, 4, 2 and 1 rows,
@@ -96,7 +102,7 @@ static void plane_item(void *p, int64_t item) {
     const int64_t n = item / a->parts, part = item % a->parts;
     const float *xn = padded_image(a, n);
     if (!xn) { a->failed = 1; return; }
-    const int V = (int)(a->wo / TL);
+    const int V = (int)((a->wo + TL - 1) / TL);
     for (int64_t co = a->cout * part / a->parts; co < a->cout * (part + 1) / a->parts; co++) {
         if (V == 1) EACH_ROW_TILE(plane_tile, 1, ACC, a, xn, n, co);
         else if (V == 2) EACH_ROW_TILE(plane_tile, 2, ACC / 2, a, xn, n, co);
@@ -113,14 +119,22 @@ static inline __attribute__((always_inline)) void grad_tile(const struct tiled_a
                                                             int64_t r0, const int V, const int R) {
     tv g[R][V];
     const float *gsrc = grad + ((n * a->cout + co) * a->ho + r0) * a->wo;
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < V; j++) g[r][j] = load_tv(gsrc + r * a->wo + j * TL);
+    const int64_t tail = a->wo - (V - 1) * TL;  /* lanes of the last vector inside the row; the rest count zero */
+    const ti inside = lanes_below(tail);
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < V - 1; j++) g[r][j] = load_tv(gsrc + r * a->wo + j * TL);
+        g[r][V - 1] = load_lanes(gsrc + r * a->wo + (V - 1) * TL, tail);
+    }
     const int64_t wp = a->wp, plane = a->hp * wp;
     for (int64_t e = a->ptr[co]; e < a->ptr[co + 1]; e++) {
         const float *src = xn + a->ch[e] * plane + (r0 + a->kh[e]) * wp + a->kw[e];
         tv s[4] = {};  /* four running sums: short chains of dependent multiply-adds */
-        for (int r = 0; r < R; r++)
-            for (int j = 0; j < V; j++) s[(r * V + j) & 3] += g[r][j] * load_tv(src + r * wp + j * TL);
+        for (int r = 0; r < R; r++) {
+            for (int j = 0; j < V - 1; j++) s[(r * V + j) & 3] += g[r][j] * load_tv(src + r * wp + j * TL);
+            /* the input's lanes past the row masked too: an infinity there times a zero would be a NaN */
+            const tv last = (tv)((ti)load_tv(src + r * wp + (V - 1) * TL) & inside);
+            s[(r * V + V - 1) & 3] += g[r][V - 1] * last;
+        }
         gw[e] += lane_sum((s[0] + s[1]) + (s[2] + s[3]));
     }
 }
@@ -132,7 +146,7 @@ static void grad_part(void *p, int64_t t) {
     float *gw = ga->partial + t * nnz;
     memset(gw, 0, nnz * sizeof(float));
     const int64_t n0 = a->n * t / a->parts, n1 = a->n * (t + 1) / a->parts;
-    const int V = (int)(a->wo / TL);
+    const int V = (int)((a->wo + TL - 1) / TL);
     for (int64_t n = n0; n < n1; n++) {
         const float *xn = padded_image(a, n);
         if (!xn) { a->failed = 1; return; }
@@ -169,10 +183,12 @@ int tiled_conv_forward(const int64_t *dims, const float *x, const float *values,
     return a.failed ? -1 : 0;
 }
 
-/* 1 where the kernels cover an output plane of Ho x Wo: TL, 2 TL or 4 TL columns (TL = 8 floats with AVX2, 16 with
- * AVX-512), any number of rows. */
+/* 1 where the kernels cover an output plane of Ho x Wo: rows of 1 to 4 vectors (TL = 8 floats with AVX2, 16 with
+ * AVX-512) of which at least three quarters of the lanes are used (ResNet's 56, 28 and 14 columns with AVX-512, not
+ * 7; rows of 8 run faster with the batch innermost), any number of rows. */
 int tiled_conv_supported(int64_t ho, int64_t wo) {
-    return ho >= 1 && (wo == TL || wo == 2 * TL || wo == 4 * TL);
+    const int64_t v = (wo + TL - 1) / TL;
+    return ho >= 1 && v >= 1 && v <= 4 && 4 * wo >= 3 * v * TL;
 }
 
 

@@ -3,6 +3,7 @@
 #ifndef SPARSETRAIN_VECTORS_H
 #define SPARSETRAIN_VECTORS_H
 
+#include <stdint.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -15,6 +16,25 @@ typedef float v4f __attribute__((vector_size(16)));
 
 static inline tv load_tv(const float *p) { tv v; memcpy(&v, p, sizeof v); return v; }
 static inline void store_tv(float *p, tv v) { memcpy(p, &v, sizeof v); }
+
+typedef int32_t ti __attribute__((vector_size(TL * 4)));  /* a lane mask */
+
+/* the first n lanes of p (n <= TL); the rest zero */
+static inline tv load_lanes(const float *p, int64_t n) {
+    tv v = {};
+    memcpy(&v, p, n * sizeof(float));
+    return v;
+}
+
+/* the first n lanes of v into p (n <= TL) */
+static inline void store_lanes(float *p, tv v, int64_t n) { memcpy(p, &v, n * sizeof(float)); }
+
+/* all ones in lanes below n, zeros above */
+static inline ti lanes_below(int64_t n) {
+    ti m;
+    for (int i = 0; i < TL; i++) m[i] = i < n ? -1 : 0;
+    return m;
+}
 
 /* the sum of a vector's lanes as a tree of halvings (a short dependency chain, unlike a lane-by-lane sum) */
 static inline float lane_sum(tv v) {
