@@ -66,7 +66,7 @@ def test_direct_conv_equals_masked_dense(cin, cout, k, stride, padding, dilation
 
 
 @needs_native
-@pytest.mark.parametrize("width", [9, 14, 20, 28, 56])  # rows of whole vectors and of a part-used last one
+@pytest.mark.parametrize("width", [9, 14, 20, 28, 40, 56])  # rows of 1-4 vectors, the last one whole or in part
 def test_direct_conv_tiled_rows_of_any_width_equal_float64(width):
     torch.manual_seed(0)
     mask = torch.rand(6, 4, 3, 3) > 0.7

@@ -105,7 +105,7 @@ def test_compile_fullgraph_has_no_graph_break_and_equals_eager(compact):
         (48, 2, 1, False, (False, False)),
         (16, 1, 1, False, (False, True)),
         (28, 1, 1, False, (False, True)),
-        (6, 1, 1, False, (True, False)),
+        (5, 1, 1, False, (True, False)),
         (12, 1, 1, True, None),
         (9, 2, 0, True, None),
     ],

@@ -106,6 +106,7 @@ static void plane_item(void *p, int64_t item) {
     for (int64_t co = a->cout * part / a->parts; co < a->cout * (part + 1) / a->parts; co++) {
         if (V == 1) EACH_ROW_TILE(plane_tile, 1, ACC, a, xn, n, co);
         else if (V == 2) EACH_ROW_TILE(plane_tile, 2, ACC / 2, a, xn, n, co);
+        else if (V == 3) EACH_ROW_TILE(plane_tile, 3, ACC / 3, a, xn, n, co);
         else EACH_ROW_TILE(plane_tile, 4, ACC / 4, a, xn, n, co);
     }
 }
@@ -153,6 +154,7 @@ static void grad_part(void *p, int64_t t) {
         for (int64_t co = 0; co < a->cout; co++) {
             if (V == 1) EACH_ROW_TILE(grad_tile, 1, ACC, a, xn, ga->grad, gw, n, co);
             else if (V == 2) EACH_ROW_TILE(grad_tile, 2, ACC / 2, a, xn, ga->grad, gw, n, co);
+            else if (V == 3) EACH_ROW_TILE(grad_tile, 3, ACC / 3, a, xn, ga->grad, gw, n, co);
             else EACH_ROW_TILE(grad_tile, 4, ACC / 4, a, xn, ga->grad, gw, n, co);
         }
     }
