@@ -172,9 +172,9 @@ def _kernel_layout(t: torch.Tensor, batch_inner: bool) -> torch.Tensor:
 
 def _tiled(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool]:
     """Which products run on the register-tiled kernels: (forward and weight gradient, input gradient). Both need
-    stride 1 and dilation 1; the first an output, the second an input, of planes 1, 2 or 4 vectors wide (8, 16 or
-    32 columns with AVX2, 16, 32 or 64 with AVX-512; any height); the second also padding within the kernel (so that
-    the input gradient is a convolution too)."""
+    stride 1 and dilation 1; the first an output, the second an input, whose rows are 1 to 4 vectors with three
+    quarters of their lanes used (``native.tiled_supported``: 12-16 and 24-64 columns with AVX-512; any height); the
+    second also padding within the kernel (so that the input gradient is a convolution too)."""
     _, _, h, w, _, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
     if not sh == sw == dh == dw == 1:
         return False, False
