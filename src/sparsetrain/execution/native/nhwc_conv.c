@@ -67,22 +67,100 @@ static int64_t *tap_offsets(const struct nhwc_geom *g, int64_t nnz, const int32_
     return off;
 }
 
+/* The layout changes between NHWC and the planes go a vector's width of positions at a time: where the positions lie
+ * side by side in the planes (stride 1, one image a block), TL x TL blocks are transposed in registers; elsewhere
+ * channel by channel, the positions' channel rows staying in L1. Element by element (every channel of one position,
+ * then the next) each access to the planes landed on a line of its own: the layout changes were half of a 32 x 32
+ * layer's step. */
+enum { SPAN = TL };
+
+/* the TL x TL block r transposed in place (row j, position j's TL channels, becomes row c, channel c's TL
+ * positions): for each bit s of the index, the off-diagonal s x s blocks swapped, two rows a shuffle */
+static inline void transpose_block(tv r[TL]) {
+#pragma GCC unroll 4
+    for (int s = 1; s < TL; s *= 2) {
+        ti lo, hi;
+        for (int k = 0; k < TL; k++) {
+            lo[k] = (k & s) ? TL + k - s : k;
+            hi[k] = (k & s) ? TL + k : k + s;
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < TL; i++)
+            if (!(i & s)) {
+                const tv a = r[i], b = r[i + s];
+                r[i] = __builtin_shuffle(a, b, lo);
+                r[i + s] = __builtin_shuffle(a, b, hi);
+            }
+    }
+}
+
+/* plane[c * cs + at[j]] = rows[j * rs + c] for c < nc, j < nj (nj <= SPAN); whole blocks of TL channels go through
+ * registers when the positions lie side by side in the planes (at[j] = at[0] + j) */
+static inline void rows_to_planes(const float *restrict rows, int64_t rs, int64_t nc, int64_t nj, const int64_t *at,
+                                  float *restrict plane, int64_t cs) {
+    int64_t c = 0;
+    if (nj == TL && at[TL - 1] == at[0] + TL - 1)
+        for (; c + TL <= nc; c += TL) {
+            tv r[TL];
+            for (int j = 0; j < TL; j++) r[j] = load_tv(rows + j * rs + c);
+            transpose_block(r);
+            for (int k = 0; k < TL; k++) store_tv(plane + (c + k) * cs + at[0], r[k]);
+        }
+    for (; c < nc; c++) {
+        float *restrict d = plane + c * cs;
+        for (int64_t j = 0; j < nj; j++) d[at[j]] = rows[j * rs + c];
+    }
+}
+
+/* rows[j * rs + c] = plane[c * cs + at[j]] for c < nc, j < nj (nj <= SPAN); rows_to_planes' inverse */
+static inline void planes_to_rows(const float *restrict plane, int64_t cs, int64_t nc, int64_t nj, const int64_t *at,
+                                  float *restrict rows, int64_t rs) {
+    int64_t c = 0;
+    if (nj == TL && at[TL - 1] == at[0] + TL - 1)
+        for (; c + TL <= nc; c += TL) {
+            tv r[TL];
+            for (int k = 0; k < TL; k++) r[k] = load_tv(plane + (c + k) * cs + at[0]);
+            transpose_block(r);
+            for (int j = 0; j < TL; j++) store_tv(rows + j * rs + c, r[j]);
+        }
+    for (; c < nc; c++) {
+        const float *restrict s = plane + c * cs;
+        for (int64_t j = 0; j < nj; j++) rows[j * rs + c] = s[at[j]];
+    }
+}
+
 /* block k of the NHWC input x into xt: zero-padded, split by stride phase, batch innermost (missing images zero) */
 static void transpose_in(const struct nhwc_geom *g, const float *x, int64_t k, float *xt) {
     memset(xt, 0, g->xt_size * sizeof(float));
     const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
     const int64_t cstride = g->sh * g->sw * g->plane;
+    int64_t at[SPAN];
     for (int64_t b = 0; b < nb; b++)
         for (int64_t ih = 0; ih < g->h; ih++) {
             const int64_t hp = ih + g->ph;
-            for (int64_t iw = 0; iw < g->w; iw++) {
-                const int64_t wp = iw + g->pw;
-                const float *restrict src = x + (((n0 + b) * g->h + ih) * g->w + iw) * g->cin;
-                float *restrict dst = xt + ((hp % g->sh) * g->sw + wp % g->sw) * g->plane + (hp / g->sh) * g->row
-                                      + (wp / g->sw) * g->b + b;
-                for (int64_t c = 0; c < g->cin; c++) dst[c * cstride] = src[c];
+            for (int64_t iw0 = 0; iw0 < g->w; iw0 += SPAN) {
+                const int64_t nj = g->w - iw0 < SPAN ? g->w - iw0 : SPAN;
+                for (int64_t j = 0; j < nj; j++) {
+                    const int64_t wp = iw0 + j + g->pw;
+                    at[j] = ((hp % g->sh) * g->sw + wp % g->sw) * g->plane + (hp / g->sh) * g->row + (wp / g->sw) * g->b + b;
+                }
+                rows_to_planes(x + (((n0 + b) * g->h + ih) * g->w + iw0) * g->cin, g->cin, g->cin, nj, at, xt, cstride);
             }
         }
+}
+
+/* rows [Cout][Ho][Lp] (lane ow * B + b; every channel of block k) back to the NHWC output out */
+static void transpose_out(const struct nhwc_geom *g, const float *obuf, int64_t k, float *out) {
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
+    int64_t at[SPAN];
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t oh = 0; oh < g->ho; oh++)
+            for (int64_t ow0 = 0; ow0 < g->wo; ow0 += SPAN) {
+                const int64_t nj = g->wo - ow0 < SPAN ? g->wo - ow0 : SPAN;
+                for (int64_t j = 0; j < nj; j++) at[j] = oh * g->lp + (ow0 + j) * g->b + b;
+                planes_to_rows(obuf, g->ho * g->lp, g->cout, nj, at, out + (((n0 + b) * g->ho + oh) * g->wo + ow0) * g->cout,
+                               g->cout);
+            }
 }
 
 /* ---- forward: a tile of R rows x C vectors of output channel co in registers ---- */
@@ -135,22 +213,16 @@ struct nhwc_fwd_args {
 static void fwd_block(void *p, int64_t k) {
     struct nhwc_fwd_args *a = (struct nhwc_fwd_args *)p;
     const struct nhwc_geom *g = a->g;
-    float *xt = scratch_get(0, g->xt_size), *obuf = scratch_get(1, g->ho * g->lp);
+    float *xt = scratch_get(0, g->xt_size), *obuf = scratch_get(1, g->cout * g->ho * g->lp);
     if (!xt || !obuf) { a->failed = 1; return; }
     transpose_in(g, a->x, k, xt);
-    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
     for (int64_t co = 0; co < g->cout; co++) {
         const float b0 = a->bias ? a->bias[co] : 0.0f;
         const int64_t e0 = a->ptr[co], e1 = a->ptr[co + 1];
-        NHWC_EACH_TILE(fwd_tile, g, xt, a->values, a->off, e0, e1, b0, obuf);
-        /* back to NHWC: position (oh, ow) of image b is lane ow * B + b of row oh */
-        for (int64_t b = 0; b < nb; b++)
-            for (int64_t oh = 0; oh < g->ho; oh++) {
-                const float *restrict src = obuf + oh * g->lp + b;
-                float *restrict dst = a->out + (((n0 + b) * g->ho + oh) * g->wo) * g->cout + co;
-                for (int64_t ow = 0; ow < g->wo; ow++) dst[ow * g->cout] = src[ow * g->b];
-            }
+        float *oco = obuf + co * g->ho * g->lp;
+        NHWC_EACH_TILE(fwd_tile, g, xt, a->values, a->off, e0, e1, b0, oco);
     }
+    transpose_out(g, obuf, k, a->out);  /* back to NHWC: position (oh, ow) of image b is lane ow * B + b of row oh */
 }
 
 /* out[N, Ho, Wo, Cout] (NHWC) <- the convolution of x[N, H, W, Cin] with the kept entries listed by output channel
@@ -190,12 +262,14 @@ static inline __attribute__((always_inline)) void wgrad_tile(const struct nhwc_g
 static void transpose_grad(const struct nhwc_geom *g, const float *grad, int64_t k, float *gt) {
     memset(gt, 0, g->cout * g->ho * g->lp * sizeof(float));
     const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
+    int64_t at[SPAN];
     for (int64_t b = 0; b < nb; b++)
         for (int64_t oh = 0; oh < g->ho; oh++)
-            for (int64_t ow = 0; ow < g->wo; ow++) {
-                const float *restrict src = grad + (((n0 + b) * g->ho + oh) * g->wo + ow) * g->cout;
-                float *restrict dst = gt + oh * g->lp + ow * g->b + b;
-                for (int64_t c = 0; c < g->cout; c++) dst[c * g->ho * g->lp] = src[c];
+            for (int64_t ow0 = 0; ow0 < g->wo; ow0 += SPAN) {
+                const int64_t nj = g->wo - ow0 < SPAN ? g->wo - ow0 : SPAN;
+                for (int64_t j = 0; j < nj; j++) at[j] = oh * g->lp + (ow0 + j) * g->b + b;
+                rows_to_planes(grad + (((n0 + b) * g->ho + oh) * g->wo + ow0) * g->cout, g->cout, g->cout, nj, at, gt,
+                               g->ho * g->lp);
             }
 }
 
