@@ -274,6 +274,44 @@ def test_compiled_swat_has_no_graph_break_and_trains_like_eager(execution, layou
     assert int(swat_layers(model_c)["3.weight"].steps) == 9 and graphs == 1, graphs
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 6, 8), (1, 3, 7, 5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_passes_for_the_max_pool_operator(shape, layout):
+    """``sparsetrain::max_pool2``: schema, fake (the output and positions in the input's layout, odd sizes
+    floored) and registered backward, by ``torch.library.opcheck``."""
+    from sparsetrain.execution.ops import max_pool2
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=layout)
+    torch.library.opcheck(max_pool2, (x.requires_grad_(),))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_compiled_compact_max_pool_is_its_operator_in_the_graph(layout):
+    """Under ``torch.compile`` the compact 2 x 2 max-pool stays the project's operator (one byte per output kept,
+    its backward registered), not PyTorch's pool: no graph break, the operator in the graph, and outputs and
+    gradients equal to eager."""
+    from sparsetrain.execution.activations import CompactMaxPool2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), CompactMaxPool2d(), nn.Flatten(), nn.Linear(128, 4))
+    model = model.to(memory_format=layout)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=layout)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    targets = {node.target for graph in explained.graphs for node in graph.graph.nodes}
+    assert torch.ops.sparsetrain.max_pool2.default in targets or torch.ops.sparsetrain.max_pool2 in targets, targets
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    outs = []
+    for run in (model, compiled):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_compiled_channel_pruning_on_both_sides_has_no_graph_break_and_trains_like_eager():
     """Channel pruning at 50% with the removed filters' BatchNorm channels and the next layers' inputs gone (the
     layers physically smaller, compact state): no graph break, and 8 compiled steps equal eager in one graph."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from . import native
+from .ops import max_pool2
 
 __all__ = ["BitReLU", "CompactMaxPool2d", "compact_pools", "replace_activations"]
 
@@ -57,8 +58,8 @@ class _BitReLUFn(torch.autograd.Function):
 def holds_data(x: torch.Tensor) -> bool:
     """Whether ``x`` is a real CPU tensor the kernels can read (not one a compiler, an exporter or ``torch.func``
     traces with): the compact activations fall back to the plain operation, which computes the same, otherwise.
-    Under ``torch.compile`` that is always the plain operation: the compiler fuses it with its neighbours and
-    chooses itself what to keep for backward."""
+    Under ``torch.compile`` :class:`BitReLU` is the plain ReLU (the compiler fuses it with its neighbours and
+    chooses itself what to keep for backward); :class:`CompactMaxPool2d` runs as its operator there."""
     return not torch.compiler.is_compiling() and native.what_is_wrong(x, cpu=False) is None
 
 
@@ -82,20 +83,6 @@ class BitReLU(nn.Module):
         return "inplace=True" if self.inplace else ""
 
 
-class _CompactMaxPoolFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        out, where = native.max_pool2(x.detach())
-        ctx.save_for_backward(where)
-        ctx.shape = tuple(x.shape)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (where,) = ctx.saved_tensors
-        return native.max_pool2_grad(grad, where, ctx.shape)
-
-
 class CompactMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d(2)`` that saves one byte per output for backward (the window position of its maximum)
     instead of its input and int64 indices: 1/24 of their bytes, the same outputs and gradients (ties and NaNs
@@ -107,9 +94,10 @@ class CompactMaxPool2d(nn.MaxPool2d):
 
     @staticmethod
     def _ours(x: torch.Tensor) -> bool:
-        """Whether the compact kernel takes ``x``: float32 4-D data on the CPU, the kernels built."""
+        """Whether the compact kernel takes ``x``: float32 4-D on the CPU, the kernels built, and either real data
+        or ``torch.compile`` tracing (the operator's fake gives the shapes; other transforms run PyTorch's)."""
         return (
-            holds_data(x)
+            (holds_data(x) or torch.compiler.is_compiling())
             and x.dim() == 4
             and x.dtype == torch.float32
             and x.device.type == "cpu"
@@ -117,14 +105,13 @@ class CompactMaxPool2d(nn.MaxPool2d):
         )
 
     def forward(self, x):
-        grad = torch.is_grad_enabled()
-        if grad and x.requires_grad and self._ours(x):
-            return _CompactMaxPoolFn.apply(x)
-        if not grad and self._ours(x):
+        if not self._ours(x):
+            return super().forward(x)  # PyTorch's own
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # inference (and evaluation passes): the same kernel, several times faster than PyTorch's pool with
             # indices on the CPU (VGG-16, batch 64: 22 ms a forward in PyTorch's five pools), no positions kept
             return native.max_pool2(x, positions=False)[0]
-        return super().forward(x)  # nothing to save: PyTorch's own
+        return max_pool2(x)[0]  # under torch.compile too: one operator, its backward registered
 
 
 def _pools_2x2(m: nn.Module) -> bool:

@@ -15,6 +15,9 @@ Operators:
   ``x``, ``values`` and ``bias`` (the values' gradient comes back in the same compact order).
 - ``sparsetrain::condensed_linear_backward(x, grad, values, row_ptr, col, input_grad, weight_grad)``: both
   gradients in one pass over the kept weights; a gradient not asked for comes back empty.
+- ``sparsetrain::max_pool2(x)``: 2 x 2, stride-2 max-pooling in the input's layout, with one byte per output (the
+  window position of its maximum) for the backward, ``sparsetrain::max_pool2_backward(grad, where, shape)``
+  (``compact_pool.c``; :class:`~sparsetrain.execution.activations.CompactMaxPool2d` runs it).
 
 The direct convolution operators (``sparsetrain::direct_conv2d`` and its backward) are registered beside the code
 that chooses their paths, in :mod:`sparsetrain.execution.backends.direct`; SWAT's (``swat_refresh``, ``swat_conv2d``,
@@ -28,7 +31,7 @@ from . import native
 
 # (no ``from __future__ import annotations`` here: custom_op reads the operators' schemas from live annotations)
 
-__all__ = ["condensed_linear", "condensed_linear_backward"]
+__all__ = ["condensed_linear", "condensed_linear_backward", "max_pool2", "max_pool2_backward"]
 
 
 @torch.library.custom_op("sparsetrain::condensed_linear", mutates_args=(), device_types="cpu")
@@ -79,3 +82,45 @@ def _condensed_backward(ctx, grad):
 condensed_linear.register_autograd(_condensed_backward, setup_context=_condensed_setup)
 # under CPU autocast the kernels take their inputs in float32 (they compute in float32; the output is float32)
 torch.library.register_autocast("sparsetrain::condensed_linear", "cpu", torch.float32)
+
+
+@torch.library.custom_op("sparsetrain::max_pool2", mutates_args=(), device_types="cpu")
+def max_pool2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """2 x 2, stride-2 max-pooling of a float32 ``x`` [N, C, H, W] in its layout (NCHW or channels-last): the output
+    and, per output, where in its window the maximum was (uint8, 0-3 row-major; ties and NaNs as PyTorch's)."""
+    return native.max_pool2(x)
+
+
+def _pooled(x: Tensor, dtype: torch.dtype) -> Tensor:
+    n, c, h, w = x.shape
+    return torch.empty((n, c, h // 2, w // 2), dtype=dtype, memory_format=native.pool_layout(x))
+
+
+@max_pool2.register_fake
+def _max_pool2_fake(x):
+    return _pooled(x, x.dtype), _pooled(x, torch.uint8)
+
+
+@torch.library.custom_op("sparsetrain::max_pool2_backward", mutates_args=(), device_types="cpu")
+def max_pool2_backward(grad: Tensor, where: Tensor, shape: list[int]) -> Tensor:
+    """The input gradient of :func:`max_pool2` (input ``shape``, in the layout of ``where``): ``grad`` at each
+    window's maximum, zero elsewhere."""
+    return native.max_pool2_grad(grad, where, tuple(shape))
+
+
+@max_pool2_backward.register_fake
+def _max_pool2_backward_fake(grad, where, shape):
+    return torch.empty(shape, dtype=grad.dtype, memory_format=native.pool_layout(where))
+
+
+def _pool_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.shape = list(inputs[0].shape)
+
+
+def _pool_backward(ctx, grad, _where_grad):
+    (where,) = ctx.saved_tensors
+    return max_pool2_backward(grad, where, ctx.shape)
+
+
+max_pool2.register_autograd(_pool_backward, setup_context=_pool_setup)

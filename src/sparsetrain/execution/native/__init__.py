@@ -673,7 +673,7 @@ def threshold_lists(weight: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     return values, (co_ptr, ci, khs, kws), (ci_ptr[: cin + 1], co, kh_t, kw_t, vidx)
 
 
-def _pool_layout(x: torch.Tensor) -> torch.memory_format:
+def pool_layout(x: torch.Tensor) -> torch.memory_format:
     """The layout a pooling kernel keeps: channels-last when ``x`` has it, else NCHW."""
     return torch.channels_last if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
 
@@ -683,7 +683,7 @@ def _pool_call(fn, dims_of: torch.Tensor, big: torch.Tensor, small: torch.Tensor
     n, c, ho, wo = dims_of.shape
     dims = np.array([n, c, ho, wo], dtype=np.int64)
     strides = np.array([*big.stride(), *small.stride()], dtype=np.int64)
-    channels_inner = int(_pool_layout(big) == torch.channels_last)
+    channels_inner = int(pool_layout(big) == torch.channels_last)
     fn(_ptr(dims), _ptr(strides), *map(_ptr, ptrs), channels_inner, torch.get_num_threads())
 
 
@@ -691,7 +691,7 @@ def max_pool2(x: torch.Tensor, positions: bool = True) -> tuple[torch.Tensor, to
     """2x2 max-pooling, stride 2, of a float32 ``x`` [N, C, H, W] in its own layout (NCHW or channels-last):
     (the output, one uint8 per output giving the window position of its maximum, row-major; None when
     ``positions`` is off, as inference wants)."""
-    fmt = _pool_layout(x)
+    fmt = pool_layout(x)
     x = x.contiguous(memory_format=fmt)
     n, c, h, w = x.shape
     out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=fmt)
@@ -703,7 +703,7 @@ def max_pool2(x: torch.Tensor, positions: bool = True) -> tuple[torch.Tensor, to
 def max_pool2_grad(grad: torch.Tensor, where: torch.Tensor, shape: tuple) -> torch.Tensor:
     """The input gradient of :func:`max_pool2` (input ``shape``, in the layout of ``where``): ``grad`` at each
     window's maximum, zero elsewhere."""
-    fmt = _pool_layout(where)
+    fmt = pool_layout(where)
     grad = grad.contiguous(memory_format=fmt)
     odd = shape[2] % 2 or shape[3] % 2  # rows or columns outside every window get no gradient
     gx = torch.empty(shape, dtype=grad.dtype, memory_format=fmt)
