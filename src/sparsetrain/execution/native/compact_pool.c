@@ -52,22 +52,28 @@ static inline int argmax4(float a, float b, float c, float d) {
 static const pm EVEN = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
 static const pm ODD = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
 
+static inline void store_where(uint8_t *p, pm w) {
+    const pb wb = __builtin_convertvector(w, pb);
+    memcpy(p, &wb, sizeof wb);
+}
+
+/* 16 windows from the 32 inputs of their top row (t0, t1) and of their bottom row (b0, b1): even lanes are the
+ * left columns, odd the right; the maxima into out, their positions into where (unless NULL) */
+static inline void pool16(pv t0, pv t1, pv b0, pv b1, float *out, uint8_t *where) {
+    pm w;
+    store_pv(out, argmax4_pv(__builtin_shuffle(t0, t1, EVEN), __builtin_shuffle(t0, t1, ODD),
+                             __builtin_shuffle(b0, b1, EVEN), __builtin_shuffle(b0, b1, ODD), &w));
+    if (where) store_where(where, w);
+}
+
 /* one output row of a plane from input rows r0, r1: 16 windows a vector (their columns split into even and odd
  * lanes), the rest one by one; where == NULL: the positions are not wanted (inference) */
 static void pool_plane_row(const float *restrict r0, const float *restrict r1, float *restrict out,
                            uint8_t *restrict where, int64_t wo) {
     int64_t ow = 0;
-    for (; ow + 16 <= wo; ow += 16) {
-        const pv a0 = load_pv(r0 + 2 * ow), a1 = load_pv(r0 + 2 * ow + 16);
-        const pv b0 = load_pv(r1 + 2 * ow), b1 = load_pv(r1 + 2 * ow + 16);
-        pm w;
-        store_pv(out + ow, argmax4_pv(__builtin_shuffle(a0, a1, EVEN), __builtin_shuffle(a0, a1, ODD),
-                                      __builtin_shuffle(b0, b1, EVEN), __builtin_shuffle(b0, b1, ODD), &w));
-        if (where) {
-            const pb wb = __builtin_convertvector(w, pb);
-            memcpy(where + ow, &wb, sizeof wb);
-        }
-    }
+    for (; ow + 16 <= wo; ow += 16)
+        pool16(load_pv(r0 + 2 * ow), load_pv(r0 + 2 * ow + 16), load_pv(r1 + 2 * ow), load_pv(r1 + 2 * ow + 16),
+               out + ow, where ? where + ow : 0);
     for (; ow < wo; ow++) {
         const float v0 = r0[2 * ow], v1 = r0[2 * ow + 1], v2 = r1[2 * ow], v3 = r1[2 * ow + 1];
         const int w = argmax4(v0, v1, v2, v3);
@@ -92,13 +98,7 @@ static void pool_plane_flat(const float *restrict x, float *restrict out, uint8_
         const pv v0 = load_pv(src), v1 = load_pv(src + 16), v2 = load_pv(src + 32), v3 = load_pv(src + 48);
         const pv t0 = __builtin_shuffle(v0, v1, top), t1 = __builtin_shuffle(v2, v3, top);
         const pv b0 = __builtin_shuffle(v0, v1, bottom), b1 = __builtin_shuffle(v2, v3, bottom);
-        pm m;
-        store_pv(out + j, argmax4_pv(__builtin_shuffle(t0, t1, EVEN), __builtin_shuffle(t0, t1, ODD),
-                                     __builtin_shuffle(b0, b1, EVEN), __builtin_shuffle(b0, b1, ODD), &m));
-        if (where) {
-            const pb wb = __builtin_convertvector(m, pb);
-            memcpy(where + j, &wb, sizeof wb);
-        }
+        pool16(t0, t1, b0, b1, out + j, where ? where + j : 0);
     }
     const int64_t wo = w / 2;
     for (; j < count; j++) {
@@ -227,10 +227,7 @@ static void pool_item(void *p, int64_t item) {
                 for (; c + 16 <= C; c += 16) {
                     pm w;
                     store_pv(out + c, argmax4_pv(load_pv(p0 + c), load_pv(p1 + c), load_pv(p2 + c), load_pv(p3 + c), &w));
-                    if (where) {
-                        const pb wb = __builtin_convertvector(w, pb);
-                        memcpy(where + c, &wb, sizeof wb);
-                    }
+                    if (where) store_where(where + c, w);
                 }
                 for (; c < C; c++) {
                     const float v0 = p0[c], v1 = p1[c], v2 = p2[c], v3 = p3[c];

@@ -149,17 +149,18 @@ static void transpose_in(const struct nhwc_geom *g, const float *x, int64_t k, f
         }
 }
 
-/* rows [Cout][Ho][Lp] (lane ow * B + b; every channel of block k) back to the NHWC output out */
-static void transpose_out(const struct nhwc_geom *g, const float *obuf, int64_t k, float *out) {
-    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
+/* between block k of an NHWC tensor [N, Ho, Wo, Cout] and rows [Cout][Ho][Lp] (lane ow * B + b): the forward's
+ * output back to NHWC (to_nhwc), or the output gradient into rows (its padding lanes left as they are) */
+static void output_rows(const struct nhwc_geom *g, int64_t k, const float *from, float *to, int to_nhwc) {
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b, cs = g->ho * g->lp;
     int64_t at[SPAN];
     for (int64_t b = 0; b < nb; b++)
         for (int64_t oh = 0; oh < g->ho; oh++)
             for (int64_t ow0 = 0; ow0 < g->wo; ow0 += SPAN) {
-                const int64_t nj = g->wo - ow0 < SPAN ? g->wo - ow0 : SPAN;
+                const int64_t nj = g->wo - ow0 < SPAN ? g->wo - ow0 : SPAN, pos = ((n0 + b) * g->ho + oh) * g->wo + ow0;
                 for (int64_t j = 0; j < nj; j++) at[j] = oh * g->lp + (ow0 + j) * g->b + b;
-                planes_to_rows(obuf, g->ho * g->lp, g->cout, nj, at, out + (((n0 + b) * g->ho + oh) * g->wo + ow0) * g->cout,
-                               g->cout);
+                if (to_nhwc) planes_to_rows(from, cs, g->cout, nj, at, to + pos * g->cout, g->cout);
+                else rows_to_planes(from + pos * g->cout, g->cout, g->cout, nj, at, to, cs);
             }
 }
 
@@ -222,7 +223,7 @@ static void fwd_block(void *p, int64_t k) {
         float *oco = obuf + co * g->ho * g->lp;
         NHWC_EACH_TILE(fwd_tile, g, xt, a->values, a->off, e0, e1, b0, oco);
     }
-    transpose_out(g, obuf, k, a->out);  /* back to NHWC: position (oh, ow) of image b is lane ow * B + b of row oh */
+    output_rows(g, k, obuf, a->out, 1);  /* back to NHWC: position (oh, ow) of image b is lane ow * B + b of row oh */
 }
 
 /* out[N, Ho, Wo, Cout] (NHWC) <- the convolution of x[N, H, W, Cin] with the kept entries listed by output channel
@@ -261,16 +262,7 @@ static inline __attribute__((always_inline)) void wgrad_tile(const struct nhwc_g
 /* block k of the NHWC output gradient as rows [Cout][Ho][Lp] (lane ow * B + b), padding lanes zero */
 static void transpose_grad(const struct nhwc_geom *g, const float *grad, int64_t k, float *gt) {
     memset(gt, 0, g->cout * g->ho * g->lp * sizeof(float));
-    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
-    int64_t at[SPAN];
-    for (int64_t b = 0; b < nb; b++)
-        for (int64_t oh = 0; oh < g->ho; oh++)
-            for (int64_t ow0 = 0; ow0 < g->wo; ow0 += SPAN) {
-                const int64_t nj = g->wo - ow0 < SPAN ? g->wo - ow0 : SPAN;
-                for (int64_t j = 0; j < nj; j++) at[j] = oh * g->lp + (ow0 + j) * g->b + b;
-                rows_to_planes(grad + (((n0 + b) * g->ho + oh) * g->wo + ow0) * g->cout, g->cout, g->cout, nj, at, gt,
-                               g->ho * g->lp);
-            }
+    output_rows(g, k, grad, gt, 0);
 }
 
 struct nhwc_wgrad_args {
