@@ -70,6 +70,11 @@ def main(out: str, ranks: int) -> None:
     sharded = all(is_sharded(m) for m in sp.maskset.masks.values())
     if trainer.global_rank == 0:
         torch.save({"masks": masks, "weights": weights, "updates": sp.updates, "sharded": sharded}, out)
+    if torch.distributed.is_initialized():
+        # every rank leaves the group before exiting: gloo's threads outliving it can abort the process at exit
+        # ("terminate called without an active exception") after the run itself has finished
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
