@@ -218,7 +218,7 @@ static inline __attribute__((always_inline)) void gather_tile(const struct gathe
                                                               int64_t p0, const int V, const int P) {
     const int64_t positions = a->out_h * a->out_w, h = a->src_h, w = a->src_w;
     int64_t ih[P], iw[P], at[P];
-    for (int q = 0; q < P; q++) {  /* (tiles lie inside the plane: gather_span) */
+    for (int q = 0; q < P; q++) {  /* (tiles lie inside the plane: GATHER_SPAN) */
         const int64_t pos = p0 + q;
         ih[q] = pos / a->out_w * a->step_h;
         iw[q] = pos % a->out_w * a->step_w;
