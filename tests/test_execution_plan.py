@@ -162,6 +162,35 @@ def test_remove_gives_plain_layers_with_the_exported_weights():
         sp.state_dict()
 
 
+@needs_native
+def test_real_execution_runs_the_max_pools_on_the_compact_kernel_and_remove_gives_them_back():
+    from sparsetrain.execution.activations import CompactMaxPool2d
+
+    def pools(model):
+        return [type(m) for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+
+    def build(execution):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1))
+        model.append(nn.MaxPool2d(3))  # not a 2x2 window: left to PyTorch
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, st.static(model, opt, sparsity=0.8, dense_layers=(), execution=execution)
+
+    grads = {}
+    for execution in ("masked", "direct"):
+        model, opt, sp = build(execution)
+        kinds = [CompactMaxPool2d, nn.MaxPool2d] if execution == "direct" else [nn.MaxPool2d, nn.MaxPool2d]
+        assert pools(model) == kinds
+        x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = model(x)
+        y.square().sum().backward()
+        grads[execution] = [y.detach(), x.grad]  # the pools' outputs and gradients, through the sparse layers
+        sp.remove()
+        assert pools(model) == [nn.MaxPool2d, nn.MaxPool2d]
+    for a, b in zip(grads["masked"], grads["direct"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_swat_remove_equals_export_state_and_reports_after_removal():
     torch.manual_seed(0)
     model = Net()
