@@ -225,3 +225,77 @@ def test_each_gradient_alone_equals_the_one_computed_beside_the_other(input_grad
     alone = native.condensed_backward(x, g, values, s.rows, input_grad, weight_grad)
     assert (alone[0] is None) != input_grad and (alone[1] is None) != weight_grad
     assert torch.equal(alone[0] if input_grad else alone[1], gx if input_grad else gv)
+
+
+needs_bf16 = pytest.mark.skipif(not native.bf16_kernels(), reason="no bfloat16 kernels in this build (AVX-512 only)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("tokens, inp, out, density, fan_in", SHAPES)
+def test_bfloat16_kernels_equal_float64_over_the_rounded_inputs(tokens, inp, out, density, fan_in):
+    """bfloat16 inputs and gradients, float32 kept weights rounded to bfloat16 once: every output and input gradient
+    within one rounding of the float64 product of the rounded operands, the kept weights' gradient (float32 sums of
+    exact products) within float32's; odd rows pair their last weight with zeros, partial blocks and edges."""
+    torch.manual_seed(2)
+    mask = _mask(out, inp, density, fan_in)
+    structure = CondensedStructure.from_mask(mask)
+    values = torch.randn(int(mask.sum()))
+    bias = torch.randn(out)
+    x = torch.randn(tokens, inp).bfloat16()
+    g = torch.randn(tokens, out).bfloat16()
+    y = native.condensed_forward(x, values, bias, structure.rows, out)
+    gx, gv = native.condensed_backward(x, g, values, structure.rows, True, True)
+    assert (y.dtype, gx.dtype, gv.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    w = structure.dense(values.bfloat16().double())
+    want_y = x.double() @ w.t() + bias.double()
+    want_gx = g.double() @ w
+    want_gv = (g.double().t() @ x.double())[mask]
+    for got, want in ((y, want_y), (gx, want_gx)):  # one bfloat16 rounding (2^-8 relative), and float32 sums
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item() + 1e-6)
+    torch.testing.assert_close(gv.double(), want_gv, rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16
+def test_bfloat16_autocast_runs_condensed_layers_in_bfloat16_like_a_masked_layer_under_autocast():
+    """Under CPU autocast to bfloat16 a condensed Linear (dense weight or compact values) returns bfloat16 as a
+    masked dense Linear does under autocast, close to it; its weights and their gradients stay float32; no float32
+    warning is said for it; the masked weights stay zero through optimizer steps; torch.compile sees no break."""
+    import warnings
+
+    import sparsetrain as st
+
+    def run(execution, compact):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(96, 128), nn.GELU(), nn.Linear(128, 96))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sp = st.static(model, opt, sparsity=0.8, dense_layers=(), execution=execution, compact_state=compact)
+        x = torch.randn(3, 70, 96, generator=torch.Generator().manual_seed(5))
+        outs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing said: these layers follow autocast
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = model(x)
+                outs.append(y.detach())
+                opt.zero_grad()
+                y.float().square().mean().backward()
+                opt.step()
+        return sp, outs
+
+    ref_sp, ref = run("masked", False)
+    for compact in (False, True):
+        sp, got = run("condensed", compact)
+        assert all(y.dtype == torch.bfloat16 for y in got)
+        if compact:  # the same under torch.compile: one graph, the dtype decided in it
+
+            def loss(x):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return sp.model(x).float().square().mean()
+
+            explained = torch._dynamo.explain(loss)(torch.randn(2, 70, 96))
+            assert explained.graph_break_count == 0, explained.break_reasons
+        torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=0.02, atol=0.02)
+        weights = sp.export_state()
+        for name, mask in sp.maskset.masks.items():
+            assert weights[name].dtype == torch.float32
+            assert torch.count_nonzero(weights[name][~mask]) == 0

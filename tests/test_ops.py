@@ -363,19 +363,19 @@ for execution in ("direct", "condensed", "csr", "auto"):
     zero = all(torch.count_nonzero(p[~m]) == 0 for n, p in sp.maskset.params.items() for m in [sp.maskset.masks[n]])
     out[execution] = [bool(torch.isfinite(loss)), len(said), zero]
 try:
-    native.condensed_forward(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(2), None,
+    native.condensed_forward(torch.randn(4, 8, dtype=torch.float16), torch.randn(2), None,
                              (torch.tensor([0, 1, 2]), torch.tensor([0, 1], dtype=torch.int32)), 2)
-    out["bf16 to a kernel"] = "ran"
+    out["fp16 to a kernel"] = "ran"
 except TypeError as e:
-    out["bf16 to a kernel"] = str(e)
+    out["fp16 to a kernel"] = str(e)
 print(json.dumps(out))
 """
 
 
-def test_bfloat16_autocast_trains_every_backend_with_the_sparse_layers_in_float32():
-    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` every backend trains (its sparse layers in float32,
-    said once per process), masked weights stay zero, and a bfloat16 tensor handed to a kernel directly is refused
-    (read as float32 it would run past its end); in a subprocess, so that a crash fails the test only."""
+def test_bfloat16_autocast_trains_every_backend():
+    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` every backend trains (layers without bfloat16 kernels
+    in float32, said once per process), masked weights stay zero, and a float16 tensor handed to a kernel directly
+    is refused (read as float32 it would run past its end); in a subprocess, so that a crash fails the test only."""
     import json
     import subprocess
     import sys
@@ -387,10 +387,10 @@ def test_bfloat16_autocast_trains_every_backend_with_the_sparse_layers_in_float3
         finite, _, zero = out[execution]
         assert finite and zero, (execution, out[execution])
     assert sum(out[e][1] for e in ("direct", "condensed", "csr", "auto")) == 1  # said once, by the first
-    assert out["bf16 to a kernel"] == (
-        "the native kernel condensed_forward was handed a torch.bfloat16 tensor; the kernels compute in float32 "
-        "(under torch.autocast the sparse layers get float32 inputs; a model in another dtype runs "
-        "execution='masked')"
+    assert out["fp16 to a kernel"] == (
+        "the native kernel condensed_forward was handed a torch.float16 tensor; it computes in torch.float32 or "
+        "torch.bfloat16 (under torch.autocast the sparse layers cast their inputs to what they compute in; a model "
+        "in another dtype runs execution='masked')"
     )
 
 

@@ -39,7 +39,9 @@ def condensed_linear(
     x: Tensor, values: Tensor, bias: Tensor | None, row_ptr: Tensor, col: Tensor, out_features: int
 ) -> Tensor:
     """``x [T, in] @ W_s.T + bias``, nnz x T multiply-adds, for the kept weights ``values`` of a sparse ``W_s``
-    listed row by row (``row_ptr`` int64 [out + 1], ``col`` int32 [nnz])."""
+    listed row by row (``row_ptr`` int64 [out + 1], ``col`` int32 [nnz]). ``x`` float32, or bfloat16 where
+    ``native.bf16_kernels()`` (the output then bfloat16; ``values`` and ``bias`` are float32 either way, and so is
+    the values' gradient)."""
     return native.condensed_forward(x.contiguous(), values.contiguous(), bias, (row_ptr, col), out_features)
 
 
@@ -74,14 +76,15 @@ def _condensed_setup(ctx, inputs, output) -> None:
 def _condensed_backward(ctx, grad):
     x, values, row_ptr, col = ctx.saved_tensors
     need_x, need_v, need_b = ctx.needs_input_grad[:3]
+    grad = grad.to(x.dtype)  # (the gradient of a bfloat16 output is bfloat16 unless a caller changed it)
     gx, gv = condensed_linear_backward(x, grad, values, row_ptr, col, need_x, need_v)
-    gb = grad.sum(0) if ctx.has_bias and need_b else None
+    gb = grad.sum(0, dtype=torch.float32) if ctx.has_bias and need_b else None
     return gx if need_x else None, gv if need_v else None, gb, None, None, None
 
 
 condensed_linear.register_autograd(_condensed_backward, setup_context=_condensed_setup)
-# under CPU autocast the kernels take their inputs in float32 (they compute in float32; the output is float32)
-torch.library.register_autocast("sparsetrain::condensed_linear", "cpu", torch.float32)
+# (no autocast rule: the operator computes in its input's dtype, float32 or bfloat16, and its callers choose that
+# dtype, as condensed_values_linear does under autocast)
 
 
 @torch.library.custom_op("sparsetrain::max_pool2", mutates_args=(), device_types="cpu")

@@ -93,11 +93,23 @@ def condensed_values_linear(x, values, bias, structure: CondensedStructure) -> t
     shape, through the ``sparsetrain::condensed_linear`` operator: their gradient comes back in the same compact
     form, so a layer may store nothing else."""
     flat = x.reshape(-1, x.shape[-1])
+    if _in_bf16():  # as a dense Linear under autocast: input rounded, float32 sums, bfloat16 output
+        flat = flat.to(torch.bfloat16)
+    elif flat.dtype != torch.float32:
+        flat = flat.float()
     if _forward_only(flat):  # a few tokens, nothing to differentiate (inference at batch 1): rows split by thread
         out = native.condensed_forward_few(flat.t().contiguous(), values, bias, structure.rows, structure.shape[0]).t()
     else:
         out = ops.condensed_linear(flat, values, bias, *structure.rows, structure.shape[0])
     return out.reshape(*x.shape[:-1], structure.shape[0])
+
+
+def _in_bf16() -> bool:
+    """Whether the condensed kernels compute in bfloat16 now: CPU autocast to bfloat16 is on and this build has
+    their bfloat16 path (``native.bf16_kernels``); otherwise they compute in float32."""
+    return (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 and native.bf16_kernels()
+    )
 
 
 def _forward_only(flat: torch.Tensor, any_tokens: bool = False) -> bool:
@@ -140,6 +152,9 @@ class Condensed(Backend):
         if isinstance(layer, nn.Conv2d):
             return self.conv_backend  # what its convolutions run
         return self.name if direct_ok(x, layer.weight) else "csr"
+
+    def follows_autocast(self) -> bool:
+        return _in_bf16()  # (its convolutions take the direct kernels: their path's backend answers for them)
 
     def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if direct_ok(x, layer.weight):

@@ -22,13 +22,15 @@ __all__ = ["SparseLinear", "SparseConv2d", "apply_backend"]
 
 
 def _say_float32_once() -> None:
-    """Under CPU autocast the sparse layers compute in float32 (the kernels have no bfloat16 path yet): said once."""
+    """Under CPU autocast the sparse layers whose kernels have no path in autocast's dtype compute in float32:
+    said once."""
     global _SAID_FLOAT32
     if not _SAID_FLOAT32:
         _SAID_FLOAT32 = True
         warnings.warn(
             "under torch.autocast the sparse layers compute in float32 (their inputs are cast; masked dense layers "
-            "follow autocast); the rest of the model keeps the autocast dtype",
+            "and Linear layers on the condensed kernels follow autocast); the rest of the model keeps the autocast "
+            "dtype",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -151,8 +153,10 @@ class _SparseExec:
             self._choose(x, backward=False)
         if self.training:
             self.ran = self._path(x)
-        if x.dtype != torch.float32 and torch.is_autocast_enabled("cpu") and BACKENDS[self._path(x)].swaps_layers:
-            _say_float32_once()
+        path = BACKENDS[self._path(x)]
+        if x.dtype != torch.float32 and torch.is_autocast_enabled("cpu") and path.swaps_layers:
+            if not path.follows_autocast():
+                _say_float32_once()
         try:
             if (
                 not torch.compiler.is_compiling()  # (the compiler traces fakes; the kernels are operators it keeps)

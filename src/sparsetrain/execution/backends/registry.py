@@ -44,7 +44,7 @@ BACKENDS: dict[str, "Backend"] = {}  # name -> backend, in registration order (t
 
 def direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The C kernels (direct, condensed) cover float32 on the CPU, and need the compiled library; under CPU
-    autocast a lower-precision input is theirs too (their operators take it in float32)."""
+    autocast a lower-precision input is theirs too (their layers cast it to the dtype they compute in)."""
     low = x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu")
     return (
         (x.dtype == torch.float32 or low)
@@ -87,6 +87,11 @@ class Backend:
     conv_backend: ClassVar[str | None] = None  # the backend convolutions take under it (None: this one)
     retry_near_ties: ClassVar[bool] = False  # auto also times the whole step with near-tie layers on this path
     rank: ClassVar[int] = 50  # where it stands in the registry (messages and auto list backends in this order)
+
+    def follows_autocast(self) -> bool:
+        """Whether this backend's layers compute in the dtype CPU autocast asks for now (its kernels have that
+        path, in this build); otherwise they compute in float32 (said once)."""
+        return False
 
     # ------------------------------------------------------------------ what it supports, judged here
     def not_supported_reasons(self, req: ExecutionRequest) -> list[str]:

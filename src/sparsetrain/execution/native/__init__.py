@@ -38,6 +38,7 @@ from torch._subclasses.fake_tensor import is_fake as _is_fake
 
 __all__ = [
     "available",
+    "bf16_kernels",
     "compress",
     "compress_nonzero",
     "decompress",
@@ -112,6 +113,9 @@ _SIGNATURES = {
     "condensed_forward_few": ([_p] * 7 + [_int], _int),
     "condensed_lanes": ([], _int),
     "condensed_backward": ([_p] * 8 + [_int, _int], _int),
+    "condensed_bf16": ([], _int),
+    "condensed_forward_bf16": ([_p] * 7 + [_int], _int),
+    "condensed_backward_bf16": ([_p] * 8 + [_int, _int], _int),
     "nhwc_conv_forward": ([_p] * 9 + [_i64, _int], _int),
     "nhwc_conv_weight_grad": ([_p] * 8 + [_i64, _i64, _int], _int),
     "nhwc_conv_input_grad_scatter": ([_p] * 9 + [_i64, _int], _int),
@@ -249,6 +253,7 @@ def _open(path: Path) -> ctypes.CDLL:
         except AttributeError:
             raise OSError(f"{path} lacks the function {name}") from None
         fn.argtypes, fn.restype = args, res
+    lib.has_bf16 = bool(lib.condensed_bf16())  # (asked once: read under torch.compile as a plain attribute)
     return lib
 
 
@@ -723,10 +728,20 @@ def condensed_forward(
     """``x [T, in] @ W_s.T + bias`` for a sparse W_s given by ``rows`` = (row_ptr int64, col int32: the kept
     entries row by row, in the order of ``values``): nnz * T multiply-adds (``condensed.c``)."""
     t, n_in = x.shape
-    y = torch.empty(t, out_features, dtype=torch.float32)
-    if _rows_call(_load().condensed_forward, (t, n_in, out_features), x, values, bias, rows, y) != 0:
+    half = x.dtype == torch.bfloat16  # (values and bias stay float32: the kernel rounds the values once)
+    y = torch.empty(t, out_features, dtype=x.dtype)
+    fn = _load().condensed_forward_bf16 if half else _load().condensed_forward
+    if _rows_call(fn, (t, n_in, out_features), x, values, bias, rows, y) != 0:
         raise MemoryError("condensed_forward: no memory for the token-block buffers")
     return y
+
+
+def bf16_kernels() -> bool:
+    """Whether this build has the condensed kernels' bfloat16 path (AVX-512 builds; one vdpbf16ps per 32 products
+    where the CPU has AVX512-BF16): :func:`condensed_forward` and :func:`condensed_backward` then take bfloat16
+    inputs and gradients."""
+    lib = _load()
+    return lib is not None and lib.has_bf16
 
 
 def _rows_call(fn, dims: tuple, x: torch.Tensor, values, bias, rows: tuple, y: torch.Tensor) -> int:
@@ -768,14 +783,15 @@ def condensed_backward(
     row_ptr, col = rows
     t, n_in = x.shape
     nnz, threads = values.numel(), torch.get_num_threads()
-    gx = torch.empty(t, n_in, dtype=torch.float32) if input_grad else None
+    half = x.dtype == torch.bfloat16  # x, grad and the input gradient bfloat16; the weights' gradient float32
+    gx = torch.empty(t, n_in, dtype=x.dtype) if input_grad else None
     if t == 0:
         return (gx, torch.zeros(nnz) if weight_grad else None)
     # one partial sum of the weight gradient per worker: at most 256 MB of them
     workers = max(1, min(threads, -(-t // 64), (1 << 26) // max(nnz, 1)))
     partial = torch.empty(workers, nnz, dtype=torch.float32) if weight_grad else None
     dims = np.array([t, n_in, grad.shape[1]], dtype=np.int64)
-    used = _load().condensed_backward(
+    used = (_load().condensed_backward_bf16 if half else _load().condensed_backward)(
         _ptr(dims),
         _ptr(x),
         _ptr(grad),
@@ -892,12 +908,13 @@ def _guarded(fn):
         for a in (*args, *kwargs.values()):
             for t in a if isinstance(a, (tuple, list)) else (a,):
                 why = torch.is_tensor(t) and what_is_wrong(t)
-                if torch.is_tensor(t) and t.is_floating_point() and t.dtype != torch.float32 and not why:
+                allowed = (torch.float32, torch.bfloat16) if fn.__name__ in _TAKE_BF16 else (torch.float32,)
+                if torch.is_tensor(t) and t.is_floating_point() and t.dtype not in allowed and not why:
                     # read as float32, a narrower tensor would send the C code past its end
                     raise TypeError(
-                        f"the native kernel {fn.__name__} was handed a {t.dtype} tensor; the kernels compute in "
-                        "float32 (under torch.autocast the sparse layers get float32 inputs; a model in another "
-                        "dtype runs execution='masked')"
+                        f"the native kernel {fn.__name__} was handed a {t.dtype} tensor; it computes in "
+                        f"{' or '.join(str(d) for d in allowed)} (under torch.autocast the sparse layers cast their "
+                        "inputs to what they compute in; a model in another dtype runs execution='masked')"
                     )
                 if why:
                     raise NoDataError(
@@ -909,7 +926,17 @@ def _guarded(fn):
     return torch.compiler.disable(call)
 
 
+_TAKE_BF16 = ("condensed_forward", "condensed_backward")  # entry points with a bfloat16 path (bf16_kernels())
+
 for _name in __all__:  # every entry point that takes tensors checks them before any C code runs
-    if _name not in ("available", "nhwc_block", "tiled_supported", "elementwise_threads", "library_path", "compiler"):
+    if _name not in (
+        "available",
+        "bf16_kernels",
+        "nhwc_block",
+        "tiled_supported",
+        "elementwise_threads",
+        "library_path",
+        "compiler",
+    ):
         globals()[_name] = _guarded(globals()[_name])
 __all__ += ["NoDataError", "what_is_wrong"]

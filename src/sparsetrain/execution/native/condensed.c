@@ -194,6 +194,173 @@ static void weight_grad_block(const int64_t *row_ptr, const int32_t *col, int64_
     }
 }
 
+/* ---- bfloat16 (under CPU autocast): the same products, half the bytes ----
+ * x, the output gradient, the outputs and the input gradient are bfloat16 [T, *]; the kept weights are given in
+ * float32 (the master copy) and rounded to bfloat16 once a call, as autocast rounds a dense Linear's weight; every
+ * sum is float32, and so is the kept weights' gradient. The token blocks hold bfloat16 [rows][TB], so each
+ * kept weight reads 128 bytes a block instead of 256. With AVX512-BF16 one instruction (vdpbf16ps) takes 32
+ * products into 16 float32 sums: the forward and the input gradient pair two kept weights of a row (their two
+ * inputs' rows interleaved by unpack, which leaves the tokens in a fixed permuted order, undone once per row);
+ * the weight gradient pairs neighbouring tokens, its reduction's own order. Without AVX512-BF16 the same pairs
+ * go through two float32 multiply-adds. AVX-512 builds only (condensed_bf16() says); others compute in float32. */
+#if VL == 16
+#include <immintrin.h>
+typedef uint16_t bf16;
+
+int condensed_bf16(void) { return 1; }
+
+static inline bf16 round_bf16(float f) {  /* to nearest even, as vcvtneps2bf16; a NaN stays a (quiet) NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float widen_bf16(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+static inline __m256i narrow16(__m512 v) {  /* rounded to nearest even */
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+}
+
+/* acc[i] += a[2i] * b[2i] + a[2i + 1] * b[2i + 1] (bfloat16 pairs, float32 sums) */
+static inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
+#if defined(__AVX512BF16__)
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
+#endif
+}
+
+/* buf[c][j] = src[(t0 + j) * ld + c] for j < nb, zero for nb <= j < TB (bfloat16 both; tiles widened to float32,
+ * transposed as in load_block, narrowed back exactly) */
+static void load_block16(const bf16 *src, int64_t ld, int64_t cols, int64_t t0, int64_t nb, bf16 *buf) {
+    if (nb < TB) memset(buf, 0, (size_t)cols * TB * sizeof(bf16));
+    for (int64_t c0 = 0; c0 < cols; c0 += VL) {
+        const int64_t c1 = c0 + VL < cols ? c0 + VL : cols;
+        for (int64_t j0 = 0; j0 < nb; j0 += VL) {
+            const int64_t j1 = j0 + VL < nb ? j0 + VL : nb;
+            if (c1 - c0 == VL && j1 - j0 == VL) {
+                v8 r[VL];
+                for (int k = 0; k < VL; k++)
+                    r[k] = (v8)widen16(_mm256_loadu_si256((const __m256i *)(src + (t0 + j0 + k) * ld + c0)));
+                transpose_tile(r);
+                for (int k = 0; k < VL; k++)
+                    _mm256_storeu_si256((__m256i *)(buf + (c0 + k) * TB + j0),
+                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512((__m512)r[k]), 16)));
+                continue;
+            }
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t c = c0; c < c1; c++) buf[c * TB + j] = src[(t0 + j) * ld + c];
+        }
+    }
+}
+
+/* dst[(t0 + j) * ld + c] = buf[c][j] rounded to bfloat16, for j < nb (buf float32) */
+static void store_block16(const float *buf, int64_t cols, int64_t t0, int64_t nb, bf16 *dst, int64_t ld) {
+    for (int64_t c0 = 0; c0 < cols; c0 += VL) {
+        const int64_t c1 = c0 + VL < cols ? c0 + VL : cols;
+        for (int64_t j0 = 0; j0 < nb; j0 += VL) {
+            const int64_t j1 = j0 + VL < nb ? j0 + VL : nb;
+            if (c1 - c0 == VL && j1 - j0 == VL) {
+                v8 r[VL];
+                for (int k = 0; k < VL; k++) r[k] = *(const v8 *)(buf + (c0 + k) * TB + j0);
+                transpose_tile(r);
+                for (int k = 0; k < VL; k++)
+                    _mm256_storeu_si256((__m256i *)(dst + (t0 + j0 + k) * ld + c0), narrow16((__m512)r[k]));
+                continue;
+            }
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t c = c0; c < c1; c++) dst[(t0 + j) * ld + c] = round_bf16(buf[c * TB + j]);
+        }
+    }
+}
+
+/* Two kept weights (w: their bfloat16 pair) of inputs s0 and s1 over 64 tokens, into acc[0..3]: unpacking the two
+ * rows' 32-token halves puts tokens 8L + j (j < 4) of 128-bit lane L in the low unpack and 8L + 4 + j in the high */
+static inline __attribute__((always_inline)) void pair_block(__m512 acc[4], __m512i w, const bf16 *s0, const bf16 *s1) {
+    for (int h = 0; h < 2; h++) {  /* (s1 null: zeros) */
+        const __m512i a = _mm512_load_si512(s0 + 32 * h), b = s1 ? _mm512_load_si512(s1 + 32 * h) : _mm512_setzero_si512();
+        acc[2 * h] = dot2(acc[2 * h], _mm512_unpacklo_epi16(a, b), w);
+        acc[2 * h + 1] = dot2(acc[2 * h + 1], _mm512_unpackhi_epi16(a, b), w);
+    }
+}
+
+/* out[r][:] = bias[r] + sum over the entries q of row r of w16[q] * src[idx[q]][:] (src bfloat16 [*][TB], out
+ * float32 [rows][TB]); two pairs of entries an iteration into two sets of sums, so eight chains hide the latency */
+static void rows_times_block16(const int64_t *ptr, const int32_t *idx, const bf16 *w16, const float *bias,
+                               int64_t rows, const bf16 *src, float *out) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 acc[4], more[4];
+        for (int i = 0; i < 4; i++) acc[i] = more[i] = _mm512_setzero_ps();
+        int64_t q = ptr[r];
+        const int64_t q1 = ptr[r + 1];
+#define PAIR(q) _mm512_set1_epi32((int)((uint32_t)w16[q] | (uint32_t)w16[(q) + 1] << 16))
+        for (; q + 4 <= q1; q += 4) {
+            pair_block(acc, PAIR(q), src + (int64_t)idx[q] * TB, src + (int64_t)idx[q + 1] * TB);
+            pair_block(more, PAIR(q + 2), src + (int64_t)idx[q + 2] * TB, src + (int64_t)idx[q + 3] * TB);
+        }
+        if (q + 2 <= q1) {
+            pair_block(acc, PAIR(q), src + (int64_t)idx[q] * TB, src + (int64_t)idx[q + 1] * TB);
+            q += 2;
+        }
+#undef PAIR
+        if (q < q1)  /* an odd last entry: paired with zeros */
+            pair_block(more, _mm512_set1_epi32((int)w16[q]), src + (int64_t)idx[q] * TB, 0);
+        const __m512 b = _mm512_set1_ps(bias ? bias[r] : 0.0f);
+        for (int h = 0; h < 2; h++) {
+            const __m512 lo = _mm512_add_ps(acc[2 * h], more[2 * h]), hi = _mm512_add_ps(acc[2 * h + 1], more[2 * h + 1]);
+            _mm512_store_ps(out + r * TB + 32 * h, _mm512_add_ps(b, _mm512_permutex2var_ps(lo, first, hi)));
+            _mm512_store_ps(out + r * TB + 32 * h + 16, _mm512_add_ps(b, _mm512_permutex2var_ps(lo, second, hi)));
+        }
+    }
+}
+
+/* part[q] += <gout[r][:], x[col[q]][:]> over the block's 64 tokens, VL kept weights reduced together (sum_rows) */
+static void weight_grad_block16(const int64_t *row_ptr, const int32_t *col, int64_t rows, const bf16 *gout,
+                                const bf16 *x, float *part) {
+    for (int64_t r = 0; r < rows; r++) {
+        const __m512i g0 = _mm512_load_si512(gout + r * TB), g1 = _mm512_load_si512(gout + r * TB + 32);
+        int64_t q = row_ptr[r];
+        const int64_t q1 = row_ptr[r + 1];
+        for (; q + VL <= q1; q += VL) {
+            v8 acc[VL];
+            for (int k = 0; k < VL; k++) {
+                const bf16 *s = x + (int64_t)col[q + k] * TB;
+                acc[k] = (v8)dot2(dot2(_mm512_setzero_ps(), g0, _mm512_load_si512(s)), g1, _mm512_load_si512(s + 32));
+            }
+            v8 sums = sum_rows(acc), old;
+            memcpy(&old, part + q, sizeof old);
+            old += sums;
+            memcpy(part + q, &old, sizeof old);
+        }
+        for (; q < q1; q++) {
+            const bf16 *s = x + (int64_t)col[q] * TB;
+            part[q] += _mm512_reduce_add_ps(dot2(dot2(_mm512_setzero_ps(), g0, _mm512_load_si512(s)), g1, _mm512_load_si512(s + 32)));
+        }
+    }
+}
+#else
+int condensed_bf16(void) { return 0; }
+#endif
+
 struct by_input;
 
 struct condensed_args {
@@ -204,6 +371,10 @@ struct condensed_args {
     float *y, *gx, *partial;
     const struct by_input *by_in;  /* backward: the entries listed by input, for the input gradient */
     int failed;
+    /* bfloat16 calls: x, gout, y, gx in bfloat16 (the float32 pointers above unused), the kept weights rounded to
+     * bfloat16 row by row (w16) and by input (tval16) */
+    const void *x16, *gout16, *w16, *tval16;
+    void *y16, *gx16;
 };
 
 static void forward_worker(void *p, int64_t worker) {
@@ -217,6 +388,14 @@ static void forward_worker(void *p, int64_t worker) {
     } else {
         for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
             int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
+#if VL == 16
+            if (a->x16) {
+                load_block16((const bf16 *)a->x16, a->in, a->in, t0, nb, (bf16 *)xb);
+                rows_times_block16(a->row_ptr, a->col, (const bf16 *)a->w16, a->bias, a->out, (const bf16 *)xb, yb);
+                store_block16(yb, a->out, t0, nb, (bf16 *)a->y16, a->out);
+                continue;
+            }
+#endif
             load_block(a->x, a->in, a->in, t0, nb, xb);
             rows_times_block(a->row_ptr, a->col, a->values, a->bias, a->out, xb, yb);
             store_block(yb, a->out, t0, nb, a->y, a->out);
@@ -225,15 +404,46 @@ static void forward_worker(void *p, int64_t worker) {
     if (!failed) free(bufs[0]);
 }
 
+static int run_forward(struct condensed_args *a, int nthreads) {
+    a->nthreads = nthreads < 1 ? 1 : (nthreads > a->nblocks ? a->nblocks : nthreads);
+    if (a->nthreads > MAX_THREADS) a->nthreads = MAX_THREADS;
+    parallel_workers(forward_worker, a, a->nthreads, (int)a->nthreads);
+    return a->failed ? -1 : 0;
+}
+
 /* y[T, out] = x[T, in] W_s^T + bias (bias may be null). Returns 0, or -1 when out of memory. */
 int condensed_forward(const int64_t *dims, const float *x, const float *values, const float *bias, const int64_t *row_ptr,
                       const int32_t *col, float *y, int nthreads) {
     struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, 0, values, bias,
                                row_ptr, col, y, 0, 0, 0, 0};
-    a.nthreads = nthreads < 1 ? 1 : (nthreads > a.nblocks ? a.nblocks : nthreads);
-    if (a.nthreads > MAX_THREADS) a.nthreads = MAX_THREADS;
-    parallel_workers(forward_worker, &a, a.nthreads, (int)a.nthreads);
-    return a.failed ? -1 : 0;
+    return run_forward(&a, nthreads);
+}
+
+#if VL == 16
+static bf16 *rounded_bf16(const float *v, int64_t n) {  /* a malloc'd bfloat16 copy (null when out of memory) */
+    bf16 *h = (bf16 *)malloc((size_t)(n > 0 ? n : 1) * sizeof(bf16));
+    if (h)
+        for (int64_t i = 0; i < n; i++) h[i] = round_bf16(v[i]);
+    return h;
+}
+#endif
+
+/* condensed_forward with x [T, in] and y [T, out] in bfloat16 (values and bias float32). Returns 0, -1 when out of
+ * memory, -2 on a build without the bfloat16 kernels (condensed_bf16() is 0). */
+int condensed_forward_bf16(const int64_t *dims, const void *x, const float *values, const float *bias,
+                           const int64_t *row_ptr, const int32_t *col, void *y, int nthreads) {
+#if VL == 16
+    bf16 *w16 = rounded_bf16(values, row_ptr[dims[2]]);
+    if (!w16) return -1;
+    struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, 0, 0, values, bias,
+                               row_ptr, col, 0, 0, 0, 0, 0, x, 0, w16, 0, y, 0};
+    int rc = run_forward(&a, nthreads);
+    free(w16);
+    return rc;
+#else
+    (void)dims, (void)x, (void)values, (void)bias, (void)row_ptr, (void)col, (void)y, (void)nthreads;
+    return -2;
+#endif
 }
 
 /* ---- forward only, tokens innermost (inference): rows split among threads ----
@@ -342,9 +552,9 @@ static void free_by_input(struct by_input *t) {
 static void backward_worker(void *p, int64_t worker) {
     struct condensed_args *a = (struct condensed_args *)p;
     float *bufs[3];
-    const int64_t rows[3] = {a->out, a->partial ? a->in : 0, a->gx ? a->in : 0};
+    const int64_t rows[3] = {a->out, a->partial ? a->in : 0, a->gx || a->gx16 ? a->in : 0};
     int failed = block_buffers(3, rows, bufs);
-    float *gb = bufs[0], *xb = a->partial ? bufs[1] : 0, *gxb = a->gx ? bufs[2] : 0;
+    float *gb = bufs[0], *xb = a->partial ? bufs[1] : 0, *gxb = a->gx || a->gx16 ? bufs[2] : 0;
     float *part = a->partial ? a->partial + worker * a->row_ptr[a->out] : 0;
     if (failed) {
         a->failed = 1;
@@ -352,6 +562,21 @@ static void backward_worker(void *p, int64_t worker) {
         if (part) memset(part, 0, (size_t)a->row_ptr[a->out] * sizeof(float));
         for (int64_t blk = worker; blk < a->nblocks; blk += a->nthreads) {
             int64_t t0 = blk * TB, nb = a->t - t0 < TB ? a->t - t0 : TB;
+#if VL == 16
+            if (a->gout16) {
+                load_block16((const bf16 *)a->gout16, a->out, a->out, t0, nb, (bf16 *)gb);
+                if (part) {
+                    load_block16((const bf16 *)a->x16, a->in, a->in, t0, nb, (bf16 *)xb);
+                    weight_grad_block16(a->row_ptr, a->col, a->out, (const bf16 *)gb, (const bf16 *)xb, part);
+                }
+                if (gxb) {
+                    rows_times_block16(a->by_in->tptr, a->by_in->trow, (const bf16 *)a->tval16, 0, a->in,
+                                       (const bf16 *)gb, gxb);
+                    store_block16(gxb, a->in, t0, nb, (bf16 *)a->gx16, a->in);
+                }
+                continue;
+            }
+#endif
             load_block(a->gout, a->out, a->out, t0, nb, gb);
             if (part) {
                 load_block(a->x, a->in, a->in, t0, nb, xb);
@@ -366,23 +591,49 @@ static void backward_worker(void *p, int64_t worker) {
     if (!failed) free(bufs[0]);
 }
 
+static int run_backward(struct condensed_args *a, int workers, int nthreads) {
+    struct by_input by_in = {0, 0, 0};
+    void *tval16 = 0;
+    int64_t n = workers < 1 ? 1 : workers;
+    if (n > a->nblocks) n = a->nblocks;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    a->nthreads = n;
+    a->by_in = &by_in;
+    int failed = 0;
+    if (a->gx || a->gx16) {
+        failed = list_by_input(a->row_ptr, a->col, a->values, a->out, a->in, &by_in) != 0;
+#if VL == 16
+        if (!failed && a->gx16) failed = !(a->tval16 = tval16 = rounded_bf16(by_in.tval, a->row_ptr[a->out]));
+#endif
+    }
+    if (!failed) parallel_workers(backward_worker, a, n, nthreads);
+    free(tval16);
+    free_by_input(&by_in);
+    return failed || a->failed ? -1 : (int)n;
+}
+
 /* The gradients of condensed_forward: gx[T, in] (if gx is not null) and, if partial is not null, the
  * gradient of each kept weight summed over each worker's tokens into partial[workers][nnz] (the caller
  * adds the rows). Returns the number of workers used, or -1 when out of memory. */
 int condensed_backward(const int64_t *dims, const float *x, const float *gout, const float *values, const int64_t *row_ptr,
                        const int32_t *col, float *gx, float *partial, int workers, int nthreads) {
-    struct by_input by_in = {0, 0, 0};
     struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, x, gout, values, 0,
-                               row_ptr, col, 0, gx, partial, &by_in, 0};
-    int64_t n = workers < 1 ? 1 : workers;
-    if (n > a.nblocks) n = a.nblocks;
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    a.nthreads = n;
-    if (gx && list_by_input(row_ptr, col, values, a.out, a.in, &by_in) != 0) {
-        free_by_input(&by_in);
-        return -1;
-    }
-    parallel_workers(backward_worker, &a, n, nthreads);
-    free_by_input(&by_in);
-    return a.failed ? -1 : (int)n;
+                               row_ptr, col, 0, gx, partial, 0, 0};
+    return run_backward(&a, workers, nthreads);
+}
+
+/* condensed_backward with x, gout and gx in bfloat16 (values and partial float32); -2 on a build without the
+ * bfloat16 kernels. */
+int condensed_backward_bf16(const int64_t *dims, const void *x, const void *gout, const float *values,
+                            const int64_t *row_ptr, const int32_t *col, void *gx, float *partial, int workers,
+                            int nthreads) {
+#if VL == 16
+    struct condensed_args a = {dims[0], dims[1], dims[2], (dims[0] + TB - 1) / TB, 0, 0, 0, values, 0,
+                               row_ptr, col, 0, 0, partial, 0, 0, x, gout, 0, 0, 0, gx};
+    return run_backward(&a, workers, nthreads);
+#else
+    (void)dims, (void)x, (void)gout, (void)values, (void)row_ptr, (void)col, (void)gx, (void)partial;
+    (void)workers, (void)nthreads;
+    return -2;
+#endif
 }
