@@ -49,7 +49,7 @@ def label(row: list[str]) -> str:
     model += f" width x{width[0]}" if width else ""
     model += f" batch {args['--batch'][0]}" if "--batch" in args else ""
     extra = ", ".join(args.get("--extra", []))
-    compiled = ", torch.compile" if "--compile" in args else ""
+    compiled = (", torch.compile" if "--compile" in args else "") + (", bf16 autocast" if "--bf16" in args else "")
     name = f"{model}, {args['--config'][0]} {float(args['--sparsity'][0]):.0%}{compiled}"
     return name + (f" ({extra})" if extra else "")
 

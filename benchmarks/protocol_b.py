@@ -85,6 +85,11 @@ def main(argv=None):
         action="store_true",
         help="both steps under torch.compile(fullgraph=True) (memory and saved bytes from eager steps)",
     )
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="both steps under torch.autocast('cpu', dtype=torch.bfloat16) (memory and saved bytes from float32 steps)",
+    )
     ap.add_argument("--no-record", action="store_true")
     allocator_flag(ap)
     args = ap.parse_args(argv)
@@ -100,10 +105,10 @@ def main(argv=None):
     }
     saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)  # (saved bytes from eager steps)
     saved_sparse = saved_tensor_bytes_by_module(steps["sparse"], sparse)
-    if args.compile:
+    if args.compile or args.bf16:
         steps = {
-            "dense": make_step(dense, dopt, None, args.batch, "dense", shape, compiled=True),
-            "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape, compiled=True),
+            "dense": make_step(dense, dopt, None, args.batch, "dense", shape, args.compile, args.bf16),
+            "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape, args.compile, args.bf16),
         }
     # with the lossless activation savings on, dense training with the same savings is the second baseline
     lossless = load_config(
@@ -164,6 +169,7 @@ def main(argv=None):
         ),
         "pairs": args.pairs,
         "compile": args.compile,
+        **({"dtype": "bf16", "memory_dtype": "fp32"} if args.bf16 else {}),
         "extra": args.extra,
         "paths": dict(sorted(collections.Counter(chosen.values()).items())),
         "command": command_line(),

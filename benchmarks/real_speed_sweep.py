@@ -64,6 +64,9 @@ ROWS: list[list[str]] = [
     # compiled: the sparse step under torch.compile against the compiled dense step
     *[["--model", "vgg16", "--config", "auto-compact", "--sparsity", s, "--compile"] for s in ("0.95", "0.98")],
     _gpt_fan_in("4.0", "--compile"),
+    # bfloat16 autocast: the sparse step against the dense step under the same autocast
+    _gpt_fan_in("4.0", "--bf16"),
+    ["--model", "vgg16", "--config", "auto-compact", "--sparsity", "0.95", "--bf16"],
 ]
 
 

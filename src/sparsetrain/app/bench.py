@@ -167,12 +167,15 @@ def make_step(
     config: str = BASELINE,
     input_shape: tuple[int, ...] = (3, 32, 32),
     compiled: bool = False,
+    bf16: bool = False,
 ):
     """A function running one training step on a fixed random batch of ``input_shape`` images, or, for a model
     with a ``context`` (the GPT), of random token windows with next-token targets. A method whose plan waits
     for a batch (``auto``) makes it on this one. ``compiled``: the model's forward (and so its backward) under
     ``torch.compile(fullgraph=True)``, after one eager step (in which sparse layers build their lists); the
-    optimizer step and the method's work around it stay eager."""
+    optimizer step and the method's work around it stay eager. ``bf16``: the forward and the loss under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` (float32 weights and optimizer state, as mixed precision
+    trains)."""
     g = torch.Generator().manual_seed(1)
     context = getattr(model, "context", None)
     if context is not None:
@@ -194,8 +197,9 @@ def make_step(
     run = model
 
     def step():
-        out = run(x)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = run(x)
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()  # the method's per-step work runs in here
