@@ -1,6 +1,6 @@
 """Each condensed kernel's bfloat16 time against its float32 time, on the GPT's Linear shapes (protocol D-speed:
 width 512, 16 x 128 tokens, fan-in 90%): forward, input gradient and kept-weight gradient, each the median of
-``--calls`` calls, one kernel at a time. One record per kernel and shape in ``results/bf16_kernels.jsonl``.
+``--calls`` calls, one kernel at a time. One record per kernel and shape in ``results/bf16_kernels.json``.
 
     python benchmarks/bf16_kernels.py
 """
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import append_record, command_line, commit, environment
+from common import append_measurement, command_line, commit, environment
 
 from sparsetrain.core.schemes import parse_scheme
 from sparsetrain.execution import native
@@ -88,7 +88,7 @@ def main(argv=None):
             }
             print(json.dumps(record))
             if not args.no_record:
-                append_record("bf16_kernels.jsonl", record)
+                append_measurement("bf16_kernels.json", record)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_record, command_line, commit, environment  # noqa: E402
+from common import RESULTS, command_line, commit, environment  # noqa: E402
 
 from sparsetrain.app.bench import build  # noqa: E402
 from sparsetrain.data.images import load_dataset  # noqa: E402
@@ -115,7 +115,7 @@ def main(argv=None):
         }
         print(json.dumps(record))
         if not args.no_record:
-            append_record("bf16_loss_curves.jsonl", record)
+            append_measurement("bf16_loss_curves.json", record)
             _plot(model_name, curves, RESULTS / f"bf16_loss_curves-{model_name}.png")
 
 

@@ -71,6 +71,14 @@ def append_record(filename: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def append_measurement(filename: str, record: dict) -> None:
+    """Append ``record`` to ``results/filename``, a JSON list: measurements outside protocols A-F (a kernel's
+    bfloat16 time, a loss curve), kept apart from the protocol records (``*.jsonl``) that the record checker reads."""
+    path = RESULTS / filename
+    records = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*records, record], indent=1) + "\n")
+
+
 def read_records(filename: str, current: bool = False) -> list[dict]:
     """The records of ``results/filename``; ``current`` leaves out those whose ``note`` marks them superseded
     (kept in the file for the record, left out of tables and plots)."""
