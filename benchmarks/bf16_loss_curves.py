@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, commit, environment  # noqa: E402
+from common import RESULTS, append_measurement, command_line, commit, environment  # noqa: E402
 
 from sparsetrain.app.bench import build  # noqa: E402
 from sparsetrain.data.images import load_dataset  # noqa: E402
