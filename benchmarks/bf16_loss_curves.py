@@ -2,7 +2,8 @@
 each, on real data: VGG-16 95% (`auto` + compact, CIFAR-10, batch 128, the protocol B optimizer) and the GPT of
 D-speed fan-in 90% (condensed + compact, tiny Shakespeare, batch 16 x 128 characters, AdamW). The loss curves are
 compared by their means over windows of ``--window`` steps: the record gives the largest relative gap of a window
-(``max_window_gap``), and a plot draws both curves.
+(``max_window_gap``) and the last window's, and a plot draws both curves. ``--dense-reference`` trains the dense
+model both ways too: the gap that bfloat16 alone makes over the same steps.
 
     python benchmarks/bf16_loss_curves.py --data ../shared/data
 """
@@ -45,10 +46,12 @@ def _batches(model_name: str, data: Path, batch: int, steps: int, context: int =
     return [((train.images[row].float() - mean) / std, train.labels[row]) for row in picks]
 
 
-def _train(model_name: str, batches: list[tuple], bf16: bool) -> list[float]:
+def _train(model_name: str, batches: list[tuple], bf16: bool, dense: bool = False) -> list[float]:
     config, sparsity, extra, margs, _ = RUNS[model_name]
-    model, opt, method = build(model_name, config, sparsity, extra, margs)
-    if method.plan is None:
+    model, opt, method = (
+        build(model_name, "dense", model_args=margs) if dense else build(model_name, config, sparsity, extra, margs)
+    )
+    if method is not None and method.plan is None:
         method.choose_execution(batches[0][0])  # (outside autocast: the plan is the float32 one in both runs)
     losses = []
     for x, y in batches:
@@ -64,6 +67,11 @@ def _train(model_name: str, batches: list[tuple], bf16: bool) -> list[float]:
 
 def _window_means(losses: list[float], window: int) -> list[float]:
     return [sum(losses[i : i + window]) / len(losses[i : i + window]) for i in range(0, len(losses), window)]
+
+
+def _gaps(reference: list[float], other: list[float]) -> list[float]:
+    """Each window's relative gap of ``other`` from ``reference``."""
+    return [abs(b - a) / a for a, b in zip(reference, other)]
 
 
 def _plot(model_name: str, curves: dict[str, list[float]], path: Path) -> None:
@@ -88,6 +96,11 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--window", type=int, default=20)
+    ap.add_argument(
+        "--dense-reference",
+        action="store_true",
+        help="also train the dense model both ways: the gap bfloat16 makes without sparsity (dense_max_window_gap)",
+    )
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -95,7 +108,20 @@ def main(argv=None):
         batches = _batches(model_name, args.data, RUNS[model_name][4], args.steps)
         curves = {"float32": _train(model_name, batches, False), "bf16 autocast": _train(model_name, batches, True)}
         means = {k: _window_means(v, args.window) for k, v in curves.items()}
-        gaps = [abs(b - a) / a for a, b in zip(means["float32"], means["bf16 autocast"])]
+        gaps = _gaps(means["float32"], means["bf16 autocast"])
+        reference = {}
+        if args.dense_reference:
+            dense = [
+                _window_means(_train(model_name, batches, bf16, dense=True), args.window) for bf16 in (False, True)
+            ]
+            reference = {
+                "dense_max_window_gap": round(max(_gaps(*dense)), 4),
+                "dense_last_window_gap": round(_gaps(*dense)[-1], 4),
+                "dense_window_means": {
+                    "float32": [round(v, 4) for v in dense[0]],
+                    "bf16 autocast": [round(v, 4) for v in dense[1]],
+                },
+            }
         config, sparsity, extra, margs, batch = RUNS[model_name]
         record = {
             "benchmark": "bf16_loss_curves",
@@ -108,6 +134,8 @@ def main(argv=None):
             "steps": args.steps,
             "window": args.window,
             "max_window_gap": round(max(gaps), 4),
+            "last_window_gap": round(gaps[-1], 4),
+            **reference,
             "window_means": {k: [round(v, 4) for v in m] for k, m in means.items()},
             "command": command_line(),
             "commit": commit(),
