@@ -77,7 +77,7 @@ _SOURCES = [
     _DIR / "condensed.c",
     _DIR / "nhwc_conv.c",
 ]
-_HEADERS = [_DIR / "parallel.h", _DIR / "scratch.h", _DIR / "vectors.h"]
+_HEADERS = [_DIR / "parallel.h", _DIR / "scratch.h", _DIR / "vectors.h", _DIR / "bf16.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
 _lib: ctypes.CDLL | None = None
 _tried = False

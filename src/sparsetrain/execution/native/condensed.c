@@ -204,48 +204,9 @@ static void weight_grad_block(const int64_t *row_ptr, const int32_t *col, int64_
  * the weight gradient pairs neighbouring tokens, its reduction's own order. Without AVX512-BF16 the same pairs
  * go through two float32 multiply-adds. AVX-512 builds only (condensed_bf16() says); others compute in float32. */
 #if VL == 16
-#include <immintrin.h>
-typedef uint16_t bf16;
+#include "bf16.h"
 
 int condensed_bf16(void) { return 1; }
-
-static inline bf16 round_bf16(float f) {  /* to nearest even, as vcvtneps2bf16; a NaN stays a (quiet) NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
-    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float widen_bf16(bf16 h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-
-static inline __m256i narrow16(__m512 v) {  /* rounded to nearest even */
-#if defined(__AVX512BF16__)
-    return (__m256i)_mm512_cvtneps_pbh(v);
-#else
-    const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-#endif
-}
-
-/* acc[i] += a[2i] * b[2i] + a[2i + 1] * b[2i + 1] (bfloat16 pairs, float32 sums) */
-static inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
-#if defined(__AVX512BF16__)
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#else
-    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
-#endif
-}
 
 /* buf[c][j] = src[(t0 + j) * ld + c] for j < nb, zero for nb <= j < TB (bfloat16 both; tiles widened to float32,
  * transposed as in load_block, narrowed back exactly) */
@@ -262,7 +223,7 @@ static void load_block16(const bf16 *src, int64_t ld, int64_t cols, int64_t t0, 
                 transpose_tile(r);
                 for (int k = 0; k < VL; k++)
                     _mm256_storeu_si256((__m256i *)(buf + (c0 + k) * TB + j0),
-                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512((__m512)r[k]), 16)));
+                                        narrow_exact16((__m512)r[k]));
                 continue;
             }
             for (int64_t j = j0; j < j1; j++)
@@ -305,14 +266,12 @@ static inline __attribute__((always_inline)) void pair_block(__m512 acc[4], __m5
  * float32 [rows][TB]); two pairs of entries an iteration into two sets of sums, so eight chains hide the latency */
 static void rows_times_block16(const int64_t *ptr, const int32_t *idx, const bf16 *w16, const float *bias,
                                int64_t rows, const bf16 *src, float *out) {
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     for (int64_t r = 0; r < rows; r++) {
         __m512 acc[4], more[4];
         for (int i = 0; i < 4; i++) acc[i] = more[i] = _mm512_setzero_ps();
         int64_t q = ptr[r];
         const int64_t q1 = ptr[r + 1];
-#define PAIR(q) _mm512_set1_epi32((int)((uint32_t)w16[q] | (uint32_t)w16[(q) + 1] << 16))
+#define PAIR(q) weight_pair(w16[q], w16[(q) + 1])
         for (; q + 4 <= q1; q += 4) {
             pair_block(acc, PAIR(q), src + (int64_t)idx[q] * TB, src + (int64_t)idx[q + 1] * TB);
             pair_block(more, PAIR(q + 2), src + (int64_t)idx[q + 2] * TB, src + (int64_t)idx[q + 3] * TB);
@@ -326,9 +285,11 @@ static void rows_times_block16(const int64_t *ptr, const int32_t *idx, const bf1
             pair_block(more, _mm512_set1_epi32((int)w16[q]), src + (int64_t)idx[q] * TB, 0);
         const __m512 b = _mm512_set1_ps(bias ? bias[r] : 0.0f);
         for (int h = 0; h < 2; h++) {
-            const __m512 lo = _mm512_add_ps(acc[2 * h], more[2 * h]), hi = _mm512_add_ps(acc[2 * h + 1], more[2 * h + 1]);
-            _mm512_store_ps(out + r * TB + 32 * h, _mm512_add_ps(b, _mm512_permutex2var_ps(lo, first, hi)));
-            _mm512_store_ps(out + r * TB + 32 * h + 16, _mm512_add_ps(b, _mm512_permutex2var_ps(lo, second, hi)));
+            __m512 first, second;
+            unpermute_pairs(_mm512_add_ps(acc[2 * h], more[2 * h]), _mm512_add_ps(acc[2 * h + 1], more[2 * h + 1]),
+                            &first, &second);
+            _mm512_store_ps(out + r * TB + 32 * h, _mm512_add_ps(b, first));
+            _mm512_store_ps(out + r * TB + 32 * h + 16, _mm512_add_ps(b, second));
         }
     }
 }
@@ -419,14 +380,6 @@ int condensed_forward(const int64_t *dims, const float *x, const float *values, 
     return run_forward(&a, nthreads);
 }
 
-#if VL == 16
-static bf16 *rounded_bf16(const float *v, int64_t n) {  /* a malloc'd bfloat16 copy (null when out of memory) */
-    bf16 *h = (bf16 *)malloc((size_t)(n > 0 ? n : 1) * sizeof(bf16));
-    if (h)
-        for (int64_t i = 0; i < n; i++) h[i] = round_bf16(v[i]);
-    return h;
-}
-#endif
 
 /* condensed_forward with x [T, in] and y [T, out] in bfloat16 (values and bias float32). Returns 0, -1 when out of
  * memory, -2 on a build without the bfloat16 kernels (condensed_bf16() is 0). */
