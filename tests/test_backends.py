@@ -159,6 +159,42 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
     assert set(kernels) <= set(calls)
 
 
+@pytest.mark.skipif(not native.bf16_kernels(), reason="no bfloat16 kernels in this build (AVX-512 only)")
+@pytest.mark.parametrize("n, cin, cout, k, stride, padding, dilation, size", CHANNELS_LAST)
+def test_channels_last_direct_conv_under_bfloat16_autocast_equals_float64(
+    n, cin, cout, k, stride, padding, dilation, size
+):
+    """Under bfloat16 autocast a channels-last convolution at stride 1 with its padding in reach runs the bfloat16
+    kernels (bfloat16 output, float32 sums; blocks of several images, odd counts of kept weights, channels beyond a
+    vector); the others compute in float32. Either way: within one bfloat16 rounding of the float64 convolution of
+    the operands as computed, the kept weights' gradient (float32) within float32 sums."""
+    torch.manual_seed(n * cin + 1)
+    x = torch.randn(n, cin, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    mask = torch.rand(cout, cin, k, k) > 0.6
+    w = (torch.randn(cout, cin, k, k) * mask).requires_grad_()
+    b = torch.randn(cout, requires_grad=True)
+    args = ((stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = backends.direct_conv2d(x, w, b, backends.DirectStructure.from_mask(mask), *args)
+    in_bf16 = y.dtype == torch.bfloat16
+    reach = dilation * (k - 1) >= padding
+    ho, wo = conv_out_size(size, (k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    assert in_bf16 == (stride == 1 and reach or (k == 1 and padding == 0) or n * ho * wo <= direct.UNFOLD_TOKENS)
+    g = torch.randn(y.shape).to(y.dtype)
+    grads = torch.autograd.grad(y, [x, w, b], g)
+    low = torch.bfloat16 if in_bf16 else torch.float32
+    x64, w64 = x.detach().to(low).double().requires_grad_(), w.detach().to(low).double().requires_grad_()
+    ref = F.conv2d(x64, w64, b.detach().double(), *args)
+    ref.backward(g.double())
+    tol = 2**-8 if in_bf16 else 1e-5
+    # unfolded patches fold their input gradient back in its dtype: up to k * k roundings in bfloat16
+    folds = k * k if in_bf16 and n * ho * wo <= direct.UNFOLD_TOKENS else 1
+    for got, want, scale in ((y, ref, 1e-2), (grads[0], x64.grad, folds)):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale * want.abs().max().item() + 1e-6)
+    torch.testing.assert_close(grads[1][mask].double(), w64.grad[mask], rtol=1e-5, atol=1e-5)
+    assert grads[1].dtype == torch.float32 and torch.count_nonzero(grads[1][~mask]) == 0
+
+
 @needs_native
 @pytest.mark.parametrize(
     "n, cin, cout, k, stride, padding, dilation, size",

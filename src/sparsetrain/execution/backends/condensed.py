@@ -17,7 +17,7 @@ import torch.nn as nn
 from ...core.masks import dense_from_values
 from .. import native, ops
 from .csr import csr_linear
-from .registry import Backend, direct_ok, register
+from .registry import Backend, autocast_bf16, direct_ok, register
 
 __all__ = ["Condensed", "CondensedStructure", "condensed_linear", "condensed_values_linear"]
 
@@ -93,7 +93,7 @@ def condensed_values_linear(x, values, bias, structure: CondensedStructure) -> t
     shape, through the ``sparsetrain::condensed_linear`` operator: their gradient comes back in the same compact
     form, so a layer may store nothing else."""
     flat = x.reshape(-1, x.shape[-1])
-    if _in_bf16():  # as a dense Linear under autocast: input rounded, float32 sums, bfloat16 output
+    if autocast_bf16():  # as a dense Linear under autocast: input rounded, float32 sums, bfloat16 output
         flat = flat.to(torch.bfloat16)
     elif flat.dtype != torch.float32:
         flat = flat.float()
@@ -102,14 +102,6 @@ def condensed_values_linear(x, values, bias, structure: CondensedStructure) -> t
     else:
         out = ops.condensed_linear(flat, values, bias, *structure.rows, structure.shape[0])
     return out.reshape(*x.shape[:-1], structure.shape[0])
-
-
-def _in_bf16() -> bool:
-    """Whether the condensed kernels compute in bfloat16 now: CPU autocast to bfloat16 is on and this build has
-    their bfloat16 path (``native.bf16_kernels``); otherwise they compute in float32."""
-    return (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 and native.bf16_kernels()
-    )
 
 
 def _forward_only(flat: torch.Tensor, any_tokens: bool = False) -> bool:
@@ -153,8 +145,8 @@ class Condensed(Backend):
             return self.conv_backend  # what its convolutions run
         return self.name if direct_ok(x, layer.weight) else "csr"
 
-    def follows_autocast(self) -> bool:
-        return _in_bf16()  # (its convolutions take the direct kernels: their path's backend answers for them)
+    def follows_autocast(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        return autocast_bf16()  # (its convolutions take the direct kernels: their path's backend answers for them)
 
     def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if direct_ok(x, layer.weight):

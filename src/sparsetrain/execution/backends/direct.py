@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ...core.masks import dense_from_values
 from .. import native
 from .csr import conv_out_size, csr_conv2d, csr_linear
-from .registry import Backend, channels_last, direct_ok, register
+from .registry import Backend, autocast_bf16, channels_last, direct_ok, register
 
 if TYPE_CHECKING:
     from .condensed import CondensedStructure
@@ -360,13 +360,14 @@ def _direct_backward(ctx, grad):
     x, values, *lists = ctx.saved_tensors
     shape, stride, padding, dilation, nhwc, has_bias = ctx.conf
     need_x, need_v, need_b = ctx.needs_input_grad[:3]
+    grad = grad.to(x.dtype)  # (the gradient of a bfloat16 output is bfloat16 unless a caller changed it)
     gx, gv = direct_conv2d_backward(grad, x, values, lists, shape, stride, padding, dilation, nhwc, need_x, need_v)
     gb = grad.sum((0, 2, 3)) if has_bias and need_b else None
     return gx if need_x else None, gv if need_v else None, gb, [None] * len(lists), None, None, None, None, None
 
 
 direct_conv2d_op.register_autograd(_direct_backward, setup_context=_direct_setup)
-torch.library.register_autocast("sparsetrain::direct_conv2d", "cpu", torch.float32)  # (see ops.condensed_linear)
+# (no autocast rule: the operator computes in its input's dtype, float32 or bfloat16 where _in_bf16 chose it)
 
 
 def pointwise(structure: DirectStructure, padding, dilation, x: torch.Tensor) -> bool:
@@ -436,6 +437,14 @@ def _unfolded(structure: DirectStructure, stride, padding, dilation, x: torch.Te
     return n * ho * wo <= UNFOLD_TOKENS or (one_image and _forward_only(x[0, 0], any_tokens=True))
 
 
+def _in_bf16(nhwc: bool, stride, padding, dilation, kernel) -> bool:
+    """Whether the direct kernels compute this convolution in bfloat16 now: under bfloat16 autocast, channels-last
+    at stride 1 with its padding within the kernel's reach (the channels-last kernels have bfloat16 paths, and the
+    input gradient is their forward); the others compute in float32."""
+    reach = all(d * (k - 1) >= p for d, k, p in zip(dilation, kernel, padding))
+    return nhwc and tuple(stride) == (1, 1) and reach and autocast_bf16()
+
+
 def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     """Conv2d (groups=1, float32, CPU) computing only the kept weights in ``structure``: no unfolded copy,
     work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`); a 1 x 1 convolution of a
@@ -450,6 +459,12 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     # as PyTorch's own convolution does (a compact layer's weight has no layout: NCHW)
     model_cl = weight.dim() == 4 and channels_last(weight)
     nhwc = channels_last(x) or (model_cl and x.is_contiguous(memory_format=torch.channels_last))
+    if _in_bf16(
+        nhwc, stride, padding, dilation, structure.shape[2:]
+    ):  # as a dense convolution under autocast: input rounded, float32 sums, bf16 output
+        x = x.to(torch.bfloat16)
+    elif x.dtype != torch.float32:
+        x = x.float()
     return direct_conv2d_op(
         x, values, bias, structure.tensors(), list(structure.shape), list(stride), list(padding), list(dilation), nhwc
     )
@@ -473,6 +488,11 @@ class Direct(Backend):
 
     def path(self, layer: nn.Module, x: torch.Tensor) -> str:
         return "direct" if isinstance(layer, nn.Conv2d) and direct_ok(x, layer.weight) else "csr"
+
+    def follows_autocast(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        conv = isinstance(layer, nn.Conv2d)
+        nhwc = channels_last(x) or channels_last(layer.weight)
+        return conv and _in_bf16(nhwc, layer.stride, layer.padding, layer.dilation, layer.kernel_size)
 
     def run_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return csr_linear(x, layer.weight, layer.bias, layer.structure())  # a Linear is a matrix product: CSR

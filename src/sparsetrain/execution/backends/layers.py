@@ -155,7 +155,7 @@ class _SparseExec:
             self.ran = self._path(x)
         path = BACKENDS[self._path(x)]
         if x.dtype != torch.float32 and torch.is_autocast_enabled("cpu") and path.swaps_layers:
-            if not path.follows_autocast():
+            if not path.follows_autocast(self, x):
                 _say_float32_once()
         try:
             if (

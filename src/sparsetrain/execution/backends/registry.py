@@ -37,6 +37,7 @@ __all__ = [
     "check_execution",
     "sharding_reasons",
     "direct_ok",
+    "autocast_bf16",
 ]
 
 BACKENDS: dict[str, "Backend"] = {}  # name -> backend, in registration order (the order messages list them in)
@@ -51,6 +52,14 @@ def direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and (native.available())
+    )
+
+
+def autocast_bf16() -> bool:
+    """Whether the kernels' bfloat16 paths run now: CPU autocast to bfloat16 is on and this build has them
+    (``native.bf16_kernels``); a layer that takes them computes in bfloat16 as a dense one would under autocast."""
+    return (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 and native.bf16_kernels()
     )
 
 
@@ -88,9 +97,9 @@ class Backend:
     retry_near_ties: ClassVar[bool] = False  # auto also times the whole step with near-tie layers on this path
     rank: ClassVar[int] = 50  # where it stands in the registry (messages and auto list backends in this order)
 
-    def follows_autocast(self) -> bool:
-        """Whether this backend's layers compute in the dtype CPU autocast asks for now (its kernels have that
-        path, in this build); otherwise they compute in float32 (said once)."""
+    def follows_autocast(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``layer`` computes ``x`` in the dtype CPU autocast asks for now (its kernels have that path, in
+        this build); otherwise it computes in float32 (said once)."""
         return False
 
     # ------------------------------------------------------------------ what it supports, judged here

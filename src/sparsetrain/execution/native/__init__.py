@@ -120,6 +120,9 @@ _SIGNATURES = {
     "nhwc_conv_weight_grad": ([_p] * 8 + [_i64, _i64, _int], _int),
     "nhwc_conv_input_grad_scatter": ([_p] * 9 + [_i64, _int], _int),
     "nhwc_lanes": ([], _int),
+    "nhwc_lanes_bf16": ([], _int),
+    "nhwc_conv_forward_bf16": ([_p] * 9 + [_i64, _int], _int),
+    "nhwc_conv_weight_grad_bf16": ([_p] * 8 + [_i64, _i64, _int], _int),
 }
 
 
@@ -474,10 +477,11 @@ def sparse_conv_backward_weight(
     return partial.sum(0)
 
 
-def nhwc_block(n: int, wo: int) -> int:
-    """Images per block for the channels-last kernels (``nhwc_conv.c``): the output row of ``wo * B`` floats that
-    wastes the fewest vector lanes, the smaller block on a tie (more blocks to share out, smaller buffers)."""
-    lanes = _load().nhwc_lanes()
+def nhwc_block(n: int, wo: int, bf16: bool = False) -> int:
+    """Images per block for the channels-last kernels (``nhwc_conv.c``): the output row of ``wo * B`` lanes that
+    wastes the fewest of its whole vectors (pairs of vectors in bfloat16), the smaller block on a tie (more blocks
+    to share out, smaller buffers)."""
+    lanes = _load().nhwc_lanes_bf16() if bf16 else _load().nhwc_lanes()
     best, waste = 1, 1.0
     for b in (1, 2, 4, 8, 16):
         if b > 1 and b > n:
@@ -503,9 +507,10 @@ def nhwc_conv_forward(
     """Direct sparse convolution in channels-last: ``x`` and ``out`` are NHWC in memory (a channels-last tensor's
     ``permute(0, 2, 3, 1)``, contiguous); ``geom`` and ``by_out`` as for :func:`sparse_conv_forward`."""
     co_ptr, ci, kh, kw = by_out
-    block = nhwc_block(int(geom[0]), int(geom[6]))
+    half = x.dtype == torch.bfloat16  # (x and out bfloat16: values and bias stay float32)
+    block = nhwc_block(int(geom[0]), int(geom[6]), half)
     _allocated(
-        _load().nhwc_conv_forward(
+        (_load().nhwc_conv_forward_bf16 if half else _load().nhwc_conv_forward)(
             _ptr(geom),
             _ptr(x),
             _ptr(values),
@@ -542,6 +547,8 @@ def nhwc_conv_input_grad(
         ptr, co, fkh, fkw, vidx = flipped
         back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
         return nhwc_conv_forward(back, grad, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+    if grad.dtype != torch.float32:  # (read as float32, a narrower tensor would send the C code past its end)
+        raise TypeError(f"a strided convolution's input gradient computes in float32, got a {grad.dtype} gradient")
     ptr, co, kh, kw, vidx = by_in
     _allocated(
         _load().nhwc_conv_input_grad_scatter(
@@ -568,11 +575,12 @@ def nhwc_conv_weight_grad(
     """The gradient of the kept weights of :func:`nhwc_conv_forward` (NHWC ``x`` and ``grad``), in ``by_out`` order."""
     co_ptr, ci, kh, kw = by_out
     threads = torch.get_num_threads()
-    block = nhwc_block(int(geom[0]), int(geom[6]))
+    half = x.dtype == torch.bfloat16  # (x and grad bfloat16; the gradient float32)
+    block = nhwc_block(int(geom[0]), int(geom[6]), half)
     parts = max(1, min(threads, -(-int(geom[0]) // block)))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
     _allocated(
-        _load().nhwc_conv_weight_grad(
+        (_load().nhwc_conv_weight_grad_bf16 if half else _load().nhwc_conv_weight_grad)(
             _ptr(geom),
             _ptr(x),
             _ptr(grad),
@@ -737,9 +745,10 @@ def condensed_forward(
 
 
 def bf16_kernels() -> bool:
-    """Whether this build has the condensed kernels' bfloat16 path (AVX-512 builds; one vdpbf16ps per 32 products
-    where the CPU has AVX512-BF16): :func:`condensed_forward` and :func:`condensed_backward` then take bfloat16
-    inputs and gradients."""
+    """Whether this build has the kernels' bfloat16 paths (AVX-512 builds; one vdpbf16ps per 32 products where the
+    CPU has AVX512-BF16): :func:`condensed_forward`, :func:`condensed_backward`, :func:`nhwc_conv_forward`,
+    :func:`nhwc_conv_weight_grad` and the stride-1 :func:`nhwc_conv_input_grad` then take bfloat16 inputs and
+    gradients."""
     lib = _load()
     return lib is not None and lib.has_bf16
 
@@ -926,7 +935,14 @@ def _guarded(fn):
     return torch.compiler.disable(call)
 
 
-_TAKE_BF16 = ("condensed_forward", "condensed_backward")  # entry points with a bfloat16 path (bf16_kernels())
+# entry points with a bfloat16 path (bf16_kernels()); the channels-last input gradient at stride 1 only
+_TAKE_BF16 = (
+    "condensed_forward",
+    "condensed_backward",
+    "nhwc_conv_forward",
+    "nhwc_conv_weight_grad",
+    "nhwc_conv_input_grad",
+)
 
 for _name in __all__:  # every entry point that takes tensors checks them before any C code runs
     if _name not in (

@@ -353,3 +353,294 @@ int nhwc_conv_input_grad_scatter(const int64_t *geom, const float *grad, const f
 
 /* the vector width in floats (the caller picks blocks of images whose output rows fill whole vectors) */
 int nhwc_lanes(void) { return TL; }
+
+/* ---- bfloat16 (under CPU autocast) ----
+ * x, the output and the output gradient are bfloat16 NHWC; the planes hold bfloat16, so every kept entry reads half
+ * the bytes; the kept weights are rounded to bfloat16 once a call (as autocast rounds a dense convolution's weight),
+ * every sum is float32, and so is the kept weights' gradient. Output rows are padded to 2 x TL lanes
+ * (nhwc_lanes_bf16), so a tile holds an even count of vectors: two entries of a channel are paired, their inputs'
+ * 32 lanes unpacked into the pairs one vdpbf16ps multiplies (bf16.h), and the lanes' order is restored when the tile
+ * is stored. The weight gradient pairs neighbouring lanes, its reduction's own order. The input gradient of a
+ * stride-1 convolution is this forward over the output gradient; strided ones compute in float32. */
+#if defined(__AVX512F__)  /* (TL == 16) */
+#include "bf16.h"
+
+int nhwc_lanes_bf16(void) { return 2 * TL; }
+
+static struct nhwc_geom nhwc_read16(const int64_t *geom, int64_t block) {
+    struct nhwc_geom g = nhwc_read(geom, block);
+    g.lp = (g.wo * g.b + 2 * TL - 1) / (2 * TL) * (2 * TL);
+    g.xt_size = g.cin * g.sh * g.sw * g.plane + g.lp + 2 * TL;
+    return g;
+}
+
+/* rows_to_planes in bfloat16 (blocks widened, transposed as float32 and narrowed back, exactly) */
+static inline void rows_to_planes16(const bf16 *restrict rows, int64_t rs, int64_t nc, int64_t nj, const int64_t *at,
+                                    bf16 *restrict plane, int64_t cs) {
+    int64_t c = 0;
+    if (nj == TL && at[TL - 1] == at[0] + TL - 1)
+        for (; c + TL <= nc; c += TL) {
+            tv r[TL];
+            for (int j = 0; j < TL; j++) r[j] = (tv)widen16(_mm256_loadu_si256((const __m256i *)(rows + j * rs + c)));
+            transpose_block(r);
+            for (int k = 0; k < TL; k++)
+                _mm256_storeu_si256((__m256i *)(plane + (c + k) * cs + at[0]), narrow_exact16((__m512)r[k]));
+        }
+    for (; c < nc; c++) {
+        bf16 *restrict d = plane + c * cs;
+        for (int64_t j = 0; j < nj; j++) d[at[j]] = rows[j * rs + c];
+    }
+}
+
+/* The same for TL positions taken from several images: position p's channels at src[p] (bfloat16), its lane in the
+ * planes at0 + p (contiguous); with a block of B > 1 images the positions of one image lie B lanes apart, so these
+ * gather TL lanes of B images instead of falling back to element-by-element copies */
+static inline void gather_to_planes16(const bf16 *const src[TL], int64_t nc, bf16 *restrict plane, int64_t cs) {
+    int64_t c = 0;
+    for (; c + TL <= nc; c += TL) {
+        tv r[TL];
+        for (int p = 0; p < TL; p++) r[p] = (tv)widen16(_mm256_loadu_si256((const __m256i *)(src[p] + c)));
+        transpose_block(r);
+        for (int k = 0; k < TL; k++) _mm256_storeu_si256((__m256i *)(plane + (c + k) * cs), narrow_exact16((__m512)r[k]));
+    }
+    for (; c < nc; c++)
+        for (int p = 0; p < TL; p++) plane[c * cs + p] = src[p][c];
+}
+
+/* float32 planes (TL contiguous lanes) to the bfloat16 channels of TL positions at dst[p], rounded */
+static inline void planes_to_scatter16(const float *restrict plane, int64_t cs, int64_t nc, bf16 *const dst[TL]) {
+    int64_t c = 0;
+    for (; c + TL <= nc; c += TL) {
+        tv r[TL];
+        for (int k = 0; k < TL; k++) r[k] = load_tv(plane + (c + k) * cs);
+        transpose_block(r);
+        for (int p = 0; p < TL; p++) _mm256_storeu_si256((__m256i *)(dst[p] + c), narrow16((__m512)r[p]));
+    }
+    for (; c < nc; c++)
+        for (int p = 0; p < TL; p++) dst[p][c] = round_bf16(plane[c * cs + p]);
+}
+
+/* Stride 1, TL a multiple of B: the planes' rows lane by lane (lane l: column l / B, image l % B), TL lanes at a time
+ * where all are real positions, through gather_to_planes16; the rest element by element. Returns 0 where this
+ * does not apply (transpose_in16 goes image by image then). */
+static int transpose_in16_lanes(const struct nhwc_geom *g, const bf16 *x, int64_t n0, int64_t nb, bf16 *xt) {
+    if (g->sh != 1 || g->sw != 1 || TL % g->b) return 0;
+    const int64_t B = g->b, first = g->pw * B, end = (g->pw + g->w) * B;
+    const bf16 *src[TL];
+    for (int64_t ih = 0; ih < g->h; ih++) {
+        bf16 *prow = xt + (ih + g->ph) * g->row;
+        for (int64_t l0 = first; l0 < end; l0 += TL) {
+            const int64_t nl = end - l0 < TL ? end - l0 : TL;
+            int whole = nl == TL;
+            for (int64_t p = 0; p < nl; p++) {
+                const int64_t l = l0 + p, b = l % B;
+                whole &= b < nb;
+                src[p] = b < nb ? x + (((n0 + b) * g->h + ih) * g->w + l / B - g->pw) * g->cin : 0;
+            }
+            if (whole) {
+                gather_to_planes16(src, g->cin, prow + l0, g->plane);
+                continue;
+            }
+            for (int64_t p = 0; p < nl; p++)
+                if (src[p])
+                    for (int64_t c = 0; c < g->cin; c++) prow[c * g->plane + l0 + p] = src[p][c];
+        }
+    }
+    return 1;
+}
+
+/* transpose_in for a bfloat16 x into bfloat16 planes */
+static void transpose_in16(const struct nhwc_geom *g, const bf16 *x, int64_t k, bf16 *xt) {
+    memset(xt, 0, g->xt_size * sizeof(bf16));
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
+    if (transpose_in16_lanes(g, x, n0, nb, xt)) return;
+    const int64_t cstride = g->sh * g->sw * g->plane;
+    int64_t at[SPAN];
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t ih = 0; ih < g->h; ih++) {
+            const int64_t hp = ih + g->ph;
+            for (int64_t iw0 = 0; iw0 < g->w; iw0 += SPAN) {
+                const int64_t nj = g->w - iw0 < SPAN ? g->w - iw0 : SPAN;
+                for (int64_t j = 0; j < nj; j++) {
+                    const int64_t wp = iw0 + j + g->pw;
+                    at[j] = ((hp % g->sh) * g->sw + wp % g->sw) * g->plane + (hp / g->sh) * g->row + (wp / g->sw) * g->b + b;
+                }
+                rows_to_planes16(x + (((n0 + b) * g->h + ih) * g->w + iw0) * g->cin, g->cin, g->cin, nj, at, xt, cstride);
+            }
+        }
+}
+
+/* output_rows in bfloat16: float32 rows to the bfloat16 NHWC output (to_nhwc), or the bfloat16 NHWC output
+ * gradient into bfloat16 rows; lane l of a row is column l / B of image l % B, TL lanes at a time where all are real
+ * positions (the rows' lanes are contiguous: no element-by-element copies for blocks of several images) */
+static void output_rows16(const struct nhwc_geom *g, int64_t k, const void *from, void *to, int to_nhwc) {
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b, cs = g->ho * g->lp, B = g->b;
+    bf16 *pos[TL];
+    for (int64_t oh = 0; oh < g->ho; oh++)
+        for (int64_t l0 = 0; l0 < g->wo * B; l0 += TL) {
+            const int64_t nl = g->wo * B - l0 < TL ? g->wo * B - l0 : TL;
+            int whole = nl == TL;
+            for (int64_t p = 0; p < nl; p++) {
+                const int64_t l = l0 + p, b = l % B;
+                whole &= b < nb;
+                bf16 *nhwc = (bf16 *)(to_nhwc ? to : from);
+                pos[p] = b < nb ? nhwc + (((n0 + b) * g->ho + oh) * g->wo + l / B) * g->cout : 0;
+            }
+            const int64_t at = oh * g->lp + l0;
+            if (whole && to_nhwc) planes_to_scatter16((const float *)from + at, cs, g->cout, pos);
+            else if (whole) gather_to_planes16((const bf16 *const *)pos, g->cout, (bf16 *)to + at, cs);
+            else
+                for (int64_t p = 0; p < nl; p++)
+                    for (int64_t c = 0; pos[p] && c < g->cout; c++) {
+                        if (to_nhwc) pos[p][c] = round_bf16(((const float *)from)[c * cs + at + p]);
+                        else ((bf16 *)to)[c * cs + at + p] = pos[p][c];
+                    }
+        }
+}
+
+/* every column chunk (4 or 2 vectors: rows are whole pairs of vectors) of every row */
+#define NHWC_EACH_TILE16(TILE, ...)                                                        \
+    do {                                                                                   \
+        const int64_t nvec = g->lp / TL;                                                   \
+        int64_t c0 = 0;                                                                    \
+        for (; c0 + 4 <= nvec; c0 += 4) NHWC_EACH_ROW(TILE, 4, ACC / 4, __VA_ARGS__, c0);   \
+        if (nvec - c0 == 2) NHWC_EACH_ROW(TILE, 2, ACC / 2, __VA_ARGS__, c0);              \
+    } while (0)
+
+/* fwd_tile in bfloat16: vectors 2h and 2h + 1 of a row sum the low and the high unpacks of its lanes 32h .. 32h + 31
+ * (s1 null: the odd last entry, paired with zeros) */
+static inline __attribute__((always_inline)) void pair_tile(__m512 *acc, __m512i w, const bf16 *s0, const bf16 *s1,
+                                                            int64_t row, const int C, const int R) {
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < C / 2; h++) {
+            const __m512i a = _mm512_loadu_si512(s0 + r * row + h * 2 * TL);
+            const __m512i b = s1 ? _mm512_loadu_si512(s1 + r * row + h * 2 * TL) : _mm512_setzero_si512();
+            acc[r * C + 2 * h] = dot2(acc[r * C + 2 * h], _mm512_unpacklo_epi16(a, b), w);
+            acc[r * C + 2 * h + 1] = dot2(acc[r * C + 2 * h + 1], _mm512_unpackhi_epi16(a, b), w);
+        }
+}
+
+static inline __attribute__((always_inline)) void fwd_tile16(const struct nhwc_geom *g, const bf16 *xt,
+                                                             const bf16 *w16, const int64_t *off, int64_t e0,
+                                                             int64_t e1, float b0, float *obuf, int64_t c0, int64_t r0,
+                                                             const int C, const int R) {
+    __m512 acc[R * C];
+    for (int i = 0; i < R * C; i++) acc[i] = _mm512_setzero_ps();
+    const bf16 *base = xt + r0 * g->row + c0 * TL;
+    int64_t e = e0;
+    for (; e + 2 <= e1; e += 2) pair_tile(acc, weight_pair(w16[e], w16[e + 1]), base + off[e], base + off[e + 1], g->row, C, R);
+    if (e < e1) pair_tile(acc, weight_pair(w16[e], 0), base + off[e], 0, g->row, C, R);
+    const __m512 b = _mm512_set1_ps(b0);
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < C / 2; h++) {
+            __m512 first, second;
+            unpermute_pairs(acc[r * C + 2 * h], acc[r * C + 2 * h + 1], &first, &second);
+            float *o = obuf + (r0 + r) * g->lp + (c0 + 2 * h) * TL;
+            store_tv(o, (tv)_mm512_add_ps(first, b));
+            store_tv(o + TL, (tv)_mm512_add_ps(second, b));
+        }
+}
+
+struct nhwc16_args {
+    const struct nhwc_geom *g; const bf16 *x, *grad, *w16; const float *bias; const int64_t *ptr, *off;
+    bf16 *out; float *partial; int64_t parts; int failed;
+};
+
+static void fwd_block16(void *p, int64_t k) {
+    struct nhwc16_args *a = (struct nhwc16_args *)p;
+    const struct nhwc_geom *g = a->g;
+    bf16 *xt = (bf16 *)scratch_get(0, g->xt_size);  /* (float-sized buffers: half of each used) */
+    float *obuf = scratch_get(1, g->cout * g->ho * g->lp);
+    if (!xt || !obuf) { a->failed = 1; return; }
+    transpose_in16(g, a->x, k, xt);
+    for (int64_t co = 0; co < g->cout; co++) {
+        const float b0 = a->bias ? a->bias[co] : 0.0f;
+        float *oco = obuf + co * g->ho * g->lp;
+        NHWC_EACH_TILE16(fwd_tile16, g, xt, a->w16, a->off, a->ptr[co], a->ptr[co + 1], b0, oco);
+    }
+    output_rows16(g, k, obuf, a->out, 1);
+}
+
+/* nhwc_conv_forward with x and out bfloat16 (values, bias float32). Returns 0, or -1 when memory ran out. */
+int nhwc_conv_forward_bf16(const int64_t *geom, const void *x, const float *values, const float *bias,
+                           const int64_t *ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw, void *out,
+                           int64_t block, int nthreads) {
+    const struct nhwc_geom g = nhwc_read16(geom, block);
+    int64_t *off = tap_offsets(&g, ptr[g.cout], ci, kh, kw);
+    bf16 *w16 = rounded_bf16(values, ptr[g.cout]);
+    struct nhwc16_args a = {&g, (const bf16 *)x, 0, w16, bias, ptr, off, (bf16 *)out, 0, 0, 0};
+    if (off && w16) parallel_workers(fwd_block16, &a, (g.n + g.b - 1) / g.b, nthreads);
+    free(off);
+    free(w16);
+    return !off || !w16 || a.failed ? -1 : 0;
+}
+
+/* wgrad_tile in bfloat16: the output gradient's pairs of neighbouring lanes against the input's */
+static inline __attribute__((always_inline)) void wgrad_tile16(const struct nhwc_geom *g, const bf16 *xt,
+                                                               const bf16 *gt, const int64_t *off, int64_t e0,
+                                                               int64_t e1, float *gw, int64_t c0, int64_t r0,
+                                                               const int C, const int R) {
+    __m512i gv[R * C / 2];
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < C / 2; h++) gv[r * C / 2 + h] = _mm512_loadu_si512(gt + (r0 + r) * g->lp + (c0 + 2 * h) * TL);
+    const bf16 *base = xt + r0 * g->row + c0 * TL;
+    for (int64_t e = e0; e < e1; e++) {
+        const bf16 *src = base + off[e];
+        __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < C / 2; h++)
+                s[h & 1] = dot2(s[h & 1], gv[r * C / 2 + h], _mm512_loadu_si512(src + r * g->row + h * 2 * TL));
+        gw[e] += _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1]));
+    }
+}
+
+static void wgrad_part16(void *p, int64_t t) {
+    struct nhwc16_args *a = (struct nhwc16_args *)p;
+    const struct nhwc_geom *g = a->g;
+    const int64_t nnz = a->ptr[g->cout], blocks = (g->n + g->b - 1) / g->b;
+    float *gw = a->partial + t * nnz;
+    memset(gw, 0, nnz * sizeof(float));
+    bf16 *xt = (bf16 *)scratch_get(0, g->xt_size), *gt = (bf16 *)scratch_get(2, g->cout * g->ho * g->lp);
+    if (!xt || !gt) { a->failed = 1; return; }
+    for (int64_t k = blocks * t / a->parts; k < blocks * (t + 1) / a->parts; k++) {
+        transpose_in16(g, a->x, k, xt);
+        memset(gt, 0, g->cout * g->ho * g->lp * sizeof(bf16));
+        output_rows16(g, k, a->grad, gt, 0);
+        for (int64_t co = 0; co < g->cout; co++) {
+            const bf16 *gco = gt + co * g->ho * g->lp;
+            NHWC_EACH_TILE16(wgrad_tile16, g, xt, gco, a->off, a->ptr[co], a->ptr[co + 1], gw);
+        }
+    }
+}
+
+/* nhwc_conv_weight_grad with x and grad bfloat16 (partial float32). Returns 0, or -1 when memory ran out. */
+int nhwc_conv_weight_grad_bf16(const int64_t *geom, const void *x, const void *grad, const int64_t *ptr,
+                               const int32_t *ci, const int16_t *kh, const int16_t *kw, float *partial, int64_t parts,
+                               int64_t block, int nthreads) {
+    const struct nhwc_geom g = nhwc_read16(geom, block);
+    int64_t *off = tap_offsets(&g, ptr[g.cout], ci, kh, kw);
+    if (!off) return -1;
+    struct nhwc16_args a = {&g, (const bf16 *)x, (const bf16 *)grad, 0, 0, ptr, off, 0, partial, parts, 0};
+    parallel_workers(wgrad_part16, &a, parts, nthreads);
+    free(off);
+    return a.failed ? -1 : 0;
+}
+#else
+int nhwc_lanes_bf16(void) { return 0; }  /* no bfloat16 kernels in this build */
+
+int nhwc_conv_forward_bf16(const int64_t *geom, const void *x, const float *values, const float *bias,
+                           const int64_t *ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw, void *out,
+                           int64_t block, int nthreads) {
+    (void)geom, (void)x, (void)values, (void)bias, (void)ptr, (void)ci, (void)kh, (void)kw, (void)out, (void)block;
+    (void)nthreads;
+    return -2;
+}
+
+int nhwc_conv_weight_grad_bf16(const int64_t *geom, const void *x, const void *grad, const int64_t *ptr,
+                               const int32_t *ci, const int16_t *kh, const int16_t *kw, float *partial, int64_t parts,
+                               int64_t block, int nthreads) {
+    (void)geom, (void)x, (void)grad, (void)ptr, (void)ci, (void)kh, (void)kw, (void)partial, (void)parts, (void)block;
+    (void)nthreads;
+    return -2;
+}
+#endif
