@@ -1,6 +1,7 @@
-"""Each condensed kernel's bfloat16 time against its float32 time, on the GPT's Linear shapes (protocol D-speed:
-width 512, 16 x 128 tokens, fan-in 90%): forward, input gradient and kept-weight gradient, each the median of
-``--calls`` calls, one kernel at a time. One record per kernel and shape in ``results/bf16_kernels.json``.
+"""Each kernel's bfloat16 time against its float32 time: the condensed kernels on the GPT's Linear shapes (protocol
+D-speed: width 512, 16 x 128 tokens, fan-in 90%) and the channels-last convolution kernels on VGG-16's 3 x 3 layers
+(batch 128, 95% sparse): forward, input gradient and kept-weight gradient, each the median of ``--calls`` calls, one
+kernel at a time. One record per kernel and shape in ``results/bf16_kernels.json``.
 
     python benchmarks/bf16_kernels.py
 """
@@ -19,8 +20,11 @@ from common import append_measurement, command_line, commit, environment
 from sparsetrain.core.schemes import parse_scheme
 from sparsetrain.execution import native
 from sparsetrain.execution.backends.condensed import CondensedStructure
+from sparsetrain.execution.backends.direct import DirectStructure, direct_geometry
 
 SHAPES = [(512, 512), (512, 2048), (2048, 512)]  # (in, out): attention projections, MLP up and down
+# VGG-16's channels-last 3 x 3 convolutions at batch 128 (channels, plane side), 95% sparse as in protocol B
+CONV_SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4), (512, 2)]
 
 
 def _has_avx512_bf16() -> bool:
@@ -51,44 +55,84 @@ def _kernels(x, g, values, rows, out_features):
     }
 
 
+def _conv_kernels(x, g, values, structure, geom, out, gx):
+    """The channels-last kernels on these operands (NHWC memory; stride 1, so the input gradient is a forward)."""
+    return {
+        "forward": lambda: native.nhwc_conv_forward(geom, x, values, None, structure.by_out, out),
+        "input_grad": lambda: native.nhwc_conv_input_grad(
+            geom, (3, 3), g, values, structure.by_in, structure.by_in_flipped(), gx
+        ),
+        "weight_grad": lambda: native.nhwc_conv_weight_grad(geom, x, g, structure.by_out, values.numel()),
+    }
+
+
+def _conv_records(batch: int, density: float, calls: int, g: torch.Generator):
+    """(kernel, shape fields, float32 seconds, bfloat16 seconds) of each channels-last kernel and VGG-16 shape."""
+    for channels, side in CONV_SHAPES:
+        mask = torch.rand(channels, channels, 3, 3, generator=g) < density
+        structure = DirectStructure.from_mask(mask)
+        values = torch.randn(int(mask.sum()), generator=g)
+        geom = direct_geometry((batch, channels, side, side), tuple(mask.shape), (1, 1), (1, 1), (1, 1))
+        kernels = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x, grad = (torch.randn(batch, side, side, channels, generator=g).to(dtype) for _ in range(2))
+            out, gx = (torch.empty(batch, side, side, channels, dtype=dtype) for _ in range(2))
+            kernels[dtype] = _conv_kernels(x, grad, values, structure, geom, out, gx)
+        for name in kernels[torch.float32]:
+            t32 = _median_seconds(kernels[torch.float32][name], calls)
+            t16 = _median_seconds(kernels[torch.bfloat16][name], calls)
+            shape = {"batch": batch, "channels": channels, "plane": [side, side], "kernel_size": [3, 3]}
+            yield f"channels-last conv {name}", shape, t32, t16
+
+
+def _linear_records(tokens: int, density: float, calls: int, g: torch.Generator):
+    """(kernel, shape fields, float32 seconds, bfloat16 seconds) of each condensed kernel and GPT shape."""
+    for n_in, n_out in SHAPES:
+        mask = parse_scheme("fan_in").mask(torch.rand(n_out, n_in, generator=g), density)
+        structure = CondensedStructure.from_mask(mask)
+        values = torch.randn(int(mask.sum()), generator=g)
+        x = torch.randn(tokens, n_in, generator=g)
+        grad = torch.randn(tokens, n_out, generator=g)
+        fp32 = _kernels(x, grad, values, structure.rows, n_out)
+        bf16 = _kernels(x.bfloat16(), grad.bfloat16(), values, structure.rows, n_out)
+        for name in fp32:
+            shape = {"tokens": tokens, "in": n_in, "out": n_out}
+            yield f"condensed {name}", shape, _median_seconds(fp32[name], calls), _median_seconds(bf16[name], calls)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--density", type=float, default=0.1, help="kept share of the Linear layers (fan-in)")
+    ap.add_argument("--conv-density", type=float, default=0.05, help="kept share of the convolutions")
+    ap.add_argument("--batch", type=int, default=128, help="images per convolution call")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     if not native.bf16_kernels():
         raise SystemExit("this build has no bfloat16 kernels (they need AVX-512)")
     g = torch.Generator().manual_seed(0)
-    for n_in, n_out in SHAPES:
-        mask = parse_scheme("fan_in").mask(torch.rand(n_out, n_in, generator=g), args.density)
-        structure = CondensedStructure.from_mask(mask)
-        values = torch.randn(int(mask.sum()), generator=g)
-        x = torch.randn(args.tokens, n_in, generator=g)
-        grad = torch.randn(args.tokens, n_out, generator=g)
-        fp32 = _kernels(x, grad, values, structure.rows, n_out)
-        bf16 = _kernels(x.bfloat16(), grad.bfloat16(), values, structure.rows, n_out)
-        for name in fp32:
-            t32, t16 = _median_seconds(fp32[name], args.calls), _median_seconds(bf16[name], args.calls)
-            record = {
-                "benchmark": "bf16_kernels",
-                "kernel": f"condensed {name}",
-                "tokens": args.tokens,
-                "in": n_in,
-                "out": n_out,
-                "density": args.density,
-                "fp32_ms": round(t32 * 1e3, 3),
-                "bf16_ms": round(t16 * 1e3, 3),
-                "ratio": round(t16 / t32, 4),
-                "avx512_bf16": _has_avx512_bf16(),
-                "command": command_line(),
-                "commit": commit(),
-                **environment(),
-            }
-            print(json.dumps(record))
-            if not args.no_record:
-                append_measurement("bf16_kernels.json", record)
+    rows = [
+        *((*r, args.density) for r in _linear_records(args.tokens, args.density, args.calls, g)),
+        *((*r, args.conv_density) for r in _conv_records(args.batch, args.conv_density, args.calls, g)),
+    ]
+    for kernel, shape, t32, t16, density in rows:
+        record = {
+            "benchmark": "bf16_kernels",
+            "kernel": kernel,
+            **shape,
+            "density": density,
+            "fp32_ms": round(t32 * 1e3, 3),
+            "bf16_ms": round(t16 * 1e3, 3),
+            "ratio": round(t16 / t32, 4),
+            "avx512_bf16": _has_avx512_bf16(),
+            "command": command_line(),
+            "commit": commit(),
+            **environment(),
+        }
+        print(json.dumps(record))
+        if not args.no_record:
+            append_measurement("bf16_kernels.json", record)
 
 
 if __name__ == "__main__":
