@@ -414,3 +414,36 @@ def test_the_direct_operator_reads_the_structure_that_made_its_lists_and_rebuild
     gc.collect()
     again = DirectStructure.from_tensors(mask.shape, lists)
     assert again.flat_index is None and all(a.tolist() == b.tolist() for a, b in zip(again.by_out, rebuilt.by_out))
+
+
+@pytest.mark.skipif(not native.bf16_kernels(), reason="no bfloat16 kernels in this build (AVX-512 only)")
+def test_compiled_training_under_bfloat16_autocast_has_no_graph_break_and_equals_eager():
+    """A channels-last CNN on the direct kernels (its Linear on the condensed ones) under bfloat16 autocast: the
+    kernels' dtype is chosen inside the graph (no break), and 3 compiled steps equal eager's."""
+    import sparsetrain as st
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+
+    def made():
+        model = _small_cnn().to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        st.static(model, opt, sparsity=0.9, dense_layers=(), execution="condensed", compact_state=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _train(model, opt, batches[:1], compiled=False)
+        return model, opt
+
+    model, _ = made()
+    x, y = batches[1]
+
+    def loss(inp):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(model(inp), y)
+
+    assert model(x).dtype == torch.float32  # (outside autocast: float32 kernels)
+    explained = torch._dynamo.explain(loss)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
+        _compiled_equals_eager(made, batches[1:])
