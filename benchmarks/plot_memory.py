@@ -76,7 +76,7 @@ def plot(model: str, rows: list[dict], plt) -> Path | None:
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.5 / len(bars)))
     fig.tight_layout()
     out = RESULTS / f"memory-{model}.png"
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # (long labels and the figures beside the bars stay in)
     plt.close(fig)
     return out
 
