@@ -195,6 +195,27 @@ def test_channels_last_direct_conv_under_bfloat16_autocast_equals_float64(
     assert grads[1].dtype == torch.float32 and torch.count_nonzero(grads[1][~mask]) == 0
 
 
+@pytest.mark.skipif(not native.bf16_kernels(), reason="no bfloat16 kernels in this build (AVX-512 only)")
+def test_the_bfloat16_channels_last_kernels_refuse_a_strided_convolution():
+    """Handed a strided geometry directly (the layers never do), the bfloat16 kernels refuse it in one line."""
+    from sparsetrain.execution.backends.direct import _nhwc, direct_geometry
+
+    mask = torch.rand(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5
+    structure = backends.DirectStructure.from_mask(mask)
+    x = _nhwc(torch.randn(2, 4, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last))
+    geom = direct_geometry((2, 4, 8, 8), (8, 4, 3, 3), (2, 2), (1, 1), (1, 1))
+    out = torch.empty((2, 4, 4, 8), dtype=torch.bfloat16)
+    values = torch.randn(int(mask.sum()))
+    with pytest.raises(ValueError) as e:
+        native.nhwc_conv_forward(geom, x, values, None, structure.by_out, out)
+    assert str(e.value) == (
+        "the channels-last sparse convolution kernels take bfloat16 at stride 1 only (other convolutions compute in "
+        "float32)"
+    )
+    with pytest.raises(ValueError):
+        native.nhwc_conv_weight_grad(geom, x, torch.randn(2, 4, 4, 8).bfloat16(), structure.by_out, values.numel())
+
+
 @needs_native
 @pytest.mark.parametrize(
     "n, cin, cout, k, stride, padding, dilation, size",

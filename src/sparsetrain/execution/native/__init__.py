@@ -493,7 +493,10 @@ def nhwc_block(n: int, wo: int, bf16: bool = False) -> int:
 
 
 def _allocated(status: int, kernels: str) -> None:
-    """A kernel's status: -1 when its buffers could not be allocated (said as a MemoryError naming ``kernels``)."""
+    """A kernel's status: -1 when its buffers could not be allocated (said as a MemoryError naming ``kernels``), -2
+    for a geometry its bfloat16 path does not take (a ValueError)."""
+    if status == -2:
+        raise ValueError(f"the {kernels} take bfloat16 at stride 1 only (other convolutions compute in float32)")
     if status != 0:
         raise MemoryError(f"the {kernels} could not allocate their buffers")
 

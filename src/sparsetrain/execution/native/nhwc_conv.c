@@ -367,6 +367,9 @@ int nhwc_lanes(void) { return TL; }
 
 int nhwc_lanes_bf16(void) { return 2 * TL; }
 
+/* the bfloat16 kernels take stride 1 and blocks of B images with TL a multiple of B */
+static int nhwc16_takes(const struct nhwc_geom *g) { return g->sh == 1 && g->sw == 1 && g->b > 0 && TL % g->b == 0; }
+
 static struct nhwc_geom nhwc_read16(const int64_t *geom, int64_t block) {
     struct nhwc_geom g = nhwc_read(geom, block);
     g.lp = (g.wo * g.b + 2 * TL - 1) / (2 * TL) * (2 * TL);
@@ -374,27 +377,10 @@ static struct nhwc_geom nhwc_read16(const int64_t *geom, int64_t block) {
     return g;
 }
 
-/* rows_to_planes in bfloat16 (blocks widened, transposed as float32 and narrowed back, exactly) */
-static inline void rows_to_planes16(const bf16 *restrict rows, int64_t rs, int64_t nc, int64_t nj, const int64_t *at,
-                                    bf16 *restrict plane, int64_t cs) {
-    int64_t c = 0;
-    if (nj == TL && at[TL - 1] == at[0] + TL - 1)
-        for (; c + TL <= nc; c += TL) {
-            tv r[TL];
-            for (int j = 0; j < TL; j++) r[j] = (tv)widen16(_mm256_loadu_si256((const __m256i *)(rows + j * rs + c)));
-            transpose_block(r);
-            for (int k = 0; k < TL; k++)
-                _mm256_storeu_si256((__m256i *)(plane + (c + k) * cs + at[0]), narrow_exact16((__m512)r[k]));
-        }
-    for (; c < nc; c++) {
-        bf16 *restrict d = plane + c * cs;
-        for (int64_t j = 0; j < nj; j++) d[at[j]] = rows[j * rs + c];
-    }
-}
-
-/* The same for TL positions taken from several images: position p's channels at src[p] (bfloat16), its lane in the
- * planes at0 + p (contiguous); with a block of B > 1 images the positions of one image lie B lanes apart, so these
- * gather TL lanes of B images instead of falling back to element-by-element copies */
+/* The layout changes in bfloat16 go TL positions at a time, taken from several images: position p's channels at
+ * src[p], its lane in the planes at0 + p (contiguous); with a block of B > 1 images the positions of one image lie B
+ * lanes apart, so these gather TL lanes of B images where rows_to_planes would go element by element. Blocks are
+ * widened, transposed as float32 and narrowed back (exactly) */
 static inline void gather_to_planes16(const bf16 *const src[TL], int64_t nc, bf16 *restrict plane, int64_t cs) {
     int64_t c = 0;
     for (; c + TL <= nc; c += TL) {
@@ -420,11 +406,12 @@ static inline void planes_to_scatter16(const float *restrict plane, int64_t cs, 
         for (int p = 0; p < TL; p++) dst[p][c] = round_bf16(plane[c * cs + p]);
 }
 
-/* Stride 1, TL a multiple of B: the planes' rows lane by lane (lane l: column l / B, image l % B), TL lanes at a time
- * where all are real positions, through gather_to_planes16; the rest element by element. Returns 0 where this
- * does not apply (transpose_in16 goes image by image then). */
-static int transpose_in16_lanes(const struct nhwc_geom *g, const bf16 *x, int64_t n0, int64_t nb, bf16 *xt) {
-    if (g->sh != 1 || g->sw != 1 || TL % g->b) return 0;
+/* transpose_in in bfloat16, stride 1 (the only stride the bfloat16 kernels take) and TL a multiple of B: the planes'
+ * rows lane by lane (lane l: column l / B, image l % B), TL lanes at a time where all are real positions, through
+ * gather_to_planes16; the rest element by element */
+static void transpose_in16(const struct nhwc_geom *g, const bf16 *x, int64_t k, bf16 *xt) {
+    memset(xt, 0, g->xt_size * sizeof(bf16));
+    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
     const int64_t B = g->b, first = g->pw * B, end = (g->pw + g->w) * B;
     const bf16 *src[TL];
     for (int64_t ih = 0; ih < g->h; ih++) {
@@ -446,28 +433,6 @@ static int transpose_in16_lanes(const struct nhwc_geom *g, const bf16 *x, int64_
                     for (int64_t c = 0; c < g->cin; c++) prow[c * g->plane + l0 + p] = src[p][c];
         }
     }
-    return 1;
-}
-
-/* transpose_in for a bfloat16 x into bfloat16 planes */
-static void transpose_in16(const struct nhwc_geom *g, const bf16 *x, int64_t k, bf16 *xt) {
-    memset(xt, 0, g->xt_size * sizeof(bf16));
-    const int64_t n0 = k * g->b, nb = g->n - n0 < g->b ? g->n - n0 : g->b;
-    if (transpose_in16_lanes(g, x, n0, nb, xt)) return;
-    const int64_t cstride = g->sh * g->sw * g->plane;
-    int64_t at[SPAN];
-    for (int64_t b = 0; b < nb; b++)
-        for (int64_t ih = 0; ih < g->h; ih++) {
-            const int64_t hp = ih + g->ph;
-            for (int64_t iw0 = 0; iw0 < g->w; iw0 += SPAN) {
-                const int64_t nj = g->w - iw0 < SPAN ? g->w - iw0 : SPAN;
-                for (int64_t j = 0; j < nj; j++) {
-                    const int64_t wp = iw0 + j + g->pw;
-                    at[j] = ((hp % g->sh) * g->sw + wp % g->sw) * g->plane + (hp / g->sh) * g->row + (wp / g->sw) * g->b + b;
-                }
-                rows_to_planes16(x + (((n0 + b) * g->h + ih) * g->w + iw0) * g->cin, g->cin, g->cin, nj, at, xt, cstride);
-            }
-        }
 }
 
 /* output_rows in bfloat16: float32 rows to the bfloat16 NHWC output (to_nhwc), or the bfloat16 NHWC output
@@ -561,11 +526,13 @@ static void fwd_block16(void *p, int64_t k) {
     output_rows16(g, k, obuf, a->out, 1);
 }
 
-/* nhwc_conv_forward with x and out bfloat16 (values, bias float32). Returns 0, or -1 when memory ran out. */
+/* nhwc_conv_forward with x and out bfloat16 (values, bias float32), stride 1. Returns 0, -1 when memory ran out, or
+ * -2 for a geometry these kernels do not take. */
 int nhwc_conv_forward_bf16(const int64_t *geom, const void *x, const float *values, const float *bias,
                            const int64_t *ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw, void *out,
                            int64_t block, int nthreads) {
     const struct nhwc_geom g = nhwc_read16(geom, block);
+    if (!nhwc16_takes(&g)) return -2;
     int64_t *off = tap_offsets(&g, ptr[g.cout], ci, kh, kw);
     bf16 *w16 = rounded_bf16(values, ptr[g.cout]);
     struct nhwc16_args a = {&g, (const bf16 *)x, 0, w16, bias, ptr, off, (bf16 *)out, 0, 0, 0};
@@ -613,11 +580,13 @@ static void wgrad_part16(void *p, int64_t t) {
     }
 }
 
-/* nhwc_conv_weight_grad with x and grad bfloat16 (partial float32). Returns 0, or -1 when memory ran out. */
+/* nhwc_conv_weight_grad with x and grad bfloat16 (partial float32), stride 1. Returns 0, -1 when memory ran out, or
+ * -2 for a geometry these kernels do not take. */
 int nhwc_conv_weight_grad_bf16(const int64_t *geom, const void *x, const void *grad, const int64_t *ptr,
                                const int32_t *ci, const int16_t *kh, const int16_t *kw, float *partial, int64_t parts,
                                int64_t block, int nthreads) {
     const struct nhwc_geom g = nhwc_read16(geom, block);
+    if (!nhwc16_takes(&g)) return -2;
     int64_t *off = tap_offsets(&g, ptr[g.cout], ci, kh, kw);
     if (!off) return -1;
     struct nhwc16_args a = {&g, (const bf16 *)x, (const bf16 *)grad, 0, 0, ptr, off, 0, partial, parts, 0};
