@@ -118,9 +118,9 @@ def _forward_only(flat: torch.Tensor, any_tokens: bool = False) -> bool:
 
 
 def condensed_linear(x, weight, bias, structure: CondensedStructure):
-    """Linear (float32, CPU) computing only the kept weights in ``structure``, nnz x tokens multiply-adds through
-    the condensed C kernels. ``weight`` is the dense weight, or (compact storage) just the kept values in the
-    structure's row order."""
+    """Linear (float32 on the CPU, bfloat16 under bfloat16 autocast) computing only the kept weights in
+    ``structure``, nnz x tokens multiply-adds through the condensed C kernels. ``weight`` is the dense weight, or
+    (compact storage) just the kept values in the structure's row order."""
     values = weight if weight.dim() == 1 else structure.gather(weight)
     return condensed_values_linear(x, values, bias, structure)
 

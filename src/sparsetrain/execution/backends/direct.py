@@ -446,10 +446,11 @@ def _in_bf16(nhwc: bool, stride, padding, dilation, kernel) -> bool:
 
 
 def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
-    """Conv2d (groups=1, float32, CPU) computing only the kept weights in ``structure``: no unfolded copy,
-    work in proportion to the kept entries (the C kernels of :mod:`sparsetrain.native`); a 1 x 1 convolution of a
-    channels-last input runs as a Linear layer over pixels (:func:`pointwise_conv2d`). ``weight`` is the
-    dense weight, or (compact storage) just the kept values in the structure's order."""
+    """Conv2d (groups=1, float32 on the CPU; under bfloat16 autocast, channels-last at stride 1 in bfloat16)
+    computing only the kept weights in ``structure``: no unfolded copy, work in proportion to the kept entries (the
+    C kernels of :mod:`sparsetrain.native`); a 1 x 1 convolution of a channels-last input runs as a Linear layer
+    over pixels (:func:`pointwise_conv2d`). ``weight`` is the dense weight, or (compact storage) just the kept
+    values in the structure's order."""
     values = weight if weight.dim() == 1 else weight.reshape(-1)[structure.flat_index]
     if pointwise(structure, padding, dilation, x):
         return pointwise_conv2d(x, values, bias, structure, stride)
@@ -459,9 +460,8 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     # as PyTorch's own convolution does (a compact layer's weight has no layout: NCHW)
     model_cl = weight.dim() == 4 and channels_last(weight)
     nhwc = channels_last(x) or (model_cl and x.is_contiguous(memory_format=torch.channels_last))
-    if _in_bf16(
-        nhwc, stride, padding, dilation, structure.shape[2:]
-    ):  # as a dense convolution under autocast: input rounded, float32 sums, bf16 output
+    # under bfloat16 autocast, as a dense convolution there: the input rounded, float32 sums, a bfloat16 output
+    if _in_bf16(nhwc, stride, padding, dilation, structure.shape[2:]):
         x = x.to(torch.bfloat16)
     elif x.dtype != torch.float32:
         x = x.float()
