@@ -93,10 +93,8 @@ def condensed_values_linear(x, values, bias, structure: CondensedStructure) -> t
     shape, through the ``sparsetrain::condensed_linear`` operator: their gradient comes back in the same compact
     form, so a layer may store nothing else."""
     flat = x.reshape(-1, x.shape[-1])
-    if autocast_bf16():  # as a dense Linear under autocast: input rounded, float32 sums, bfloat16 output
-        flat = flat.to(torch.bfloat16)
-    elif flat.dtype != torch.float32:
-        flat = flat.float()
+    # under bfloat16 autocast as a dense Linear there (input rounded, float32 sums, bfloat16 output); else float32
+    flat = flat.to(torch.bfloat16 if autocast_bf16() else torch.float32)
     if _forward_only(flat):  # a few tokens, nothing to differentiate (inference at batch 1): rows split by thread
         out = native.condensed_forward_few(flat.t().contiguous(), values, bias, structure.rows, structure.shape[0]).t()
     else:

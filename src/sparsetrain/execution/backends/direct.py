@@ -460,11 +460,8 @@ def direct_conv2d(x, weight, bias, structure: DirectStructure, stride=(1, 1), pa
     # as PyTorch's own convolution does (a compact layer's weight has no layout: NCHW)
     model_cl = weight.dim() == 4 and channels_last(weight)
     nhwc = channels_last(x) or (model_cl and x.is_contiguous(memory_format=torch.channels_last))
-    # under bfloat16 autocast, as a dense convolution there: the input rounded, float32 sums, a bfloat16 output
-    if _in_bf16(nhwc, stride, padding, dilation, structure.shape[2:]):
-        x = x.to(torch.bfloat16)
-    elif x.dtype != torch.float32:
-        x = x.float()
+    # under bfloat16 autocast as a dense convolution there (input rounded, float32 sums, bfloat16 output); else float32
+    x = x.to(torch.bfloat16 if _in_bf16(nhwc, stride, padding, dilation, structure.shape[2:]) else torch.float32)
     return direct_conv2d_op(
         x, values, bias, structure.tensors(), list(structure.shape), list(stride), list(padding), list(dilation), nhwc
     )
