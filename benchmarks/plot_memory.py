@@ -37,9 +37,10 @@ def _latest(rows: list[dict]) -> list[dict]:
 
 
 def _kinds(saved: dict) -> dict[str, float]:
-    """MB kept per kind (each storage counted for every op that keeps it; ``total`` counts it once)."""
+    """MB kept per kind (each storage counted for every op that keeps it; ``total`` counts it once; what the modules
+    hold between steps, ``module_state``, is not activation memory and is left out)."""
     out = {k: saved.get(k, 0) / 2**20 for k in KINDS}
-    out["other"] = sum(v for k, v in saved.items() if k not in KINDS and k != "total") / 2**20
+    out["other"] = sum(v for k, v in saved.items() if k not in (*KINDS, "total", "module_state")) / 2**20
     return out
 
 

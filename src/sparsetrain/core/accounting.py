@@ -204,8 +204,8 @@ def _storage_bytes(t: torch.Tensor) -> tuple[tuple, int]:
 def saved_tensor_bytes(fn, model: nn.Module | None = None) -> int:
     """Bytes of the tensors autograd saves for backward while ``fn()`` runs, each storage once.
 
-    Uses ``torch.autograd.graph.saved_tensors_hooks``. Given ``model``, its parameters are
-    left out: they are resident anyway, so what remains is activation memory.
+    Uses ``torch.autograd.graph.saved_tensors_hooks``. Given ``model``, what its modules hold anyway (parameters,
+    buffers, a sparse layer's index lists) is left out: it is resident anyway, so what remains is activation memory.
     """
     return saved_tensor_bytes_by_module(fn, model)["total"]
 
@@ -220,21 +220,54 @@ def observe_saved(t: torch.Tensor) -> None:
         observe(t)
 
 
+def _held(obj, depth: int = 3):
+    """The tensors in ``obj``: itself, or inside its lists, tuples, dicts and plain objects' attributes (a sparse
+    layer's structure and its index lists), ``depth`` levels down; modules and functions are not entered."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif depth and not isinstance(obj, nn.Module) and not callable(obj):
+        if isinstance(obj, (list, tuple)):
+            items = obj
+        elif isinstance(obj, dict):
+            items = obj.values()
+        else:
+            slots = getattr(type(obj), "__slots__", ())
+            items = [*getattr(obj, "__dict__", {}).values(), *(getattr(obj, a, None) for a in slots)]
+        for v in items:
+            yield from _held(v, depth - 1)
+
+
+def _module_state(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors ``model``'s modules hold between steps: parameters, buffers, and tensors kept in their attributes
+    (a sparse layer's index lists). A step that saves them for backward adds no memory for them."""
+    out = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        out += [t for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules") for t in _held(v)]
+    return out
+
+
 def saved_tensor_bytes_by_module(fn, model: nn.Module | None = None) -> dict[str, int]:
-    """Saved-for-backward bytes, in total (each storage once, parameters left out) and per kind of
-    module whose forward saved them (``"Conv2d"``, ``"BatchNorm2d"``, ...; ``"other"`` outside any leaf
-    module). The per-kind figures count what each op holds, shared storages included, so that a
-    layer's own input is charged to it even when the activation before it saved the same tensor."""
-    params = (
-        {(p.untyped_storage().data_ptr(), p.device.type) for p in model.parameters()} if model is not None else set()
-    )
+    """Saved-for-backward bytes, in total (each storage once) and per kind of module whose forward saved them
+    (``"Conv2d"``, ``"BatchNorm2d"``, ...; ``"other"`` outside any leaf module); given ``model``, what its modules
+    hold between steps (:func:`_module_state`: parameters, buffers, index lists) is left out of both and reported
+    as ``"module_state"`` (parameters excepted). The per-kind figures count what each op holds, shared storages
+    included, so that a layer's own input is charged to it even when the activation before it saved the same
+    tensor."""
+    # long: the hooks' set-up and tear-down
+    state = _module_state(model) if model is not None else []  # (held here: no storage is freed and reused meanwhile)
+    params = {_storage_bytes(p)[0] for p in model.parameters()} if model is not None else set()
+    resident = {_storage_bytes(t)[0] for t in state}
     seen: dict[tuple, int] = {}
+    held: dict[tuple, int] = {}
     by_kind: dict[str, int] = {}
     current: list[str] = []
 
     def pack(t: torch.Tensor):
         key, nbytes = _storage_bytes(t)
-        if key not in params:
+        if key in resident:
+            if key not in params:
+                held.setdefault(key, nbytes)
+        else:
             seen.setdefault(key, nbytes)
             kind = current[-1] if current else "other"
             by_kind[kind] = by_kind.get(kind, 0) + nbytes
@@ -257,7 +290,7 @@ def saved_tensor_bytes_by_module(fn, model: nn.Module | None = None) -> dict[str
         _SAVED_OBSERVERS.remove(pack)
         for h in hooks:
             h.remove()
-    return {"total": sum(seen.values()), **by_kind}
+    return {"total": sum(seen.values()), **by_kind, **({"module_state": sum(held.values())} if held else {})}
 
 
 def peak_memory_bytes(device: str | torch.device = "cpu") -> int:
