@@ -239,7 +239,14 @@ def test_recomputed_outputs_and_compressed_inputs_give_the_same_bits_and_keep_fe
     assert all(lp.recompute == get_backend(lp.backend).swaps_layers for lp in plan.layers.values())
     assert any(lp.recompute for lp in plan.layers.values())
     assert "recompute" in str(plan) and "recompute" not in str(sp_plain.plan)
-    assert ExecutionPlan.from_dict(plan.to_dict()).layers == plan.layers  # saved with the run, applied on resume
+    # the CNNs' dense first convolution (27 or 147 products an output) is recomputed too, and the BatchNorm-ReLU
+    # output after it remade through it: neither is kept
+    assert plan.stems == (
+        () if case.startswith("gpt") else (("conv1.weight",) if "resnet" in case else ("features.0.weight",))
+    )
+    assert all(f"recomputed in backward: {n}" in str(plan) for n in plan.stems)
+    again = ExecutionPlan.from_dict(plan.to_dict())  # saved with the run, applied on resume
+    assert again.layers == plan.layers and again.stems == plan.stems
     assert kept_lossless["total"] < share * kept_without["total"]
 
 
@@ -282,6 +289,44 @@ def test_a_resumed_run_recomputes_the_same_layers_and_finishes_bit_identical():
     train(model2, opt2, batches[3:])
     for k, v in model.state_dict().items():
         assert torch.equal(v, model2.state_dict()[k]), k
+
+
+def test_a_plan_recomputing_a_dense_layer_the_model_lacks_is_refused_by_name():
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = st.static(model, opt, sparsity=0.9, execution="direct", lossless_activations=True, total_steps=2)
+    plan = ExecutionPlan.from_dict({**sp.plan.to_dict(), "stems": ["features.3.weight"]})
+    model2 = _cnn()
+    with pytest.raises(ValueError) as err:
+        st.static(
+            model2,
+            torch.optim.SGD(model2.parameters(), lr=0.05),
+            sparsity=0.9,
+            execution=plan,
+            lossless_activations=True,
+            total_steps=2,
+        )
+    assert str(err.value) == (
+        "the execution plan recomputes dense layers this model has no cheap convolution for: ['features.3.weight'] "
+        "(allowed: ['features.0.weight'])"
+    )
+
+
+def test_saved_bytes_leave_out_what_the_modules_hold_between_steps():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.table = torch.randn(4, 8)  # a plain attribute (as a sparse layer's index lists are), saved by mul
+
+        def forward(self, x):
+            return self.lin(x) * self.table
+
+    model, x = Scaled(), torch.randn(4, 8)
+    kept = saved_tensor_bytes_by_module(lambda: model(x).sum().backward(), model)
+    # the Linear keeps its input (its parameters are left out), mul the table (the gradient of the Linear's output)
+    assert kept["total"] == x.nbytes
+    assert kept["module_state"] == model.table.nbytes
 
 
 def test_compress_nonzero_is_exact_and_declines_dense_tensors():

@@ -12,6 +12,10 @@ because PyTorch's modules keep whole float tensors. :class:`LosslessActivations`
   keeps anyway for its weight gradient, with the same kernel (so the same bits). At 90-98% sparsity that forward
   costs a few percent of the dense one; a dense network cannot afford it, a sparse one can. The planner chooses it
   per layer (:attr:`~sparsetrain.execution.plan.LayerPlan.recompute`);
+* likewise a dense convolution with few products per output (a network's first layer, 27 on CIFAR: about what a
+  sparse layer's forward costs; :func:`~sparsetrain.execution.plan.stem_layers`): its output is not kept, and
+  neither is the BatchNorm-ReLU output after it, remade through it when read
+  (:attr:`~sparsetrain.execution.plan.ExecutionPlan.stems`);
 * a sparse layer's input that is mostly zeros (after a ReLU, about half) is kept as a bitmask and its nonzero
   values (exactly: ``-0.0`` and NaN too), which the layer's backward and the rerun share;
 * the output of a ReLU that follows a BatchNorm whose input is kept (a dense or masked layer before it) is not kept
@@ -85,13 +89,15 @@ class _Compressed(_Source):
 
 class _Rerun(_Source):
     """An output remade by running what made it again on its kept input: a sparse layer's kernel (``layer._run``),
-    or a module that keeps its input for its own backward (LayerNorm, GELU, SiLU)."""
+    a dense layer with few products per output (``stem``: a network's first convolution; see
+    :func:`~sparsetrain.execution.plan.stem_layers`), or a module that keeps its input for its own backward
+    (LayerNorm, GELU, SiLU)."""
 
-    __slots__ = ("run", "x")
+    __slots__ = ("run", "x", "stem")
 
-    def __init__(self, run, x):
+    def __init__(self, run, x, stem: bool = False):
         super().__init__()
-        self.run, self.x = run, x
+        self.run, self.x, self.stem = run, x, stem
 
     def compute(self) -> torch.Tensor:
         x = self.x.value() if isinstance(self.x, _View) else self.x
@@ -110,34 +116,41 @@ _REAPPLIED = (nn.LayerNorm, nn.GELU, nn.SiLU)
 
 
 class _Renorm(_Source):
-    """A BatchNorm-ReLU output, remade from the BatchNorm's input (which BatchNorm keeps anyway)."""
+    """A BatchNorm-ReLU output, remade from the BatchNorm's input: a tensor (which BatchNorm keeps anyway), or a
+    :class:`_View` of a stem's rerun output (remade itself for each remake: nothing of it is held in between)."""
 
     __slots__ = ("z", "bn")
     shared = False  # one BatchNorm and ReLU pass to remake
 
-    def __init__(self, z: torch.Tensor, bn: nn.BatchNorm2d):
+    def __init__(self, z, bn: nn.BatchNorm2d):
         super().__init__()
         self.z, self.bn = z, bn
 
     def compute(self) -> torch.Tensor:
-        bn = self.bn
+        bn, z = self.bn, self.z.peek() if isinstance(self.z, _View) else self.z
         # the scale and shift it applied (a BatchNorm shrunk to a producer's kept channels says which: affine_for)
-        weight, bias = bn.affine_for(self.z) if hasattr(bn, "affine_for") else (bn.weight, bn.bias)
+        weight, bias = bn.affine_for(z) if hasattr(bn, "affine_for") else (bn.weight, bn.bias)
         # training-mode statistics of the same input, without moving the running ones: the forward's exact output
-        return torch.relu_(F.batch_norm(self.z, None, None, weight, bias, True, 0.0, bn.eps))
+        return torch.relu_(F.batch_norm(z, None, None, weight, bias, True, 0.0, bn.eps))
 
 
 class _View:
-    """What a saved tensor is packed as: its geometry over a :class:`_Source`'s storage."""
+    """What a saved tensor is packed as: its geometry over a :class:`_Source`'s storage. A ``reader`` counts among
+    the source's readers (:meth:`value` takes the source's value); another remake's input does not (:meth:`peek`)."""
 
     __slots__ = ("source", "shape", "stride", "offset")
 
-    def __init__(self, source: _Source, t: torch.Tensor):
+    def __init__(self, source: _Source, t: torch.Tensor, reader: bool = True):
         self.source, self.shape, self.stride, self.offset = source, tuple(t.shape), t.stride(), t.storage_offset()
-        source.readers += 1
+        source.readers += reader
 
     def value(self) -> torch.Tensor:
         return self.source.take().as_strided(self.shape, self.stride, self.offset)
+
+    def peek(self) -> torch.Tensor:
+        """The value, remade unless the source holds it, leaving the readers' count alone."""
+        held = self.source._value
+        return (held if held is not None else self.source.compute()).as_strided(self.shape, self.stride, self.offset)
 
 
 class _Record:
@@ -190,8 +203,8 @@ class LosslessActivations:
         self.relus = replace_activations(model, nn.ReLU, lambda old: BitReLU(inplace=old.inplace))
         self.pools = compact_pools(model)
         self._reruns: set[int] = set()  # ids of the layers whose outputs are recomputed
-        # id of a BatchNorm output -> weak references to it and to its input, and the module (held weakly: an input
-        # that is recomputed must be free to go)
+        # id of a BatchNorm output -> a weak reference to it, its input (held weakly; a stem's rerun output as the
+        # _View that remakes it; None where a sparse kernel recomputes it), and the module
         self._bn_out: dict[int, tuple] = {}
         self._inputs: dict[int, _Record] = {}  # storage -> record: the inputs of the layers, not yet saved
         self._kept: dict[int, _Record] = {}  # storage -> what a saved tensor's storage is kept as
@@ -246,7 +259,9 @@ class LosslessActivations:
             return
         # (kept as itself, perhaps as another view of the same memory: the input as the layer got it)
         x = _View(held.kept, args[0]) if isinstance(held.kept, _Source) else args[0]
-        self._made[out.untyped_storage().data_ptr()] = _Record(out, _Rerun(layer._run, x))
+        stem = not hasattr(layer, "_run")  # a dense stem reruns its own forward (its hooks left out)
+        rerun = _Rerun(layer.forward if stem else layer._run, x, stem)
+        self._made[out.untyped_storage().data_ptr()] = _Record(out, rerun)
 
     def _after_reapplied(self, module, args, out):
         x = args[0] if args else None
@@ -257,19 +272,25 @@ class LosslessActivations:
         self._made[out.untyped_storage().data_ptr()] = _Record(out, _Rerun(module, x))
 
     def _after_bn(self, bn, args, out):
-        if self._context is not None and bn.training and torch.is_tensor(out) and out.dim() == 4:
-            self._bn_out[id(out)] = (weakref.ref(out), weakref.ref(args[0]), bn)
+        if self._context is None or not bn.training or not torch.is_tensor(out) or out.dim() != 4:
+            return
+        z, made = args[0], _lookup(self._made, args[0])
+        if made is None or not isinstance(made.kept, _Rerun):
+            source = weakref.ref(z)  # kept by BatchNorm: the ReLU after it is remade from it
+        elif made.kept.stem:
+            source = _View(made.kept, z, reader=False)  # a stem's output: remade through the stem, on each read
+        else:
+            source = None  # recomputed by a sparse kernel: the ReLU output is kept (compressed, if a layer reads it)
+        self._bn_out[id(out)] = (weakref.ref(out), source, bn)
 
     def _after_relu(self, relu, args, out):
         # the ReLU's input, if it is a BatchNorm output of this pass (by identity: an in-place ReLU returns it)
-        source = self._bn_out.get(id(args[0])) if self._context is not None else None
-        if source is None or source[0]() is not args[0]:
+        found = self._bn_out.get(id(args[0])) if self._context is not None else None
+        if found is None or found[0]() is not args[0] or found[1] is None:
             return
-        z = source[1]()
-        made = _lookup(self._made, z) if z is not None else None
-        if z is None or (made is not None and isinstance(made.kept, _Rerun)):
-            return  # z itself is recomputed: this output is kept (compressed, if a layer reads it) instead
-        self._made[out.untyped_storage().data_ptr()] = _Record(out, _Renorm(z, source[2]))
+        z = found[1]() if isinstance(found[1], weakref.ref) else found[1]
+        if z is not None:
+            self._made[out.untyped_storage().data_ptr()] = _Record(out, _Renorm(z, found[2]))
 
     def _pack(self, t: torch.Tensor):
         if t.numel() == 0 or t.untyped_storage().data_ptr() == 0:
@@ -283,7 +304,7 @@ class LosslessActivations:
         if rec is None or not isinstance(rec.kept, _Source):
             observe_saved(t)
             return t
-        if isinstance(rec.kept, _Renorm):
+        if isinstance(rec.kept, _Renorm) and torch.is_tensor(rec.kept.z):
             observe_saved(rec.kept.z)  # what is really kept (BatchNorm keeps z anyway)
         _note(self._kept, t, rec.kept)  # a layer reading t finds what it is kept as
         return _View(rec.kept, t)

@@ -17,6 +17,7 @@ pre-hook on the model, so the loop feeds data as before.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class ExecutionPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     layout: str | None = None
     options: ExecutionOptions = ExecutionOptions()
+    stems: tuple[str, ...] = ()  # dense layers whose outputs backward recomputes (see stem_layers), by weight name
 
     def __getattr__(self, name: str):
         if name in OPTION_NAMES and name != "execution":
@@ -78,7 +80,8 @@ class ExecutionPlan:
     def to_dict(self) -> dict:
         """Plain data (for state dicts and JSON)."""
         layers = {n: asdict(lp) for n, lp in self.layers.items()}
-        return {"requested": self.requested, "layout": self.layout, **self.options.to_dict(), "layers": layers}
+        stems = {"stems": list(self.stems)} if self.stems else {}
+        return {"requested": self.requested, "layout": self.layout, **self.options.to_dict(), "layers": layers, **stems}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExecutionPlan":
@@ -92,13 +95,14 @@ class ExecutionPlan:
                 for n, lp in d["layers"].items()
             }
             layout = d.get("layout")
+            stems = tuple(str(n) for n in d.get("stems", ()))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not an execution plan (missing or malformed field: {e})") from None
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r} in the plan; allowed: {sorted(LAYOUTS)} or null")
         defaults = ExecutionOptions().to_dict()  # (a plan saved before an option existed ran with its default)
         compared = {k: bool(d.get(k, default)) for k, default in defaults.items()}
-        return cls(d["requested"], layers, layout, ExecutionOptions(execution=d["requested"], **compared))
+        return cls(d["requested"], layers, layout, ExecutionOptions(execution=d["requested"], **compared), stems)
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (``ExecutionPlan.load`` reads it back)."""
@@ -137,6 +141,7 @@ class ExecutionPlan:
             + (f"  {'yes' if lp.recompute else 'no'}" if extra else "")
             for n, lp in self.layers.items()
         ]
+        rows += [f"dense layers recomputed in backward: {', '.join(self.stems)}"] if self.stems else []
         return "\n".join(r.rstrip() for r in rows)
 
 
@@ -172,21 +177,47 @@ def _in_layout(fmt: torch.memory_format):
 
 
 RERUN_BUDGET = 0.1  # the recomputed outputs may cost at most this share of the measured training step
+# a dense convolution with at most this many products per output (a network's first layer: 3 x 3 x 3 = 27 on CIFAR,
+# 3 x 7 x 7 = 147 in ResNet-50) costs about what a sparse layer's forward costs: its output may be recomputed too
+STEM_FAN_IN = 160
+# a stem's output is remade for its BatchNorm's backward, and (through that BatchNorm and ReLU, whose output is then
+# not kept either) for the rerun and the weight gradient of the layer after it
+STEM_FORWARDS = 3.0
 
 
-def reruns(layers: dict[str, nn.Module], step_seconds: float | None = None) -> set[str]:
+def stem_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The dense convolutions of ``model`` (not among the swapped ``layers``) cheap enough to recompute under
+    ``lossless_activations``: at most :data:`STEM_FAN_IN` products per output. By weight name."""
+    swapped = {id(m) for m in layers.values()}
+    return {
+        f"{name}.weight": m
+        for name, m in model.named_modules()
+        if type(m) is nn.Conv2d
+        and id(m) not in swapped
+        and m.in_channels // m.groups * math.prod(m.kernel_size) <= STEM_FAN_IN
+    }
+
+
+def reruns(
+    layers: dict[str, nn.Module],
+    step_seconds: float | None = None,
+    stems: dict[str, nn.Module] | None = None,
+    costs: dict[str, tuple[float, int]] | None = None,
+) -> set[str]:
     """The layers whose outputs backward recomputes instead of keeping (under ``lossless_activations``).
 
-    Only layers on a sparse kernel qualify (``sparse_forward``: a masked dense layer's rerun would cost a dense
-    forward). Where ``auto`` measured the step (``step_seconds``) and each layer's forward time (what a rerun costs)
-    and output bytes (what it saves) (:func:`~sparsetrain.execution.backends.measure_reruns`), the layers are taken
-    cheapest per byte first while their reruns add up to at most :data:`RERUN_BUDGET` of the step, so the step pays
-    a bounded share for the memory. With nothing measured (a backend named), every qualifying layer is chosen."""
-    eligible = {n: m for n, m in layers.items() if getattr(m, "sparse_forward", False)}
+    Layers on a sparse kernel qualify (``sparse_forward``: a masked dense layer's rerun would cost a dense forward),
+    and the dense ``stems`` (:func:`stem_layers`). Where ``auto`` measured the step (``step_seconds``) and each
+    layer's forward time (what a rerun costs) and output bytes (what it saves) (``costs``, from
+    :func:`~sparsetrain.execution.backends.measure_reruns`), the layers are taken cheapest per byte first while their
+    reruns add up to at most :data:`RERUN_BUDGET` of the step, so the step pays a bounded share for the memory. With
+    nothing measured (a backend named), every qualifying layer is chosen."""
+    stems = stems or {}
+    eligible = {n: m for n, m in layers.items() if getattr(m, "sparse_forward", False)} | stems
     costs = {  # (seconds, bytes); a layer whose rerun costs more than its forward says how many (rerun_forwards)
-        n: (m.rerun_cost[0] * getattr(m, "rerun_forwards", 1.0), m.rerun_cost[1])
-        for n, m in eligible.items()
-        if getattr(m, "rerun_cost", None)
+        n: (cost[0] * (STEM_FORWARDS if n in stems else getattr(eligible[n], "rerun_forwards", 1.0)), cost[1])
+        for n, cost in (costs or {}).items()
+        if n in eligible
     }
     if step_seconds is None or not costs:
         return set(eligible)
@@ -223,6 +254,7 @@ class Planner:
         self.options = options
         self.plan: ExecutionPlan | None = None
         self._step_seconds: float | None = None  # a training step's time, measured where reruns are weighed
+        self._rerun_costs: dict[str, tuple[float, int]] = {}  # by weight name: (a forward's seconds, its bytes)
         self._hooks: list = []
         self._layout_hooks: list = []
         if request.traits.own_layers:
@@ -235,8 +267,10 @@ class Planner:
         # NCHW pool forward and backward (a byte per output kept, not the input and int64 indices)
         self._pools = compact_pools(model) if self.layers and not request.traits.own_layers else 0
         # before any timing, so that auto times the step as it will run
+        recompute = options.lossless_activations and options.recompute_outputs
+        self.stems = stem_layers(model, self.layers) if recompute else {}
         self.memory = (
-            LosslessActivations(model, self.layers.values() if options.recompute_outputs else ())
+            LosslessActivations(model, [*self.layers.values(), *self.stems.values()] if recompute else ())
             if options.lossless_activations
             else None
         )
@@ -313,7 +347,7 @@ class Planner:
                 choose_now(model, step)
                 restore()
             if self.layers and self.memory is not None and self.options.recompute_outputs:
-                self._step_seconds = measure_reruns(model, self.layers, step)
+                self._step_seconds, self._rerun_costs = measure_reruns(model, self.layers | self.stems, step)
         for p in model.parameters():
             p.grad = None
         if self.maskset is not None:
@@ -335,14 +369,16 @@ class Planner:
             compact_layers(fresh, self.maskset, self.optimizer)
         if recompute is None:
             on = self.memory is not None and self.options.recompute_outputs
-            recompute = reruns(self.layers, self._step_seconds) if on else set()
+            recompute = reruns(self.layers, self._step_seconds, self.stems, self._rerun_costs) if on else set()
+        both = self.layers | self.stems
         if self.memory is not None:
-            self.memory.rerun(self.layers[n] for n in recompute)
+            self.memory.rerun(both[n] for n in recompute)
         self.plan = ExecutionPlan(
             self.backend.name,
             {n: LayerPlan(m.backend, is_compact(m), n in recompute) for n, m in self.layers.items()},
             layout,
             replace(self.options, execution=self.backend.name, example_inputs=None),
+            tuple(n for n in self.stems if n in recompute),
         )
         self._set_layout(layout)
         return self.plan
@@ -373,6 +409,12 @@ class Planner:
             raise ValueError(f"the execution plan is for other layers than this model's (differing: {diff[:5]})")
         for name, theirs, mine in plan.options.differences(self.options):
             raise ValueError(f"the execution plan was made with {name}={theirs}; this sparsifier has {name}={mine}")
+        foreign = sorted(set(plan.stems) - set(self.stems))
+        if foreign:
+            raise ValueError(
+                f"the execution plan recomputes dense layers this model has no cheap convolution for: {foreign[:4]} "
+                f"(allowed: {sorted(self.stems)})"
+            )
         if self.plan is not None:
             changed = [n for n, lp in plan.layers.items() if lp != self.plan.layers[n]]
             stuck = [n for n in changed if self.plan.layers[n].compact or plan.layers[n].compact]
@@ -391,7 +433,8 @@ class Planner:
         for n, lp in plan.layers.items():
             self.layers[n].fix_backend(lp.backend)
         named = plan.layers.items()
-        return self._finish(plan.layout, {n for n, lp in named if lp.compact}, {n for n, lp in named if lp.recompute})
+        recompute = {n for n, lp in named if lp.recompute} | set(plan.stems)
+        return self._finish(plan.layout, {n for n, lp in named if lp.compact}, recompute)
 
     def remove(self) -> None:
         """Hooks off and every swapped layer back to a plain ``torch.nn`` layer with its dense weight."""

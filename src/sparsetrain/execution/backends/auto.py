@@ -81,12 +81,13 @@ def choose_now(model: nn.Module, loss_of) -> None:
         p.grad = None
 
 
-def measure_reruns(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 2) -> float:
+def measure_reruns(
+    model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 2
+) -> tuple[float, dict[str, tuple[float, int]]]:
     """Time ``repeats`` training passes of ``loss_of()`` (forward and backward, every layer on its chosen path) and,
-    within them, each layer's forward: what backward would pay to recompute its output. Sets each layer's
-    ``rerun_cost`` to (its fastest forward in seconds, its output's bytes); returns the fastest whole pass, the
-    budget's measure (:func:`~sparsetrain.execution.plan.reruns`). Gradients and BatchNorm statistics are left as
-    they were."""
+    within them, each layer's forward: what backward would pay to recompute its output. Returns the fastest whole
+    pass, the budget's measure, and by layer name (its fastest forward in seconds, its output's bytes) (both read
+    by :func:`~sparsetrain.execution.plan.reruns`). Gradients and BatchNorm statistics are left as they were."""
     restore = keep_buffers(model)
     costs: dict[str, tuple[float, int]] = {}
     started: dict[str, float] = {}
@@ -112,9 +113,7 @@ def measure_reruns(model: nn.Module, layers: dict[str, nn.Module], loss_of, repe
         for h in hooks:
             h.remove()
         restore()
-    for name, cost in costs.items():
-        layers[name].rerun_cost = cost
-    return best
+    return best, costs
 
 
 def settle_layout(model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4) -> torch.memory_format:
