@@ -1,6 +1,7 @@
 """Masks at initialisation: every scorer, layer-wise and global, hits its target exactly."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -9,7 +10,15 @@ import torch.nn.functional as F
 from sparsetrain.core.distributions import layer_densities
 from sparsetrain.core.masks import select_parameters
 from sparsetrain.core.schemes import parse_scheme
-from sparsetrain.core.scores import SCORERS, grasp_scores, masks_from_scores, snip_scores, synflow_masks
+from sparsetrain.core.scores import (
+    SCORERS,
+    ScoresByLayer,
+    grasp_scores,
+    masks_from_scores,
+    random_scores,
+    snip_scores,
+    synflow_masks,
+)
 from sparsetrain.models import build_model, model_input_shape
 
 
@@ -40,6 +49,30 @@ def test_every_init_reaches_the_target_exactly(model_name, init, global_ranking)
     else:
         for n, m in masks.items():
             assert int(m.sum()) == round(dens[n] * m.numel())
+
+
+@pytest.mark.parametrize("global_ranking", [False, True])
+def test_cheap_scores_are_made_a_layer_at_a_time_and_give_the_masks_of_all_at_once(global_ranking):
+    model, params, shape, batches = _setup("resnet20")
+    dens = layer_densities("erk", {n: tuple(p.shape) for n, p in params.items()}, 0.9)
+    scheme = parse_scheme("unstructured")
+    drawn = dict(random_scores(model, params, batches, torch.Generator().manual_seed(0)).items())  # all at once
+    at_once = masks_from_scores(drawn, dens, scheme, global_ranking)
+    lazily = masks_from_scores(
+        random_scores(model, params, batches, torch.Generator().manual_seed(0)), dens, scheme, global_ranking
+    )
+    assert all(torch.equal(lazily[n], at_once[n]) for n in at_once)
+    made = []  # weak references to each layer's scores: the one before must be gone when the next is made
+
+    def score(p):
+        alive = sum(r() is not None for r in made)
+        assert global_ranking or alive == 0, f"{alive} earlier layers' scores still held"
+        t = p.detach().abs()
+        made.append(weakref.ref(t))
+        return t
+
+    masks_from_scores(ScoresByLayer(params, score), dens, scheme, global_ranking)
+    assert len(made) == len(params)
 
 
 def test_snip_score_is_weight_times_gradient():

@@ -9,7 +9,7 @@ so makes its masks itself (:func:`synflow_masks`).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from .schemes import Scheme
 
 __all__ = [
     "SCORERS",
+    "ScoresByLayer",
     "masks_from_scores",
     "synflow_masks",
     "random_scores",
@@ -36,14 +37,32 @@ def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.flatten(0, -2), y.flatten())
 
 
-def random_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
+class ScoresByLayer(Mapping):
+    """Scores made one layer at a time as they are read (``score(param)``, in the parameters' order), for the cheap
+    scorers: :func:`masks_from_scores` then holds one layer's scores at a time, not a copy of every weight (the
+    build's peak). Read it once, in order: random scores draw from their generator as they are read."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], score: Callable[[torch.Tensor], torch.Tensor]):
+        self._params, self._score = params, score
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._score(self._params[name])
+
+
+def random_scores(model, params, batches, generator) -> ScoresByLayer:
     """Uniform random scores: a random mask."""
-    return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
+    return ScoresByLayer(params, lambda p: torch.rand(p.shape, generator=generator).to(p.device))
 
 
-def magnitude_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
+def magnitude_scores(model, params, batches, generator) -> ScoresByLayer:
     """|w|: keep the largest weights."""
-    return {n: p.detach().abs() for n, p in params.items()}
+    return ScoresByLayer(params, lambda p: p.detach().abs())
 
 
 def snip_scores(model, params, batches, generator) -> dict[str, torch.Tensor]:
@@ -97,7 +116,8 @@ def masks_from_scores(
     """Masks keeping the best-scored units: per layer at ``densities``, or ranked across all
     layers at once (unstructured only) so the total kept equals sum(density * numel)."""
     if not global_ranking:
-        return {n: scheme.mask(s, densities[n], n) for n, s in scores.items()}
+        return {n: scheme.mask(scores[n], densities[n], n) for n in scores}  # (one layer's scores held at a time)
+    scores = dict(scores.items())  # read once: every layer's, for the ranking
     if scheme.name != "unstructured":
         raise ValueError(
             f"global ranking needs the unstructured scheme (units of one size); got {scheme.name}. "

@@ -135,9 +135,11 @@ class Part:
 def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
     """Int64 keys that order like the float32 scores (-0.0 equal to +0.0, NaN lowest of all)."""
     s = scores.detach().float().reshape(-1)
-    s = torch.nan_to_num(s + 0.0, nan=-float("inf"))  # + 0.0 folds -0.0 into +0.0
-    bits = s.contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+    s = (s + 0.0).nan_to_num_(nan=-float("inf"))  # + 0.0 folds -0.0 into +0.0 (a fresh tensor, changed in place)
+    bits = s.view(torch.int32)
+    # a negative float's bits b (sign set, magnitude m) become -m - 1, which is b ^ 0x7FFFFFFF in 32-bit two's
+    # complement: one shifted copy as the only temporary (the largest layer's scores are tens of MB)
+    return bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF)).to(torch.int64)
 
 
 def top_k(scores: torch.Tensor, k: int, part: Part | None = None, largest: bool = True) -> torch.Tensor:
