@@ -78,6 +78,23 @@ def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
 
 @pytest.mark.timing
 @needs_native
+def test_auto_times_its_paths_holding_one_gradient_at_a_time():
+    model, opt, sp = _build(st.static, **STATIC, execution="auto", lossless_activations=True)
+    seen = []  # (planning, how many parameters hold a gradient) each time backward has made one
+    for p in model.parameters():  # (hooks before the planner's: they see each gradient as it is made)
+        p.register_post_accumulate_grad_hook(
+            lambda p: seen.append((sp.plan is None, sum(q.grad is not None for q in model.parameters())))
+        )
+    train_steps(model, opt, _batches(n=1))
+    planning = [n for pending, n in seen if pending]
+    training = [n for pending, n in seen if not pending]
+    assert planning and set(planning) == {1}  # every timing pass dropped each gradient once made
+    assert max(training) == len(list(model.parameters()))  # the training step keeps them all, as always
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.timing
+@needs_native
 @pytest.mark.parametrize("factory, kw", [(st.static, STATIC), (st.rigl, RIGL)])
 def test_resume_applies_the_saved_plan_without_timing_and_is_bit_identical(factory, kw, monkeypatch):
     batches = _batches(n=8)

@@ -32,6 +32,7 @@ from .backends import (
     check_execution,
     choose_now,
     get_backend,
+    gradients_dropped,
     keep_buffers,
     measure_reruns,
     settle_layout,
@@ -326,7 +327,7 @@ class Planner:
         image = bool(args) and torch.is_tensor(args[0]) and args[0].dim() == 4 and args[0].is_floating_point()
         layout = None
         devices = [args[0].device.index or 0] if args and torch.is_tensor(args[0]) and args[0].is_cuda else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), gradients_dropped(model):
             if image and self.layers:
                 # per-layer choices ignore the layout between layers: the whole step against every layer masked dense
                 part = max(1, args[0].shape[0] // TIMING_SHARE)

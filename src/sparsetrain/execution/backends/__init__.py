@@ -11,7 +11,7 @@ backend is a module here (every module of the package is imported below) and its
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .auto import TIMING_SHARE, choose_now, keep_buffers, measure_reruns, near_tie, settle_layout
+from .auto import TIMING_SHARE, choose_now, gradients_dropped, keep_buffers, measure_reruns, near_tie, settle_layout
 from .channel import expand_channels, kept_channels
 from .condensed import CondensedStructure, condensed_linear
 from .csr import CSRStructure, csr_conv2d, csr_linear
@@ -45,6 +45,7 @@ __all__ = [
     "keep_buffers",
     "choose_now",
     "measure_reruns",
+    "gradients_dropped",
     "near_tie",
     "TIMING_SHARE",
     "CSRStructure",

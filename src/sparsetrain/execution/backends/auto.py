@@ -10,6 +10,7 @@ ranks take rank 0's choices.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "settle_layout",
     "keep_buffers",
     "measure_reruns",
+    "gradients_dropped",
 ]
 
 
@@ -71,6 +73,27 @@ def keep_buffers(model: nn.Module):
                 b.copy_(saved[n])
 
     return restore
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+@contextlib.contextmanager
+def gradients_dropped(model: nn.Module):
+    """Within it, each parameter's gradient is dropped as soon as backward has made it: ``auto``'s timing passes
+    then never hold every gradient at once, which for layers still holding their dense weights (before compaction)
+    is a copy of the model and set the run's peak memory. Not under torch.distributed, whose reducers read the
+    gradients after they are made."""
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in model.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def choose_now(model: nn.Module, loss_of) -> None:
