@@ -11,7 +11,8 @@ The timing and the peak-memory processes are those of ``sparsetrain bench`` (see
 sparsetrain/bench.py: A B A B median ratio; peak resident memory of each configuration in a
 fresh process, following live tensors; ``mem_ratio_training`` subtracts each process's
 memory from before the model was built). This script adds the bytes saved for backward,
-per module kind, from saved-tensor hooks (parameters left out), and writes the record.
+per module kind, from saved-tensor hooks (what the modules hold between steps left out: parameters, buffers,
+a sparse layer's index lists, those reported as ``module_state``), and writes the record.
 """
 
 from __future__ import annotations
