@@ -253,7 +253,7 @@ def direct_input_grad(
         kh, kw = structure.shape[2:]
         ph, pw = int(geom[9]), int(geom[10])
         ptr, co, fkh, fkw, vidx = structure.by_in_flipped()
-        native.tiled_conv(g, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx, (kh - 1 - ph, kw - 1 - pw))
+        native.tiled_conv(g, values.index_select(0, vidx), None, (ptr, co, fkh, fkw), gx, (kh - 1 - ph, kw - 1 - pw))
     else:
         native.sparse_conv_backward_input(geom, g, values, structure.by_in, gx, batch_inner=bi)
     return gx.permute(3, 0, 1, 2) if bi else gx

@@ -549,7 +549,7 @@ def nhwc_conv_input_grad(
     if sh == sw == 1 and pad_h >= 0 and pad_w >= 0:
         ptr, co, fkh, fkw, vidx = flipped
         back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
-        return nhwc_conv_forward(back, grad, values[vidx].contiguous(), None, (ptr, co, fkh, fkw), gx)
+        return nhwc_conv_forward(back, grad, values.index_select(0, vidx), None, (ptr, co, fkh, fkw), gx)
     if grad.dtype != torch.float32:  # (read as float32, a narrower tensor would send the C code past its end)
         raise TypeError(f"a strided convolution's input gradient computes in float32, got a {grad.dtype} gradient")
     ptr, co, kh, kw, vidx = by_in
