@@ -144,8 +144,13 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
     x = torch.randn(n, cin, *size).contiguous(memory_format=torch.channels_last)
     mask = torch.rand(cout, cin, k, k) > 0.6
     mask[0] = False  # an output channel with no kept weight: its bias alone
-    calls, kernels = [], ("nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad")
     ho, wo = conv_out_size(size, (k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    # both gradients in one pass where it applies (stride 1, padding within reach, the output rows' padding lanes
+    # within the output gradient's padding), else the input gradient's and the weight gradient's kernels
+    reach, block, lanes = dilation * (k - 1) - padding, native.nhwc_block(n, wo), native._load().nhwc_lanes()
+    fused = stride == 1 and reach >= 0 and -(-wo * block // lanes) * lanes - wo * block <= reach * block
+    calls, kernels = [], ("nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad")
+    kernels = ("nhwc_conv_forward", "nhwc_conv_backward") if fused else kernels
     if (k == 1 and padding == 0) or n * ho * wo <= direct.UNFOLD_TOKENS:
         # a 1 x 1 convolution is a Linear over pixels, a small output plane one over unfolded patches: the
         # condensed kernels run them
@@ -157,6 +162,30 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
     small = n * ho * wo <= direct.UNFOLD_TOKENS  # (the input gradient of unfolded patches comes back NCHW)
     _check_direct_against_float64(mask, x, stride, padding, dilation, layout=None if small else torch.channels_last)
     assert set(kernels) <= set(calls)
+    assert not fused or "nhwc_conv_weight_grad" not in calls
+
+
+@needs_native
+def test_channels_last_kernels_take_both_gradients_in_one_pass_where_it_applies():
+    """Of the cases above, those the one-pass backward takes (the same bits as the two kernels) and those it leaves
+    to them: strided, padding beyond reach, and 12 x 12 unpadded (rows of 10 lanes padded to 16, with 2 lanes of
+    the output gradient's padding to cover them)."""
+    taken = []
+    for n, cin, cout, k, stride, padding, dilation, size in CHANNELS_LAST:
+        torch.manual_seed(n)
+        conv = ((k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+        ho, wo = conv_out_size(size, *conv)
+        geom = direct.direct_geometry((n, cin, *size), (cout, cin, k, k), *conv[1:])
+        s = DirectStructure.from_mask(torch.rand(cout, cin, k, k) > 0.6)
+        x, g, values = torch.randn(n, *size, cin), torch.randn(n, ho, wo, cout), torch.randn(len(s.by_out[1]))
+        both = native.nhwc_conv_backward(geom, (k, k), x, g, values, s.by_out, s.by_in_flipped())
+        taken.append(both is not None)
+        if both is not None:
+            gx = torch.empty(n, *size, cin)
+            native.nhwc_conv_input_grad(geom, (k, k), g, values, s.by_in, s.by_in_flipped(), gx)
+            assert torch.equal(both[0], gx)
+            assert torch.equal(both[1], native.nhwc_conv_weight_grad(geom, x, g, s.by_out, values.numel()))
+    assert taken == [True, True, False, False, False, True, True, True, False, False]
 
 
 @pytest.mark.skipif(not native.bf16_kernels(), reason="no bfloat16 kernels in this build (AVX-512 only)")

@@ -325,6 +325,13 @@ def direct_conv2d_backward(
     geom, plan = s.plan_for(x.shape, stride, padding, dilation)
     bi, tiled, _ = plan
     gx, gv = x.new_empty(0), values.new_empty(0)
+    both = (
+        native.nhwc_conv_backward(geom, s.shape[2:], _nhwc(x), _nhwc(grad), values, s.by_out, s.by_in_flipped())
+        if nhwc and input_grad and weight_grad and x.dtype == torch.float32
+        else None
+    )
+    if both is not None:  # (one pass: the output gradient laid out once for both)
+        return both[0].permute(0, 3, 1, 2), both[1]
     if input_grad:
         gx = direct_input_grad(grad, values, s, geom, plan, nhwc)
     if weight_grad:

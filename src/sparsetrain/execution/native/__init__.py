@@ -64,6 +64,7 @@ __all__ = [
     "nhwc_conv_forward",
     "nhwc_conv_input_grad",
     "nhwc_conv_weight_grad",
+    "nhwc_conv_backward",
 ]
 
 _DIR = Path(__file__).parent
@@ -118,6 +119,7 @@ _SIGNATURES = {
     "condensed_backward_bf16": ([_p] * 8 + [_int, _int], _int),
     "nhwc_conv_forward": ([_p] * 9 + [_i64, _int], _int),
     "nhwc_conv_weight_grad": ([_p] * 8 + [_i64, _i64, _int], _int),
+    "nhwc_conv_backward": ([_p] * 15 + [_i64, _i64, _int], _int),
     "nhwc_conv_input_grad_scatter": ([_p] * 9 + [_i64, _int], _int),
     "nhwc_lanes": ([], _int),
     "nhwc_lanes_bf16": ([], _int),
@@ -599,6 +601,38 @@ def nhwc_conv_weight_grad(
         _NHWC,
     )
     return partial.sum(0)
+
+
+def nhwc_conv_backward(
+    geom: np.ndarray,
+    kernel: tuple[int, int],
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    by_out: tuple,
+    flipped: tuple,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both gradients of a stride-1 float32 :func:`nhwc_conv_forward` in one pass over the batch, the output
+    gradient laid out once for both: ``gx`` (NHWC) and the kept weights' gradient in ``by_out`` order. None where
+    that pass does not apply (a strided convolution, padding beyond the kernel's reach, output rows whose padding
+    lanes the output gradient's padding cannot cover): then :func:`nhwc_conv_input_grad` and
+    :func:`nhwc_conv_weight_grad` (``flipped`` as for the first). Float32 only."""
+    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    pad_h, pad_w = dh * (kernel[0] - 1) - ph, dw * (kernel[1] - 1) - pw
+    if (sh, sw) != (1, 1) or min(pad_h, pad_w) < 0:
+        return None
+    (co_ptr, ci, kh, kw), (fptr, co, fkh, fkw, vidx) = by_out, flipped
+    back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
+    threads, block = torch.get_num_threads(), nhwc_block(n, wo)
+    parts = max(1, min(threads, -(-n // block)))
+    gx, partial = torch.empty(n, h, w, cin), torch.empty(parts, values.numel())
+    fvalues = values.index_select(0, vidx)
+    pointers = (geom, back, x, grad, co_ptr, ci, kh, kw, fvalues, fptr, co, fkh, fkw, gx, partial)
+    status = _load().nhwc_conv_backward(*map(_ptr, pointers), parts, block, threads)
+    if status == -2:
+        return None
+    _allocated(status, _NHWC)
+    return gx, partial.sum(0)
 
 
 def tiled_supported(ho: int, wo: int) -> bool:

@@ -39,6 +39,7 @@ struct nhwc_geom {
     int64_t plane;    /* floats in a phase plane: hq * row */
     int64_t lp;       /* an output row, wo * b floats, padded to whole vectors */
     int64_t xt_size;  /* floats of the transposed input block (with slack for the padding lanes) */
+    int64_t gstride;  /* floats from one row of the output gradient's rows to the next (lp, or a padded plane's) */
 };
 
 static struct nhwc_geom nhwc_read(const int64_t *geom, int64_t block) {
@@ -51,6 +52,7 @@ static struct nhwc_geom nhwc_read(const int64_t *geom, int64_t block) {
     g.plane = g.hq * g.row;
     g.lp = (g.wo * g.b + TL - 1) / TL * TL;
     g.xt_size = g.cin * g.sh * g.sw * g.plane + g.lp + TL;
+    g.gstride = g.lp;
     return g;
 }
 
@@ -211,18 +213,24 @@ struct nhwc_fwd_args {
     const int64_t *off; float *out; int failed;
 };
 
+/* the output rows [Cout][Ho][Lp] of a block from its input planes xt */
+static void fwd_planes(const struct nhwc_geom *g, const float *xt, const float *values, const float *bias,
+                       const int64_t *ptr, const int64_t *off, float *obuf) {
+    for (int64_t co = 0; co < g->cout; co++) {
+        const float b0 = bias ? bias[co] : 0.0f;
+        const int64_t e0 = ptr[co], e1 = ptr[co + 1];
+        float *oco = obuf + co * g->ho * g->lp;
+        NHWC_EACH_TILE(fwd_tile, g, xt, values, off, e0, e1, b0, oco);
+    }
+}
+
 static void fwd_block(void *p, int64_t k) {
     struct nhwc_fwd_args *a = (struct nhwc_fwd_args *)p;
     const struct nhwc_geom *g = a->g;
     float *xt = scratch_get(0, g->xt_size), *obuf = scratch_get(1, g->cout * g->ho * g->lp);
     if (!xt || !obuf) { a->failed = 1; return; }
     transpose_in(g, a->x, k, xt);
-    for (int64_t co = 0; co < g->cout; co++) {
-        const float b0 = a->bias ? a->bias[co] : 0.0f;
-        const int64_t e0 = a->ptr[co], e1 = a->ptr[co + 1];
-        float *oco = obuf + co * g->ho * g->lp;
-        NHWC_EACH_TILE(fwd_tile, g, xt, a->values, a->off, e0, e1, b0, oco);
-    }
+    fwd_planes(g, xt, a->values, a->bias, a->ptr, a->off, obuf);
     output_rows(g, k, obuf, a->out, 1);  /* back to NHWC: position (oh, ow) of image b is lane ow * B + b of row oh */
 }
 
@@ -247,7 +255,7 @@ static inline __attribute__((always_inline)) void wgrad_tile(const struct nhwc_g
                                                              const int C, const int R) {
     tv gv[R][C];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) gv[r][j] = load_tv(gt + (r0 + r) * g->lp + (c0 + j) * TL);
+        for (int j = 0; j < C; j++) gv[r][j] = load_tv(gt + (r0 + r) * g->gstride + (c0 + j) * TL);
     const int64_t row = g->row;
     const float *base = xt + r0 * row + c0 * TL;
     for (int64_t e = e0; e < e1; e++) {
@@ -263,6 +271,17 @@ static inline __attribute__((always_inline)) void wgrad_tile(const struct nhwc_g
 static void transpose_grad(const struct nhwc_geom *g, const float *grad, int64_t k, float *gt) {
     memset(gt, 0, g->cout * g->ho * g->lp * sizeof(float));
     output_rows(g, k, grad, gt, 0);
+}
+
+/* gw[e] += the block's part of kept entry e's gradient, from the input planes xt and the output gradient's rows
+ * (channel co's at gt + co * cs, a row every g->gstride floats) */
+static void wgrad_planes(const struct nhwc_geom *g, const float *xt, const float *gt, int64_t cs, const int64_t *ptr,
+                         const int64_t *off, float *gw) {
+    for (int64_t co = 0; co < g->cout; co++) {
+        const int64_t e0 = ptr[co], e1 = ptr[co + 1];
+        const float *gco = gt + co * cs;
+        NHWC_EACH_TILE(wgrad_tile, g, xt, gco, off, e0, e1, gw);
+    }
 }
 
 struct nhwc_wgrad_args {
@@ -281,11 +300,7 @@ static void wgrad_part(void *p, int64_t t) {
     for (int64_t k = blocks * t / a->parts; k < blocks * (t + 1) / a->parts; k++) {
         transpose_in(g, a->x, k, xt);
         transpose_grad(g, a->grad, k, gt);
-        for (int64_t co = 0; co < g->cout; co++) {
-            const int64_t e0 = a->ptr[co], e1 = a->ptr[co + 1];
-            const float *gco = gt + co * g->ho * g->lp;
-            NHWC_EACH_TILE(wgrad_tile, g, xt, gco, a->off, e0, e1, gw);
-        }
+        wgrad_planes(g, xt, gt, g->ho * g->lp, a->ptr, a->off, gw);
     }
 }
 
@@ -349,6 +364,62 @@ int nhwc_conv_input_grad_scatter(const int64_t *geom, const float *grad, const f
     struct nhwc_scatter_args a = {&g, grad, values, ptr, co, kh, kw, vidx, gx, 0};
     parallel_workers(scatter_block, &a, (g.n + g.b - 1) / g.b, nthreads);
     return a.failed ? -1 : 0;
+}
+
+/* ---- both gradients of a stride-1 convolution in one pass over the blocks ----
+ * Separately, the input gradient (the flipped kernel's forward) lays the output gradient into padded planes and the
+ * weight gradient lays it into rows again: on VGG-16's layers that second layout change was a fifth of the two
+ * gradients' time. Here each block's output gradient is laid out once, into the padded planes of the flipped
+ * forward (geometry gb: the output gradient as its input), and the weight gradient reads its interior: row oh of
+ * channel co at plane co, row oh + pad_h, lane pad_w * B (the rows' padding lanes past Wo * B read the zeros of
+ * the right-hand padding, so the caller checks they fit: Lp - Wo * B <= pad_w * B). */
+struct nhwc_both_args {
+    const struct nhwc_geom *g, *gb; const float *x, *grad, *fvalues; const int64_t *ptr, *off, *fptr, *foff;
+    float *gx, *partial; int64_t parts; int failed;
+};
+
+static void both_part(void *p, int64_t t) {
+    struct nhwc_both_args *a = (struct nhwc_both_args *)p;
+    const struct nhwc_geom *g = a->g, *gb = a->gb;
+    const int64_t nnz = a->ptr[g->cout], blocks = (g->n + g->b - 1) / g->b;
+    float *gw = a->partial + t * nnz;
+    memset(gw, 0, nnz * sizeof(float));
+    float *xt = scratch_get(0, g->xt_size), *gp = scratch_get(2, gb->xt_size);
+    float *obuf = scratch_get(1, gb->cout * gb->ho * gb->lp);
+    if (!xt || !gp || !obuf) { a->failed = 1; return; }
+    const float *interior = gp + gb->ph * gb->row + gb->pw * g->b;
+    for (int64_t k = blocks * t / a->parts; k < blocks * (t + 1) / a->parts; k++) {
+        transpose_in(gb, a->grad, k, gp);
+        fwd_planes(gb, gp, a->fvalues, 0, a->fptr, a->foff, obuf);
+        output_rows(gb, k, obuf, a->gx, 1);
+        transpose_in(g, a->x, k, xt);
+        wgrad_planes(g, xt, interior, gb->plane, a->ptr, a->off, gw);
+    }
+}
+
+/* gx[N, H, W, Cin] and partial[parts, nnz] (the kept entries' gradient in by-output order, a row per part of the
+ * batch: sum them) from x[N, H, W, Cin] and grad[N, Ho, Wo, Cout] of a stride-1 convolution (geom); back is the
+ * flipped forward's geometry (N, Cout, Ho, Wo, Cin, H, W, 1, 1, pad_h, pad_w, dilation), its lists by input channel
+ * (fptr, co, flipped taps) with their values fvalues. Returns 0, -1 when memory ran out, -2 when the output
+ * gradient's row padding does not fit (use the two kernels). */
+int nhwc_conv_backward(const int64_t *geom, const int64_t *back, const float *x, const float *grad,
+                       const int64_t *ptr, const int32_t *ci, const int16_t *kh, const int16_t *kw,
+                       const float *fvalues, const int64_t *fptr, const int32_t *co, const int16_t *fkh,
+                       const int16_t *fkw, float *gx, float *partial, int64_t parts, int64_t block, int nthreads) {
+    struct nhwc_geom g = nhwc_read(geom, block);
+    const struct nhwc_geom gb = nhwc_read(back, block);
+    if (g.sh != 1 || g.sw != 1 || g.lp - g.wo * g.b > gb.pw * g.b) return -2;
+    g.gstride = gb.row;
+    int64_t *off = tap_offsets(&g, ptr[g.cout], ci, kh, kw), *foff = tap_offsets(&gb, fptr[gb.cout], co, fkh, fkw);
+    int rc = -1;
+    if (off && foff) {
+        struct nhwc_both_args a = {&g, &gb, x, grad, fvalues, ptr, off, fptr, foff, gx, partial, parts, 0};
+        parallel_workers(both_part, &a, parts, nthreads);
+        rc = a.failed ? -1 : 0;
+    }
+    free(off);
+    free(foff);
+    return rc;
 }
 
 /* the vector width in floats (the caller picks blocks of images whose output rows fill whole vectors) */
