@@ -101,8 +101,11 @@ def _check_direct_against_float64(mask, x, stride, padding, dilation=1, layout=N
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, (x, w, b), g.float())
     want = torch.autograd.grad(ref, (x64, w64, b64), g)
-    for a, r, m in zip(got, want, (1, mask, 1)):
-        torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=1e-5)
+    # the weight and bias gradients sum a product per output position of the batch: float32's rounding grows with
+    # the square root of their number (5 images of 32 x 32: 5120 terms, 2e-5 apart from float64 in AVX2's order)
+    wide = 1e-5 * max(1.0, (ref[:, 0].numel() / 256) ** 0.5)
+    for a, r, m, tol in zip(got, want, (1, mask, 1), (1e-5, wide, wide)):
+        torch.testing.assert_close(a.double(), r * m, rtol=1e-5, atol=tol)
     if layout is not None:
         assert out.is_contiguous(memory_format=layout) and got[0].is_contiguous(memory_format=layout)
 
@@ -168,9 +171,9 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
 @needs_native
 def test_channels_last_kernels_take_both_gradients_in_one_pass_where_it_applies():
     """Of the cases above, those the one-pass backward takes (the same bits as the two kernels) and those it leaves
-    to them: strided, padding beyond reach, and 12 x 12 unpadded (rows of 10 lanes padded to 16, with 2 lanes of
-    the output gradient's padding to cover them)."""
-    taken = []
+    to them: strided, padding beyond reach, and (with AVX-512) 12 x 12 unpadded: rows of 10 lanes padded to 16, with
+    2 lanes of the output gradient's padding to cover them."""
+    taken, lanes = [], native._load().nhwc_lanes()
     for n, cin, cout, k, stride, padding, dilation, size in CHANNELS_LAST:
         torch.manual_seed(n)
         conv = ((k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
@@ -185,7 +188,7 @@ def test_channels_last_kernels_take_both_gradients_in_one_pass_where_it_applies(
             native.nhwc_conv_input_grad(geom, (k, k), g, values, s.by_in, s.by_in_flipped(), gx)
             assert torch.equal(both[0], gx)
             assert torch.equal(both[1], native.nhwc_conv_weight_grad(geom, x, g, s.by_out, values.numel()))
-    assert taken == [True, True, False, False, False, True, True, True, False, False]
+    assert taken == [True, True, False, False, False, True, True, True, lanes == 8, False]
 
 
 @pytest.mark.skipif(not native.bf16_kernels(), reason="no bfloat16 kernels in this build (AVX-512 only)")
