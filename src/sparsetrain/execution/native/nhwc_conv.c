@@ -368,11 +368,11 @@ int nhwc_conv_input_grad_scatter(const int64_t *geom, const float *grad, const f
 
 /* ---- both gradients of a stride-1 convolution in one pass over the blocks ----
  * Separately, the input gradient (the flipped kernel's forward) lays the output gradient into padded planes and the
- * weight gradient lays it into rows again: on VGG-16's layers that second layout change was a fifth of the two
+ * weight gradient lays it into rows again: on VGG-16's layers that second layout change was a tenth of the two
  * gradients' time. Here each block's output gradient is laid out once, into the padded planes of the flipped
  * forward (geometry gb: the output gradient as its input), and the weight gradient reads its interior: row oh of
  * channel co at plane co, row oh + pad_h, lane pad_w * B (the rows' padding lanes past Wo * B read the zeros of
- * the right-hand padding, so the caller checks they fit: Lp - Wo * B <= pad_w * B). */
+ * the right-hand padding, so they must fit in it: Lp - Wo * B <= pad_w * B, checked below). */
 struct nhwc_both_args {
     const struct nhwc_geom *g, *gb; const float *x, *grad, *fvalues; const int64_t *ptr, *off, *fptr, *foff;
     float *gx, *partial; int64_t parts; int failed;
