@@ -327,7 +327,8 @@ def direct_conv2d_backward(
     gx, gv = x.new_empty(0), values.new_empty(0)
     both = (
         native.nhwc_conv_backward(geom, s.shape[2:], _nhwc(x), _nhwc(grad), values, s.by_out, s.by_in_flipped())
-        if nhwc and input_grad and weight_grad and x.dtype == torch.float32
+        # (stride 1 asked first: a strided layer would lay out its NHWC operands only to be refused)
+        if nhwc and input_grad and weight_grad and tuple(stride) == (1, 1) and x.dtype == torch.float32
         else None
     )
     if both is not None:  # (one pass: the output gradient laid out once for both)
