@@ -168,6 +168,24 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
     assert not fused or "nhwc_conv_weight_grad" not in calls
 
 
+def test_kept_values_of_a_channels_last_weight_are_gathered_in_its_own_layout():
+    """A dense channels-last weight gives the same kept values as in NCHW, read in its memory order: nothing is
+    copied into NCHW order, and the gradient comes back in the parameter's layout (no copy into it either)."""
+    torch.manual_seed(3)
+    mask = torch.rand(6, 5, 3, 2) > 0.6
+    s = DirectStructure.from_mask(mask)
+    w = torch.randn(6, 5, 3, 2)
+    nchw, cl = w.clone().requires_grad_(), w.contiguous(memory_format=torch.channels_last).requires_grad_()
+    a, b = s.values_of(nchw), s.values_of(cl)
+    assert torch.equal(a, w[mask]) and torch.equal(b, w[mask])
+    weights = torch.randn(len(a))
+    (a * weights).sum().backward()
+    (b * weights).sum().backward()
+    assert torch.equal(cl.grad, nchw.grad) and torch.equal(cl.grad[mask], weights)
+    assert cl.grad.stride() == cl.stride()
+    assert s.values_of(weights) is weights  # compact storage: the values themselves
+
+
 @needs_native
 def test_channels_last_kernels_take_both_gradients_in_one_pass_where_it_applies():
     """Of the cases above, those the one-pass backward takes (the same bits as the two kernels) and those it leaves
