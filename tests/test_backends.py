@@ -150,7 +150,8 @@ def test_channels_last_direct_conv_equals_float64(n, cin, cout, k, stride, paddi
     ho, wo = conv_out_size(size, (k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
     # both gradients in one pass where it applies (stride 1, padding within reach, the output rows' padding lanes
     # within the output gradient's padding), else the input gradient's and the weight gradient's kernels
-    reach, block, lanes = dilation * (k - 1) - padding, native.nhwc_block(n, wo), native._load().nhwc_lanes()
+    geom = direct.direct_geometry((n, cin, *size), (cout, cin, k, k), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    reach, block, lanes = dilation * (k - 1) - padding, native.nhwc_block(geom), native._load().nhwc_lanes()
     fused = stride == 1 and reach >= 0 and -(-wo * block // lanes) * lanes - wo * block <= reach * block
     calls, kernels = [], ("nhwc_conv_forward", "nhwc_conv_input_grad", "nhwc_conv_weight_grad")
     kernels = ("nhwc_conv_forward", "nhwc_conv_backward") if fused else kernels
@@ -184,6 +185,27 @@ def test_kept_values_of_a_channels_last_weight_are_gathered_in_its_own_layout():
     assert torch.equal(cl.grad, nchw.grad) and torch.equal(cl.grad[mask], weights)
     assert cl.grad.stride() == cl.stride()
     assert s.values_of(weights) is weights  # compact storage: the values themselves
+
+
+@needs_native
+def test_channels_last_blocks_fill_a_tile_of_registers_within_the_cache(monkeypatch):
+    """Images per block: the output rows that waste the fewest vector lanes; among those the fewest images whose
+    output plane fills a tile of accumulators (each kept weight then serves a whole tile), else the most whose
+    buffers fit the cache budget; bfloat16 keeps the smallest."""
+    lanes, tile = native._load().nhwc_lanes(), native._load().nhwc_accumulators()
+    geom = lambda n, c, size: direct.direct_geometry((n, c, size, size), (c, c, 3, 3), (1, 1), (1, 1), (1, 1))  # noqa: E731
+    monkeypatch.setattr(native, "block_bytes", lambda: 1 << 30)
+    assert native.nhwc_block(geom(128, 512, 32)) == 1  # 32 rows of whole vectors already fill it
+    small = native.nhwc_block(geom(128, 512, 4))  # 4 rows: 4 x B / lanes vectors each
+    assert 4 * -(-4 * small // lanes) >= tile and 4 * -(-4 * (small // 2) // lanes) < tile
+    assert native.nhwc_block(geom(128, 512, 2)) == 16  # no block fills it: the largest
+    assert native.nhwc_block(geom(3, 512, 2)) == 2  # (no more images than the batch holds: 4 would waste none)
+    monkeypatch.setattr(native, "block_bytes", lambda: 4 * (8 * 512 * 36 + 512 * 4 * 32))  # 8 images of 4 x 4 fit
+    assert native.nhwc_block(geom(128, 512, 4)) == min(8, small)
+    monkeypatch.setattr(native, "block_bytes", lambda: 0)  # nothing fits: the least waste, fewest images
+    assert native.nhwc_block(geom(128, 512, 4)) == lanes // 4
+    if native.bf16_kernels():
+        assert native.nhwc_block(geom(128, 512, 4), bf16=True) == 2 * lanes // 4
 
 
 @needs_native

@@ -425,6 +425,9 @@ int nhwc_conv_backward(const int64_t *geom, const int64_t *back, const float *x,
 /* the vector width in floats (the caller picks blocks of images whose output rows fill whole vectors) */
 int nhwc_lanes(void) { return TL; }
 
+/* the vectors a tile of the float32 kernels holds in registers (the caller fills it where blocks allow) */
+int nhwc_accumulators(void) { return ACC; }
+
 /* ---- bfloat16 (under CPU autocast) ----
  * x, the output and the output gradient are bfloat16 NHWC; the planes hold bfloat16, so every kept entry reads half
  * the bytes; the kept weights are rounded to bfloat16 once a call (as autocast rounds a dense convolution's weight),
