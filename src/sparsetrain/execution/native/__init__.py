@@ -502,8 +502,8 @@ def nhwc_block(geom: np.ndarray, bf16: bool = False) -> int:
     the kernels hold in registers, else the largest whose buffers stay within :func:`block_bytes`: every kept
     weight's offset and broadcast then serve a whole tile of multiply-adds. With the fewest images (VGG-16's
     4 x 4 layers at B = 4: four multiply-adds a kept weight, 2 x 2 at B = 8: two) those overheads were the kernels'
-    time: at B = 16 the two layers' forward and backward take 25-30% less. Else the smaller block on a tie (more
-    blocks to share out, smaller buffers)."""
+    time: at B = 16 the two layers' forward and backward take 20-30% less on an Intel Xeon. Else the smaller block
+    on a tie (more blocks to share out, smaller buffers)."""
     n, cin, h, w, cout, ho, wo, sh, sw, ph, pw = (int(v) for v in geom[:11])
     lanes = _load().nhwc_lanes_bf16() if bf16 else _load().nhwc_lanes()
     fewest: list[int] = []
