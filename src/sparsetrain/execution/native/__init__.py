@@ -521,7 +521,8 @@ def nhwc_block(geom: np.ndarray, bf16: bool = False) -> int:
     planes = cin * -(-(h + 2 * ph) // sh) * -(-(w + 2 * pw) // sw) * sh * sw  # an image's padded input positions
     vectors = lambda b: -(-wo * b // lanes)  # noqa: E731  (of an output row)
     fits = [b for b in fewest if b == fewest[0] or 4 * (b * planes + cout * ho * vectors(b) * lanes) <= block_bytes()]
-    full = [b for b in fits if ho * vectors(b) >= _load().nhwc_accumulators()]
+    tile = _load().nhwc_accumulators()
+    full = [b for b in fits if ho * vectors(b) >= tile]
     return full[0] if full else fits[-1]
 
 
