@@ -23,6 +23,7 @@ SHAPES = [  # (tokens, in, out, density, fan_in)
     (200, 96, 40, 0.05, False),
     (150, 80, 40, 0.25, True),  # rows of 20: a group of 16 reduced together and 4 alone; 16 x 16 tiles and edges
     (97, 200, 33, 0.3, False),  # unstructured rows of about 60, every remainder
+    (70, 520, 24, 0.03, False),  # several column chunks, rows with no entries in some of them
 ]
 
 
@@ -51,6 +52,24 @@ def test_outputs_and_gradients_equal_a_float64_masked_dense_layer(tokens, inp, o
     for got, want in zip(grads, refs):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(grads[1][~mask]) == 0  # no gradient computed for a pruned weight
+
+
+def test_lists_with_columns_out_of_order_give_the_same_products():
+    """The kernels take a row's entries in column chunks; lists whose columns are not ascending are taken whole."""
+    torch.manual_seed(3)
+    mask = _mask(40, 300, 0.2, False)
+    row_ptr, col = CondensedStructure.from_mask(mask).rows
+    values = torch.randn(col.numel())
+    order = torch.cat([torch.randperm(int(n)) + int(a) for a, n in zip(row_ptr[:-1], row_ptr.diff())])
+    x, g, bias = torch.randn(90, 300), torch.randn(90, 40), torch.randn(40)
+    rows = (row_ptr, col[order].contiguous())
+    y = native.condensed_forward(x, values[order], bias, rows, 40)
+    gx, gw = native.condensed_backward(x, g, values[order], rows, True, True)
+    w64 = torch.zeros(40, 300, dtype=torch.float64)
+    w64[mask] = values.double()
+    torch.testing.assert_close(y.double(), x.double() @ w64.T + bias.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), g.double() @ w64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw.double(), (g.double().T @ x.double())[mask][order], rtol=1e-5, atol=1e-5)
 
 
 def test_batched_inputs_empty_rows_and_compact_values():
