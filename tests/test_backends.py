@@ -704,6 +704,52 @@ def test_auto_leaving_every_layer_masked_keeps_the_models_own_layout_untimed(own
     assert model[0].weight.is_contiguous(memory_format=fmt_own)
 
 
+@pytest.mark.parametrize("close", [True, False])
+def test_a_close_call_on_part_of_a_batch_is_settled_on_the_whole_batch(close, monkeypatch):
+    """On a quarter batch every layer masked runs a little faster; on the whole batch the kernels do (ResNet-20 at
+    95%): within CLOSE_CALL the two are timed again on the whole batch, which decides. Far apart, the whole batch is
+    never run. Every timing is injected by sleeps."""
+    import time as _time
+
+    from sparsetrain.execution.backends import CLOSE_CALL, settle_layout
+    from sparsetrain.execution.backends import layers as layers_module
+
+    def injected_choose(self, x):
+        self.timings = {name: (1.0 if name != "masked" else 3.0) for name in self.candidates(x)}
+        self.backend = min(self.timings, key=self.timings.get)
+
+    monkeypatch.setattr(layers_module._SparseExec, "_choose", injected_choose)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
+    layers = apply_backend(model, ms, "auto")
+    x = torch.randn(8, 3, 6, 6)
+    quarter_sparse = 0.06 * (1.1 if close else 2 * CLOSE_CALL)  # against 0.06 all masked
+    whole = []
+
+    def loss_of(fmt, batch=x[:2]):
+        masked = all(m.backend == "masked" for m in layers.values())
+        _time.sleep(0.06 if masked else quarter_sparse)
+        return model(batch.contiguous(memory_format=fmt)).square().mean()
+
+    def whole_loss_of(fmt):
+        masked = all(m.backend == "masked" for m in layers.values())
+        whole.append("masked" if masked else "sparse")
+        _time.sleep(0.12 if masked else 0.03)
+        return model(x.contiguous(memory_format=fmt)).square().mean()
+
+    model(x[:2])  # the layers choose (injected)
+    for m in layers.values():
+        m.fix_backend("auto")
+    settle_layout(model, layers, loss_of, repeats=2, whole_loss_of=whole_loss_of)
+    got = {m.backend for m in layers.values()}
+    if close:
+        assert got != {"masked"} and set(whole) == {"masked", "sparse"}
+    else:
+        assert got == {"masked"} and whole == []
+
+
 def _channel_pair(model_name: str, width: float):
     """A float64 zoo model with 50% channel masks under the channel backend shrunk on both sides, and its masked-dense
     definition: the same model where a removed filter's BatchNorm gamma and beta are zero too."""

@@ -335,11 +335,11 @@ class Planner:
                     (args, kwargs), lambda t: t[:part] if t.dim() and t.shape[0] == args[0].shape[0] else t
                 )
 
-                def loss_of(fmt):
-                    a, k = small
+                def loss_of(fmt, batch=small):
+                    a, k = batch
                     return _first_tensor(model(*_map_tensors(a, _in_layout(fmt)), **k)).float().mean()
 
-                fmt = settle_layout(model, self.layers, loss_of)
+                fmt = settle_layout(model, self.layers, loss_of, whole_loss_of=lambda f: loss_of(f, (args, kwargs)))
                 layout = "channels_last" if fmt == torch.channels_last else "nchw"
                 step = lambda: loss_of(fmt)  # noqa: E731
             elif self.layers:  # (settle_layout keeps its own copy of the state; here one is made only when needed)

@@ -11,7 +11,16 @@ backend is a module here (every module of the package is imported below) and its
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .auto import TIMING_SHARE, choose_now, gradients_dropped, keep_buffers, measure_reruns, near_tie, settle_layout
+from .auto import (
+    CLOSE_CALL,
+    TIMING_SHARE,
+    choose_now,
+    gradients_dropped,
+    keep_buffers,
+    measure_reruns,
+    near_tie,
+    settle_layout,
+)
 from .channel import expand_channels, kept_channels
 from .condensed import CondensedStructure, condensed_linear
 from .csr import CSRStructure, csr_conv2d, csr_linear
@@ -47,6 +56,7 @@ __all__ = [
     "measure_reruns",
     "gradients_dropped",
     "near_tie",
+    "CLOSE_CALL",
     "TIMING_SHARE",
     "CSRStructure",
     "CondensedStructure",
