@@ -750,6 +750,20 @@ def test_a_close_call_on_part_of_a_batch_is_settled_on_the_whole_batch(close, mo
         assert got == {"masked"} and whole == []
 
 
+def test_every_layer_masked_is_kept_unless_a_sparse_plan_is_clearly_faster():
+    """The candidates' timings end with every layer masked; a sparse plan faster by less than MASKED_UNLESS loses to
+    it (nearer than that the machine's noise decides), one faster by more wins, and so does the fastest sparse plan
+    among several."""
+    from sparsetrain.execution.backends import MASKED_UNLESS
+    from sparsetrain.execution.backends.auto import _fastest
+
+    masked = 1.0
+    assert _fastest([masked / (MASKED_UNLESS - 0.01), masked]) == 1
+    assert _fastest([masked / (MASKED_UNLESS + 0.01), masked]) == 0
+    assert _fastest([0.9, 0.8, 1.2, masked]) == 1
+    assert _fastest([1.1, masked]) == 1
+
+
 def _channel_pair(model_name: str, width: float):
     """A float64 zoo model with 50% channel masks under the channel backend shrunk on both sides, and its masked-dense
     definition: the same model where a removed filter's BatchNorm gamma and beta are zero too."""

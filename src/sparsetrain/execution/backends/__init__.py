@@ -13,6 +13,7 @@ import pkgutil as _pkgutil
 
 from .auto import (
     CLOSE_CALL,
+    MASKED_UNLESS,
     TIMING_SHARE,
     choose_now,
     gradients_dropped,
@@ -57,6 +58,7 @@ __all__ = [
     "gradients_dropped",
     "near_tie",
     "CLOSE_CALL",
+    "MASKED_UNLESS",
     "TIMING_SHARE",
     "CSRStructure",
     "CondensedStructure",

@@ -24,6 +24,7 @@ __all__ = [
     "TIMING_SHARE",
     "NEAR_TIE",
     "CLOSE_CALL",
+    "MASKED_UNLESS",
     "near_tie",
     "choose_now",
     "settle_layout",
@@ -52,6 +53,10 @@ NEAR_TIE = 1.1  # settle_layout also tries on the kernels the layers whose kerne
 # they came within this factor of each other: on a quarter batch of small layers the kernels' per-call costs weigh
 # four times as much (ResNet-20 at 95%: all masked 5-10% faster on a quarter, the kernels 10-17% on the whole)
 CLOSE_CALL = 1.25
+# ... and keeps every layer masked unless a sparse plan's step is at least this much faster: nearer than that the
+# machine's noise decides, and a sparse plan picked by noise costs more than one missed (ResNet-20 at 80%, one layer
+# on the kernels: 1.02 of dense)
+MASKED_UNLESS = 1.03
 
 
 def near_tie(layer: nn.Module, chosen: str) -> str | None:
@@ -151,7 +156,8 @@ def settle_layout(
     given in memory format ``fmt``) with every layer on the path it chooses, with the layers near a tie
     (:data:`NEAR_TIE`) on the kernels as well, each in channels-last and in NCHW (the kernels run in both; what lies
     between layers runs faster in one or the other), and with every layer masked dense in the model's own layout;
-    keep the fastest, so ``auto`` is never slower than its dense layers would be. Whenever every layer ends masked
+    keep the fastest (every layer masked unless a sparse plan beats it by :data:`MASKED_UNLESS`), so ``auto`` is
+    never slower than its dense layers would be. Whenever every layer ends masked
     dense the model keeps its own layout, untimed: the step is then the dense step itself (a layout chosen on a
     quarter of a batch can lose on a whole one). Layers choose their paths in channels-last.
     Returns the memory format the model's inputs must take from now on (the model is converted to it).
@@ -194,7 +200,7 @@ def settle_layout(
     for _ in range(rounds):
         for i, (plan, fmt) in enumerate(tries):
             times[i] = min(times[i], timed(plan, fmt))
-    best = min(range(len(tries)), key=times.__getitem__)
+    best = _fastest(times)
     sparse = min(range(len(tries) - 1), key=times.__getitem__, default=None)
     if whole_loss_of is not None and sparse is not None and _close(times[sparse], times[-1]):
         tries, times = [tries[sparse], tries[-1]], [float("inf")] * 2
@@ -202,7 +208,7 @@ def settle_layout(
         for _ in range(max(2, repeats // 2)):
             for i, (plan, fmt) in enumerate(tries):
                 times[i] = min(times[i], timed(plan, fmt, whole_loss_of))
-        best = min(range(2), key=times.__getitem__)
+        best = _fastest(times)
     fmt, paths = _rank0s(*tries[best], sorted(layers), formats)
     for n, path in paths.items():
         layers[n].fix_backend(path)
@@ -230,6 +236,13 @@ def _layout_of(model: nn.Module) -> torch.memory_format:
     w = next((p for p in model.parameters() if p.dim() == 4), None)
     cl = w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if cl else torch.contiguous_format
+
+
+def _fastest(times: list[float]) -> int:
+    """The index of the fastest candidate; the last one (every layer masked) unless another is faster than it by
+    :data:`MASKED_UNLESS`."""
+    best = min(range(len(times)), key=times.__getitem__)
+    return best if times[best] * MASKED_UNLESS < times[-1] else len(times) - 1
 
 
 def _close(a: float, b: float) -> bool:
