@@ -192,22 +192,13 @@ def settle_layout(
     if near:
         plans.append({**choices, **near})
     tries = [(plan, fmt) for plan in plans for fmt in formats if not _all_masked(plan)] + [(None, own)]
-    # the candidates alternate, so that a slow stretch of the machine does not fall on one of them alone
-    times = [float("inf")] * len(tries)
-    rounds = repeats if len(tries) > 1 else 0  # all masked: nothing to choose, nothing to time
-    if rounds:
-        timed(None, own)
-    for _ in range(rounds):
-        for i, (plan, fmt) in enumerate(tries):
-            times[i] = min(times[i], timed(plan, fmt))
+    # all masked alone: nothing to choose, nothing to time
+    times = _timed_alternately(tries, timed, repeats) if len(tries) > 1 else [float("inf")]
     best = _fastest(times)
     sparse = min(range(len(tries) - 1), key=times.__getitem__, default=None)
     if whole_loss_of is not None and sparse is not None and _close(times[sparse], times[-1]):
-        tries, times = [tries[sparse], tries[-1]], [float("inf")] * 2
-        timed(*tries[0], whole_loss_of)  # warm-up at this size
-        for _ in range(max(2, repeats // 2)):
-            for i, (plan, fmt) in enumerate(tries):
-                times[i] = min(times[i], timed(plan, fmt, whole_loss_of))
+        tries = [tries[sparse], tries[-1]]
+        times = _timed_alternately(tries, lambda plan, fmt: timed(plan, fmt, whole_loss_of), max(2, repeats // 2))
         best = _fastest(times)
     fmt, paths = _rank0s(*tries[best], sorted(layers), formats)
     for n, path in paths.items():
@@ -236,6 +227,17 @@ def _layout_of(model: nn.Module) -> torch.memory_format:
     w = next((p for p in model.parameters() if p.dim() == 4), None)
     cl = w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if cl else torch.contiguous_format
+
+
+def _timed_alternately(tries: list, timed, rounds: int) -> list[float]:
+    """The least of ``rounds`` timings of each candidate (``timed(plan, fmt)``), taken in turn after a warm-up pass
+    of the last (every layer masked), so that a slow stretch of the machine does not fall on one of them alone."""
+    timed(*tries[-1])
+    times = [float("inf")] * len(tries)
+    for _ in range(rounds):
+        for i, (plan, fmt) in enumerate(tries):
+            times[i] = min(times[i], timed(plan, fmt))
+    return times
 
 
 def _fastest(times: list[float]) -> int:
