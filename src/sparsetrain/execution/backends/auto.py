@@ -157,9 +157,9 @@ def settle_layout(
     (:data:`NEAR_TIE`) on the kernels as well, each in channels-last and in NCHW (the kernels run in both; what lies
     between layers runs faster in one or the other), and with every layer masked dense in the model's own layout;
     keep the fastest (every layer masked unless a sparse plan beats it by :data:`MASKED_UNLESS`), so ``auto`` is
-    never slower than its dense layers would be. Whenever every layer ends masked
-    dense the model keeps its own layout, untimed: the step is then the dense step itself (a layout chosen on a
-    quarter of a batch can lose on a whole one). Layers choose their paths in channels-last.
+    never slower than its dense layers would be. Whenever every layer ends masked dense the model keeps its own
+    layout, untimed: the step is then the dense step itself (a layout chosen on a quarter of a batch can lose on a
+    whole one). Layers choose their paths in channels-last.
     Returns the memory format the model's inputs must take from now on (the model is converted to it).
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
