@@ -187,6 +187,25 @@ def test_kept_values_of_a_channels_last_weight_are_gathered_in_its_own_layout():
     assert s.values_of(weights) is weights  # compact storage: the values themselves
 
 
+def test_a_channels_last_weight_on_the_csr_path_is_read_and_given_its_gradient_in_its_own_layout():
+    """PyTorch's CSR products (where the direct kernels cannot run) read the kept values of a channels-last weight
+    through its own memory and give its gradient back in that layout: output and gradients equal the NCHW weight's."""
+    torch.manual_seed(4)
+    mask = torch.rand(6, 4, 3, 3) > 0.6
+    s = CSRStructure.from_mask(mask.reshape(6, -1))
+    w = torch.randn(6, 4, 3, 3) * mask
+    x = torch.randn(2, 4, 7, 7)
+    nchw, cl = w.clone().requires_grad_(), w.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.equal(s.values_of(cl), w[mask]) and torch.equal(s.values_of(nchw), w[mask])
+    outs = [csr_conv2d(x, weight, None, s, (1, 1), (1, 1), (1, 1)) for weight in (nchw, cl)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    g = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(g)
+    torch.testing.assert_close(cl.grad, nchw.grad, rtol=0, atol=0)
+    assert cl.grad.stride() == cl.stride() and torch.count_nonzero(cl.grad[~mask]) == 0
+
+
 @needs_native
 def test_channels_last_blocks_fill_a_tile_of_registers_within_the_cache(monkeypatch):
     """Images per block: the output rows that waste the fewest vector lanes; among those the fewest images whose

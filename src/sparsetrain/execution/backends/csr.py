@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ...core.masks import dense_from_values
 from .. import native
-from .registry import Backend, direct_ok, register
+from .registry import Backend, channels_last, direct_ok, register
 
 __all__ = ["CSR", "CSRStructure", "csr_linear", "csr_conv2d", "conv_out_size"]
 
@@ -37,6 +37,15 @@ def conv_out_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
     return tuple((size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))
 
 
+def channels_last_positions(flat_index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Where the entries at ``flat_index`` of a 4-D weight's NCHW order lie in its channels-last memory (the order of
+    ``weight.permute(0, 2, 3, 1).reshape(-1)``), in ``flat_index``'s dtype."""
+    cout, cin, kh, kw = shape
+    idx = flat_index.long()
+    co, tap, ci = idx // (cin * kh * kw), idx % (kh * kw), idx // (kh * kw) % cin
+    return ((co * (kh * kw) + tap) * cin + ci).to(flat_index.dtype)
+
+
 @dataclass
 class CSRStructure:
     """The fixed part of a CSR matrix for a 2-D mask [rows, cols], and of its transpose."""
@@ -48,6 +57,7 @@ class CSRStructure:
     crow_t: torch.Tensor
     col_t: torch.Tensor
     perm_t: torch.Tensor  # CSR-of-transpose order, as indices into this matrix's value order
+    _cl_index: torch.Tensor | None = None  # the entries' positions in a channels-last weight (see values_of)
 
     @classmethod
     def from_mask(cls, mask2d: torch.Tensor) -> "CSRStructure":
@@ -69,9 +79,28 @@ class CSRStructure:
         """The transposed sparse weight as a CSR matrix (for the input gradient)."""
         return _csr(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1])
 
+    def _cl_positions(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The kept entries' positions in ``weight``'s memory when it is a channels-last convolution weight."""
+        if not channels_last(weight):
+            return None
+        if self._cl_index is None:
+            self._cl_index = channels_last_positions(self.flat_index, tuple(weight.shape))
+        return self._cl_index
+
+    def values_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept entries of ``weight`` in CSR order, read in the weight's own memory: ``reshape(-1)`` of a
+        channels-last convolution weight is a copy of the whole weight into NCHW order, every call."""
+        cl = self._cl_positions(weight)
+        return weight.reshape(-1)[self.flat_index] if cl is None else weight.permute(0, 2, 3, 1).reshape(-1)[cl]
+
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere."""
-        return dense_from_values(values, self.flat_index, like.shape)
+        """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere, in the
+        weight's own layout (else the gradient is copied into it once more)."""
+        cl = self._cl_positions(like)
+        if cl is None:
+            return dense_from_values(values, self.flat_index, like.shape)
+        cout, cin, kh, kw = like.shape
+        return dense_from_values(values, cl, (cout, kh, kw, cin)).permute(0, 3, 1, 2)
 
 
 def _sampled(structure: CSRStructure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -90,7 +119,7 @@ class _CSRLinearFn(torch.autograd.Function):
     @staticmethod
     @_FLOAT32_UNDER_AUTOCAST
     def forward(ctx, x, weight, bias, structure: CSRStructure):
-        values = weight.reshape(-1)[structure.flat_index]
+        values = structure.values_of(weight)
         x2 = x.reshape(-1, x.shape[-1])
         out = (structure.matrix(values) @ x2.t()).t()
         if bias is not None:
@@ -107,7 +136,7 @@ class _CSRLinearFn(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            values = weight.reshape(-1)[s.flat_index]
+            values = s.values_of(weight)
             gx = (s.matrix_t(values) @ g2.t()).t().reshape(x.shape)
         if ctx.needs_input_grad[1]:
             gw = s.dense_grad(_sampled(s, g2.t().contiguous(), x.reshape(-1, x.shape[-1]).contiguous()), weight)
@@ -140,7 +169,7 @@ class _CSRConv2dFn(torch.autograd.Function):
         cout, _, kh, kw = weight.shape
         ho, wo = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
         cols = _unfold(x, (kh, kw), dilation, padding, stride)  # [Cin*kh*kw, N*L]
-        values = weight.reshape(-1)[structure.flat_index]
+        values = structure.values_of(weight)
         out = structure.matrix(values) @ cols  # [Cout, N*L]
         out = out.view(cout, n, ho, wo).permute(1, 0, 2, 3)
         if bias is not None:
@@ -159,7 +188,7 @@ class _CSRConv2dFn(torch.autograd.Function):
         g2 = grad_out.permute(1, 0, 2, 3).reshape(cout, -1).contiguous()  # [Cout, N*L]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            values = weight.reshape(-1)[s.flat_index]
+            values = s.values_of(weight)
             gcols = s.matrix_t(values) @ g2  # [Cin*kh*kw, N*L]
             gcols = gcols.view(cin * kh * kw, n, -1).permute(1, 0, 2)
             gx = F.fold(gcols, (h, w), (kh, kw), dilation=dilation, padding=padding, stride=stride)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ...core.masks import dense_from_values
 from .. import native
-from .csr import conv_out_size, csr_conv2d, csr_linear
+from .csr import channels_last_positions, conv_out_size, csr_conv2d, csr_linear
 from .registry import Backend, autocast_bf16, channels_last, direct_ok, register
 
 if TYPE_CHECKING:
@@ -111,10 +111,7 @@ class DirectStructure:
             return weight
         if channels_last(weight):
             if self._cl_index is None:
-                cout, cin, kh, kw = self.shape
-                idx = self.flat_index.long()
-                co, tap, ci = idx // (cin * kh * kw), idx % (kh * kw), idx // (kh * kw) % cin
-                self._cl_index = ((co * (kh * kw) + tap) * cin + ci).to(self.flat_index.dtype)
+                self._cl_index = channels_last_positions(self.flat_index, self.shape)
             return weight.permute(0, 2, 3, 1).reshape(-1)[self._cl_index]
         return weight.reshape(-1)[self.flat_index]
 
