@@ -21,7 +21,7 @@ from ...core.masks import dense_from_values
 from .. import native
 from .registry import Backend, channels_last, direct_ok, register
 
-__all__ = ["CSR", "CSRStructure", "csr_linear", "csr_conv2d", "conv_out_size"]
+__all__ = ["CSR", "CSRStructure", "KeptEntries", "channels_last_positions", "csr_linear", "csr_conv2d", "conv_out_size"]
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:
@@ -46,8 +46,28 @@ def channels_last_positions(flat_index: torch.Tensor, shape: tuple[int, ...]) ->
     return ((co * (kh * kw) + tap) * cin + ci).to(flat_index.dtype)
 
 
+class KeptEntries:
+    """For structures that list a weight's kept entries at ``flat_index`` (its NCHW / row-major positions) and cache
+    their channels-last positions in ``_cl_index``: the kept values gathered, and a gradient laid back, in the
+    weight's own memory. ``reshape(-1)`` of a channels-last convolution weight is a copy of the whole weight into
+    NCHW order (and a gradient built in NCHW order is copied again into the parameter's layout), every call."""
+
+    def _cl_positions(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The kept entries' positions in ``weight``'s memory when it is a channels-last convolution weight."""
+        if not channels_last(weight):
+            return None
+        if self._cl_index is None:
+            self._cl_index = channels_last_positions(self.flat_index, tuple(weight.shape))
+        return self._cl_index
+
+    def _gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept entries of the dense ``weight``, in the lists' order, read in its own memory."""
+        cl = self._cl_positions(weight)
+        return weight.reshape(-1)[self.flat_index] if cl is None else weight.permute(0, 2, 3, 1).reshape(-1)[cl]
+
+
 @dataclass
-class CSRStructure:
+class CSRStructure(KeptEntries):
     """The fixed part of a CSR matrix for a 2-D mask [rows, cols], and of its transpose."""
 
     shape: tuple[int, int]
@@ -79,19 +99,9 @@ class CSRStructure:
         """The transposed sparse weight as a CSR matrix (for the input gradient)."""
         return _csr(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1])
 
-    def _cl_positions(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The kept entries' positions in ``weight``'s memory when it is a channels-last convolution weight."""
-        if not channels_last(weight):
-            return None
-        if self._cl_index is None:
-            self._cl_index = channels_last_positions(self.flat_index, tuple(weight.shape))
-        return self._cl_index
-
     def values_of(self, weight: torch.Tensor) -> torch.Tensor:
-        """The kept entries of ``weight`` in CSR order, read in the weight's own memory: ``reshape(-1)`` of a
-        channels-last convolution weight is a copy of the whole weight into NCHW order, every call."""
-        cl = self._cl_positions(weight)
-        return weight.reshape(-1)[self.flat_index] if cl is None else weight.permute(0, 2, 3, 1).reshape(-1)[cl]
+        """The kept entries of ``weight`` in CSR order, read in the weight's own memory (see :class:`KeptEntries`)."""
+        return self._gather(weight)
 
     def dense_grad(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A dense gradient for the weight with ``values`` at the kept positions and zeros elsewhere, in the

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ...core.masks import dense_from_values
 from .. import native
-from .csr import channels_last_positions, conv_out_size, csr_conv2d, csr_linear
+from .csr import KeptEntries, conv_out_size, csr_conv2d, csr_linear
 from .registry import Backend, autocast_bf16, channels_last, direct_ok, register
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ __all__ = [
 
 
 @dataclass
-class DirectStructure:
+class DirectStructure(KeptEntries):
     """The kept entries of a conv weight [Cout, Cin, KH, KW], listed by output and by input channel.
 
     ``flat_index`` gives each entry's position in the weight (row-major, so grouped by output
@@ -107,13 +107,7 @@ class DirectStructure:
         weight is a copy into NCHW order (and its gradient comes back NCHW, copied again into the parameter's
         layout): at VGG-16's 512-channel layers 9.4 MB each way, every step, which made the channels-last step of
         ``auto``'s timing look slower than it trains."""
-        if weight.dim() == 1:
-            return weight
-        if channels_last(weight):
-            if self._cl_index is None:
-                self._cl_index = channels_last_positions(self.flat_index, self.shape)
-            return weight.permute(0, 2, 3, 1).reshape(-1)[self._cl_index]
-        return weight.reshape(-1)[self.flat_index]
+        return weight if weight.dim() == 1 else self._gather(weight)
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The weight with ``values`` at the kept entries and zeros elsewhere."""
