@@ -61,6 +61,11 @@ ROWS: list[list[str]] = [
     ["--model", "resnet50", "--batch", "32", "--config", "auto-compact", "--sparsity", "0.95"],
     # D-speed: GPT width 512 and 1024, context 128, batch 16, fan-in 90% on the condensed kernels
     *[_gpt_fan_in(w) for w in ("4.0", "8.0")],
+    # ... and unstructured RigL 90% (no fan-in) on auto + compact state
+    [
+        *("--model", "gpt", "--model-args", "width=4.0", "context=128", "--batch", "16"),
+        *("--config", "rigl-auto-compact", "--sparsity", "0.9"),
+    ],
     # compiled: the sparse step under torch.compile against the compiled dense step
     *[["--model", "vgg16", "--config", "auto-compact", "--sparsity", s, "--compile"] for s in ("0.95", "0.98")],
     _gpt_fan_in("4.0", "--compile"),
