@@ -59,6 +59,7 @@ ROWS: list[list[str]] = [
     ],
     ["--model", "resnet50", "--batch", "32", "--config", "swat-auto", "--sparsity", "0.8"],
     ["--model", "resnet50", "--batch", "32", "--config", "auto-compact", "--sparsity", "0.95"],
+    ["--model", "resnet50", "--batch", "32", "--config", "auto-compact", "--sparsity", "0.95", *LOSSLESS],
     # D-speed: GPT width 512 and 1024, context 128, batch 16, fan-in 90% on the condensed kernels
     *[_gpt_fan_in(w) for w in ("4.0", "8.0")],
     # ... and unstructured RigL 90% (no fan-in) on auto + compact state
