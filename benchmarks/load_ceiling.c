@@ -1,0 +1,84 @@
+/* What one core sustains for the inner loop of the condensed Linear kernels (native/condensed.c), against its
+ * multiply-add peak. Built and run by load_ceiling.py; prints one JSON object.
+ *
+ * Every kept weight of a row multiplies its input's row of a token block: one 16-float vector load per vector
+ * multiply-add, since two rows of an unstructured mask rarely share an input. A dense product reuses each loaded
+ * vector across a register tile and runs at the multiply-add peak; this loop cannot, so its ceiling is what the
+ * core does with one load per multiply-add, measured here with every row in the first-level cache:
+ *   peak       independent multiply-adds on registers (12 chains): the core's multiply-add rate;
+ *   l1_fixed   one aligned load per multiply-add, addresses known (8 chains, two rows at a time);
+ *   l1_listed  the kernel's loop: each entry's column and weight read from its list, 4 vectors a row (4 chains);
+ *   shared     two rows reading the same input vector (one load per two multiply-adds): what a mask with rows
+ *              sharing inputs would allow. */
+#include <immintrin.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+#define N 4096
+#define REPS 20000L
+#define FMA(a, w, p) a = _mm512_fmadd_ps(w, _mm512_load_ps(p), a)
+
+int main(void) {
+    float *x = aligned_alloc(64, 64 * 64 * sizeof(float)), *wv = aligned_alloc(64, N * sizeof(float));
+    int *cols = aligned_alloc(64, N * sizeof(int));
+    for (int i = 0; i < 64 * 64; i++) x[i] = (float)i * 1e-4f;
+    for (int i = 0; i < N; i++) wv[i] = 1e-3f * (float)(i % 13), cols[i] = (i * 7) % 32;
+    __m512 a[12], b[4];
+    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps((float)i);
+    for (int i = 0; i < 4; i++) b[i] = _mm512_set1_ps((float)i);
+    const __m512 w = _mm512_set1_ps(0.9999f), c = _mm512_set1_ps(1e-4f);  /* (bounded: a -> 1) */
+    double t = now(), rate[4];
+    const long n = 50000000;
+    __m512 r0 = a[0], r1 = a[1], r2 = a[2], r3 = a[3], r4 = a[4], r5 = a[5], r6 = a[6], r7 = a[7], r8 = a[8],
+           r9 = a[9], r10 = a[10], r11 = a[11];  /* (named, so that they stay in registers) */
+#define STEP(r) r = _mm512_fmadd_ps(r, w, c)
+    for (long k = 0; k < n; k++) {
+        STEP(r0), STEP(r1), STEP(r2), STEP(r3), STEP(r4), STEP(r5);
+        STEP(r6), STEP(r7), STEP(r8), STEP(r9), STEP(r10), STEP(r11);
+    }
+    rate[0] = 12.0 * n / (now() - t);
+    a[0] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(r0, r1), _mm512_add_ps(r2, r3)), _mm512_add_ps(r4, r5));
+    a[1] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(r6, r7), _mm512_add_ps(r8, r9)), _mm512_add_ps(r10, r11));
+    t = now();
+    for (long r = 0; r < REPS; r++)
+        for (int q = 0; q < N; q += 2) {
+            const __m512 u = _mm512_set1_ps(wv[q]), v = _mm512_set1_ps(wv[q + 1]);
+            const float *s = x + (q & 31) * 64, *z = x + ((q + 1) & 31) * 64;
+            FMA(a[0], u, s), FMA(a[1], u, s + 16), FMA(a[2], u, s + 32), FMA(a[3], u, s + 48);
+            FMA(b[0], v, z), FMA(b[1], v, z + 16), FMA(b[2], v, z + 32), FMA(b[3], v, z + 48);
+        }
+    rate[1] = 4.0 * REPS * N / (now() - t);
+    t = now();
+    for (long r = 0; r < REPS; r++)
+        for (int q = 0; q < N; q++) {
+            const __m512 u = _mm512_set1_ps(wv[q]);
+            const float *s = x + cols[q] * 64;
+            FMA(a[4], u, s), FMA(a[5], u, s + 16), FMA(a[6], u, s + 32), FMA(a[7], u, s + 48);
+        }
+    rate[2] = 4.0 * REPS * N / (now() - t);
+    t = now();
+    for (long r = 0; r < REPS; r++)
+        for (int q = 0; q < N; q += 2) {
+            const __m512 u = _mm512_set1_ps(wv[q]), v = _mm512_set1_ps(wv[q + 1]);
+            const float *s = x + cols[q] * 64;
+            const __m512 x0 = _mm512_load_ps(s), x1 = _mm512_load_ps(s + 16), x2 = _mm512_load_ps(s + 32),
+                         x3 = _mm512_load_ps(s + 48);
+            a[8] = _mm512_fmadd_ps(u, x0, a[8]), a[9] = _mm512_fmadd_ps(u, x1, a[9]);
+            a[10] = _mm512_fmadd_ps(u, x2, a[10]), a[11] = _mm512_fmadd_ps(u, x3, a[11]);
+            b[0] = _mm512_fmadd_ps(v, x0, b[0]), b[1] = _mm512_fmadd_ps(v, x1, b[1]);
+            b[2] = _mm512_fmadd_ps(v, x2, b[2]), b[3] = _mm512_fmadd_ps(v, x3, b[3]);
+        }
+    rate[3] = 4.0 * REPS * N / (now() - t);
+    __m512 s = _mm512_add_ps(b[0], _mm512_add_ps(b[1], _mm512_add_ps(b[2], b[3])));
+    for (int i = 0; i < 12; i++) s = _mm512_add_ps(s, a[i]);
+    printf("{\"peak\": %.3f, \"l1_fixed\": %.3f, \"l1_listed\": %.3f, \"shared\": %.3f, \"checksum\": %g}\n",
+           rate[0] / 1e9, rate[1] / 1e9, rate[2] / 1e9, rate[3] / 1e9, (double)_mm512_reduce_add_ps(s) * 0.0);
+    return 0;
+}
