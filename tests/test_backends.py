@@ -761,12 +761,66 @@ def test_a_close_call_on_part_of_a_batch_is_settled_on_the_whole_batch(close, mo
     model(x[:2])  # the layers choose (injected)
     for m in layers.values():
         m.fix_backend("auto")
-    settle_layout(model, layers, loss_of, repeats=2, whole_loss_of=whole_loss_of)
+    settled = []
+    settle_layout(model, layers, loss_of, repeats=2, whole_loss_of=whole_loss_of, settled=lambda: settled.append(1))
     got = {m.backend for m in layers.values()}
+    assert settled == []  # every layer masked still in the running (or the winner): nothing may be compacted
     if close:
         assert got != {"masked"} and set(whole) == {"masked", "sparse"}
     else:
         assert got == {"masked"} and whole == []
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_layout_tie_on_part_of_a_batch_is_settled_on_the_whole_batch(tie, monkeypatch):
+    """On a quarter batch the sparse plan runs a little faster in NCHW; on the whole batch channels-last is faster
+    (VGG-16 SWAT-U 90%): within LAYOUT_TIE the two layouts are timed again on the whole batch, which decides, and
+    every layer masked, far behind, is not. Apart by more, the quarter batch decides. Timings injected by sleeps."""
+    import time as _time
+
+    from sparsetrain.execution.backends import LAYOUT_TIE, settle_layout
+    from sparsetrain.execution.backends import layers as layers_module
+
+    def injected_choose(self, x):
+        self.timings = {name: (1.0 if name != "masked" else 3.0) for name in self.candidates(x)}
+        self.backend = min(self.timings, key=self.timings.get)
+
+    monkeypatch.setattr(layers_module._SparseExec, "_choose", injected_choose)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
+    layers = apply_backend(model, ms, "auto")
+    x = torch.randn(8, 3, 6, 6)
+    quarter_cl = 0.08 * (1.0 if tie else 1.3 * LAYOUT_TIE)  # against 0.08 in NCHW, 0.3 all masked
+    whole = []
+
+    def loss_of(fmt, batch=x[:2]):
+        masked = all(m.backend == "masked" for m in layers.values())
+        _time.sleep(0.3 if masked else quarter_cl if fmt == torch.channels_last else 0.08)
+        return model(batch.contiguous(memory_format=fmt)).square().mean()
+
+    def whole_loss_of(fmt):
+        masked = all(m.backend == "masked" for m in layers.values())
+        whole.append("masked" if masked else fmt)
+        _time.sleep(0.4 if masked else 0.1 if fmt == torch.channels_last else 0.2)
+        return model(x.contiguous(memory_format=fmt)).square().mean()
+
+    model(x[:2])  # the layers choose (injected)
+    for m in layers.values():
+        m.fix_backend("auto")
+    settled = []  # the planner compacts here: the plan's paths fixed, before the whole-batch passes
+    fmt = settle_layout(
+        model, layers, loss_of, repeats=2, whole_loss_of=whole_loss_of,
+        settled=lambda: settled.append(({m.backend for m in layers.values()}, len(whole))),
+    )  # fmt: skip
+    paths = {m.backend for m in layers.values()}
+    assert "masked" not in paths and "auto" not in paths
+    if tie:
+        assert fmt == torch.channels_last and set(whole) == {torch.channels_last, torch.contiguous_format}
+        assert settled == [(paths, 0)]
+    else:
+        assert fmt == torch.contiguous_format and whole == [] and settled == []
 
 
 def test_every_layer_masked_is_kept_unless_a_sparse_plan_is_clearly_faster():

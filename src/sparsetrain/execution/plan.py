@@ -339,7 +339,13 @@ class Planner:
                     a, k = batch
                     return _first_tensor(model(*_map_tensors(a, _in_layout(fmt)), **k)).float().mean()
 
-                fmt = settle_layout(model, self.layers, loss_of, whole_loss_of=lambda f: loss_of(f, (args, kwargs)))
+                fmt = settle_layout(
+                    model,
+                    self.layers,
+                    loss_of,
+                    whole_loss_of=lambda f: loss_of(f, (args, kwargs)),
+                    settled=self._compact,
+                )
                 layout = "channels_last" if fmt == torch.channels_last else "nchw"
                 step = lambda: loss_of(fmt)  # noqa: E731
             elif self.layers:  # (settle_layout keeps its own copy of the state; here one is made only when needed)
@@ -355,12 +361,9 @@ class Planner:
             self.maskset.captured.clear()
         return self._finish(layout)
 
-    def _finish(
-        self, layout: str | None, compact: set[str] | None = None, recompute: set[str] | None = None
-    ) -> ExecutionPlan:
-        """Compact the layers that may store only kept weights (``compact``: those named; None: every one the
-        backends allow, under ``compact_state``), choose the layers whose outputs backward recomputes
-        (``recompute``: those named; None: :func:`reruns`), set the layout, and record the plan."""
+    def _compact(self, compact: set[str] | None = None) -> None:
+        """Compact the layers on their chosen paths that may store only kept weights and are not yet compact
+        (``compact``: those named; None: every one the backends allow, under ``compact_state``)."""
         if self.maskset is not None:
             fresh = {
                 n: m
@@ -368,6 +371,14 @@ class Planner:
                 if not is_compact(m) and (n in compact if compact is not None else self.options.compact_state)
             }
             compact_layers(fresh, self.maskset, self.optimizer)
+
+    def _finish(
+        self, layout: str | None, compact: set[str] | None = None, recompute: set[str] | None = None
+    ) -> ExecutionPlan:
+        """Compact the layers that may store only kept weights (``compact``: those named; None: every one the
+        backends allow, under ``compact_state``), choose the layers whose outputs backward recomputes
+        (``recompute``: those named; None: :func:`reruns`), set the layout, and record the plan."""
+        self._compact(compact)
         if recompute is None:
             on = self.memory is not None and self.options.recompute_outputs
             recompute = reruns(self.layers, self._step_seconds, self.stems, self._rerun_costs) if on else set()

@@ -13,6 +13,7 @@ import pkgutil as _pkgutil
 
 from .auto import (
     CLOSE_CALL,
+    LAYOUT_TIE,
     MASKED_UNLESS,
     TIMING_SHARE,
     choose_now,
@@ -59,6 +60,7 @@ __all__ = [
     "near_tie",
     "CLOSE_CALL",
     "MASKED_UNLESS",
+    "LAYOUT_TIE",
     "TIMING_SHARE",
     "CSRStructure",
     "CondensedStructure",

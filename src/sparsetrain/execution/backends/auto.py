@@ -25,6 +25,7 @@ __all__ = [
     "NEAR_TIE",
     "CLOSE_CALL",
     "MASKED_UNLESS",
+    "LAYOUT_TIE",
     "near_tie",
     "choose_now",
     "settle_layout",
@@ -57,6 +58,11 @@ CLOSE_CALL = 1.25
 # machine's noise decides, and a sparse plan picked by noise costs more than one missed (ResNet-20 at 80%, one layer
 # on the kernels: 1.02 of dense)
 MASKED_UNLESS = 1.03
+# ... and the best sparse plan's two layouts when they come within this factor of each other on the part of the
+# batch: kernels that run the batch innermost (NCHW below 16 x 16) fill their vectors differently on a quarter of
+# it (VGG-16 SWAT-U 90%: channels-last and NCHW within 3% on a quarter, NCHW 30% slower on the whole batch, so the
+# plan's layout, and the step, changed from process to process: 0.55 or 0.73 of dense)
+LAYOUT_TIE = 1.1
 
 
 def near_tie(layer: nn.Module, chosen: str) -> str | None:
@@ -150,7 +156,7 @@ def measure_reruns(
 
 
 def settle_layout(
-    model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4, whole_loss_of=None
+    model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4, whole_loss_of=None, settled=None
 ) -> torch.memory_format:
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
     given in memory format ``fmt``) with every layer on the path it chooses, with the layers near a tie
@@ -164,9 +170,12 @@ def settle_layout(
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
     and the timing passes, which hold every path's activations in turn, stay below a training step's peak. Where the
-    best sparse plan and every layer masked come within :data:`CLOSE_CALL` of each other, the two are timed again
-    on the whole batch (``whole_loss_of(fmt)``, when given) and that decides: those passes reach a dense step's
-    peak."""
+    best sparse plan and every layer masked come within :data:`CLOSE_CALL` of each other, or that plan's two layouts
+    within :data:`LAYOUT_TIE`, those are timed again on the whole batch (``whole_loss_of(fmt)``, when given) and that
+    decides (:func:`_finalists`): those passes reach the peak of a step of the plans they time. When only the two
+    layouts of one sparse plan remain, its paths are fixed and ``settled()`` (when given; the planner's compaction)
+    is called first, so that those passes run on what training will hold (not under torch.distributed, whose ranks
+    time apart and take rank 0's choice)."""
     restore = keep_buffers(model)
     formats = (torch.channels_last, torch.contiguous_format)
     own = _layout_of(model)
@@ -194,20 +203,31 @@ def settle_layout(
     tries = [(plan, fmt) for plan in plans for fmt in formats if not _all_masked(plan)] + [(None, own)]
     # all masked alone: nothing to choose, nothing to time
     times = _timed_alternately(tries, timed, repeats) if len(tries) > 1 else [float("inf")]
-    best = _fastest(times)
-    sparse = min(range(len(tries) - 1), key=times.__getitem__, default=None)
-    if whole_loss_of is not None and sparse is not None and _close(times[sparse], times[-1]):
-        tries = [tries[sparse], tries[-1]]
+    again = _finalists(tries, times) if whole_loss_of is not None else []
+    if len(again) > 1:
+        tries = [tries[i] for i in again]
+        if settled is not None and tries[-1][0] is not None and not _distributed():
+            for n, m in layers.items():  # every layer masked is out: this plan stands, in one layout or the other
+                m.fix_backend(tries[0][0].get(n, m.backend))
+            settled()
         times = _timed_alternately(tries, lambda plan, fmt: timed(plan, fmt, whole_loss_of), max(2, repeats // 2))
-        best = _fastest(times)
+    fmt = _decide(tries, times, layers, formats)
+    model.to(memory_format=fmt)
+    restore()
+    return fmt
+
+
+def _decide(tries: list, times: list[float], layers: dict[str, nn.Module], formats: tuple) -> torch.memory_format:
+    """Fix every layer on the fastest candidate's path (rank 0's) and return its layout; each layer keeps the
+    deciding round's timings in ``step_timings`` (``masked`` None when that round left every layer masked out)."""
+    masked_last = tries[-1][0] is None
+    best = _fastest(times) if masked_last else min(range(len(times)), key=times.__getitem__)
     fmt, paths = _rank0s(*tries[best], sorted(layers), formats)
     for n, path in paths.items():
         layers[n].fix_backend(path)
-    t_sparse, t_dense = min(times[:-1], default=times[-1]), times[-1]
-    model.to(memory_format=fmt)
-    restore()
+    sparse_times = times[:-1] if masked_last else times
     for m in layers.values():
-        m.step_timings = {"sparse": t_sparse, "masked": t_dense}
+        m.step_timings = {"sparse": min(sparse_times, default=None), "masked": times[-1] if masked_last else None}
     return fmt
 
 
@@ -217,9 +237,14 @@ def _rank0s(plan: dict[str, str] | None, fmt: torch.memory_format, names: list[s
     pick = torch.tensor(
         [formats.index(fmt)] + [list(BACKENDS).index("masked" if plan is None else plan[n]) for n in names]
     )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.broadcast(pick, 0)
     return formats[int(pick[0])], {n: list(BACKENDS)[code] for n, code in zip(names, pick[1:].tolist())}
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several torch.distributed ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _layout_of(model: nn.Module) -> torch.memory_format:
@@ -245,6 +270,20 @@ def _fastest(times: list[float]) -> int:
     :data:`MASKED_UNLESS`."""
     best = min(range(len(times)), key=times.__getitem__)
     return best if times[best] * MASKED_UNLESS < times[-1] else len(times) - 1
+
+
+def _finalists(tries: list, times: list[float]) -> list[int]:
+    """The candidates to time again on the whole batch (indices into ``tries``, every layer masked last when among
+    them): the fastest sparse plan, its other layout when within :data:`LAYOUT_TIE` of it, and every layer masked
+    when within :data:`CLOSE_CALL`. Fewer than two: the part of the batch has decided (every layer masked, far
+    ahead of any sparse plan, among them)."""
+    sparse = min(range(len(tries) - 1), key=times.__getitem__, default=None)
+    close = sparse is not None and _close(times[sparse], times[-1])
+    if sparse is None or (_fastest(times) == len(tries) - 1 and not close):
+        return []
+    plan = tries[sparse][0]
+    chosen = [i for i in range(len(tries) - 1) if tries[i][0] is plan and times[i] <= LAYOUT_TIE * times[sparse]]
+    return chosen + ([len(tries) - 1] if close else [])
 
 
 def _close(a: float, b: float) -> bool:
