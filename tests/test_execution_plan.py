@@ -76,6 +76,33 @@ def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
     assert abs(sp.sparsity() - 0.9) < 0.01
 
 
+@needs_native
+def test_a_layout_tie_is_timed_on_compact_layers_and_trains_like_masked_dense(monkeypatch):
+    """The whole-step timings injected: the sparse plan far ahead of every layer masked, its two layouts tied on the
+    quarter batch, NCHW faster on the whole batch. The planner compacts the plan's layers before the whole-batch
+    passes (they time what training holds), keeps NCHW, and the model trains as masked dense does."""
+    rounds, compact_then = [], []
+
+    def injected(tries, timed, repeats):
+        rounds.append([fmt for _, fmt in tries])
+        compact_then.append(sorted(n for n, m in model.named_modules() if hasattr(m, "values")))
+        whole = len(rounds) > 1
+        return [
+            10.0 if plan is None else (1.0 if (fmt == torch.channels_last) != whole else 1.02) for plan, fmt in tries
+        ]
+
+    monkeypatch.setattr(auto, "_timed_alternately", injected)
+    model, opt, sp = _build(st.static, **STATIC, execution="auto", compact_state=True)
+    ref_model, ref_opt, _ = _build(st.static, **STATIC)
+    batches = _batches()
+    losses = train_steps(model, opt, batches)
+    assert sp.plan.layout == "nchw"
+    assert rounds[1] == [torch.channels_last, torch.contiguous_format]  # the two layouts alone, on the whole batch
+    compact = sorted(n for n, lp in sp.plan.layers.items() if lp.compact)
+    assert compact and compact_then == [[], [n.rsplit(".", 1)[0] for n in compact]]
+    assert torch.allclose(torch.tensor(losses), torch.tensor(train_steps(ref_model, ref_opt, batches)), atol=1e-4)
+
+
 @pytest.mark.timing
 @needs_native
 def test_auto_times_its_paths_holding_one_gradient_at_a_time():

@@ -275,8 +275,7 @@ def _fastest(times: list[float]) -> int:
 def _finalists(tries: list, times: list[float]) -> list[int]:
     """The candidates to time again on the whole batch (indices into ``tries``, every layer masked last when among
     them): the fastest sparse plan, its other layout when within :data:`LAYOUT_TIE` of it, and every layer masked
-    when within :data:`CLOSE_CALL`. Fewer than two: the part of the batch has decided (every layer masked, far
-    ahead of any sparse plan, among them)."""
+    when within :data:`CLOSE_CALL`. Fewer than two: the part of the batch decides."""
     sparse = min(range(len(tries) - 1), key=times.__getitem__, default=None)
     close = sparse is not None and _close(times[sparse], times[-1])
     if sparse is None or (_fastest(times) == len(tries) - 1 and not close):
