@@ -123,7 +123,8 @@ def main(argv=None):
         del ldense, lopt, lmethod
     t_dense, t_sparse = time_pairs(steps["dense"], steps["sparse"], args.pairs, args.warmup)
     ratios = [s / d for d, s in zip(t_dense, t_sparse)]
-    chosen = {n: m.ran for n, m in sparse.named_modules() if hasattr(m, "maskset") and hasattr(m, "ran")}
+    # the path each sparse layer took in the last step (swapped layers and SWAT's alike)
+    chosen = {n: m.ran for n, m in sparse.named_modules() if isinstance(getattr(m, "ran", None), str)}
     state = {"dense": _state_bytes(dense, dopt), args.config: _state_bytes(sparse, sopt)}
     del dense, dopt, sparse, sopt, method, steps
     peaks = {
