@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import keep_masked, tiny_datasets
+from conftest import keep_masked, prefer_kernels, tiny_datasets
 
 import sparsetrain.execution.backends as backends
 from sparsetrain.app import Trainer
@@ -723,39 +723,54 @@ def test_auto_leaving_every_layer_masked_keeps_the_models_own_layout_untimed(own
     assert model[0].weight.is_contiguous(memory_format=fmt_own)
 
 
-@pytest.mark.parametrize("close", [True, False])
-def test_a_close_call_on_part_of_a_batch_is_settled_on_the_whole_batch(close, monkeypatch):
-    """On a quarter batch every layer masked runs a little faster; on the whole batch the kernels do (ResNet-20 at
-    95%): within CLOSE_CALL the two are timed again on the whole batch, which decides. Far apart, the whole batch is
-    never run. Every timing is injected by sleeps."""
-    import time as _time
+def _injected_clock(monkeypatch):
+    """``auto``'s clock replaced by one that stands still until a test moves it on (``clock.now += seconds``): the
+    whole-step timings a test injects, exactly, whatever the machine does meanwhile."""
+    from sparsetrain.execution.backends import auto
 
-    from sparsetrain.execution.backends import CLOSE_CALL, settle_layout
-    from sparsetrain.execution.backends import layers as layers_module
+    class Clock:
+        now = 0.0
 
-    def injected_choose(self, x):
-        self.timings = {name: (1.0 if name != "masked" else 3.0) for name in self.candidates(x)}
-        self.backend = min(self.timings, key=self.timings.get)
+        @classmethod
+        def perf_counter(cls) -> float:
+            return cls.now
 
-    monkeypatch.setattr(layers_module._SparseExec, "_choose", injected_choose)
+    monkeypatch.setattr(auto, "time", Clock)
+    return Clock
+
+
+def _auto_layers_choosing_kernels(monkeypatch):
+    """A small CNN's layers on ``auto`` (90% masks) whose per-layer timings are injected: the kernels three times
+    faster than masked dense. Returns the model, its layers and a batch of 8."""
+    prefer_kernels(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     ms = MaskSet.for_model(model, [])
     random_masks(ms, 0.9, torch.Generator().manual_seed(0))
-    layers = apply_backend(model, ms, "auto")
-    x = torch.randn(8, 3, 6, 6)
+    return model, apply_backend(model, ms, "auto"), torch.randn(8, 3, 6, 6)
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_a_close_call_on_part_of_a_batch_is_settled_on_the_whole_batch(close, monkeypatch):
+    """On a quarter batch every layer masked runs a little faster; on the whole batch the kernels do (ResNet-20 at
+    95%): within CLOSE_CALL the two are timed again on the whole batch, which decides. Far apart, the whole batch is
+    never run. Every timing is injected (a clock that each pass moves on)."""
+    from sparsetrain.execution.backends import CLOSE_CALL, settle_layout
+
+    model, layers, x = _auto_layers_choosing_kernels(monkeypatch)
+    clock = _injected_clock(monkeypatch)
     quarter_sparse = 0.06 * (1.1 if close else 2 * CLOSE_CALL)  # against 0.06 all masked
     whole = []
 
     def loss_of(fmt, batch=x[:2]):
         masked = all(m.backend == "masked" for m in layers.values())
-        _time.sleep(0.06 if masked else quarter_sparse)
+        clock.now += 0.06 if masked else quarter_sparse
         return model(batch.contiguous(memory_format=fmt)).square().mean()
 
     def whole_loss_of(fmt):
         masked = all(m.backend == "masked" for m in layers.values())
         whole.append("masked" if masked else "sparse")
-        _time.sleep(0.12 if masked else 0.03)
+        clock.now += 0.12 if masked else 0.03
         return model(x.contiguous(memory_format=fmt)).square().mean()
 
     model(x[:2])  # the layers choose (injected)
@@ -775,35 +790,23 @@ def test_a_close_call_on_part_of_a_batch_is_settled_on_the_whole_batch(close, mo
 def test_a_layout_tie_on_part_of_a_batch_is_settled_on_the_whole_batch(tie, monkeypatch):
     """On a quarter batch the sparse plan runs a little faster in NCHW; on the whole batch channels-last is faster
     (VGG-16 SWAT-U 90%): within LAYOUT_TIE the two layouts are timed again on the whole batch, which decides, and
-    every layer masked, far behind, is not. Apart by more, the quarter batch decides. Timings injected by sleeps."""
-    import time as _time
-
+    every layer masked, far behind, is not. Apart by more, the quarter batch decides. Timings injected (a clock)."""
     from sparsetrain.execution.backends import LAYOUT_TIE, settle_layout
-    from sparsetrain.execution.backends import layers as layers_module
 
-    def injected_choose(self, x):
-        self.timings = {name: (1.0 if name != "masked" else 3.0) for name in self.candidates(x)}
-        self.backend = min(self.timings, key=self.timings.get)
-
-    monkeypatch.setattr(layers_module._SparseExec, "_choose", injected_choose)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-    ms = MaskSet.for_model(model, [])
-    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
-    layers = apply_backend(model, ms, "auto")
-    x = torch.randn(8, 3, 6, 6)
+    model, layers, x = _auto_layers_choosing_kernels(monkeypatch)
+    clock = _injected_clock(monkeypatch)
     quarter_cl = 0.08 * (1.0 if tie else 1.3 * LAYOUT_TIE)  # against 0.08 in NCHW, 0.3 all masked
     whole = []
 
     def loss_of(fmt, batch=x[:2]):
         masked = all(m.backend == "masked" for m in layers.values())
-        _time.sleep(0.3 if masked else quarter_cl if fmt == torch.channels_last else 0.08)
+        clock.now += 0.3 if masked else quarter_cl if fmt == torch.channels_last else 0.08
         return model(batch.contiguous(memory_format=fmt)).square().mean()
 
     def whole_loss_of(fmt):
         masked = all(m.backend == "masked" for m in layers.values())
         whole.append("masked" if masked else fmt)
-        _time.sleep(0.4 if masked else 0.1 if fmt == torch.channels_last else 0.2)
+        clock.now += 0.4 if masked else 0.1 if fmt == torch.channels_last else 0.2
         return model(x.contiguous(memory_format=fmt)).square().mean()
 
     model(x[:2])  # the layers choose (injected)

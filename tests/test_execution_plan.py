@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import train_steps
+from conftest import prefer_kernels, train_steps
 
 import sparsetrain as st
 from sparsetrain.execution import native
@@ -78,9 +78,10 @@ def test_auto_plans_on_the_first_training_batch_and_trains_like_masked_dense():
 
 @needs_native
 def test_a_layout_tie_is_timed_on_compact_layers_and_trains_like_masked_dense(monkeypatch):
-    """The whole-step timings injected: the sparse plan far ahead of every layer masked, its two layouts tied on the
-    quarter batch, NCHW faster on the whole batch. The planner compacts the plan's layers before the whole-batch
-    passes (they time what training holds), keeps NCHW, and the model trains as masked dense does."""
+    """Every timing injected: each layer's kernels faster than masked dense, the sparse plan far ahead of every
+    layer masked, its two layouts tied on the quarter batch, NCHW faster on the whole batch. The planner compacts the
+    plan's layers before the whole-batch passes (they time what training holds), keeps NCHW, and the model trains as
+    masked dense does."""
     rounds, compact_then = [], []
 
     def injected(tries, timed, repeats):
@@ -91,6 +92,7 @@ def test_a_layout_tie_is_timed_on_compact_layers_and_trains_like_masked_dense(mo
             10.0 if plan is None else (1.0 if (fmt == torch.channels_last) != whole else 1.02) for plan, fmt in tries
         ]
 
+    prefer_kernels(monkeypatch)
     monkeypatch.setattr(auto, "_timed_alternately", injected)
     model, opt, sp = _build(st.static, **STATIC, execution="auto", compact_state=True)
     ref_model, ref_opt, _ = _build(st.static, **STATIC)
