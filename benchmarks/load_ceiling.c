@@ -3,7 +3,7 @@
  *
  * Every kept weight of a row multiplies its input's row of a token block: one 16-float vector load per vector
  * multiply-add, since two rows of an unstructured mask rarely share an input. A dense product reuses each loaded
- * vector across a register tile and runs at the multiply-add peak; this loop cannot, so its ceiling is what the
+ * vector across a register tile (MKL: about 0.7 of the register peak); this loop cannot, so its ceiling is what the
  * core does with one load per multiply-add, measured here with every row in the first-level cache:
  *   peak       independent multiply-adds on registers (12 chains): the core's multiply-add rate;
  *   l1_fixed   one aligned load per multiply-add, addresses known (8 chains, two rows at a time);

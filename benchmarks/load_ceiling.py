@@ -6,7 +6,7 @@ sharing their input). One record in ``results/load_ceiling.json``.
     python benchmarks/load_ceiling.py
 
 Each kept weight multiplies its own input row, so the products make one vector load per vector multiply-add; a
-dense product reuses each load across a register tile and reaches the multiply-add peak. Needs AVX-512 and a C
+dense product reuses each load across a register tile (MKL: about 0.7 of the register peak). Needs AVX-512 and a C
 compiler (``$CC``, else ``cc``).
 """
 
