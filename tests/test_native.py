@@ -159,3 +159,40 @@ def test_swat_thresholds_agree_with_and_without_kernels(monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
     without = swat.threshold_and_share(x, 0.1)
     assert float(with_kernels[0]) == float(without[0]) and with_kernels[1] == without[1]
+
+
+def test_every_entry_point_is_declared_once_in_kernels_h_and_each_call_is_checked_against_it():
+    """The sources' exported functions are exactly those ``kernels.h`` declares (the Python side reads no other
+    list), and a call that does not match the declaration is refused before any C code runs."""
+    import re
+
+    folder = native._KERNELS_H.parent
+    defined = set()
+    for source in native._SOURCES:
+        text = re.sub(r"/\*.*?\*/", "", source.read_text(), flags=re.S)
+        defined |= set(re.findall(r"^(?:void|int|int64_t) (\w+)\([^)]*\)\s*\{", text, flags=re.M))
+    header = re.sub(r"/\*.*?\*/", "", (folder / "kernels.h").read_text(), flags=re.S)
+    declared = re.findall(r"^(?:void|int|int64_t) (\w+)\(", header, flags=re.M)
+    assert len(declared) == len(set(declared)) and set(declared) == defined
+    lib = native._load()
+    assert all(callable(getattr(lib, name)) for name in declared)
+    x, out = torch.randn(8), torch.empty(8)
+    lib.select_f32(x, 8, 0.5, out, 1)
+    assert torch.equal(out, torch.where(x.abs() >= 0.5, x, torch.zeros(())))
+    with pytest.raises(TypeError, match="expects 5 arguments, got 4"):
+        lib.select_f32(x, 8, 0.5, out)
+    with pytest.raises(TypeError):
+        lib.select_f32(x, 8, "0.5", out, 1)  # a string where a float is declared
+
+
+def test_a_library_without_a_declared_function_is_refused(tmp_path):
+    """A library that lacks an entry point of ``kernels.h`` is not loaded (``_load`` then rebuilds it)."""
+    src = tmp_path / "partial.c"
+    src.write_text("#include <stdint.h>\nint64_t chunk_count(int64_t n) { return n; }\n")
+    lib = tmp_path / "partial.so"
+    import subprocess
+
+    subprocess.run([*native.compiler(), "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    lib.chmod(0o700)
+    with pytest.raises(OSError, match="lacks the function"):
+        native._open(lib)

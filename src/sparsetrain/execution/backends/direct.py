@@ -14,7 +14,6 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,8 +49,8 @@ class DirectStructure(KeptEntries):
 
     shape: tuple[int, int, int, int]
     flat_index: torch.Tensor | None  # None for lists made from a threshold (SWAT's W_s), which carry their values
-    by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16 (numpy)
-    by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int32 (numpy)
+    by_out: tuple  # co_ptr int64 [Cout+1], ci int32, kh int16, kw int16
+    by_in: tuple  # ci_ptr int64 [Cin+1], co int32, kh int16, kw int16, value index int32
     _flipped: tuple | None = None
     _rows: CondensedStructure | None = None  # a 1 x 1 kernel's lists as a Linear's rows (see :meth:`as_rows`)
     _tensors: list[torch.Tensor] | None = None  # the lists as the direct operators take them (see :meth:`tensors`)
@@ -72,15 +71,9 @@ class DirectStructure(KeptEntries):
         order = torch.argsort(ci * cout + co, stable=True)
         ci_ptr = torch.zeros(cin + 1, dtype=torch.int64)
         ci_ptr[1:] = torch.bincount(ci, minlength=cin).cumsum(0)
-        np_ = lambda t, dt: np.ascontiguousarray(t.numpy().astype(dt))  # noqa: E731
-        by_out = (np_(co_ptr, np.int64), np_(ci, np.int32), np_(h, np.int16), np_(w, np.int16))
-        by_in = (
-            np_(ci_ptr, np.int64),
-            np_(co[order], np.int32),
-            np_(h[order], np.int16),
-            np_(w[order], np.int16),
-            np_(order, np.int32),
-        )
+        i32, i16 = torch.int32, torch.int16
+        by_out = (co_ptr, ci.to(i32), h.to(i16), w.to(i16))
+        by_in = (ci_ptr, co[order].to(i32), h[order].to(i16), w[order].to(i16), order.to(i32))
         made = cls(tuple(mask4d.shape), idx.to(torch.int32), by_out, by_in)
         made.tensors()  # now, not inside a compiled forward (where making it would be a side effect to guard)
         made.as_rows()  # (likewise the rows that small planes and one-image inference read)
@@ -95,9 +88,9 @@ class DirectStructure(KeptEntries):
             self._flipped = (
                 ptr,
                 co,
-                (kh_n - 1 - kh).astype(np.int16),
-                (kw_n - 1 - kw).astype(np.int16),
-                torch.from_numpy(vidx),
+                (kh_n - 1 - kh).to(torch.int16),
+                (kw_n - 1 - kw).to(torch.int16),
+                vidx,
             )
         return self._flipped
 
@@ -119,11 +112,11 @@ class DirectStructure(KeptEntries):
         if self._tensors is None:
             ptr, co, fkh, fkw, vidx = self.by_in_flipped()
             arrays = (*self.by_out, *self.by_in[:4], fkh, fkw)
-            self._tensors = [torch.from_numpy(a) for a in arrays] + [vidx]
+            self._tensors = [*arrays, vidx]
             _BY_LISTS[id(self._tensors[0])] = self  # (it holds the tensor: the id stays its own while it lives)
         return self._tensors
 
-    def plan_for(self, x_shape, stride, padding, dilation) -> tuple[np.ndarray, tuple[bool, bool, bool]]:
+    def plan_for(self, x_shape, stride, padding, dilation) -> tuple[tuple[int, ...], tuple[bool, bool, bool]]:
         """(:func:`direct_geometry`, :func:`direct_plan`) of this weight on an input of ``x_shape``, made once per
         input geometry (every step passes the same shapes)."""
         key = (tuple(x_shape), tuple(stride), tuple(padding), tuple(dilation))
@@ -138,19 +131,18 @@ class DirectStructure(KeptEntries):
     @classmethod
     def from_tensors(cls, shape, lists: list[torch.Tensor]) -> "DirectStructure":
         """The structure :meth:`tensors` listed (inside an operator): the structure that made these very tensors
-        while it lives (eager and compiled calls pass them every step; rebuilding it was 11 NumPy views and the
-        geometry per call, forward and backward), else one rebuilt from them (no mask, no flat index)."""
+        while it lives (eager and compiled calls pass them every step; rebuilt, a structure would redo its geometry and
+        plans on every call, forward and backward), else one rebuilt from them (no mask, no flat index)."""
         made = _BY_LISTS.get(id(lists[0]))
         if made is not None and made._tensors is not None and made._tensors[0] is lists[0]:
             return made
         co_ptr, ci, kh, kw, ci_ptr, co, kh_in, kw_in, fkh, fkw, vidx = lists
-        arr = [t.numpy() for t in (co_ptr, ci, kh, kw, ci_ptr, co, kh_in, kw_in, fkh, fkw, vidx)]
         return cls(
             tuple(int(v) for v in shape),
             None,
-            tuple(arr[:4]),
-            (*arr[4:8], arr[10]),
-            (arr[4], arr[5], arr[8], arr[9], vidx),
+            (co_ptr, ci, kh, kw),
+            (ci_ptr, co, kh_in, kw_in, vidx),
+            (ci_ptr, co, fkh, fkw, vidx),
         )
 
     def as_rows(self) -> CondensedStructure:
@@ -162,8 +154,8 @@ class DirectStructure(KeptEntries):
 
             co_ptr, ci, kh, kw = self.by_out
             cout, cin, kh_n, kw_n = self.shape
-            col = (ci.astype(np.int64) * kh_n + kh) * kw_n + kw
-            rows = (torch.from_numpy(co_ptr), torch.from_numpy(col.astype(np.int32)))
+            col = (ci.to(torch.int64) * kh_n + kh) * kw_n + kw
+            rows = (co_ptr, col.to(torch.int32))
             self._rows = CondensedStructure((cout, cin * kh_n * kw_n), rows)
         return self._rows
 
@@ -179,30 +171,30 @@ def _kernel_layout(t: torch.Tensor, batch_inner: bool) -> torch.Tensor:
     return t.permute(1, 2, 3, 0).contiguous() if batch_inner else t.contiguous()
 
 
-def _tiled(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool]:
+def _tiled(geom: tuple[int, ...], kernel: tuple[int, int]) -> tuple[bool, bool]:
     """Which products run on the register-tiled kernels: (forward and weight gradient, input gradient). Both need
     stride 1 and dilation 1; the first an output, the second an input, whose rows are 1 to 4 vectors with three
     quarters of their lanes used (``native.tiled_supported``: 12-16 and 24-64 columns with AVX-512; any height); the
     second also padding within the kernel (so that the input gradient is a convolution too)."""
-    _, _, h, w, _, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    _, _, h, w, _, ho, wo, sh, sw, ph, pw, dh, dw = geom
     if not sh == sw == dh == dw == 1:
         return False, False
     return native.tiled_supported(ho, wo), 0 <= ph < kernel[0] and 0 <= pw < kernel[1] and native.tiled_supported(h, w)
 
 
-def direct_plan(geom: np.ndarray, kernel: tuple[int, int]) -> tuple[bool, bool, bool]:
+def direct_plan(geom: tuple[int, ...], kernel: tuple[int, int]) -> tuple[bool, bool, bool]:
     """How the direct kernels run a convolution of geometry ``geom``: (batch innermost, forward and weight gradient
     tiled, input gradient tiled)."""
     tiled, tiled_in = _tiled(geom, kernel)
-    return not (tiled or tiled_in) and int(geom[5]) * int(geom[6]) < _BATCH_INNER_BELOW, tiled, tiled_in
+    return not (tiled or tiled_in) and geom[5] * geom[6] < _BATCH_INNER_BELOW, tiled, tiled_in
 
 
-def direct_geometry(x_shape, kernel_shape, stride, padding, dilation) -> np.ndarray:
-    """N, Cin, H, W, Cout, Ho, Wo, strides, paddings, dilations (int64), as the direct kernels read them."""
+def direct_geometry(x_shape, kernel_shape, stride, padding, dilation) -> tuple[int, ...]:
+    """N, Cin, H, W, Cout, Ho, Wo, strides, paddings, dilations, as the direct kernels read them (an int64 array)."""
     n, cin, h, w = x_shape
     cout, _, kh, kw = kernel_shape
     ho, wo = conv_out_size((h, w), (kh, kw), stride, padding, dilation)
-    return np.array([n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation], dtype=np.int64)
+    return tuple(int(v) for v in (n, cin, h, w, cout, ho, wo, *stride, *padding, *dilation))
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -216,7 +208,7 @@ def direct_forward(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     structure: DirectStructure,
-    geom: np.ndarray,
+    geom: tuple[int, ...],
     plan: tuple[bool, bool, bool],
     nhwc: bool | None = None,
 ) -> torch.Tensor:
@@ -224,14 +216,14 @@ def direct_forward(
     or channels-last; ``nhwc`` decides for an input that is both, as a one-channel image is)."""
     bi, tiled, _ = plan
     if channels_last(x) if nhwc is None else nhwc:
-        n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
+        n, _, _, _, cout, ho, wo = geom[:7]
         out = torch.empty((n, ho, wo, cout), dtype=x.dtype)
         native.nhwc_conv_forward(geom, _nhwc(x.detach()), values, bias, structure.by_out, out)
         return out.permute(0, 3, 1, 2)
-    n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
+    n, _, _, _, cout, ho, wo = geom[:7]
     out = torch.empty((cout, ho, wo, n) if bi else (n, cout, ho, wo), dtype=x.dtype)
     if tiled:
-        native.tiled_conv(x.detach().contiguous(), values, bias, structure.by_out, out, (int(geom[9]), int(geom[10])))
+        native.tiled_conv(x.detach().contiguous(), values, bias, structure.by_out, out, geom[9:11])
     else:
         native.sparse_conv_forward(
             geom, _kernel_layout(x.detach(), bi), values, bias, structure.by_out, out, batch_inner=bi
@@ -243,13 +235,13 @@ def direct_input_grad(
     grad_out: torch.Tensor,
     values: torch.Tensor,
     structure: DirectStructure,
-    geom: np.ndarray,
+    geom: tuple[int, ...],
     plan: tuple[bool, bool, bool],
     nhwc: bool = False,
 ) -> torch.Tensor:
     """The input gradient of :func:`direct_forward`, NCHW (``nhwc``: channels-last, as the input was)."""
     bi, _, tiled_in = plan
-    n, cin, h, w = (int(v) for v in geom[:4])
+    n, cin, h, w = geom[:4]
     if nhwc:
         gx = torch.empty((n, h, w, cin), dtype=grad_out.dtype)
         native.nhwc_conv_input_grad(
@@ -260,7 +252,7 @@ def direct_input_grad(
     gx = torch.empty((cin, h, w, n) if bi else (n, cin, h, w), dtype=g.dtype)
     if tiled_in:  # the padded output gradient convolved with the flipped kernel, listed by input channel
         kh, kw = structure.shape[2:]
-        ph, pw = int(geom[9]), int(geom[10])
+        ph, pw = geom[9:11]
         ptr, co, fkh, fkw, vidx = structure.by_in_flipped()
         native.tiled_conv(g, values.index_select(0, vidx), None, (ptr, co, fkh, fkw), gx, (kh - 1 - ph, kw - 1 - pw))
     else:
@@ -310,7 +302,7 @@ def _lists_fake(shape, nnz) -> list[torch.Tensor]:
 @direct_conv2d_op.register_fake
 def _direct_conv2d_fake(x, values, bias, lists, shape, stride, padding, dilation, nhwc):
     geom = direct_geometry(x.shape, shape, stride, padding, dilation)
-    n, cout, ho, wo = (int(geom[i]) for i in (0, 4, 5, 6))
+    n, _, _, _, cout, ho, wo = geom[:7]
     return _layout((n, cout, ho, wo), nhwc, direct_plan(geom, tuple(shape[2:]))[0]).to(x.dtype)
 
 
@@ -348,7 +340,7 @@ def direct_conv2d_backward(
         if nhwc:
             gv = native.nhwc_conv_weight_grad(geom, _nhwc(x), _nhwc(grad), s.by_out, values.numel())
         elif tiled:
-            pad = (int(geom[9]), int(geom[10]))
+            pad = geom[9:11]
             gv = native.tiled_conv_weight_grad(x.contiguous(), grad.contiguous(), s.by_out, values.numel(), pad)
         else:
             gv = native.sparse_conv_backward_weight(

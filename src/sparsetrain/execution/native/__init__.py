@@ -1,4 +1,4 @@
-"""Fused C kernels for compressed activations and sparse convolutions, built on first use; numpy is the fallback.
+"""Fused C kernels for compressed activations and sparse convolutions, built on first use (else numpy and torch).
 
 SWAT saves each layer input as a bitmask plus the kept values, and the bit-packed ReLU
 saves one bit per element. In numpy that is several single-threaded passes (abs, compare,
@@ -8,7 +8,8 @@ one multi-threaded pass, which is what keeps SWAT's step time near the dense one
 ``compact_pool.c`` is a max-pool that saves a byte per output. The direct sparse convolution of the
 ``direct`` execution backend is in ``direct_conv.c`` (and, register-tiled for stride-1 planes, in
 ``tiled_conv.c``, which also lists SWAT's kept weights from a threshold); the condensed Linear kernels are
-in ``condensed.c``. The families share ``parallel.h`` and build into one library.
+in ``condensed.c``. The families share ``parallel.h`` and build into one library, whose entry points
+``kernels.h`` declares once (the compiler checks the definitions against it, cffi each call).
 
 The library is compiled with the system C compiler (``$CC``, else ``cc``), tuned for the
 CPU at hand (-march=native), into the cache directory ($SPARSETRAIN_CACHE, else
@@ -19,7 +20,6 @@ caller falls back to the numpy path, which gives identical results.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
@@ -31,7 +31,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
+import cffi
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake as _is_fake
@@ -78,55 +78,60 @@ _SOURCES = [
     _DIR / "condensed.c",
     _DIR / "nhwc_conv.c",
 ]
-_HEADERS = [_DIR / "parallel.h", _DIR / "scratch.h", _DIR / "vectors.h", _DIR / "bf16.h"]
+_KERNELS_H = _DIR / "kernels.h"
+_HEADERS = [_KERNELS_H, _DIR / "parallel.h", _DIR / "scratch.h", _DIR / "vectors.h", _DIR / "bf16.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu99"]
-_lib: ctypes.CDLL | None = None
+_lib: "_Library | None" = None
 _tried = False
 
-_i64, _f32, _int, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-_SIGNATURES = {
-    "chunk_count": ([_i64], _i64),
-    "uses_openmp": ([], _int),
-    "keep_bits_f32": ([_p, _i64, _f32, _int, _p, _p, _int], None),
-    "gather_f32": ([_p, _i64, _p, _p, _p, _int], None),
-    "count_bits": ([_p, _i64, _p, _int], None),
-    "scatter_f32": ([_p, _p, _p, _i64, _p, _int], None),
-    "relu_bits_f32": ([_p, _i64, _p, _p, _int], None),
-    "relu_grad_f32": ([_p, _p, _i64, _p, _int], None),
-    "select_f32": ([_p, _i64, _f32, _p, _int], None),
-    "kth_largest_abs_f32": ([_p, _i64, _i64, _p, _p, _p, _int], None),
-    "sparse_conv_forward": ([_p] * 9 + [_int], None),
-    "sparse_conv_backward_input": ([_p] * 9 + [_int], None),
-    "sparse_conv_backward_weight": ([_p] * 8 + [_int, _int], None),
-    "sparse_conv_forward_bi": ([_p] * 9 + [_int], None),
-    "sparse_conv_backward_input_bi": ([_p] * 9 + [_int], None),
-    "sparse_conv_backward_weight_bi": ([_p] * 8 + [_int], None),
-    "compressed_image_offsets": ([_p, _i64, _i64, _p, _int], None),
-    "compressed_conv_weight_grad": ([_p] * 10 + [_i64, _int], None),
-    "tiled_conv_forward": ([_p] * 9 + [_int], _int),
-    "max_pool2_forward": ([_p] * 5 + [_int, _int], None),
-    "max_pool2_backward": ([_p] * 5 + [_int, _int], None),
-    "tiled_conv_supported": ([_i64, _i64], _int),
-    "tiled_conv_weight_grad": ([_p] * 8 + [_i64, _int], _int),
-    "threshold_counts": ([_p, _i64, _i64, _f32, _p, _int], None),
-    "threshold_lists": ([_p, _i64, _i64, _i64, _i64, _f32] + [_p] * 10 + [_int], None),
-    "condensed_forward": ([_p] * 7 + [_int], _int),
-    "condensed_forward_few": ([_p] * 7 + [_int], _int),
-    "condensed_lanes": ([], _int),
-    "condensed_backward": ([_p] * 8 + [_int, _int], _int),
-    "condensed_bf16": ([], _int),
-    "condensed_forward_bf16": ([_p] * 7 + [_int], _int),
-    "condensed_backward_bf16": ([_p] * 8 + [_int, _int], _int),
-    "nhwc_conv_forward": ([_p] * 9 + [_i64, _int], _int),
-    "nhwc_conv_weight_grad": ([_p] * 8 + [_i64, _i64, _int], _int),
-    "nhwc_conv_backward": ([_p] * 15 + [_i64, _i64, _int], _int),
-    "nhwc_conv_input_grad_scatter": ([_p] * 9 + [_i64, _int], _int),
-    "nhwc_lanes": ([], _int),
-    "nhwc_accumulators": ([], _int),
-    "nhwc_lanes_bf16": ([], _int),
-    "nhwc_conv_forward_bf16": ([_p] * 9 + [_i64, _int], _int),
-    "nhwc_conv_weight_grad_bf16": ([_p] * 8 + [_i64, _i64, _int], _int),
-}
+
+@functools.cache
+def _ffi():
+    """cffi's reader of ``kernels.h``, where every entry point is declared once (its preprocessor lines left out:
+    cffi parses plain declarations). Made on first use, not at import (parsing takes a few milliseconds)."""
+    ffi = cffi.FFI()
+    ffi.cdef("\n".join(line for line in _KERNELS_H.read_text().splitlines() if not line.lstrip().startswith("#")))
+    return ffi
+
+
+class _Library:
+    """The loaded kernels: each function ``kernels.h`` declares, as an attribute that takes tensors (passed by their
+    data's address), None (a NULL pointer), tuples of ints (passed as a temporary array of the declared type, as
+    the sizes are) and plain numbers. cffi checks each call's arguments, their count and kinds, against the
+    declaration, so no signature is restated here."""
+
+    def __init__(self, path: Path):
+        ffi = _ffi()
+        self._lib = ffi.dlopen(str(path))
+        for name in dir(self._lib):
+            try:
+                setattr(self, name, _passing_tensors(name, getattr(self._lib, name), ffi))
+            except AttributeError:
+                raise OSError(f"{path} lacks the function {name}") from None
+        self.has_bf16 = bool(self.condensed_bf16())  # (asked once: read under torch.compile as a plain attribute)
+
+
+def _passing_tensors(name: str, fn, ffi):
+    """``fn`` taking a tensor where its declaration takes a pointer (its data's address), or a number (a
+    one-element tensor, as ``torch.jit.trace`` hands sizes over)."""
+    pointers = [arg.kind == "pointer" for arg in ffi.typeof(fn).args]
+    cast, null = ffi.cast, ffi.NULL
+
+    def call(*args):
+        if len(args) != len(pointers):
+            raise TypeError(f"{name} expects {len(pointers)} arguments, got {len(args)}")
+        return fn(
+            *[
+                (cast("void *", a.data_ptr()) if p else a.item())
+                if isinstance(a, torch.Tensor)
+                else null
+                if a is None
+                else a
+                for a, p in zip(args, pointers)
+            ]
+        )
+
+    return call
 
 
 def elementwise_threads() -> int:
@@ -246,24 +251,16 @@ def _build(target: Path, portable: bool = False) -> None:
             os.unlink(tmp)
 
 
-def _open(path: Path) -> ctypes.CDLL:
-    """Load the library at ``path`` and declare its functions; OSError when it is not this user's alone, does not
-    load, or lacks one of them."""
+def _open(path: Path) -> _Library:
+    """Load the library at ``path``; OSError when it is not this user's alone, does not load, or lacks one of the
+    functions ``kernels.h`` declares."""
     why = _trusted(path)
     if why:
         raise OSError(why)
-    lib = ctypes.CDLL(str(path))
-    for name, (args, res) in _SIGNATURES.items():
-        try:
-            fn = getattr(lib, name)
-        except AttributeError:
-            raise OSError(f"{path} lacks the function {name}") from None
-        fn.argtypes, fn.restype = args, res
-    lib.has_bf16 = bool(lib.condensed_bf16())  # (asked once: read under torch.compile as a plain attribute)
-    return lib
+    return _Library(path)
 
 
-def _load() -> ctypes.CDLL | None:
+def _load() -> "_Library | None":
     global _lib, _tried
     if _tried:
         return _lib
@@ -311,10 +308,10 @@ def available(t: torch.Tensor | None = None) -> bool:
     return _load() is not None
 
 
-def _offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
-    offsets = np.zeros_like(counts)
-    np.cumsum(counts[:-1], out=offsets[1:])
-    return offsets, int(counts.sum())
+def _offsets(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Where each chunk's kept values start, and how many there are in all."""
+    ends = counts.cumsum(0)
+    return ends - counts, int(ends[-1])
 
 
 _AT_LEAST, _ABS_AT_LEAST, _NONZERO = 0, 1, 3  # keep_bits_f32's modes (compressed.c)
@@ -335,21 +332,21 @@ def compress_nonzero(flat: torch.Tensor, max_share: float = 1.0) -> tuple[torch.
 def _keep(flat: torch.Tensor, threshold: float, mode: int, max_share: float):
     lib, n, threads = _load(), flat.numel(), elementwise_threads()
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    counts = np.empty(lib.chunk_count(n), dtype=np.int64)
-    lib.keep_bits_f32(flat.data_ptr(), n, threshold, mode, packed.data_ptr(), counts.ctypes.data, threads)
+    counts = torch.empty(lib.chunk_count(n), dtype=torch.int64)
+    lib.keep_bits_f32(flat, n, threshold, mode, packed, counts, threads)
     offsets, total = _offsets(counts)
     if total > max_share * n:
         return None
     values = torch.empty(total, dtype=flat.dtype)
-    lib.gather_f32(flat.data_ptr(), n, packed.data_ptr(), offsets.ctypes.data, values.data_ptr(), threads)
+    lib.gather_f32(flat, n, packed, offsets, values, threads)
     return packed, values
 
 
 def decompress(packed: torch.Tensor, values: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense 1-D tensor of ``numel`` entries: ``values`` where the bit is set, zero elsewhere (into ``out`` if given)."""
     lib, threads = _load(), elementwise_threads()
-    counts = np.empty(lib.chunk_count(numel), dtype=np.int64)
-    lib.count_bits(packed.data_ptr(), numel, counts.ctypes.data, threads)
+    counts = torch.empty(lib.chunk_count(numel), dtype=torch.int64)
+    lib.count_bits(packed, numel, counts, threads)
     offsets, total = _offsets(counts)
     if total != values.numel():
         raise ValueError(f"bitmask holds {total} set bits but {values.numel()} values were given")
@@ -357,7 +354,7 @@ def decompress(packed: torch.Tensor, values: torch.Tensor, numel: int, out: torc
         out = torch.empty(numel, dtype=values.dtype)
     elif not (out.numel() == numel and out.dtype == values.dtype and out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {values.dtype} tensor of {numel} entries")
-    lib.scatter_f32(packed.data_ptr(), values.data_ptr(), offsets.ctypes.data, numel, out.data_ptr(), threads)
+    lib.scatter_f32(packed, values, offsets, numel, out, threads)
     return out
 
 
@@ -366,21 +363,21 @@ def relu_bits(flat: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torc
     n = flat.numel()
     out = torch.empty_like(flat) if out is None else out
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    _load().relu_bits_f32(flat.data_ptr(), n, out.data_ptr(), packed.data_ptr(), elementwise_threads())
+    _load().relu_bits_f32(flat, n, out, packed, elementwise_threads())
     return out, packed
 
 
 def relu_grad(grad: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``grad`` where the packed bit is set, zero elsewhere (ReLU's backward from its bitmask)."""
     out = torch.empty_like(grad)
-    _load().relu_grad_f32(grad.data_ptr(), packed.data_ptr(), grad.numel(), out.data_ptr(), elementwise_threads())
+    _load().relu_grad_f32(grad, packed, grad.numel(), out, elementwise_threads())
     return out
 
 
 def select(flat: torch.Tensor, threshold: float) -> torch.Tensor:
     """``flat`` where ``|flat| >= threshold``, zero elsewhere, in one pass."""
     out = torch.empty_like(flat)
-    _load().select_f32(flat.data_ptr(), flat.numel(), float(threshold), out.data_ptr(), elementwise_threads())
+    _load().select_f32(flat, flat.numel(), float(threshold), out, elementwise_threads())
     return out
 
 
@@ -389,23 +386,14 @@ def kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[float, int]:
     lib, n = _load(), flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    thr, count = np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int64)
-    hist = np.empty(lib.chunk_count(n) * 2048, dtype=np.uint32)
-    lib.kth_largest_abs_f32(
-        flat.data_ptr(), n, k, thr.ctypes.data, count.ctypes.data, hist.ctypes.data, elementwise_threads()
-    )
+    thr, count = torch.empty(1), torch.empty(1, dtype=torch.int64)
+    hist = torch.empty(lib.chunk_count(n) * 2048, dtype=torch.int32)  # (uint32 counts to C)
+    lib.kth_largest_abs_f32(flat, n, k, thr, count, hist, elementwise_threads())
     return float(thr[0]), int(count[0])
 
 
-def _ptr(t) -> int | None:
-    """The address of an array's or a tensor's data (None: a NULL pointer)."""
-    if t is None:
-        return None
-    return t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr()
-
-
 def sparse_conv_forward(
-    geom: np.ndarray,
+    geom: tuple[int, ...],
     x: torch.Tensor,
     values: torch.Tensor,
     bias: torch.Tensor | None,
@@ -419,22 +407,22 @@ def sparse_conv_forward(
     co_ptr, ci, kh, kw = by_out
     fn = _load().sparse_conv_forward_bi if batch_inner else _load().sparse_conv_forward
     fn(
-        _ptr(geom),
-        _ptr(x),
-        _ptr(values),
-        _ptr(bias) if bias is not None else None,
-        _ptr(co_ptr),
-        _ptr(ci),
-        _ptr(kh),
-        _ptr(kw),
-        _ptr(out),
+        geom,
+        x,
+        values,
+        bias,
+        co_ptr,
+        ci,
+        kh,
+        kw,
+        out,
         torch.get_num_threads(),
     )
     return out
 
 
 def sparse_conv_backward_input(
-    geom: np.ndarray,
+    geom: tuple[int, ...],
     grad: torch.Tensor,
     values: torch.Tensor,
     by_in: tuple,
@@ -446,37 +434,33 @@ def sparse_conv_backward_input(
     ci_ptr, co, kh, kw, vidx = by_in
     fn = _load().sparse_conv_backward_input_bi if batch_inner else _load().sparse_conv_backward_input
     fn(
-        _ptr(geom),
-        _ptr(grad),
-        _ptr(values),
-        _ptr(ci_ptr),
-        _ptr(co),
-        _ptr(kh),
-        _ptr(kw),
-        _ptr(vidx),
-        _ptr(gx),
+        geom,
+        grad,
+        values,
+        ci_ptr,
+        co,
+        kh,
+        kw,
+        vidx,
+        gx,
         torch.get_num_threads(),
     )
     return gx
 
 
 def sparse_conv_backward_weight(
-    geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple, nnz: int, batch_inner: bool = False
+    geom: tuple[int, ...], x: torch.Tensor, grad: torch.Tensor, by_out: tuple, nnz: int, batch_inner: bool = False
 ) -> torch.Tensor:
     """The weight gradient of :func:`sparse_conv_forward` at the kept entries only (in ``by_out`` order)."""
     co_ptr, ci, kh, kw = by_out
     lib, threads = _load(), torch.get_num_threads()
     if batch_inner:
         gw = torch.empty(nnz, dtype=torch.float32)
-        lib.sparse_conv_backward_weight_bi(
-            _ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(gw), threads
-        )
+        lib.sparse_conv_backward_weight_bi(geom, x, grad, co_ptr, ci, kh, kw, gw, threads)
         return gw
-    parts = max(1, min(threads, int(geom[0])))
+    parts = max(1, min(threads, geom[0]))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
-    lib.sparse_conv_backward_weight(
-        _ptr(geom), _ptr(x), _ptr(grad), _ptr(co_ptr), _ptr(ci), _ptr(kh), _ptr(kw), _ptr(partial), parts, threads
-    )
+    lib.sparse_conv_backward_weight(geom, x, grad, co_ptr, ci, kh, kw, partial, parts, threads)
     return partial.sum(0)
 
 
@@ -495,7 +479,7 @@ def block_bytes() -> int:
     return 1 << 20
 
 
-def nhwc_block(geom: np.ndarray, bf16: bool = False) -> int:
+def nhwc_block(geom: tuple[int, ...], bf16: bool = False) -> int:
     """Images per block for the channels-last kernels (``nhwc_conv.c``) of the convolution ``geom``. First the output
     row of ``wo * B`` lanes that wastes the fewest of its whole vectors (pairs of vectors in bfloat16). Among those,
     in float32, the smallest B whose output plane (``ho`` rows of ``wo * B`` lanes) fills the tile of accumulators
@@ -504,7 +488,7 @@ def nhwc_block(geom: np.ndarray, bf16: bool = False) -> int:
     4 x 4 layers at B = 4: four multiply-adds a kept weight, 2 x 2 at B = 8: two) those overheads were the kernels'
     time: at B = 16 the two layers' forward and backward take 20-30% less on an Intel Xeon. Else the smaller block
     on a tie (more blocks to share out, smaller buffers)."""
-    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw = (int(v) for v in geom[:11])
+    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw = geom[:11]
     lanes = _load().nhwc_lanes_bf16() if bf16 else _load().nhwc_lanes()
     fewest: list[int] = []
     waste = 1.0
@@ -539,7 +523,12 @@ _NHWC, _TILED = "channels-last sparse convolution kernels", "register-tiled spar
 
 
 def nhwc_conv_forward(
-    geom: np.ndarray, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, by_out: tuple, out: torch.Tensor
+    geom: tuple[int, ...],
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    by_out: tuple,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """Direct sparse convolution in channels-last: ``x`` and ``out`` are NHWC in memory (a channels-last tensor's
     ``permute(0, 2, 3, 1)``, contiguous); ``geom`` and ``by_out`` as for :func:`sparse_conv_forward`."""
@@ -548,15 +537,15 @@ def nhwc_conv_forward(
     block = nhwc_block(geom, half)
     _allocated(
         (_load().nhwc_conv_forward_bf16 if half else _load().nhwc_conv_forward)(
-            _ptr(geom),
-            _ptr(x),
-            _ptr(values),
-            _ptr(bias) if bias is not None else None,
-            _ptr(co_ptr),
-            _ptr(ci),
-            _ptr(kh),
-            _ptr(kw),
-            _ptr(out),
+            geom,
+            x,
+            values,
+            bias,
+            co_ptr,
+            ci,
+            kh,
+            kw,
+            out,
             block,
             torch.get_num_threads(),
         ),
@@ -566,7 +555,7 @@ def nhwc_conv_forward(
 
 
 def nhwc_conv_input_grad(
-    geom: np.ndarray,
+    geom: tuple[int, ...],
     kernel: tuple[int, int],
     grad: torch.Tensor,
     values: torch.Tensor,
@@ -578,26 +567,26 @@ def nhwc_conv_input_grad(
     convolution whose padding is within the kernel's reach takes the forward kernel: the output gradient padded
     by ``dilation * (kernel - 1) - padding``, convolved with the flipped kernel (``flipped``: ptr, co, kh, kw, value
     index, by input channel, taps flipped); other strides scatter each kept entry (``by_in``, taps as they are)."""
-    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw, dh, dw = geom
     pad_h, pad_w = dh * (kernel[0] - 1) - ph, dw * (kernel[1] - 1) - pw
     if sh == sw == 1 and pad_h >= 0 and pad_w >= 0:
         ptr, co, fkh, fkw, vidx = flipped
-        back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
+        back = (n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw)
         return nhwc_conv_forward(back, grad, values.index_select(0, vidx), None, (ptr, co, fkh, fkw), gx)
     if grad.dtype != torch.float32:  # (read as float32, a narrower tensor would send the C code past its end)
         raise TypeError(f"a strided convolution's input gradient computes in float32, got a {grad.dtype} gradient")
     ptr, co, kh, kw, vidx = by_in
     _allocated(
         _load().nhwc_conv_input_grad_scatter(
-            _ptr(geom),
-            _ptr(grad),
-            _ptr(values),
-            _ptr(ptr),
-            _ptr(co),
-            _ptr(kh),
-            _ptr(kw),
-            _ptr(vidx),
-            _ptr(gx),
+            geom,
+            grad,
+            values,
+            ptr,
+            co,
+            kh,
+            kw,
+            vidx,
+            gx,
             nhwc_block(geom),
             torch.get_num_threads(),
         ),
@@ -607,25 +596,25 @@ def nhwc_conv_input_grad(
 
 
 def nhwc_conv_weight_grad(
-    geom: np.ndarray, x: torch.Tensor, grad: torch.Tensor, by_out: tuple, nnz: int
+    geom: tuple[int, ...], x: torch.Tensor, grad: torch.Tensor, by_out: tuple, nnz: int
 ) -> torch.Tensor:
     """The gradient of the kept weights of :func:`nhwc_conv_forward` (NHWC ``x`` and ``grad``), in ``by_out`` order."""
     co_ptr, ci, kh, kw = by_out
     threads = torch.get_num_threads()
     half = x.dtype == torch.bfloat16  # (x and grad bfloat16; the gradient float32)
     block = nhwc_block(geom, half)
-    parts = max(1, min(threads, -(-int(geom[0]) // block)))
+    parts = max(1, min(threads, -(-geom[0] // block)))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
     _allocated(
         (_load().nhwc_conv_weight_grad_bf16 if half else _load().nhwc_conv_weight_grad)(
-            _ptr(geom),
-            _ptr(x),
-            _ptr(grad),
-            _ptr(co_ptr),
-            _ptr(ci),
-            _ptr(kh),
-            _ptr(kw),
-            _ptr(partial),
+            geom,
+            x,
+            grad,
+            co_ptr,
+            ci,
+            kh,
+            kw,
+            partial,
             parts,
             block,
             threads,
@@ -636,7 +625,7 @@ def nhwc_conv_weight_grad(
 
 
 def nhwc_conv_backward(
-    geom: np.ndarray,
+    geom: tuple[int, ...],
     kernel: tuple[int, int],
     x: torch.Tensor,
     grad: torch.Tensor,
@@ -649,18 +638,18 @@ def nhwc_conv_backward(
     that pass does not apply (a strided convolution, padding beyond the kernel's reach, output rows whose padding
     lanes the output gradient's padding cannot cover): then :func:`nhwc_conv_input_grad` and
     :func:`nhwc_conv_weight_grad` (``flipped`` as for the first). Float32 only."""
-    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw, dh, dw = (int(v) for v in geom)
+    n, cin, h, w, cout, ho, wo, sh, sw, ph, pw, dh, dw = geom
     pad_h, pad_w = dh * (kernel[0] - 1) - ph, dw * (kernel[1] - 1) - pw
     if (sh, sw) != (1, 1) or min(pad_h, pad_w) < 0:
         return None
     (co_ptr, ci, kh, kw), (fptr, co, fkh, fkw, vidx) = by_out, flipped
-    back = np.array([n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw], dtype=np.int64)
+    back = (n, cout, ho, wo, cin, h, w, 1, 1, pad_h, pad_w, dh, dw)
     threads, block = torch.get_num_threads(), nhwc_block(geom)
     parts = max(1, min(threads, -(-n // block)))
     gx, partial = torch.empty(n, h, w, cin), torch.empty(parts, values.numel())
     fvalues = values.index_select(0, vidx)
     pointers = (geom, back, x, grad, co_ptr, ci, kh, kw, fvalues, fptr, co, fkh, fkw, gx, partial)
-    status = _load().nhwc_conv_backward(*map(_ptr, pointers), parts, block, threads)
+    status = _load().nhwc_conv_backward(*pointers, parts, block, threads)
     if status == -2:
         return None
     _allocated(status, _NHWC)
@@ -673,10 +662,10 @@ def tiled_supported(ho: int, wo: int) -> bool:
     return lib is not None and bool(lib.tiled_conv_supported(ho, wo))
 
 
-def _tiled_dims(x: torch.Tensor, padding: tuple[int, int], out_shape) -> np.ndarray:
+def _tiled_dims(x: torch.Tensor, padding: tuple[int, int], out_shape) -> tuple[int, ...]:
     n, cin, h, w = x.shape
     _, cout, ho, wo = out_shape
-    return np.array([n, cin, h, w, *padding, cout, ho, wo], dtype=np.int64)
+    return (n, cin, h, w, *padding, cout, ho, wo)
 
 
 def tiled_conv(
@@ -692,10 +681,9 @@ def tiled_conv(
     channel, kh, kw) lists the kept entries by output channel, in the order of ``values``. Check
     :func:`tiled_supported` first."""
     ptr, ch, kh, kw = lists
-    bias_ptr = _ptr(bias) if bias is not None else None
     dims = _tiled_dims(x, padding, out.shape)
     lib, threads = _load(), torch.get_num_threads()
-    args = (_ptr(dims), _ptr(x), _ptr(values), bias_ptr, _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(out))
+    args = (dims, x, values, bias, ptr, ch, kh, kw, out)
     _allocated(lib.tiled_conv_forward(*args, threads), _TILED)
     return out
 
@@ -711,9 +699,7 @@ def tiled_conv_weight_grad(
     partial = torch.empty(parts, nnz, dtype=torch.float32)
     dims = _tiled_dims(x, padding, grad.shape)
     _allocated(
-        _load().tiled_conv_weight_grad(
-            _ptr(dims), _ptr(x), _ptr(grad), _ptr(ptr), _ptr(ch), _ptr(kh), _ptr(kw), _ptr(partial), parts, threads
-        ),
+        _load().tiled_conv_weight_grad(dims, x, grad, ptr, ch, kh, kw, partial, parts, threads),
         _TILED,
     )
     return partial[0] if parts == 1 else partial.sum(0)
@@ -726,30 +712,30 @@ def threshold_lists(weight: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     w = weight.detach().contiguous()
     cout, cin, kh, kw = w.shape
     lib, threads = _load(), torch.get_num_threads()
-    co_ptr = np.empty(cout + 1, dtype=np.int64)
-    lib.threshold_counts(_ptr(w), cout, cin * kh * kw, float(threshold), _ptr(co_ptr), threads)
+    co_ptr = torch.empty(cout + 1, dtype=torch.int64)
+    lib.threshold_counts(w, cout, cin * kh * kw, float(threshold), co_ptr, threads)
     nnz = int(co_ptr[-1])
     values = torch.empty(nnz, dtype=torch.float32)
-    ci, co = np.empty(nnz, dtype=np.int32), np.empty(nnz, dtype=np.int32)
-    khs, kws, kh_t, kw_t = (np.empty(nnz, dtype=np.int16) for _ in range(4))
-    ci_ptr, vidx = np.empty(2 * cin + 1, dtype=np.int64), np.empty(nnz, dtype=np.int32)
+    ci, co = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.int32)
+    khs, kws, kh_t, kw_t = (torch.empty(nnz, dtype=torch.int16) for _ in range(4))
+    ci_ptr, vidx = torch.empty(2 * cin + 1, dtype=torch.int64), torch.empty(nnz, dtype=torch.int32)
     lib.threshold_lists(
-        _ptr(w),
+        w,
         cout,
         cin,
         kh,
         kw,
         float(threshold),
-        _ptr(co_ptr),
-        _ptr(ci),
-        _ptr(khs),
-        _ptr(kws),
-        _ptr(values),
-        _ptr(ci_ptr),
-        _ptr(co),
-        _ptr(kh_t),
-        _ptr(kw_t),
-        _ptr(vidx),
+        co_ptr,
+        ci,
+        khs,
+        kws,
+        values,
+        ci_ptr,
+        co,
+        kh_t,
+        kw_t,
+        vidx,
         threads,
     )
     return values, (co_ptr, ci, khs, kws), (ci_ptr[: cin + 1], co, kh_t, kw_t, vidx)
@@ -763,10 +749,10 @@ def pool_layout(x: torch.Tensor) -> torch.memory_format:
 def _pool_call(fn, dims_of: torch.Tensor, big: torch.Tensor, small: torch.Tensor, *ptrs) -> None:
     """Call a pooling kernel: sizes from ``dims_of``, the strides of the input-sized and output-sized tensors."""
     n, c, ho, wo = dims_of.shape
-    dims = np.array([n, c, ho, wo], dtype=np.int64)
-    strides = np.array([*big.stride(), *small.stride()], dtype=np.int64)
+    dims = (n, c, ho, wo)
+    strides = (*big.stride(), *small.stride())
     channels_inner = int(pool_layout(big) == torch.channels_last)
-    fn(_ptr(dims), _ptr(strides), *map(_ptr, ptrs), channels_inner, torch.get_num_threads())
+    fn(dims, strides, *ptrs, channels_inner, torch.get_num_threads())
 
 
 def max_pool2(x: torch.Tensor, positions: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -825,9 +811,7 @@ def bf16_kernels() -> bool:
 def _rows_call(fn, dims: tuple, x: torch.Tensor, values, bias, rows: tuple, y: torch.Tensor) -> int:
     """Call a condensed forward kernel (both take dims, input, values, bias, row lists, output, threads)."""
     row_ptr, col = rows
-    arr = np.array(dims, dtype=np.int64)
-    b = _ptr(bias) if bias is not None else None
-    return fn(_ptr(arr), _ptr(x), _ptr(values), b, _ptr(row_ptr), _ptr(col), _ptr(y), torch.get_num_threads())
+    return fn(dims, x, values, bias, row_ptr, col, y, torch.get_num_threads())
 
 
 FEW_TOKENS = 64  # condensed.c's token block: a Linear input of fewer tokens runs on condensed_forward_few at inference
@@ -868,16 +852,16 @@ def condensed_backward(
     # one partial sum of the weight gradient per worker: at most 256 MB of them
     workers = max(1, min(threads, -(-t // 64), (1 << 26) // max(nnz, 1)))
     partial = torch.empty(workers, nnz, dtype=torch.float32) if weight_grad else None
-    dims = np.array([t, n_in, grad.shape[1]], dtype=np.int64)
+    dims = (t, n_in, grad.shape[1])
     used = (_load().condensed_backward_bf16 if half else _load().condensed_backward)(
-        _ptr(dims),
-        _ptr(x),
-        _ptr(grad),
-        _ptr(values),
-        _ptr(row_ptr),
-        _ptr(col),
-        _ptr(gx) if gx is not None else None,
-        _ptr(partial) if partial is not None else None,
+        dims,
+        x,
+        grad,
+        values,
+        row_ptr,
+        col,
+        gx,
+        partial,
         workers,
         threads,
     )
@@ -914,12 +898,12 @@ def compressed_weight_grad(
         raise ValueError(f"feature maps up to 1023 x 1023 are supported, got {h} x {w}")
     plane_off = None
     if channels_first:  # kept entries per plane; an image's offset is that of its first plane
-        plane_off = np.empty(n * cin + 1, dtype=np.int64)
-        lib.compressed_image_offsets(_ptr(packed), n * cin, h * w, _ptr(plane_off), threads)
-        img_off = np.ascontiguousarray(plane_off[::cin])
+        plane_off = torch.empty(n * cin + 1, dtype=torch.int64)
+        lib.compressed_image_offsets(packed, n * cin, h * w, plane_off, threads)
+        img_off = plane_off[::cin].contiguous()
     else:
-        img_off = np.empty(n + 1, dtype=np.int64)
-        lib.compressed_image_offsets(_ptr(packed), n, h * w * cin, _ptr(img_off), threads)
+        img_off = torch.empty(n + 1, dtype=torch.int64)
+        lib.compressed_image_offsets(packed, n, h * w * cin, img_off, threads)
     kept = int(img_off[-1])
     if kept != values.numel():
         raise ValueError(f"bitmask holds {kept} set bits but {values.numel()} values were given")
@@ -927,20 +911,20 @@ def compressed_weight_grad(
     gstride = -(-cout // 64) * 64
     if gstride != cout:  # the kernels read whole blocks of 64 output channels
         grad = F.pad(grad, (0, gstride - cout))
-    ch_ptr = np.empty(n * (cin + 1), dtype=np.int64)
-    pos, val = np.empty(max(kept, 1), dtype=np.int32), np.empty(max(kept, 1), dtype=np.float32)
-    geom = np.array([n, cin, h, w, cout, ho, wo, kh, kw, *stride, *padding, *dilation], dtype=np.int64)
+    ch_ptr = torch.empty(n * (cin + 1), dtype=torch.int64)
+    pos, val = torch.empty(max(kept, 1), dtype=torch.int32), torch.empty(max(kept, 1), dtype=torch.float32)
+    geom = (n, cin, h, w, cout, ho, wo, kh, kw, *stride, *padding, *dilation)
     lib.compressed_conv_weight_grad(
-        _ptr(geom),
-        _ptr(packed),
-        _ptr(values),
-        _ptr(img_off),
-        _ptr(plane_off) if plane_off is not None else None,
-        _ptr(grad),
-        _ptr(gwt),
-        _ptr(ch_ptr),
-        _ptr(pos),
-        _ptr(val),
+        geom,
+        packed,
+        values,
+        img_off,
+        plane_off,
+        grad,
+        gwt,
+        ch_ptr,
+        pos,
+        val,
         gstride,
         threads,
     )
@@ -979,7 +963,7 @@ def what_is_wrong(t: torch.Tensor, cpu: bool = True) -> str | None:
 
 def _guarded(fn):
     """``fn`` refusing, with :class:`NoDataError`, tensors whose memory the C code cannot read, and never traced by
-    ``torch.compile`` (its NumPy and ``ctypes`` glue runs as Python, on real tensors, at a graph break)."""
+    ``torch.compile`` (its calls into C run as Python, on real tensors, at a graph break)."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):

@@ -9,6 +9,7 @@
  * PyTorch's CPU kernel: the first maximum in window order wins, and a NaN wins over anything before it (so the last NaN wins). */
 #include <string.h>
 
+#include "kernels.h"
 #include "parallel.h"
 
 typedef float pv __attribute__((vector_size(64)));

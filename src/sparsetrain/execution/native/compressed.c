@@ -5,6 +5,7 @@
  * numpy.packbits(..., bitorder="little"): element i is bit (i % 8) of byte i / 8.
  * Chunk boundaries are multiples of 8, so no two threads write the same byte.
  */
+#include "kernels.h"
 #include "parallel.h"
 
 

@@ -14,6 +14,7 @@
  * positions stream past, each one vector load of the image's output gradient (in L2) per multiply-add. */
 #include <string.h>
 
+#include "kernels.h"
 #include "parallel.h"
 
 #if defined(__AVX512F__)

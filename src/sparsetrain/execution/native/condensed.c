@@ -3,6 +3,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "scratch.h"
 

@@ -2,6 +2,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "vectors.h"
 

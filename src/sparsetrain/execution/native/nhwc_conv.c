@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "scratch.h"
 #include "vectors.h"

@@ -17,6 +17,7 @@
  * Lists are by output channel: ptr[Cout + 1]; per entry the input channel, kh, kw, and its value. */
 #include <string.h>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "scratch.h"
 #include "vectors.h"
