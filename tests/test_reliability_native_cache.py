@@ -37,6 +37,28 @@ def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     assert native.available() and native._intact(path) and path.stat().st_size > 4096
 
 
+def test_the_declarations_beside_the_library_are_rebuilt_when_damaged_and_refused_when_not_private(
+    tmp_path, monkeypatch
+):
+    """cffi's precompiled reading of kernels.h is Python code: kept beside the library, under its digest, and
+    trusted as the library is."""
+    if not native.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.available()
+    declarations = native._declarations_path(native.library_path())
+    assert native._intact(declarations)
+    declarations.write_text("raise SystemExit('never run')\n")  # no longer the digest it was built with
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.available() and native._intact(declarations) and "never run" not in declarations.read_text()
+    os.chmod(declarations, 0o666)
+    with pytest.raises(OSError, match="is writable by others"):
+        native._declarations(declarations)
+
+
 def test_the_compiler_and_its_version_key_the_cache(monkeypatch):
     monkeypatch.setattr(native, "_compiler_version", lambda cc: "gcc 12.2")
     a = native.library_path()

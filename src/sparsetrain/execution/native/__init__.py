@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import shlex
@@ -85,13 +86,39 @@ _lib: "_Library | None" = None
 _tried = False
 
 
-@functools.cache
-def _ffi():
-    """cffi's reader of ``kernels.h``, where every entry point is declared once (its preprocessor lines left out:
-    cffi parses plain declarations). Made on first use, not at import (parsing takes a few milliseconds)."""
+def _parsed_header() -> cffi.FFI:
+    """cffi's reading of ``kernels.h``, where every entry point is declared once (its preprocessor lines left out:
+    cffi parses plain declarations). Parsing takes about 30 ms, so it runs when the library is built, and the
+    result is kept beside the library (:func:`_declarations`)."""
     ffi = cffi.FFI()
     ffi.cdef("\n".join(line for line in _KERNELS_H.read_text().splitlines() if not line.lstrip().startswith("#")))
     return ffi
+
+
+def _write_declarations(target: Path) -> None:
+    """``kernels.h`` as cffi's own precompiled form (a Python module of type tables, under a millisecond to load),
+    written to ``target`` (beside the library it describes, under the same key)."""
+    ffi = _parsed_header()
+    ffi.set_source(_DECLARATIONS_MODULE, None)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        os.replace(ffi.compile(tmpdir=tmp, verbose=False), target)
+
+
+_DECLARATIONS_MODULE = "_sparsetrain_kernels_h"
+
+
+def _declarations(path: Path | None):
+    """The declarations module at ``path`` (see :func:`_write_declarations`): its ``ffi``. Else, where there is
+    none (a library built by hand), ``kernels.h`` parsed now."""
+    if path is None:
+        return _parsed_header()
+    why = _trusted(path)  # (running it runs its code, as loading the library does)
+    if why:
+        raise OSError(why)
+    spec = importlib.util.spec_from_file_location(_DECLARATIONS_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ffi
 
 
 class _Library:
@@ -100,8 +127,8 @@ class _Library:
     the sizes are) and plain numbers. cffi checks each call's arguments, their count and kinds, against the
     declaration, so no signature is restated here."""
 
-    def __init__(self, path: Path):
-        ffi = _ffi()
+    def __init__(self, path: Path, declarations: Path | None = None):
+        ffi = _declarations(declarations)
         self._lib = ffi.dlopen(str(path))
         for name in dir(self._lib):
             try:
@@ -246,18 +273,21 @@ def _build(target: Path, portable: bool = False) -> None:
         # atomic: concurrent builders (DDP ranks) never load a half-written file; the digest is checked before every
         # load, so a damaged file is rebuilt
         target.with_suffix(".sha1").write_text(digest)
+        declarations = _declarations_path(target)
+        _write_declarations(declarations)
+        _stamp(declarations)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _open(path: Path) -> _Library:
-    """Load the library at ``path``; OSError when it is not this user's alone, does not load, or lacks one of the
-    functions ``kernels.h`` declares."""
+def _open(path: Path, declarations: Path | None = None) -> _Library:
+    """Load the library at ``path`` (with its ``declarations``, else ``kernels.h`` parsed now); OSError when it is
+    not this user's alone, does not load, or lacks one of the functions ``kernels.h`` declares."""
     why = _trusted(path)
     if why:
         raise OSError(why)
-    return _Library(path)
+    return _Library(path, declarations)
 
 
 def _load() -> "_Library | None":
@@ -269,10 +299,11 @@ def _load() -> "_Library | None":
         return None
     try:
         path = library_path()
-        if not _intact(path):  # absent, or damaged since it was built: never dlopen a damaged file
+        declarations = _declarations_path(path)
+        if not (_intact(path) and _intact(declarations)):  # absent, or damaged since built: never load a damaged file
             _build(path)
         try:
-            _lib = _open(path)
+            _lib = _open(path, declarations)
             if _lib.chunk_count(1) != 1:
                 raise OSError("self-test failed")
         except OSError:  # a library that is not ours alone, does not load, lacks a function or fails: rebuilt once
@@ -282,7 +313,7 @@ def _load() -> "_Library | None":
             fresh = path.with_name(f"{path.stem}.{os.getpid()}.so")
             shutil.copy2(path, fresh)
             try:
-                _lib = _open(fresh)
+                _lib = _open(fresh, declarations)
             finally:
                 fresh.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:
@@ -290,6 +321,16 @@ def _load() -> "_Library | None":
             f"sparsetrain: native kernels unavailable ({e}); using the slower numpy path", RuntimeWarning, stacklevel=3
         )
     return _lib
+
+
+def _declarations_path(library: Path) -> Path:
+    """Where the declarations of the library at ``library`` are kept (see :func:`_write_declarations`)."""
+    return library.with_name(library.stem + "_h.py")
+
+
+def _stamp(path: Path) -> None:
+    """Record ``path``'s digest beside it (read by :func:`_intact`)."""
+    path.with_suffix(".sha1").write_text(_digest(path))
 
 
 def _intact(path: Path) -> bool:
