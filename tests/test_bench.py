@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from sparsetrain.app.bench import build, peak_memory, run_bench
+from sparsetrain.app.bench import build, make_step, model_input_shape, peak_memory, run_bench
 from sparsetrain.app.cli import main
 from sparsetrain.execution import native
 
@@ -73,3 +74,21 @@ def test_cli_bench_refuses_bad_input(args, message, capsys):
 def test_build_refuses_unknown_configuration():
     with pytest.raises(ValueError, match="choose dense or one of"):
         build("small_cnn", "fast")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_auto_is_planned_under_the_autocast_the_steps_run_in(bf16, monkeypatch):
+    """``auto`` times its choices under the steps' own autocast (on CPUs with AMX tiles a dense bfloat16 product can
+    beat a kernel that wins in float32), as a training loop's first forward under autocast would."""
+    model, opt, method = build("small_cnn", "auto", 0.9)
+    seen = []
+    choose = method.choose_execution
+
+    def recording(*inputs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return choose(*inputs)
+
+    monkeypatch.setattr(method, "choose_execution", recording)
+    step = make_step(model, opt, method, 4, "auto", model_input_shape("small_cnn"), bf16=bf16)
+    step()
+    assert seen == [bf16] and method.plan is not None

@@ -175,7 +175,8 @@ def make_step(
     ``torch.compile(fullgraph=True)``, after one eager step (in which sparse layers build their lists); the
     optimizer step and the method's work around it stay eager. ``bf16``: the forward and the loss under
     ``torch.autocast("cpu", dtype=torch.bfloat16)`` (float32 weights and optimizer state, as mixed precision
-    trains)."""
+    trains), and ``auto``'s plan timed under it too, as a training loop's first forward would (on CPUs with AMX
+    tiles a dense bfloat16 product can beat a sparse kernel that wins in float32)."""
     g = torch.Generator().manual_seed(1)
     context = getattr(model, "context", None)
     if context is not None:
@@ -190,7 +191,8 @@ def make_step(
         model.train()
         y = torch.randint(0, num_classes, (batch,), generator=g)
     if method is not None and method.plan is None:
-        method.choose_execution(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # auto times what the steps will run
+            method.choose_execution(x)
     if method is not None and method.plan.layout is not None:
         x = x.contiguous(memory_format=LAYOUTS[method.plan.layout])  # once here, not in the model's input hook
 
