@@ -1,7 +1,9 @@
 """Each kernel's bfloat16 time against its float32 time: the condensed kernels on the GPT's Linear shapes (protocol
 D-speed: width 512, 16 x 128 tokens, fan-in 90%) and the channels-last convolution kernels on VGG-16's 3 x 3 layers
 (batch 128, 95% sparse): forward, input gradient and kept-weight gradient, each the median of ``--calls`` calls, one
-kernel at a time. One record per kernel and shape in ``results/bf16_kernels.json``.
+kernel at a time. Beside them, the dense forward product of the same shape (PyTorch's, oneDNN's: on CPUs with AMX
+tiles its bfloat16 products run on them) in both dtypes: what the sparse kernels compete with under each. One
+record per kernel and shape in ``results/bf16_kernels.json``.
 
     python benchmarks/bf16_kernels.py
 """
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from common import append_measurement, command_line, commit, environment
 
 from sparsetrain.core.schemes import parse_scheme
@@ -44,6 +47,15 @@ def _median_seconds(fn, calls: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _dense_forward(product, operands: list[torch.Tensor], calls: int) -> dict:
+    """``product(*operands)`` (the dense forward) in float32 and in bfloat16, its median ms in each."""
+    times = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        args = [t.to(dtype) for t in operands]  # (layouts kept)
+        times[f"dense_forward_{label}_ms"] = round(_median_seconds(lambda: product(*args), calls) * 1e3, 3)
+    return times
 
 
 def _kernels(x, g, values, rows, out_features):
@@ -78,11 +90,16 @@ def _conv_records(batch: int, density: float, calls: int, g: torch.Generator):
             x, grad = (torch.randn(batch, side, side, channels, generator=g).to(dtype) for _ in range(2))
             out, gx = (torch.empty(batch, side, side, channels, dtype=dtype) for _ in range(2))
             kernels[dtype] = _conv_kernels(x, grad, values, structure, geom, out, gx)
+        operands = [
+            torch.randn(batch, channels, side, side, generator=g).contiguous(memory_format=torch.channels_last),
+            torch.randn(channels, channels, 3, 3, generator=g).contiguous(memory_format=torch.channels_last),
+        ]
+        dense = _dense_forward(lambda x, w: F.conv2d(x, w, padding=1), operands, calls)
         for name in kernels[torch.float32]:
             t32 = _median_seconds(kernels[torch.float32][name], calls)
             t16 = _median_seconds(kernels[torch.bfloat16][name], calls)
             shape = {"batch": batch, "channels": channels, "plane": [side, side], "kernel_size": [3, 3]}
-            yield f"channels-last conv {name}", shape, t32, t16
+            yield f"channels-last conv {name}", {**shape, **dense}, t32, t16
 
 
 def _linear_records(tokens: int, density: float, calls: int, g: torch.Generator):
@@ -95,8 +112,9 @@ def _linear_records(tokens: int, density: float, calls: int, g: torch.Generator)
         grad = torch.randn(tokens, n_out, generator=g)
         fp32 = _kernels(x, grad, values, structure.rows, n_out)
         bf16 = _kernels(x.bfloat16(), grad.bfloat16(), values, structure.rows, n_out)
+        dense = _dense_forward(F.linear, [x, torch.randn(n_out, n_in, generator=g)], calls)
         for name in fp32:
-            shape = {"tokens": tokens, "in": n_in, "out": n_out}
+            shape = {"tokens": tokens, "in": n_in, "out": n_out, **dense}
             yield f"condensed {name}", shape, _median_seconds(fp32[name], calls), _median_seconds(bf16[name], calls)
 
 
