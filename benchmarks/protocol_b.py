@@ -100,17 +100,19 @@ def main(argv=None):
     margs = _model_args(args.model_args)
     dense, dopt, _ = build(args.model, "dense", model_args=margs)
     sparse, sopt, method = build(args.model, args.config, args.sparsity, args.extra, margs)
+    # the timed steps first: ``auto`` plans on the first one made, which for --bf16 must run under its autocast
     steps = {
-        "dense": make_step(dense, dopt, None, args.batch, "dense", shape),
-        "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape),
+        "dense": make_step(dense, dopt, None, args.batch, "dense", shape, args.compile, args.bf16),
+        "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape, args.compile, args.bf16),
     }
-    saved_dense = saved_tensor_bytes_by_module(steps["dense"], dense)  # (saved bytes from eager steps)
-    saved_sparse = saved_tensor_bytes_by_module(steps["sparse"], sparse)
-    if args.compile or args.bf16:
-        steps = {
-            "dense": make_step(dense, dopt, None, args.batch, "dense", shape, args.compile, args.bf16),
-            "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape, args.compile, args.bf16),
+    eager = steps
+    if args.compile or args.bf16:  # saved bytes from eager float32 steps, on the same plan
+        eager = {
+            "dense": make_step(dense, dopt, None, args.batch, "dense", shape),
+            "sparse": make_step(sparse, sopt, method, args.batch, args.config, shape),
         }
+    saved_dense = saved_tensor_bytes_by_module(eager["dense"], dense)
+    saved_sparse = saved_tensor_bytes_by_module(eager["sparse"], sparse)
     # with the lossless activation savings on, dense training with the same savings is the second baseline
     lossless = load_config(
         overrides=[*CONFIGS[args.config], "sparsity.sparsity=0.5", *args.extra]
