@@ -824,6 +824,42 @@ def test_a_layout_tie_on_part_of_a_batch_is_settled_on_the_whole_batch(tie, monk
         assert fmt == torch.contiguous_format and whole == [] and settled == []
 
 
+def test_beside_a_mixed_plan_every_layer_on_its_kernels_is_timed_and_can_win(monkeypatch):
+    """Per layer, one convolution chose the kernels and two masked dense (as VGG-16's first layers did under
+    bfloat16 autocast on AMX tiles); over the whole step every layer on its kernels is faster, and wins. Every
+    timing is injected (the layers' own, and a clock that each pass moves on)."""
+    from sparsetrain.execution.backends import layers as layers_module
+    from sparsetrain.execution.backends import settle_layout
+
+    def injected_choose(self, x):
+        first = self is model[0]
+        self.timings = {n: (1.0 if (n == "masked") != first else 2.0) for n in self.candidates(x)}
+        self.backend = min(self.timings, key=self.timings.get)
+
+    monkeypatch.setattr(layers_module._SparseExec, "_choose", injected_choose)
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(3)))
+    ms = MaskSet.for_model(model, [])
+    random_masks(ms, 0.9, torch.Generator().manual_seed(0))
+    layers = apply_backend(model, ms, "auto")
+    clock = _injected_clock(monkeypatch)
+    timed = []
+
+    def loss_of(fmt, batch=torch.randn(2, 3, 6, 6)):
+        paths = tuple(m.backend for m in layers.values())
+        timed.append(paths)
+        on_kernels = sum(p != "masked" for p in paths)
+        clock.now += {3: 0.05, 1: 0.2}.get(on_kernels, 0.3)
+        return model(batch.contiguous(memory_format=fmt)).square().mean()
+
+    model(torch.randn(2, 3, 6, 6))  # the layers choose (injected)
+    assert [m.backend for m in layers.values()] == ["direct", "masked", "masked"]
+    for m in layers.values():
+        m.fix_backend("auto")
+    settle_layout(model, layers, loss_of, repeats=2)
+    assert ("direct",) * 3 in timed and {m.backend for m in layers.values()} == {"direct"}
+
+
 def test_every_layer_masked_is_kept_unless_a_sparse_plan_is_clearly_faster():
     """The candidates' timings end with every layer masked; a sparse plan faster by less than MASKED_UNLESS loses to
     it (nearer than that the machine's noise decides), one faster by more wins, and so does the fastest sparse plan

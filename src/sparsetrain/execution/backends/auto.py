@@ -65,13 +65,13 @@ MASKED_UNLESS = 1.03
 LAYOUT_TIE = 1.1
 
 
-def near_tie(layer: nn.Module, chosen: str) -> str | None:
+def near_tie(layer: nn.Module, chosen: str, within: float = NEAR_TIE) -> str | None:
     """The path of a backend that declares ``retry_near_ties`` (the kernels) whose own timing for ``layer`` came
-    within :data:`NEAR_TIE` of its ``chosen`` path, or None: the layers :func:`settle_layout` also times on that
-    path in a second plan."""
+    within ``within`` of its ``chosen`` path, or None: the layers :func:`settle_layout` also times on that path in
+    a second plan (within :data:`NEAR_TIE`) and a third (at any distance: every layer on its kernels)."""
     timings = getattr(layer, "timings", {})
     for name, b in BACKENDS.items():
-        if b.retry_near_ties and name != chosen and name in timings and timings[name] <= NEAR_TIE * timings[chosen]:
+        if b.retry_near_ties and name != chosen and name in timings and timings[name] <= within * timings[chosen]:
             return name
     return None
 
@@ -159,8 +159,8 @@ def settle_layout(
     model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4, whole_loss_of=None, settled=None
 ) -> torch.memory_format:
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
-    given in memory format ``fmt``) with every layer on the path it chooses, with the layers near a tie
-    (:data:`NEAR_TIE`) on the kernels as well, each in channels-last and in NCHW (the kernels run in both; what lies
+    given in memory format ``fmt``) with the plans of :func:`_plans` (every layer on the path it chooses; the layers
+    near a tie on the kernels; every layer on its kernels), each in channels-last and in NCHW (the kernels run in both; what lies
     between layers runs faster in one or the other), and with every layer masked dense in the model's own layout;
     keep the fastest (every layer masked unless a sparse plan beats it by :data:`MASKED_UNLESS`), so ``auto`` is
     never slower than its dense layers would be. Whenever every layer ends masked dense the model keeps its own
@@ -192,15 +192,8 @@ def settle_layout(
             p.grad = None
         return elapsed
 
-    timed({}, torch.channels_last)  # warm-up; undecided layers time their paths here
-    choices = {n: m.backend for n, m in layers.items()}
-    plans = [choices]
-    # layers whose kernels came within NEAR_TIE of their chosen path: per-layer timings on a part of a batch miss
-    # what the layout around them costs, so the whole step is also timed with those on the kernels
-    near = {n: path for n, m in layers.items() if (path := near_tie(m, m.backend)) is not None}
-    if near:
-        plans.append({**choices, **near})
-    tries = [(plan, fmt) for plan in plans for fmt in formats if not _all_masked(plan)] + [(None, own)]
+    timed({}, torch.channels_last)  # warm-up; undecided layers time their paths here (the plans read them)
+    tries = [(plan, fmt) for plan in _plans(layers) for fmt in formats if not _all_masked(plan)] + [(None, own)]
     # all masked alone: nothing to choose, nothing to time
     times = _timed_alternately(tries, timed, repeats) if len(tries) > 1 else [float("inf")]
     again = _finalists(tries, times) if whole_loss_of is not None else []
@@ -215,6 +208,23 @@ def settle_layout(
     model.to(memory_format=fmt)
     restore()
     return fmt
+
+
+def _plans(layers: dict[str, nn.Module]) -> list[dict[str, str]]:
+    """The sparse plans :func:`settle_layout` times: every layer on the path it chose; with the layers whose kernels
+    came within :data:`NEAR_TIE` of it on those (per-layer timings on a part of a batch miss what the layout around
+    them costs); and, where some layers chose their kernels, with every layer on its kernels (under bfloat16
+    autocast a dense product's per-layer timing misses the casts and layouts around it: VGG-16 95% on an Intel
+    Xeon's AMX tiles chose five layers masked, for a step 1.6 times that of every layer on the kernels)."""
+    choices = {n: m.backend for n, m in layers.items()}
+    plans = [choices]
+    # (every layer on its kernels only beside a plan with some there already: a step whose layers all chose masked
+    # dense is the dense step, and timing it against the kernels would let noise pick them)
+    for within in (NEAR_TIE,) + ((float("inf"),) if not _all_masked(choices) else ()):
+        moved = {n: path for n, m in layers.items() if (path := near_tie(m, m.backend, within)) is not None}
+        if moved and {**choices, **moved} not in plans:
+            plans.append({**choices, **moved})
+    return plans
 
 
 def _decide(tries: list, times: list[float], layers: dict[str, nn.Module], formats: tuple) -> torch.memory_format:
