@@ -860,6 +860,28 @@ def test_beside_a_mixed_plan_every_layer_on_its_kernels_is_timed_and_can_win(mon
     assert ("direct",) * 3 in timed and {m.backend for m in layers.values()} == {"direct"}
 
 
+def test_each_whole_step_timing_casts_the_weights_afresh_under_autocast(monkeypatch):
+    """Under autocast the weights' casts are kept while its region lasts, and ``auto`` plans inside the training
+    loop's region: a cast made in one layout must not serve the pass timed in the other (VGG-16 under bfloat16:
+    NCHW timed as fast as channels-last with channels-last casts, then 1.9x slower in training). Every pass starts
+    with autocast's cache empty."""
+    from sparsetrain.execution.backends import settle_layout
+
+    model, layers, x = _auto_layers_choosing_kernels(monkeypatch)
+    events = []
+    clear = torch.clear_autocast_cache
+    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: (events.append("cleared"), clear())[1])
+
+    def loss_of(fmt):
+        events.append("pass")
+        return model(x[:2].contiguous(memory_format=fmt)).square().mean()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        settle_layout(model, layers, loss_of, repeats=2)
+        seen = list(events)  # (leaving the region clears the cache once more)
+    assert seen.count("pass") > 2 and seen == ["cleared", "pass"] * seen.count("pass")
+
+
 def test_every_layer_masked_is_kept_unless_a_sparse_plan_is_clearly_faster():
     """The candidates' timings end with every layer masked; a sparse plan faster by less than MASKED_UNLESS loses to
     it (nearer than that the machine's noise decides), one faster by more wins, and so does the fastest sparse plan
