@@ -1,7 +1,8 @@
 """How close the condensed Linear kernels run to what one core allows: their multiply-add rate on the GPT's shapes
 (one thread, fan-in 90%) against the core's own rates for the kernels' inner loop with every row in the
 first-level cache (``load_ceiling.c``: register peak; one load per multiply-add; the kernel's listed loop; rows
-sharing their input). One record in ``results/load_ceiling.json``.
+sharing their input; and, where the CPU has AVX512-BF16, ``vdpbf16ps`` on registers and the bfloat16 kernels'
+listed loop). One record in ``results/load_ceiling.json``.
 
     python benchmarks/load_ceiling.py
 
