@@ -21,20 +21,28 @@ TINY = [
 ]
 
 
-def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+def _reload(monkeypatch) -> bool:
+    """Load the kernels again, as a new process would (from the cache, or built into it)."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    return native.available()
+
+
+def _built_in(tmp_path, monkeypatch) -> None:
+    """The kernels built into an empty cache at ``tmp_path`` and loaded from it."""
     if not native.available():
         pytest.skip("no C compiler")
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_tried", False)
-    assert native.available()
+    assert _reload(monkeypatch)
+
+
+def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    _built_in(tmp_path, monkeypatch)
     path = native.library_path()
     half = path.with_name("half.so")  # a half-written library (a new file: the loaded one stays mapped as it is)
     half.write_bytes(path.read_bytes()[:4096])
     os.replace(half, path)  # loading it would crash the process with a bus error
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_tried", False)
-    assert native.available() and native._intact(path) and path.stat().st_size > 4096
+    assert _reload(monkeypatch) and native._intact(path) and path.stat().st_size > 4096
 
 
 def test_the_declarations_beside_the_library_are_rebuilt_when_damaged_and_refused_when_not_private(
@@ -42,18 +50,11 @@ def test_the_declarations_beside_the_library_are_rebuilt_when_damaged_and_refuse
 ):
     """cffi's precompiled reading of kernels.h is Python code: kept beside the library, under its digest, and
     trusted as the library is."""
-    if not native.available():
-        pytest.skip("no C compiler")
-    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_tried", False)
-    assert native.available()
+    _built_in(tmp_path, monkeypatch)
     declarations = native._declarations_path(native.library_path())
     assert native._intact(declarations)
     declarations.write_text("raise SystemExit('never run')\n")  # no longer the digest it was built with
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_tried", False)
-    assert native.available() and native._intact(declarations) and "never run" not in declarations.read_text()
+    assert _reload(monkeypatch) and native._intact(declarations) and "never run" not in declarations.read_text()
     os.chmod(declarations, 0o666)
     with pytest.raises(OSError, match="is writable by others"):
         native._declarations(declarations)

@@ -445,20 +445,8 @@ def sparse_conv_forward(
     """Direct sparse convolution into ``out``. ``geom`` = N, Cin, H, W, Cout, Ho, Wo, strides, paddings,
     dilations (int64); ``by_out`` = (co_ptr, ci, kh, kw) lists the kept entries by output channel.
     Tensors are NCHW, or [C, H, W, N] with ``batch_inner`` (faster for small feature maps)."""
-    co_ptr, ci, kh, kw = by_out
     fn = _load().sparse_conv_forward_bi if batch_inner else _load().sparse_conv_forward
-    fn(
-        geom,
-        x,
-        values,
-        bias,
-        co_ptr,
-        ci,
-        kh,
-        kw,
-        out,
-        torch.get_num_threads(),
-    )
+    fn(geom, x, values, bias, *by_out, out, torch.get_num_threads())  # by_out: co_ptr, ci, kh, kw
     return out
 
 
@@ -472,20 +460,8 @@ def sparse_conv_backward_input(
 ) -> torch.Tensor:
     """The input gradient of :func:`sparse_conv_forward` into ``gx``; ``by_in`` = (ci_ptr, co, kh, kw, value index)
     lists the kept entries by input channel."""
-    ci_ptr, co, kh, kw, vidx = by_in
     fn = _load().sparse_conv_backward_input_bi if batch_inner else _load().sparse_conv_backward_input
-    fn(
-        geom,
-        grad,
-        values,
-        ci_ptr,
-        co,
-        kh,
-        kw,
-        vidx,
-        gx,
-        torch.get_num_threads(),
-    )
+    fn(geom, grad, values, *by_in, gx, torch.get_num_threads())  # by_in: ci_ptr, co, kh, kw, value index
     return gx
 
 
@@ -573,25 +549,9 @@ def nhwc_conv_forward(
 ) -> torch.Tensor:
     """Direct sparse convolution in channels-last: ``x`` and ``out`` are NHWC in memory (a channels-last tensor's
     ``permute(0, 2, 3, 1)``, contiguous); ``geom`` and ``by_out`` as for :func:`sparse_conv_forward`."""
-    co_ptr, ci, kh, kw = by_out
     half = x.dtype == torch.bfloat16  # (x and out bfloat16: values and bias stay float32)
-    block = nhwc_block(geom, half)
-    _allocated(
-        (_load().nhwc_conv_forward_bf16 if half else _load().nhwc_conv_forward)(
-            geom,
-            x,
-            values,
-            bias,
-            co_ptr,
-            ci,
-            kh,
-            kw,
-            out,
-            block,
-            torch.get_num_threads(),
-        ),
-        _NHWC,
-    )
+    fn = _load().nhwc_conv_forward_bf16 if half else _load().nhwc_conv_forward
+    _allocated(fn(geom, x, values, bias, *by_out, out, nhwc_block(geom, half), torch.get_num_threads()), _NHWC)
     return out
 
 
@@ -616,23 +576,8 @@ def nhwc_conv_input_grad(
         return nhwc_conv_forward(back, grad, values.index_select(0, vidx), None, (ptr, co, fkh, fkw), gx)
     if grad.dtype != torch.float32:  # (read as float32, a narrower tensor would send the C code past its end)
         raise TypeError(f"a strided convolution's input gradient computes in float32, got a {grad.dtype} gradient")
-    ptr, co, kh, kw, vidx = by_in
-    _allocated(
-        _load().nhwc_conv_input_grad_scatter(
-            geom,
-            grad,
-            values,
-            ptr,
-            co,
-            kh,
-            kw,
-            vidx,
-            gx,
-            nhwc_block(geom),
-            torch.get_num_threads(),
-        ),
-        _NHWC,
-    )
+    scatter = _load().nhwc_conv_input_grad_scatter
+    _allocated(scatter(geom, grad, values, *by_in, gx, nhwc_block(geom), torch.get_num_threads()), _NHWC)
     return gx
 
 
@@ -640,28 +585,13 @@ def nhwc_conv_weight_grad(
     geom: tuple[int, ...], x: torch.Tensor, grad: torch.Tensor, by_out: tuple, nnz: int
 ) -> torch.Tensor:
     """The gradient of the kept weights of :func:`nhwc_conv_forward` (NHWC ``x`` and ``grad``), in ``by_out`` order."""
-    co_ptr, ci, kh, kw = by_out
     threads = torch.get_num_threads()
     half = x.dtype == torch.bfloat16  # (x and grad bfloat16; the gradient float32)
     block = nhwc_block(geom, half)
     parts = max(1, min(threads, -(-geom[0] // block)))
     partial = torch.empty(parts, nnz, dtype=torch.float32)
-    _allocated(
-        (_load().nhwc_conv_weight_grad_bf16 if half else _load().nhwc_conv_weight_grad)(
-            geom,
-            x,
-            grad,
-            co_ptr,
-            ci,
-            kh,
-            kw,
-            partial,
-            parts,
-            block,
-            threads,
-        ),
-        _NHWC,
-    )
+    fn = _load().nhwc_conv_weight_grad_bf16 if half else _load().nhwc_conv_weight_grad
+    _allocated(fn(geom, x, grad, *by_out, partial, parts, block, threads), _NHWC)
     return partial.sum(0)
 
 
@@ -761,23 +691,7 @@ def threshold_lists(weight: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     khs, kws, kh_t, kw_t = (torch.empty(nnz, dtype=torch.int16) for _ in range(4))
     ci_ptr, vidx = torch.empty(2 * cin + 1, dtype=torch.int64), torch.empty(nnz, dtype=torch.int32)
     lib.threshold_lists(
-        w,
-        cout,
-        cin,
-        kh,
-        kw,
-        float(threshold),
-        co_ptr,
-        ci,
-        khs,
-        kws,
-        values,
-        ci_ptr,
-        co,
-        kh_t,
-        kw_t,
-        vidx,
-        threads,
+        w, cout, cin, kh, kw, float(threshold), co_ptr, ci, khs, kws, values, ci_ptr, co, kh_t, kw_t, vidx, threads
     )
     return values, (co_ptr, ci, khs, kws), (ci_ptr[: cin + 1], co, kh_t, kw_t, vidx)
 
@@ -894,18 +808,8 @@ def condensed_backward(
     workers = max(1, min(threads, -(-t // 64), (1 << 26) // max(nnz, 1)))
     partial = torch.empty(workers, nnz, dtype=torch.float32) if weight_grad else None
     dims = (t, n_in, grad.shape[1])
-    used = (_load().condensed_backward_bf16 if half else _load().condensed_backward)(
-        dims,
-        x,
-        grad,
-        values,
-        row_ptr,
-        col,
-        gx,
-        partial,
-        workers,
-        threads,
-    )
+    fn = _load().condensed_backward_bf16 if half else _load().condensed_backward
+    used = fn(dims, x, grad, values, row_ptr, col, gx, partial, workers, threads)
     if used < 0:
         raise MemoryError("condensed_backward: no memory for the token-block buffers")
     return gx, (partial[:used].sum(0) if weight_grad else None)
@@ -955,20 +859,8 @@ def compressed_weight_grad(
     ch_ptr = torch.empty(n * (cin + 1), dtype=torch.int64)
     pos, val = torch.empty(max(kept, 1), dtype=torch.int32), torch.empty(max(kept, 1), dtype=torch.float32)
     geom = (n, cin, h, w, cout, ho, wo, kh, kw, *stride, *padding, *dilation)
-    lib.compressed_conv_weight_grad(
-        geom,
-        packed,
-        values,
-        img_off,
-        plane_off,
-        grad,
-        gwt,
-        ch_ptr,
-        pos,
-        val,
-        gstride,
-        threads,
-    )
+    offsets = (img_off, plane_off)  # (plane_off None: NULL)
+    lib.compressed_conv_weight_grad(geom, packed, values, *offsets, grad, gwt, ch_ptr, pos, val, gstride, threads)
     return gwt
 
 
