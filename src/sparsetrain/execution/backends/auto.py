@@ -58,22 +58,20 @@ CLOSE_CALL = 1.25
 # machine's noise decides, and a sparse plan picked by noise costs more than one missed (ResNet-20 at 80%, one layer
 # on the kernels: 1.02 of dense)
 MASKED_UNLESS = 1.03
-# ... and the sparse candidates (plans and layouts) that come within this factor of the fastest on the part of the
+# ... and the best sparse plan's two layouts when they come within this factor of each other on the part of the
 # batch: kernels that run the batch innermost (NCHW below 16 x 16) fill their vectors differently on a quarter of
 # it (VGG-16 SWAT-U 90%: channels-last and NCHW within 3% on a quarter, NCHW 30% slower on the whole batch, so the
-# plan's layout, and the step, changed from process to process: 0.55 or 0.73 of dense), and a plan with more
-# layers on the kernels gains more on a quarter than on the whole (ResNet-20 at 95%: every layer on the kernels
-# faster on a quarter, 0.92 of dense on the whole batch against 0.88-0.90 with four or five masked)
+# plan's layout, and the step, changed from process to process: 0.55 or 0.73 of dense)
 LAYOUT_TIE = 1.1
 
 
-def near_tie(layer: nn.Module, chosen: str, within: float = NEAR_TIE) -> str | None:
+def near_tie(layer: nn.Module, chosen: str) -> str | None:
     """The path of a backend that declares ``retry_near_ties`` (the kernels) whose own timing for ``layer`` came
-    within ``within`` of its ``chosen`` path, or None: the layers :func:`settle_layout` also times on that path in
-    a second plan (within :data:`NEAR_TIE`) and a third (at any distance: every layer on its kernels)."""
+    within :data:`NEAR_TIE` of its ``chosen`` path, or None: the layers :func:`settle_layout` also times on that
+    path in a second plan."""
     timings = getattr(layer, "timings", {})
     for name, b in BACKENDS.items():
-        if b.retry_near_ties and name != chosen and name in timings and timings[name] <= within * timings[chosen]:
+        if b.retry_near_ties and name != chosen and name in timings and timings[name] <= NEAR_TIE * timings[chosen]:
             return name
     return None
 
@@ -161,8 +159,8 @@ def settle_layout(
     model: nn.Module, layers: dict[str, nn.Module], loss_of, repeats: int = 4, whole_loss_of=None, settled=None
 ) -> torch.memory_format:
     """The whole-step check of ``auto``: time forward + backward (``loss_of(fmt)``: the loss of a training batch
-    given in memory format ``fmt``) with the plans of :func:`_plans` (every layer on the path it chooses; the layers
-    near a tie on the kernels; every layer on its kernels), each in channels-last and in NCHW (the kernels run in both; what lies
+    given in memory format ``fmt``) with every layer on the path it chooses, with the layers near a tie
+    (:data:`NEAR_TIE`) on the kernels as well, each in channels-last and in NCHW (the kernels run in both; what lies
     between layers runs faster in one or the other), and with every layer masked dense in the model's own layout;
     keep the fastest (every layer masked unless a sparse plan beats it by :data:`MASKED_UNLESS`), so ``auto`` is
     never slower than its dense layers would be. Whenever every layer ends masked dense the model keeps its own
@@ -172,8 +170,8 @@ def settle_layout(
     Parameters, their gradients and BatchNorm statistics are left as they were; data-parallel ranks take rank 0's
     choice. Callers time on a quarter of a training batch (:data:`TIMING_SHARE`): the choices come out the same,
     and the timing passes, which hold every path's activations in turn, stay below a training step's peak. Where the
-    best sparse plan and every layer masked come within :data:`CLOSE_CALL` of each other, or other sparse candidates
-    within :data:`LAYOUT_TIE` of the best, those are timed again on the whole batch (``whole_loss_of(fmt)``, when given) and that
+    best sparse plan and every layer masked come within :data:`CLOSE_CALL` of each other, or that plan's two layouts
+    within :data:`LAYOUT_TIE`, those are timed again on the whole batch (``whole_loss_of(fmt)``, when given) and that
     decides (:func:`_finalists`): those passes reach the peak of a step of the plans they time. When only the two
     layouts of one sparse plan remain, its paths are fixed and ``settled()`` (when given; the planner's compaction)
     is called first, so that those passes run on what training will hold (not under torch.distributed, whose ranks
@@ -186,11 +184,7 @@ def settle_layout(
         """One forward + backward with the layers on ``plan``, or (None) all masked, in memory format ``fmt``."""
         for n, m in layers.items():
             m.fix_backend(plan.get(n, m.backend) if plan is not None else "masked")
-        model.to(memory_format=fmt)
-        # autocast keeps its casts of the weights while its region lasts: a cast made in the other layout would
-        # time that layout's products here (VGG-16 under bfloat16: NCHW timed as fast as channels-last, then 1.9x
-        # slower in training)
-        torch.clear_autocast_cache()
+        _put_in_layout(model, fmt)
         t = time.perf_counter()
         loss(fmt).backward()
         elapsed = time.perf_counter() - t
@@ -198,15 +192,22 @@ def settle_layout(
             p.grad = None
         return elapsed
 
-    timed({}, torch.channels_last)  # warm-up; undecided layers time their paths here (the plans read them)
-    tries = [(plan, fmt) for plan in _plans(layers) for fmt in formats if not _all_masked(plan)] + [(None, own)]
+    timed({}, torch.channels_last)  # warm-up; undecided layers time their paths here
+    choices = {n: m.backend for n, m in layers.items()}
+    plans = [choices]
+    # layers whose kernels came within NEAR_TIE of their chosen path: per-layer timings on a part of a batch miss
+    # what the layout around them costs, so the whole step is also timed with those on the kernels
+    near = {n: path for n, m in layers.items() if (path := near_tie(m, m.backend)) is not None}
+    if near:
+        plans.append({**choices, **near})
+    tries = [(plan, fmt) for plan in plans for fmt in formats if not _all_masked(plan)] + [(None, own)]
     # all masked alone: nothing to choose, nothing to time
     times = _timed_alternately(tries, timed, repeats) if len(tries) > 1 else [float("inf")]
     again = _finalists(tries, times) if whole_loss_of is not None else []
     if len(again) > 1:
         tries = [tries[i] for i in again]
-        if settled is not None and len({id(plan) for plan, _ in tries}) == 1 and not _distributed():
-            for n, m in layers.items():  # one sparse plan is left: it stands, in one layout or the other
+        if settled is not None and tries[-1][0] is not None and not _distributed():
+            for n, m in layers.items():  # every layer masked is out: this plan stands, in one layout or the other
                 m.fix_backend(tries[0][0].get(n, m.backend))
             settled()
         times = _timed_alternately(tries, lambda plan, fmt: timed(plan, fmt, whole_loss_of), max(2, repeats // 2))
@@ -216,21 +217,13 @@ def settle_layout(
     return fmt
 
 
-def _plans(layers: dict[str, nn.Module]) -> list[dict[str, str]]:
-    """The sparse plans :func:`settle_layout` times: every layer on the path it chose; with the layers whose kernels
-    came within :data:`NEAR_TIE` of it on those (per-layer timings on a part of a batch miss what the layout around
-    them costs); and, where some layers chose their kernels, with every layer on its kernels (under bfloat16
-    autocast a dense product's per-layer timing misses the casts and layouts around it: VGG-16 95% on an Intel
-    Xeon's AMX tiles chose five layers masked, for a step 1.6 times that of every layer on the kernels)."""
-    choices = {n: m.backend for n, m in layers.items()}
-    plans = [choices]
-    # (every layer on its kernels only beside a plan with some there already: a step whose layers all chose masked
-    # dense is the dense step, and timing it against the kernels would let noise pick them)
-    for within in (NEAR_TIE,) + ((float("inf"),) if not _all_masked(choices) else ()):
-        moved = {n: path for n, m in layers.items() if (path := near_tie(m, m.backend, within)) is not None}
-        if moved and {**choices, **moved} not in plans:
-            plans.append({**choices, **moved})
-    return plans
+def _put_in_layout(model: nn.Module, fmt: torch.memory_format) -> None:
+    """``model`` in memory format ``fmt`` for a timing pass, with autocast's cached casts of the weights dropped:
+    autocast keeps them while its region lasts (``auto`` plans inside a training loop's), and a cast made in the
+    other layout would time that layout's products (VGG-16 under bfloat16 timed NCHW as fast as channels-last, then
+    trained 1.9x slower in it)."""
+    model.to(memory_format=fmt)
+    torch.clear_autocast_cache()
 
 
 def _decide(tries: list, times: list[float], layers: dict[str, nn.Module], formats: tuple) -> torch.memory_format:
@@ -290,14 +283,14 @@ def _fastest(times: list[float]) -> int:
 
 def _finalists(tries: list, times: list[float]) -> list[int]:
     """The candidates to time again on the whole batch (indices into ``tries``, every layer masked last when among
-    them): the fastest sparse candidate and every other (its plan's other layout, another plan) within
-    :data:`LAYOUT_TIE` of it, and every layer masked when within :data:`CLOSE_CALL`. Fewer than two: the part of the
-    batch decides."""
+    them): the fastest sparse plan, its other layout when within :data:`LAYOUT_TIE` of it, and every layer masked
+    when within :data:`CLOSE_CALL`. Fewer than two: the part of the batch decides."""
     sparse = min(range(len(tries) - 1), key=times.__getitem__, default=None)
     close = sparse is not None and _close(times[sparse], times[-1])
     if sparse is None or (_fastest(times) == len(tries) - 1 and not close):
         return []
-    chosen = [i for i in range(len(tries) - 1) if times[i] <= LAYOUT_TIE * times[sparse]]
+    plan = tries[sparse][0]
+    chosen = [i for i in range(len(tries) - 1) if tries[i][0] is plan and times[i] <= LAYOUT_TIE * times[sparse]]
     return chosen + ([len(tries) - 1] if close else [])
 
 
