@@ -95,6 +95,9 @@ def _parsed_header() -> cffi.FFI:
     return ffi
 
 
+_DECLARATIONS_MODULE = "_sparsetrain_kernels_h"
+
+
 def _write_declarations(target: Path) -> None:
     """``kernels.h`` as cffi's own precompiled form (a Python module of type tables, under a millisecond to load),
     written to ``target`` (beside the library it describes, under the same key)."""
@@ -102,9 +105,6 @@ def _write_declarations(target: Path) -> None:
     ffi.set_source(_DECLARATIONS_MODULE, None)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         os.replace(ffi.compile(tmpdir=tmp, verbose=False), target)
-
-
-_DECLARATIONS_MODULE = "_sparsetrain_kernels_h"
 
 
 def _declarations(path: Path | None):
@@ -703,11 +703,9 @@ def pool_layout(x: torch.Tensor) -> torch.memory_format:
 
 def _pool_call(fn, dims_of: torch.Tensor, big: torch.Tensor, small: torch.Tensor, *ptrs) -> None:
     """Call a pooling kernel: sizes from ``dims_of``, the strides of the input-sized and output-sized tensors."""
-    n, c, ho, wo = dims_of.shape
-    dims = (n, c, ho, wo)
     strides = (*big.stride(), *small.stride())
     channels_inner = int(pool_layout(big) == torch.channels_last)
-    fn(dims, strides, *ptrs, channels_inner, torch.get_num_threads())
+    fn(tuple(dims_of.shape), strides, *ptrs, channels_inner, torch.get_num_threads())
 
 
 def max_pool2(x: torch.Tensor, positions: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -765,8 +763,7 @@ def bf16_kernels() -> bool:
 
 def _rows_call(fn, dims: tuple, x: torch.Tensor, values, bias, rows: tuple, y: torch.Tensor) -> int:
     """Call a condensed forward kernel (both take dims, input, values, bias, row lists, output, threads)."""
-    row_ptr, col = rows
-    return fn(dims, x, values, bias, row_ptr, col, y, torch.get_num_threads())
+    return fn(dims, x, values, bias, *rows, y, torch.get_num_threads())  # rows: row_ptr, col
 
 
 FEW_TOKENS = 64  # condensed.c's token block: a Linear input of fewer tokens runs on condensed_forward_few at inference
